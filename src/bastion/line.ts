@@ -1,0 +1,48 @@
+/**
+ * The bastion's authorized_keys line for one device. sshd drops a line with any bad option
+ * silently (FACTS.md), so the line is valid by construction: options come in a fixed order,
+ * every quoted value was validated (no quote, backslash or control character), there is no
+ * permitopen="none", and expiry-time has no trailing Z (OpenSSH < 9.1 rejects it).
+ */
+import type { Bastion } from "../config/fleet.js";
+import { publicKeyLine } from "../keys/ed25519.js";
+import { expiryTimeOption, parseExpiry, quotedValueProblem } from "../validate.js";
+
+export interface LineInput {
+  hostname: string;
+  pub: Buffer;
+  port: number;
+  bastion: Bastion;
+  /** Extra -R ports (service tunnels), each gets its own permitlisten. */
+  extraListen?: number[];
+  /** Exact `host:port` destinations this device may -L/-D to (only the one tunnel that needs it). */
+  permitOpen?: string[];
+  /** Time the line is made; a duration expiry counts from here. */
+  now: Date;
+}
+
+function quoted(name: string, value: string): string {
+  const p = quotedValueProblem(value);
+  if (p) throw new Error(`refusing to emit ${name}="${value}": it ${p}`);
+  return `${name}="${value}"`;
+}
+
+export function authorizedKeysOptions(i: LineInput): string[] {
+  // Order matters: restrict first, then port-forwarding re-enables forwarding (left to right).
+  const opts = ["restrict", "port-forwarding", quoted("command", "/sbin/nologin")];
+  if (i.bastion.from) opts.push(quoted("from", i.bastion.from.join(",")));
+  if (i.bastion.expiry) {
+    const t = parseExpiry(i.bastion.expiry, i.now);
+    if (typeof t === "string") throw new Error(`expiry ${i.bastion.expiry} ${t}`);
+    opts.push(quoted("expiry-time", expiryTimeOption(t)));
+  }
+  // ssh sends "localhost" for `-R PORT:…` and `-R localhost:PORT:…`: only that bind matches,
+  // so the device cannot bind 0.0.0.0 or 127.0.0.1 on the bastion.
+  for (const port of [i.port, ...(i.extraListen ?? [])]) opts.push(quoted("permitlisten", `localhost:${port}`));
+  for (const dest of i.permitOpen ?? []) opts.push(quoted("permitopen", dest));
+  return opts;
+}
+
+export function authorizedKeysLine(i: LineInput): string {
+  return `${authorizedKeysOptions(i).join(",")} ${publicKeyLine(i.pub, i.hostname)}`;
+}

@@ -1,0 +1,53 @@
+/** The validated fleet config as the rest of mkoverlay sees it: resolved paths, parsed ranges. */
+import { isAbsolute, resolve } from "node:path";
+import { PORT_RANGE, type FleetRaw } from "./schema.js";
+
+export interface PortRange {
+  lo: number;
+  hi: number;
+}
+
+export interface Bastion {
+  name: string;
+  host: string;
+  port: number;
+  user: string;
+  hostKeys: string[];
+  from: string[] | undefined;
+  /** As written in the config; resolved against the build time when a line is made. */
+  expiry: string | undefined;
+}
+
+export interface Fleet {
+  file: string;
+  registry: string;
+  hostnameTemplate: string;
+  ports: { ssh: PortRange; services: PortRange };
+  bastions: Map<string, Bastion>;
+}
+
+export function parseRange(v: string): PortRange {
+  const m = PORT_RANGE.exec(v);
+  if (!m) throw new Error(`not a port range: ${v}`);
+  return { lo: Number(m[1]), hi: Number(m[2]) };
+}
+
+/** A registry value is a path (relative to the config file) or, later, a URL. */
+function resolveRegistry(value: string, baseDir: string): string {
+  if (/^[a-z][a-z0-9+.-]*:\/\//i.test(value)) return value;
+  return isAbsolute(value) ? value : resolve(baseDir, value);
+}
+
+export function toFleet(raw: FleetRaw, file: string, baseDir: string): Fleet {
+  const bastions = new Map<string, Bastion>();
+  for (const [name, b] of Object.entries(raw.bastions).sort(([a], [b]) => a.localeCompare(b))) {
+    bastions.set(name, { name, host: b.host.toLowerCase(), port: b.port, user: b.user, hostKeys: b.hostKeys, from: b.from, expiry: b.expiry });
+  }
+  return {
+    file,
+    registry: resolveRegistry(process.env.MKOVERLAY_REGISTRY ?? raw.registry, process.env.MKOVERLAY_REGISTRY ? process.cwd() : baseDir),
+    hostnameTemplate: raw.hostname,
+    ports: { ssh: parseRange(raw.ports.ssh), services: parseRange(raw.ports.services) },
+    bastions,
+  };
+}

@@ -1,0 +1,141 @@
+/**
+ * Loads the fleet config: read → parse YAML (with positions) → validate against the schema →
+ * cross-check with rules. Every problem is collected and reported as
+ * `file:line:col key: what is wrong`, all at once.
+ */
+import { readFileSync, statSync } from "node:fs";
+import { dirname, resolve } from "node:path";
+import { LineCounter, parseDocument } from "yaml";
+import type { z } from "zod";
+import { errnoCode, UserError, UserErrors } from "../errors.js";
+import { didYouMean } from "../validate.js";
+import { formatPath, positionOf, type Path } from "./positions.js";
+import { crossCheck } from "./rules.js";
+import { FleetSchema, type FleetRaw } from "./schema.js";
+import { toFleet, type Fleet } from "./fleet.js";
+
+export const DEFAULT_CONFIG = "mkoverlay.yaml";
+
+/** --config FILE, else $MKOVERLAY_CONFIG, else ./mkoverlay.yaml */
+export function configPath(flag: string | undefined): string {
+  return resolve(flag ?? process.env.MKOVERLAY_CONFIG ?? DEFAULT_CONFIG);
+}
+
+export function readConfigText(file: string): string {
+  try {
+    if (statSync(file).isDirectory()) throw new UserError(`${file}: is a directory, not a config file`);
+    return readFileSync(file, "utf8");
+  } catch (e) {
+    if (e instanceof UserError) throw e;
+    if (errnoCode(e) === "ENOENT") {
+      throw new UserError(`${file}: config file not found`, {
+        hint: "pass --config FILE, set MKOVERLAY_CONFIG, or copy examples/fleet.yaml to ./mkoverlay.yaml",
+      });
+    }
+    throw new UserError(`${file}: cannot read config (${(e as Error).message})`);
+  }
+}
+
+type Def = { type: string; shape?: Record<string, unknown>; valueType?: unknown; element?: unknown; innerType?: unknown; in?: unknown };
+const defOf = (s: unknown): Def => (s as { def: Def }).def;
+
+/** Strips default/optional/pipe wrappers to reach the schema that has a shape. */
+function unwrap(s: unknown): unknown {
+  let cur = s;
+  for (let d = defOf(cur); d.type === "default" || d.type === "optional" || d.type === "pipe"; d = defOf(cur)) {
+    cur = d.innerType ?? d.in;
+  }
+  return cur;
+}
+
+/** Names the keys an object at `path` accepts, for "did you mean". */
+function knownKeys(root: unknown, path: Path): string[] {
+  let schema = unwrap(root);
+  for (const seg of path) {
+    const d = defOf(schema);
+    if (d.type === "object") schema = unwrap(d.shape?.[String(seg)]);
+    else if (d.type === "record") schema = unwrap(d.valueType);
+    else if (d.type === "array") schema = unwrap(d.element);
+    else return [];
+    if (schema === undefined) return [];
+  }
+  const d = defOf(schema);
+  return d.type === "object" ? Object.keys(d.shape ?? {}) : [];
+}
+
+function describeIssue(issue: z.core.$ZodIssue): string {
+  switch (issue.code) {
+    case "invalid_type":
+      return issue.input === undefined ? `is required (${issue.expected})` : `expected ${issue.expected}, got ${typeOfYaml(issue.input)}`;
+    case "too_small":
+      return issue.origin === "array" ? `needs at least ${String(issue.minimum)} entr${issue.minimum === 1 ? "y" : "ies"}` : `must be at least ${String(issue.minimum)}`;
+    case "too_big":
+      return `must be at most ${String(issue.maximum)}`;
+    default:
+      return issue.message;
+  }
+}
+
+function typeOfYaml(v: unknown): string {
+  if (v === null) return "null (empty value)";
+  if (Array.isArray(v)) return "a list";
+  if (typeof v === "object") return "a mapping";
+  return `${typeof v} ${JSON.stringify(v)}`;
+}
+
+export function loadFleet(file: string, now: Date = new Date()): Fleet {
+  return parseFleet(readConfigText(file), file, now);
+}
+
+/**
+ * Parses YAML text and validates it against a schema; every problem becomes
+ * `file:line:col key: message`. Shared by the fleet config and the board/OS profiles.
+ */
+export function parseYamlWith<T extends z.ZodType>(
+  schema: T,
+  text: string,
+  file: string,
+  rules?: (data: z.output<T>) => { path: Path; message: string }[],
+): z.output<T> {
+  const lc = new LineCounter();
+  const doc = parseDocument(text, { lineCounter: lc, prettyErrors: false, uniqueKeys: true });
+  if (doc.errors.length > 0) {
+    throw new UserErrors(
+      doc.errors.map((e) => {
+        const { line, col } = lc.linePos(e.pos[0]);
+        return `${file}:${line}:${col} YAML syntax error: ${e.message.split("\n")[0]}`;
+      }),
+    );
+  }
+  const data: unknown = doc.toJS();
+  if (data === null || data === undefined) {
+    throw new UserError(`${file}: file is empty`, { hint: "start from examples/fleet.yaml" });
+  }
+  const parsed = schema.safeParse(data);
+  const problems: string[] = [];
+  if (!parsed.success) {
+    for (const issue of parsed.error.issues) {
+      if (issue.code === "unrecognized_keys") {
+        for (const key of issue.keys) {
+          const path = [...issue.path, key] as Path;
+          const guess = didYouMean(key, knownKeys(schema, issue.path as Path));
+          problems.push(`${file}:${positionOf(doc, lc, path, true)} ${formatPath(path)}: unknown key${guess ? ` (did you mean '${guess}'?)` : ""}`);
+        }
+        continue;
+      }
+      const path = issue.path as Path;
+      problems.push(`${file}:${positionOf(doc, lc, path)} ${formatPath(path)}: ${describeIssue(issue)}`);
+    }
+    throw new UserErrors(problems);
+  }
+  for (const p of rules?.(parsed.data) ?? []) {
+    problems.push(`${file}:${positionOf(doc, lc, p.path)} ${formatPath(p.path)}: ${p.message}`);
+  }
+  if (problems.length > 0) throw new UserErrors(problems);
+  return parsed.data;
+}
+
+export function parseFleet(text: string, file: string, now: Date = new Date()): Fleet {
+  const raw: FleetRaw = parseYamlWith(FleetSchema, text, file, (data) => crossCheck(data, now));
+  return toFleet(raw, file, resolve(dirname(file)));
+}

@@ -1,0 +1,92 @@
+/**
+ * The fleet config schema: one zod schema is both the validator and the source of the
+ * committed JSON Schema (schema/mkoverlay.schema.json) that editors use.
+ * Field checks that need a reason (CIDR, key lines, host names) are refinements here so their
+ * errors carry the exact path; cross-field rules live in rules.ts.
+ */
+import { z } from "zod";
+import { parsePublicKey } from "../keys/pubkey.js";
+import { cidrProblem, hostProblem, nameProblem, quotedValueProblem, userProblem } from "../validate.js";
+
+function check(problem: (v: string) => string | undefined) {
+  return (v: string, ctx: z.RefinementCtx) => {
+    const p = problem(v);
+    if (p) ctx.addIssue({ code: "custom", message: `${JSON.stringify(v)} ${p}` });
+  };
+}
+
+export const PORT_RANGE = /^(\d{1,5})\s*-\s*(\d{1,5})$/;
+
+const portRange = z
+  .string()
+  .describe("An inclusive port range, e.g. 21000-21999")
+  .superRefine((v, ctx) => {
+    const m = PORT_RANGE.exec(v);
+    if (!m) {
+      ctx.addIssue({ code: "custom", message: `${JSON.stringify(v)} is not a port range like 21000-21999` });
+      return;
+    }
+    const lo = Number(m[1]);
+    const hi = Number(m[2]);
+    if (lo < 1 || hi > 65535 || lo > 65535) ctx.addIssue({ code: "custom", message: `${JSON.stringify(v)}: ports must be 1-65535` });
+    else if (lo > hi) ctx.addIssue({ code: "custom", message: `${JSON.stringify(v)} is reversed (write ${hi}-${lo})` });
+  });
+
+const hostKey = z
+  .string()
+  .describe("A pinned bastion host key: an OpenSSH public key line, or '@cert-authority KEYLINE' to trust a host CA")
+  .superRefine((v, ctx) => {
+    const line = v.startsWith("@cert-authority ") ? v.slice("@cert-authority ".length) : v;
+    const k = parsePublicKey(line);
+    if (typeof k === "string") ctx.addIssue({ code: "custom", message: `is not a public key: it ${k}` });
+  });
+
+export const BastionSchema = z
+  .strictObject({
+    host: z.string().describe("Public DNS name or IP address the gateway connects to").superRefine(check(hostProblem)),
+    port: z.number().int().min(1).max(65535).default(22).describe("The bastion's sshd port"),
+    user: z.string().default("reverse-ssh").describe("The tunnel user on the bastion").superRefine(check(userProblem)),
+    hostKeys: z.array(hostKey).min(1).describe("Pinned bastion host keys (required: the device never trusts an unknown bastion)"),
+    from: z
+      .array(z.string().superRefine(check((v) => cidrProblem(v) ?? quotedValueProblem(v))))
+      .min(1)
+      .optional()
+      .describe("Source addresses/CIDRs allowed to use the device key (authorized_keys from=)"),
+    expiry: z
+      .string()
+      .optional()
+      .describe("When the device key stops working on this bastion: a date (2027-12-31) or a duration from build time (365d, 12w, 6m, 1y)"),
+  })
+  .describe("A bastion the gateways keep a reverse tunnel to");
+
+export const FleetSchema = z
+  .strictObject({
+    $schema: z.string().optional().describe("JSON Schema reference for editors"),
+    registry: z
+      .string()
+      .default("./mkoverlay.db")
+      .describe("Port registry: path of the embedded SQLite file (relative to this file)"),
+    hostname: z
+      .string()
+      .default("gw-{seq:04}")
+      .describe("Hostname template when --hostname is not given: {seq} or {seq:0N} is the next sequence number"),
+    ports: z
+      .strictObject({
+        ssh: portRange.default("21000-21999").describe("Tunnel ports for the device's sshd (-R), one per device"),
+        services: portRange.default("22000-22999").describe("Ports for extra service tunnels"),
+      })
+      .default({ ssh: "21000-21999", services: "22000-22999" }),
+    bastions: z
+      .record(z.string().superRefine(check(nameProblem)), BastionSchema)
+      .describe("Bastions by name; --bastion picks them"),
+  })
+  .describe("mkoverlay fleet configuration");
+
+export type FleetInput = z.input<typeof FleetSchema>;
+export type FleetRaw = z.output<typeof FleetSchema>;
+export type BastionRaw = z.output<typeof BastionSchema>;
+
+/** The JSON Schema for editors, derived from the same schema (tested against the committed file). */
+export function fleetJsonSchema(): unknown {
+  return z.toJSONSchema(FleetSchema, { io: "input", unrepresentable: "any" });
+}

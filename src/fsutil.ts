@@ -1,0 +1,77 @@
+/**
+ * Atomic file output: write a temp file beside the target (same file system), fsync, rename,
+ * fsync the directory. A killed process leaves at most a `.tmp` file, never a truncated
+ * file under the final name.
+ */
+import { randomBytes } from "node:crypto";
+import { closeSync, fsyncSync, mkdirSync, openSync, renameSync, statSync, unlinkSync, writeSync } from "node:fs";
+import { basename, dirname, join } from "node:path";
+import { errnoCode, UserError } from "./errors.js";
+
+export function tempNameFor(target: string): string {
+  return join(dirname(target), `.${basename(target)}.${process.pid}.${randomBytes(4).toString("hex")}.tmp`);
+}
+
+function fsyncDir(dir: string): void {
+  try {
+    const fd = openSync(dir, "r");
+    try {
+      fsyncSync(fd);
+    } finally {
+      closeSync(fd);
+    }
+  } catch {
+    // Some file systems refuse fsync on a directory; the rename itself is still atomic.
+  }
+}
+
+export function writeFileAtomic(target: string, data: Buffer | string, mode: number): void {
+  const tmp = tempNameFor(target);
+  // Created with its final mode: a private key is never readable by others, even briefly.
+  const fd = openSync(tmp, "wx", mode);
+  try {
+    const buf = typeof data === "string" ? Buffer.from(data) : data;
+    let off = 0;
+    while (off < buf.length) off += writeSync(fd, buf, off, buf.length - off);
+    fsyncSync(fd);
+  } catch (e) {
+    closeSync(fd);
+    unlinkSync(tmp);
+    throw e;
+  }
+  closeSync(fd);
+  try {
+    renameSync(tmp, target);
+  } catch (e) {
+    unlinkSync(tmp);
+    throw e;
+  }
+  fsyncDir(dirname(target));
+}
+
+/**
+ * Makes sure `dir` is a usable output directory, creating it 0700 (it will hold private
+ * keys). Checked before anything is reserved, so a bad --out costs nothing.
+ */
+export function prepareOutDir(dir: string, flag = "--out"): void {
+  try {
+    const st = statSync(dir);
+    if (!st.isDirectory()) throw new UserError(`${flag} ${dir}: exists and is not a directory`, { hint: "name a directory (it is created if missing)" });
+  } catch (e) {
+    if (e instanceof UserError) throw e;
+    if (errnoCode(e) !== "ENOENT") throw new UserError(`${flag} ${dir}: ${(e as Error).message}`);
+    try {
+      mkdirSync(dir, { recursive: true, mode: 0o700 });
+    } catch (e2) {
+      throw new UserError(`${flag} ${dir}: cannot create it (${errnoCode(e2) ?? (e2 as Error).message})`);
+    }
+  }
+  // Probe writability now rather than after a port is reserved.
+  const probe = tempNameFor(join(dir, "probe"));
+  try {
+    closeSync(openSync(probe, "wx", 0o600));
+    unlinkSync(probe);
+  } catch (e) {
+    throw new UserError(`${flag} ${dir}: not writable (${errnoCode(e) ?? (e as Error).message})`);
+  }
+}

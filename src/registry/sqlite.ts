@@ -1,0 +1,248 @@
+/**
+ * Embedded registry on SQLite (better-sqlite3). Several station processes may share the file:
+ * WAL mode plus a busy timeout, and every reservation runs in a BEGIN IMMEDIATE transaction,
+ * so two builds never see the same free port. Ports are UNIQUE in the schema as a second guard.
+ */
+import Database from "better-sqlite3";
+import { closeSync, existsSync, openSync, readSync, statSync } from "node:fs";
+import { hostname as osHostname } from "node:os";
+import { renderHostname } from "../config/rules.js";
+import { errnoCode, UserError } from "../errors.js";
+import type { DeviceRecord, DeviceStatus, Registry, ReserveRequest } from "./types.js";
+
+export const SCHEMA_VERSION = 1;
+const HEADER = Buffer.from("SQLite format 3\0", "latin1");
+
+const SCHEMA = `
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS devices (
+  hostname    TEXT PRIMARY KEY,
+  board       TEXT NOT NULL,
+  os          TEXT NOT NULL,
+  bastions    TEXT NOT NULL,
+  port        INTEGER NOT NULL UNIQUE,
+  public_key  TEXT NOT NULL,
+  fingerprint TEXT NOT NULL UNIQUE,
+  status      TEXT NOT NULL CHECK (status IN ('pending', 'active', 'revoked')),
+  overlay     TEXT,
+  station     TEXT NOT NULL,
+  created     TEXT NOT NULL,
+  updated     TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS ports (
+  port     INTEGER PRIMARY KEY,
+  hostname TEXT NOT NULL REFERENCES devices(hostname) ON DELETE CASCADE,
+  purpose  TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS ports_by_host ON ports(hostname);
+`;
+
+interface Row {
+  hostname: string;
+  board: string;
+  os: string;
+  bastions: string;
+  port: number;
+  public_key: string;
+  fingerprint: string;
+  status: DeviceStatus;
+  overlay: string | null;
+  station: string;
+  created: string;
+  updated: string;
+}
+
+function toRecord(r: Row): DeviceRecord {
+  return {
+    hostname: r.hostname,
+    board: r.board,
+    os: r.os,
+    bastions: r.bastions ? r.bastions.split(",") : [],
+    port: r.port,
+    publicKey: r.public_key,
+    fingerprint: r.fingerprint,
+    status: r.status,
+    overlay: r.overlay,
+    station: r.station,
+    created: r.created,
+    updated: r.updated,
+  };
+}
+
+/**
+ * Refuses, before SQLite touches it, a file that is not a SQLite database: opening garbage
+ * must leave it byte-for-byte as it was.
+ */
+function checkIsDatabase(file: string): void {
+  let st;
+  try {
+    st = statSync(file);
+  } catch (e) {
+    if (errnoCode(e) === "ENOENT") return;
+    throw new UserError(`registry ${file}: ${(e as Error).message}`);
+  }
+  if (st.isDirectory()) throw new UserError(`registry ${file}: is a directory, not a registry file`);
+  if (st.size === 0) return;
+  const head = Buffer.alloc(HEADER.length);
+  const fd = openSync(file, "r");
+  try {
+    readSync(fd, head, 0, head.length, 0);
+  } finally {
+    closeSync(fd);
+  }
+  if (!head.equals(HEADER)) {
+    throw new UserError(`registry ${file}: not an mkoverlay registry (not a SQLite database); left untouched`, {
+      hint: "point 'registry:' in the config (or MKOVERLAY_REGISTRY) at the right file",
+    });
+  }
+}
+
+export class SqliteRegistry implements Registry {
+  private readonly db: Database.Database;
+  private readonly station = `${osHostname()}:${process.pid}`;
+
+  constructor(readonly file: string) {
+    checkIsDatabase(file);
+    const fresh = !existsSync(file);
+    try {
+      this.db = new Database(file, { timeout: 30_000 });
+    } catch (e) {
+      throw new UserError(`registry ${file}: cannot open (${(e as Error).message})`);
+    }
+    try {
+      this.db.pragma("journal_mode = WAL");
+      this.db.pragma("foreign_keys = ON");
+      this.db.pragma("synchronous = FULL");
+      this.migrate(fresh);
+    } catch (e) {
+      this.db.close();
+      if (e instanceof UserError) throw e;
+      throw new UserError(`registry ${file}: unusable (${(e as Error).message})`);
+    }
+  }
+
+  private migrate(fresh: boolean): void {
+    const tx = this.db.transaction(() => {
+      const hasMeta = this.db.prepare("SELECT name FROM sqlite_master WHERE type='table' AND name='meta'").get();
+      if (!hasMeta) {
+        const tables = this.db.prepare("SELECT count(*) AS n FROM sqlite_master WHERE type='table'").get() as { n: number };
+        if (!fresh && tables.n > 0) throw new UserError(`registry ${this.file}: a SQLite database, but not an mkoverlay registry`);
+        this.db.exec(SCHEMA);
+        this.db.prepare("INSERT INTO meta(key, value) VALUES ('schema_version', ?), ('seq', '0')").run(String(SCHEMA_VERSION));
+        return;
+      }
+      const v = this.db.prepare("SELECT value FROM meta WHERE key='schema_version'").get() as { value: string } | undefined;
+      const version = Number(v?.value ?? 0);
+      if (version > SCHEMA_VERSION) {
+        throw new UserError(`registry ${this.file}: schema version ${version} was written by a newer mkoverlay (this one knows ${SCHEMA_VERSION})`, {
+          hint: "upgrade mkoverlay on this station",
+        });
+      }
+    });
+    tx.immediate();
+  }
+
+  async reserve(req: ReserveRequest): Promise<DeviceRecord> {
+    const now = new Date().toISOString();
+    const tx = this.db.transaction((): DeviceRecord => {
+      let name = req.hostname;
+      if (name === undefined) {
+        let seq = Number((this.db.prepare("SELECT value FROM meta WHERE key='seq'").get() as { value: string }).value);
+        const exists = this.db.prepare("SELECT 1 FROM devices WHERE hostname = ?");
+        do {
+          seq += 1;
+          name = renderHostname(req.hostnameTemplate, seq);
+        } while (exists.get(name));
+        this.db.prepare("UPDATE meta SET value = ? WHERE key='seq'").run(String(seq));
+      } else {
+        const taken = this.db.prepare("SELECT status FROM devices WHERE hostname = ?").get(name) as { status: string } | undefined;
+        if (taken) {
+          throw new UserError(`hostname ${name} is already registered (${taken.status})`, {
+            hint: "pick another --hostname, or pass its registered key with --host-key to rebuild its overlay",
+          });
+        }
+      }
+      const dup = this.db.prepare("SELECT hostname FROM devices WHERE fingerprint = ?").get(req.fingerprint) as { hostname: string } | undefined;
+      if (dup) throw new UserError(`this key is already registered to ${dup.hostname}`, { hint: "each device needs its own key" });
+      const port = this.lowestFreePort(req.range.lo, req.range.hi);
+      if (port === undefined) {
+        throw new UserError(`no free tunnel port left in ports.ssh ${req.range.lo}-${req.range.hi}`, {
+          hint: "widen ports.ssh in the config, or release quarantined ports of revoked devices",
+        });
+      }
+      const row: Row = {
+        hostname: name,
+        board: req.board,
+        os: req.os,
+        bastions: req.bastions.join(","),
+        port,
+        public_key: req.publicKey,
+        fingerprint: req.fingerprint,
+        status: "pending",
+        overlay: req.overlayPath(name),
+        station: this.station,
+        created: now,
+        updated: now,
+      };
+      this.db
+        .prepare(
+          `INSERT INTO devices (hostname, board, os, bastions, port, public_key, fingerprint, status, overlay, station, created, updated)
+           VALUES (@hostname, @board, @os, @bastions, @port, @public_key, @fingerprint, @status, @overlay, @station, @created, @updated)`,
+        )
+        .run(row);
+      this.db.prepare("INSERT INTO ports (port, hostname, purpose) VALUES (?, ?, 'ssh')").run(port, name);
+      return toRecord(row);
+    });
+    return tx.immediate();
+  }
+
+  /** Lowest port in [lo, hi] with no row in `ports` (index walk: cost grows with gaps, not fleet size). */
+  private lowestFreePort(lo: number, hi: number): number | undefined {
+    const taken = this.db.prepare("SELECT 1 FROM ports WHERE port = ?");
+    if (!taken.get(lo)) return lo;
+    const r = this.db
+      .prepare(
+        `SELECT p.port + 1 AS free FROM ports p
+         WHERE p.port >= ? AND p.port < ? AND NOT EXISTS (SELECT 1 FROM ports q WHERE q.port = p.port + 1)
+         ORDER BY p.port LIMIT 1`,
+      )
+      .get(lo, hi) as { free: number } | undefined;
+    return r?.free;
+  }
+
+  async activate(hostname: string): Promise<void> {
+    this.db.prepare("UPDATE devices SET status='active', updated=? WHERE hostname=? AND status='pending'").run(new Date().toISOString(), hostname);
+  }
+
+  async abandon(hostname: string): Promise<void> {
+    const tx = this.db.transaction(() => {
+      this.db.prepare("DELETE FROM ports WHERE hostname=?").run(hostname);
+      this.db.prepare("DELETE FROM devices WHERE hostname=? AND status='pending'").run(hostname);
+    });
+    tx.immediate();
+  }
+
+  async updateDevice(hostname: string, f: { board: string; os: string; bastions: string[]; overlay: string }): Promise<void> {
+    this.db
+      .prepare("UPDATE devices SET board=?, os=?, bastions=?, overlay=?, updated=? WHERE hostname=?")
+      .run(f.board, f.os, f.bastions.join(","), f.overlay, new Date().toISOString(), hostname);
+  }
+
+  async get(hostname: string): Promise<DeviceRecord | undefined> {
+    const r = this.db.prepare("SELECT * FROM devices WHERE hostname = ?").get(hostname) as Row | undefined;
+    return r && toRecord(r);
+  }
+
+  async getByFingerprint(fp: string): Promise<DeviceRecord | undefined> {
+    const r = this.db.prepare("SELECT * FROM devices WHERE fingerprint = ?").get(fp) as Row | undefined;
+    return r && toRecord(r);
+  }
+
+  async list(): Promise<DeviceRecord[]> {
+    return (this.db.prepare("SELECT * FROM devices ORDER BY port").all() as Row[]).map(toRecord);
+  }
+
+  async close(): Promise<void> {
+    this.db.close();
+  }
+}

@@ -1,0 +1,53 @@
+/**
+ * The registry: the fleet's source of truth for names, ports and public keys. It never holds
+ * a private key. Backends (embedded SQLite today) implement this one interface.
+ */
+import type { PortRange } from "../config/fleet.js";
+
+export type DeviceStatus = "pending" | "active" | "revoked";
+
+export interface DeviceRecord {
+  hostname: string;
+  board: string;
+  os: string;
+  bastions: string[];
+  port: number;
+  publicKey: string;
+  fingerprint: string;
+  status: DeviceStatus;
+  /** Where the overlay was written (for `registry doctor` to finish or reclaim a build). */
+  overlay: string | null;
+  /** host:pid of the station that reserved it. */
+  station: string;
+  created: string;
+  updated: string;
+}
+
+export interface ReserveRequest {
+  /** Explicit --hostname, or undefined to take the next name from the template. */
+  hostname: string | undefined;
+  hostnameTemplate: string;
+  range: PortRange;
+  board: string;
+  os: string;
+  bastions: string[];
+  publicKey: string;
+  fingerprint: string;
+  /** Computes the overlay path from the final hostname (recorded for the doctor). */
+  overlayPath: (hostname: string) => string;
+}
+
+export interface Registry {
+  /** Picks the name and the lowest free port and records a `pending` device, atomically. */
+  reserve(req: ReserveRequest): Promise<DeviceRecord>;
+  /** The build finished: the device becomes live. */
+  activate(hostname: string): Promise<void>;
+  /** The build failed after reserving: forget the pending device and free its port. */
+  abandon(hostname: string): Promise<void>;
+  /** Re-flash of a registered device: update board/os/bastions/overlay, keep name, key, port. */
+  updateDevice(hostname: string, fields: { board: string; os: string; bastions: string[]; overlay: string }): Promise<void>;
+  get(hostname: string): Promise<DeviceRecord | undefined>;
+  getByFingerprint(fp: string): Promise<DeviceRecord | undefined>;
+  list(): Promise<DeviceRecord[]>;
+  close(): Promise<void>;
+}

@@ -1,0 +1,130 @@
+/**
+ * Small validators shared by the config schema and the CLI flags. Everything that ends up in
+ * an authorized_keys option, a unit file or an environment file passes one of these: values
+ * that could break out of their quotes or lines are rejected, never escaped.
+ */
+import { isIP } from "node:net";
+
+/** RFC 1123 host name with labels ≤ 63 and total ≤ 253; lower-case only (hostnames are keys). */
+export function hostnameProblem(name: string): string | undefined {
+  if (name.length === 0) return "is empty";
+  if (name.length > 253) return `is ${name.length} characters long (at most 253)`;
+  if (/[^\x21-\x7e]/.test(name)) return "contains spaces, control or non-ASCII characters";
+  for (const label of name.split(".")) {
+    if (label.length === 0) return "has an empty label (leading, trailing or double dot)";
+    if (label.length > 63) return `has a label of ${label.length} characters (at most 63)`;
+    if (!/^[a-z0-9]([a-z0-9-]*[a-z0-9])?$/.test(label)) {
+      return /[A-Z]/.test(label) && /^[A-Za-z0-9-]+$/.test(label)
+        ? "has upper-case letters (use lower case)"
+        : "may only use a-z, 0-9 and '-' inside dot-separated labels, not starting or ending with '-'";
+    }
+  }
+  return undefined;
+}
+
+/** A bastion address: a DNS name (any case) or an IPv4/IPv6 literal. */
+export function hostProblem(host: string): string | undefined {
+  if (isIP(host)) return undefined;
+  return hostnameProblem(host.toLowerCase());
+}
+
+/** POSIX-portable user name, as useradd accepts by default. */
+export function userProblem(user: string): string | undefined {
+  return /^[a-z_][a-z0-9_-]{0,31}$/.test(user) ? undefined : "is not a valid user name (lower-case letters, digits, '_' and '-', at most 32)";
+}
+
+/** An address or CIDR for `from="…"`, optionally negated with '!'. */
+export function cidrProblem(value: string): string | undefined {
+  const v = value.startsWith("!") ? value.slice(1) : value;
+  const [addr = "", bits, ...rest] = v.split("/");
+  if (rest.length > 0) return "is not a CIDR";
+  const fam = isIP(addr);
+  if (fam === 0) return "is not an IP address or CIDR";
+  if (bits === undefined) return undefined;
+  if (!/^\d{1,3}$/.test(bits)) return "is not a CIDR";
+  const max = fam === 4 ? 32 : 128;
+  if (Number(bits) > max) return `is not a CIDR (prefix /${bits} is longer than ${max})`;
+  return undefined;
+}
+
+/** A bastion or forward name: becomes a systemd instance name and a file name. */
+export function nameProblem(name: string): string | undefined {
+  return /^[a-z0-9][a-z0-9_-]{0,31}$/.test(name) ? undefined : "must be 1-32 of a-z, 0-9, '-' and '_', starting with a letter or digit";
+}
+
+const DURATION = /^(\d+)([dwmy])$/;
+
+/**
+ * `expiry:` as a date (`2027-12-31`, `2027-12-31T18:00`) or a duration from now (`365d`, `12w`,
+ * `6m`, `2y`). Returns the instant, or a reason.
+ */
+export function parseExpiry(value: string, now: Date): Date | string {
+  const d = DURATION.exec(value);
+  if (d) {
+    const n = Number(d[1]);
+    if (n <= 0) return "is not a positive duration";
+    const t = new Date(now.getTime());
+    switch (d[2]) {
+      case "d": t.setUTCDate(t.getUTCDate() + n); break;
+      case "w": t.setUTCDate(t.getUTCDate() + 7 * n); break;
+      case "m": t.setUTCMonth(t.getUTCMonth() + n); break;
+      default: t.setUTCFullYear(t.getUTCFullYear() + n);
+    }
+    return t;
+  }
+  const m = /^(\d{4})-(\d{2})-(\d{2})(?:[T ](\d{2}):(\d{2})(?::(\d{2}))?)?$/.exec(value);
+  if (!m) return "is neither a date (YYYY-MM-DD[THH:MM]) nor a duration (e.g. 365d, 12w, 6m, 1y)";
+  const [, y, mo, da, h = "00", mi = "00", s = "00"] = m;
+  const t = new Date(Date.UTC(Number(y), Number(mo) - 1, Number(da), Number(h), Number(mi), Number(s)));
+  if (
+    Number.isNaN(t.getTime()) ||
+    t.getUTCMonth() !== Number(mo) - 1 ||
+    t.getUTCDate() !== Number(da) ||
+    Number(h) > 23 || Number(mi) > 59 || Number(s) > 59
+  ) {
+    return "is not a real date";
+  }
+  return t;
+}
+
+/**
+ * `expiry-time="YYYYMMDDHHMM"`. No trailing `Z`: OpenSSH before 9.1 drops the whole line for
+ * it (FACTS.md), and sshd then reads the time in the bastion's zone — run bastions in UTC.
+ */
+export function expiryTimeOption(t: Date): string {
+  const p = (n: number, w = 2) => String(n).padStart(w, "0");
+  return `${p(t.getUTCFullYear(), 4)}${p(t.getUTCMonth() + 1)}${p(t.getUTCDate())}${p(t.getUTCHours())}${p(t.getUTCMinutes())}`;
+}
+
+/** Values that go inside `option="…"`: the only escape sshd knows is \", so refuse instead. */
+export function quotedValueProblem(value: string): string | undefined {
+  return /["\\\x00-\x1f\x7f]/.test(value) ? "contains a quote, backslash or control character" : undefined;
+}
+
+/** Levenshtein distance, for "did you mean" hints. */
+export function editDistance(a: string, b: string): number {
+  const dp = Array.from({ length: b.length + 1 }, (_, j) => j);
+  for (let i = 1; i <= a.length; i++) {
+    let prev = dp[0]!;
+    dp[0] = i;
+    for (let j = 1; j <= b.length; j++) {
+      const tmp = dp[j]!;
+      dp[j] = Math.min(dp[j]! + 1, dp[j - 1]! + 1, prev + (a[i - 1] === b[j - 1] ? 0 : 1));
+      prev = tmp;
+    }
+  }
+  return dp[b.length]!;
+}
+
+export function didYouMean(word: string, candidates: readonly string[]): string | undefined {
+  let best: string | undefined;
+  let bestD = Infinity;
+  for (const c of candidates) {
+    const d = editDistance(word.toLowerCase(), c.toLowerCase());
+    if (d < bestD) {
+      bestD = d;
+      best = c;
+    }
+  }
+  return best !== undefined && bestD <= Math.max(2, Math.floor(word.length / 3)) ? best : undefined;
+}
