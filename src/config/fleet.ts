@@ -45,7 +45,8 @@ export function toFleet(raw: FleetRaw, file: string, baseDir: string): Fleet {
   }
   return {
     file,
-    registry: resolveRegistry(process.env.MKOVERLAY_REGISTRY ?? raw.registry, process.env.MKOVERLAY_REGISTRY ? process.cwd() : baseDir),
+    // $MKOVERLAY_REGISTRY (relative to the working directory) overrides the file's value.
+    registry: process.env.MKOVERLAY_REGISTRY ? resolveRegistry(process.env.MKOVERLAY_REGISTRY, process.cwd()) : resolveRegistry(raw.registry, baseDir),
     hostnameTemplate: raw.hostname,
     ports: { ssh: parseRange(raw.ports.ssh), services: parseRange(raw.ports.services) },
     bastions,

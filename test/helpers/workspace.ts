@@ -1,0 +1,84 @@
+/**
+ * Test workspaces: a temp directory with a fleet config, and the built CLI run in it as a user
+ * would run it (a separate process, real exit codes, real stdout/stderr).
+ */
+import { spawnSync, type SpawnSyncReturns } from "node:child_process";
+import { mkdtempSync, readFileSync, rmSync, writeFileSync } from "node:fs";
+import { tmpdir } from "node:os";
+import { join, resolve } from "node:path";
+
+export const REPO = resolve(import.meta.dirname, "../..");
+export const CLI = join(REPO, "bin/mkoverlay");
+
+export interface Run {
+  code: number;
+  stdout: string;
+  stderr: string;
+}
+
+export function tempDir(prefix = "mko-"): string {
+  return mkdtempSync(join(tmpdir(), prefix));
+}
+
+export function removeDir(dir: string): void {
+  rmSync(dir, { recursive: true, force: true });
+}
+
+export function runCli(args: string[], opts: { cwd: string; env?: Record<string, string>; input?: string }): Run {
+  const r: SpawnSyncReturns<string> = spawnSync(process.execPath, [CLI, ...args], {
+    cwd: opts.cwd,
+    env: { ...process.env, NO_COLOR: "1", MKOVERLAY_CONFIG: "", MKOVERLAY_REGISTRY: "", ...opts.env },
+    encoding: "utf8",
+    input: opts.input ?? "",
+  });
+  return { code: r.status ?? -1, stdout: r.stdout, stderr: r.stderr };
+}
+
+export function run(cmd: string, args: string[], opts: { cwd?: string; input?: string; env?: Record<string, string> } = {}): Run {
+  const r = spawnSync(cmd, args, { encoding: "utf8", cwd: opts.cwd, input: opts.input ?? "", env: { ...process.env, ...opts.env } });
+  if (r.error) throw r.error;
+  return { code: r.status ?? -1, stdout: r.stdout, stderr: r.stderr };
+}
+
+/** Generates an ssh key with the real ssh-keygen; returns the private key path. */
+export function sshKeygen(dir: string, name: string, type = "ed25519", extra: string[] = []): string {
+  const file = join(dir, name);
+  const r = run("ssh-keygen", ["-q", "-t", type, "-N", "", "-C", name, "-f", file, ...extra]);
+  if (r.code !== 0) throw new Error(`ssh-keygen failed: ${r.stderr}`);
+  return file;
+}
+
+export function readPub(privPath: string): string {
+  return readFileSync(`${privPath}.pub`, "utf8").trim();
+}
+
+export interface BastionDef {
+  host?: string;
+  port?: number;
+  user?: string;
+  hostKeys: string[];
+  from?: string[];
+  expiry?: string;
+}
+
+/** Writes a fleet config into `dir` (registry beside it) and returns its path. */
+export function writeFleet(dir: string, bastions: Record<string, BastionDef>, extra: Record<string, unknown> = {}): string {
+  const cfg = {
+    registry: "./registry.db",
+    hostname: "gw-{seq:04}",
+    ports: { ssh: "21000-21999", services: "22000-22999" },
+    ...extra,
+    bastions: Object.fromEntries(
+      Object.entries(bastions).map(([k, b]) => [k, { host: b.host ?? `bastion-${k}.example.com`, ...b }]),
+    ),
+  };
+  const file = join(dir, "mkoverlay.yaml");
+  writeFileSync(file, JSON.stringify(cfg, null, 2)); // JSON is YAML
+  return file;
+}
+
+/** Extracts an overlay with GNU tar, as a user laying it over a rootfs would. */
+export function extract(archive: string, into: string): void {
+  const r = run("tar", ["-xzf", archive, "-C", into, "--same-owner", "--numeric-owner"]);
+  if (r.code !== 0) throw new Error(`tar failed: ${r.stderr}`);
+}
