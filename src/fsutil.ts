@@ -4,7 +4,7 @@
  * file under the final name.
  */
 import { randomBytes } from "node:crypto";
-import { closeSync, fsyncSync, mkdirSync, openSync, renameSync, statSync, unlinkSync, writeSync } from "node:fs";
+import { closeSync, fsyncSync, mkdirSync, rmdirSync, openSync, renameSync, statSync, unlinkSync, writeSync } from "node:fs";
 import { basename, dirname, join } from "node:path";
 import { errnoCode, UserError } from "./errors.js";
 
@@ -53,7 +53,8 @@ export function writeFileAtomic(target: string, data: Buffer | string, mode: num
  * Makes sure `dir` is a usable output directory, creating it 0700 (it will hold private
  * keys). Checked before anything is reserved, so a bad --out costs nothing.
  */
-export function prepareOutDir(dir: string, flag = "--out"): void {
+export function prepareOutDir(dir: string, flag = "--out"): { created: boolean } {
+  let created = false;
   try {
     const st = statSync(dir);
     if (!st.isDirectory()) throw new UserError(`${flag} ${dir}: exists and is not a directory`, { hint: "name a directory (it is created if missing)" });
@@ -62,6 +63,7 @@ export function prepareOutDir(dir: string, flag = "--out"): void {
     if (errnoCode(e) !== "ENOENT") throw new UserError(`${flag} ${dir}: ${(e as Error).message}`);
     try {
       mkdirSync(dir, { recursive: true, mode: 0o700 });
+      created = true;
     } catch (e2) {
       throw new UserError(`${flag} ${dir}: cannot create it (${errnoCode(e2) ?? (e2 as Error).message})`);
     }
@@ -73,5 +75,15 @@ export function prepareOutDir(dir: string, flag = "--out"): void {
     unlinkSync(probe);
   } catch (e) {
     throw new UserError(`${flag} ${dir}: not writable (${errnoCode(e) ?? (e as Error).message})`);
+  }
+  return { created };
+}
+
+/** Undoes prepareOutDir when the build failed: a folder we made and left empty goes away. */
+export function removeIfEmpty(dir: string): void {
+  try {
+    rmdirSync(dir);
+  } catch {
+    // not empty, or not ours to remove
   }
 }

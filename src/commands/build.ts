@@ -8,7 +8,11 @@ import { authorizedKeysLine } from "../bastion/line.js";
 import { configPath, loadFleet } from "../config/load.js";
 import { checkHostnameFlag, loadOrGenerateKey, resolveBastions } from "../device.js";
 import { UserError } from "../errors.js";
-import { prepareOutDir, writeFileAtomic } from "../fsutil.js";
+import { prepareOutDir, removeIfEmpty, writeFileAtomic } from "../fsutil.js";
+import type { Bastion, Fleet } from "../config/fleet.js";
+import type { Board, OsProfile } from "../profiles.js";
+import type { DeviceKey } from "../device.js";
+import type { Log } from "../output.js";
 import { publicKeyLine } from "../keys/ed25519.js";
 import { out, stderrLog } from "../output.js";
 import { archiveEpoch, tarball } from "../overlay/archive.js";
@@ -57,9 +61,28 @@ export async function runBuild(opts: BuildOptions): Promise<BuildResult> {
   const wantedName = checkHostnameFlag(opts.hostname);
   const dk = loadOrGenerateKey(opts.hostKey);
   const outDir = resolve(opts.out ?? "out");
-  prepareOutDir(outDir);
   const epoch = archiveEpoch();
+  const { created } = prepareOutDir(outDir);
+  try {
+    return await buildInto(outDir, epoch, now, opts, { fleet, board, os, bastions, wantedName, dk, log });
+  } catch (e) {
+    if (created) removeIfEmpty(outDir);
+    throw e;
+  }
+}
 
+interface Prepared {
+  fleet: Fleet;
+  board: Board;
+  os: OsProfile;
+  bastions: Bastion[];
+  wantedName: string | undefined;
+  dk: DeviceKey;
+  log: Log;
+}
+
+async function buildInto(outDir: string, epoch: number, now: Date, _opts: BuildOptions, p: Prepared): Promise<BuildResult> {
+  const { fleet, board, os, bastions, wantedName, dk, log } = p;
   const registry = await openRegistry(fleet.registry);
   try {
     // A registered key means a re-flash: same device, same name and port, a fresh overlay.

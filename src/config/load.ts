@@ -63,10 +63,12 @@ function knownKeys(root: unknown, path: Path): string[] {
   return d.type === "object" ? Object.keys(d.shape ?? {}) : [];
 }
 
-function describeIssue(issue: z.core.$ZodIssue): string {
+function describeIssue(issue: z.core.$ZodIssue, value: unknown, present: boolean): string {
   switch (issue.code) {
     case "invalid_type":
-      return issue.input === undefined ? `is required (${issue.expected})` : `expected ${issue.expected}, got ${typeOfYaml(issue.input)}`;
+      return !present ? `is required (${issue.expected})` : `expected ${issue.expected}, got ${typeOfYaml(value)}`;
+    case "invalid_key":
+      return `key ${issue.issues.map((i) => i.message).join("; ")}`;
     case "too_small":
       return issue.origin === "array" ? `needs at least ${String(issue.minimum)} entr${issue.minimum === 1 ? "y" : "ies"}` : `must be at least ${String(issue.minimum)}`;
     case "too_big":
@@ -124,7 +126,9 @@ export function parseYamlWith<T extends z.ZodType>(
         continue;
       }
       const path = issue.path as Path;
-      problems.push(`${file}:${positionOf(doc, lc, path)} ${formatPath(path)}: ${describeIssue(issue)}`);
+      const present = doc.hasIn(path);
+      const value: unknown = present ? doc.getIn(path) : undefined;
+      problems.push(`${file}:${positionOf(doc, lc, path, issue.code === "invalid_key")} ${formatPath(path)}: ${describeIssue(issue, value, present)}`);
     }
     throw new UserErrors(problems);
   }
