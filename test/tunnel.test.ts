@@ -139,3 +139,42 @@ describe("sshd accepts the overlay's key and drop-in", () => {
     expect(t.stdout).toContain(`hostkey ${root}/etc/ssh/mkoverlay/ssh_host_ed25519_key`);
   });
 });
+
+describe("from= and expiry-time= are accepted by a real sshd (a bad option would drop the line silently)", () => {
+  async function tryLine(bastionOpts: { from?: string[]; expiry?: string }): Promise<{ code: number; stderr: string; line: string }> {
+    const ws = join(dir, `opts-${Object.keys(bastionOpts).join("-")}-${(bastionOpts.from ?? []).length}`);
+    run("mkdir", ["-p", ws]);
+    const hk = sshKeygen(ws, "host");
+    const port = await freePort();
+    writeFleet(ws, { lo: { host: "127.0.0.1", port, user: TUNNEL_USER, hostKeys: [readPub(hk)], ...bastionOpts } });
+    const r = runCli(["--board", "rpi4", "--bastion", "lo", "--json"], { cwd: ws });
+    expect(r.code, r.stderr).toBe(0);
+    const b = JSON.parse(r.stdout) as typeof build;
+    const root2 = join(ws, "root");
+    run("mkdir", ["-p", root2]);
+    extract(b.overlay, root2);
+    const s = await startSshd({ dir: join(ws, "bastion"), hostKey: hk, port, authorizedKeys: { [TUNNEL_USER]: b.authorizedKeys.lo + "\n" } });
+    try {
+      // One round trip that needs the key accepted and the listen permitted: -R then exit.
+      const argv = tunnelArgv(root2, "lo", b.hostname).filter((a) => a !== "-N");
+      const res = run(argv[0]!, [...argv.slice(1), "true"]);
+      return { ...res, line: b.authorizedKeys.lo };
+    } finally {
+      await s.stop();
+    }
+  }
+
+  it("a matching from= and a future expiry-time let the key in", async () => {
+    const r = await tryLine({ from: ["127.0.0.0/8", "::1"], expiry: "30d" });
+    expect(r.line).toMatch(/from="127\.0\.0\.0\/8,::1",expiry-time="\d{12}"/);
+    // Authenticated: the forced command answers (the session itself is refused by nologin).
+    expect(r.stderr).not.toMatch(/Permission denied/);
+    expect(r.stdout + r.stderr).toMatch(/This account is currently not available/);
+  });
+
+  it("a from= that excludes the device refuses the key", async () => {
+    const r = await tryLine({ from: ["192.0.2.0/24"] });
+    expect(r.code).toBe(255);
+    expect(r.stderr).toMatch(/Permission denied/);
+  });
+});

@@ -1,0 +1,824 @@
+/**
+ * Boot-test harness: lay a rootfs overlay (.tar / .tar.gz) into a cached Debian bookworm base
+ * image, boot it under qemu (TCG, no KVM), and run a throwaway bastion sshd on loopback.
+ *
+ * Network rule: everything here talks to 127.0.0.1 / ::1 only. The guest runs on qemu user
+ * networking with `restrict=on` and a single guestfwd (10.0.2.100:22 in the guest -> socat ->
+ * 127.0.0.1:<bastionPort> on the host).
+ *
+ * The base image comes from ./build-base.sh (cache outside the repo, see that script).
+ */
+import { spawn, spawnSync, type ChildProcess } from "node:child_process";
+import { createReadStream, existsSync, readFileSync, readSync, readdirSync, openSync, closeSync } from "node:fs";
+import { copyFile, mkdir, readFile, writeFile, chmod } from "node:fs/promises";
+import { createServer, connect } from "node:net";
+import { dirname, join, posix } from "node:path";
+import { fileURLToPath } from "node:url";
+import { createGunzip } from "node:zlib";
+import { Readable } from "node:stream";
+import tarStream from "tar-stream";
+
+const HERE = dirname(fileURLToPath(import.meta.url));
+export const ENSURE_DEPS_SCRIPT = join(HERE, "ensure-deps.sh");
+export const BUILD_BASE_SCRIPT = join(HERE, "build-base.sh");
+/** Address the guest uses to reach the bastion (forwarded by qemu's guestfwd). */
+export const GUEST_BASTION_ADDR = "10.0.2.100";
+export const GUEST_BASTION_PORT = 22;
+
+const sleep = (ms: number): Promise<void> => new Promise((r) => setTimeout(r, ms));
+
+// ---------------------------------------------------------------------------------------------
+// Prerequisites and base image
+// ---------------------------------------------------------------------------------------------
+
+export interface BootPrerequisites {
+  ok: boolean;
+  /** Why the boot test cannot run here (empty when ok). */
+  problems: string[];
+}
+
+function which(cmd: string): string | undefined {
+  const dirs = (process.env.PATH ?? "").split(":").concat(["/usr/sbin", "/sbin", "/usr/bin", "/bin"]);
+  for (const d of dirs) {
+    const p = join(d, cmd);
+    if (d && existsSync(p)) return p;
+  }
+  return undefined;
+}
+
+/**
+ * Check (and, as root, install with ensure-deps.sh) what the boot test needs.
+ * Never throws; callers decide whether a problem means skip (local) or fail (CI).
+ */
+export function checkBootPrerequisites(opts: { install?: boolean } = {}): BootPrerequisites {
+  const problems: string[] = [];
+  if (process.platform !== "linux") problems.push(`needs Linux (this is ${process.platform})`);
+  if (process.arch !== "x64") problems.push(`base image is amd64; host arch ${process.arch} untested`);
+  const isRoot = typeof process.getuid === "function" && process.getuid() === 0;
+  if (!isRoot) problems.push("needs root (debootstrap for the base image; bastion sshd switching to the tunnel user)");
+  if (opts.install !== false && isRoot) {
+    const r = spawnSync("bash", [ENSURE_DEPS_SCRIPT], { encoding: "utf8", stdio: ["ignore", "pipe", "pipe"] });
+    if (r.status !== 0) problems.push(`ensure-deps.sh failed (${r.status}): ${(r.stderr || "").trim().split("\n").slice(-5).join(" | ")}`);
+  }
+  for (const c of ["qemu-system-x86_64", "debugfs", "mke2fs", "socat", "sshd", "ssh", "ssh-keygen", "tar"]) {
+    if (!which(c)) problems.push(`missing ${c} (run test/boot/ensure-deps.sh as root)`);
+  }
+  return { ok: problems.length === 0, problems };
+}
+
+export interface BaseImage {
+  /** Cache directory of this recipe (…/mkoverlay-boot/base-<hash>). */
+  dir: string;
+  rootfs: string;
+  kernel: string;
+  initrd: string;
+  cmdline: string;
+  /** Test-only operator key, authorized for root in the base image (never part of an overlay). */
+  operatorKey: string;
+  operatorKeyPub: string;
+  manifest: Record<string, string>;
+}
+
+/** Build the base image if the cached one is missing or stale (can take ~1 min), else reuse it. */
+export async function ensureBaseImage(opts: { log?: (line: string) => void } = {}): Promise<BaseImage> {
+  const log = opts.log ?? ((l: string) => process.stderr.write(l + "\n"));
+  const { code, stdout, stderr } = await run("bash", [BUILD_BASE_SCRIPT], { onStderrLine: log });
+  if (code !== 0) {
+    throw new Error(`build-base.sh exited ${code}:\n${stderr.split("\n").slice(-30).join("\n")}`);
+  }
+  const dir = stdout.trim().split("\n").pop() ?? "";
+  if (!dir || !existsSync(join(dir, "manifest"))) throw new Error(`build-base.sh printed no image dir: ${stdout}`);
+  const manifest: Record<string, string> = {};
+  for (const line of readFileSync(join(dir, "manifest"), "utf8").split("\n")) {
+    const i = line.indexOf("=");
+    if (i > 0) manifest[line.slice(0, i)] = line.slice(i + 1);
+  }
+  return {
+    dir,
+    rootfs: join(dir, "rootfs.ext4"),
+    kernel: join(dir, "vmlinuz"),
+    initrd: join(dir, "initrd.img"),
+    cmdline: readFileSync(join(dir, "cmdline"), "utf8").trim(),
+    operatorKey: join(dir, "operator_ed25519"),
+    operatorKeyPub: readFileSync(join(dir, "operator_ed25519.pub"), "utf8").trim(),
+    manifest,
+  };
+}
+
+// ---------------------------------------------------------------------------------------------
+// Laying an overlay tar into an ext4 image (debugfs, no mount, no root needed for this part)
+// ---------------------------------------------------------------------------------------------
+
+export interface OverlayEntry {
+  /** Absolute path in the image, e.g. /etc/ssh/mkoverlay/ssh_host_ed25519_key ("/" for the root entry). */
+  path: string;
+  type: "file" | "directory" | "symlink";
+  /** Permission bits (07777). */
+  mode: number;
+  /** Symlink target. */
+  target?: string;
+  data?: Buffer;
+}
+
+const SAFE_COMPONENT = /^[A-Za-z0-9._@+:=,~%-]+$/;
+const SAFE_TARGET = /^[A-Za-z0-9._@+:=,~%/-]+$/;
+
+function normalizeTarPath(name: string): string {
+  const parts = name.split("/").filter((p) => p !== "" && p !== ".");
+  for (const p of parts) {
+    if (p === "..") throw new Error(`overlay entry escapes the root: ${JSON.stringify(name)}`);
+    if (!SAFE_COMPONENT.test(p)) throw new Error(`overlay entry name not supported by the harness: ${JSON.stringify(name)}`);
+  }
+  return "/" + parts.join("/");
+}
+
+/** Read a .tar or .tar.gz into memory (overlays are small). Later duplicates win, as with tar -x. */
+export async function readOverlayTar(tarPath: string): Promise<OverlayEntry[]> {
+  const head = Buffer.alloc(2);
+  const fd = openSync(tarPath, "r");
+  try {
+    readSync(fd, head, 0, 2, 0);
+  } finally {
+    closeSync(fd);
+  }
+  let src: Readable = createReadStream(tarPath);
+  if (head[0] === 0x1f && head[1] === 0x8b) src = src.pipe(createGunzip());
+  const extract = tarStream.extract();
+  src.on("error", (e) => extract.destroy(e));
+  src.pipe(extract);
+  const byPath = new Map<string, OverlayEntry>();
+  for await (const entry of extract) {
+    const h = entry.header;
+    const chunks: Buffer[] = [];
+    for await (const c of entry) chunks.push(c as Buffer);
+    const path = normalizeTarPath(h.name);
+    const mode = (h.mode ?? 0o644) & 0o7777;
+    let e: OverlayEntry;
+    switch (h.type) {
+      case "file":
+      case "contiguous-file":
+        e = { path, type: "file", mode, data: Buffer.concat(chunks) };
+        break;
+      case "directory":
+        e = { path, type: "directory", mode };
+        break;
+      case "symlink": {
+        const target = h.linkname ?? "";
+        if (!target || !SAFE_TARGET.test(target)) throw new Error(`unsupported symlink target for ${path}: ${JSON.stringify(target)}`);
+        e = { path, type: "symlink", mode: 0o777, target };
+        break;
+      }
+      default:
+        throw new Error(`overlay entry ${path}: tar type ${String(h.type)} not supported by the boot harness`);
+    }
+    if (path === "/" && e.type !== "directory") throw new Error("overlay root entry is not a directory");
+    byPath.delete(path); // keep tar order of the last occurrence
+    byPath.set(path, e);
+  }
+  return [...byPath.values()];
+}
+
+type Kind = "directory" | "file" | "symlink" | "other";
+interface ListedInode {
+  kind: Kind;
+  mode: number; // full i_mode
+  uid: number;
+  gid: number;
+}
+
+function kindOf(mode: number): Kind {
+  switch (mode & 0o170000) {
+    case 0o040000:
+      return "directory";
+    case 0o100000:
+      return "file";
+    case 0o120000:
+      return "symlink";
+    default:
+      return "other";
+  }
+}
+
+async function debugfs(image: string, cmds: string[], write: boolean): Promise<{ sections: string[][]; stderr: string }> {
+  const args = ["-f", "-", image];
+  if (write) args.unshift("-w");
+  const r = await run("debugfs", args, { input: cmds.join("\n") + "\n", env: { DEBUGFS_PAGER: "__none__", PAGER: "cat" } });
+  if (r.code !== 0) throw new Error(`debugfs exited ${r.code}: ${r.stderr}`);
+  // stdout: "debugfs: <cmd>" echo, then that command's output.
+  const sections: string[][] = [];
+  for (const line of r.stdout.split("\n")) {
+    if (line.startsWith("debugfs: ")) sections.push([]);
+    else if (sections.length > 0 && line !== "") sections[sections.length - 1]!.push(line);
+  }
+  const stderr = r.stderr
+    .split("\n")
+    .filter((l) => l.trim() !== "" && !/^debugfs \d/.test(l))
+    .join("\n");
+  return { sections, stderr };
+}
+
+/** List directories (following symlinks in the middle of paths, as the kernel would). */
+async function listDirs(image: string, dirs: string[]): Promise<Map<string, Map<string, ListedInode>>> {
+  const out = new Map<string, Map<string, ListedInode>>();
+  if (dirs.length === 0) return out;
+  const { sections } = await debugfs(image, dirs.map((d) => `ls -p ${d}`), false);
+  dirs.forEach((d, i) => {
+    const m = new Map<string, ListedInode>();
+    for (const line of sections[i] ?? []) {
+      // /ino/mode/uid/gid/name/size/
+      const f = line.split("/");
+      if (f.length < 7) continue;
+      const name = f.slice(5, f.length - 2).join("/");
+      if (name === "." || name === "..") continue;
+      const mode = parseInt(f[2] ?? "", 8);
+      m.set(name, { kind: kindOf(mode), mode, uid: Number(f[3]), gid: Number(f[4]) });
+    }
+    out.set(d, m);
+  });
+  return out;
+}
+
+function parentsOf(p: string): string[] {
+  const res: string[] = [];
+  let d = posix.dirname(p);
+  while (d !== "/") {
+    res.unshift(d);
+    d = posix.dirname(d);
+  }
+  return res;
+}
+
+/**
+ * Lay an overlay tar into a raw ext4 image as `tar -xpf overlay.tar -C /` (GNU tar, as root)
+ * would on the device: modes kept, owner and group forced to 0, symlinks (also to /dev/null)
+ * kept, existing files and symlinks replaced. Refuses what tar would do destructively but
+ * silently (a directory entry over a symlink such as /lib -> usr/lib, which GNU tar replaces by
+ * an empty directory unless --keep-directory-symlink) and what the harness does not model
+ * (hard links, devices). Verifies the result with a second pass and `e2fsck -fn`.
+ */
+export async function layOverlay(image: string, overlayTar: string, stagingDir: string): Promise<OverlayEntry[]> {
+  const entries = await readOverlayTar(overlayTar);
+  await mkdir(stagingDir, { recursive: true });
+
+  const allDirs = new Set<string>(["/"]);
+  for (const e of entries) for (const p of parentsOf(e.path)) allDirs.add(p);
+  const listed = await listDirs(image, [...allDirs]);
+  const state = new Map<string, Kind | "none">();
+  const lookup = (p: string): Kind | "none" => {
+    if (p === "/") return "directory";
+    const s = state.get(p);
+    if (s) return s;
+    const d = listed.get(posix.dirname(p));
+    const k = d?.get(posix.basename(p))?.kind ?? "none";
+    state.set(p, k);
+    return k;
+  };
+
+  const cmds: string[] = [];
+  const own = (p: string): void => {
+    cmds.push(`sif ${p} uid 0`, `sif ${p} gid 0`);
+  };
+  const ensureDir = (p: string): void => {
+    const k = lookup(p);
+    if (k === "directory") return;
+    if (k === "symlink") return; // tar follows an existing symlink in the middle of a path
+    if (k !== "none") throw new Error(`overlay needs directory ${p}, but the image has a ${k} there`);
+    cmds.push(`mkdir ${p}`, `sif ${p} mode 040755`);
+    own(p);
+    state.set(p, "directory");
+  };
+
+  let n = 0;
+  for (const e of entries) {
+    for (const p of parentsOf(e.path)) ensureDir(p);
+    const k = lookup(e.path);
+    switch (e.type) {
+      case "directory":
+        if (k === "symlink") {
+          throw new Error(
+            `overlay has a directory entry for ${e.path}, which is a symlink in the image: ` +
+              "GNU tar would replace it with an empty directory (unless --keep-directory-symlink)",
+          );
+        }
+        if (k === "none") cmds.push(`mkdir ${e.path}`);
+        else if (k !== "directory") throw new Error(`overlay directory ${e.path} over a ${k} in the image`);
+        cmds.push(`sif ${e.path} mode 0${(0o040000 | e.mode).toString(8)}`);
+        own(e.path);
+        state.set(e.path, "directory");
+        break;
+      case "file": {
+        if (k === "directory") throw new Error(`overlay file ${e.path} over a directory in the image`);
+        if (k !== "none") cmds.push(`rm ${e.path}`);
+        const host = join(stagingDir, `f${n++}`);
+        await writeFile(host, e.data ?? Buffer.alloc(0), { mode: 0o600 });
+        cmds.push(`write ${host} ${e.path}`, `sif ${e.path} mode 0${(0o100000 | e.mode).toString(8)}`);
+        own(e.path);
+        state.set(e.path, "file");
+        break;
+      }
+      case "symlink":
+        if (k === "directory") throw new Error(`overlay symlink ${e.path} over a directory in the image`);
+        if (k !== "none") cmds.push(`rm ${e.path}`);
+        cmds.push(`symlink ${e.path} ${e.target ?? ""}`);
+        own(e.path);
+        state.set(e.path, "symlink");
+        break;
+    }
+  }
+  if (/\s/.test(stagingDir)) throw new Error(`staging dir must not contain white space: ${stagingDir}`);
+
+  const w = await debugfs(image, cmds, true);
+  if (w.stderr) throw new Error(`debugfs reported errors while laying the overlay:\n${w.stderr}\ncommands:\n${cmds.join("\n")}`);
+
+  // Verify: every entry is there with the right type, mode and owner.
+  const again = await listDirs(image, [...new Set(entries.filter((e) => e.path !== "/").map((e) => posix.dirname(e.path)))]);
+  const problems: string[] = [];
+  for (const e of entries) {
+    if (e.path === "/") continue;
+    const got = again.get(posix.dirname(e.path))?.get(posix.basename(e.path));
+    if (!got) {
+      problems.push(`${e.path}: missing`);
+      continue;
+    }
+    if (got.kind !== e.type) problems.push(`${e.path}: ${got.kind}, expected ${e.type}`);
+    if (e.type !== "symlink" && (got.mode & 0o7777) !== e.mode)
+      problems.push(`${e.path}: mode ${(got.mode & 0o7777).toString(8)}, expected ${e.mode.toString(8)}`);
+    if (got.uid !== 0 || got.gid !== 0) problems.push(`${e.path}: owner ${got.uid}:${got.gid}`);
+  }
+  if (problems.length) throw new Error(`overlay not laid as expected:\n${problems.join("\n")}`);
+  const fsck = await run("e2fsck", ["-fn", image]);
+  if (fsck.code !== 0) throw new Error(`e2fsck -fn after laying the overlay exited ${fsck.code}:\n${fsck.stdout}${fsck.stderr}`);
+  return entries;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Booting
+// ---------------------------------------------------------------------------------------------
+
+export interface BootedVm {
+  pid: number;
+  /** The guest's serial console (kernel, systemd status, journal forwarded to the console). */
+  serialLog: string;
+  /** qemu's own stdout/stderr. */
+  qemuLog: string;
+  /** The image copy the VM boots from (inside workDir). */
+  image: string;
+  /** Resolves with qemu's exit code (or null when killed by a signal). */
+  exited: Promise<number | null>;
+  /** Kill qemu and its socat children (by PID). Safe to call more than once. */
+  stop(): Promise<void>;
+}
+
+export interface BootOptions {
+  overlayTar: string;
+  /** Host port of the bastion sshd on 127.0.0.1; the guest reaches it as 10.0.2.100:22. */
+  bastionPort: number;
+  /** Scratch directory for the image copy and logs (created if missing). */
+  workDir: string;
+  /** Hard limit on the VM's lifetime; it is stopped after this (default 15 min). */
+  timeoutMs?: number;
+  /** Base image to use (default: ensureBaseImage()). */
+  base?: BaseImage;
+  memoryMb?: number;
+  smp?: number;
+  /** Extra kernel command-line arguments. */
+  extraCmdline?: string;
+}
+
+const liveVmPids = new Set<number>();
+let exitHookInstalled = false;
+function installExitHook(): void {
+  if (exitHookInstalled) return;
+  exitHookInstalled = true;
+  process.on("exit", () => {
+    for (const pid of liveVmPids) {
+      for (const p of [...descendantsOf(pid), pid]) {
+        try {
+          process.kill(p, "SIGKILL");
+        } catch {
+          /* gone */
+        }
+      }
+    }
+  });
+}
+
+/** Copy the base image, lay the overlay into it, and boot it. Resolves once qemu is running. */
+export async function bootWithOverlay(opts: BootOptions): Promise<BootedVm> {
+  if (!Number.isInteger(opts.bastionPort) || opts.bastionPort <= 0 || opts.bastionPort > 65535) {
+    throw new Error(`bad bastionPort ${opts.bastionPort}`);
+  }
+  const base = opts.base ?? (await ensureBaseImage());
+  await mkdir(opts.workDir, { recursive: true });
+  const image = join(opts.workDir, "rootfs.ext4");
+  const serialLog = join(opts.workDir, "serial.log");
+  const qemuLog = join(opts.workDir, "qemu.log");
+  await copySparse(base.rootfs, image);
+  await layOverlay(image, opts.overlayTar, join(opts.workDir, "overlay-staging"));
+
+  const guestfwd = `guestfwd=tcp:${GUEST_BASTION_ADDR}:${GUEST_BASTION_PORT}-cmd:socat - TCP:127.0.0.1:${opts.bastionPort}`;
+  const args = [
+    "-accel", "tcg",
+    "-smp", String(opts.smp ?? 2),
+    "-m", String(opts.memoryMb ?? 1024),
+    "-nographic",
+    "-monitor", "none",
+    "-serial", `file:${serialLog}`,
+    "-no-reboot",
+    "-kernel", base.kernel,
+    "-initrd", base.initrd,
+    "-append", [base.cmdline, opts.extraCmdline ?? ""].join(" ").trim(),
+    "-drive", `file=${image},format=raw,if=virtio,cache=unsafe`,
+    "-netdev", `user,id=n0,restrict=on,${guestfwd}`,
+    "-device", "virtio-net-pci,netdev=n0",
+  ];
+  const logFd = openSync(qemuLog, "w");
+  let child: ChildProcess;
+  try {
+    child = spawn("qemu-system-x86_64", args, { stdio: ["ignore", logFd, logFd], detached: true });
+  } finally {
+    closeSync(logFd);
+  }
+  const pid = await new Promise<number>((resolve, reject) => {
+    child.once("error", reject);
+    child.once("spawn", () => resolve(child.pid ?? -1));
+  });
+  installExitHook();
+  liveVmPids.add(pid);
+  let exitCode: number | null | undefined;
+  const exited = new Promise<number | null>((resolve) => {
+    child.once("exit", (code) => {
+      exitCode = code;
+      liveVmPids.delete(pid);
+      resolve(code);
+    });
+  });
+
+  let stopping: Promise<void> | undefined;
+  const stop = (): Promise<void> => {
+    stopping ??= (async () => {
+      clearTimeout(watchdog);
+      const kids = descendantsOf(pid); // socat children run in their own sessions (libslirp setsid)
+      await killAndWait([pid], exited, 3000);
+      for (const k of [...kids, ...descendantsOf(pid)]) signal(k, "SIGTERM");
+      await sleep(200);
+      for (const k of kids) signal(k, "SIGKILL");
+      liveVmPids.delete(pid);
+    })();
+    return stopping;
+  };
+  const watchdog = setTimeout(() => void stop(), opts.timeoutMs ?? 15 * 60_000);
+  watchdog.unref();
+
+  // qemu fails fast on bad arguments; report that instead of a hanging test.
+  await Promise.race([exited, sleep(700)]);
+  if (exitCode !== undefined) {
+    const log = existsSync(qemuLog) ? await readFile(qemuLog, "utf8") : "";
+    throw new Error(`qemu exited at once (${exitCode}):\n${log}`);
+  }
+  return { pid, serialLog, qemuLog, image, exited, stop };
+}
+
+async function copySparse(src: string, dst: string): Promise<void> {
+  const r = await run("cp", ["--sparse=always", "--reflink=auto", src, dst]);
+  if (r.code !== 0) {
+    await copyFile(src, dst);
+  }
+  await chmod(dst, 0o644);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Throwaway bastion sshd on 127.0.0.1
+// ---------------------------------------------------------------------------------------------
+
+export interface Bastion {
+  port: number;
+  /** The bastion's host public key line, e.g. "ssh-ed25519 AAAA… comment". */
+  hostKeyPub: string;
+  logPath: string;
+  /** PID of the listening sshd. */
+  pid: number;
+  /** PIDs of the per-connection sshd processes (sessions) right now. */
+  sessionPids(): number[];
+  /** Kill the session processes (not the listener); resolves with the PIDs it killed. */
+  killSessions(): Promise<number[]>;
+  /** Kill the listener and every session process. Safe to call more than once. */
+  stop(): Promise<void>;
+}
+
+export interface BastionOptions {
+  workDir: string;
+  /** Local user the tunnel logs in as (must exist). */
+  user: string;
+  /** Complete authorized_keys content for that user. */
+  authorizedKeys: string;
+  /** Appended at the end of sshd_config, e.g. a `Match User …` block. */
+  sshdConfigExtra?: string;
+  logLevel?: "INFO" | "VERBOSE" | "DEBUG1" | "DEBUG2" | "DEBUG3";
+}
+
+export async function startBastion(opts: BastionOptions): Promise<Bastion> {
+  const dir = join(opts.workDir, "bastion");
+  await mkdir(dir, { recursive: true });
+  // sshd reads authorized_keys as the target user: the directory must be traversable.
+  await chmod(dir, 0o755);
+  const hostKey = join(dir, "ssh_host_ed25519_key");
+  if (!existsSync(hostKey)) {
+    const g = await run("ssh-keygen", ["-q", "-t", "ed25519", "-N", "", "-C", "mkoverlay-test-bastion", "-f", hostKey]);
+    if (g.code !== 0) throw new Error(`ssh-keygen: ${g.stderr}`);
+  }
+  const hostKeyPub = (await readFile(hostKey + ".pub", "utf8")).trim();
+  const ak = join(dir, "authorized_keys");
+  await writeFile(ak, opts.authorizedKeys.endsWith("\n") ? opts.authorizedKeys : opts.authorizedKeys + "\n", { mode: 0o644 });
+  await chmod(ak, 0o644);
+  const isRoot = process.getuid?.() === 0;
+  if (isRoot && !existsSync("/run/sshd")) await mkdir("/run/sshd", { recursive: true, mode: 0o755 });
+
+  const port = await freePort();
+  const cfg = join(dir, "sshd_config");
+  const logPath = join(dir, "sshd.log");
+  await writeFile(
+    cfg,
+    [
+      "# throwaway bastion for the mkoverlay boot test",
+      `Port ${port}`,
+      "ListenAddress 127.0.0.1",
+      `HostKey ${hostKey}`,
+      `PidFile ${join(dir, "sshd.pid")}`,
+      `AuthorizedKeysFile ${ak}`,
+      // The test's scratch dir sits under world-writable /tmp, which StrictModes rejects.
+      "StrictModes no",
+      "PubkeyAuthentication yes",
+      "AuthenticationMethods publickey",
+      "PasswordAuthentication no",
+      "KbdInteractiveAuthentication no",
+      "HostbasedAuthentication no",
+      `UsePAM ${isRoot && existsSync("/etc/pam.d/sshd") ? "yes" : "no"}`,
+      "PermitRootLogin no",
+      `AllowUsers ${opts.user}`,
+      "GatewayPorts no",
+      "X11Forwarding no",
+      "PrintMotd no",
+      `LogLevel ${opts.logLevel ?? "VERBOSE"}`,
+      "",
+      opts.sshdConfigExtra ?? "",
+      "",
+    ].join("\n"),
+  );
+  const t = await run("/usr/sbin/sshd", ["-t", "-f", cfg]);
+  if (t.code !== 0) throw new Error(`sshd -t rejected the bastion config:\n${t.stderr}`);
+
+  const logFd = openSync(logPath, "a");
+  let child: ChildProcess;
+  try {
+    child = spawn("/usr/sbin/sshd", ["-D", "-e", "-f", cfg], { stdio: ["ignore", logFd, logFd], detached: true });
+  } finally {
+    closeSync(logFd);
+  }
+  const pid = await new Promise<number>((resolve, reject) => {
+    child.once("error", reject);
+    child.once("spawn", () => resolve(child.pid ?? -1));
+  });
+  installExitHook();
+  liveVmPids.add(pid); // same safety net: kill on process exit
+  const exited = new Promise<void>((resolve) => child.once("exit", () => resolve()));
+  let dead = false;
+  void exited.then(() => {
+    dead = true;
+  });
+
+  const deadline = Date.now() + 10_000;
+  while (!(await canConnect(port))) {
+    if (dead || Date.now() > deadline) {
+      const log = existsSync(logPath) ? await readFile(logPath, "utf8") : "";
+      signal(pid, "SIGKILL");
+      throw new Error(`bastion sshd did not come up on 127.0.0.1:${port}:\n${log}`);
+    }
+    await sleep(50);
+  }
+
+  const sessionPids = (): number[] => descendantsOf(pid);
+  const killSessions = async (): Promise<number[]> => {
+    const pids = sessionPids();
+    for (const p of pids) signal(p, "SIGTERM");
+    const until = Date.now() + 3000;
+    while (pids.some(alive) && Date.now() < until) await sleep(50);
+    for (const p of pids) if (alive(p)) signal(p, "SIGKILL");
+    return pids;
+  };
+  let stopping: Promise<void> | undefined;
+  const stop = (): Promise<void> => {
+    stopping ??= (async () => {
+      // Sessions first: killing the listener does not end them, and they hold forwarded ports.
+      const before = sessionPids();
+      await killAndWait([pid], exited, 3000);
+      for (const p of [...before, ...descendantsOf(pid)]) signal(p, "SIGKILL");
+      liveVmPids.delete(pid);
+    })();
+    return stopping;
+  };
+  return { port, hostKeyPub, logPath, pid, sessionPids, killSessions, stop };
+}
+
+/** Create a local system user with no login shell if it does not exist (needs root). */
+export function ensureSystemUser(name: string): void {
+  const r = spawnSync("getent", ["passwd", name]);
+  if (r.status === 0) return;
+  const shell = existsSync("/usr/sbin/nologin") ? "/usr/sbin/nologin" : "/sbin/nologin";
+  const u = spawnSync("useradd", ["--system", "--no-create-home", "--home-dir", "/nonexistent", "--shell", shell, name], {
+    encoding: "utf8",
+  });
+  if (u.status !== 0) throw new Error(`useradd ${name} failed: ${u.stderr}`);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Small helpers (exported for tests)
+// ---------------------------------------------------------------------------------------------
+
+/** A TCP port that is free on 127.0.0.1 (and on ::1 where IPv6 loopback exists) right now. */
+export async function freePort(): Promise<number> {
+  for (let attempt = 0; attempt < 20; attempt++) {
+    const port = await new Promise<number>((resolve, reject) => {
+      const s = createServer();
+      s.once("error", reject);
+      s.listen(0, "127.0.0.1", () => {
+        const a = s.address();
+        const p = typeof a === "object" && a ? a.port : 0;
+        s.close(() => resolve(p));
+      });
+    });
+    const v6ok = await new Promise<boolean>((resolve) => {
+      const s = createServer();
+      s.once("error", (e: NodeJS.ErrnoException) => resolve(e.code === "EADDRNOTAVAIL" || e.code === "EAFNOSUPPORT"));
+      s.listen(port, "::1", () => s.close(() => resolve(true)));
+    });
+    if (port > 0 && v6ok) return port;
+  }
+  throw new Error("no free port found");
+}
+
+/** True when something accepts a TCP connection on 127.0.0.1:port. */
+export function canConnect(port: number, host = "127.0.0.1", timeoutMs = 1000): Promise<boolean> {
+  return new Promise((resolve) => {
+    const s = connect({ port, host });
+    const done = (ok: boolean): void => {
+      s.destroy();
+      resolve(ok);
+    };
+    s.setTimeout(timeoutMs, () => done(false));
+    s.once("connect", () => done(true));
+    s.once("error", () => done(false));
+  });
+}
+
+/**
+ * Read the SSH identification string from host:port ("SSH-2.0-…"), or undefined when nothing
+ * answers with one within timeoutMs. Through a reverse tunnel this proves the whole path
+ * (bastion listener -> tunnel -> device sshd) works, not just that the bastion listens.
+ */
+export function sshBanner(port: number, host = "127.0.0.1", timeoutMs = 5000): Promise<string | undefined> {
+  return new Promise((resolve) => {
+    const s = connect({ port, host });
+    let buf = "";
+    const done = (v: string | undefined): void => {
+      s.destroy();
+      resolve(v);
+    };
+    s.setTimeout(timeoutMs, () => done(undefined));
+    s.on("data", (d: Buffer) => {
+      buf += d.toString("latin1");
+      const i = buf.indexOf("\n");
+      if (i >= 0) {
+        const line = buf.slice(0, i).trim();
+        done(line.startsWith("SSH-") ? line : undefined);
+      }
+    });
+    s.once("error", () => done(undefined));
+    s.once("end", () => done(undefined));
+  });
+}
+
+/** Poll fn until it returns a value other than undefined/false, or throw after timeoutMs. */
+export async function waitFor<T>(what: string, timeoutMs: number, fn: () => Promise<T | undefined | false>, everyMs = 250): Promise<T> {
+  const deadline = Date.now() + timeoutMs;
+  for (;;) {
+    const v = await fn();
+    if (v !== undefined && v !== false) return v;
+    if (Date.now() > deadline) throw new Error(`timed out after ${timeoutMs} ms waiting for ${what}`);
+    await sleep(everyMs);
+  }
+}
+
+/** Last n lines of a text file ("" when it does not exist). */
+export async function tailFile(path: string, n = 40): Promise<string> {
+  if (!existsSync(path)) return "";
+  const text = await readFile(path, "utf8");
+  return text.split("\n").slice(-n - 1).join("\n");
+}
+
+export interface RunResult {
+  code: number | null;
+  stdout: string;
+  stderr: string;
+}
+
+/** Run a command to completion (no shell). */
+export function run(
+  cmd: string,
+  args: string[],
+  opts: { input?: string; env?: Record<string, string>; timeoutMs?: number; onStderrLine?: (l: string) => void } = {},
+): Promise<RunResult> {
+  return new Promise((resolve, reject) => {
+    const child = spawn(cmd, args, {
+      stdio: ["pipe", "pipe", "pipe"],
+      env: { ...process.env, ...(opts.env ?? {}) },
+    });
+    let stdout = "";
+    let stderr = "";
+    let partial = "";
+    child.stdout.on("data", (d: Buffer) => (stdout += d.toString()));
+    child.stderr.on("data", (d: Buffer) => {
+      const s = d.toString();
+      stderr += s;
+      if (opts.onStderrLine) {
+        partial += s;
+        const lines = partial.split("\n");
+        partial = lines.pop() ?? "";
+        for (const l of lines) opts.onStderrLine(l);
+      }
+    });
+    const timer = opts.timeoutMs ? setTimeout(() => child.kill("SIGKILL"), opts.timeoutMs) : undefined;
+    child.once("error", reject);
+    child.once("close", (code) => {
+      if (timer) clearTimeout(timer);
+      if (opts.onStderrLine && partial) opts.onStderrLine(partial);
+      resolve({ code, stdout, stderr });
+    });
+    child.stdin.on("error", () => undefined);
+    child.stdin.end(opts.input ?? "");
+  });
+}
+
+function signal(pid: number, sig: NodeJS.Signals): void {
+  try {
+    process.kill(pid, sig);
+  } catch {
+    /* already gone */
+  }
+}
+
+function alive(pid: number): boolean {
+  try {
+    process.kill(pid, 0);
+    // A zombie still "exists"; treat it as dead.
+    const st = readFileSync(`/proc/${pid}/stat`, "utf8");
+    const state = st.slice(st.lastIndexOf(")") + 2).split(" ")[0];
+    return state !== "Z";
+  } catch {
+    return false;
+  }
+}
+
+async function killAndWait(pids: number[], exited: Promise<unknown>, graceMs: number): Promise<void> {
+  for (const p of pids) signal(p, "SIGTERM");
+  const t = await Promise.race([exited.then(() => "exited"), sleep(graceMs).then(() => "timeout")]);
+  if (t === "timeout") {
+    for (const p of pids) signal(p, "SIGKILL");
+    await Promise.race([exited, sleep(2000)]);
+  }
+}
+
+/** All descendants of pid (children, grandchildren, …), from /proc. */
+export function descendantsOf(pid: number): number[] {
+  const children = new Map<number, number[]>();
+  let entries: string[];
+  try {
+    entries = readdirSync("/proc");
+  } catch {
+    return [];
+  }
+  for (const e of entries) {
+    if (!/^\d+$/.test(e)) continue;
+    let st: string;
+    try {
+      st = readFileSync(`/proc/${e}/stat`, "utf8");
+    } catch {
+      continue;
+    }
+    const rest = st.slice(st.lastIndexOf(")") + 2).split(" ");
+    const ppid = Number(rest[1]);
+    const list = children.get(ppid) ?? [];
+    list.push(Number(e));
+    children.set(ppid, list);
+  }
+  const out: number[] = [];
+  const todo = [pid];
+  while (todo.length) {
+    const p = todo.pop()!;
+    for (const c of children.get(p) ?? []) {
+      out.push(c);
+      todo.push(c);
+    }
+  }
+  return out;
+}
