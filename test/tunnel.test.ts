@@ -146,7 +146,8 @@ describe("from= and expiry-time= are accepted by a real sshd (a bad option would
     run("mkdir", ["-p", ws]);
     const hk = sshKeygen(ws, "host");
     const port = await freePort();
-    writeFleet(ws, { lo: { host: "127.0.0.1", port, user: TUNNEL_USER, hostKeys: [readPub(hk)], ...bastionOpts } });
+    // Listening ports are machine-wide: stay clear of the tunnel the first describe holds open.
+    writeFleet(ws, { lo: { host: "127.0.0.1", port, user: TUNNEL_USER, hostKeys: [readPub(hk)], ...bastionOpts } }, { ports: { ssh: "23100-23199", services: "23200-23299" } });
     const r = runCli(["--board", "rpi4", "--bastion", "lo", "--json"], { cwd: ws });
     expect(r.code, r.stderr).toBe(0);
     const b = JSON.parse(r.stdout) as typeof build;
