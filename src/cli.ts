@@ -24,6 +24,8 @@ function program(): Command {
     .option("--hostname <name>", "device name (default: the config's hostname template)")
     .option("--host-key <file>", "use this unencrypted ed25519 OpenSSH private key instead of a new one")
     .option("--out <dir>", "output directory (created 0700)", "out")
+    .option("--format <form>", "tar (default: <out>/<host>.overlay.tar.gz) or dir (<out>/<host>.overlay/)")
+    .option("--apply <root>", "lay the overlay directly over a mounted root file system (as root)")
     .option("--config <file>", "fleet config (default $MKOVERLAY_CONFIG or ./mkoverlay.yaml)")
     .option("--json", "print one JSON object on stdout")
     .option("-q, --quiet", "no progress on stderr")

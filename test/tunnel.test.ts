@@ -141,7 +141,7 @@ describe("sshd accepts the overlay's key and drop-in", () => {
 });
 
 describe("from= and expiry-time= are accepted by a real sshd (a bad option would drop the line silently)", () => {
-  async function tryLine(bastionOpts: { from?: string[]; expiry?: string }): Promise<{ code: number; stderr: string; line: string }> {
+  async function tryLine(bastionOpts: { from?: string[]; expiry?: string }): Promise<{ code: number; stdout: string; stderr: string; line: string }> {
     const ws = join(dir, `opts-${Object.keys(bastionOpts).join("-")}-${(bastionOpts.from ?? []).length}`);
     run("mkdir", ["-p", ws]);
     const hk = sshKeygen(ws, "host");
@@ -154,12 +154,12 @@ describe("from= and expiry-time= are accepted by a real sshd (a bad option would
     const root2 = join(ws, "root");
     run("mkdir", ["-p", root2]);
     extract(b.overlay, root2);
-    const s = await startSshd({ dir: join(ws, "bastion"), hostKey: hk, port, authorizedKeys: { [TUNNEL_USER]: b.authorizedKeys.lo + "\n" } });
+    const s = await startSshd({ dir: join(ws, "bastion"), hostKey: hk, port, authorizedKeys: { [TUNNEL_USER]: `${b.authorizedKeys.lo}\n` } });
     try {
       // One round trip that needs the key accepted and the listen permitted: -R then exit.
       const argv = tunnelArgv(root2, "lo", b.hostname).filter((a) => a !== "-N");
       const res = run(argv[0]!, [...argv.slice(1), "true"]);
-      return { ...res, line: b.authorizedKeys.lo };
+      return { ...res, line: b.authorizedKeys.lo ?? "" };
     } finally {
       await s.stop();
     }

@@ -4,20 +4,16 @@
  * every quoted value was validated (no quote, backslash or control character), there is no
  * permitopen="none", and expiry-time has no trailing Z (OpenSSH < 9.1 rejects it).
  */
-import type { Bastion } from "../config/fleet.js";
+import type { TunnelPlan } from "../forwards.js";
 import { publicKeyLine } from "../keys/ed25519.js";
 import { expiryTimeOption, parseExpiry, quotedValueProblem } from "../validate.js";
 
 export interface LineInput {
   hostname: string;
   pub: Buffer;
-  port: number;
-  bastion: Bastion;
-  /** Extra -R ports (service tunnels), each gets its own permitlisten. */
-  extraListen?: number[];
-  /** Exact `host:port` destinations this device may -L/-D to (only the one tunnel that needs it). */
-  permitOpen?: string[];
-  /** Time the line is made; a duration expiry counts from here. */
+  /** The tunnel: bastion, sshd port, extra listen ports, permitopen destinations. */
+  tunnel: TunnelPlan;
+  /** When the device was built: a duration expiry counts from here (stable across exports). */
   now: Date;
 }
 
@@ -29,17 +25,19 @@ function quoted(name: string, value: string): string {
 
 export function authorizedKeysOptions(i: LineInput): string[] {
   // Order matters: restrict first, then port-forwarding re-enables forwarding (left to right).
+  const b = i.tunnel.bastion;
   const opts = ["restrict", "port-forwarding", quoted("command", "/sbin/nologin")];
-  if (i.bastion.from) opts.push(quoted("from", i.bastion.from.join(",")));
-  if (i.bastion.expiry) {
-    const t = parseExpiry(i.bastion.expiry, i.now);
-    if (typeof t === "string") throw new Error(`expiry ${i.bastion.expiry} ${t}`);
+  if (b.from) opts.push(quoted("from", b.from.join(",")));
+  if (b.expiry) {
+    const t = parseExpiry(b.expiry, i.now);
+    if (typeof t === "string") throw new Error(`expiry ${b.expiry} ${t}`);
     opts.push(quoted("expiry-time", expiryTimeOption(t)));
   }
   // ssh sends "localhost" for `-R PORT:…` and `-R localhost:PORT:…`: only that bind matches,
   // so the device cannot bind 0.0.0.0 or 127.0.0.1 on the bastion.
-  for (const port of [i.port, ...(i.extraListen ?? [])]) opts.push(quoted("permitlisten", `localhost:${port}`));
-  for (const dest of i.permitOpen ?? []) opts.push(quoted("permitopen", dest));
+  for (const port of [i.tunnel.port, ...i.tunnel.extraListen]) opts.push(quoted("permitlisten", `localhost:${port}`));
+  // Only a tunnel that carries -L/-D gets permitopen; the bastion's Match block denies the rest.
+  for (const dest of i.tunnel.permitOpen) opts.push(quoted("permitopen", dest));
   return opts;
 }
 

@@ -16,7 +16,13 @@ export interface Bastion {
   from: string[] | undefined;
   /** As written in the config; resolved against the build time when a line is made. */
   expiry: string | undefined;
+  jumpUser: string | undefined;
 }
+
+export type Forward =
+  | { type: "remote"; name: string; local: number }
+  | { type: "local"; name: string; bastion: string; listen: number; to: string }
+  | { type: "socks"; name: string; bastion: string; listen: number; allow: string[] };
 
 export interface Fleet {
   file: string;
@@ -24,6 +30,7 @@ export interface Fleet {
   hostnameTemplate: string;
   ports: { ssh: PortRange; services: PortRange };
   bastions: Map<string, Bastion>;
+  forwards: Forward[];
 }
 
 export function parseRange(v: string): PortRange {
@@ -41,7 +48,7 @@ function resolveRegistry(value: string, baseDir: string): string {
 export function toFleet(raw: FleetRaw, file: string, baseDir: string): Fleet {
   const bastions = new Map<string, Bastion>();
   for (const [name, b] of Object.entries(raw.bastions).sort(([a], [b]) => a.localeCompare(b))) {
-    bastions.set(name, { name, host: b.host.toLowerCase(), port: b.port, user: b.user, hostKeys: b.hostKeys, from: b.from, expiry: b.expiry });
+    bastions.set(name, { name, host: b.host.toLowerCase(), port: b.port, user: b.user, hostKeys: b.hostKeys, from: b.from, expiry: b.expiry, jumpUser: b.jumpUser });
   }
   return {
     file,
@@ -50,5 +57,11 @@ export function toFleet(raw: FleetRaw, file: string, baseDir: string): Fleet {
     hostnameTemplate: raw.hostname,
     ports: { ssh: parseRange(raw.ports.ssh), services: parseRange(raw.ports.services) },
     bastions,
+    // Shapes were checked by the forwards rule; this only narrows the types.
+    forwards: raw.forwards.map((f): Forward => {
+      if (f.type === "local") return { type: "local", name: f.name, bastion: f.bastion!, listen: f.listen!, to: f.to! };
+      if (f.type === "socks") return { type: "socks", name: f.name, bastion: f.bastion!, listen: f.listen!, allow: f.allow! };
+      return { type: "remote", name: f.name, local: f.local! };
+    }),
   };
 }

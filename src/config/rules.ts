@@ -2,7 +2,7 @@
  * Cross-field rules the schema cannot express. Each rule returns problems with the path they
  * belong to; all are collected so the user fixes everything in one pass.
  */
-import { hostnameProblem, parseExpiry } from "../validate.js";
+import { hostnameProblem, hostProblem, parseExpiry, quotedValueProblem } from "../validate.js";
 import { parseRange } from "./fleet.js";
 import type { Path } from "./positions.js";
 import type { FleetRaw } from "./schema.js";
@@ -58,6 +58,64 @@ function bastionsRule(raw: FleetRaw, now: Date): Problem[] {
   return out;
 }
 
+/** `host:port` as permitopen takes it: a literal host (no lookup happens) and a port or `*`. */
+export function destinationProblem(v: string): string | undefined {
+  const m = /^(\[[0-9a-fA-F:.]+\]|[^:\s]+):(\d{1,5}|\*)$/.exec(v);
+  if (!m) return "is not host:port (e.g. localhost:4505)";
+  const host = m[1]!.replace(/^\[|\]$/g, "");
+  if (host === "*" || host.toLowerCase() === "any") return "opens every destination; name the hosts";
+  const hp = hostProblem(host);
+  if (hp) return `host ${hp}`;
+  if (m[2] !== "*" && (Number(m[2]) < 1 || Number(m[2]) > 65535)) return "port must be 1-65535";
+  return quotedValueProblem(v);
+}
+
+function forwardsRule(raw: FleetRaw): Problem[] {
+  const out: Problem[] = [];
+  const names = new Map<string, number>();
+  const listens = new Map<number, number>();
+  let deviceSide: { i: number; bastion: string } | undefined;
+  raw.forwards.forEach((f, i) => {
+    const at = (k?: string): Path => (k ? ["forwards", i, k] : ["forwards", i]);
+    if (names.has(f.name)) out.push({ path: at("name"), message: `'${f.name}' is already the name of forwards[${names.get(f.name)}]` });
+    names.set(f.name, i);
+    const allowed: Record<string, string[]> = { remote: ["local"], local: ["bastion", "listen", "to"], socks: ["bastion", "listen", "allow"] };
+    for (const k of ["local", "bastion", "listen", "to", "allow"] as const) {
+      const has = f[k] !== undefined;
+      const want = allowed[f.type]!.includes(k);
+      if (want && !has) out.push({ path: at(), message: `a ${f.type} forward needs '${k}'` });
+      if (!want && has) out.push({ path: at(k), message: `'${k}' does not apply to a ${f.type} forward` });
+    }
+    if (f.type === "remote") return;
+    if (f.bastion !== undefined && !(f.bastion in raw.bastions)) out.push({ path: at("bastion"), message: `no bastion '${f.bastion}' in bastions` });
+    if (f.listen !== undefined) {
+      if (listens.has(f.listen)) out.push({ path: at("listen"), message: `port ${f.listen} is already used by forwards[${listens.get(f.listen)}]` });
+      listens.set(f.listen, i);
+    }
+    if (f.to !== undefined) {
+      const p = destinationProblem(f.to);
+      if (p) out.push({ path: at("to"), message: `${JSON.stringify(f.to)} ${p}` });
+    }
+    (f.allow ?? []).forEach((a, j) => {
+      const p = destinationProblem(a);
+      if (p) out.push({ path: ["forwards", i, "allow", j], message: `${JSON.stringify(a)} ${p}` });
+    });
+    if (f.allow !== undefined && f.allow.length === 0) out.push({ path: at("allow"), message: "needs at least one destination" });
+    // -L and -D bind ports on the device: two tunnels carrying them would fight over the same
+    // port ("bind: Address already in use"), so only one bastion's tunnel may carry them.
+    if (f.bastion !== undefined) {
+      if (deviceSide && deviceSide.bastion !== f.bastion) {
+        out.push({
+          path: at("bastion"),
+          message: `local (-L) and SOCKS (-D) forwards bind ports on the device, so only one tunnel may carry them: forwards[${deviceSide.i}] is on '${deviceSide.bastion}', this one on '${f.bastion}'`,
+        });
+      }
+      deviceSide ??= { i, bastion: f.bastion };
+    }
+  });
+  return out;
+}
+
 export function crossCheck(raw: FleetRaw, now: Date): Problem[] {
-  return [...hostnameTemplateRule(raw), ...portRangesRule(raw), ...bastionsRule(raw, now)];
+  return [...hostnameTemplateRule(raw), ...portRangesRule(raw), ...bastionsRule(raw, now), ...forwardsRule(raw)];
 }

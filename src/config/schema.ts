@@ -56,8 +56,30 @@ export const BastionSchema = z
       .string()
       .optional()
       .describe("When the device key stops working on this bastion: a date (2027-12-31) or a duration from build time (365d, 12w, 6m, 1y)"),
+    jumpUser: z
+      .string()
+      .superRefine(check(userProblem))
+      .optional()
+      .describe("Operators' own account on this bastion, for ProxyJump in `mkoverlay ssh-config` (not the tunnel user)"),
   })
   .describe("A bastion the gateways keep a reverse tunnel to");
+
+const port = z.number().int().min(1).max(65535);
+
+export const ForwardSchema = z
+  .strictObject({
+    name: z.string().describe("Names the forward (and its reserved port in the registry)").superRefine(check(nameProblem)),
+    type: z
+      .enum(["remote", "local", "socks"])
+      .default("remote")
+      .describe("remote: a device port published on the bastion (-R); local: a bastion-side service reachable on the device (-L); socks: a SOCKS proxy on the device (-D)"),
+    local: port.optional().describe("remote: the device port to publish (e.g. 80)"),
+    bastion: z.string().optional().describe("local/socks: the one bastion whose tunnel carries it"),
+    listen: port.optional().describe("local/socks: the device-side port to listen on (localhost)"),
+    to: z.string().optional().describe("local: host:port on the bastion side (e.g. localhost:4505)"),
+    allow: z.array(z.string()).optional().describe("socks: host:port destinations the proxy may reach (become permitopen entries)"),
+  })
+  .describe("An extra forward on the device's tunnel(s)");
 
 export const FleetSchema = z
   .strictObject({
@@ -79,12 +101,14 @@ export const FleetSchema = z
     bastions: z
       .record(z.string().superRefine(check(nameProblem)), BastionSchema)
       .describe("Bastions by name; --bastion picks them"),
+    forwards: z.array(ForwardSchema).default([]).describe("Service tunnels besides the device's sshd"),
   })
   .describe("mkoverlay fleet configuration");
 
 export type FleetInput = z.input<typeof FleetSchema>;
 export type FleetRaw = z.output<typeof FleetSchema>;
 export type BastionRaw = z.output<typeof BastionSchema>;
+export type ForwardRaw = z.output<typeof ForwardSchema>;
 
 /** The JSON Schema for editors, derived from the same schema (tested against the committed file). */
 export function fleetJsonSchema(): unknown {

@@ -3,6 +3,7 @@
  * inputs, so each can be tested alone; `buildOverlay` runs them in order.
  */
 import type { Bastion } from "../config/fleet.js";
+import type { TunnelPlan } from "../forwards.js";
 import { deterministicCheckInt, encodePrivateKey, publicKeyLine, type Ed25519Key } from "../keys/ed25519.js";
 import type { Board, OsProfile } from "../profiles.js";
 import { layerFile, layerFiles } from "./layers.js";
@@ -14,10 +15,8 @@ export interface DeviceSpec {
   hostname: string;
   board: Board;
   os: OsProfile;
-  /** The bastions this device tunnels to, in the order given. */
-  bastions: Bastion[];
-  /** Reserved bastion port forwarded to the device's sshd. */
-  port: number;
+  /** One tunnel per chosen bastion, in the order given, with its reserved ports. */
+  tunnels: TunnelPlan[];
   key: Ed25519Key;
 }
 
@@ -53,14 +52,15 @@ export function firstBootGuardsStep(tree: Tree, d: DeviceSpec): void {
 }
 
 /** Values in the env file were validated (host, user, ports are plain tokens), never escaped. */
-export function tunnelEnvFile(b: Bastion, port: number, extraForwards: string[] = []): string {
+export function tunnelEnvFile(t: TunnelPlan): string {
+  const b = t.bastion;
   return [
     `# Reverse tunnel to bastion '${b.name}' (written by mkoverlay; read by reverse-ssh@${b.name}.service)`,
     `BASTION_HOST=${b.host}`,
     `BASTION_PORT=${b.port}`,
     `BASTION_USER=${b.user}`,
-    `TUNNEL_PORT=${port}`,
-    `EXTRA_FORWARDS=${extraForwards.join(" ")}`,
+    `TUNNEL_PORT=${t.port}`,
+    `EXTRA_FORWARDS=${t.extraArgs.join(" ")}`,
     "",
   ].join("\n");
 }
@@ -70,9 +70,9 @@ export function tunnelStep(tree: Tree, d: DeviceSpec): void {
   const unit = fromLayer(tree, COMMON, P.TUNNEL_TEMPLATE);
   const install = installSection(unit);
   tree.dir(P.TUNNEL_ENV_DIR, 0o755);
-  for (const b of d.bastions) {
-    tree.file(P.tunnelEnv(b.name), tunnelEnvFile(b, d.port), 0o644);
-    enableUnit(tree, P.tunnelUnit(b.name), P.TUNNEL_TEMPLATE, install);
+  for (const t of d.tunnels) {
+    tree.file(P.tunnelEnv(t.bastion.name), tunnelEnvFile(t), 0o644);
+    enableUnit(tree, P.tunnelUnit(t.bastion.name), P.TUNNEL_TEMPLATE, install);
   }
 }
 
@@ -92,7 +92,7 @@ export function knownHostsPattern(b: Bastion): string {
 /** Pins every bastion's host key: the tunnel runs with StrictHostKeyChecking=yes against this. */
 export function knownHostsStep(tree: Tree, d: DeviceSpec): void {
   const lines = ["# Pinned bastion host keys (written by mkoverlay)"];
-  for (const b of d.bastions) {
+  for (const { bastion: b } of d.tunnels) {
     for (const k of b.hostKeys) {
       const ca = k.startsWith("@cert-authority ");
       const key = (ca ? k.slice("@cert-authority ".length) : k).trim().split(/\s+/).slice(0, 2).join(" ");

@@ -52,13 +52,14 @@ interface Row {
   updated: string;
 }
 
-function toRecord(r: Row): DeviceRecord {
+function toRecord(r: Row, services: Record<string, number> = {}): DeviceRecord {
   return {
     hostname: r.hostname,
     board: r.board,
     os: r.os,
     bastions: r.bastions ? r.bastions.split(",") : [],
     port: r.port,
+    services,
     publicKey: r.public_key,
     fingerprint: r.fingerprint,
     status: r.status,
@@ -143,7 +144,7 @@ export class SqliteRegistry implements Registry {
   }
 
   async reserve(req: ReserveRequest): Promise<DeviceRecord> {
-    const now = new Date().toISOString();
+    const now = req.now.toISOString();
     const tx = this.db.transaction((): DeviceRecord => {
       let name = req.hostname;
       if (name === undefined) {
@@ -190,8 +191,20 @@ export class SqliteRegistry implements Registry {
            VALUES (@hostname, @board, @os, @bastions, @port, @public_key, @fingerprint, @status, @overlay, @station, @created, @updated)`,
         )
         .run(row);
-      this.db.prepare("INSERT INTO ports (port, hostname, purpose) VALUES (?, ?, 'ssh')").run(port, name);
-      return toRecord(row);
+      const insertPort = this.db.prepare("INSERT INTO ports (port, hostname, purpose) VALUES (?, ?, ?)");
+      insertPort.run(port, name, "ssh");
+      const services: Record<string, number> = {};
+      for (const svc of req.services) {
+        const p = this.lowestFreePort(req.serviceRange.lo, req.serviceRange.hi);
+        if (p === undefined) {
+          throw new UserError(`no free service port left in ports.services ${req.serviceRange.lo}-${req.serviceRange.hi} (for forward '${svc}')`, {
+            hint: "widen ports.services in the config, or release quarantined ports of revoked devices",
+          });
+        }
+        insertPort.run(p, name, `service:${svc}`);
+        services[svc] = p;
+      }
+      return toRecord(row, services);
     });
     return tx.immediate();
   }
@@ -228,18 +241,55 @@ export class SqliteRegistry implements Registry {
       .run(f.board, f.os, f.bastions.join(","), f.overlay, new Date().toISOString(), hostname);
   }
 
+  async revoke(hostname: string): Promise<void> {
+    this.db.prepare("UPDATE devices SET status='revoked', updated=? WHERE hostname=?").run(new Date().toISOString(), hostname);
+  }
+
+  async release(hostname: string): Promise<void> {
+    const tx = this.db.transaction(() => {
+      this.db.prepare("DELETE FROM ports WHERE hostname=?").run(hostname);
+      this.db.prepare("DELETE FROM devices WHERE hostname=?").run(hostname);
+    });
+    tx.immediate();
+  }
+
+  async rotate(hostname: string, publicKey: string, fingerprint: string, overlay: string): Promise<void> {
+    this.db
+      .prepare("UPDATE devices SET public_key=?, fingerprint=?, overlay=?, updated=? WHERE hostname=?")
+      .run(publicKey, fingerprint, overlay, new Date().toISOString(), hostname);
+  }
+
+  private withServices(rows: Row[]): DeviceRecord[] {
+    if (rows.length === 0) return [];
+    const svc = new Map<string, Record<string, number>>();
+    const q =
+      rows.length === 1
+        ? this.db.prepare("SELECT port, hostname, purpose FROM ports WHERE hostname = ? AND purpose LIKE 'service:%'").all(rows[0]!.hostname)
+        : this.db.prepare("SELECT port, hostname, purpose FROM ports WHERE purpose LIKE 'service:%'").all();
+    for (const p of q as { port: number; hostname: string; purpose: string }[]) {
+      const m = svc.get(p.hostname) ?? {};
+      m[p.purpose.slice("service:".length)] = p.port;
+      svc.set(p.hostname, m);
+    }
+    return rows.map((r) => toRecord(r, svc.get(r.hostname)));
+  }
+
+  async pending(): Promise<DeviceRecord[]> {
+    return this.withServices(this.db.prepare("SELECT * FROM devices WHERE status='pending' ORDER BY port").all() as Row[]);
+  }
+
   async get(hostname: string): Promise<DeviceRecord | undefined> {
     const r = this.db.prepare("SELECT * FROM devices WHERE hostname = ?").get(hostname) as Row | undefined;
-    return r && toRecord(r);
+    return r && this.withServices([r])[0];
   }
 
   async getByFingerprint(fp: string): Promise<DeviceRecord | undefined> {
     const r = this.db.prepare("SELECT * FROM devices WHERE fingerprint = ?").get(fp) as Row | undefined;
-    return r && toRecord(r);
+    return r && this.withServices([r])[0];
   }
 
   async list(): Promise<DeviceRecord[]> {
-    return (this.db.prepare("SELECT * FROM devices ORDER BY port").all() as Row[]).map(toRecord);
+    return this.withServices(this.db.prepare("SELECT * FROM devices ORDER BY port").all() as Row[]);
   }
 
   async close(): Promise<void> {

@@ -12,6 +12,8 @@ export interface DeviceRecord {
   os: string;
   bastions: string[];
   port: number;
+  /** Service tunnel ports by forward name (from ports.services). */
+  services: Record<string, number>;
   publicKey: string;
   fingerprint: string;
   status: DeviceStatus;
@@ -28,6 +30,11 @@ export interface ReserveRequest {
   hostname: string | undefined;
   hostnameTemplate: string;
   range: PortRange;
+  /** Names of service forwards that each need a port from serviceRange. */
+  services: string[];
+  serviceRange: PortRange;
+  /** Build time: recorded as `created`, and the anchor of a duration expiry. */
+  now: Date;
   board: string;
   os: string;
   bastions: string[];
@@ -46,6 +53,14 @@ export interface Registry {
   abandon(hostname: string): Promise<void>;
   /** Re-flash of a registered device: update board/os/bastions/overlay, keep name, key, port. */
   updateDevice(hostname: string, fields: { board: string; os: string; bastions: string[]; overlay: string }): Promise<void>;
+  /** The device leaves every export; its ports stay reserved (quarantined) until released. */
+  revoke(hostname: string): Promise<void>;
+  /** Frees a revoked device's ports and forgets it. */
+  release(hostname: string): Promise<void>;
+  /** A new key for the same device (name and ports kept). */
+  rotate(hostname: string, publicKey: string, fingerprint: string, overlay: string): Promise<void>;
+  /** Devices left `pending` by builds that never finished. */
+  pending(): Promise<DeviceRecord[]>;
   get(hostname: string): Promise<DeviceRecord | undefined>;
   getByFingerprint(fp: string): Promise<DeviceRecord | undefined>;
   list(): Promise<DeviceRecord[]>;
