@@ -36,6 +36,16 @@ function program(): Command {
     .option("--json", "JSON output")
     .action(async (opts) => (await import("./commands/boards.js")).boardsCommand(opts));
 
+  const registry = p.command("registry").description("the port registry: list, doctor, release, migrate");
+  registry
+    .command("doctor")
+    .description("finish or reclaim devices left pending by killed builds")
+    .option("--fix", "apply (default: report only)")
+    .option("--grace <seconds>", "leave builds younger than this alone", "60")
+    .option("--config <file>", "fleet config")
+    .option("--json", "JSON output")
+    .action(async (opts) => (await import("./commands/doctor.js")).doctorCommand(opts));
+
   p.command("schema")
     .description("print the fleet config JSON Schema (for editors)")
     .addOption(new Option("--out <file>", "write it to a file instead"))
