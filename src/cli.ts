@@ -8,6 +8,16 @@ import { isUserError } from "./errors.js";
 
 const VERSION = "0.1.0";
 
+/* eslint-disable @typescript-eslint/no-explicit-any -- commander hands actions untyped arguments */
+type Action = (...args: any[]) => Promise<void>;
+/** Imports a command's module only when that command runs. */
+function lazy<M>(load: () => Promise<M>, run: (m: M, ...args: any[]) => unknown): Action {
+  return async (...args) => {
+    await run(await load(), ...args);
+  };
+}
+/* eslint-enable @typescript-eslint/no-explicit-any */
+
 function program(): Command {
   const p = new Command("mkoverlay")
     .description("Build rootfs overlays for gateways that keep reverse SSH tunnels to bastions")
@@ -29,27 +39,103 @@ function program(): Command {
     .option("--config <file>", "fleet config (default $MKOVERLAY_CONFIG or ./mkoverlay.yaml)")
     .option("--json", "print one JSON object on stdout")
     .option("-q, --quiet", "no progress on stderr")
-    .action(async (opts) => (await import("./commands/build.js")).buildCommand(opts));
+    .action(lazy(() => import("./commands/build.js"), (m, opts) => m.buildCommand(opts)));
+
+  const cfg = "fleet config (default $MKOVERLAY_CONFIG or ./mkoverlay.yaml)";
+
+  p.command("batch")
+    .description("build many devices: --count N (names from the template) or --hosts FILE")
+    .requiredOption("--board <id>", "board profile")
+    .option("--bastion <names>", "bastion(s), comma-separated")
+    .option("--os <id>", "OS profile, instead of the board's default")
+    .option("--count <n>", "this many devices, named by the hostname template")
+    .option("--hosts <file>", "one hostname a line, or CSV with a hostname column")
+    .option("--out <dir>", "output directory (created 0700)", "out")
+    .option("--format <form>", "tar or dir")
+    .option("--config <file>", cfg)
+    .option("--json", "one JSON object per device on stdout")
+    .option("-q, --quiet", "no progress on stderr")
+    .action(lazy(() => import("./commands/batch.js"), (m, opts) => m.batchCommand(opts)));
+
+  const bastion = p.command("bastion").description("what a bastion imports: authorized_keys and its sshd Match block");
+  bastion
+    .command("authorized-keys")
+    .description("the tunnel user's complete authorized_keys file, from the registry")
+    .requiredOption("--bastion <name>", "the bastion")
+    .option("--write <file>", "replace FILE atomically (0600, keeps its owner) instead of printing")
+    .option("--config <file>", cfg)
+    .action(lazy(() => import("./commands/bastion.js"), (m, opts) => m.authorizedKeysCommand(opts)));
+  bastion
+    .command("sshd-config")
+    .description("the Match User block the bastion's sshd_config needs")
+    .requiredOption("--bastion <name>", "the bastion")
+    .option("--authorized-keys-file <path>", "add an AuthorizedKeysFile line (e.g. /etc/ssh/authorized_keys.d/%u)")
+    .option("--config <file>", cfg)
+    .action(lazy(() => import("./commands/bastion.js"), (m, opts) => m.sshdConfigCommand(opts)));
+
+  p.command("ssh-config")
+    .description("~/.ssh/config entries that reach every live device by name through its bastion")
+    .option("--bastion <name>", "route through this bastion (default: each device's first)")
+    .option("--user <name>", "login user on the devices", "root")
+    .option("--known-hosts <file>", "add UserKnownHostsFile FILE (e.g. where you saved 'mkoverlay known-hosts')")
+    .option("--config <file>", cfg)
+    .action(lazy(() => import("./commands/operator.js"), (m, opts) => m.sshConfigCommand(opts)));
+  p.command("known-hosts")
+    .description("known_hosts lines for every live device (matching ssh-config's HostKeyAlias)")
+    .option("--config <file>", cfg)
+    .action(lazy(() => import("./commands/operator.js"), (m, opts) => m.knownHostsCommand(opts)));
+
+  p.command("revoke <hostname>")
+    .description("take a device out of every export; its ports stay quarantined")
+    .option("--config <file>", cfg)
+    .action(lazy(() => import("./commands/lifecycle.js"), (m, host, opts) => m.revokeCommand(host, opts)));
+  p.command("rotate <hostname>")
+    .description("a new key for a device (same name and ports) and a new overlay")
+    .option("--host-key <file>", "use this key instead of a new one")
+    .option("--out <dir>", "output directory (created 0700)", "out")
+    .option("--format <form>", "tar or dir")
+    .option("--apply <root>", "lay the overlay over a mounted root file system")
+    .option("--config <file>", cfg)
+    .option("--json", "JSON output")
+    .option("-q, --quiet", "no progress on stderr")
+    .action(lazy(() => import("./commands/lifecycle.js"), (m, host, opts) => m.rotateCommand(host, opts)));
+  p.command("verify <overlay>")
+    .description("check an overlay (archive or folder) against itself and the registry")
+    .option("--config <file>", cfg)
+    .option("--json", "JSON output")
+    .action(lazy(() => import("./commands/verify.js"), (m, path, opts) => m.verifyCommand(path, opts)));
 
   p.command("boards")
     .description("list board and OS profiles")
     .option("--json", "JSON output")
-    .action(async (opts) => (await import("./commands/boards.js")).boardsCommand(opts));
+    .action(lazy(() => import("./commands/boards.js"), (m, opts) => m.boardsCommand(opts)));
 
   const registry = p.command("registry").description("the port registry: list, doctor, release, migrate");
+  registry
+    .command("list")
+    .description("the port allocation table")
+    .option("--format <form>", "table, csv or markdown", "table")
+    .option("--json", "a JSON array")
+    .option("--config <file>", cfg)
+    .action(lazy(() => import("./commands/registry-list.js"), (m, opts) => m.registryListCommand(opts)));
+  registry
+    .command("release <hostname>")
+    .description("give a revoked device's quarantined ports back")
+    .option("--config <file>", cfg)
+    .action(lazy(() => import("./commands/lifecycle.js"), (m, host, opts) => m.releaseCommand(host, opts)));
   registry
     .command("doctor")
     .description("finish or reclaim devices left pending by killed builds")
     .option("--fix", "apply (default: report only)")
     .option("--grace <seconds>", "leave builds younger than this alone", "60")
-    .option("--config <file>", "fleet config")
+    .option("--config <file>", cfg)
     .option("--json", "JSON output")
-    .action(async (opts) => (await import("./commands/doctor.js")).doctorCommand(opts));
+    .action(lazy(() => import("./commands/doctor.js"), (m, opts) => m.doctorCommand(opts)));
 
   p.command("schema")
     .description("print the fleet config JSON Schema (for editors)")
     .addOption(new Option("--out <file>", "write it to a file instead"))
-    .action(async (opts) => (await import("./commands/schema.js")).schemaCommand(opts));
+    .action(lazy(() => import("./commands/schema.js"), (m, opts) => m.schemaCommand(opts)));
 
   return p;
 }

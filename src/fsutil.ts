@@ -4,7 +4,7 @@
  * file under the final name.
  */
 import { randomBytes } from "node:crypto";
-import { closeSync, fsyncSync, mkdirSync, rmdirSync, openSync, renameSync, statSync, unlinkSync, writeSync } from "node:fs";
+import { closeSync, fchmodSync, fchownSync, fsyncSync, mkdirSync, rmdirSync, openSync, renameSync, statSync, unlinkSync, writeSync } from "node:fs";
 import { basename, dirname, join } from "node:path";
 import { errnoCode, UserError } from "./errors.js";
 
@@ -25,11 +25,13 @@ function fsyncDir(dir: string): void {
   }
 }
 
-export function writeFileAtomic(target: string, data: Buffer | string, mode: number): void {
+export function writeFileAtomic(target: string, data: Buffer | string, mode: number, owner?: { uid: number; gid: number }): void {
   const tmp = tempNameFor(target);
   // Created with its final mode: a private key is never readable by others, even briefly.
   const fd = openSync(tmp, "wx", mode);
   try {
+    fchmodSync(fd, mode);
+    if (owner) fchownSync(fd, owner.uid, owner.gid);
     const buf = typeof data === "string" ? Buffer.from(data) : data;
     let off = 0;
     while (off < buf.length) off += writeSync(fd, buf, off, buf.length - off);

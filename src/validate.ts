@@ -98,6 +98,7 @@ export function expiryTimeOption(t: Date): string {
 
 /** Values that go inside `option="…"`: the only escape sshd knows is \", so refuse instead. */
 export function quotedValueProblem(value: string): string | undefined {
+  // eslint-disable-next-line no-control-regex -- rejecting control characters is the point
   return /["\\\x00-\x1f\x7f]/.test(value) ? "contains a quote, backslash or control character" : undefined;
 }
 

@@ -20,7 +20,6 @@ const ARMOR_BEGIN = "-----BEGIN OPENSSH PRIVATE KEY-----";
 const ARMOR_END = "-----END OPENSSH PRIVATE KEY-----";
 // DER prefixes of a PKCS#8 / SPKI ed25519 key: the raw key is the 32 bytes that follow.
 const PKCS8_PREFIX = Buffer.from("302e020100300506032b657004220420", "hex");
-const SPKI_PREFIX = Buffer.from("302a300506032b6570032100", "hex");
 
 export function generateEd25519(): Ed25519Key {
   const { privateKey, publicKey } = generateKeyPairSync("ed25519");

@@ -38,6 +38,7 @@ export function parsePublicKey(line: string): PublicKey | string {
     return "does not decode";
   }
   if (inner !== type) return `says '${type}' but its key data is '${inner}'`;
+  // eslint-disable-next-line no-control-regex -- rejecting control characters is the point
   if (/[\x00-\x1f\x7f]/.test(comment)) return "has control characters in its comment";
   return { type, base64: b64, comment, text: `${type} ${b64}` };
 }
