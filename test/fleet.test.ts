@@ -85,11 +85,6 @@ async function startBastion(): Promise<{ sshd: Sshd; akFile: string }> {
   return { sshd, akFile };
 }
 
-function reexport(akFile: string): void {
-  const w = cli(["bastion", "authorized-keys", "--bastion", "lo", "--write", akFile]);
-  expect(w.code, w.stderr).toBe(0);
-}
-
 /** Runs the device's tunnel as its unit would, with the sshd forward pointed at `devicePort`. */
 async function openTunnel(b: Built, root: string, devicePort: number): Promise<ChildProcess> {
   const argv = tunnelArgv(root, "lo", b.hostname);
@@ -105,7 +100,7 @@ async function openTunnel(b: Built, root: string, devicePort: number): Promise<C
   return p;
 }
 
-function tryTunnel(b: Built, root: string): { code: number; stderr: string } {
+function tryTunnel(b: Built, root: string): { code: number; stdout: string; stderr: string } {
   const argv = tunnelArgv(root, "lo", b.hostname).filter((a) => a !== "-N");
   return run(argv[0]!, [...argv.slice(1), "true"]);
 }

@@ -10,7 +10,7 @@
  */
 import { spawn, spawnSync, type ChildProcess } from "node:child_process";
 import { createReadStream, existsSync, readFileSync, readSync, readdirSync, openSync, closeSync } from "node:fs";
-import { copyFile, mkdir, readFile, writeFile, chmod } from "node:fs/promises";
+import { copyFile, mkdir, readFile, writeFile, chmod, stat } from "node:fs/promises";
 import { createServer, connect } from "node:net";
 import { dirname, join, posix } from "node:path";
 import { fileURLToPath } from "node:url";
@@ -221,7 +221,8 @@ async function debugfs(image: string, cmds: string[], write: boolean): Promise<{
 async function listDirs(image: string, dirs: string[]): Promise<Map<string, Map<string, ListedInode>>> {
   const out = new Map<string, Map<string, ListedInode>>();
   if (dirs.length === 0) return out;
-  const { sections } = await debugfs(image, dirs.map((d) => `ls -p ${d}`), false);
+  // "dir/." so that a directory reached through a symlink (/lib -> usr/lib) is listed too.
+  const { sections } = await debugfs(image, dirs.map((d) => `ls -p ${d === "/" ? "" : d}/.`), false);
   dirs.forEach((d, i) => {
     const m = new Map<string, ListedInode>();
     for (const line of sections[i] ?? []) {
@@ -351,6 +352,35 @@ export async function layOverlay(image: string, overlayTar: string, stagingDir: 
   return entries;
 }
 
+export interface ImageInode {
+  type: Kind;
+  /** Permission bits (07777). */
+  mode: number;
+  uid: number;
+  gid: number;
+}
+
+/** Type, mode and owner of a path in an ext4 image (undefined when absent). */
+export async function imageStat(image: string, path: string): Promise<ImageInode | undefined> {
+  const dir = posix.dirname(path);
+  const got = (await listDirs(image, [dir])).get(dir)?.get(posix.basename(path));
+  return got ? { type: got.kind, mode: got.mode & 0o7777, uid: got.uid, gid: got.gid } : undefined;
+}
+
+/** Content of a regular file in an ext4 image. */
+export async function imageReadFile(image: string, path: string): Promise<string> {
+  const r = await run("debugfs", ["-R", `cat ${path}`, image], { env: { DEBUGFS_PAGER: "__none__" } });
+  if (r.code !== 0) throw new Error(`debugfs cat ${path}: ${r.stderr}`);
+  return r.stdout;
+}
+
+/** Target of a symlink in an ext4 image (fast symlinks, i.e. targets under 60 bytes). */
+export async function imageReadlink(image: string, path: string): Promise<string | undefined> {
+  const r = await run("debugfs", ["-R", `stat ${path}`, image], { env: { DEBUGFS_PAGER: "__none__" } });
+  const m = /Fast link dest: "(.*)"/.exec(r.stdout);
+  return m?.[1];
+}
+
 // ---------------------------------------------------------------------------------------------
 // Booting
 // ---------------------------------------------------------------------------------------------
@@ -365,6 +395,8 @@ export interface BootedVm {
   image: string;
   /** Resolves with qemu's exit code (or null when killed by a signal). */
   exited: Promise<number | null>;
+  /** False once qemu has exited. */
+  running(): boolean;
   /** Kill qemu and its socat children (by PID). Safe to call more than once. */
   stop(): Promise<void>;
 }
@@ -445,11 +477,13 @@ export async function bootWithOverlay(opts: BootOptions): Promise<BootedVm> {
   });
   installExitHook();
   liveVmPids.add(pid);
+  const guardian = spawnGuardian(pid);
   let exitCode: number | null | undefined;
   const exited = new Promise<number | null>((resolve) => {
     child.once("exit", (code) => {
       exitCode = code;
       liveVmPids.delete(pid);
+      if (guardian) signal(guardian, "SIGKILL"); // its target PID is no longer ours
       resolve(code);
     });
   });
@@ -460,10 +494,11 @@ export async function bootWithOverlay(opts: BootOptions): Promise<BootedVm> {
       clearTimeout(watchdog);
       const kids = descendantsOf(pid); // socat children run in their own sessions (libslirp setsid)
       await killAndWait([pid], exited, 3000);
-      for (const k of [...kids, ...descendantsOf(pid)]) signal(k, "SIGTERM");
+      for (const k of kids) if (alive(k)) signal(k, "SIGTERM");
       await sleep(200);
-      for (const k of kids) signal(k, "SIGKILL");
+      for (const k of kids) if (alive(k)) signal(k, "SIGKILL");
       liveVmPids.delete(pid);
+      if (guardian) signal(guardian, "SIGKILL");
     })();
     return stopping;
   };
@@ -476,7 +511,7 @@ export async function bootWithOverlay(opts: BootOptions): Promise<BootedVm> {
     const log = existsSync(qemuLog) ? await readFile(qemuLog, "utf8") : "";
     throw new Error(`qemu exited at once (${exitCode}):\n${log}`);
   }
-  return { pid, serialLog, qemuLog, image, exited, stop };
+  return { pid, serialLog, qemuLog, image, exited, running: () => exitCode === undefined, stop };
 }
 
 async function copySparse(src: string, dst: string): Promise<void> {
@@ -520,7 +555,10 @@ export interface BastionOptions {
 export async function startBastion(opts: BastionOptions): Promise<Bastion> {
   const dir = join(opts.workDir, "bastion");
   await mkdir(dir, { recursive: true });
-  // sshd reads authorized_keys as the target user: the directory must be traversable.
+  // sshd opens authorized_keys as the target user: workDir (often a 0700 mkdtemp dir) and the
+  // bastion dir must be traversable by others.
+  const ws = await stat(opts.workDir);
+  await chmod(opts.workDir, (ws.mode & 0o7777) | 0o011);
   await chmod(dir, 0o755);
   const hostKey = join(dir, "ssh_host_ed25519_key");
   if (!existsSync(hostKey)) {
@@ -581,7 +619,14 @@ export async function startBastion(opts: BastionOptions): Promise<Bastion> {
   });
   installExitHook();
   liveVmPids.add(pid); // same safety net: kill on process exit
-  const exited = new Promise<void>((resolve) => child.once("exit", () => resolve()));
+  const guardian = spawnGuardian(pid);
+  const exited = new Promise<void>((resolve) =>
+    child.once("exit", () => {
+      liveVmPids.delete(pid);
+      if (guardian) signal(guardian, "SIGKILL");
+      resolve();
+    }),
+  );
   let dead = false;
   void exited.then(() => {
     dead = true;
@@ -612,8 +657,9 @@ export async function startBastion(opts: BastionOptions): Promise<Bastion> {
       // Sessions first: killing the listener does not end them, and they hold forwarded ports.
       const before = sessionPids();
       await killAndWait([pid], exited, 3000);
-      for (const p of [...before, ...descendantsOf(pid)]) signal(p, "SIGKILL");
+      for (const p of before) if (alive(p)) signal(p, "SIGKILL");
       liveVmPids.delete(pid);
+      if (guardian) signal(guardian, "SIGKILL");
     })();
     return stopping;
   };
@@ -757,6 +803,33 @@ export function run(
     child.stdin.on("error", () => undefined);
     child.stdin.end(opts.input ?? "");
   });
+}
+
+/**
+ * A detached watcher that kills `target` and its descendants (by PID) if this Node process dies
+ * without calling stop() (worker killed, Ctrl-C): an orphaned TCG qemu would otherwise keep
+ * burning both cores. stop() kills the watcher. Returns the watcher's PID.
+ */
+function spawnGuardian(target: number): number | undefined {
+  const script = [
+    'watch=$1; target=$2',
+    'while kill -0 "$watch" 2>/dev/null; do sleep 2; done',
+    'kill -0 "$target" 2>/dev/null || exit 0',
+    'tree() { echo "$1"; for c in $(ps -e -o pid=,ppid= | awk -v p="$1" \'$2 == p { print $1 }\'); do tree "$c"; done; }',
+    'pids=$(tree "$target")',
+    'kill -TERM $pids 2>/dev/null; sleep 3; kill -KILL $pids 2>/dev/null; exit 0',
+  ].join("\n");
+  try {
+    const g = spawn("sh", ["-c", script, "mkoverlay-boot-guardian", String(process.pid), String(target)], {
+      detached: true,
+      stdio: "ignore",
+    });
+    g.on("error", () => undefined);
+    g.unref();
+    return g.pid;
+  } catch {
+    return undefined;
+  }
 }
 
 function signal(pid: number, sig: NodeJS.Signals): void {

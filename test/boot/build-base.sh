@@ -72,6 +72,8 @@ if is_complete "$OUT"; then # someone else built it while we waited
   printf '%s\n' "$OUT"
   exit 0
 fi
+# Leftovers of an interrupted build of this recipe (we hold its lock, so nobody is using them).
+rm -rf "$CACHE/.tmp-$HASH".* "$OUT"
 
 # ---- mirror: whatever this host's apt uses for Debian ------------------------------------
 find_mirror() {
@@ -109,12 +111,18 @@ START=$(date +%s)
 TMP="$(mktemp -d "$CACHE/.tmp-$HASH.XXXXXX")"
 ROOT="$TMP/rootfs"
 MOUNTED=()
+unmount_all_under() { # deepest first; covers what debootstrap mounted too
+  local m
+  for m in $(awk -v r="$1/" 'index($2 "/", r) == 1 { print $2 }' /proc/mounts | sort -r); do
+    umount -l "$m" 2>/dev/null || true
+  done
+}
 cleanup() {
   local rc=$?
   for ((i = ${#MOUNTED[@]} - 1; i >= 0; i--)); do umount -l "${MOUNTED[$i]}" 2>/dev/null || true; done
-  if [ -d "$ROOT/proc" ]; then umount -l "$ROOT/proc" 2>/dev/null || true; umount -l "$ROOT/sys" 2>/dev/null || true; fi
+  unmount_all_under "$TMP"
   if [ "$rc" -ne 0 ]; then log "failed (rc=$rc); log: $TMP.log"; fi
-  rm -rf "$TMP"
+  rm -rf --one-file-system "$TMP"
 }
 trap cleanup EXIT
 exec 3>&2 2> >(tee "$TMP.log" >&3) # keep a copy of the log next to the cache
@@ -228,7 +236,7 @@ fi
 # Extract kernel + initrd before trimming.
 install -m 0644 "$ROOT/boot/vmlinuz-$KVER" "$TMP/vmlinuz"
 install -m 0644 "$ROOT/boot/initrd.img-$KVER" "$TMP/initrd.img"
-echo "console=ttyS0,115200 root=/dev/vda rw rootfstype=ext4 panic=-1 net.ifnames=1 systemd.journald.forward_to_console=1 systemd.show_status=1" >"$TMP/cmdline"
+echo "console=ttyS0,115200 root=/dev/vda rw rootfstype=ext4 panic=-1 net.ifnames=1 systemd.journald.forward_to_console=1 systemd.show_status=false" >"$TMP/cmdline"
 
 # ---- trim and make the ext4 image ---------------------------------------------------------
 for m in "$ROOT/sys" "$ROOT/proc"; do umount -l "$m"; done
@@ -255,6 +263,7 @@ build_seconds=$((END - START))
 image_du=$(du -h "$TMP/rootfs.ext4" | cut -f1)
 EOF
 cp "$TMP.log" "$TMP/build.log" 2>/dev/null || true
+chmod 0755 "$TMP"
 mv -T "$TMP" "$OUT"
 rm -f "$TMP.log"
 log "built $OUT in $((END - START)) s"
@@ -263,5 +272,6 @@ if [ "${MKOVERLAY_BOOT_KEEP_OLD:-0}" != 1 ]; then
   for d in "$CACHE"/base-*; do
     [ "$d" = "$OUT" ] || [ ! -d "$d" ] || { log "pruning old $d"; rm -rf "$d"; }
   done
+  find "$CACHE" -maxdepth 1 -name '.build-*.lock' ! -name ".build-$HASH.lock" -delete 2>/dev/null || true
 fi
 printf '%s\n' "$OUT"
