@@ -71,7 +71,7 @@ export interface Emitted {
 
 export async function emitDevice(e: Emit, d: DeviceRecord, key: Ed25519Key, board: Board, os: OsProfile, bastions: Bastion[], fleet: Fleet): Promise<Emitted> {
   const tunnels = tunnelsOf(fleet, d, bastions);
-  const tree = buildOverlay({ hostname: d.hostname, board, os, tunnels, key });
+  const tree = buildOverlay({ hostname: d.hostname, board, os, tunnels, key, operators: fleet.operators });
   const overlay = overlayPath(e, d.hostname);
   if (e.form.kind === "tar") {
     // The archive holds the private key: 0600 from the moment it exists.

@@ -278,7 +278,7 @@ describe("output forms", () => {
     const r = cli(["--board", "rpi4", "--bastion", "lo", "--apply", root, "--out", join(dir, "applied-out"), "--json"]);
     expect(r.code, r.stderr).toBe(0);
     expect(statSync(join(root, "etc")).mode & 0o777).toBe(0o751);
-    expect(statSync(join(root, "etc/ssh/mkoverlay")).mode & 0o777).toBe(0o700);
+    expect(statSync(join(root, "etc/ssh/mkoverlay")).mode & 0o777).toBe(0o755);
     expect(run("readlink", [join(root, "etc/systemd/system/regenerate_ssh_host_keys.service")]).stdout.trim()).toBe("/dev/null");
     expect(cli(["verify", root]).code).toBe(0);
   });

@@ -54,6 +54,7 @@ describe("golden", () => {
     golden("eu.env", readFileSync(join(root, "etc/mkoverlay/tunnels/eu.env"), "utf8"));
     golden("us.env", readFileSync(join(root, "etc/mkoverlay/tunnels/us.env"), "utf8"));
   });
+  it("operator access drop-in", () => golden("51-mkoverlay-operators.conf", readFileSync(join(root, "etc/ssh/sshd_config.d/51-mkoverlay-operators.conf"), "utf8")));
   it("known_hosts", () => golden("known_hosts", readFileSync(join(root, "etc/ssh/mkoverlay/known_hosts"), "utf8")));
   it("units", () => {
     for (const u of ["reverse-ssh@.service", "reverse-ssh-monitor.service", "reverse-ssh-monitor.timer"]) {

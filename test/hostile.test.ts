@@ -31,6 +31,7 @@ function configText(over: { bastion?: string; top?: string } = {}): string {
     "    hostKeys:",
     `      - ${bastionKey}`,
     over.bastion ?? "    user: reverse-ssh",
+    "operators: none",
     "",
   ].join("\n");
 }
@@ -84,7 +85,7 @@ const CASES: Case[] = [
   { name: "port range beyond 65535", config: configText().replace("ssh: 21000-21002", "ssh: 65000-70000"), message: /ports\.ssh: "65000-70000": ports must be 1-65535/ },
   { name: "port ranges overlap", config: configText().replace("services: 22000-22999", "services: 21001-21500"), message: /ports\.services: 21001-21500 overlaps ports\.ssh/ },
   { name: "pinned key not a key", config: configText().replace(`- ${"ssh-ed25519"}`, "- ssh-ed25519 notbase64!"), message: /mkoverlay\.yaml:10:9 bastions\.eu\.hostKeys\[0\]: is not a public key/ },
-  { name: "no pinned key", config: configText().replace(/    hostKeys:\n.*\n/, ""), message: /bastions\.eu\.hostKeys: is required/ },
+  { name: "no pinned key", config: configText().replace(/ {4}hostKeys:\n.*\n/, ""), message: /bastions\.eu\.hostKeys: is required/ },
   { name: "expiry in the past", config: configText({ bastion: "    expiry: 2020-01-01" }), message: /mkoverlay\.yaml:11:13 bastions\.eu\.expiry: "2020-01-01" is in the past/ },
   { name: "expiry unparsable", config: configText({ bastion: "    expiry: next tuesday" }), message: /bastions\.eu\.expiry: "next tuesday" is neither a date/ },
   { name: "expiry impossible date", config: configText({ bastion: "    expiry: 2027-02-30" }), message: /bastions\.eu\.expiry: "2027-02-30" is not a real date/ },
@@ -93,6 +94,11 @@ const CASES: Case[] = [
   { name: "bastion port as text", config: configText({ bastion: "    port: ssh" }), message: /bastions\.eu\.port: expected number, got string "ssh"/ },
   { name: "bad hostname template", config: configText({ top: "hostname: gw-{serial}" }), message: /mkoverlay\.yaml:2:11 hostname: unknown placeholder \{serial\}/ },
   { name: "bastion name with a slash", config: configText().replace("  eu:", "  'e/u':"), message: /bastions\.e\/u.*must be 1-32 of a-z/ },
+  { name: "operators missing", config: configText().replace("operators: none\n", ""), message: /mkoverlay\.yaml:1:1 operators: is required/ },
+  { name: "operators listing nobody", config: configText().replace("operators: none", "operators:\n  user: root"), message: /mkoverlay\.yaml:\d+:\d+ operators: lists nobody: add authorizedKeys or a userCA/ },
+  { name: "operator key that is not a key", config: configText().replace("operators: none", "operators:\n  authorizedKeys: [ssh-ed25519 AAAA]"), message: /operators\.authorizedKeys\[0\]: is not a public key/ },
+  { name: "operator CA without principals", config: configText().replace("operators: none", `operators:\n  userCA: ${bastionKey}`), message: /operators: a userCA needs `principals`/ },
+  { name: "operators misspelt key", config: configText().replace("operators: none", "operators:\n  authorisedKeys: []"), message: /operators\.authorisedKeys: unknown key \(did you mean 'authorizedKeys'\?\)/ },
   { name: "registry not a database", setup: (ws) => writeFileSync(join(ws, "registry.db"), "this is not sqlite\n".repeat(100)), message: /registry .*registry\.db: not an mkoverlay registry \(not a SQLite database\); left untouched/ },
   { name: "--out is a file", args: [...base, "--out", "@file"], message: /--out .*a-file: exists and is not a directory/ },
   { name: "hostname already registered", args: host("gw-0001"), message: /hostname gw-0001 is already registered/ },

@@ -145,7 +145,7 @@ describe("archive", () => {
     for (const line of listing) expect(line).toMatch(/^\S+ 0\/0 /);
     const mode = (p: string) => listing.find((l) => l.endsWith(` ${p}`) || l.includes(` ${p} -> `))?.split(" ")[0];
     expect(mode("etc/ssh/mkoverlay/ssh_host_ed25519_key")).toBe("-rw-------");
-    expect(mode("etc/ssh/mkoverlay/")).toBe("drwx------");
+    expect(mode("etc/ssh/mkoverlay/")).toBe("drwxr-xr-x");
     expect(mode("usr/local/sbin/reverse-ssh-monitor")).toBe("-rwxr-xr-x");
     expect(mode("etc/systemd/system/reverse-ssh@.service")).toBe("-rw-r--r--");
   });

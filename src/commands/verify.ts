@@ -55,14 +55,14 @@ export async function verifyOverlay(path: string, config: string | undefined): P
     }
   }
   check(mode(P.HOST_KEY) === 0o600, `${P.HOST_KEY} is mode 0600`, mode(P.HOST_KEY)?.toString(8));
-  check(mode(P.KEY_DIR) === 0o700, `${P.KEY_DIR} is mode 0700`, mode(P.KEY_DIR)?.toString(8));
+  check(mode(P.KEY_DIR) === 0o755, `${P.KEY_DIR} is mode 0755 (the key itself is 0600)`, mode(P.KEY_DIR)?.toString(8));
   const pubText = text(P.HOST_KEY_PUB)?.trim().split(/\s+/).slice(0, 2).join(" ");
   check(pubLine !== undefined && pubText === pubLine, `${P.HOST_KEY_PUB} matches the private key`);
   check(new RegExp(`^HostKey ${P.HOST_KEY}$`, "m").test(text(P.SSHD_DROPIN) ?? ""), `${P.SSHD_DROPIN} makes it sshd's host key`);
 
   const hostname = text("/etc/hostname")?.trim();
   const profiles = loadProfiles();
-  await withFleetRegistry(config, async (_fleet, registry) => {
+  await withFleetRegistry(config, async (fleet, registry) => {
     const d = fp ? await registry.getByFingerprint(fp) : undefined;
     check(d !== undefined, "the key is registered", d ? d.hostname : "not in the registry");
     if (!d) return;
@@ -85,6 +85,20 @@ export async function verifyOverlay(path: string, config: string | undefined): P
       check(link(`${SYSTEM_DIR}/${t}.wants/reverse-ssh-monitor.timer`)?.target === P.MONITOR_TIMER, `reverse-ssh-monitor.timer is enabled (${t})`);
     }
     check((text(P.KNOWN_HOSTS) ?? "").split("\n").some((l) => l && !l.startsWith("#")), `${P.KNOWN_HOSTS} pins the bastion host keys`);
+    // Operator access as the fleet config says now.
+    const o = fleet.operators;
+    const dropin = text(P.OPERATORS_DROPIN);
+    if (!o) check(dropin === undefined, "no operator access added (operators: none)");
+    else {
+      check(dropin !== undefined && dropin.includes(`${P.OPERATOR_KEYS_DIR}/%u`), `${P.OPERATORS_DROPIN} adds the operator keys file`);
+      check(/^PasswordAuthentication no$/m.test(dropin ?? ""), "password logins are off");
+      const keys = (text(`${P.OPERATOR_KEYS_DIR}/${o.user}`) ?? "").split("\n").filter((l) => l && !l.startsWith("#"));
+      check(keys.join("\n") === o.authorizedKeys.join("\n"), `operator keys for ${o.user} match the fleet config`, `${keys.length} key(s)`);
+      if (o.userCA) {
+        check(text(P.USER_CA)?.trim() === o.userCA.trim() && (dropin ?? "").includes(`TrustedUserCAKeys ${P.USER_CA}`), "the operator CA is trusted");
+        check((text(`${P.PRINCIPALS_DIR}/${o.user}`) ?? "").trim().split("\n").join(",") === o.principals.join(","), `principals for ${o.user} match the fleet config`);
+      }
+    }
     // The OS it was built for: ssh enabled, first-boot guards in place.
     const os = profiles.oses.get(d.os);
     check(os !== undefined, `OS profile '${d.os}' known`);

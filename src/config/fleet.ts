@@ -24,6 +24,14 @@ export type Forward =
   | { type: "local"; name: string; bastion: string; listen: number; to: string }
   | { type: "socks"; name: string; bastion: string; listen: number; allow: string[] };
 
+/** Who may log in to the devices; `undefined` when the config says `operators: none`. */
+export interface Operators {
+  user: string;
+  authorizedKeys: string[];
+  userCA: string | undefined;
+  principals: string[];
+}
+
 export interface Fleet {
   file: string;
   registry: string;
@@ -31,6 +39,7 @@ export interface Fleet {
   ports: { ssh: PortRange; services: PortRange };
   bastions: Map<string, Bastion>;
   forwards: Forward[];
+  operators: Operators | undefined;
 }
 
 export function parseRange(v: string): PortRange {
@@ -57,6 +66,10 @@ export function toFleet(raw: FleetRaw, file: string, baseDir: string): Fleet {
     hostnameTemplate: raw.hostname,
     ports: { ssh: parseRange(raw.ports.ssh), services: parseRange(raw.ports.services) },
     bastions,
+    operators:
+      raw.operators === "none"
+        ? undefined
+        : { user: raw.operators.user, authorizedKeys: raw.operators.authorizedKeys ?? [], userCA: raw.operators.userCA, principals: raw.operators.principals ?? [] },
     // Shapes were checked by the forwards rule; this only narrows the types.
     forwards: raw.forwards.map((f): Forward => {
       if (f.type === "local") return { type: "local", name: f.name, bastion: f.bastion!, listen: f.listen!, to: f.to! };

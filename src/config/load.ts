@@ -36,14 +36,16 @@ export function readConfigText(file: string): string {
   }
 }
 
-type Def = { type: string; shape?: Record<string, unknown>; valueType?: unknown; element?: unknown; innerType?: unknown; in?: unknown };
+type Def = { type: string; shape?: Record<string, unknown>; valueType?: unknown; element?: unknown; innerType?: unknown; in?: unknown; options?: unknown[] };
 const defOf = (s: unknown): Def => (s as { def: Def }).def;
 
 /** Strips default/optional/pipe wrappers to reach the schema that has a shape. */
 function unwrap(s: unknown): unknown {
   let cur = s;
-  for (let d = defOf(cur); d.type === "default" || d.type === "optional" || d.type === "pipe"; d = defOf(cur)) {
-    cur = d.innerType ?? d.in;
+  for (let d = defOf(cur); ["default", "optional", "pipe", "union"].includes(d.type); d = defOf(cur)) {
+    // A union (`none` or a mapping): the mapping is the branch that has keys.
+    cur = d.type === "union" ? d.options?.find((o) => defOf(unwrap(o)).type === "object") : (d.innerType ?? d.in);
+    if (cur === undefined) return s;
   }
   return cur;
 }
@@ -61,6 +63,27 @@ function knownKeys(root: unknown, path: Path): string[] {
   }
   const d = defOf(schema);
   return d.type === "object" ? Object.keys(d.shape ?? {}) : [];
+}
+
+/**
+ * A union (e.g. `operators: none` or a mapping) fails as one opaque issue; report instead the
+ * problems of the branch the user evidently meant: the one that got past the type check.
+ */
+function flattenUnions(issues: readonly z.core.$ZodIssue[]): z.core.$ZodIssue[] {
+  const out: z.core.$ZodIssue[] = [];
+  for (const issue of issues) {
+    if (issue.code !== "invalid_union" || issue.errors.length === 0) {
+      out.push(issue);
+      continue;
+    }
+    const meant = issue.errors.find((branch) => !branch.some((b) => (b.code === "invalid_type" || b.code === "invalid_value") && b.path.length === 0));
+    if (!meant) {
+      out.push({ code: "invalid_type", expected: "`none` or a mapping", path: issue.path, message: "", input: undefined } as unknown as z.core.$ZodIssue);
+      continue;
+    }
+    out.push(...flattenUnions(meant.map((b) => ({ ...b, path: [...issue.path, ...b.path] }) as z.core.$ZodIssue)));
+  }
+  return out;
 }
 
 function describeIssue(issue: z.core.$ZodIssue, value: unknown, present: boolean): string {
@@ -116,7 +139,7 @@ export function parseYamlWith<T extends z.ZodType>(
   const parsed = schema.safeParse(data);
   const problems: string[] = [];
   if (!parsed.success) {
-    for (const issue of parsed.error.issues) {
+    for (const issue of flattenUnions(parsed.error.issues)) {
       if (issue.code === "unrecognized_keys") {
         for (const key of issue.keys) {
           const path = [...issue.path, key] as Path;

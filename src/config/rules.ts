@@ -116,6 +116,17 @@ function forwardsRule(raw: FleetRaw): Problem[] {
   return out;
 }
 
+function operatorsRule(raw: FleetRaw): Problem[] {
+  const o = raw.operators;
+  if (o === "none") return [];
+  if (!o.authorizedKeys?.length && !o.userCA) {
+    return [{ path: ["operators"], message: "lists nobody: add authorizedKeys or a userCA (or write `operators: none` if the image brings its own access)" }];
+  }
+  if (o.userCA && !o.principals) return [{ path: ["operators"], message: "a userCA needs `principals` (the certificate principals that may log in)" }];
+  if (o.principals && !o.userCA) return [{ path: ["operators", "principals"], message: "only applies with a userCA" }];
+  return [];
+}
+
 export function crossCheck(raw: FleetRaw, now: Date): Problem[] {
-  return [...hostnameTemplateRule(raw), ...portRangesRule(raw), ...bastionsRule(raw, now), ...forwardsRule(raw)];
+  return [...hostnameTemplateRule(raw), ...portRangesRule(raw), ...bastionsRule(raw, now), ...forwardsRule(raw), ...operatorsRule(raw)];
 }

@@ -81,6 +81,29 @@ export const ForwardSchema = z
   })
   .describe("An extra forward on the device's tunnel(s)");
 
+const publicKeyLine = z.string().superRefine((v, ctx) => {
+  const k = parsePublicKey(v);
+  if (typeof k === "string") ctx.addIssue({ code: "custom", message: `is not a public key: it ${k}` });
+});
+
+export const OperatorsSchema = z
+  .union([
+    z.literal("none").describe("The image brings its own login access; mkoverlay adds none"),
+    z
+      .strictObject({
+        user: z.string().default("root").describe("The account operators log in as").superRefine(check(userProblem)),
+        authorizedKeys: z.array(publicKeyLine).optional().describe("Operators' OpenSSH public keys"),
+        userCA: publicKeyLine.optional().describe("An SSH CA public key: certificates it signs for `principals` may log in"),
+        principals: z
+          .array(z.string().regex(/^[A-Za-z0-9_.@-]{1,64}$/, "principals are 1-64 of A-Z a-z 0-9 _ . @ -"))
+          .min(1)
+          .optional()
+          .describe("Certificate principals accepted for `user` (required with userCA)"),
+      })
+      .describe("Who may log in to the gateways"),
+  ])
+  .describe("Operator access on the device: a mapping, or `none`");
+
 export const FleetSchema = z
   .strictObject({
     $schema: z.string().optional().describe("JSON Schema reference for editors"),
@@ -102,6 +125,7 @@ export const FleetSchema = z
       .record(z.string().superRefine(check(nameProblem)), BastionSchema)
       .describe("Bastions by name; --bastion picks them"),
     forwards: z.array(ForwardSchema).default([]).describe("Service tunnels besides the device's sshd"),
+    operators: OperatorsSchema,
   })
   .describe("mkoverlay fleet configuration");
 
@@ -109,6 +133,7 @@ export type FleetInput = z.input<typeof FleetSchema>;
 export type FleetRaw = z.output<typeof FleetSchema>;
 export type BastionRaw = z.output<typeof BastionSchema>;
 export type ForwardRaw = z.output<typeof ForwardSchema>;
+export type OperatorsRaw = z.output<typeof OperatorsSchema>;
 
 /** The JSON Schema for editors, derived from the same schema (tested against the committed file). */
 export function fleetJsonSchema(): unknown {

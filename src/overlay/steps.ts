@@ -2,7 +2,7 @@
  * The build as a list of named steps. Each adds entries to the tree and reads only its
  * inputs, so each can be tested alone; `buildOverlay` runs them in order.
  */
-import type { Bastion } from "../config/fleet.js";
+import type { Bastion, Operators } from "../config/fleet.js";
 import type { TunnelPlan } from "../forwards.js";
 import { deterministicCheckInt, encodePrivateKey, publicKeyLine, type Ed25519Key } from "../keys/ed25519.js";
 import type { Board, OsProfile } from "../profiles.js";
@@ -18,6 +18,8 @@ export interface DeviceSpec {
   /** One tunnel per chosen bastion, in the order given, with its reserved ports. */
   tunnels: TunnelPlan[];
   key: Ed25519Key;
+  /** Who may log in; undefined when the image brings its own access (`operators: none`). */
+  operators: Operators | undefined;
 }
 
 const COMMON = "common";
@@ -30,7 +32,9 @@ function fromLayer(tree: Tree, layer: string, absPath: string): string {
 
 /** The device's ed25519 key: sshd's host key and the tunnel's identity. */
 export function hostKeyStep(tree: Tree, d: DeviceSpec): void {
-  tree.dir(P.KEY_DIR, 0o700);
+  // 0755 like /etc/ssh: sshd reads the operator files in here as the login user; the private
+  // key itself is 0600.
+  tree.dir(P.KEY_DIR, 0o755);
   // A check integer derived from the key keeps the file byte-identical across rebuilds.
   tree.file(P.HOST_KEY, encodePrivateKey(d.key, `root@${d.hostname}`, deterministicCheckInt(d.key)), 0o600);
   tree.file(P.HOST_KEY_PUB, publicKeyLine(d.key.pub, `root@${d.hostname}`) + "\n", 0o644);
@@ -102,6 +106,33 @@ export function knownHostsStep(tree: Tree, d: DeviceSpec): void {
   tree.file(P.KNOWN_HOSTS, lines.join("\n") + "\n", 0o644);
 }
 
+/**
+ * Operator access, without touching /root or /home: a drop-in adds mkoverlay's own
+ * authorized_keys file to the default list and, with a CA, trusts certificates for the listed
+ * principals. Password logins are off; root may log in with keys only.
+ */
+export function operatorsStep(tree: Tree, d: DeviceSpec): void {
+  const o = d.operators;
+  if (!o) return;
+  const lines = [
+    "# Installed by mkoverlay: who may log in to this gateway (fleet config `operators:`).",
+    "# Included before the rest of sshd_config, so these values win.",
+    `AuthorizedKeysFile .ssh/authorized_keys .ssh/authorized_keys2 ${P.OPERATOR_KEYS_DIR}/%u`,
+  ];
+  if (o.userCA) lines.push(`TrustedUserCAKeys ${P.USER_CA}`, `AuthorizedPrincipalsFile ${P.PRINCIPALS_DIR}/%u`);
+  lines.push("PasswordAuthentication no", "KbdInteractiveAuthentication no");
+  if (o.user === "root") lines.push("PermitRootLogin prohibit-password");
+  tree.file(P.OPERATORS_DROPIN, lines.join("\n") + "\n", 0o644);
+  tree.dir(P.OPERATOR_KEYS_DIR, 0o755);
+  const keys = ["# Operator keys for this gateway (written by mkoverlay)", ...o.authorizedKeys];
+  tree.file(`${P.OPERATOR_KEYS_DIR}/${o.user}`, keys.join("\n") + "\n", 0o644);
+  if (o.userCA) {
+    tree.file(P.USER_CA, o.userCA + "\n", 0o644);
+    tree.dir(P.PRINCIPALS_DIR, 0o755);
+    tree.file(`${P.PRINCIPALS_DIR}/${o.user}`, o.principals.join("\n") + "\n", 0o644);
+  }
+}
+
 export function hostnameStep(tree: Tree, d: DeviceSpec): void {
   tree.file("/etc/hostname", `${d.hostname}\n`, 0o644);
   // Debian's stock /etc/hosts with the new name, so sudo and friends resolve it.
@@ -119,6 +150,7 @@ export const STEPS: readonly [string, (tree: Tree, d: DeviceSpec) => void][] = [
   ["tunnel units", tunnelStep],
   ["monitor", (t) => monitorStep(t)],
   ["bastion known_hosts", knownHostsStep],
+  ["operator access", operatorsStep],
   ["hostname", hostnameStep],
 ];
 

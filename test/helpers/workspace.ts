@@ -67,6 +67,7 @@ export function writeFleet(dir: string, bastions: Record<string, BastionDef>, ex
     registry: "./registry.db",
     hostname: "gw-{seq:04}",
     ports: { ssh: "21000-21999", services: "22000-22999" },
+    operators: "none",
     ...extra,
     bastions: Object.fromEntries(
       Object.entries(bastions).map(([k, b]) => [k, { host: b.host ?? `bastion-${k}.example.com`, ...b }]),
