@@ -132,10 +132,10 @@ function program(): Command {
     .option("--json", "JSON output")
     .action(lazy(() => import("./commands/doctor.js"), (m, opts) => m.doctorCommand(opts)));
 
-  p.command("schema")
-    .description("print the fleet config JSON Schema (for editors)")
+  p.command("schema [kind]")
+    .description("print a JSON Schema for editors: fleet (default), board or os")
     .addOption(new Option("--out <file>", "write it to a file instead"))
-    .action(lazy(() => import("./commands/schema.js"), (m, opts) => m.schemaCommand(opts)));
+    .action(lazy(() => import("./commands/schema.js"), (m, kind, opts) => m.schemaCommand(kind, opts)));
 
   return p;
 }

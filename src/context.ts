@@ -7,7 +7,7 @@ import type { Registry } from "./registry/types.js";
 export const VERSION = "0.1.0";
 
 export async function withFleetRegistry<T>(config: string | undefined, fn: (fleet: Fleet, registry: Registry) => Promise<T>): Promise<T> {
-  const fleet = loadFleet(configPath(config));
+  const fleet = await loadFleet(configPath(config));
   const registry = await openRegistry(fleet.registry);
   try {
     return await fn(fleet, registry);

@@ -25,7 +25,13 @@ function fsyncDir(dir: string): void {
   }
 }
 
-export function writeFileAtomic(target: string, data: Buffer | string, mode: number, owner?: { uid: number; gid: number }): void {
+export function writeFileAtomic(
+  target: string,
+  data: Buffer | string,
+  mode: number,
+  owner?: { uid: number; gid: number },
+  opts: { durable: boolean } = { durable: true },
+): void {
   const tmp = tempNameFor(target);
   // Created with its final mode: a private key is never readable by others, even briefly.
   const fd = openSync(tmp, "wx", mode);
@@ -35,7 +41,7 @@ export function writeFileAtomic(target: string, data: Buffer | string, mode: num
     const buf = typeof data === "string" ? Buffer.from(data) : data;
     let off = 0;
     while (off < buf.length) off += writeSync(fd, buf, off, buf.length - off);
-    fsyncSync(fd);
+    if (opts.durable) fsyncSync(fd);
   } catch (e) {
     closeSync(fd);
     unlinkSync(tmp);
@@ -48,7 +54,7 @@ export function writeFileAtomic(target: string, data: Buffer | string, mode: num
     unlinkSync(tmp);
     throw e;
   }
-  fsyncDir(dirname(target));
+  if (opts.durable) fsyncDir(dirname(target));
 }
 
 /**

@@ -73,15 +73,17 @@ export async function emitDevice(e: Emit, d: DeviceRecord, key: Ed25519Key, boar
   const tunnels = tunnelsOf(fleet, d, bastions);
   const tree = buildOverlay({ hostname: d.hostname, board, os, tunnels, key, operators: fleet.operators });
   const overlay = overlayPath(e, d.hostname);
+  const lines = deviceLines(d.hostname, key.pub, tunnels, new Date(d.created));
+  const text = renderLines(d.hostname, d.port, tunnels, lines);
+  const authorizedKeysFile = authorizedKeysPath(e.outDir, d.hostname);
+  // The lines file is a convenience copy (the registry re-exports it any time): renamed into
+  // place but not synced on its own; the archive's directory sync below covers its name too.
+  writeFileAtomic(authorizedKeysFile, text, 0o644, undefined, { durable: false });
   if (e.form.kind === "tar") {
     // The archive holds the private key: 0600 from the moment it exists.
     writeFileAtomic(overlay, await tarball(tree, e.epoch), 0o600);
   } else {
     writeTreeTo(tree, overlay, { epoch: e.epoch, replaceWhole: e.form.kind === "dir" });
   }
-  const lines = deviceLines(d.hostname, key.pub, tunnels, new Date(d.created));
-  const text = renderLines(d.hostname, d.port, tunnels, lines);
-  const authorizedKeysFile = authorizedKeysPath(e.outDir, d.hostname);
-  writeFileAtomic(authorizedKeysFile, text, 0o644);
   return { overlay, authorizedKeysFile, lines, text };
 }

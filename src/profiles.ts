@@ -5,53 +5,37 @@
  */
 import { existsSync, readdirSync, readFileSync } from "node:fs";
 import { join } from "node:path";
-import { z } from "zod";
-import { parseYamlWith } from "./config/load.js";
+import { cached } from "./cache.js";
+import { schemaFingerprint } from "./config/load.js";
 import { UserError } from "./errors.js";
+import type { BoardData, OsData } from "./profiles-schema.js";
 import { resourceDir } from "./resources.js";
 import { didYouMean } from "./validate.js";
 
-const id = z.string().regex(/^[a-z0-9][a-z0-9-]*$/, "must be lower-case letters, digits and '-'");
-const unitName = z.string().regex(/^[A-Za-z0-9:_.@-]+\.(service|socket|timer|target|path)$/, "is not a systemd unit name");
-const absPath = z.string().regex(/^\/[^\0\n]*$/, "must be an absolute path");
+export type Board = BoardData;
+export type OsProfile = OsData;
 
-export const BoardSchema = z.strictObject({
-  $schema: z.string().optional(),
-  id,
-  name: z.string().min(1),
-  arch: z.enum(["arm64", "armhf", "amd64"]),
-  defaultOs: id,
-});
+interface ProfileFile {
+  file: string;
+  name: string;
+  text: string;
+}
 
-export const OsSchema = z.strictObject({
-  $schema: z.string().optional(),
-  id,
-  name: z.string().min(1),
-  unitDir: absPath.describe("Where the distribution's units live: the target of enable links"),
-  ssh: z.strictObject({
-    unit: unitName.describe("The unit that starts sshd"),
-    wantedBy: z.array(unitName).min(1),
-    aliases: z.array(unitName).default([]),
-  }),
-  firstBoot: z.strictObject({
-    deletes: z.array(absPath).describe("Globs this OS deletes on first boot (checked by mkoverlay verify and the tests)"),
-    mask: z.array(unitName).default([]).describe("Units masked (linked to /dev/null) so they never run"),
-    layers: z.array(id).default([]).describe("Overlay layers under overlays/ laid in for this OS"),
-  }),
-});
+function readDir(dir: string): ProfileFile[] {
+  return readdirSync(dir)
+    .filter((n) => n.endsWith(".yaml"))
+    .sort()
+    .map((name) => ({ file: join(dir, name), name, text: readFileSync(join(dir, name), "utf8") }));
+}
 
-export type Board = z.output<typeof BoardSchema>;
-export type OsProfile = z.output<typeof OsSchema>;
-
-function loadDir<T extends z.ZodType>(dir: string, schema: T): Map<string, z.output<T>> {
-  const out = new Map<string, z.output<T>>();
-  for (const name of readdirSync(dir).filter((n) => n.endsWith(".yaml")).sort()) {
-    const file = join(dir, name);
-    const data = parseYamlWith(schema, readFileSync(file, "utf8"), file) as z.output<T> & { id: string };
-    if (`${data.id}.yaml` !== name) throw new UserError(`${file}: id '${data.id}' does not match the file name`);
-    out.set(data.id, data);
-  }
-  return out;
+async function validateAll(boardFiles: ProfileFile[], osFiles: ProfileFile[]): Promise<{ boards: Board[]; oses: OsProfile[] }> {
+  const [{ parseYamlWith }, { BoardSchema, OsSchema }] = await Promise.all([import("./config/yaml-schema.js"), import("./profiles-schema.js")]);
+  const parse = <T extends { id: string }>(f: ProfileFile, schema: Parameters<typeof parseYamlWith>[0]): T => {
+    const data = parseYamlWith(schema, f.text, f.file) as T;
+    if (`${data.id}.yaml` !== f.name) throw new UserError(`${f.file}: id '${data.id}' does not match the file name`);
+    return data;
+  };
+  return { boards: boardFiles.map((f) => parse<Board>(f, BoardSchema)), oses: osFiles.map((f) => parse<OsProfile>(f, OsSchema)) };
 }
 
 export interface Profiles {
@@ -59,9 +43,14 @@ export interface Profiles {
   oses: Map<string, OsProfile>;
 }
 
-export function loadProfiles(root: string = resourceDir("boards")): Profiles {
-  const boards = loadDir(root, BoardSchema);
-  const oses = loadDir(join(root, "os"), OsSchema);
+/** Profiles, validated once per content (the cache key is every file's name and text). */
+export async function loadProfiles(root: string = resourceDir("boards")): Promise<Profiles> {
+  const boardFiles = readDir(root);
+  const osFiles = readDir(join(root, "os"));
+  const key = [schemaFingerprint(), ...[...boardFiles, ...osFiles].flatMap((f) => [f.file, f.text])];
+  const data = await cached("profiles", key, () => validateAll(boardFiles, osFiles));
+  const boards = new Map(data.boards.map((b) => [b.id, b]));
+  const oses = new Map(data.oses.map((o) => [o.id, o]));
   for (const [bid, b] of boards) {
     if (!oses.has(b.defaultOs)) throw new UserError(`${join(root, bid + ".yaml")}: defaultOs '${b.defaultOs}' has no profile in ${join(root, "os")}`);
   }

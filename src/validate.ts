@@ -5,6 +5,9 @@
  */
 import { isIP } from "node:net";
 
+/** `21000-21999` */
+export const PORT_RANGE = /^(\d{1,5})\s*-\s*(\d{1,5})$/;
+
 /** RFC 1123 host name with labels ≤ 63 and total ≤ 253; lower-case only (hostnames are keys). */
 export function hostnameProblem(name: string): string | undefined {
   if (name.length === 0) return "is empty";

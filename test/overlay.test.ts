@@ -91,7 +91,7 @@ const FIRST_BOOT_DELETES: Record<string, string[]> = {
 };
 
 describe("first boot leaves the identity in place", () => {
-  it.each(Object.keys(FIRST_BOOT_DELETES))("%s", (os) => {
+  it.each(Object.keys(FIRST_BOOT_DELETES))("%s", async (os) => {
     const b = build(["--board", "rpi4", "--os", os, "--bastion", "eu"]);
     const root = join(dir, `fb-${os}`);
     mkdirSync(join(root, "etc/ssh"), { recursive: true });
@@ -106,7 +106,7 @@ describe("first boot leaves the identity in place", () => {
       expect(readdirSync(join(root, "etc/ssh")).filter((n) => n.startsWith("ssh_host")), "the image keys are gone").toEqual([]);
     }
     // The profile data documents the same patterns (mkoverlay verify relies on them).
-    expect(loadProfiles().oses.get(os)?.firstBoot.deletes).toEqual(FIRST_BOOT_DELETES[os]!.map((p) => `/${p}`));
+    expect((await loadProfiles()).oses.get(os)?.firstBoot.deletes).toEqual(FIRST_BOOT_DELETES[os]!.map((p) => `/${p}`));
     // sshd's HostKey and the tunnel's -i still point at an existing key.
     const dropin = readFileSync(join(root, "etc/ssh/sshd_config.d/50-mkoverlay.conf"), "utf8");
     const hostKeyPath = /^HostKey (\S+)$/m.exec(dropin)?.[1];

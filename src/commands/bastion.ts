@@ -45,8 +45,8 @@ export async function authorizedKeysCommand(opts: { bastion?: string; write?: st
   process.stderr.write(`mkoverlay: wrote ${opts.write} (${text.split("\n").filter((l) => l && !l.startsWith("#")).length} keys)\n`);
 }
 
-export function sshdConfigCommand(opts: { bastion?: string; config?: string; authorizedKeysFile?: string }): void {
-  const fleet = loadFleet(configPath(opts.config));
+export async function sshdConfigCommand(opts: { bastion?: string; config?: string; authorizedKeysFile?: string }): Promise<void> {
+  const fleet = await loadFleet(configPath(opts.config));
   const akf = opts.authorizedKeysFile;
   if (akf !== undefined && /[\s"\\]/.test(akf)) throw new UserError(`--authorized-keys-file ${JSON.stringify(akf)}: no spaces, quotes or backslashes`);
   out(renderMatchBlock(fleet, oneBastion(fleet, opts.bastion), akf === undefined ? {} : { authorizedKeysFile: akf }));

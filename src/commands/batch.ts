@@ -63,8 +63,8 @@ class Progress {
 export async function batchCommand(opts: BatchOptions): Promise<void> {
   if ((opts.count === undefined) === (opts.hosts === undefined)) throw new UserError("batch needs exactly one of --count N or --hosts FILE");
   const now = new Date();
-  const fleet = loadFleet(configPath(opts.config), now);
-  const { board, os } = resolveBoardOs(loadProfiles(), opts.board, opts.os);
+  const fleet = await loadFleet(configPath(opts.config), now);
+  const { board, os } = resolveBoardOs(await loadProfiles(), opts.board, opts.os);
   const bastions = resolveBastions(fleet, opts.bastion);
   let names: (string | undefined)[];
   if (opts.count !== undefined) {

@@ -2,8 +2,8 @@
 import { out } from "../output.js";
 import { loadProfiles } from "../profiles.js";
 
-export function boardsCommand(opts: { json?: boolean }): void {
-  const p = loadProfiles();
+export async function boardsCommand(opts: { json?: boolean }): Promise<void> {
+  const p = await loadProfiles();
   if (opts.json) {
     out(JSON.stringify({ boards: [...p.boards.values()], oses: [...p.oses.values()] }));
     return;

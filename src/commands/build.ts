@@ -153,8 +153,8 @@ export async function withOutDir<T>(o: OutputOptions, fn: (outDir: string, form:
 export async function runBuild(opts: BuildOptions): Promise<BuildResult> {
   const log = stderrLog(Boolean(opts.quiet) || Boolean(opts.json));
   const now = new Date();
-  const fleet = loadFleet(configPath(opts.config), now);
-  const { board, os } = resolveBoardOs(loadProfiles(), opts.board, opts.os);
+  const fleet = await loadFleet(configPath(opts.config), now);
+  const { board, os } = resolveBoardOs(await loadProfiles(), opts.board, opts.os);
   const bastions = resolveBastions(fleet, opts.bastion);
   const hostname = checkHostnameFlag(opts.hostname);
   const dk = loadOrGenerateKey(opts.hostKey);

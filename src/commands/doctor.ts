@@ -34,7 +34,7 @@ async function overlayHasKey(d: DeviceRecord): Promise<boolean> {
 export async function doctorCommand(opts: DoctorOptions): Promise<void> {
   const grace = Number(opts.grace ?? "60");
   if (!Number.isFinite(grace) || grace < 0) throw new UserError(`--grace ${opts.grace}: not a number of seconds`);
-  const fleet = loadFleet(configPath(opts.config));
+  const fleet = await loadFleet(configPath(opts.config));
   const registry = await openRegistry(fleet.registry);
   const report: { hostname: string; port: number; action: "activated" | "reclaimed" | "waiting"; fixed: boolean }[] = [];
   try {

@@ -46,7 +46,7 @@ export async function rotateCommand(hostname: string, opts: OutputOptions & { co
   const log = stderrLog(Boolean(opts.quiet) || Boolean(opts.json));
   const dk = loadOrGenerateKey(opts.hostKey);
   const epoch = archiveEpoch();
-  const profiles = loadProfiles();
+  const profiles = await loadProfiles();
   const result = await withOutDir(opts, (outDir, form) =>
     withFleetRegistry(opts.config, async (fleet, registry) => {
       const d = await device(registry, hostname, "rotate");

@@ -1,13 +1,28 @@
-/** `mkoverlay schema`: the fleet config's JSON Schema, derived from the validator itself. */
+/** `mkoverlay schema [fleet|board|os]`: JSON Schemas derived from the validators themselves. */
+import { z } from "zod";
 import { fleetJsonSchema } from "../config/schema.js";
+import { UserError } from "../errors.js";
 import { writeFileAtomic } from "../fsutil.js";
 import { out } from "../output.js";
+import { BoardSchema, OsSchema } from "../profiles-schema.js";
 
-export function schemaText(): string {
-  return JSON.stringify(fleetJsonSchema(), null, 2) + "\n";
+export const SCHEMA_FILES = { fleet: "mkoverlay.schema.json", board: "board.schema.json", os: "os.schema.json" } as const;
+
+export function schemaText(kind: string): string {
+  const schema =
+    kind === "fleet"
+      ? fleetJsonSchema()
+      : kind === "board"
+        ? z.toJSONSchema(BoardSchema, { io: "input" })
+        : kind === "os"
+          ? z.toJSONSchema(OsSchema, { io: "input" })
+          : undefined;
+  if (!schema) throw new UserError(`schema ${JSON.stringify(kind)}: use fleet, board or os`);
+  return JSON.stringify(schema, null, 2) + "\n";
 }
 
-export function schemaCommand(opts: { out?: string }): void {
-  if (opts.out) writeFileAtomic(opts.out, schemaText(), 0o644);
-  else out(schemaText());
+export function schemaCommand(kind: string | undefined, opts: { out?: string }): void {
+  const text = schemaText(kind ?? "fleet");
+  if (opts.out) writeFileAtomic(opts.out, text, 0o644);
+  else out(text);
 }

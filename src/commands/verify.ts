@@ -61,7 +61,7 @@ export async function verifyOverlay(path: string, config: string | undefined): P
   check(new RegExp(`^HostKey ${P.HOST_KEY}$`, "m").test(text(P.SSHD_DROPIN) ?? ""), `${P.SSHD_DROPIN} makes it sshd's host key`);
 
   const hostname = text("/etc/hostname")?.trim();
-  const profiles = loadProfiles();
+  const profiles = await loadProfiles();
   await withFleetRegistry(config, async (fleet, registry) => {
     const d = fp ? await registry.getByFingerprint(fp) : undefined;
     check(d !== undefined, "the key is registered", d ? d.hostname : "not in the registry");

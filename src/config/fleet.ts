@@ -1,6 +1,7 @@
 /** The validated fleet config as the rest of mkoverlay sees it: resolved paths, parsed ranges. */
 import { isAbsolute, resolve } from "node:path";
-import { PORT_RANGE, type FleetRaw } from "./schema.js";
+import { PORT_RANGE } from "../validate.js";
+import type { FleetRaw } from "./schema.js";
 
 export interface PortRange {
   lo: number;

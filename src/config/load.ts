@@ -5,14 +5,12 @@
  */
 import { readFileSync, statSync } from "node:fs";
 import { dirname, resolve } from "node:path";
-import { LineCounter, parseDocument } from "yaml";
-import type { z } from "zod";
-import { errnoCode, UserError, UserErrors } from "../errors.js";
-import { didYouMean } from "../validate.js";
-import { formatPath, positionOf, type Path } from "./positions.js";
-import { crossCheck } from "./rules.js";
-import { FleetSchema, type FleetRaw } from "./schema.js";
+import { cached } from "../cache.js";
+import { errnoCode, UserError } from "../errors.js";
+import { resourceDir } from "../resources.js";
 import { toFleet, type Fleet } from "./fleet.js";
+import { crossCheck } from "./rules.js";
+import type { FleetRaw } from "./schema.js";
 
 export const DEFAULT_CONFIG = "mkoverlay.yaml";
 
@@ -36,133 +34,38 @@ export function readConfigText(file: string): string {
   }
 }
 
-type Def = { type: string; shape?: Record<string, unknown>; valueType?: unknown; element?: unknown; innerType?: unknown; in?: unknown; options?: unknown[] };
-const defOf = (s: unknown): Def => (s as { def: Def }).def;
-
-/** Strips default/optional/pipe wrappers to reach the schema that has a shape. */
-function unwrap(s: unknown): unknown {
-  let cur = s;
-  for (let d = defOf(cur); ["default", "optional", "pipe", "union"].includes(d.type); d = defOf(cur)) {
-    // A union (`none` or a mapping): the mapping is the branch that has keys.
-    cur = d.type === "union" ? d.options?.find((o) => defOf(unwrap(o)).type === "object") : (d.innerType ?? d.in);
-    if (cur === undefined) return s;
-  }
-  return cur;
+/** Full validation: YAML + schema + rules, with positions in every message. */
+export async function parseFleet(text: string, file: string, now: Date = new Date()): Promise<Fleet> {
+  return toFleet(await validateFleet(text, file, now), file, resolve(dirname(file)));
 }
 
-/** Names the keys an object at `path` accepts, for "did you mean". */
-function knownKeys(root: unknown, path: Path): string[] {
-  let schema = unwrap(root);
-  for (const seg of path) {
-    const d = defOf(schema);
-    if (d.type === "object") schema = unwrap(d.shape?.[String(seg)]);
-    else if (d.type === "record") schema = unwrap(d.valueType);
-    else if (d.type === "array") schema = unwrap(d.element);
-    else return [];
-    if (schema === undefined) return [];
-  }
-  const d = defOf(schema);
-  return d.type === "object" ? Object.keys(d.shape ?? {}) : [];
+async function validateFleet(text: string, file: string, now: Date): Promise<FleetRaw> {
+  const [{ parseYamlWith }, { FleetSchema }] = await Promise.all([import("./yaml-schema.js"), import("./schema.js")]);
+  return parseYamlWith(FleetSchema, text, file, (data) => crossCheck(data, now));
 }
 
 /**
- * A union (e.g. `operators: none` or a mapping) fails as one opaque issue; report instead the
- * problems of the branch the user evidently meant: the one that got past the type check.
+ * The config as validated before, when the same text was checked by the same schema (keyed
+ * by both): a build then needs neither the YAML parser nor the schema library. The rules
+ * that depend on the clock (expiry) run again every time; if one fails, the full path runs so
+ * the message carries its position.
  */
-function flattenUnions(issues: readonly z.core.$ZodIssue[]): z.core.$ZodIssue[] {
-  const out: z.core.$ZodIssue[] = [];
-  for (const issue of issues) {
-    if (issue.code !== "invalid_union" || issue.errors.length === 0) {
-      out.push(issue);
-      continue;
-    }
-    const meant = issue.errors.find((branch) => !branch.some((b) => (b.code === "invalid_type" || b.code === "invalid_value") && b.path.length === 0));
-    if (!meant) {
-      out.push({ code: "invalid_type", expected: "`none` or a mapping", path: issue.path, message: "", input: undefined } as unknown as z.core.$ZodIssue);
-      continue;
-    }
-    out.push(...flattenUnions(meant.map((b) => ({ ...b, path: [...issue.path, ...b.path] }) as z.core.$ZodIssue)));
-  }
-  return out;
-}
-
-function describeIssue(issue: z.core.$ZodIssue, value: unknown, present: boolean): string {
-  switch (issue.code) {
-    case "invalid_type":
-      return !present ? `is required (${issue.expected})` : `expected ${issue.expected}, got ${typeOfYaml(value)}`;
-    case "invalid_key":
-      return `key ${issue.issues.map((i) => i.message).join("; ")}`;
-    case "too_small":
-      return issue.origin === "array" ? `needs at least ${String(issue.minimum)} entr${issue.minimum === 1 ? "y" : "ies"}` : `must be at least ${String(issue.minimum)}`;
-    case "too_big":
-      return `must be at most ${String(issue.maximum)}`;
-    default:
-      return issue.message;
-  }
-}
-
-function typeOfYaml(v: unknown): string {
-  if (v === null) return "null (empty value)";
-  if (Array.isArray(v)) return "a list";
-  if (typeof v === "object") return "a mapping";
-  return `${typeof v} ${JSON.stringify(v)}`;
-}
-
-export function loadFleet(file: string, now: Date = new Date()): Fleet {
-  return parseFleet(readConfigText(file), file, now);
-}
-
-/**
- * Parses YAML text and validates it against a schema; every problem becomes
- * `file:line:col key: message`. Shared by the fleet config and the board/OS profiles.
- */
-export function parseYamlWith<T extends z.ZodType>(
-  schema: T,
-  text: string,
-  file: string,
-  rules?: (data: z.output<T>) => { path: Path; message: string }[],
-): z.output<T> {
-  const lc = new LineCounter();
-  const doc = parseDocument(text, { lineCounter: lc, prettyErrors: false, uniqueKeys: true });
-  if (doc.errors.length > 0) {
-    throw new UserErrors(
-      doc.errors.map((e) => {
-        const { line, col } = lc.linePos(e.pos[0]);
-        return `${file}:${line}:${col} YAML syntax error: ${e.message.split("\n")[0]}`;
-      }),
-    );
-  }
-  const data: unknown = doc.toJS();
-  if (data === null || data === undefined) {
-    throw new UserError(`${file}: file is empty`, { hint: "start from examples/fleet.yaml" });
-  }
-  const parsed = schema.safeParse(data);
-  const problems: string[] = [];
-  if (!parsed.success) {
-    for (const issue of flattenUnions(parsed.error.issues)) {
-      if (issue.code === "unrecognized_keys") {
-        for (const key of issue.keys) {
-          const path = [...issue.path, key] as Path;
-          const guess = didYouMean(key, knownKeys(schema, issue.path as Path));
-          problems.push(`${file}:${positionOf(doc, lc, path, true)} ${formatPath(path)}: unknown key${guess ? ` (did you mean '${guess}'?)` : ""}`);
-        }
-        continue;
-      }
-      const path = issue.path as Path;
-      const present = doc.hasIn(path);
-      const value: unknown = present ? doc.getIn(path) : undefined;
-      problems.push(`${file}:${positionOf(doc, lc, path, issue.code === "invalid_key")} ${formatPath(path)}: ${describeIssue(issue, value, present)}`);
-    }
-    throw new UserErrors(problems);
-  }
-  for (const p of rules?.(parsed.data) ?? []) {
-    problems.push(`${file}:${positionOf(doc, lc, p.path)} ${formatPath(p.path)}: ${p.message}`);
-  }
-  if (problems.length > 0) throw new UserErrors(problems);
-  return parsed.data;
-}
-
-export function parseFleet(text: string, file: string, now: Date = new Date()): Fleet {
-  const raw: FleetRaw = parseYamlWith(FleetSchema, text, file, (data) => crossCheck(data, now));
+export async function loadFleet(file: string, now: Date = new Date()): Promise<Fleet> {
+  const text = readConfigText(file);
+  let validatedNow = false;
+  const raw = await cached<FleetRaw>("fleet", [file, text, schemaFingerprint()], async () => {
+    validatedNow = true;
+    return validateFleet(text, file, now);
+  });
+  if (!validatedNow && crossCheck(raw, now).length > 0) return parseFleet(text, file, now);
   return toFleet(raw, file, resolve(dirname(file)));
+}
+
+/** The committed JSON Schemas change whenever a schema does: they key the caches. */
+export function schemaFingerprint(): string {
+  try {
+    return ["mkoverlay", "board", "os"].map((n) => readFileSync(resourceDir("schema", `${n}.schema.json`), "utf8")).join("\n");
+  } catch {
+    return String(Math.random());
+  }
 }

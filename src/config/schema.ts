@@ -6,7 +6,7 @@
  */
 import { z } from "zod";
 import { parsePublicKey } from "../keys/pubkey.js";
-import { cidrProblem, hostProblem, nameProblem, quotedValueProblem, userProblem } from "../validate.js";
+import { cidrProblem, hostProblem, nameProblem, PORT_RANGE, quotedValueProblem, userProblem } from "../validate.js";
 
 function check(problem: (v: string) => string | undefined) {
   return (v: string, ctx: z.RefinementCtx) => {
@@ -15,7 +15,6 @@ function check(problem: (v: string) => string | undefined) {
   };
 }
 
-export const PORT_RANGE = /^(\d{1,5})\s*-\s*(\d{1,5})$/;
 
 const portRange = z
   .string()

@@ -224,7 +224,15 @@ export class SqliteRegistry implements Registry {
   }
 
   async activate(hostname: string): Promise<void> {
-    this.db.prepare("UPDATE devices SET status='active', updated=? WHERE hostname=? AND status='pending'").run(new Date().toISOString(), hostname);
+    // Not synced on its own: if power fails before the WAL reaches the disk, the device is
+    // still `pending` with its archive in place, and `registry doctor` activates it. The
+    // reservation itself (which must never be lost once an archive carries its port) is FULL.
+    this.db.pragma("synchronous = NORMAL");
+    try {
+      this.db.prepare("UPDATE devices SET status='active', updated=? WHERE hostname=? AND status='pending'").run(new Date().toISOString(), hostname);
+    } finally {
+      this.db.pragma("synchronous = FULL");
+    }
   }
 
   async abandon(hostname: string): Promise<void> {
