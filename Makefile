@@ -50,13 +50,15 @@ typecheck: node_modules/.install-stamp
 lint: node_modules/.install-stamp
 	$(NODE_BIN)/eslint .
 
+# The committed JSON Schemas must match the validators (editors and the config cache use them).
 schema-check: build
-	@bin/mkoverlay schema | diff -u schema/mkoverlay.schema.json - || { echo "schema/mkoverlay.schema.json is stale: run 'bin/mkoverlay schema --out schema/mkoverlay.schema.json'"; exit 1; }
+	@for k in fleet:mkoverlay board:board os:os; do f=schema/$${k#*:}.schema.json; \
+	  bin/mkoverlay schema $${k%%:*} | diff -u $$f - >/dev/null || { echo "$$f is stale: run 'bin/mkoverlay schema $${k%%:*} --out $$f'"; exit 1; }; done
 
 unit: build
 	$(NODE_BIN)/vitest run
 
-test: test-deps build typecheck lint schema-check unit
+test: test-deps boot-deps build typecheck lint schema-check unit
 
 boot-deps:
 	@bash test/boot/ensure-deps.sh
@@ -65,7 +67,7 @@ test-boot: build boot-deps
 	MKOVERLAY_BOOT_ARCH=$(ARCH) $(NODE_BIN)/vitest run test/boot
 
 bench: build
-	@echo "bench: not yet implemented"
+	node bench/run.mjs
 
 clean:
 	rm -rf dist out bench/work test-artifacts

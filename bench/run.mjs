@@ -1,0 +1,142 @@
+#!/usr/bin/env node
+// `make bench`: factory-scale benchmarks. Ratios are the headline (machines are noisy);
+// absolute numbers beside them. Writes bench/results.md and the README's table.
+import { execFileSync, spawn, spawnSync } from "node:child_process";
+import { mkdirSync, readFileSync, rmSync, writeFileSync } from "node:fs";
+import { cpus } from "node:os";
+import { dirname, join } from "node:path";
+import { fileURLToPath } from "node:url";
+
+const ROOT = join(dirname(fileURLToPath(import.meta.url)), "..");
+const CLI = join(ROOT, "bin/mkoverlay");
+const WORK = process.env.BENCH_WORK ?? join(ROOT, "bench/work");
+const COUNT = Number(process.env.BENCH_COUNT ?? 1000);
+const GROWTH = Number(process.env.BENCH_GROWTH ?? 10000);
+const RUNS = Number(process.env.BENCH_RUNS ?? 9);
+
+rmSync(WORK, { recursive: true, force: true });
+mkdirSync(WORK, { recursive: true });
+const bastionKey = join(WORK, "bastion_key");
+execFileSync("ssh-keygen", ["-q", "-t", "ed25519", "-N", "", "-f", bastionKey]);
+const pub = readFileSync(`${bastionKey}.pub`, "utf8").trim();
+
+function fleet(dir) {
+  mkdirSync(dir, { recursive: true });
+  writeFileSync(
+    join(dir, "mkoverlay.yaml"),
+    [
+      "registry: ./registry.db",
+      "hostname: gw-{seq:05}",
+      "ports:",
+      "  ssh: 30000-49999",
+      "  services: 50000-50999",
+      "bastions:",
+      "  eu:",
+      "    host: bastion-eu.example.com",
+      "    hostKeys:",
+      `      - ${pub}`,
+      "operators: none",
+      "",
+    ].join("\n"),
+  );
+  return dir;
+}
+
+const now = () => Number(process.hrtime.bigint()) / 1e6;
+const median = (xs) => [...xs].sort((a, b) => a - b)[Math.floor(xs.length / 2)];
+
+function timed(cmd, args, cwd) {
+  const t = now();
+  const r = spawnSync(cmd, args, { cwd, stdio: ["ignore", "ignore", "pipe"], encoding: "utf8" });
+  if (r.status !== 0) throw new Error(`${cmd} ${args.join(" ")} failed: ${r.stderr}`);
+  return now() - t;
+}
+
+/** Runs a batch, timing each device as its JSON line arrives; peak RSS from /usr/bin/time when present. */
+function batch(dir, count) {
+  return new Promise((resolve, reject) => {
+    const t0 = now();
+    const marks = [];
+    const args = [CLI, "batch", "--board", "rpi4", "--bastion", "eu", "--count", String(count), "--json", "--quiet"];
+    const hasTime = spawnSync("/usr/bin/time", ["-f", "%M", "true"]).status === 0;
+    const p = hasTime
+      ? spawn("/usr/bin/time", ["-f", "maxrss_kb=%M", process.execPath, ...args], { cwd: dir, stdio: ["ignore", "pipe", "pipe"] })
+      : spawn(process.execPath, args, { cwd: dir, stdio: ["ignore", "pipe", "pipe"] });
+    let buf = "";
+    let err = "";
+    p.stdout.on("data", (d) => {
+      buf += d;
+      let i;
+      while ((i = buf.indexOf("\n")) >= 0) {
+        buf = buf.slice(i + 1);
+        marks.push(now() - t0);
+      }
+    });
+    p.stderr.on("data", (d) => (err += d));
+    p.on("exit", (code) => {
+      if (code !== 0) return reject(new Error(`batch failed: ${err}`));
+      const rss = /maxrss_kb=(\d+)/.exec(err);
+      resolve({ ms: now() - t0, marks, rssMb: rss ? Number(rss[1]) / 1024 : undefined });
+    });
+  });
+}
+
+const rows = [];
+const fmt = (ms) => (ms >= 10000 ? `${(ms / 1000).toFixed(1)} s` : `${ms.toFixed(1)} ms`);
+
+// 1. Batch throughput against the recipe in shell.
+console.error(`bench: batch of ${COUNT} with mkoverlay…`);
+const mk = await batch(fleet(join(WORK, "batch")), COUNT);
+console.error(`bench: the recipe in shell for ${COUNT} devices…`);
+const recipeMs = timed("bash", [join(ROOT, "bench/recipe.sh"), String(COUNT), join(WORK, "recipe")]);
+const batchRatio = mk.ms / recipeMs;
+rows.push([`Batch of ${COUNT}: mkoverlay / recipe (ssh-keygen, sed, tar, sqlite3)`, `${(batchRatio * 100).toFixed(1)} %`, "≤ 5 %", batchRatio <= 0.05, `${fmt(mk.ms)} vs ${fmt(recipeMs)} (${(mk.ms / COUNT).toFixed(2)} vs ${(recipeMs / COUNT).toFixed(1)} ms/device)`]);
+
+// 2. One device, one process, against a bare Node start (interleaved medians).
+const single = fleet(join(WORK, "single"));
+timed(process.execPath, [CLI, "--board", "rpi4", "--bastion", "eu", "--quiet"], single); // warms the config cache
+const bare = [];
+const one = [];
+for (let i = 0; i < RUNS; i++) {
+  bare.push(timed(process.execPath, ["-e", ""], single));
+  one.push(timed(process.execPath, [CLI, "--board", "rpi4", "--bastion", "eu", "--quiet"], single));
+}
+const startRatio = median(one) / median(bare);
+rows.push([`One build, one process / bare \`node -e ''\` (medians of ${RUNS})`, `${startRatio.toFixed(2)}×`, "≤ 2.0×", startRatio <= 2.0, `${fmt(median(one))} vs ${fmt(median(bare))}`]);
+
+// 3. Growth: a batch of GROWTH (per-device time, RSS), then single builds on that registry vs an empty one.
+console.error(`bench: batch of ${GROWTH}…`);
+const big = fleet(join(WORK, "growth"));
+const g = await batch(big, GROWTH);
+const tenth = Math.floor(GROWTH / 10);
+const firstTenth = g.marks[tenth - 1];
+const lastTenth = g.marks[GROWTH - 1] - g.marks[GROWTH - tenth - 1];
+const flat = lastTenth / firstTenth;
+rows.push([`Batch of ${GROWTH}: last tenth / first tenth time per device`, `${flat.toFixed(2)}×`, "flat (≈ 1)", flat <= 1.3, `${(firstTenth / tenth).toFixed(2)} → ${(lastTenth / tenth).toFixed(2)} ms/device`]);
+if (g.rssMb !== undefined) rows.push([`Batch of ${GROWTH}: peak RSS`, `${g.rssMb.toFixed(0)} MB`, "≤ 150 MB", g.rssMb <= 150, ""]);
+const empty = fleet(join(WORK, "empty"));
+timed(process.execPath, [CLI, "--board", "rpi4", "--bastion", "eu", "--quiet"], empty);
+const onFull = [];
+const onEmpty = [];
+for (let i = 0; i < RUNS; i++) {
+  onEmpty.push(timed(process.execPath, [CLI, "--board", "rpi4", "--bastion", "eu", "--quiet"], empty));
+  onFull.push(timed(process.execPath, [CLI, "--board", "rpi4", "--bastion", "eu", "--quiet"], big));
+}
+const growth = median(onFull) / median(onEmpty);
+rows.push([`One build with ${GROWTH} devices registered / with an empty registry`, `${growth.toFixed(2)}×`, "≤ 1.2×", growth <= 1.2, `${fmt(median(onFull))} vs ${fmt(median(onEmpty))}`]);
+
+const cpu = cpus()[0]?.model ?? "?";
+const table = [
+  `Measured ${new Date().toISOString().slice(0, 16)}Z on ${cpus().length} × ${cpu}, Node ${process.version}.`,
+  "",
+  "| measure | result | target | met | absolute |",
+  "|---|---|---|---|---|",
+  ...rows.map(([m, r, t, ok, abs]) => `| ${m} | **${r}** | ${t} | ${ok ? "yes" : "**no**"} | ${abs} |`),
+  "",
+].join("\n");
+process.stdout.write(table);
+writeFileSync(join(ROOT, "bench/results.md"), `# mkoverlay benchmarks\n\n${table}`);
+const readme = join(ROOT, "README.md");
+const text = readFileSync(readme, "utf8");
+writeFileSync(readme, text.replace(/<!-- bench:start -->[\s\S]*<!-- bench:end -->/, `<!-- bench:start -->\n${table}<!-- bench:end -->`));
+rmSync(WORK, { recursive: true, force: true });
