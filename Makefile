@@ -22,14 +22,9 @@ node_modules/.install-stamp: package.json package-lock.json
 
 install: node_modules/.install-stamp
 
-# One bundle (plus a chunk per lazily loaded command): a flashing script starts mkoverlay once
-# per device, and loading dozens of files costs more than the build itself. tsc type-checks.
-BUNDLE_BANNER := import{createRequire as __mkoCreateRequire}from'node:module';const require=__mkoCreateRequire(import.meta.url);
-dist/.build-stamp: node_modules/.install-stamp $(shell find src -name '*.ts')
-	rm -rf dist
-	$(NODE_BIN)/esbuild src/cli.ts --bundle --splitting --format=esm --platform=node --target=node20 \
-	  --outdir=dist --external:better-sqlite3 --external:pg --minify-syntax --minify-whitespace \
-	  --log-level=warning "--banner:js=$(BUNDLE_BANNER)"
+# One bundle plus a chunk per lazily loaded command (scripts/bundle.mjs says why); tsc type-checks.
+dist/.build-stamp: node_modules/.install-stamp scripts/bundle.mjs $(shell find src -name '*.ts')
+	node scripts/bundle.mjs
 	@touch $@
 
 build: dist/.build-stamp
