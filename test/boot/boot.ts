@@ -31,6 +31,19 @@ const sleep = (ms: number): Promise<void> => new Promise((r) => setTimeout(r, ms
 // Prerequisites and base image
 // ---------------------------------------------------------------------------------------------
 
+/** Guest architectures the harness can build and boot. */
+export const SUPPORTED_BOOT_ARCHES: readonly string[] = ["amd64"];
+
+/** The guest architecture asked for with MKOVERLAY_BOOT_ARCH (`make test-boot ARCH=…`); default amd64. */
+export function requestedBootArch(): string {
+  return process.env.MKOVERLAY_BOOT_ARCH?.trim() || "amd64";
+}
+
+/** True when MKOVERLAY_BOOT_ARCH names an architecture explicitly (a request that must not be skipped). */
+export function bootArchExplicit(): boolean {
+  return Boolean(process.env.MKOVERLAY_BOOT_ARCH?.trim());
+}
+
 export interface BootPrerequisites {
   ok: boolean;
   /** Why the boot test cannot run here (empty when ok). */
@@ -54,6 +67,14 @@ export function checkBootPrerequisites(opts: { install?: boolean } = {}): BootPr
   const problems: string[] = [];
   if (process.platform !== "linux") problems.push(`needs Linux (this is ${process.platform})`);
   if (process.arch !== "x64") problems.push(`base image is amd64; host arch ${process.arch} untested`);
+  const arch = requestedBootArch();
+  if (!SUPPORTED_BOOT_ARCHES.includes(arch)) {
+    problems.push(
+      `MKOVERLAY_BOOT_ARCH=${arch} is not supported by the boot harness (supported: ${SUPPORTED_BOOT_ARCHES.join(", ")}); ` +
+        "arm64 needs an arm64 base image recipe (qemu-user-static + binfmt_misc for debootstrap's second stage, " +
+        "linux-image-arm64, console=ttyAMA0) and qemu-system-aarch64 -M virt -cpu cortex-a72 in bootWithOverlay",
+    );
+  }
   const isRoot = typeof process.getuid === "function" && process.getuid() === 0;
   if (!isRoot) problems.push("needs root (debootstrap for the base image; bastion sshd switching to the tunnel user)");
   if (opts.install !== false && isRoot) {
@@ -549,6 +570,11 @@ export interface BastionOptions {
   authorizedKeys: string;
   /** Appended at the end of sshd_config, e.g. a `Match User …` block. */
   sshdConfigExtra?: string;
+  /**
+   * Private host key (OpenSSH format, with its `.pub` beside it) the bastion presents, e.g. one
+   * the test generated first to pin it in a fleet config. Default: a fresh ed25519 key.
+   */
+  hostKey?: string;
   logLevel?: "INFO" | "VERBOSE" | "DEBUG1" | "DEBUG2" | "DEBUG3";
 }
 
@@ -561,7 +587,13 @@ export async function startBastion(opts: BastionOptions): Promise<Bastion> {
   await chmod(opts.workDir, (ws.mode & 0o7777) | 0o011);
   await chmod(dir, 0o755);
   const hostKey = join(dir, "ssh_host_ed25519_key");
-  if (!existsSync(hostKey)) {
+  if (opts.hostKey) {
+    // A copy the bastion owns: sshd ignores a private host key readable by group or others.
+    await copyFile(opts.hostKey, hostKey);
+    await chmod(hostKey, 0o600);
+    await copyFile(opts.hostKey + ".pub", hostKey + ".pub");
+    await chmod(hostKey + ".pub", 0o644);
+  } else if (!existsSync(hostKey)) {
     const g = await run("ssh-keygen", ["-q", "-t", "ed25519", "-N", "", "-C", "mkoverlay-test-bastion", "-f", hostKey]);
     if (g.code !== 0) throw new Error(`ssh-keygen: ${g.stderr}`);
   }
@@ -666,15 +698,26 @@ export async function startBastion(opts: BastionOptions): Promise<Bastion> {
   return { port, hostKeyPub, logPath, pid, sessionPids, killSessions, stop };
 }
 
-/** Create a local system user with no login shell if it does not exist (needs root). */
+/**
+ * Create a local system user with no login shell if it does not exist, and make sure its
+ * password field is `*` (needs root). useradd's default `!` marks the account locked, and sshd
+ * without PAM refuses locked accounts even for public keys; `*` means "no password" only.
+ */
 export function ensureSystemUser(name: string): void {
   const r = spawnSync("getent", ["passwd", name]);
-  if (r.status === 0) return;
-  const shell = existsSync("/usr/sbin/nologin") ? "/usr/sbin/nologin" : "/sbin/nologin";
-  const u = spawnSync("useradd", ["--system", "--no-create-home", "--home-dir", "/nonexistent", "--shell", shell, name], {
-    encoding: "utf8",
-  });
-  if (u.status !== 0) throw new Error(`useradd ${name} failed: ${u.stderr}`);
+  if (r.status !== 0) {
+    const shell = existsSync("/usr/sbin/nologin") ? "/usr/sbin/nologin" : "/sbin/nologin";
+    const u = spawnSync("useradd", ["--system", "--no-create-home", "--home-dir", "/nonexistent", "--shell", shell, name], {
+      encoding: "utf8",
+    });
+    if (u.status !== 0) throw new Error(`useradd ${name} failed: ${u.stderr}`);
+  }
+  const sh = spawnSync("getent", ["shadow", name], { encoding: "utf8" });
+  const pw = sh.status === 0 ? (sh.stdout.split(":")[1] ?? "") : "";
+  if (pw === "" || pw.startsWith("!")) {
+    const m = spawnSync("usermod", ["-p", "*", name], { encoding: "utf8" });
+    if (m.status !== 0) throw new Error(`usermod -p '*' ${name} failed: ${m.stderr}`);
+  }
 }
 
 // ---------------------------------------------------------------------------------------------
