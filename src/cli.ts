@@ -24,7 +24,9 @@ function program(): Command {
     .version(VERSION)
     .option("--debug", "print stack traces for errors")
     .showHelpAfterError("(run with --help for usage)")
-    .showSuggestionAfterError(true);
+    .showSuggestionAfterError(true)
+    // Set before the subcommands are added so they inherit it: one exit path for every error.
+    .exitOverride();
 
   p.command("build", { isDefault: true })
     .description("build one device's overlay, reserve its port, print its bastion authorized_keys line(s)")
@@ -143,7 +145,6 @@ function program(): Command {
 export async function main(argv: string[]): Promise<void> {
   const debug = argv.includes("--debug");
   const p = program();
-  p.exitOverride();
   try {
     await p.parseAsync(argv);
   } catch (e) {
