@@ -3,6 +3,7 @@
  * fsync the directory. A killed process leaves at most a `.tmp` file, never a truncated
  * file under the final name.
  */
+import { spawnSync } from "node:child_process";
 import { randomBytes } from "node:crypto";
 import { closeSync, fchmodSync, fchownSync, fsyncSync, mkdirSync, rmdirSync, openSync, renameSync, statSync, unlinkSync, writeSync } from "node:fs";
 import { basename, dirname, join } from "node:path";
@@ -55,6 +56,55 @@ export function writeFileAtomic(
     throw e;
   }
   if (opts.durable) fsyncDir(dirname(target));
+}
+
+/**
+ * Makes the data of many just-written files durable. One syncfs(2) of their file system
+ * (coreutils `sync -f`, as Node has no binding) costs one journal commit instead of one
+ * fsync per file — about a millisecond per file on the factory's disks. Falls back to fsync
+ * per file when `sync -f` is not there or fails.
+ */
+function syncAll(fds: number[], anyPathOnFs: string): void {
+  if (fds.length > 4 && spawnSync("sync", ["-f", anyPathOnFs], { stdio: "ignore" }).status === 0) return;
+  for (const fd of fds) fsyncSync(fd);
+}
+
+export interface PendingFile {
+  target: string;
+  data: Buffer | string;
+  mode: number;
+}
+
+/**
+ * Many files at once (a batch): all written under temp names, then synced, then renamed, then
+ * each directory synced once. The same guarantee as writeFileAtomic — a final name only ever
+ * holds complete, synced data — for one journal commit instead of one per file.
+ */
+export function writeFilesAtomic(files: PendingFile[]): void {
+  const written: { tmp: string; target: string; fd: number }[] = [];
+  try {
+    for (const f of files) {
+      const tmp = tempNameFor(f.target);
+      const fd = openSync(tmp, "wx", f.mode);
+      written.push({ tmp, target: f.target, fd });
+      fchmodSync(fd, f.mode);
+      const buf = typeof f.data === "string" ? Buffer.from(f.data) : f.data;
+      let off = 0;
+      while (off < buf.length) off += writeSync(fd, buf, off, buf.length - off);
+    }
+    syncAll(written.map((w) => w.fd), dirname(files[0]?.target ?? "."));
+  } catch (e) {
+    for (const w of written) {
+      closeSync(w.fd);
+      unlinkSync(w.tmp);
+    }
+    throw e;
+  }
+  for (const w of written) {
+    closeSync(w.fd);
+    renameSync(w.tmp, w.target);
+  }
+  for (const dir of new Set(written.map((w) => dirname(w.target)))) fsyncDir(dir);
 }
 
 /**

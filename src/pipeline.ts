@@ -8,11 +8,12 @@ import { authorizedKeysLine } from "./bastion/line.js";
 import type { Bastion, Fleet } from "./config/fleet.js";
 import { UserError } from "./errors.js";
 import { planTunnels, type TunnelPlan } from "./forwards.js";
-import { writeFileAtomic } from "./fsutil.js";
+import { writeFileAtomic, type PendingFile } from "./fsutil.js";
 import type { Ed25519Key } from "./keys/ed25519.js";
 import { tarball } from "./overlay/archive.js";
 import { writeTreeTo } from "./overlay/apply.js";
 import { buildOverlay } from "./overlay/steps.js";
+import type { Tree } from "./overlay/tree.js";
 import type { Board, OsProfile, Profiles } from "./profiles.js";
 import type { DeviceRecord } from "./registry/types.js";
 
@@ -69,21 +70,42 @@ export interface Emitted {
   text: string;
 }
 
-export async function emitDevice(e: Emit, d: DeviceRecord, key: Ed25519Key, board: Board, os: OsProfile, bastions: Bastion[], fleet: Fleet): Promise<Emitted> {
+/** Everything a device's outputs hold, rendered in memory (nothing written yet). */
+export interface Rendered extends Emitted {
+  tree: Tree;
+  archive: Buffer | undefined;
+}
+
+export async function renderDevice(e: Emit, d: DeviceRecord, key: Ed25519Key, board: Board, os: OsProfile, bastions: Bastion[], fleet: Fleet): Promise<Rendered> {
   const tunnels = tunnelsOf(fleet, d, bastions);
   const tree = buildOverlay({ hostname: d.hostname, board, os, tunnels, key, operators: fleet.operators });
-  const overlay = overlayPath(e, d.hostname);
   const lines = deviceLines(d.hostname, key.pub, tunnels, new Date(d.created));
-  const text = renderLines(d.hostname, d.port, tunnels, lines);
-  const authorizedKeysFile = authorizedKeysPath(e.outDir, d.hostname);
+  return {
+    tree,
+    archive: e.form.kind === "tar" ? await tarball(tree, e.epoch) : undefined,
+    overlay: overlayPath(e, d.hostname),
+    authorizedKeysFile: authorizedKeysPath(e.outDir, d.hostname),
+    lines,
+    text: renderLines(d.hostname, d.port, tunnels, lines),
+  };
+}
+
+/** The files of a rendered tar-form device, for writeFilesAtomic (a batch writes many at once). */
+export function pendingFiles(r: Rendered): PendingFile[] {
+  if (!r.archive) throw new Error("pendingFiles: not a tar-form device");
+  // The archive holds the private key: 0600 from the moment it exists.
+  return [
+    { target: r.authorizedKeysFile, data: r.text, mode: 0o644 },
+    { target: r.overlay, data: r.archive, mode: 0o600 },
+  ];
+}
+
+export async function emitDevice(e: Emit, d: DeviceRecord, key: Ed25519Key, board: Board, os: OsProfile, bastions: Bastion[], fleet: Fleet): Promise<Emitted> {
+  const r = await renderDevice(e, d, key, board, os, bastions, fleet);
   // The lines file is a convenience copy (the registry re-exports it any time): renamed into
   // place but not synced on its own; the archive's directory sync below covers its name too.
-  writeFileAtomic(authorizedKeysFile, text, 0o644, undefined, { durable: false });
-  if (e.form.kind === "tar") {
-    // The archive holds the private key: 0600 from the moment it exists.
-    writeFileAtomic(overlay, await tarball(tree, e.epoch), 0o600);
-  } else {
-    writeTreeTo(tree, overlay, { epoch: e.epoch, replaceWhole: e.form.kind === "dir" });
-  }
-  return { overlay, authorizedKeysFile, lines, text };
+  writeFileAtomic(r.authorizedKeysFile, r.text, 0o644, undefined, { durable: false });
+  if (r.archive) writeFileAtomic(r.overlay, r.archive, 0o600);
+  else writeTreeTo(r.tree, r.overlay, { epoch: e.epoch, replaceWhole: e.form.kind === "dir" });
+  return { overlay: r.overlay, authorizedKeysFile: r.authorizedKeysFile, lines: r.lines, text: r.text };
 }

@@ -13,10 +13,10 @@ import { prepareOutDir, removeIfEmpty } from "../fsutil.js";
 import { publicKeyLine } from "../keys/ed25519.js";
 import { out, stderrLog, type Log } from "../output.js";
 import { archiveEpoch } from "../overlay/archive.js";
-import { emitDevice, overlayPath, type Emit, type OutputForm } from "../pipeline.js";
+import { emitDevice, overlayPath, type Emit, type Emitted, type OutputForm } from "../pipeline.js";
 import { loadProfiles, resolveBoardOs, type Board, type OsProfile } from "../profiles.js";
 import { openRegistry } from "../registry/open.js";
-import type { DeviceRecord, Registry } from "../registry/types.js";
+import type { DeviceRecord, Registry, ReserveRequest } from "../registry/types.js";
 
 export interface OutputOptions {
   out?: string;
@@ -79,6 +79,41 @@ export interface DeviceRequest {
   dk: DeviceKey;
 }
 
+export function reserveRequest(st: Station, req: DeviceRequest): ReserveRequest {
+  return {
+    hostname: req.hostname,
+    hostnameTemplate: st.fleet.hostnameTemplate,
+    range: st.fleet.ports.ssh,
+    services: serviceNames(st.fleet),
+    serviceRange: st.fleet.ports.services,
+    board: req.board.id,
+    os: req.os.id,
+    bastions: req.bastions.map((b) => b.name),
+    publicKey: publicKeyLine(req.dk.key.pub),
+    fingerprint: req.dk.fingerprint,
+    overlayPath: (h) => overlayPath(st.emit, h),
+    now: st.now,
+  };
+}
+
+export function buildResult(device: DeviceRecord, dk: DeviceKey, e: Emitted, rebuilt: boolean): BuildResult {
+  return {
+    hostname: device.hostname,
+    board: device.board,
+    os: device.os,
+    bastions: device.bastions,
+    port: device.port,
+    services: device.services,
+    fingerprint: dk.fingerprint,
+    publicKey: publicKeyLine(dk.key.pub, device.hostname),
+    overlay: e.overlay,
+    authorizedKeysFile: e.authorizedKeysFile,
+    authorizedKeys: e.lines,
+    authorizedKeysText: e.text,
+    rebuilt,
+  };
+}
+
 /** Reserve (or find, for a re-flash), write, activate. The registry is the caller's. */
 export async function buildDevice(st: Station, registry: Registry, req: DeviceRequest): Promise<BuildResult> {
   const { fleet, emit, log } = st;
@@ -94,20 +129,7 @@ export async function buildDevice(st: Station, registry: Registry, req: DeviceRe
     log.info(`${device.hostname} is registered with this key: rebuilding its overlay (port ${device.port})`);
     device = { ...device, board: board.id, os: os.id, bastions: bastions.map((b) => b.name) };
   } else {
-    device = await registry.reserve({
-      hostname: req.hostname,
-      hostnameTemplate: fleet.hostnameTemplate,
-      range: fleet.ports.ssh,
-      services: serviceNames(fleet),
-      serviceRange: fleet.ports.services,
-      board: board.id,
-      os: os.id,
-      bastions: bastions.map((b) => b.name),
-      publicKey: publicKeyLine(dk.key.pub),
-      fingerprint: dk.fingerprint,
-      overlayPath: (h) => overlayPath(emit, h),
-      now: st.now,
-    });
+    device = await registry.reserve(reserveRequest(st, req));
     log.info(`reserved port ${device.port} for ${device.hostname}`);
   }
   const hostname = device.hostname;
@@ -116,21 +138,7 @@ export async function buildDevice(st: Station, registry: Registry, req: DeviceRe
     if (rebuilt) await registry.updateDevice(hostname, { board: board.id, os: os.id, bastions: device.bastions, overlay: e.overlay });
     else await registry.activate(hostname);
     log.info(`wrote ${e.overlay}`);
-    return {
-      hostname,
-      board: board.id,
-      os: os.id,
-      bastions: device.bastions,
-      port: device.port,
-      services: device.services,
-      fingerprint: dk.fingerprint,
-      publicKey: publicKeyLine(dk.key.pub, hostname),
-      overlay: e.overlay,
-      authorizedKeysFile: e.authorizedKeysFile,
-      authorizedKeys: e.lines,
-      authorizedKeysText: e.text,
-      rebuilt,
-    };
+    return buildResult(device, dk, e, rebuilt);
   } catch (err) {
     if (!rebuilt) await registry.abandon(hostname);
     throw err;

@@ -143,9 +143,10 @@ export class SqliteRegistry implements Registry {
     tx.immediate();
   }
 
-  async reserve(req: ReserveRequest): Promise<DeviceRecord> {
+  /** One reservation; must run inside a transaction (it reads then writes). */
+  private reserveOne(req: ReserveRequest): DeviceRecord {
     const now = req.now.toISOString();
-    const tx = this.db.transaction((): DeviceRecord => {
+    {
       let name = req.hostname;
       if (name === undefined) {
         let seq = Number((this.db.prepare("SELECT value FROM meta WHERE key='seq'").get() as { value: string }).value);
@@ -205,8 +206,29 @@ export class SqliteRegistry implements Registry {
         services[svc] = p;
       }
       return toRecord(row, services);
-    });
-    return tx.immediate();
+    }
+  }
+
+  async reserve(req: ReserveRequest): Promise<DeviceRecord> {
+    return this.db.transaction(() => this.reserveOne(req)).immediate();
+  }
+
+  async reserveMany(reqs: ReserveRequest[]): Promise<(DeviceRecord | UserError)[]> {
+    // One write transaction (one sync) for the lot; each device in its own savepoint, so a
+    // device that fails leaves no trace and the others stand.
+    const one = this.db.transaction((req: ReserveRequest) => this.reserveOne(req));
+    return this.db
+      .transaction(() =>
+        reqs.map((req) => {
+          try {
+            return one(req);
+          } catch (e) {
+            if (e instanceof UserError) return e;
+            throw e;
+          }
+        }),
+      )
+      .immediate();
   }
 
   /** Lowest port in [lo, hi] with no row in `ports` (index walk: cost grows with gaps, not fleet size). */
@@ -230,6 +252,17 @@ export class SqliteRegistry implements Registry {
     this.db.pragma("synchronous = NORMAL");
     try {
       this.db.prepare("UPDATE devices SET status='active', updated=? WHERE hostname=? AND status='pending'").run(new Date().toISOString(), hostname);
+    } finally {
+      this.db.pragma("synchronous = FULL");
+    }
+  }
+
+  async activateMany(hostnames: string[]): Promise<void> {
+    this.db.pragma("synchronous = NORMAL");
+    try {
+      const stmt = this.db.prepare("UPDATE devices SET status='active', updated=? WHERE hostname=? AND status='pending'");
+      const at = new Date().toISOString();
+      this.db.transaction(() => hostnames.forEach((h) => stmt.run(at, h))).immediate();
     } finally {
       this.db.pragma("synchronous = FULL");
     }

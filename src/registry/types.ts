@@ -3,6 +3,7 @@
  * a private key. Backends (embedded SQLite today) implement this one interface.
  */
 import type { PortRange } from "../config/fleet.js";
+import type { UserError } from "../errors.js";
 
 export type DeviceStatus = "pending" | "active" | "revoked";
 
@@ -53,6 +54,14 @@ export interface Registry {
   abandon(hostname: string): Promise<void>;
   /** Re-flash of a registered device: update board/os/bastions/overlay, keep name, key, port. */
   updateDevice(hostname: string, fields: { board: string; os: string; bastions: string[]; overlay: string }): Promise<void>;
+  /**
+   * Several reservations in one transaction (a batch): each request succeeds or fails on its
+   * own — a failure is returned in its place and reserves nothing. Optional: without it a
+   * batch reserves one by one.
+   */
+  reserveMany?(reqs: ReserveRequest[]): Promise<(DeviceRecord | UserError)[]>;
+  /** Activates several devices in one transaction. Optional, like reserveMany. */
+  activateMany?(hostnames: string[]): Promise<void>;
   /** The device leaves every export; its ports stay reserved (quarantined) until released. */
   revoke(hostname: string): Promise<void>;
   /** Frees a revoked device's ports and forgets it. */
