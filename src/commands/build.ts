@@ -35,14 +35,9 @@ export interface BuildOptions extends OutputOptions {
   quiet?: boolean;
 }
 
-export interface BuildResult {
-  hostname: string;
-  board: string;
-  os: string;
-  bastions: string[];
-  port: number;
-  services: Record<string, number>;
-  fingerprint: string;
+/** What a build reports (and `--json` prints): the registered device plus its outputs. */
+export interface BuildResult extends Pick<DeviceRecord, "hostname" | "board" | "os" | "bastions" | "port" | "services" | "fingerprint"> {
+  /** The public key line with the hostname as its comment. */
   publicKey: string;
   overlay: string;
   authorizedKeysFile: string;
