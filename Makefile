@@ -38,6 +38,7 @@ TEST_TOOLS := sshd:openssh-server ssh:openssh-client ssh-keygen:openssh-client s
               systemd-analyze:systemd systemctl:systemd tar:tar
 test-deps:
 	@bash scripts/ensure-tools.sh $(TEST_TOOLS)
+	@bash scripts/ensure-postgres.sh >/dev/null
 
 typecheck: node_modules/.install-stamp
 	$(NODE_BIN)/tsc -p tsconfig.json --noEmit

@@ -134,6 +134,16 @@ function program(): Command {
     .option("--json", "JSON output")
     .action(lazy(() => import("./commands/doctor.js"), (m, opts) => m.doctorCommand(opts)));
 
+  registry
+    .command("migrate")
+    .description("copy the registry in use into another backend (keeps ports, keys, statuses, name counter)")
+    .requiredOption("--to <registry>", "target: postgres://user@host:5432/db, or a registry file")
+    .option("--force", "replace a target that already holds devices")
+    .option("--config <file>", cfg)
+    .option("--json", "JSON output")
+    .option("-q, --quiet", "no reminder on stderr")
+    .action(lazy(() => import("./commands/registry-migrate.js"), (m, opts) => m.registryMigrateCommand(opts)));
+
   p.command("schema [kind]")
     .description("print a JSON Schema for editors: fleet (default), board or os")
     .addOption(new Option("--out <file>", "write it to a file instead"))

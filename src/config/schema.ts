@@ -109,7 +109,7 @@ export const FleetSchema = z
     registry: z
       .string()
       .default("./mkoverlay.db")
-      .describe("Port registry: path of the embedded SQLite file (relative to this file)"),
+      .describe("Port registry: an embedded SQLite file (path relative to this file), or postgres://user@host:5432/db shared by several stations"),
     hostname: z
       .string()
       .default("gw-{seq:04}")

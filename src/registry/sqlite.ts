@@ -111,7 +111,17 @@ export class SqliteRegistry implements Registry {
       throw new UserError(`registry ${file}: cannot open (${(e as Error).message})`);
     }
     try {
-      this.db.pragma("journal_mode = WAL");
+      // Switching a new file to WAL needs a moment alone with it: when stations start together
+      // it answers SQLITE_BUSY at once (the busy timeout does not cover it), so retry briefly.
+      for (const deadline = Date.now() + 30_000; ; ) {
+        try {
+          this.db.pragma("journal_mode = WAL");
+          break;
+        } catch (e) {
+          if ((e as { code?: string }).code !== "SQLITE_BUSY" || Date.now() > deadline) throw e;
+          Atomics.wait(new Int32Array(new SharedArrayBuffer(4)), 0, 0, 10 + Math.random() * 20);
+        }
+      }
       this.db.pragma("foreign_keys = ON");
       this.db.pragma("synchronous = FULL");
       this.migrate(fresh);
@@ -269,8 +279,10 @@ export class SqliteRegistry implements Registry {
   }
 
   async abandon(hostname: string): Promise<void> {
+    // Only a device that is still pending: an active device (the doctor racing a build that
+    // just finished) keeps its name and ports.
     const tx = this.db.transaction(() => {
-      this.db.prepare("DELETE FROM ports WHERE hostname=?").run(hostname);
+      this.db.prepare("DELETE FROM ports WHERE hostname=? AND EXISTS (SELECT 1 FROM devices WHERE hostname=? AND status='pending')").run(hostname, hostname);
       this.db.prepare("DELETE FROM devices WHERE hostname=? AND status='pending'").run(hostname);
     });
     tx.immediate();

@@ -97,6 +97,10 @@ export async function startPostgres(): Promise<PgServer> {
   writeFileSync(hba, ["local all all trust", `host all ${PW_ROLE.user} 127.0.0.1/32 scram-sha-256`, "host all all 127.0.0.1/32 trust", ""].join("\n"));
   if (as) chownSync(hba, as.uid, as.gid);
 
+  // postgres runs under a small guardian shell that reads our end of a pipe: when this
+  // process goes away in any way (even SIGKILL), the pipe closes and the guardian stops the
+  // server, so an aborted test run leaves no server behind.
+  const guardian = 'exec 3<&0; "$@" </dev/null & pid=$!; (read -r _ <&3; kill -INT "$pid" 2>/dev/null) & wait "$pid"';
   let child: ChildProcess | undefined;
   let port = 0;
   for (let attempt = 0; attempt < 5 && !child; attempt++) {
@@ -104,8 +108,10 @@ export async function startPostgres(): Promise<PgServer> {
     const log = openSync(logFile, "a");
     if (as) chownSync(logFile, as.uid, as.gid);
     const c = spawn(
-      join(bin, "postgres"),
+      "sh",
       [
+        "-c", guardian, "sh",
+        join(bin, "postgres"),
         "-D", data,
         "-p", String(port),
         "-c", "listen_addresses=127.0.0.1",
@@ -116,14 +122,13 @@ export async function startPostgres(): Promise<PgServer> {
         "-c", "max_connections=200",
         "-c", "logging_collector=off",
       ],
-      { ...ids, cwd: dir, env, stdio: ["ignore", log, log] },
+      { ...ids, cwd: dir, env, stdio: ["pipe", log, log] },
     );
     closeSync(log);
     const ready = await waitReady(c, port);
     if (ready) child = c;
     else {
-      c.kill("SIGKILL");
-      await exited(c);
+      await stopServer(c, data);
     }
   }
   if (!child) {
@@ -132,10 +137,6 @@ export async function startPostgres(): Promise<PgServer> {
     throw new Error(`postgres did not start on 127.0.0.1 (5 attempts); log:\n${tail}`);
   }
   const server = child;
-  const killOnExit = () => {
-    if (server.pid && server.exitCode === null) server.kill("SIGKILL");
-  };
-  process.once("exit", killOnExit);
 
   const admin = async <T extends pg.QueryResultRow>(db: string, text: string, values: unknown[] = []): Promise<T[]> => {
     const name = db.includes("://") ? decodeURIComponent(new URL(db).pathname.slice(1)) : db;
@@ -164,16 +165,37 @@ export async function startPostgres(): Promise<PgServer> {
     },
     sql: admin,
     async stop() {
-      process.removeListener("exit", killOnExit);
-      if (server.exitCode === null && server.signalCode === null) {
-        server.kill("SIGINT"); // fast shutdown: clients are disconnected, no checkpoint wait
-        const timer = setTimeout(() => server.kill("SIGKILL"), 10_000);
-        await exited(server);
-        clearTimeout(timer);
-      }
+      await stopServer(server, data);
       removeDir(dir);
     },
   };
+}
+
+/** The postmaster's PID, from its lock file in the data directory. */
+function postmasterPid(data: string): number | undefined {
+  try {
+    const pid = Number(readFileSync(join(data, "postmaster.pid"), "utf8").split("\n")[0]);
+    return Number.isInteger(pid) && pid > 0 ? pid : undefined;
+  } catch {
+    return undefined;
+  }
+}
+
+/** Stops the server by its PID (SIGINT: fast shutdown, clients disconnected), SIGKILL after 10 s. */
+async function stopServer(guard: ChildProcess, data: string): Promise<void> {
+  const pid = postmasterPid(data);
+  const signal = (sig: NodeJS.Signals) => {
+    try {
+      if (pid) process.kill(pid, sig);
+    } catch {
+      // already gone
+    }
+  };
+  signal("SIGINT");
+  guard.stdin?.end(); // the guardian's cue as well
+  const timer = setTimeout(() => signal("SIGKILL"), 10_000);
+  await exited(guard);
+  clearTimeout(timer);
 }
 
 async function waitReady(child: ChildProcess, port: number): Promise<boolean> {
