@@ -13,7 +13,11 @@ type Action = (...args: any[]) => Promise<void>;
 /** Imports a command's module only when that command runs. */
 function lazy<M>(load: () => Promise<M>, run: (m: M, ...args: any[]) => unknown): Action {
   return async (...args) => {
-    await run(await load(), ...args);
+    // commander passes (...positionals, options, command): merge in the program-level options,
+    // so `mkoverlay --config F batch …` means the same as `mkoverlay batch --config F …`.
+    const cmd = args[args.length - 1] as Command;
+    const merged = [...args.slice(0, -2), { ...cmd.optsWithGlobals() }, cmd];
+    await run(await load(), ...merged);
   };
 }
 /* eslint-enable @typescript-eslint/no-explicit-any */
@@ -23,6 +27,7 @@ function program(): Command {
     .description("Build rootfs overlays for gateways that keep reverse SSH tunnels to bastions")
     .version(VERSION)
     .option("--debug", "print stack traces for errors")
+    .option("--config <file>", "fleet config (default $MKOVERLAY_CONFIG or ./mkoverlay.yaml)")
     .showHelpAfterError("(run with --help for usage)")
     .showSuggestionAfterError(true)
     // Set before the subcommands are added so they inherit it: one exit path for every error.
@@ -154,6 +159,11 @@ function program(): Command {
 
 export async function main(argv: string[]): Promise<void> {
   const debug = argv.includes("--debug");
+  // `mkoverlay registry list | head`: a reader that stops early is not an error.
+  process.stdout.on("error", (e: NodeJS.ErrnoException) => {
+    if (e.code === "EPIPE") process.exit(0);
+    throw e;
+  });
   const p = program();
   try {
     await p.parseAsync(argv);

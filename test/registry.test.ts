@@ -195,6 +195,36 @@ describe.each(BACKENDS.map((b) => [b.name, b] as const))("registry on %s", (_nam
     }
   });
 
+  it("every command works unchanged: batch, list, revoke, rotate, release, exports, ssh-config, verify, doctor", async () => {
+    const ws = await freshWorkspace(backend);
+    const cli = (args: string[]) => runCli([...args, "--config", ws.cfg], { cwd: ws.dir });
+    try {
+      const b = cli(["batch", "--board", "rpi4", "--bastion", "eu", "--count", "5", "--json", "--quiet", "--out", ws.out]);
+      expect(b.code, b.stderr).toBe(0);
+      const built = b.stdout.trim().split("\n").map((l) => JSON.parse(l) as { hostname: string; port: number; overlay: string });
+      expect(new Set(built.map((d) => d.port)).size).toBe(5);
+      const listed = JSON.parse(cli(["registry", "list", "--json"]).stdout) as { hostname: string; status: string }[];
+      expect(listed.map((d) => d.hostname).sort()).toEqual(built.map((d) => d.hostname).sort());
+      expect(cli(["verify", built[0]!.overlay]).code).toBe(0);
+      expect(cli(["revoke", built[1]!.hostname]).code).toBe(0);
+      const rot = cli(["rotate", built[2]!.hostname, "--json", "--out", join(ws.dir, "rotated")]);
+      expect(rot.code, rot.stderr).toBe(0);
+      const ak = cli(["bastion", "authorized-keys", "--bastion", "eu"]).stdout;
+      expect(ak.split("\n").filter((l) => l && !l.startsWith("#"))).toHaveLength(4);
+      expect(ak).not.toContain(` ${built[1]!.hostname}\n`);
+      expect(ak).toContain(` ${built[2]!.hostname}\n`);
+      expect(cli(["verify", built[2]!.overlay]).code).toBe(1); // rotated out
+      expect(cli(["ssh-config"]).stdout.match(/^Host /gm)).toHaveLength(4);
+      expect(cli(["known-hosts"]).stdout.split("\n").filter((l) => l.startsWith("gw-"))).toHaveLength(4);
+      expect(cli(["registry", "release", built[1]!.hostname]).code).toBe(0);
+      const next = cli(["--board", "rpi4", "--bastion", "eu", "--json", "--quiet", "--out", ws.out]);
+      expect((JSON.parse(next.stdout) as { port: number }).port).toBe(built[1]!.port);
+      expect(cli(["registry", "doctor"]).stdout).toMatch(/healthy/);
+    } finally {
+      removeDir(ws.dir);
+    }
+  });
+
   const SEED = 20251124;
   it(`SIGKILLed builds (30+ rounds, seed ${SEED}) leave no duplicate port, no truncated archive, nothing the doctor cannot fix`, async () => {
     const ws = await freshWorkspace(backend);
