@@ -57,11 +57,11 @@ function batch(dir, count) {
   return new Promise((resolve, reject) => {
     const t0 = now();
     const marks = [];
-    const args = [CLI, "batch", "--board", "rpi4", "--bastion", "eu", "--count", String(count), "--json", "--quiet"];
+    const args = ["batch", "--board", "rpi4", "--bastion", "eu", "--count", String(count), "--json", "--quiet"];
     const hasTime = spawnSync("/usr/bin/time", ["-f", "%M", "true"]).status === 0;
     const p = hasTime
-      ? spawn("/usr/bin/time", ["-f", "maxrss_kb=%M", process.execPath, ...args], { cwd: dir, stdio: ["ignore", "pipe", "pipe"] })
-      : spawn(process.execPath, args, { cwd: dir, stdio: ["ignore", "pipe", "pipe"] });
+      ? spawn("/usr/bin/time", ["-f", "maxrss_kb=%M", CLI, ...args], { cwd: dir, stdio: ["ignore", "pipe", "pipe"] })
+      : spawn(CLI, args, { cwd: dir, stdio: ["ignore", "pipe", "pipe"] });
     let buf = "";
     let err = "";
     p.stdout.on("data", (d) => {
@@ -94,12 +94,12 @@ rows.push([`Batch of ${COUNT}: mkoverlay / recipe (ssh-keygen, sed, tar, sqlite3
 
 // 2. One device, one process, against a bare Node start (interleaved medians).
 const single = fleet(join(WORK, "single"));
-timed(process.execPath, [CLI, "--board", "rpi4", "--bastion", "eu", "--quiet"], single); // warms the config cache
+timed(CLI, ["--board", "rpi4", "--bastion", "eu", "--quiet"], single); // warms the config cache
 const bare = [];
 const one = [];
 for (let i = 0; i < RUNS; i++) {
   bare.push(timed(process.execPath, ["-e", ""], single));
-  one.push(timed(process.execPath, [CLI, "--board", "rpi4", "--bastion", "eu", "--quiet"], single));
+  one.push(timed(CLI, ["--board", "rpi4", "--bastion", "eu", "--quiet"], single));
 }
 const startRatio = median(one) / median(bare);
 rows.push([`One build, one process / bare \`node -e ''\` (medians of ${RUNS})`, `${startRatio.toFixed(2)}×`, "≤ 2.0×", startRatio <= 2.0, `${fmt(median(one))} vs ${fmt(median(bare))}`]);
@@ -115,12 +115,12 @@ const flat = lastTenth / firstTenth;
 rows.push([`Batch of ${GROWTH}: last tenth / first tenth time per device`, `${flat.toFixed(2)}×`, "flat (≈ 1)", flat <= 1.3, `${(firstTenth / tenth).toFixed(2)} → ${(lastTenth / tenth).toFixed(2)} ms/device`]);
 if (g.rssMb !== undefined) rows.push([`Batch of ${GROWTH}: peak RSS`, `${g.rssMb.toFixed(0)} MB`, "≤ 150 MB", g.rssMb <= 150, ""]);
 const empty = fleet(join(WORK, "empty"));
-timed(process.execPath, [CLI, "--board", "rpi4", "--bastion", "eu", "--quiet"], empty);
+timed(CLI, ["--board", "rpi4", "--bastion", "eu", "--quiet"], empty);
 const onFull = [];
 const onEmpty = [];
 for (let i = 0; i < RUNS; i++) {
-  onEmpty.push(timed(process.execPath, [CLI, "--board", "rpi4", "--bastion", "eu", "--quiet"], empty));
-  onFull.push(timed(process.execPath, [CLI, "--board", "rpi4", "--bastion", "eu", "--quiet"], big));
+  onEmpty.push(timed(CLI, ["--board", "rpi4", "--bastion", "eu", "--quiet"], empty));
+  onFull.push(timed(CLI, ["--board", "rpi4", "--bastion", "eu", "--quiet"], big));
 }
 const growth = median(onFull) / median(onEmpty);
 rows.push([`One build with ${GROWTH} devices registered / with an empty registry`, `${growth.toFixed(2)}×`, "≤ 1.2×", growth <= 1.2, `${fmt(median(onFull))} vs ${fmt(median(onEmpty))}`]);

@@ -101,6 +101,17 @@ function checkIsDatabase(file: string): void {
 export class SqliteRegistry implements Registry {
   private readonly db: Database.Database;
   private readonly station = `${osHostname()}:${process.pid}`;
+  private readonly statements = new Map<string, Database.Statement>();
+
+  /** Prepared once per connection: a batch runs the same few statements thousands of times. */
+  private stmt(sql: string): Database.Statement {
+    let st = this.statements.get(sql);
+    if (!st) {
+      st = this.db.prepare(sql);
+      this.statements.set(sql, st);
+    }
+    return st;
+  }
 
   constructor(readonly file: string) {
     checkIsDatabase(file);
@@ -134,15 +145,15 @@ export class SqliteRegistry implements Registry {
 
   private migrate(fresh: boolean): void {
     const tx = this.db.transaction(() => {
-      const hasMeta = this.db.prepare("SELECT name FROM sqlite_master WHERE type='table' AND name='meta'").get();
+      const hasMeta = this.stmt("SELECT name FROM sqlite_master WHERE type='table' AND name='meta'").get();
       if (!hasMeta) {
-        const tables = this.db.prepare("SELECT count(*) AS n FROM sqlite_master WHERE type='table'").get() as { n: number };
+        const tables = this.stmt("SELECT count(*) AS n FROM sqlite_master WHERE type='table'").get() as { n: number };
         if (!fresh && tables.n > 0) throw new UserError(`registry ${this.file}: a SQLite database, but not an mkoverlay registry`);
         this.db.exec(SCHEMA);
-        this.db.prepare("INSERT INTO meta(key, value) VALUES ('schema_version', ?), ('seq', '0')").run(String(SCHEMA_VERSION));
+        this.stmt("INSERT INTO meta(key, value) VALUES ('schema_version', ?), ('seq', '0')").run(String(SCHEMA_VERSION));
         return;
       }
-      const v = this.db.prepare("SELECT value FROM meta WHERE key='schema_version'").get() as { value: string } | undefined;
+      const v = this.stmt("SELECT value FROM meta WHERE key='schema_version'").get() as { value: string } | undefined;
       const version = Number(v?.value ?? 0);
       if (version > SCHEMA_VERSION) {
         throw new UserError(`registry ${this.file}: schema version ${version} was written by a newer mkoverlay (this one knows ${SCHEMA_VERSION})`, {
@@ -159,22 +170,22 @@ export class SqliteRegistry implements Registry {
     {
       let name = req.hostname;
       if (name === undefined) {
-        let seq = Number((this.db.prepare("SELECT value FROM meta WHERE key='seq'").get() as { value: string }).value);
-        const exists = this.db.prepare("SELECT 1 FROM devices WHERE hostname = ?");
+        let seq = Number((this.stmt("SELECT value FROM meta WHERE key='seq'").get() as { value: string }).value);
+        const exists = this.stmt("SELECT 1 FROM devices WHERE hostname = ?");
         do {
           seq += 1;
           name = renderHostname(req.hostnameTemplate, seq);
         } while (exists.get(name));
-        this.db.prepare("UPDATE meta SET value = ? WHERE key='seq'").run(String(seq));
+        this.stmt("UPDATE meta SET value = ? WHERE key='seq'").run(String(seq));
       } else {
-        const taken = this.db.prepare("SELECT status FROM devices WHERE hostname = ?").get(name) as { status: string } | undefined;
+        const taken = this.stmt("SELECT status FROM devices WHERE hostname = ?").get(name) as { status: string } | undefined;
         if (taken) {
           throw new UserError(`hostname ${name} is already registered (${taken.status})`, {
             hint: "pick another --hostname, or pass its registered key with --host-key to rebuild its overlay",
           });
         }
       }
-      const dup = this.db.prepare("SELECT hostname FROM devices WHERE fingerprint = ?").get(req.fingerprint) as { hostname: string } | undefined;
+      const dup = this.stmt("SELECT hostname FROM devices WHERE fingerprint = ?").get(req.fingerprint) as { hostname: string } | undefined;
       if (dup) throw new UserError(`this key is already registered to ${dup.hostname}`, { hint: "each device needs its own key" });
       const port = this.lowestFreePort(req.range.lo, req.range.hi);
       if (port === undefined) {
@@ -202,7 +213,7 @@ export class SqliteRegistry implements Registry {
            VALUES (@hostname, @board, @os, @bastions, @port, @public_key, @fingerprint, @status, @overlay, @station, @created, @updated)`,
         )
         .run(row);
-      const insertPort = this.db.prepare("INSERT INTO ports (port, hostname, purpose) VALUES (?, ?, ?)");
+      const insertPort = this.stmt("INSERT INTO ports (port, hostname, purpose) VALUES (?, ?, ?)");
       insertPort.run(port, name, "ssh");
       const services: Record<string, number> = {};
       for (const svc of req.services) {
@@ -241,18 +252,38 @@ export class SqliteRegistry implements Registry {
       .immediate();
   }
 
-  /** Lowest port in [lo, hi] with no row in `ports` (index walk: cost grows with gaps, not fleet size). */
+  /**
+   * Lowest port in [lo, hi] with no row in `ports`. A hint per range (meta `free_from:LO-HI`)
+   * records that every port below it is taken, so the walk starts there instead of at `lo`:
+   * the cost of a reservation does not grow with the fleet. Freeing a port lowers the hint.
+   */
   private lowestFreePort(lo: number, hi: number): number | undefined {
-    const taken = this.db.prepare("SELECT 1 FROM ports WHERE port = ?");
-    if (!taken.get(lo)) return lo;
-    const r = this.db
-      .prepare(
+    const hintKey = `free_from:${lo}-${hi}`;
+    const hint = this.stmt("SELECT value FROM meta WHERE key = ?").get(hintKey) as { value: string } | undefined;
+    const start = Math.max(lo, Number(hint?.value ?? lo));
+    if (start > hi) return undefined;
+    let port: number | undefined;
+    if (!this.stmt("SELECT 1 FROM ports WHERE port = ?").get(start)) port = start;
+    else {
+      const r = this.stmt(
         `SELECT p.port + 1 AS free FROM ports p
          WHERE p.port >= ? AND p.port < ? AND NOT EXISTS (SELECT 1 FROM ports q WHERE q.port = p.port + 1)
          ORDER BY p.port LIMIT 1`,
-      )
-      .get(lo, hi) as { free: number } | undefined;
-    return r?.free;
+      ).get(start, hi) as { free: number } | undefined;
+      port = r?.free;
+    }
+    if (port !== undefined) this.stmt("INSERT INTO meta(key, value) VALUES (?, ?) ON CONFLICT(key) DO UPDATE SET value = excluded.value").run(hintKey, String(port + 1));
+    return port;
+  }
+
+  /** Ports are about to be freed: every range hint above one of them comes down to it. */
+  private lowerHints(ports: number[]): void {
+    if (ports.length === 0) return;
+    for (const { key, value } of this.stmt("SELECT key, value FROM meta WHERE key LIKE 'free_from:%'").all() as { key: string; value: string }[]) {
+      const [lo = 0, hi = 0] = key.slice("free_from:".length).split("-").map(Number);
+      const inRange = ports.filter((p) => p >= lo && p <= hi);
+      if (inRange.length > 0 && Math.min(...inRange) < Number(value)) this.stmt("UPDATE meta SET value = ? WHERE key = ?").run(String(Math.min(...inRange)), key);
+    }
   }
 
   async activate(hostname: string): Promise<void> {
@@ -261,7 +292,7 @@ export class SqliteRegistry implements Registry {
     // reservation itself (which must never be lost once an archive carries its port) is FULL.
     this.db.pragma("synchronous = NORMAL");
     try {
-      this.db.prepare("UPDATE devices SET status='active', updated=? WHERE hostname=? AND status='pending'").run(new Date().toISOString(), hostname);
+      this.stmt("UPDATE devices SET status='active', updated=? WHERE hostname=? AND status='pending'").run(new Date().toISOString(), hostname);
     } finally {
       this.db.pragma("synchronous = FULL");
     }
@@ -270,7 +301,7 @@ export class SqliteRegistry implements Registry {
   async activateMany(hostnames: string[]): Promise<void> {
     this.db.pragma("synchronous = NORMAL");
     try {
-      const stmt = this.db.prepare("UPDATE devices SET status='active', updated=? WHERE hostname=? AND status='pending'");
+      const stmt = this.stmt("UPDATE devices SET status='active', updated=? WHERE hostname=? AND status='pending'");
       const at = new Date().toISOString();
       this.db.transaction(() => hostnames.forEach((h) => stmt.run(at, h))).immediate();
     } finally {
@@ -282,8 +313,10 @@ export class SqliteRegistry implements Registry {
     // Only a device that is still pending: an active device (the doctor racing a build that
     // just finished) keeps its name and ports.
     const tx = this.db.transaction(() => {
-      this.db.prepare("DELETE FROM ports WHERE hostname=? AND EXISTS (SELECT 1 FROM devices WHERE hostname=? AND status='pending')").run(hostname, hostname);
-      this.db.prepare("DELETE FROM devices WHERE hostname=? AND status='pending'").run(hostname);
+      const freed = this.stmt("SELECT port FROM ports WHERE hostname=? AND EXISTS (SELECT 1 FROM devices WHERE hostname=? AND status='pending')").all(hostname, hostname) as { port: number }[];
+      this.lowerHints(freed.map((f) => f.port));
+      this.stmt("DELETE FROM ports WHERE hostname=? AND EXISTS (SELECT 1 FROM devices WHERE hostname=? AND status='pending')").run(hostname, hostname);
+      this.stmt("DELETE FROM devices WHERE hostname=? AND status='pending'").run(hostname);
     });
     tx.immediate();
   }
@@ -295,13 +328,14 @@ export class SqliteRegistry implements Registry {
   }
 
   async revoke(hostname: string): Promise<void> {
-    this.db.prepare("UPDATE devices SET status='revoked', updated=? WHERE hostname=?").run(new Date().toISOString(), hostname);
+    this.stmt("UPDATE devices SET status='revoked', updated=? WHERE hostname=?").run(new Date().toISOString(), hostname);
   }
 
   async release(hostname: string): Promise<void> {
     const tx = this.db.transaction(() => {
-      this.db.prepare("DELETE FROM ports WHERE hostname=?").run(hostname);
-      this.db.prepare("DELETE FROM devices WHERE hostname=?").run(hostname);
+      this.lowerHints((this.stmt("SELECT port FROM ports WHERE hostname=?").all(hostname) as { port: number }[]).map((f) => f.port));
+      this.stmt("DELETE FROM ports WHERE hostname=?").run(hostname);
+      this.stmt("DELETE FROM devices WHERE hostname=?").run(hostname);
     });
     tx.immediate();
   }
@@ -317,8 +351,8 @@ export class SqliteRegistry implements Registry {
     const svc = new Map<string, Record<string, number>>();
     const q =
       rows.length === 1
-        ? this.db.prepare("SELECT port, hostname, purpose FROM ports WHERE hostname = ? AND purpose LIKE 'service:%'").all(rows[0]!.hostname)
-        : this.db.prepare("SELECT port, hostname, purpose FROM ports WHERE purpose LIKE 'service:%'").all();
+        ? this.stmt("SELECT port, hostname, purpose FROM ports WHERE hostname = ? AND purpose LIKE 'service:%'").all(rows[0]!.hostname)
+        : this.stmt("SELECT port, hostname, purpose FROM ports WHERE purpose LIKE 'service:%'").all();
     for (const p of q as { port: number; hostname: string; purpose: string }[]) {
       const m = svc.get(p.hostname) ?? {};
       m[p.purpose.slice("service:".length)] = p.port;
@@ -328,21 +362,21 @@ export class SqliteRegistry implements Registry {
   }
 
   async pending(): Promise<DeviceRecord[]> {
-    return this.withServices(this.db.prepare("SELECT * FROM devices WHERE status='pending' ORDER BY port").all() as Row[]);
+    return this.withServices(this.stmt("SELECT * FROM devices WHERE status='pending' ORDER BY port").all() as Row[]);
   }
 
   async get(hostname: string): Promise<DeviceRecord | undefined> {
-    const r = this.db.prepare("SELECT * FROM devices WHERE hostname = ?").get(hostname) as Row | undefined;
+    const r = this.stmt("SELECT * FROM devices WHERE hostname = ?").get(hostname) as Row | undefined;
     return r && this.withServices([r])[0];
   }
 
   async getByFingerprint(fp: string): Promise<DeviceRecord | undefined> {
-    const r = this.db.prepare("SELECT * FROM devices WHERE fingerprint = ?").get(fp) as Row | undefined;
+    const r = this.stmt("SELECT * FROM devices WHERE fingerprint = ?").get(fp) as Row | undefined;
     return r && this.withServices([r])[0];
   }
 
   async list(): Promise<DeviceRecord[]> {
-    return this.withServices(this.db.prepare("SELECT * FROM devices ORDER BY port").all() as Row[]);
+    return this.withServices(this.stmt("SELECT * FROM devices ORDER BY port").all() as Row[]);
   }
 
   async close(): Promise<void> {
