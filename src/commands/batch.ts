@@ -5,6 +5,7 @@
  * but counts and failures.
  */
 import { readFileSync } from "node:fs";
+import { setFlagsFromString } from "node:v8";
 import { configPath, loadFleet } from "../config/load.js";
 import { loadOrGenerateKey, resolveBastions } from "../device.js";
 import { errnoCode, isUserError, UserError } from "../errors.js";
@@ -127,6 +128,11 @@ async function chunked(
 }
 
 export async function batchCommand(opts: BatchOptions): Promise<void> {
+  // A batch streams thousands of short-lived trees and buffers. Left alone, V8 grows its young
+  // generation to the maximum and peak memory with it (measured: ~155 MB for 10,000 devices);
+  // not growing it keeps a batch near 90 MB at no measurable cost in time. Set here, not as a
+  // node flag, because any flag on the command line costs every single build ~9 ms of start-up.
+  setFlagsFromString("--semi-space-growth-factor=1");
   if ((opts.count === undefined) === (opts.hosts === undefined)) throw new UserError("batch needs exactly one of --count N or --hosts FILE");
   const now = new Date();
   const fleet = await loadFleet(configPath(opts.config), now);
