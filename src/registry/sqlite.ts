@@ -5,12 +5,29 @@
  */
 import Database from "better-sqlite3";
 import { closeSync, existsSync, openSync, readSync, statSync } from "node:fs";
+import { createRequire } from "node:module";
 import { hostname as osHostname } from "node:os";
+import { dirname, join } from "node:path";
 import { renderHostname } from "../config/rules.js";
 import { errnoCode, UserError } from "../errors.js";
 import type { DeviceRecord, DeviceStatus, Registry, ReserveRequest } from "./types.js";
 
 export const SCHEMA_VERSION = 1;
+
+/**
+ * The addon's path, handed to better-sqlite3 directly: its default lookup (the `bindings`
+ * package) walks candidate folders and parses a stack trace, several milliseconds of every
+ * single build. Falls back to that lookup when the file is not where a normal install puts it.
+ */
+function nativeBinding(): { nativeBinding?: string } {
+  try {
+    const req = createRequire(import.meta.url);
+    const file = join(dirname(req.resolve("better-sqlite3/package.json")), "build", "Release", "better_sqlite3.node");
+    return existsSync(file) ? { nativeBinding: file } : {};
+  } catch {
+    return {};
+  }
+}
 const HEADER = Buffer.from("SQLite format 3\0", "latin1");
 
 const SCHEMA = `
@@ -117,7 +134,7 @@ export class SqliteRegistry implements Registry {
     checkIsDatabase(file);
     const fresh = !existsSync(file);
     try {
-      this.db = new Database(file, { timeout: 30_000 });
+      this.db = new Database(file, { timeout: 30_000, ...nativeBinding() });
     } catch (e) {
       throw new UserError(`registry ${file}: cannot open (${(e as Error).message})`);
     }
