@@ -45,6 +45,7 @@ typecheck: node_modules/.install-stamp
 
 lint: node_modules/.install-stamp
 	$(NODE_BIN)/eslint .
+	shellcheck -S warning scripts/*.sh test/boot/*.sh bench/recipe.sh .ci/run overlays/common/usr/local/sbin/reverse-ssh-monitor
 
 # The committed JSON Schemas must match the validators (editors and the config cache use them).
 schema-check: build
@@ -57,7 +58,7 @@ unit: build
 test: test-deps boot-deps build typecheck lint schema-check unit
 
 boot-deps:
-	@bash test/boot/ensure-deps.sh
+	@MKOVERLAY_BOOT_ARCH=$(ARCH) bash test/boot/ensure-deps.sh
 
 test-boot: build boot-deps
 	MKOVERLAY_BOOT_ARCH=$(ARCH) $(NODE_BIN)/vitest run test/boot

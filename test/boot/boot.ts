@@ -31,8 +31,42 @@ const sleep = (ms: number): Promise<void> => new Promise((r) => setTimeout(r, ms
 // Prerequisites and base image
 // ---------------------------------------------------------------------------------------------
 
+/** How the harness boots one guest architecture (Debian architecture name as the key). */
+export interface BootArchProfile {
+  /** The qemu system emulator for it. */
+  qemu: string;
+  /** Machine and CPU (always TCG: no KVM, and arm64 runs on an x86-64 host anyway). */
+  machineArgs: string[];
+  /** The root disk (virtio-blk) for an image path. */
+  diskArgs: (image: string) => string[];
+  /** The virtio NIC on netdev n0 (PCI: the guest names it en*, which the base image configures). */
+  nicArgs: string[];
+}
+
+export const BOOT_ARCH_PROFILES: Readonly<Record<string, BootArchProfile>> = {
+  amd64: {
+    qemu: "qemu-system-x86_64",
+    machineArgs: [],
+    diskArgs: (image) => ["-drive", `file=${image},format=raw,if=virtio,cache=unsafe`],
+    nicArgs: ["-device", "virtio-net-pci,netdev=n0"],
+  },
+  arm64: {
+    // The virt board: PL011 UART (console=ttyAMA0 in the base image's cmdline), generic PCIe host.
+    qemu: "qemu-system-aarch64",
+    machineArgs: ["-M", "virt", "-cpu", "cortex-a72"],
+    diskArgs: (image) => ["-drive", `file=${image},format=raw,if=none,id=d0,cache=unsafe`, "-device", "virtio-blk-pci,drive=d0"],
+    nicArgs: ["-device", "virtio-net-pci,netdev=n0"],
+  },
+};
+
 /** Guest architectures the harness can build and boot. */
-export const SUPPORTED_BOOT_ARCHES: readonly string[] = ["amd64"];
+export const SUPPORTED_BOOT_ARCHES: readonly string[] = Object.keys(BOOT_ARCH_PROFILES);
+
+function bootArchProfile(arch: string): BootArchProfile {
+  const p = BOOT_ARCH_PROFILES[arch];
+  if (!p) throw new Error(`unsupported boot architecture ${arch} (supported: ${SUPPORTED_BOOT_ARCHES.join(", ")})`);
+  return p;
+}
 
 /** The guest architecture asked for with MKOVERLAY_BOOT_ARCH (`make test-boot ARCH=…`); default amd64. */
 export function requestedBootArch(): string {
@@ -66,30 +100,35 @@ function which(cmd: string): string | undefined {
 export function checkBootPrerequisites(opts: { install?: boolean } = {}): BootPrerequisites {
   const problems: string[] = [];
   if (process.platform !== "linux") problems.push(`needs Linux (this is ${process.platform})`);
-  if (process.arch !== "x64") problems.push(`base image is amd64; host arch ${process.arch} untested`);
+  if (process.arch !== "x64") problems.push(`the harness runs on an x86-64 host (amd64 and arm64 guests); host arch ${process.arch} untested`);
   const arch = requestedBootArch();
-  if (!SUPPORTED_BOOT_ARCHES.includes(arch)) {
-    problems.push(
-      `MKOVERLAY_BOOT_ARCH=${arch} is not supported by the boot harness (supported: ${SUPPORTED_BOOT_ARCHES.join(", ")}); ` +
-        "arm64 needs an arm64 base image recipe (qemu-user-static + binfmt_misc for debootstrap's second stage, " +
-        "linux-image-arm64, console=ttyAMA0) and qemu-system-aarch64 -M virt -cpu cortex-a72 in bootWithOverlay",
-    );
+  const profile = BOOT_ARCH_PROFILES[arch];
+  if (!profile) {
+    problems.push(`MKOVERLAY_BOOT_ARCH=${arch} is not supported by the boot harness (supported: ${SUPPORTED_BOOT_ARCHES.join(", ")})`);
   }
   const isRoot = typeof process.getuid === "function" && process.getuid() === 0;
   if (!isRoot) problems.push("needs root (debootstrap for the base image; bastion sshd switching to the tunnel user)");
-  if (opts.install !== false && isRoot) {
-    const r = spawnSync("bash", [ENSURE_DEPS_SCRIPT], { encoding: "utf8", stdio: ["ignore", "pipe", "pipe"] });
+  if (opts.install !== false && isRoot && profile) {
+    // arm64 also needs qemu-user-static and an enabled binfmt_misc handler (ensure-deps.sh).
+    const r = spawnSync("bash", [ENSURE_DEPS_SCRIPT], {
+      encoding: "utf8",
+      stdio: ["ignore", "pipe", "pipe"],
+      env: { ...process.env, MKOVERLAY_BOOT_ARCH: arch },
+    });
     if (r.status !== 0) problems.push(`ensure-deps.sh failed (${r.status}): ${(r.stderr || "").trim().split("\n").slice(-5).join(" | ")}`);
   }
-  for (const c of ["qemu-system-x86_64", "debugfs", "mke2fs", "socat", "sshd", "ssh", "ssh-keygen", "tar"]) {
-    if (!which(c)) problems.push(`missing ${c} (run test/boot/ensure-deps.sh as root)`);
+  const deps = [profile?.qemu ?? "qemu-system-x86_64", "debugfs", "mke2fs", "socat", "sshd", "ssh", "ssh-keygen", "tar"];
+  for (const c of deps) {
+    if (!which(c)) problems.push(`missing ${c} (run MKOVERLAY_BOOT_ARCH=${arch} test/boot/ensure-deps.sh as root)`);
   }
   return { ok: problems.length === 0, problems };
 }
 
 export interface BaseImage {
-  /** Cache directory of this recipe (…/mkoverlay-boot/base-<hash>). */
+  /** Cache directory of this recipe (…/mkoverlay-boot/base-<arch>-<hash>). */
   dir: string;
+  /** Debian architecture of the image (amd64, arm64). */
+  arch: string;
   rootfs: string;
   kernel: string;
   initrd: string;
@@ -100,10 +139,15 @@ export interface BaseImage {
   manifest: Record<string, string>;
 }
 
-/** Build the base image if the cached one is missing or stale (can take ~1 min), else reuse it. */
-export async function ensureBaseImage(opts: { log?: (line: string) => void } = {}): Promise<BaseImage> {
+/**
+ * Build the base image for `arch` (default: MKOVERLAY_BOOT_ARCH, else amd64) if the cached one is
+ * missing or stale (amd64 ~1 min; arm64 ~4 min, its binaries run under qemu-user), else reuse it.
+ */
+export async function ensureBaseImage(opts: { log?: (line: string) => void; arch?: string } = {}): Promise<BaseImage> {
   const log = opts.log ?? ((l: string) => process.stderr.write(l + "\n"));
-  const { code, stdout, stderr } = await run("bash", [BUILD_BASE_SCRIPT], { onStderrLine: log });
+  const arch = opts.arch ?? requestedBootArch();
+  bootArchProfile(arch);
+  const { code, stdout, stderr } = await run("bash", [BUILD_BASE_SCRIPT], { onStderrLine: log, env: { MKOVERLAY_BOOT_ARCH: arch } });
   if (code !== 0) {
     throw new Error(`build-base.sh exited ${code}:\n${stderr.split("\n").slice(-30).join("\n")}`);
   }
@@ -114,8 +158,10 @@ export async function ensureBaseImage(opts: { log?: (line: string) => void } = {
     const i = line.indexOf("=");
     if (i > 0) manifest[line.slice(0, i)] = line.slice(i + 1);
   }
+  if (manifest.arch !== arch) throw new Error(`build-base.sh returned a ${manifest.arch ?? "?"} image (${dir}) for ${arch}`);
   return {
     dir,
+    arch,
     rootfs: join(dir, "rootfs.ext4"),
     kernel: join(dir, "vmlinuz"),
     initrd: join(dir, "initrd.img"),
@@ -469,8 +515,10 @@ export async function bootWithOverlay(opts: BootOptions): Promise<BootedVm> {
   await copySparse(base.rootfs, image);
   await layOverlay(image, opts.overlayTar, join(opts.workDir, "overlay-staging"));
 
+  const profile = bootArchProfile(base.arch);
   const guestfwd = `guestfwd=tcp:${GUEST_BASTION_ADDR}:${GUEST_BASTION_PORT}-cmd:socat - TCP:127.0.0.1:${opts.bastionPort}`;
   const args = [
+    ...profile.machineArgs,
     "-accel", "tcg",
     "-smp", String(opts.smp ?? 2),
     "-m", String(opts.memoryMb ?? 1024),
@@ -481,14 +529,14 @@ export async function bootWithOverlay(opts: BootOptions): Promise<BootedVm> {
     "-kernel", base.kernel,
     "-initrd", base.initrd,
     "-append", [base.cmdline, opts.extraCmdline ?? ""].join(" ").trim(),
-    "-drive", `file=${image},format=raw,if=virtio,cache=unsafe`,
+    ...profile.diskArgs(image),
     "-netdev", `user,id=n0,restrict=on,${guestfwd}`,
-    "-device", "virtio-net-pci,netdev=n0",
+    ...profile.nicArgs,
   ];
   const logFd = openSync(qemuLog, "w");
   let child: ChildProcess;
   try {
-    child = spawn("qemu-system-x86_64", args, { stdio: ["ignore", logFd, logFd], detached: true });
+    child = spawn(profile.qemu, args, { stdio: ["ignore", logFd, logFd], detached: true });
   } finally {
     closeSync(logFd);
   }

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
-# Build (or reuse) the cached Debian bookworm amd64 base image for the boot tests.
+# Build (or reuse) the cached Debian bookworm base image (amd64 or arm64) for the boot tests.
 #
-# Output: a directory  $CACHE/base-<recipe hash>/  holding
+# Output: a directory  $CACHE/base-<arch>-<recipe hash>/  holding
 #   rootfs.ext4         raw ext4 image of the root filesystem (no partition table)
 #   vmlinuz, initrd.img kernel and initramfs extracted from the image (boot with -kernel/-initrd)
 #   cmdline             kernel command line to use
@@ -11,16 +11,22 @@
 # and prints that directory's path as the LAST line of stdout (all logging goes to stderr).
 #
 # CACHE = $MKOVERLAY_BOOT_CACHE, default ${XDG_CACHE_HOME:-$HOME/.cache}/mkoverlay-boot.
-# The hash covers this script and every file under test/boot/base/ (if any), so changing the
-# recipe builds a new image. The build happens in a temporary directory that is renamed into
-# place when complete (atomic); concurrent callers are serialised with flock.
+# The hash covers the architecture, this script and every file under test/boot/base/ (if any),
+# so changing the recipe builds a new image; each architecture has its own image (and pruning
+# only removes stale images of the same architecture). The build happens in a temporary
+# directory that is renamed into place when complete (atomic); concurrent callers are
+# serialised with flock.
 #
 # Env:
 #   MKOVERLAY_BOOT_CACHE       cache dir (see above)
 #   MKOVERLAY_DEBIAN_MIRROR    Debian mirror URL; default: read from this host's apt configuration
-#   MKOVERLAY_BOOT_KEEP_OLD=1  keep base-* directories of other recipe hashes (default: prune)
+#   MKOVERLAY_BOOT_KEEP_OLD=1  keep base-<arch>-* directories of other recipe hashes (default: prune)
+#   MKOVERLAY_BOOT_ARCH        guest architecture: amd64 (default) or arm64
 #
-# Needs root (debootstrap, chroot). Run test/boot/ensure-deps.sh first.
+# Needs root (debootstrap, chroot). Run test/boot/ensure-deps.sh first (with the same
+# MKOVERLAY_BOOT_ARCH). arm64 on an amd64 host: debootstrap's second stage and the chroot steps
+# run arm64 binaries through qemu-user-static, registered with binfmt_misc (fix-binary flag, so
+# the interpreter need not exist inside the chroot); ensure-deps.sh sets that up.
 set -euo pipefail
 export LC_ALL=C
 umask 022
@@ -29,8 +35,28 @@ PATH="/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin:$PATH"
 SELF="$(readlink -f "${BASH_SOURCE[0]}")"
 HERE="$(dirname "$SELF")"
 SUITE=bookworm
-ARCH=amd64
+ARCH="${MKOVERLAY_BOOT_ARCH:-amd64}"
 IMAGE_SIZE=1536M
+
+# Per-architecture parts of the recipe.
+case "$ARCH" in
+  amd64)
+    KERNEL_PKG=linux-image-cloud-amd64
+    CONSOLE=ttyS0,115200
+    INITRAMFS_MODULES="virtio_pci virtio_blk virtio_net crc32c_generic ext4"
+    ;;
+  arm64)
+    # qemu -M virt: PL011 UART (ttyAMA0), virtio devices on the generic PCIe host (virtio_pci);
+    # virtio_mmio too, in case the VM is started with the -device variants of the devices.
+    KERNEL_PKG=linux-image-cloud-arm64
+    CONSOLE=ttyAMA0,115200
+    INITRAMFS_MODULES="virtio_pci virtio_mmio virtio_blk virtio_net crc32c_generic ext4"
+    ;;
+  *)
+    printf 'build-base: ERROR: unsupported MKOVERLAY_BOOT_ARCH=%s (amd64 or arm64)\n' "$ARCH" >&2
+    exit 1
+    ;;
+esac
 
 log() { printf 'build-base: %s\n' "$*" >&2; }
 die() { printf 'build-base: ERROR: %s\n' "$*" >&2; exit 1; }
@@ -48,7 +74,7 @@ recipe_hash() {
   } | sha256sum | cut -c1-16
 }
 HASH="$(recipe_hash)"
-OUT="$CACHE/base-$HASH"
+OUT="$CACHE/base-$ARCH-$HASH"
 
 is_complete() { [ -f "$1/manifest" ] && [ -f "$1/rootfs.ext4" ] && [ -f "$1/vmlinuz" ] && [ -f "$1/initrd.img" ]; }
 
@@ -63,9 +89,21 @@ for c in debootstrap mke2fs chroot ssh-keygen flock; do
   command -v "$c" >/dev/null 2>&1 || die "missing $c (run test/boot/ensure-deps.sh)"
 done
 
+# A foreign architecture needs the kernel to run its binaries via qemu-user-static (binfmt_misc).
+HOST_ARCH="$(dpkg --print-architecture 2>/dev/null || true)"
+if [ "$ARCH" != "$HOST_ARCH" ]; then
+  case "$ARCH" in arm64) qarch=aarch64 ;; *) qarch="$ARCH" ;; esac
+  entry=/proc/sys/fs/binfmt_misc/qemu-$qarch
+  grep -qsx enabled "$entry" \
+    || die "cannot run $ARCH binaries: binfmt_misc entry $entry missing or disabled (run MKOVERLAY_BOOT_ARCH=$ARCH test/boot/ensure-deps.sh as root; it needs qemu-user-static, binfmt-support and a mounted binfmt_misc)"
+  grep -q '^flags:.*F' "$entry" \
+    || die "binfmt_misc entry $entry lacks the fix-binary (F) flag: the qemu interpreter would have to exist inside the chroot (reinstall qemu-user-static, which registers with F)"
+fi
+
 mkdir -p "$CACHE"
-exec 9>"$CACHE/.build-$HASH.lock"
-log "waiting for build lock $CACHE/.build-$HASH.lock"
+LOCK="$CACHE/.build-$ARCH-$HASH.lock"
+exec 9>"$LOCK"
+log "waiting for build lock $LOCK"
 flock 9
 if is_complete "$OUT"; then # someone else built it while we waited
   log "cached: $OUT"
@@ -127,7 +165,7 @@ cleanup() {
 trap cleanup EXIT
 exec 3>&2 2> >(tee "$TMP.log" >&3) # keep a copy of the log next to the cache
 
-PKGS=systemd-sysv,udev,dbus,openssh-server,openssh-client,iproute2,linux-image-cloud-amd64,initramfs-tools,kmod
+PKGS=systemd-sysv,udev,dbus,openssh-server,openssh-client,iproute2,$KERNEL_PKG,initramfs-tools,kmod
 
 log "debootstrap $SUITE ($ARCH) ..."
 debootstrap --variant=minbase --arch="$ARCH" --include="$PKGS" \
@@ -139,13 +177,8 @@ in_root() { chroot "$ROOT" /usr/bin/env -i PATH=/usr/sbin:/usr/bin:/sbin:/bin LC
 # ---- initramfs with virtio drivers --------------------------------------------------------
 mount -t proc proc "$ROOT/proc"; MOUNTED+=("$ROOT/proc")
 mount -t sysfs sys "$ROOT/sys"; MOUNTED+=("$ROOT/sys")
-cat >>"$ROOT/etc/initramfs-tools/modules" <<'EOF'
-virtio_pci
-virtio_blk
-virtio_net
-crc32c_generic
-ext4
-EOF
+read -r -a mods <<<"$INITRAMFS_MODULES"
+printf '%s\n' "${mods[@]}" >>"$ROOT/etc/initramfs-tools/modules"
 printf 'MODULES=list\nCOMPRESS=gzip\n' >"$ROOT/etc/initramfs-tools/conf.d/mkoverlay-boot.conf"
 KVER="$(basename "$(ls -d "$ROOT"/lib/modules/* | sort -V | tail -n1)")"
 log "update-initramfs for $KVER"
@@ -236,7 +269,7 @@ fi
 # Extract kernel + initrd before trimming.
 install -m 0644 "$ROOT/boot/vmlinuz-$KVER" "$TMP/vmlinuz"
 install -m 0644 "$ROOT/boot/initrd.img-$KVER" "$TMP/initrd.img"
-echo "console=ttyS0,115200 root=/dev/vda rw rootfstype=ext4 panic=-1 net.ifnames=1 systemd.journald.forward_to_console=1 systemd.show_status=false" >"$TMP/cmdline"
+echo "console=$CONSOLE root=/dev/vda rw rootfstype=ext4 panic=-1 net.ifnames=1 systemd.journald.forward_to_console=1 systemd.show_status=false" >"$TMP/cmdline"
 
 # ---- trim and make the ext4 image ---------------------------------------------------------
 for m in "$ROOT/sys" "$ROOT/proc"; do umount -l "$m"; done
@@ -269,9 +302,15 @@ rm -f "$TMP.log"
 log "built $OUT in $((END - START)) s"
 
 if [ "${MKOVERLAY_BOOT_KEEP_OLD:-0}" != 1 ]; then
-  for d in "$CACHE"/base-*; do
+  for d in "$CACHE"/base-"$ARCH"-*; do
     [ "$d" = "$OUT" ] || [ ! -d "$d" ] || { log "pruning old $d"; rm -rf "$d"; }
   done
-  find "$CACHE" -maxdepth 1 -name '.build-*.lock' ! -name ".build-$HASH.lock" -delete 2>/dev/null || true
+  if [ "$ARCH" = amd64 ]; then # images from before the arch was part of the name were amd64
+    for d in "$CACHE"/base-????????????????; do
+      [ ! -d "$d" ] || { log "pruning old $d"; rm -rf "$d"; }
+    done
+  fi
+  find "$CACHE" -maxdepth 1 -name ".build-$ARCH-*.lock" ! -name "${LOCK##*/}" -delete 2>/dev/null || true
+  [ "$ARCH" != amd64 ] || find "$CACHE" -maxdepth 1 -name '.build-????????????????.lock' -delete 2>/dev/null || true
 fi
 printf '%s\n' "$OUT"

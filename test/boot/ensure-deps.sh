@@ -4,8 +4,18 @@
 # As root: installs whatever is missing with apt-get (Debian/Ubuntu hosts).
 # Not root: prints what is missing and how to install it, and exits 1.
 # Exits 0 when everything is present. Quiet when nothing needs doing.
+#
+# MKOVERLAY_BOOT_ARCH=arm64 (`make test-boot ARCH=arm64` passes it on through vitest): also
+# qemu-system-aarch64 (the VM), qemu-user-static + binfmt-support (debootstrap's second stage
+# and the chroot steps of build-base.sh run arm64 binaries), and, as root, a mounted
+# binfmt_misc with the qemu-aarch64 handler enabled (not persistent: redone on every run).
 set -euo pipefail
 PATH="$PATH:/usr/local/sbin:/usr/sbin:/sbin"
+BOOT_ARCH="${MKOVERLAY_BOOT_ARCH:-amd64}"
+case "$BOOT_ARCH" in
+  amd64 | arm64) ;;
+  *) echo "ensure-deps: unsupported MKOVERLAY_BOOT_ARCH=$BOOT_ARCH (amd64 or arm64)" >&2; exit 1 ;;
+esac
 
 # command -> Debian package providing it
 declare -A NEED=(
@@ -23,6 +33,11 @@ declare -A NEED=(
   [flock]=util-linux                   # one base-image build at a time
   [ps]=procps                          # PID guardian for qemu/sshd
 )
+if [ "$BOOT_ARCH" = arm64 ]; then
+  NEED[qemu-system-aarch64]=qemu-system-arm  # the arm64 VM (-M virt -cpu cortex-a72, TCG)
+  NEED[qemu-aarch64-static]=qemu-user-static # arm64 binaries in the chroot (binfmt_misc, F flag)
+  NEED[update-binfmts]=binfmt-support        # registers qemu-user-static's handlers
+fi
 # files -> package
 declare -A NEED_FILES=(
   [/usr/share/keyrings/debian-archive-keyring.gpg]=debian-archive-keyring # debootstrap verification
@@ -41,7 +56,37 @@ if ! command -v wget >/dev/null 2>&1 && ! command -v curl >/dev/null 2>&1; then
   missing+=(wget)
 fi
 
-[ "${#missing[@]}" -eq 0 ] && exit 0
+BINFMT=/proc/sys/fs/binfmt_misc
+# arm64 on a non-arm64 host: the kernel must hand arm64 ELF binaries to qemu-aarch64-static.
+binfmt_ok() {
+  [ "$BOOT_ARCH" = arm64 ] || return 0
+  [ "$(dpkg --print-architecture 2>/dev/null)" != arm64 ] || return 0
+  grep -qsx enabled "$BINFMT/qemu-aarch64" && grep -qsx enabled "$BINFMT/status"
+}
+ensure_binfmt() {
+  binfmt_ok && return 0
+  if [ "$(id -u)" -ne 0 ]; then
+    echo "ensure-deps: arm64 binaries cannot run here (binfmt_misc handler qemu-aarch64 missing or disabled)" >&2
+    echo "ensure-deps: as root: mount -t binfmt_misc binfmt_misc $BINFMT; update-binfmts --enable qemu-aarch64" >&2
+    return 1
+  fi
+  if [ ! -e "$BINFMT/register" ]; then
+    mount -t binfmt_misc binfmt_misc "$BINFMT" 2>/dev/null \
+      || { echo "ensure-deps: cannot mount binfmt_misc on $BINFMT (container without the privilege?)" >&2; return 1; }
+  fi
+  if ! grep -qsx enabled "$BINFMT/status"; then echo 1 >"$BINFMT/status"; fi
+  if [ ! -e "$BINFMT/qemu-aarch64" ]; then
+    update-binfmts --enable qemu-aarch64 >/dev/null 2>&1 || update-binfmts --import qemu-aarch64 >/dev/null 2>&1 || true
+  fi
+  if [ -e "$BINFMT/qemu-aarch64" ] && ! grep -qx enabled "$BINFMT/qemu-aarch64"; then echo 1 >"$BINFMT/qemu-aarch64"; fi
+  binfmt_ok || { echo "ensure-deps: could not enable the qemu-aarch64 binfmt_misc handler (see $BINFMT)" >&2; return 1; }
+  echo "ensure-deps: enabled binfmt_misc handler qemu-aarch64 ($(sed -n 's/^interpreter //p' "$BINFMT/qemu-aarch64"))" >&2
+}
+
+if [ "${#missing[@]}" -eq 0 ]; then
+  ensure_binfmt
+  exit $?
+fi
 mapfile -t missing < <(printf '%s\n' "${missing[@]}" | sort -u)
 
 if [ "$(id -u)" -ne 0 ]; then
@@ -64,3 +109,4 @@ if ! apt-get install -y --no-install-recommends "${missing[@]}" >>"$log" 2>&1; t
 fi
 rm -f "$log"
 echo "ensure-deps: installed ${missing[*]}" >&2
+ensure_binfmt

@@ -19,6 +19,9 @@
  * libnss-systemd; and after the bastion kills the tunnel's session, the device reconnects.
  *
  * Run: `make test-boot` or `node_modules/.bin/vitest run test/boot/` (needs `make build`).
+ * The guest is amd64 unless MKOVERLAY_BOOT_ARCH says otherwise: `make test-boot ARCH=arm64` boots
+ * the same overlays on an arm64 Debian (qemu-system-aarch64 -M virt -cpu cortex-a72, TCG; the
+ * overlay ships no binaries, so it is the same tar for both).
  * Locally the boot tests are skipped, with the reason printed, when they cannot run (not root,
  * not Linux/x86-64) or with MKOVERLAY_BOOT_TEST=0. With CI=true, or an explicit
  * MKOVERLAY_BOOT_ARCH (`make test-boot ARCH=…`), they never skip: a boot test that cannot run
@@ -37,6 +40,7 @@ import {
   GUEST_BASTION_ADDR,
   GUEST_BASTION_PORT,
   bootArchExplicit,
+  requestedBootArch,
   bootWithOverlay,
   canConnect,
   checkBootPrerequisites,
@@ -57,6 +61,7 @@ const SSH_PORTS = "27000-27099";
 const SERVICE_PORTS = "27100-27199";
 
 const inCI = process.env.CI === "true" || process.env.CI === "1";
+const ARCH = requestedBootArch();
 const mustRun = inCI || bootArchExplicit();
 const optedOut = !mustRun && process.env.MKOVERLAY_BOOT_TEST === "0";
 const prereq = optedOut ? { ok: false, problems: ["MKOVERLAY_BOOT_TEST=0"] } : checkBootPrerequisites();
@@ -163,7 +168,7 @@ function parseSshG(text: string): Record<string, string> {
   return out;
 }
 
-describe.runIf(canRun || mustRun)("the product's overlay on a booted system (qemu TCG, Debian bookworm)", () => {
+describe.runIf(canRun || mustRun)(`the product's overlay on a booted system (qemu TCG, Debian bookworm ${ARCH})`, () => {
   let base: BaseImage | undefined;
   let work = "";
   let config = "";
@@ -181,9 +186,9 @@ describe.runIf(canRun || mustRun)("the product's overlay on a booted system (qem
   beforeAll(async () => {
     if (!canRun) return;
     let t = Date.now();
-    base = await ensureBaseImage({ log: (l) => log(l) });
+    base = await ensureBaseImage({ log: (l) => log(l), arch: ARCH });
     timings.baseImageReadyMs = Date.now() - t;
-    log(`base image ${base.dir} (${timings.baseImageReadyMs} ms; recipe build_seconds=${base.manifest.build_seconds ?? "?"})`);
+    log(`${base.arch} base image ${base.dir} (${timings.baseImageReadyMs} ms; recipe build_seconds=${base.manifest.build_seconds ?? "?"})`);
 
     t = Date.now();
     work = await mkdtemp(join(tmpdir(), "mkoverlay-overlay-boot-"));
@@ -245,7 +250,8 @@ describe.runIf(canRun || mustRun)("the product's overlay on a booted system (qem
       timings.fileTotalMs = Date.now() - tStart;
       log(`timings: ${JSON.stringify(timings)}`);
       await mkdir(ARTIFACTS, { recursive: true });
-      await writeFile(join(ARTIFACTS, "overlay-boot-timings.json"), JSON.stringify(timings, null, 2) + "\n");
+      const file = ARCH === "amd64" ? "overlay-boot-timings.json" : `overlay-boot-timings-${ARCH}.json`;
+      await writeFile(join(ARTIFACTS, file), JSON.stringify({ arch: ARCH, ...timings }, null, 2) + "\n");
     }
     if (work && process.env.MKOVERLAY_BOOT_KEEP !== "1") await rm(work, { recursive: true, force: true });
     else if (work) log(`kept ${work}`);
@@ -463,7 +469,7 @@ describe.runIf(canRun || mustRun)("the product's overlay on a booted system (qem
 });
 
 async function keepArtifacts(name: string, vm: BootedVm | undefined, bastion: Bastion | undefined): Promise<void> {
-  const dir = join(ARTIFACTS, `overlay-boot-${name}-${new Date().toISOString().replace(/[:.]/g, "-")}`);
+  const dir = join(ARTIFACTS, `overlay-boot-${ARCH === "amd64" ? "" : `${ARCH}-`}${name}-${new Date().toISOString().replace(/[:.]/g, "-")}`);
   await mkdir(dir, { recursive: true });
   const copies: Array<[string | undefined, string]> = [
     [vm?.serialLog, "serial.log"],
