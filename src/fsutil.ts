@@ -62,10 +62,12 @@ export function writeFileAtomic(
  * Makes the data of many just-written files durable. One syncfs(2) of their file system
  * (coreutils `sync -f`, as Node has no binding) costs one journal commit instead of one
  * fsync per file — about a millisecond per file on the factory's disks. Falls back to fsync
- * per file when `sync -f` is not there or fails.
+ * per file when `sync -f` is not there or fails. syncfs also flushes whatever else is dirty on
+ * that file system: a station that stages large images beside its output can set
+ * MKOVERLAY_SYNCFS=0 to sync file by file instead.
  */
 function syncAll(fds: number[], anyPathOnFs: string): void {
-  if (fds.length > 4 && spawnSync("sync", ["-f", anyPathOnFs], { stdio: "ignore" }).status === 0) return;
+  if (process.env.MKOVERLAY_SYNCFS !== "0" && fds.length > 4 && spawnSync("sync", ["-f", anyPathOnFs], { stdio: "ignore" }).status === 0) return;
   for (const fd of fds) fsyncSync(fd);
 }
 

@@ -35,6 +35,7 @@ export async function tarball(tree: Tree, epoch: number): Promise<Buffer> {
   p.finalize();
   await done;
   // Node's gzip writes mtime 0 and no file name in the header: nothing time-dependent.
-  // Level 6: a quarter of level 9's time for 1.5 % more bytes (measured on a real overlay).
-  return gzipSync(Buffer.concat(chunks), { level: 6 });
+  // Level 3: a seventh of level 9's time for 9 % more bytes (6.7 KB vs 6.2 KB, measured on a
+  // real overlay); at factory scale the time matters and the bytes do not.
+  return gzipSync(Buffer.concat(chunks), { level: 3 });
 }
