@@ -14,22 +14,10 @@
 import { existsSync, realpathSync, rmSync, statSync } from "node:fs";
 import { UserError } from "../errors.js";
 import { displayLocation, isPostgresUrl, isRegistryUrl } from "./open.js";
+import { DEVICE_KEYS, type DeviceRow } from "./rows.js";
 import type { DeviceStatus } from "./types.js";
 
-export interface DeviceRow {
-  hostname: string;
-  board: string;
-  os: string;
-  bastions: string;
-  port: number;
-  public_key: string;
-  fingerprint: string;
-  status: DeviceStatus;
-  overlay: string | null;
-  station: string;
-  created: string;
-  updated: string;
-}
+export type { DeviceRow };
 
 export interface PortRow {
   port: number;
@@ -46,7 +34,6 @@ export interface Snapshot {
 /** The SQLite table layout this module reads and writes (sqlite.ts SCHEMA_VERSION). */
 const SQLITE_LAYOUT = 1;
 
-const DEVICE_KEYS = ["hostname", "board", "os", "bastions", "port", "public_key", "fingerprint", "status", "overlay", "station", "created", "updated"] as const;
 
 interface CopyEnd {
   readonly display: string;

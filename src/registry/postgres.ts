@@ -20,7 +20,8 @@ import { hostname as osHostname } from "node:os";
 import pg from "pg";
 import { renderHostname } from "../config/rules.js";
 import { UserError } from "../errors.js";
-import type { DeviceRow, PortRow, Snapshot } from "./copy.js";
+import type { PortRow, Snapshot } from "./copy.js";
+import { DEVICE_KEYS, hostnameTaken, keyTaken, noFreePort, pendingRow, toRecord, type DeviceRow } from "./rows.js";
 import { displayLocation } from "./open.js";
 import type { DeviceRecord, Registry, ReserveRequest } from "./types.js";
 
@@ -64,25 +65,7 @@ const MIGRATIONS: string[] = [
   `,
 ];
 
-const DEVICE_COLUMNS = "hostname, board, os, bastions, port, public_key, fingerprint, status, overlay, station, created, updated";
-
-function toRecord(r: DeviceRow, services: Record<string, number> = {}): DeviceRecord {
-  return {
-    hostname: r.hostname,
-    board: r.board,
-    os: r.os,
-    bastions: r.bastions ? r.bastions.split(",") : [],
-    port: r.port,
-    services,
-    publicKey: r.public_key,
-    fingerprint: r.fingerprint,
-    status: r.status,
-    overlay: r.overlay,
-    station: r.station,
-    created: r.created,
-    updated: r.updated,
-  };
-}
+const DEVICE_COLUMNS = DEVICE_KEYS.join(", ");
 
 interface PgError extends Error {
   code?: string;
@@ -280,7 +263,6 @@ export class PostgresRegistry implements Registry {
   }
 
   reserve(req: ReserveRequest): Promise<DeviceRecord> {
-    const now = req.now.toISOString();
     return this.exclusive(() =>
       this.tx(async (): Promise<DeviceRecord> => {
         await this.q("SELECT pg_advisory_xact_lock($1, $2)", [LOCK_NS, LOCK_RESERVE]);
@@ -295,57 +277,22 @@ export class PostgresRegistry implements Registry {
           await this.q("UPDATE mkoverlay.meta SET value = $1 WHERE key = 'seq'", [String(seq)]);
         } else {
           const [taken] = await this.q<{ status: string }>("SELECT status FROM mkoverlay.devices WHERE hostname = $1", [name]);
-          if (taken) {
-            throw new UserError(`hostname ${name} is already registered (${taken.status})`, {
-              hint: "pick another --hostname, or pass its registered key with --host-key to rebuild its overlay",
-            });
-          }
+          if (taken) throw hostnameTaken(name, taken.status);
         }
         const [dup] = await this.q<{ hostname: string }>("SELECT hostname FROM mkoverlay.devices WHERE fingerprint = $1", [req.fingerprint]);
-        if (dup) throw new UserError(`this key is already registered to ${dup.hostname}`, { hint: "each device needs its own key" });
+        if (dup) throw keyTaken(dup.hostname);
         const port = await this.lowestFreePort(req.range.lo, req.range.hi);
-        if (port === undefined) {
-          throw new UserError(`no free tunnel port left in ports.ssh ${req.range.lo}-${req.range.hi}`, {
-            hint: "widen ports.ssh in the config, or release quarantined ports of revoked devices",
-          });
-        }
-        const row: DeviceRow = {
-          hostname: name,
-          board: req.board,
-          os: req.os,
-          bastions: req.bastions.join(","),
-          port,
-          public_key: req.publicKey,
-          fingerprint: req.fingerprint,
-          status: "pending",
-          overlay: req.overlayPath(name),
-          station: this.station,
-          created: now,
-          updated: now,
-        };
-        await this.q(`INSERT INTO mkoverlay.devices (${DEVICE_COLUMNS}) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12)`, [
-          row.hostname,
-          row.board,
-          row.os,
-          row.bastions,
-          row.port,
-          row.public_key,
-          row.fingerprint,
-          row.status,
-          row.overlay,
-          row.station,
-          row.created,
-          row.updated,
-        ]);
+        if (port === undefined) throw noFreePort(req.range);
+        const row = pendingRow(req, name, port, this.station);
+        await this.q(
+          `INSERT INTO mkoverlay.devices (${DEVICE_COLUMNS}) VALUES (${DEVICE_KEYS.map((_, i) => `$${i + 1}`).join(", ")})`,
+          DEVICE_KEYS.map((k) => row[k]),
+        );
         await this.q("INSERT INTO mkoverlay.ports (port, hostname, purpose) VALUES ($1, $2, 'ssh')", [port, name]);
         const services: Record<string, number> = {};
         for (const svc of req.services) {
           const p = await this.lowestFreePort(req.serviceRange.lo, req.serviceRange.hi);
-          if (p === undefined) {
-            throw new UserError(`no free service port left in ports.services ${req.serviceRange.lo}-${req.serviceRange.hi} (for forward '${svc}')`, {
-              hint: "widen ports.services in the config, or release quarantined ports of revoked devices",
-            });
-          }
+          if (p === undefined) throw noFreePort(req.serviceRange, svc);
           await this.q("INSERT INTO mkoverlay.ports (port, hostname, purpose) VALUES ($1, $2, $3)", [p, name, `service:${svc}`]);
           services[svc] = p;
         }

@@ -10,7 +10,8 @@ import { hostname as osHostname } from "node:os";
 import { dirname, join } from "node:path";
 import { renderHostname } from "../config/rules.js";
 import { errnoCode, UserError } from "../errors.js";
-import type { DeviceRecord, DeviceStatus, Registry, ReserveRequest } from "./types.js";
+import { DEVICE_KEYS, hostnameTaken, keyTaken, noFreePort, pendingRow, toRecord, type DeviceRow } from "./rows.js";
+import type { DeviceRecord, Registry, ReserveRequest } from "./types.js";
 
 export const SCHEMA_VERSION = 1;
 
@@ -53,39 +54,6 @@ CREATE TABLE IF NOT EXISTS ports (
 );
 CREATE INDEX IF NOT EXISTS ports_by_host ON ports(hostname);
 `;
-
-interface Row {
-  hostname: string;
-  board: string;
-  os: string;
-  bastions: string;
-  port: number;
-  public_key: string;
-  fingerprint: string;
-  status: DeviceStatus;
-  overlay: string | null;
-  station: string;
-  created: string;
-  updated: string;
-}
-
-function toRecord(r: Row, services: Record<string, number> = {}): DeviceRecord {
-  return {
-    hostname: r.hostname,
-    board: r.board,
-    os: r.os,
-    bastions: r.bastions ? r.bastions.split(",") : [],
-    port: r.port,
-    services,
-    publicKey: r.public_key,
-    fingerprint: r.fingerprint,
-    status: r.status,
-    overlay: r.overlay,
-    station: r.station,
-    created: r.created,
-    updated: r.updated,
-  };
-}
 
 /**
  * Refuses, before SQLite touches it, a file that is not a SQLite database: opening garbage
@@ -183,68 +151,35 @@ export class SqliteRegistry implements Registry {
 
   /** One reservation; must run inside a transaction (it reads then writes). */
   private reserveOne(req: ReserveRequest): DeviceRecord {
-    const now = req.now.toISOString();
-    {
-      let name = req.hostname;
-      if (name === undefined) {
-        let seq = Number((this.stmt("SELECT value FROM meta WHERE key='seq'").get() as { value: string }).value);
-        const exists = this.stmt("SELECT 1 FROM devices WHERE hostname = ?");
-        do {
-          seq += 1;
-          name = renderHostname(req.hostnameTemplate, seq);
-        } while (exists.get(name));
-        this.stmt("UPDATE meta SET value = ? WHERE key='seq'").run(String(seq));
-      } else {
-        const taken = this.stmt("SELECT status FROM devices WHERE hostname = ?").get(name) as { status: string } | undefined;
-        if (taken) {
-          throw new UserError(`hostname ${name} is already registered (${taken.status})`, {
-            hint: "pick another --hostname, or pass its registered key with --host-key to rebuild its overlay",
-          });
-        }
-      }
-      const dup = this.stmt("SELECT hostname FROM devices WHERE fingerprint = ?").get(req.fingerprint) as { hostname: string } | undefined;
-      if (dup) throw new UserError(`this key is already registered to ${dup.hostname}`, { hint: "each device needs its own key" });
-      const port = this.lowestFreePort(req.range.lo, req.range.hi);
-      if (port === undefined) {
-        throw new UserError(`no free tunnel port left in ports.ssh ${req.range.lo}-${req.range.hi}`, {
-          hint: "widen ports.ssh in the config, or release quarantined ports of revoked devices",
-        });
-      }
-      const row: Row = {
-        hostname: name,
-        board: req.board,
-        os: req.os,
-        bastions: req.bastions.join(","),
-        port,
-        public_key: req.publicKey,
-        fingerprint: req.fingerprint,
-        status: "pending",
-        overlay: req.overlayPath(name),
-        station: this.station,
-        created: now,
-        updated: now,
-      };
-      this.db
-        .prepare(
-          `INSERT INTO devices (hostname, board, os, bastions, port, public_key, fingerprint, status, overlay, station, created, updated)
-           VALUES (@hostname, @board, @os, @bastions, @port, @public_key, @fingerprint, @status, @overlay, @station, @created, @updated)`,
-        )
-        .run(row);
-      const insertPort = this.stmt("INSERT INTO ports (port, hostname, purpose) VALUES (?, ?, ?)");
-      insertPort.run(port, name, "ssh");
-      const services: Record<string, number> = {};
-      for (const svc of req.services) {
-        const p = this.lowestFreePort(req.serviceRange.lo, req.serviceRange.hi);
-        if (p === undefined) {
-          throw new UserError(`no free service port left in ports.services ${req.serviceRange.lo}-${req.serviceRange.hi} (for forward '${svc}')`, {
-            hint: "widen ports.services in the config, or release quarantined ports of revoked devices",
-          });
-        }
-        insertPort.run(p, name, `service:${svc}`);
-        services[svc] = p;
-      }
-      return toRecord(row, services);
+    let name = req.hostname;
+    if (name === undefined) {
+      let seq = Number((this.stmt("SELECT value FROM meta WHERE key='seq'").get() as { value: string }).value);
+      const exists = this.stmt("SELECT 1 FROM devices WHERE hostname = ?");
+      do {
+        seq += 1;
+        name = renderHostname(req.hostnameTemplate, seq);
+      } while (exists.get(name));
+      this.stmt("UPDATE meta SET value = ? WHERE key='seq'").run(String(seq));
+    } else {
+      const taken = this.stmt("SELECT status FROM devices WHERE hostname = ?").get(name) as { status: string } | undefined;
+      if (taken) throw hostnameTaken(name, taken.status);
     }
+    const dup = this.stmt("SELECT hostname FROM devices WHERE fingerprint = ?").get(req.fingerprint) as { hostname: string } | undefined;
+    if (dup) throw keyTaken(dup.hostname);
+    const port = this.lowestFreePort(req.range.lo, req.range.hi);
+    if (port === undefined) throw noFreePort(req.range);
+    const row = pendingRow(req, name, port, this.station);
+    this.stmt(`INSERT INTO devices (${DEVICE_KEYS.join(", ")}) VALUES (${DEVICE_KEYS.map((k) => `@${k}`).join(", ")})`).run(row);
+    const insertPort = this.stmt("INSERT INTO ports (port, hostname, purpose) VALUES (?, ?, ?)");
+    insertPort.run(port, name, "ssh");
+    const services: Record<string, number> = {};
+    for (const svc of req.services) {
+      const p = this.lowestFreePort(req.serviceRange.lo, req.serviceRange.hi);
+      if (p === undefined) throw noFreePort(req.serviceRange, svc);
+      insertPort.run(p, name, `service:${svc}`);
+      services[svc] = p;
+    }
+    return toRecord(row, services);
   }
 
   async reserve(req: ReserveRequest): Promise<DeviceRecord> {
@@ -363,7 +298,7 @@ export class SqliteRegistry implements Registry {
       .run(publicKey, fingerprint, overlay, new Date().toISOString(), hostname);
   }
 
-  private withServices(rows: Row[]): DeviceRecord[] {
+  private withServices(rows: DeviceRow[]): DeviceRecord[] {
     if (rows.length === 0) return [];
     const svc = new Map<string, Record<string, number>>();
     const q =
@@ -379,21 +314,21 @@ export class SqliteRegistry implements Registry {
   }
 
   async pending(): Promise<DeviceRecord[]> {
-    return this.withServices(this.stmt("SELECT * FROM devices WHERE status='pending' ORDER BY port").all() as Row[]);
+    return this.withServices(this.stmt("SELECT * FROM devices WHERE status='pending' ORDER BY port").all() as DeviceRow[]);
   }
 
   async get(hostname: string): Promise<DeviceRecord | undefined> {
-    const r = this.stmt("SELECT * FROM devices WHERE hostname = ?").get(hostname) as Row | undefined;
+    const r = this.stmt("SELECT * FROM devices WHERE hostname = ?").get(hostname) as DeviceRow | undefined;
     return r && this.withServices([r])[0];
   }
 
   async getByFingerprint(fp: string): Promise<DeviceRecord | undefined> {
-    const r = this.stmt("SELECT * FROM devices WHERE fingerprint = ?").get(fp) as Row | undefined;
+    const r = this.stmt("SELECT * FROM devices WHERE fingerprint = ?").get(fp) as DeviceRow | undefined;
     return r && this.withServices([r])[0];
   }
 
   async list(): Promise<DeviceRecord[]> {
-    return this.withServices(this.stmt("SELECT * FROM devices ORDER BY port").all() as Row[]);
+    return this.withServices(this.stmt("SELECT * FROM devices ORDER BY port").all() as DeviceRow[]);
   }
 
   async close(): Promise<void> {
