@@ -40,6 +40,7 @@ interface Case {
   name: string;
   args?: string[];
   config?: string | null;
+  env?: Record<string, string>;
   /** Prepare the workspace after the seeding build (e.g. fill the registry). */
   setup?: (ws: string) => void;
   message: RegExp;
@@ -99,6 +100,7 @@ const CASES: Case[] = [
   { name: "operator key that is not a key", config: configText().replace("operators: none", "operators:\n  authorizedKeys: [ssh-ed25519 AAAA]"), message: /operators\.authorizedKeys\[0\]: is not a public key/ },
   { name: "operator CA without principals", config: configText().replace("operators: none", `operators:\n  userCA: ${bastionKey}`), message: /operators: a userCA needs `principals`/ },
   { name: "operators misspelt key", config: configText().replace("operators: none", "operators:\n  authorisedKeys: []"), message: /operators\.authorisedKeys: unknown key \(did you mean 'authorizedKeys'\?\)/ },
+  { name: "SOURCE_DATE_EPOCH not a number", env: { SOURCE_DATE_EPOCH: "yesterday" }, message: /SOURCE_DATE_EPOCH="yesterday" is not a number of seconds/ },
   { name: "registry not a database", setup: (ws) => writeFileSync(join(ws, "registry.db"), "this is not sqlite\n".repeat(100)), message: /registry .*registry\.db: not an mkoverlay registry \(not a SQLite database\); left untouched/ },
   { name: "--out is a file", args: [...base, "--out", "@file"], message: /--out .*a-file: exists and is not a directory/ },
   { name: "hostname already registered", args: host("gw-0001"), message: /hostname gw-0001 is already registered/ },
@@ -143,7 +145,7 @@ describe("hostile and broken input", () => {
         a === "@file" ? join(ws, "a-file") : a.startsWith("@") ? join(keys, a.slice(1)) : a,
       );
       const before = snapshot(ws);
-      const r = runCli(["--config", cfg, ...args, "--out", args.includes("--out") ? args[args.indexOf("--out") + 1]! : join(ws, "out")], { cwd: ws });
+      const r = runCli(["--config", cfg, ...args, "--out", args.includes("--out") ? args[args.indexOf("--out") + 1]! : join(ws, "out")], { cwd: ws, ...(c.env ? { env: c.env } : {}) });
       expect(r.code).not.toBe(0);
       expect(r.stdout).toBe("");
       expect(r.stderr, r.stderr).toMatch(c.message);

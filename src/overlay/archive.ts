@@ -5,6 +5,7 @@
  */
 import { gzipSync } from "node:zlib";
 import { pack } from "tar-stream";
+import { UserError } from "../errors.js";
 import type { Tree } from "./tree.js";
 
 /** 2020-01-01T00:00:00Z: used when SOURCE_DATE_EPOCH is unset. */
@@ -13,7 +14,7 @@ export const FIXED_EPOCH = 1577836800;
 export function archiveEpoch(env: NodeJS.ProcessEnv = process.env): number {
   const v = env.SOURCE_DATE_EPOCH;
   if (v === undefined || v === "") return FIXED_EPOCH;
-  if (!/^\d{1,12}$/.test(v)) throw new Error(`SOURCE_DATE_EPOCH=${v} is not a number of seconds`);
+  if (!/^\d{1,12}$/.test(v)) throw new UserError(`SOURCE_DATE_EPOCH=${JSON.stringify(v)} is not a number of seconds since 1970`, { hint: "e.g. SOURCE_DATE_EPOCH=$(git log -1 --format=%ct)" });
   return Number(v);
 }
 
