@@ -9,9 +9,9 @@
  * When PostgreSQL cannot be installed or started, `postgresForTests` says so loudly; with
  * $CI set that is an error (the test file fails), never a silent skip.
  */
+import { freePort } from "./net.js";
 import { spawn, spawnSync, type ChildProcess } from "node:child_process";
 import { chownSync, closeSync, existsSync, openSync, readFileSync, writeFileSync } from "node:fs";
-import { createServer } from "node:net";
 import { join } from "node:path";
 import pg from "pg";
 import { REPO, removeDir, tempDir } from "./workspace.js";
@@ -32,18 +32,6 @@ export interface PgServer {
 export function ciMode(): boolean {
   const v = (process.env.CI ?? "").toLowerCase();
   return v !== "" && v !== "0" && v !== "false";
-}
-
-function freePort(): Promise<number> {
-  return new Promise((resolvePort, reject) => {
-    const s = createServer();
-    s.once("error", reject);
-    s.listen(0, "127.0.0.1", () => {
-      const a = s.address();
-      const port = typeof a === "object" && a ? a.port : 0;
-      s.close(() => resolvePort(port));
-    });
-  });
 }
 
 /** A 127.0.0.1 port nothing listens on (for the "unreachable server" case). */

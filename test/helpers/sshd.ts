@@ -7,34 +7,13 @@
 import { spawn, spawnSync, type ChildProcess } from "node:child_process";
 import { chmodSync, mkdirSync, writeFileSync } from "node:fs";
 import { tmpdir } from "node:os";
-import { createServer, connect } from "node:net";
+import { canConnect, freePort } from "./net.js";
 import { dirname, join } from "node:path";
 import { readPub, run, sshKeygen } from "./workspace.js";
 
 export const SSHD = "/usr/sbin/sshd";
 
-export async function freePort(): Promise<number> {
-  return new Promise((resolve, reject) => {
-    const s = createServer();
-    s.once("error", reject);
-    s.listen(0, "127.0.0.1", () => {
-      const addr = s.address();
-      const port = typeof addr === "object" && addr ? addr.port : 0;
-      s.close(() => resolve(port));
-    });
-  });
-}
-
-export function canConnect(port: number, host = "127.0.0.1"): Promise<boolean> {
-  return new Promise((resolve) => {
-    const c = connect({ port, host });
-    c.once("connect", () => {
-      c.destroy();
-      resolve(true);
-    });
-    c.once("error", () => resolve(false));
-  });
-}
+export { canConnect, freePort };
 
 export async function waitFor(what: string, check: () => Promise<boolean> | boolean, timeoutMs = 15_000, stepMs = 100): Promise<void> {
   const end = Date.now() + timeoutMs;
