@@ -503,6 +503,41 @@ function installExitHook(): void {
   });
 }
 
+/**
+ * Starts a long-lived child (qemu, sshd) in its own process group with output to `logPath`,
+ * registered with the exit hook and a guardian so it is killed by PID even if this test process
+ * dies. `exited` resolves with its exit code once it is gone.
+ */
+async function spawnGuarded(
+  cmd: string,
+  args: string[],
+  logPath: string,
+  flags: "w" | "a",
+): Promise<{ pid: number; guardian: number | undefined; exited: Promise<number | null> }> {
+  const logFd = openSync(logPath, flags);
+  let child: ChildProcess;
+  try {
+    child = spawn(cmd, args, { stdio: ["ignore", logFd, logFd], detached: true });
+  } finally {
+    closeSync(logFd);
+  }
+  const pid = await new Promise<number>((resolve, reject) => {
+    child.once("error", reject);
+    child.once("spawn", () => resolve(child.pid ?? -1));
+  });
+  installExitHook();
+  liveVmPids.add(pid);
+  const guardian = spawnGuardian(pid);
+  const exited = new Promise<number | null>((resolve) => {
+    child.once("exit", (code) => {
+      liveVmPids.delete(pid);
+      if (guardian) signal(guardian, "SIGKILL"); // its target PID is no longer ours
+      resolve(code);
+    });
+  });
+  return { pid, guardian, exited };
+}
+
 /** Copy the base image, lay the overlay into it, and boot it. Resolves once qemu is running. */
 export async function bootWithOverlay(opts: BootOptions): Promise<BootedVm> {
   if (!Number.isInteger(opts.bastionPort) || opts.bastionPort <= 0 || opts.bastionPort > 65535) {
@@ -534,28 +569,10 @@ export async function bootWithOverlay(opts: BootOptions): Promise<BootedVm> {
     "-netdev", `user,id=n0,restrict=on,${guestfwd}`,
     ...profile.nicArgs,
   ];
-  const logFd = openSync(qemuLog, "w");
-  let child: ChildProcess;
-  try {
-    child = spawn(profile.qemu, args, { stdio: ["ignore", logFd, logFd], detached: true });
-  } finally {
-    closeSync(logFd);
-  }
-  const pid = await new Promise<number>((resolve, reject) => {
-    child.once("error", reject);
-    child.once("spawn", () => resolve(child.pid ?? -1));
-  });
-  installExitHook();
-  liveVmPids.add(pid);
-  const guardian = spawnGuardian(pid);
+  const { pid, guardian, exited } = await spawnGuarded(profile.qemu, args, qemuLog, "w");
   let exitCode: number | null | undefined;
-  const exited = new Promise<number | null>((resolve) => {
-    child.once("exit", (code) => {
-      exitCode = code;
-      liveVmPids.delete(pid);
-      if (guardian) signal(guardian, "SIGKILL"); // its target PID is no longer ours
-      resolve(code);
-    });
+  void exited.then((code) => {
+    exitCode = code;
   });
 
   let stopping: Promise<void> | undefined;
@@ -687,27 +704,7 @@ export async function startBastion(opts: BastionOptions): Promise<Bastion> {
   const t = await run("/usr/sbin/sshd", ["-t", "-f", cfg]);
   if (t.code !== 0) throw new Error(`sshd -t rejected the bastion config:\n${t.stderr}`);
 
-  const logFd = openSync(logPath, "a");
-  let child: ChildProcess;
-  try {
-    child = spawn("/usr/sbin/sshd", ["-D", "-e", "-f", cfg], { stdio: ["ignore", logFd, logFd], detached: true });
-  } finally {
-    closeSync(logFd);
-  }
-  const pid = await new Promise<number>((resolve, reject) => {
-    child.once("error", reject);
-    child.once("spawn", () => resolve(child.pid ?? -1));
-  });
-  installExitHook();
-  liveVmPids.add(pid); // same safety net: kill on process exit
-  const guardian = spawnGuardian(pid);
-  const exited = new Promise<void>((resolve) =>
-    child.once("exit", () => {
-      liveVmPids.delete(pid);
-      if (guardian) signal(guardian, "SIGKILL");
-      resolve();
-    }),
-  );
+  const { pid, guardian, exited } = await spawnGuarded("/usr/sbin/sshd", ["-D", "-e", "-f", cfg], logPath, "a");
   let dead = false;
   void exited.then(() => {
     dead = true;
