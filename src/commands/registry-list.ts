@@ -35,6 +35,7 @@ export function renderTable(devices: DeviceRecord[], format: string): string {
 
 export async function registryListCommand(opts: { json?: boolean; format?: string; config?: string }): Promise<void> {
   const format = opts.format ?? "table";
+  // Reject a bad --format before touching the registry.
   if (!opts.json) renderTable([], format);
   const devices = await withFleetRegistry(opts.config, (_f, r) => r.list());
   out(

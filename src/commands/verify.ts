@@ -8,6 +8,7 @@ import { withFleetRegistry } from "../context.js";
 import { UserError } from "../errors.js";
 import { decodePrivateKey, fingerprint, publicKeyLine } from "../keys/ed25519.js";
 import { out } from "../output.js";
+import { layerFiles } from "../overlay/layers.js";
 import * as P from "../overlay/paths.js";
 import { readOverlay, type ReadEntry } from "../overlay/read.js";
 import { installSection, SYSTEM_DIR } from "../overlay/systemd.js";
@@ -108,7 +109,6 @@ export async function verifyOverlay(path: string, config: string | undefined): P
     }
     for (const m of os.firstBoot.mask) check(link(`${SYSTEM_DIR}/${m}`)?.target === "/dev/null", `${m} is masked (${os.id} first boot)`);
     for (const layer of os.firstBoot.layers) {
-      const { layerFiles } = await import("../overlay/layers.js");
       for (const f of layerFiles(layer)) check(tree.get(f.path)?.content?.equals(f.content) === true, `/${f.path} present (${os.id} first boot)`);
     }
     const doomed = [...tree.keys()].filter((p) => os.firstBoot.deletes.some((g) => globToRegExp(g).test(`/${p}`)));
