@@ -5,8 +5,7 @@
  */
 import { Command, CommanderError, Option } from "commander";
 import { isUserError } from "./errors.js";
-
-const VERSION = "0.1.0";
+import { VERSION } from "./version.js";
 
 /* eslint-disable @typescript-eslint/no-explicit-any -- commander hands actions untyped arguments */
 type Action = (...args: any[]) => Promise<void>;
@@ -99,6 +98,7 @@ function program(): Command {
   p.command("rotate <hostname>")
     .description("a new key for a device (same name and ports) and a new overlay")
     .option("--host-key <file>", "use this key instead of a new one")
+    .option("--grace <duration>", "how long the old key stays valid on bastions (e.g. 7d, 36h; 0 for none)", "7d")
     .option("--out <dir>", "output directory (created 0700)", "out")
     .option("--format <form>", "tar or dir")
     .option("--apply <root>", "lay the overlay over a mounted root file system")
@@ -131,10 +131,16 @@ function program(): Command {
     .option("--config <file>", cfg)
     .action(lazy(() => import("./commands/lifecycle.js"), (m, host, opts) => m.releaseCommand(host, opts)));
   registry
+    .command("remove-bastion <name>")
+    .description("take a retired bastion off every registered device (exports and lists stop naming it)")
+    .option("--config <file>", cfg)
+    .option("--json", "JSON output")
+    .action(lazy(() => import("./commands/lifecycle.js"), (m, name, opts) => m.removeBastionCommand(name, opts)));
+  registry
     .command("doctor")
     .description("finish or reclaim devices left pending by killed builds")
     .option("--fix", "apply (default: report only)")
-    .option("--grace <seconds>", "leave builds younger than this alone", "60")
+    .option("--grace <seconds>", "wait this long after a lease ran out before acting (a dead station of this host: at once)", "60")
     .option("--config <file>", cfg)
     .option("--json", "JSON output")
     .action(lazy(() => import("./commands/doctor.js"), (m, opts) => m.doctorCommand(opts)));

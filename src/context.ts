@@ -4,8 +4,6 @@ import { configPath, loadFleet } from "./config/load.js";
 import { openRegistry } from "./registry/open.js";
 import type { Registry } from "./registry/types.js";
 
-export const VERSION = "0.1.0";
-
 export async function withFleetRegistry<T>(config: string | undefined, fn: (fleet: Fleet, registry: Registry) => Promise<T>): Promise<T> {
   const fleet = await loadFleet(configPath(config));
   const registry = await openRegistry(fleet.registry);

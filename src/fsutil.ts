@@ -1,11 +1,12 @@
 /**
- * Atomic file output: write a temp file beside the target (same file system), fsync, rename,
- * fsync the directory. A killed process leaves at most a `.tmp` file, never a truncated
- * file under the final name.
+ * Atomic file output, the one way mkoverlay writes a file: a temp file beside the target (same
+ * file system) created with its final mode, data written and (by default) synced, renamed over
+ * the target, the directory synced. A killed process leaves at most a `.tmp` file, never a
+ * truncated file under the final name; a failure removes its temp file.
  */
 import { spawnSync } from "node:child_process";
 import { randomBytes } from "node:crypto";
-import { closeSync, fchmodSync, fchownSync, fsyncSync, mkdirSync, rmdirSync, openSync, renameSync, statSync, unlinkSync, writeSync } from "node:fs";
+import { closeSync, fchmodSync, fchownSync, fsyncSync, futimesSync, mkdirSync, openSync, renameSync, rmdirSync, statSync, unlinkSync, writeSync } from "node:fs";
 import { basename, dirname, join } from "node:path";
 import { errnoCode, UserError } from "./errors.js";
 
@@ -26,36 +27,79 @@ function fsyncDir(dir: string): void {
   }
 }
 
-export function writeFileAtomic(
-  target: string,
-  data: Buffer | string,
-  mode: number,
-  owner?: { uid: number; gid: number },
-  opts: { durable: boolean } = { durable: true },
-): void {
+function unlinkQuietly(path: string): void {
+  try {
+    unlinkSync(path);
+  } catch {
+    // already gone
+  }
+}
+
+const IO_HINTS: Record<string, string> = {
+  ENOSPC: "free space on that file system, or write somewhere else",
+  EDQUOT: "the disk quota is used up: free space, or write somewhere else",
+  EROFS: "that file system is mounted read-only: write somewhere else",
+  EACCES: "this user may not write there: fix the permissions, or write somewhere else",
+  EPERM: "this user may not do that there: fix the permissions or ownership",
+  EEXIST: "something is in the way at that path (a dangling symlink?): remove it",
+  EISDIR: "a directory is in the way at that path: remove or rename it",
+  ENOTDIR: "a path component is a file, not a directory",
+  EBUSY: "the path is in use (a mount point?): choose another one",
+  EIO: "the device reported an I/O error: check the disk",
+  EMFILE: "too many open files: raise the limit (ulimit -n)",
+  EFBIG: "the file is larger than this file system (or ulimit -f) allows",
+};
+
+/** An error from writing `path` as the user's problem: what happened, where, and what to do. */
+export function ioUserError(e: unknown, path: string, what = "cannot write"): unknown {
+  const code = errnoCode(e);
+  if (e instanceof UserError || !code || !/^E[A-Z]+$/.test(code)) return e;
+  return new UserError(`${path}: ${what} (${code})`, { hint: IO_HINTS[code] ?? "check that path and the file system it is on" });
+}
+
+export interface WriteOptions {
+  mode: number;
+  owner?: { uid: number; gid: number };
+  /** false: not synced on its own (a later syncfs or the caller's directory sync covers it). */
+  durable?: boolean;
+  mtime?: Date;
+}
+
+function writeTemp(target: string, data: Buffer | string, o: WriteOptions): { tmp: string; fd: number } {
   const tmp = tempNameFor(target);
   // Created with its final mode: a private key is never readable by others, even briefly.
-  const fd = openSync(tmp, "wx", mode);
+  const fd = openSync(tmp, "wx", o.mode);
   try {
-    fchmodSync(fd, mode);
-    if (owner) fchownSync(fd, owner.uid, owner.gid);
+    fchmodSync(fd, o.mode);
+    if (o.owner) fchownSync(fd, o.owner.uid, o.owner.gid);
     const buf = typeof data === "string" ? Buffer.from(data) : data;
     let off = 0;
     while (off < buf.length) off += writeSync(fd, buf, off, buf.length - off);
-    if (opts.durable) fsyncSync(fd);
+    if (o.mtime) futimesSync(fd, o.mtime, o.mtime);
+    return { tmp, fd };
   } catch (e) {
     closeSync(fd);
-    unlinkSync(tmp);
+    unlinkQuietly(tmp);
     throw e;
   }
-  closeSync(fd);
+}
+
+export function writeFileAtomic(target: string, data: Buffer | string, o: WriteOptions): void {
+  const { tmp, fd } = writeTemp(target, data, o);
   try {
+    if (o.durable !== false) fsyncSync(fd);
+    closeSync(fd);
     renameSync(tmp, target);
   } catch (e) {
-    unlinkSync(tmp);
-    throw e;
+    try {
+      closeSync(fd);
+    } catch {
+      // closed above
+    }
+    unlinkQuietly(tmp);
+    throw ioUserError(e, target);
   }
-  if (opts.durable) fsyncDir(dirname(target));
+  if (o.durable !== false) fsyncDir(dirname(target));
 }
 
 /**
@@ -78,35 +122,76 @@ export interface PendingFile {
 }
 
 /**
- * Many files at once (a batch): all written under temp names, then synced, then renamed, then
- * each directory synced once. The same guarantee as writeFileAtomic — a final name only ever
- * holds complete, synced data — for one journal commit instead of one per file.
+ * Groups of files (one group per device) written under temp names and synced together (one
+ * journal commit for a whole batch chunk), then renamed group by group: a group that cannot
+ * take its final names fails alone, and whatever of it was already renamed is removed again.
+ * Every temp file not renamed is removed by `discardRest()`, whatever happened.
  */
-export function writeFilesAtomic(files: PendingFile[]): void {
-  const written: { tmp: string; target: string; fd: number }[] = [];
-  try {
-    for (const f of files) {
-      const tmp = tempNameFor(f.target);
-      const fd = openSync(tmp, "wx", f.mode);
-      written.push({ tmp, target: f.target, fd });
-      fchmodSync(fd, f.mode);
-      const buf = typeof f.data === "string" ? Buffer.from(f.data) : f.data;
-      let off = 0;
-      while (off < buf.length) off += writeSync(fd, buf, off, buf.length - off);
+export class StagedGroups {
+  private readonly temps: ({ tmp: string; target: string }[] | undefined)[];
+
+  constructor(groups: PendingFile[][]) {
+    const temps: { tmp: string; target: string }[][] = [];
+    const fds: number[] = [];
+    try {
+      for (const g of groups) {
+        const group: { tmp: string; target: string }[] = [];
+        temps.push(group);
+        for (const f of g) {
+          let w;
+          try {
+            w = writeTemp(f.target, f.data, { mode: f.mode, durable: false });
+          } catch (e) {
+            throw ioUserError(e, f.target);
+          }
+          fds.push(w.fd);
+          group.push({ tmp: w.tmp, target: f.target });
+        }
+      }
+      syncAll(fds, dirname(groups[0]?.[0]?.target ?? "."));
+    } catch (e) {
+      for (const fd of fds) closeSync(fd);
+      for (const t of temps.flat()) unlinkQuietly(t.tmp);
+      throw ioUserError(e, dirname(groups[0]?.[0]?.target ?? "."));
     }
-    syncAll(written.map((w) => w.fd), dirname(files[0]?.target ?? "."));
-  } catch (e) {
-    for (const w of written) {
-      closeSync(w.fd);
-      unlinkSync(w.tmp);
+    for (const fd of fds) closeSync(fd);
+    this.temps = temps;
+  }
+
+  /** Renames group `i` into place; on failure undoes it and returns the error. */
+  commit(i: number): unknown {
+    const group = this.temps[i];
+    if (!group) return undefined;
+    this.temps[i] = undefined;
+    const done: string[] = [];
+    try {
+      for (const t of group) {
+        renameSync(t.tmp, t.target);
+        done.push(t.target);
+      }
+      for (const dir of new Set(group.map((t) => dirname(t.target)))) fsyncDir(dir);
+      return undefined;
+    } catch (e) {
+      for (const t of group) unlinkQuietly(t.tmp);
+      for (const target of done) unlinkQuietly(target);
+      return ioUserError(e, group[done.length]?.target ?? "");
     }
-    throw e;
   }
-  for (const w of written) {
-    closeSync(w.fd);
-    renameSync(w.tmp, w.target);
+
+  /** Drops group `i` without renaming anything. */
+  discard(i: number): void {
+    for (const t of this.temps[i] ?? []) unlinkQuietly(t.tmp);
+    this.temps[i] = undefined;
   }
-  for (const dir of new Set(written.map((w) => dirname(w.target)))) fsyncDir(dir);
+
+  discardRest(): void {
+    for (let i = 0; i < this.temps.length; i++) this.discard(i);
+  }
+}
+
+/** Removes files a failed device had already put under their final names. */
+export function removeFiles(paths: string[]): void {
+  for (const p of paths) unlinkQuietly(p);
 }
 
 /**

@@ -208,8 +208,8 @@ describe("bastion import on a real sshd", () => {
     chmodSync(join(t, "etc/ssh/mkoverlay/ssh_host_ed25519_key"), 0o644);
     const tv = cli(["verify", t]);
     expect(tv.code).toBe(1);
-    expect(tv.stdout).toMatch(/FAIL regenerate_ssh_host_keys\.service is masked/);
-    expect(tv.stdout).toMatch(/FAIL \/etc\/ssh\/mkoverlay\/ssh_host_ed25519_key is mode 0600/);
+    expect(tv.stdout).toMatch(/^FAIL first-boot guards: \/etc\/systemd\/system\/regenerate_ssh_host_keys\.service is missing$/m);
+    expect(tv.stdout).toMatch(/^FAIL host key: \/etc\/ssh\/mkoverlay\/ssh_host_ed25519_key is mode 0644, not 0600$/m);
   });
 
   it("release gives a revoked device's port back; the next device gets it", () => {

@@ -127,8 +127,19 @@ describe("operator access with the overlay's drop-ins", () => {
     const overlay = readdirSync(join(dir, "out")).map((f) => join(dir, "out", f)).find((f) => f.endsWith(".tar.gz"))!;
     const v = runCli(["verify", overlay], { cwd: dir });
     expect(v.code, v.stdout).toBe(0);
-    expect(v.stdout).toMatch(/^ok {3}operator keys for root match the fleet config/m);
-    expect(v.stdout).toMatch(/^ok {3}the operator CA is trusted/m);
+    expect(v.stdout).toMatch(/^ok {3}operator access: \d+ entries as built/m);
+    // The fleet config is what the overlay is checked against: drop a principal, and the
+    // overlay no longer matches.
+    const cfg = join(dir, "mkoverlay.yaml");
+    const original = readFileSync(cfg, "utf8");
+    try {
+      writeFileSync(cfg, original.replace('"oncall"', '"oncall-2"'));
+      const stale = runCli(["verify", overlay], { cwd: dir });
+      expect(stale.code, stale.stdout).toBe(1);
+      expect(stale.stdout).toMatch(/^FAIL operator access: \/etc\/ssh\/mkoverlay\/principals\/root differs/m);
+    } finally {
+      writeFileSync(cfg, original);
+    }
   });
 
   it("nothing is written under /root or /home", () => {

@@ -257,7 +257,7 @@ describe.each(BACKENDS.map((b) => [b.name, b] as const))("registry on %s", (_nam
             finished++;
           }
         }
-        pendingSeen = (await withRegistry(ws.registry, (r) => r.pending())).length;
+        pendingSeen = (await withRegistry(ws.registry, (r) => r.unfinished())).length;
       }
       const stats = `build ${Math.round(T)} ms; ${killed} killed, ${finished} finished, ${pendingSeen} left pending; delays ${schedule.join(",")}`;
       expect(killed, stats).toBeGreaterThan(10);
@@ -333,7 +333,7 @@ describe.each(BACKENDS.map((b) => [b.name, b] as const))("registry on %s", (_nam
         await r.revoke("dev-004");
         await r.release("dev-004"); // released: ports free
         // dev-005 stays pending: its ports stay taken.
-        expect((await r.pending()).map((d) => d.hostname)).toEqual(["dev-005"]);
+        expect((await r.unfinished()).map((u) => u.device.hostname)).toEqual(["dev-005"]);
         const a = await r.reserve(req(6));
         const b = await r.reserve(req(7, "explicit"));
         const c = await r.reserve(req(8));
@@ -345,7 +345,9 @@ describe.each(BACKENDS.map((b) => [b.name, b] as const))("registry on %s", (_nam
         await expect(r.reserve(req(9))).rejects.toThrow("no free tunnel port left in ports.ssh 26000-26005");
         await expect(r.reserve(req(9, "explicit"))).rejects.toThrow("hostname explicit is already registered (pending)");
         await expect(r.reserve(req(1))).rejects.toThrow("this key is already registered to dev-001");
-        await r.rotate("dev-001", "ssh-ed25519 NEWKEY", "SHA256:new", "/out/new.tar.gz");
+        await r.beginRotate("dev-001", "SHA256:fp1", "ssh-ed25519 NEWKEY", "SHA256:new", "/out/new.tar.gz");
+        await expect(r.beginRotate("dev-001", "SHA256:fp1", "ssh-ed25519 OTHER", "SHA256:other", "/out/x.tar.gz")).rejects.toThrow("a rotation is already under way");
+        await r.commitRotate("dev-001", "SHA256:new", undefined);
         await r.updateDevice("dev-001", { board: "rpi5", os: "armbian", bastions: ["us"], overlay: "/out/again.tar.gz" });
         expect(await r.getByFingerprint("SHA256:fp1")).toBeUndefined();
         const d1 = await r.get("dev-001");
@@ -371,7 +373,7 @@ describe.each(BACKENDS.map((b) => [b.name, b] as const))("registry on %s", (_nam
       expect(runCli(["--config", ws.cfg, ...BUILD, "--out", ws.out], { cwd: ws.dir }).code).toBe(0);
       await backend.setSchemaVersion(ws.registry, 99);
       const r = runCli(["--config", ws.cfg, ...BUILD, "--out", ws.out], { cwd: ws.dir });
-      expectOneLineError(r, /registry .*: schema version 99 was written by a newer mkoverlay \(this one knows 1\)/);
+      expectOneLineError(r, /registry .*: schema version 99 was written by a newer mkoverlay \(this one knows 2\)/);
       expect(r.stdout).toBe("");
       expect(readdirSync(ws.out).filter((n) => n.endsWith(".overlay.tar.gz"))).toHaveLength(1);
     } finally {
@@ -543,7 +545,7 @@ describe.runIf(pgServer)("postgres registry errors: one line, no stack", () => {
     const url = await pg.createDatabase();
     await pg.sql(url, "CREATE SCHEMA mkoverlay AUTHORIZATION mko; CREATE TABLE mkoverlay.other (x int); ALTER TABLE mkoverlay.other OWNER TO mko");
     const r = await buildWith(url);
-    expectOneLineError(r, /the database has a 'mkoverlay' schema that is not an mkoverlay registry; left untouched/);
+    expectOneLineError(r, /a database, but not an mkoverlay registry \(it holds other tables\); left untouched/);
     expect(await pg.sql(url, "SELECT tablename FROM pg_tables WHERE schemaname = 'mkoverlay'")).toEqual([{ tablename: "other" }]);
   });
 

@@ -44,3 +44,17 @@ export function authorizedKeysOptions(i: LineInput): string[] {
 export function authorizedKeysLine(i: LineInput): string {
   return `${authorizedKeysOptions(i).join(",")} ${publicKeyLine(i.pub, i.hostname)}`;
 }
+
+/** One line per tunnel, anchored at the device's build time (a re-export never moves expiry). */
+export function deviceLines(hostname: string, pub: Buffer, tunnels: TunnelPlan[], created: Date): Record<string, string> {
+  const lines: Record<string, string> = {};
+  for (const t of tunnels) lines[t.bastion.name] = authorizedKeysLine({ hostname, pub, tunnel: t, now: created });
+  return lines;
+}
+
+/** The lines as a paste-able authorized_keys fragment (comments say where each goes). */
+export function renderLines(hostname: string, port: number, tunnels: TunnelPlan[], lines: Record<string, string>): string {
+  const parts = [`# ${hostname}: tunnel port ${port}`];
+  for (const { bastion: b } of tunnels) parts.push(`# bastion ${b.name}: authorized_keys of ${b.user}@${b.host}`, lines[b.name] ?? "");
+  return parts.join("\n") + "\n";
+}

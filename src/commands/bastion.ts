@@ -4,7 +4,8 @@ import { renderAuthorizedKeys } from "../bastion/export.js";
 import { renderMatchBlock } from "../bastion/sshd-config.js";
 import type { Bastion, Fleet } from "../config/fleet.js";
 import { configPath, loadFleet } from "../config/load.js";
-import { VERSION, withFleetRegistry } from "../context.js";
+import { withFleetRegistry } from "../context.js";
+import { VERSION } from "../version.js";
 import { resolveBastions } from "../device.js";
 import { errnoCode, UserError } from "../errors.js";
 import { writeFileAtomic } from "../fsutil.js";
@@ -38,7 +39,7 @@ export async function authorizedKeysCommand(opts: { bastion?: string; write?: st
   // (sshd reads it as the tunnel user).
   const owner = existingOwner(opts.write);
   try {
-    writeFileAtomic(opts.write, text, 0o600, owner);
+    writeFileAtomic(opts.write, text, { mode: 0o600, ...(owner ? { owner } : {}) });
   } catch (e) {
     throw new UserError(`--write ${opts.write}: ${errnoCode(e) ?? (e as Error).message}`);
   }

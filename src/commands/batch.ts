@@ -1,23 +1,25 @@
 /**
  * `mkoverlay batch`: a factory shift. Config, profiles and the registry are opened once;
- * each device is reserved, written and activated on its own, so a failing device reserves
- * nothing and the others stand. Devices stream through: nothing of the batch is kept in memory
- * but counts and failures.
+ * devices go through in chunks (one transaction for the chunk's reservations, one sync for its
+ * archives, one for its activations), and each device succeeds or fails on its own: a failing
+ * device reserves nothing and the others stand. Devices stream through: nothing of the batch
+ * is kept in memory but counts and failures.
  */
 import { readFileSync } from "node:fs";
 import { setFlagsFromString } from "node:v8";
 import { configPath, loadFleet } from "../config/load.js";
 import { loadOrGenerateKey, resolveBastions } from "../device.js";
 import { errnoCode, isUserError, UserError } from "../errors.js";
-import { out, stderrLog } from "../output.js";
+import { StagedGroups } from "../fsutil.js";
+import { out, stderrLog, type Log } from "../output.js";
 import { archiveEpoch } from "../overlay/archive.js";
+import { pendingFiles, renderDevice, type Rendered } from "../pipeline.js";
 import { loadProfiles, resolveBoardOs } from "../profiles.js";
 import { openRegistry } from "../registry/open.js";
+import { ReservationLost } from "../registry/rows.js";
+import type { DeviceRecord } from "../registry/types.js";
+import { buildDevice, buildResult, contextOf, reserveRequest, unplace, withOutDir, withStation, type BuildResult, type DeviceRequest, type OutputOptions, type Station } from "../station.js";
 import { hostnameProblem } from "../validate.js";
-import { writeFilesAtomic } from "../fsutil.js";
-import { pendingFiles, renderDevice, type Rendered } from "../pipeline.js";
-import type { DeviceRecord, Registry } from "../registry/types.js";
-import { buildDevice, buildResult, reserveRequest, withOutDir, type BuildResult, type DeviceRequest, type OutputOptions, type Station } from "./build.js";
 
 export interface BatchOptions extends OutputOptions {
   board: string;
@@ -50,16 +52,18 @@ export function readHostsFile(file: string): string[] {
 
 class Progress {
   private readonly tty = Boolean(process.stderr.isTTY) && !process.env.NO_COLOR;
-  constructor(private readonly total: number, private readonly quiet: boolean) {}
+  constructor(
+    private readonly total: number,
+    private readonly log: Log,
+  ) {}
   step(done: number, label: string): void {
-    if (this.quiet) return;
     if (this.tty) {
       const width = 30;
       const filled = Math.round((done / this.total) * width);
-      process.stderr.write(`\r[${"#".repeat(filled)}${" ".repeat(width - filled)}] ${done}/${this.total} ${label.padEnd(24)}`);
-      if (done === this.total) process.stderr.write("\n");
+      this.log.progress(`\r[${"#".repeat(filled)}${" ".repeat(width - filled)}] ${done}/${this.total} ${label.padEnd(24)}`);
+      if (done === this.total) this.log.progress("\n");
     } else {
-      process.stderr.write(`mkoverlay: [${done}/${this.total}] ${label}\n`);
+      this.log.progress(`mkoverlay: [${done}/${this.total}] ${label}\n`);
     }
   }
 }
@@ -67,28 +71,31 @@ class Progress {
 /** Devices reserved, written and activated together: one sync of each kind per chunk. */
 const CHUNK = 64;
 
-type ChunkedRegistry = Registry & Required<Pick<Registry, "reserveMany" | "activateMany">>;
-
 function checkName(wanted: string | undefined): void {
   if (wanted === undefined) return;
   const p = hostnameProblem(wanted);
   if (p) throw new UserError(`hostname ${JSON.stringify(wanted)} ${p}`);
 }
 
+interface ChunkItem {
+  wanted: string | undefined;
+  label: string;
+}
+
+interface Outcomes {
+  succeed(r: BuildResult): void;
+  fail(item: ChunkItem, e: UserError): void;
+}
+
 /**
  * One chunk of a tar-form batch: reserve all (one transaction, a savepoint each), render all,
- * write all archives (synced together, then renamed), activate all. A device that fails at any
- * step gives its reservation back and is reported; the others stand. Killed midway, the
- * pending devices are finished or reclaimed by `registry doctor`.
+ * write all archives under temp names (synced together), confirm the reservations are still
+ * this station's, rename device by device, activate all. A device that fails at any step gives
+ * its reservation back and is reported; the others stand. Killed midway, the pending devices
+ * are finished or reclaimed by `registry doctor`.
  */
-async function chunked(
-  st: Station,
-  registry: ChunkedRegistry,
-  chunk: { wanted: string | undefined; label: string }[],
-  common: Pick<DeviceRequest, "board" | "os" | "bastions">,
-  succeed: (r: BuildResult) => void,
-  fail: (label: string, wanted: string | undefined, e: UserError) => void,
-): Promise<void> {
+async function chunked(st: Station, chunk: ChunkItem[], common: Omit<DeviceRequest, "hostname" | "dk">, report: Outcomes): Promise<void> {
+  const { registry } = st;
   const outcome: (BuildResult | UserError)[] = new Array(chunk.length);
   const asked: { i: number; req: DeviceRequest }[] = [];
   chunk.forEach(({ wanted }, i) => {
@@ -102,29 +109,61 @@ async function chunked(
   });
   const reserved = await registry.reserveMany(asked.map((a) => reserveRequest(st, a.req)));
   const ready: { i: number; device: DeviceRecord; req: DeviceRequest; r: Rendered }[] = [];
-  for (const [k, res] of reserved.entries()) {
-    const { i, req } = asked[k]!;
-    if (res instanceof UserError) {
-      outcome[i] = res;
-      continue;
-    }
-    try {
-      ready.push({ i, device: res, req, r: await renderDevice(st.emit, res, req.dk.key, req.board, req.os, req.bastions, st.fleet) });
-    } catch (e) {
-      await registry.abandon(res.hostname);
-      if (!isUserError(e)) throw e;
-      outcome[i] = e;
-    }
-  }
   try {
-    writeFilesAtomic(ready.flatMap((x) => pendingFiles(x.r)));
-  } catch (e) {
-    for (const x of ready) await registry.abandon(x.device.hostname);
-    throw e;
+    for (const [k, res] of reserved.entries()) {
+      const { i, req } = asked[k]!;
+      if (res instanceof UserError) {
+        outcome[i] = res;
+        continue;
+      }
+      st.leases.add(res.hostname);
+      try {
+        ready.push({ i, device: res, req, r: await renderDevice(contextOf(st, res, req)) });
+      } catch (e) {
+        await registry.abandon(res.hostname);
+        if (!isUserError(e)) throw e;
+        outcome[i] = e;
+      }
+    }
+    let staged: StagedGroups;
+    try {
+      staged = new StagedGroups(ready.map((x) => pendingFiles(x.r)));
+    } catch (e) {
+      // Nothing of the chunk reached a final name (a full disk, say): give every port back.
+      for (const x of ready) await registry.abandon(x.device.hostname);
+      throw e;
+    }
+    const placed: typeof ready = [];
+    try {
+      const held = await registry.confirm(ready.map((x) => x.device.hostname));
+      for (const [k, x] of ready.entries()) {
+        if (!held.has(x.device.hostname)) {
+          staged.discard(k);
+          outcome[x.i] = new ReservationLost(x.device.hostname);
+          continue;
+        }
+        const err = staged.commit(k);
+        if (err === undefined) placed.push(x);
+        else {
+          if (!isUserError(err)) throw err;
+          outcome[x.i] = err;
+          await registry.abandon(x.device.hostname);
+        }
+      }
+    } finally {
+      staged.discardRest();
+    }
+    const lost = new Set(await registry.activateMany(placed.map((x) => x.device.hostname)));
+    for (const x of placed) {
+      if (lost.has(x.device.hostname)) {
+        unplace(x.r, st.emit.form);
+        outcome[x.i] = new ReservationLost(x.device.hostname);
+      } else outcome[x.i] = buildResult(x.device, x.req.dk, x.r, false);
+    }
+  } finally {
+    for (const x of reserved) if (!(x instanceof UserError)) st.leases.delete(x.hostname);
   }
-  await registry.activateMany(ready.map((x) => x.device.hostname));
-  for (const x of ready) outcome[x.i] = buildResult(x.device, x.req.dk, x.r, false);
-  outcome.forEach((o, i) => (o instanceof UserError ? fail(chunk[i]!.label, chunk[i]!.wanted, o) : succeed(o)));
+  outcome.forEach((o, i) => (o instanceof UserError ? report.fail(chunk[i]!, o) : report.succeed(o)));
 }
 
 export async function batchCommand(opts: BatchOptions): Promise<void> {
@@ -148,47 +187,47 @@ export async function batchCommand(opts: BatchOptions): Promise<void> {
     if (names.length === 0) throw new UserError(`--hosts ${opts.hosts}: no hostnames in it`);
   }
   const epoch = archiveEpoch();
-  const progress = new Progress(names.length, Boolean(opts.quiet));
+  const log = stderrLog(Boolean(opts.quiet));
+  const progress = new Progress(names.length, log);
   const failures: string[] = [];
   let built = 0;
   let done = 0;
-  const succeed = (r: BuildResult) => {
-    built++;
-    const { authorizedKeysText, ...json } = r;
-    out(opts.json ? JSON.stringify(json) : authorizedKeysText);
-    progress.step(++done, `${r.hostname} port ${r.port}`);
+  const report: Outcomes = {
+    succeed(r) {
+      built++;
+      const { authorizedKeysText, ...json } = r;
+      out(opts.json ? JSON.stringify(json) : authorizedKeysText);
+      progress.step(++done, `${r.hostname} port ${r.port}`);
+    },
+    fail(item, e) {
+      const msg = `${item.label}: ${e.message}`;
+      failures.push(msg);
+      if (opts.json) out(JSON.stringify({ hostname: item.wanted ?? null, error: e.message }));
+      if (process.stderr.isTTY) log.progress("\n");
+      log.error(msg);
+      progress.step(++done, `${item.label} FAILED`);
+    },
   };
-  const fail = (label: string, wanted: string | undefined, e: UserError) => {
-    const msg = `${label}: ${e.message}`;
-    failures.push(msg);
-    if (opts.json) out(JSON.stringify({ hostname: wanted ?? null, error: e.message }));
-    process.stderr.write(`${process.stderr.isTTY ? "\n" : ""}mkoverlay: error: ${msg}\n`);
-    progress.step(++done, `${label} FAILED`);
-  };
-  await withOutDir(opts, async (outDir, form) => {
-    const registry = await openRegistry(fleet.registry);
-    const st: Station = { fleet, emit: { outDir, form, epoch }, log: stderrLog(true), now };
-    try {
+  await withOutDir(opts, (outDir, form) =>
+    withStation(fleet, { outDir, form, epoch }, stderrLog(true), now, () => openRegistry(fleet.registry), async (st) => {
       for (let start = 0; start < names.length; start += CHUNK) {
         const chunk = names.slice(start, start + CHUNK).map((wanted, j) => ({ wanted, label: wanted ?? `device ${start + j + 1}` }));
-        if (form.kind === "tar" && registry.reserveMany && registry.activateMany) {
-          await chunked(st, registry as ChunkedRegistry, chunk, { board, os, bastions }, succeed, fail);
+        if (form.kind === "tar") {
+          await chunked(st, chunk, { board, os, bastions }, report);
           continue;
         }
-        for (const { wanted, label } of chunk) {
+        for (const item of chunk) {
           try {
-            checkName(wanted);
-            succeed(await buildDevice(st, registry, { board, os, bastions, hostname: wanted, dk: loadOrGenerateKey(undefined) }));
+            checkName(item.wanted);
+            report.succeed(await buildDevice(st, { board, os, bastions, hostname: item.wanted, dk: loadOrGenerateKey(undefined) }));
           } catch (e) {
             if (!isUserError(e)) throw e;
-            fail(label, wanted, e);
+            report.fail(item, e);
           }
         }
       }
-    } finally {
-      await registry.close();
-    }
-  });
-  if (!opts.quiet) process.stderr.write(`mkoverlay: batch done: ${built} built, ${failures.length} failed\n`);
+    }),
+  );
+  log.info(`batch done: ${built} built, ${failures.length} failed`);
   if (failures.length > 0) throw new UserError(`${failures.length} of ${names.length} device(s) failed (see above); the others are built and registered`, { exitCode: 1 });
 }

@@ -1,17 +1,22 @@
 /**
- * `mkoverlay registry doctor`: finishes or reclaims devices left `pending` by builds that were
- * killed. A pending device whose overlay reached its final name (with the registered key) was
- * built: it is activated. One without an overlay, older than the grace period (builds take
- * milliseconds; the grace covers builds still running), gives its ports back. Without --fix
- * it only reports.
+ * `mkoverlay registry doctor`: finishes or reclaims work that stations started and never
+ * finished — builds (`pending` devices) and key rotations. Work is left alone while its lease
+ * runs (the station that started it is still working on it); once the lease has run out (plus
+ * --grace), or at once when the station is a process of this host that no longer runs, the
+ * doctor looks at the output: a complete overlay with the expected key is finished (the device
+ * activated, the rotation committed), anything else is reclaimed (the port given back, the
+ * pending key dropped). Each step is a compare-and-set on the lease it saw. Without --fix it
+ * only reports.
  */
 import { configPath, loadFleet } from "../config/load.js";
 import { UserError } from "../errors.js";
+import { overlayComplete } from "../inspect.js";
 import { out } from "../output.js";
-import { readOverlay } from "../overlay/read.js";
-import { HOST_KEY_PUB } from "../overlay/paths.js";
+import { openOverlay } from "../overlay/read.js";
+import { loadProfiles } from "../profiles.js";
+import { stationIsDead } from "../registry/core.js";
 import { openRegistry } from "../registry/open.js";
-import type { DeviceRecord } from "../registry/types.js";
+import type { Unfinished } from "../registry/types.js";
 
 export interface DoctorOptions {
   config?: string;
@@ -20,33 +25,38 @@ export interface DoctorOptions {
   json?: boolean;
 }
 
-async function overlayHasKey(d: DeviceRecord): Promise<boolean> {
-  if (!d.overlay) return false;
-  try {
-    const tree = await readOverlay(d.overlay);
-    const pub = tree.get(HOST_KEY_PUB.slice(1))?.content?.toString("utf8") ?? "";
-    return pub.split(" ").slice(0, 2).join(" ") === d.publicKey;
-  } catch {
-    return false;
-  }
+type Action = "activated" | "rotated" | "reclaimed" | "waiting" | "changed";
+
+/** Whether the work is no longer its station's: lease (plus grace) run out, or station dead. */
+function abandoned(u: Unfinished, graceMs: number): boolean {
+  if (stationIsDead(u.device.station)) return true;
+  if (u.leaseUntil === null) return Date.parse(u.device.updated) + graceMs <= Date.now();
+  return u.leaseUntil + graceMs <= u.dbNow;
 }
 
 export async function doctorCommand(opts: DoctorOptions): Promise<void> {
   const grace = Number(opts.grace ?? "60");
-  if (!Number.isFinite(grace) || grace < 0) throw new UserError(`--grace ${opts.grace}: not a number of seconds`);
+  if (!/^\d+(\.\d+)?$/.test(opts.grace ?? "60") || !Number.isFinite(grace)) throw new UserError(`--grace ${opts.grace}: not a number of seconds`);
   const fleet = await loadFleet(configPath(opts.config));
+  const profiles = await loadProfiles();
   const registry = await openRegistry(fleet.registry);
-  const report: { hostname: string; port: number; action: "activated" | "reclaimed" | "waiting"; fixed: boolean }[] = [];
+  const report: { hostname: string; port: number; work: "build" | "rotate"; action: Action; fixed: boolean }[] = [];
   try {
-    for (const d of await registry.pending()) {
-      const age = (Date.now() - Date.parse(d.updated)) / 1000;
-      let action: "activated" | "reclaimed" | "waiting";
-      if (await overlayHasKey(d)) action = "activated";
-      else if (age >= grace) action = "reclaimed";
-      else action = "waiting";
-      if (opts.fix && action === "activated") await registry.activate(d.hostname);
-      if (opts.fix && action === "reclaimed") await registry.abandon(d.hostname);
-      report.push({ hostname: d.hostname, port: d.port, action, fixed: Boolean(opts.fix) && action !== "waiting" });
+    for (const u of await registry.unfinished()) {
+      const d = u.device;
+      let action: Action = "waiting";
+      if (abandoned(u, grace * 1000)) {
+        const fp = u.kind === "build" ? d.fingerprint : (d.rotating?.fingerprint ?? "");
+        let complete = false;
+        try {
+          complete = d.overlay !== null && (await overlayComplete(await openOverlay(d.overlay), fleet, profiles, d, fp));
+        } catch {
+          complete = false; // missing, unreadable or not an overlay: not complete
+        }
+        action = complete ? (u.kind === "build" ? "activated" : "rotated") : "reclaimed";
+        if (opts.fix && !(await (complete ? registry.finish(u) : registry.reclaim(u)))) action = "changed";
+      }
+      report.push({ hostname: d.hostname, port: d.port, work: u.kind, action, fixed: Boolean(opts.fix) && action !== "waiting" && action !== "changed" });
     }
   } finally {
     await registry.close();
@@ -56,17 +66,18 @@ export async function doctorCommand(opts: DoctorOptions): Promise<void> {
     return;
   }
   if (report.length === 0) {
-    out("registry is healthy: no unfinished builds");
+    out("registry is healthy: no unfinished builds or rotations");
     return;
   }
   for (const r of report) {
-    const what =
-      r.action === "activated"
-        ? "overlay was written; device is live"
-        : r.action === "reclaimed"
-          ? "build never finished; port given back"
-          : `build started under ${grace}s ago; left alone`;
-    out(`${r.hostname}\tport ${r.port}\t${r.fixed || r.action === "waiting" ? "" : "would be: "}${what}`);
+    const what = {
+      activated: "overlay was written; device is live",
+      rotated: "new overlay was written; the new key is the device's",
+      reclaimed: r.work === "build" ? "build never finished; port given back" : "rotation never finished; the pending key was dropped",
+      waiting: "still being worked on (its station holds the lease); left alone",
+      changed: "changed while the doctor looked; left alone",
+    }[r.action];
+    out(`${r.hostname}\tport ${r.port}\t${r.fixed || r.action === "waiting" || r.action === "changed" ? "" : "would be: "}${what}`);
   }
   if (!opts.fix && report.some((r) => r.action !== "waiting")) out("run with --fix to apply");
 }

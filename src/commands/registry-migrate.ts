@@ -10,7 +10,7 @@ import { configPath, loadFleet } from "../config/load.js";
 import { UserError } from "../errors.js";
 import { out } from "../output.js";
 import { copyRegistry } from "../registry/copy.js";
-import { displayLocation, isRegistryUrl } from "../registry/open.js";
+import { displayLocation, isRegistryUrl } from "../registry/location.js";
 
 export interface MigrateOptions {
   to?: string;

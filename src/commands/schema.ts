@@ -23,6 +23,6 @@ export function schemaText(kind: string): string {
 
 export function schemaCommand(kind: string | undefined, opts: { out?: string }): void {
   const text = schemaText(kind ?? "fleet");
-  if (opts.out) writeFileAtomic(opts.out, text, 0o644);
+  if (opts.out) writeFileAtomic(opts.out, text, { mode: 0o644 });
   else out(text);
 }

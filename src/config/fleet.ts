@@ -1,5 +1,6 @@
 /** The validated fleet config as the rest of mkoverlay sees it: resolved paths, parsed ranges. */
 import { isAbsolute, resolve } from "node:path";
+import { isRegistryUrl } from "../registry/location.js";
 import { PORT_RANGE } from "../validate.js";
 import type { FleetRaw } from "./schema.js";
 
@@ -49,9 +50,9 @@ export function parseRange(v: string): PortRange {
   return { lo: Number(m[1]), hi: Number(m[2]) };
 }
 
-/** A registry value is a path (relative to the config file) or, later, a URL. */
+/** A registry value is a path (relative to the config file) or a URL. */
 function resolveRegistry(value: string, baseDir: string): string {
-  if (/^[a-z][a-z0-9+.-]*:\/\//i.test(value)) return value;
+  if (isRegistryUrl(value)) return value;
   return isAbsolute(value) ? value : resolve(baseDir, value);
 }
 

@@ -1,12 +1,14 @@
 /**
- * The build as a list of named steps. Each adds entries to the tree and reads only its
- * inputs, so each can be tested alone; `buildOverlay` runs them in order.
+ * The build as a list of named steps. Each adds entries to the tree from its inputs alone (no
+ * disk, no clock), so each can be tested alone; `buildOverlay` runs them in order, and `verify`
+ * walks the same list (overlay/verify.ts): a step cannot be forgotten by one and not the other.
+ * A step may add a `check` for what "the entries are as built" does not say.
  */
 import type { Bastion, Operators } from "../config/fleet.js";
 import type { TunnelPlan } from "../forwards.js";
 import { deterministicCheckInt, encodePrivateKey, publicKeyLine, type Ed25519Key } from "../keys/ed25519.js";
 import type { Board, OsProfile } from "../profiles.js";
-import { layerFile, layerFiles } from "./layers.js";
+import { COMMON, layerText, type Layers } from "./layers.js";
 import * as P from "./paths.js";
 import { enableUnit, installSection, maskUnit } from "./systemd.js";
 import { Tree } from "./tree.js";
@@ -20,14 +22,21 @@ export interface DeviceSpec {
   key: Ed25519Key;
   /** Who may log in; undefined when the image brings its own access (`operators: none`). */
   operators: Operators | undefined;
+  /** The static layers (overlays/…): `common` and the OS's own, loaded at the edge. */
+  layers: Layers;
 }
 
-const COMMON = "common";
+export interface Step {
+  name: string;
+  build(tree: Tree, d: DeviceSpec): void;
+  /** Problems of the built tree beyond its entries (e.g. a path this OS deletes on first boot). */
+  check?(built: Tree, d: DeviceSpec): string[];
+}
 
-function fromLayer(tree: Tree, layer: string, absPath: string): string {
-  const f = layerFile(layer, absPath.replace(/^\//, ""));
-  tree.file(absPath, f.content, f.mode);
-  return f.content.toString("utf8");
+function layLayer(tree: Tree, d: DeviceSpec, name: string): void {
+  const files = d.layers.get(name);
+  if (!files) throw new Error(`overlay layer '${name}' was not loaded`);
+  for (const f of files) tree.file(f.path, f.content, f.mode);
 }
 
 /** The device's ed25519 key: sshd's host key and the tunnel's identity. */
@@ -40,19 +49,34 @@ export function hostKeyStep(tree: Tree, d: DeviceSpec): void {
   tree.file(P.HOST_KEY_PUB, publicKeyLine(d.key.pub, `root@${d.hostname}`) + "\n", 0o644);
 }
 
-/** sshd uses the key above (a HostKey line replaces sshd's default list) and starts at boot. */
+/** overlays/common, wholesale: the HostKey drop-in, the tunnel template, the monitor. */
+export function commonFilesStep(tree: Tree, d: DeviceSpec): void {
+  layLayer(tree, d, COMMON);
+}
+
+/** sshd starts at boot (the HostKey drop-in came with the common files). */
 export function sshServerStep(tree: Tree, d: DeviceSpec): void {
-  fromLayer(tree, COMMON, P.SSHD_DROPIN);
   const target = `${d.os.unitDir}/${d.os.ssh.unit}`;
   enableUnit(tree, d.os.ssh.unit, target, { wantedBy: d.os.ssh.wantedBy, alias: d.os.ssh.aliases });
 }
 
-/** What keeps this OS's first boot from replacing the identity (FACTS.md table). */
+/** What keeps this OS's first boot from replacing the identity (docs/facts.md, first boot). */
 export function firstBootGuardsStep(tree: Tree, d: DeviceSpec): void {
   for (const unit of d.os.firstBoot.mask) maskUnit(tree, unit);
-  for (const layer of d.os.firstBoot.layers) {
-    for (const f of layerFiles(layer)) tree.file(f.path, f.content, f.mode);
-  }
+  for (const layer of d.os.firstBoot.layers) layLayer(tree, d, layer);
+}
+
+function globToRegExp(glob: string): RegExp {
+  return new RegExp("^" + glob.replace(/[.+^${}()|[\]\\]/g, "\\$&").replace(/\*/g, "[^/]*").replace(/\?/g, "[^/]") + "$");
+}
+
+/** Nothing the overlay ships may match a pattern this OS deletes on first boot. */
+function firstBootCheck(built: Tree, d: DeviceSpec): string[] {
+  const globs = d.os.firstBoot.deletes.map(globToRegExp);
+  return built
+    .list()
+    .filter((e) => globs.some((g) => g.test(`/${e.path}`)))
+    .map((e) => `/${e.path} is deleted by ${d.os.id}'s first boot`);
 }
 
 /** Values in the env file were validated (host, user, ports are plain tokens), never escaped. */
@@ -71,8 +95,7 @@ export function tunnelEnvFile(t: TunnelPlan): string {
 
 /** One template unit; one enabled instance and env file per bastion. */
 export function tunnelStep(tree: Tree, d: DeviceSpec): void {
-  const unit = fromLayer(tree, COMMON, P.TUNNEL_TEMPLATE);
-  const install = installSection(unit);
+  const install = installSection(layerText(d.layers, COMMON, P.TUNNEL_TEMPLATE));
   tree.dir(P.TUNNEL_ENV_DIR, 0o755);
   for (const t of d.tunnels) {
     tree.file(P.tunnelEnv(t.bastion.name), tunnelEnvFile(t), 0o644);
@@ -80,12 +103,9 @@ export function tunnelStep(tree: Tree, d: DeviceSpec): void {
   }
 }
 
-/** The monitor restarts instances that gave up; its timer is enabled. */
-export function monitorStep(tree: Tree): void {
-  fromLayer(tree, COMMON, P.MONITOR_SCRIPT);
-  fromLayer(tree, COMMON, P.MONITOR_SERVICE);
-  const timer = fromLayer(tree, COMMON, P.MONITOR_TIMER);
-  enableUnit(tree, "reverse-ssh-monitor.timer", P.MONITOR_TIMER, installSection(timer));
+/** The monitor (from the common files) restarts instances that gave up; its timer is enabled. */
+export function monitorStep(tree: Tree, d: DeviceSpec): void {
+  enableUnit(tree, "reverse-ssh-monitor.timer", P.MONITOR_TIMER, installSection(layerText(d.layers, COMMON, P.MONITOR_TIMER)));
 }
 
 /** `host` or `[host]:port`, as ssh looks a bastion up in known_hosts. */
@@ -143,19 +163,20 @@ export function hostnameStep(tree: Tree, d: DeviceSpec): void {
   );
 }
 
-export const STEPS: readonly [string, (tree: Tree, d: DeviceSpec) => void][] = [
-  ["host key", hostKeyStep],
-  ["ssh server", sshServerStep],
-  ["first-boot guards", firstBootGuardsStep],
-  ["tunnel units", tunnelStep],
-  ["monitor", (t) => monitorStep(t)],
-  ["bastion known_hosts", knownHostsStep],
-  ["operator access", operatorsStep],
-  ["hostname", hostnameStep],
+export const STEPS: readonly Step[] = [
+  { name: "host key", build: hostKeyStep },
+  { name: "common files", build: commonFilesStep },
+  { name: "ssh server", build: sshServerStep },
+  { name: "first-boot guards", build: firstBootGuardsStep, check: firstBootCheck },
+  { name: "tunnel units", build: tunnelStep },
+  { name: "monitor", build: monitorStep },
+  { name: "bastion known_hosts", build: knownHostsStep },
+  { name: "operator access", build: operatorsStep },
+  { name: "hostname", build: hostnameStep },
 ];
 
 export function buildOverlay(d: DeviceSpec): Tree {
   const tree = new Tree();
-  for (const [, step] of STEPS) step(tree, d);
+  for (const step of STEPS) step.build(tree, d);
   return tree;
 }

@@ -1,71 +1,37 @@
 /**
- * Registry on PostgreSQL (`registry: postgres://user@host:5432/db`), for several stations on
- * several machines. Same tables, same rules and the same lowest-free-port walk as the embedded
- * SQLite backend; only the locking differs.
+ * The PostgreSQL adapter (`registry: postgres://user@host:5432/db`), for several stations on
+ * several machines. Everything the registry does is in core.ts; this module connects, locks,
+ * announces changes and words server trouble as one-line errors. It imports `pg`, so open.ts
+ * loads it only for a postgres:// registry.
  *
- * Atomic reservation: every reservation is one READ COMMITTED transaction that first takes a
- * transaction-scoped advisory lock (`pg_advisory_xact_lock`, one key per database). Stations
- * therefore reserve one at a time, like SQLite's BEGIN IMMEDIATE; each statement after the lock
- * sees everything the previous holder committed (PostgreSQL publishes a commit before it drops
- * the holder's locks), so the name counter and the lowest free port are read fresh. The lock
- * ends with COMMIT or ROLLBACK, and a station that dies (SIGKILL, power, network) has its
- * transaction rolled back and the lock dropped when the server sees the connection close.
- * UNIQUE ports, fingerprints and host names stay in the schema as the second guard.
+ * Locking: a `write` transaction first takes a transaction-scoped advisory lock
+ * (`pg_advisory_xact_lock`, one key per database), the counterpart of SQLite's BEGIN IMMEDIATE:
+ * stations write one at a time, and each statement after the lock sees everything the previous
+ * holder committed (READ COMMITTED; PostgreSQL publishes a commit before it drops the holder's
+ * locks). The lock ends with COMMIT or ROLLBACK, and a station that dies has its transaction
+ * rolled back and its lock dropped when the server sees the connection close. A lock was chosen
+ * over SERIALIZABLE with retries: no retry loop, waiting stations served in turn.
  *
- * The tables live in their own PostgreSQL schema (`mkoverlay`), created and migrated by
- * mkoverlay under a second advisory lock; `mkoverlay.meta` holds `schema_version` and `seq`.
- * This module imports `pg`, so `open.ts` loads it only for a postgres:// registry.
+ * The tables live in a schema of their own, `mkoverlay` (the connection's search_path), so the
+ * core's unqualified SQL is the same on both databases. Changes are announced with NOTIFY on
+ * `mkoverlay_changes` (payload: the host name) in the same transaction, for bastion agents.
  */
-import { hostname as osHostname } from "node:os";
 import pg from "pg";
-import { renderHostname } from "../config/rules.js";
 import { UserError } from "../errors.js";
-import type { PortRow, Snapshot } from "./copy.js";
-import { DEVICE_KEYS, hostnameTaken, keyTaken, noFreePort, pendingRow, toRecord, type DeviceRow } from "./rows.js";
-import { displayLocation } from "./open.js";
-import type { DeviceRecord, Registry, ReserveRequest } from "./types.js";
+import { displayLocation } from "./location.js";
+import type { Queryable, SqlDriver, TxMode, TxOptions } from "./sql.js";
 
-export const PG_SCHEMA_VERSION = 1;
+export const PG_NAMESPACE = "mkoverlay";
+export const CHANGES_CHANNEL = "mkoverlay_changes";
 
 /** Advisory lock keys: (namespace, purpose). Advisory locks are per database. */
 const LOCK_NS = 0x6d6b6f76; // "mkov"
 const LOCK_SCHEMA = 1;
-const LOCK_RESERVE = 2;
+const LOCK_WRITE = 2;
 
 const CONNECT_TIMEOUT_MS = 10_000;
-/** Like the SQLite busy timeout: how long a station waits for another's reservation. */
+/** Like the SQLite busy timeout: how long a station waits for another's write. */
 const LOCK_TIMEOUT_MS = 30_000;
-
-/** MIGRATIONS[v] takes a registry from schema version v to v + 1. */
-const MIGRATIONS: string[] = [
-  `
-  CREATE SCHEMA IF NOT EXISTS mkoverlay;
-  CREATE TABLE mkoverlay.meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
-  CREATE TABLE mkoverlay.devices (
-    hostname    TEXT PRIMARY KEY,
-    board       TEXT NOT NULL,
-    os          TEXT NOT NULL,
-    bastions    TEXT NOT NULL,
-    port        INTEGER NOT NULL UNIQUE,
-    public_key  TEXT NOT NULL,
-    fingerprint TEXT NOT NULL UNIQUE,
-    status      TEXT NOT NULL CHECK (status IN ('pending', 'active', 'revoked')),
-    overlay     TEXT,
-    station     TEXT NOT NULL,
-    created     TEXT NOT NULL,
-    updated     TEXT NOT NULL
-  );
-  CREATE TABLE mkoverlay.ports (
-    port     INTEGER PRIMARY KEY,
-    hostname TEXT NOT NULL REFERENCES mkoverlay.devices(hostname) ON DELETE CASCADE,
-    purpose  TEXT NOT NULL
-  );
-  CREATE INDEX ports_by_host ON mkoverlay.ports(hostname);
-  INSERT INTO mkoverlay.meta(key, value) VALUES ('seq', '0');
-  `,
-];
-
-const DEVICE_COLUMNS = DEVICE_KEYS.join(", ");
 
 interface PgError extends Error {
   code?: string;
@@ -143,26 +109,48 @@ export function pgUserError(location: string, e: unknown): unknown {
   return e;
 }
 
-export class PostgresRegistry implements Registry {
-  private readonly station = `${osHostname()}:${process.pid}`;
+/** `?` placeholders (the core's SQL never has a `?` inside a literal) → `$1, $2, …`. */
+function numbered(sql: string): string {
+  let i = 0;
+  return sql.replace(/\?/g, () => `$${++i}`);
+}
+
+/** A client for a registry URL, its tables first on the search path. */
+export function pgClient(location: string): pg.Client {
+  return new pg.Client({
+    connectionString: location,
+    connectionTimeoutMillis: CONNECT_TIMEOUT_MS,
+    application_name: "mkoverlay",
+    lock_timeout: LOCK_TIMEOUT_MS,
+    keepAlive: true,
+    options: `-c search_path=${PG_NAMESPACE}`,
+  });
+}
+
+export class PostgresDriver implements SqlDriver {
+  readonly dialect = "postgres";
+  readonly nowMs = "CAST(EXTRACT(EPOCH FROM clock_timestamp()) * 1000 AS BIGINT)";
+  readonly where: string;
   /** One client, one transaction at a time: calls are queued. */
   private queue: Promise<unknown> = Promise.resolve();
   private closed = false;
+  private readonly q: Queryable;
 
   private constructor(
-    readonly location: string,
+    private readonly location: string,
     private readonly client: pg.Client,
-  ) {}
+  ) {
+    this.where = displayLocation(location);
+    const query = async <T>(sql: string, params: readonly unknown[] = []) => (await this.client.query(numbered(sql), params as unknown[])) as unknown as { rows: T[]; rowCount: number | null };
+    this.q = {
+      all: async <T>(sql: string, params?: readonly unknown[]) => (await query<T>(sql, params)).rows,
+      get: async <T>(sql: string, params?: readonly unknown[]) => (await query<T>(sql, params)).rows[0],
+      run: async (sql: string, params?: readonly unknown[]) => (await query(sql, params)).rowCount ?? 0,
+    };
+  }
 
-  /** Connects, then creates or migrates the schema (refusing one from a newer mkoverlay). */
-  static async open(location: string): Promise<PostgresRegistry> {
-    const client = new pg.Client({
-      connectionString: location,
-      connectionTimeoutMillis: CONNECT_TIMEOUT_MS,
-      application_name: "mkoverlay",
-      lock_timeout: LOCK_TIMEOUT_MS,
-      keepAlive: true,
-    });
+  static async open(location: string): Promise<PostgresDriver> {
+    const client = pgClient(location);
     // An idle connection that drops emits 'error'; the next query reports it as a user error.
     client.on("error", () => undefined);
     try {
@@ -171,25 +159,9 @@ export class PostgresRegistry implements Registry {
       await client.end().catch(() => undefined);
       throw pgUserError(location, e);
     }
-    const r = new PostgresRegistry(location, client);
-    try {
-      await r.migrate();
-    } catch (e) {
-      await client.end().catch(() => undefined);
-      throw pgUserError(location, e);
-    }
-    return r;
+    return new PostgresDriver(location, client);
   }
 
-  private get where(): string {
-    return `registry ${displayLocation(this.location)}`;
-  }
-
-  private async q<T extends pg.QueryResultRow = Record<string, unknown>>(text: string, values: unknown[] = []): Promise<T[]> {
-    return (await this.client.query<T>(text, values)).rows;
-  }
-
-  /** Runs `fn` when every earlier call has finished; maps errors to user errors. */
   private exclusive<T>(fn: () => Promise<T>): Promise<T> {
     if (this.closed) return Promise.reject(new Error("registry used after close()"));
     const p = this.queue.then(fn, fn);
@@ -199,285 +171,48 @@ export class PostgresRegistry implements Registry {
     });
   }
 
-  private async tx<T>(fn: () => Promise<T>): Promise<T> {
-    await this.q("BEGIN");
-    try {
-      const r = await fn();
-      await this.q("COMMIT");
-      return r;
-    } catch (e) {
-      await this.q("ROLLBACK").catch(() => undefined);
-      throw e;
-    }
-  }
-
-  private async version(): Promise<number | undefined> {
-    const rows = await this.q<{ value: string }>("SELECT value FROM mkoverlay.meta WHERE key = 'schema_version'");
-    return rows[0] ? Number(rows[0].value) : undefined;
-  }
-
-  private checkVersion(version: number): void {
-    if (version > PG_SCHEMA_VERSION) {
-      throw new UserError(`${this.where}: schema version ${version} was written by a newer mkoverlay (this one knows ${PG_SCHEMA_VERSION})`, {
-        hint: "upgrade mkoverlay on this station",
-      });
-    }
-  }
-
-  private async migrate(): Promise<void> {
-    // Fast path, no lock: an up-to-date registry (the common case) costs one query.
-    try {
-      const v = await this.version();
-      if (v === PG_SCHEMA_VERSION) return;
-      if (v !== undefined) this.checkVersion(v);
-    } catch (e) {
-      const code = (e as PgError).code;
-      if (code !== "42P01" && code !== "3F000") throw e; // no table / no schema yet: create below
-    }
-    await this.tx(async () => {
-      await this.q("SELECT pg_advisory_xact_lock($1, $2)", [LOCK_NS, LOCK_SCHEMA]);
-      const [state] = await this.q<{ meta: boolean; tables: string }>(
-        `SELECT to_regclass('mkoverlay.meta') IS NOT NULL AS meta,
-                (SELECT count(*) FROM pg_tables WHERE schemaname = 'mkoverlay') AS tables`,
-      );
-      let version = 0;
-      if (state?.meta) {
-        const v = await this.version();
-        if (v === undefined || !Number.isInteger(v) || v < 1) {
-          throw new UserError(`${this.where}: the 'mkoverlay' schema has no valid schema_version; not touching it`);
+  transaction<T>(mode: TxMode, fn: (q: Queryable) => Promise<T>, opts: TxOptions = {}): Promise<T> {
+    return this.exclusive(async () => {
+      await this.q.run(mode === "read" ? "BEGIN ISOLATION LEVEL REPEATABLE READ, READ ONLY" : "BEGIN");
+      try {
+        if (mode === "write") await this.q.run("SELECT pg_advisory_xact_lock(?, ?)", [LOCK_NS, LOCK_WRITE]);
+        if (mode === "schema") {
+          await this.q.run("SELECT pg_advisory_xact_lock(?, ?)", [LOCK_NS, LOCK_SCHEMA]);
+          await this.q.run(`CREATE SCHEMA IF NOT EXISTS ${PG_NAMESPACE}`);
         }
-        version = v;
-        this.checkVersion(version);
-      } else if (Number(state?.tables ?? 0) > 0) {
-        throw new UserError(`${this.where}: the database has a 'mkoverlay' schema that is not an mkoverlay registry; left untouched`);
-      }
-      for (let v = version; v < PG_SCHEMA_VERSION; v++) await this.q(MIGRATIONS[v]!);
-      if (version < PG_SCHEMA_VERSION) {
-        await this.q(
-          `INSERT INTO mkoverlay.meta(key, value) VALUES ('schema_version', $1)
-           ON CONFLICT (key) DO UPDATE SET value = EXCLUDED.value`,
-          [String(PG_SCHEMA_VERSION)],
-        );
+        if (opts.durable === false) await this.q.run("SET LOCAL synchronous_commit = off");
+        const r = await fn(this.q);
+        await this.q.run("COMMIT");
+        return r;
+      } catch (e) {
+        await this.q.run("ROLLBACK").catch(() => undefined);
+        throw e;
       }
     });
   }
 
-  reserve(req: ReserveRequest): Promise<DeviceRecord> {
-    return this.exclusive(() =>
-      this.tx(async (): Promise<DeviceRecord> => {
-        await this.q("SELECT pg_advisory_xact_lock($1, $2)", [LOCK_NS, LOCK_RESERVE]);
-        let name = req.hostname;
-        if (name === undefined) {
-          const [row] = await this.q<{ value: string }>("SELECT value FROM mkoverlay.meta WHERE key = 'seq'");
-          let seq = Number(row?.value ?? 0);
-          do {
-            seq += 1;
-            name = renderHostname(req.hostnameTemplate, seq);
-          } while ((await this.q("SELECT 1 FROM mkoverlay.devices WHERE hostname = $1", [name])).length > 0);
-          await this.q("UPDATE mkoverlay.meta SET value = $1 WHERE key = 'seq'", [String(seq)]);
-        } else {
-          const [taken] = await this.q<{ status: string }>("SELECT status FROM mkoverlay.devices WHERE hostname = $1", [name]);
-          if (taken) throw hostnameTaken(name, taken.status);
-        }
-        const [dup] = await this.q<{ hostname: string }>("SELECT hostname FROM mkoverlay.devices WHERE fingerprint = $1", [req.fingerprint]);
-        if (dup) throw keyTaken(dup.hostname);
-        const port = await this.lowestFreePort(req.range.lo, req.range.hi);
-        if (port === undefined) throw noFreePort(req.range);
-        const row = pendingRow(req, name, port, this.station);
-        await this.q(
-          `INSERT INTO mkoverlay.devices (${DEVICE_COLUMNS}) VALUES (${DEVICE_KEYS.map((_, i) => `$${i + 1}`).join(", ")})`,
-          DEVICE_KEYS.map((k) => row[k]),
-        );
-        await this.q("INSERT INTO mkoverlay.ports (port, hostname, purpose) VALUES ($1, $2, 'ssh')", [port, name]);
-        const services: Record<string, number> = {};
-        for (const svc of req.services) {
-          const p = await this.lowestFreePort(req.serviceRange.lo, req.serviceRange.hi);
-          if (p === undefined) throw noFreePort(req.serviceRange, svc);
-          await this.q("INSERT INTO mkoverlay.ports (port, hostname, purpose) VALUES ($1, $2, $3)", [p, name, `service:${svc}`]);
-          services[svc] = p;
-        }
-        return toRecord(row, services);
-      }),
-    );
+  all<T>(sql: string, params?: readonly unknown[]): Promise<T[]> {
+    return this.exclusive(() => this.q.all<T>(sql, params));
   }
 
-  /** Lowest port in [lo, hi] with no row in `ports`: the same walk as the SQLite backend. */
-  private async lowestFreePort(lo: number, hi: number): Promise<number | undefined> {
-    if ((await this.q("SELECT 1 FROM mkoverlay.ports WHERE port = $1", [lo])).length === 0) return lo;
-    const [r] = await this.q<{ free: number }>(
-      `SELECT p.port + 1 AS free FROM mkoverlay.ports p
-       WHERE p.port >= $1 AND p.port < $2 AND NOT EXISTS (SELECT 1 FROM mkoverlay.ports q WHERE q.port = p.port + 1)
-       ORDER BY p.port LIMIT 1`,
-      [lo, hi],
-    );
-    return r?.free;
+  get<T>(sql: string, params?: readonly unknown[]): Promise<T | undefined> {
+    return this.exclusive(() => this.q.get<T>(sql, params));
   }
 
-  activate(hostname: string): Promise<void> {
-    return this.exclusive(async () => {
-      await this.q("UPDATE mkoverlay.devices SET status = 'active', updated = $1 WHERE hostname = $2 AND status = 'pending'", [new Date().toISOString(), hostname]);
-    });
+  run(sql: string, params?: readonly unknown[]): Promise<number> {
+    return this.exclusive(() => this.q.run(sql, params));
   }
 
-  abandon(hostname: string): Promise<void> {
-    // Its ports go with it (ON DELETE CASCADE); a device that is no longer pending is kept whole.
-    return this.exclusive(async () => {
-      await this.q("DELETE FROM mkoverlay.devices WHERE hostname = $1 AND status = 'pending'", [hostname]);
-    });
+  async ddl(q: Queryable, statements: readonly string[]): Promise<void> {
+    for (const s of statements) await q.run(s);
   }
 
-  updateDevice(hostname: string, f: { board: string; os: string; bastions: string[]; overlay: string }): Promise<void> {
-    return this.exclusive(async () => {
-      await this.q("UPDATE mkoverlay.devices SET board = $1, os = $2, bastions = $3, overlay = $4, updated = $5 WHERE hostname = $6", [
-        f.board,
-        f.os,
-        f.bastions.join(","),
-        f.overlay,
-        new Date().toISOString(),
-        hostname,
-      ]);
-    });
+  async tables(q: Queryable): Promise<string[]> {
+    return (await q.all<{ name: string }>("SELECT tablename AS name FROM pg_tables WHERE schemaname = ?", [PG_NAMESPACE])).map((r) => r.name);
   }
 
-  revoke(hostname: string): Promise<void> {
-    return this.exclusive(async () => {
-      await this.q("UPDATE mkoverlay.devices SET status = 'revoked', updated = $1 WHERE hostname = $2", [new Date().toISOString(), hostname]);
-    });
-  }
-
-  release(hostname: string): Promise<void> {
-    return this.exclusive(async () => {
-      await this.q("DELETE FROM mkoverlay.devices WHERE hostname = $1", [hostname]);
-    });
-  }
-
-  rotate(hostname: string, publicKey: string, fingerprint: string, overlay: string): Promise<void> {
-    return this.exclusive(async () => {
-      await this.q("UPDATE mkoverlay.devices SET public_key = $1, fingerprint = $2, overlay = $3, updated = $4 WHERE hostname = $5", [
-        publicKey,
-        fingerprint,
-        overlay,
-        new Date().toISOString(),
-        hostname,
-      ]);
-    });
-  }
-
-  private async withServices(rows: DeviceRow[]): Promise<DeviceRecord[]> {
-    if (rows.length === 0) return [];
-    const ports =
-      rows.length === 1
-        ? await this.q<PortRow>("SELECT port, hostname, purpose FROM mkoverlay.ports WHERE hostname = $1 AND purpose LIKE 'service:%' ORDER BY port", [rows[0]!.hostname])
-        : await this.q<PortRow>("SELECT port, hostname, purpose FROM mkoverlay.ports WHERE purpose LIKE 'service:%' ORDER BY port");
-    const svc = new Map<string, Record<string, number>>();
-    for (const p of ports) {
-      const m = svc.get(p.hostname) ?? {};
-      m[p.purpose.slice("service:".length)] = p.port;
-      svc.set(p.hostname, m);
-    }
-    return rows.map((r) => toRecord(r, svc.get(r.hostname)));
-  }
-
-  pending(): Promise<DeviceRecord[]> {
-    return this.exclusive(async () => this.withServices(await this.q<DeviceRow>(`SELECT ${DEVICE_COLUMNS} FROM mkoverlay.devices WHERE status = 'pending' ORDER BY port`)));
-  }
-
-  get(hostname: string): Promise<DeviceRecord | undefined> {
-    return this.exclusive(async () => {
-      const rows = await this.q<DeviceRow>(`SELECT ${DEVICE_COLUMNS} FROM mkoverlay.devices WHERE hostname = $1`, [hostname]);
-      return (await this.withServices(rows))[0];
-    });
-  }
-
-  getByFingerprint(fp: string): Promise<DeviceRecord | undefined> {
-    return this.exclusive(async () => {
-      const rows = await this.q<DeviceRow>(`SELECT ${DEVICE_COLUMNS} FROM mkoverlay.devices WHERE fingerprint = $1`, [fp]);
-      return (await this.withServices(rows))[0];
-    });
-  }
-
-  list(): Promise<DeviceRecord[]> {
-    return this.exclusive(async () => this.withServices(await this.q<DeviceRow>(`SELECT ${DEVICE_COLUMNS} FROM mkoverlay.devices ORDER BY port`)));
-  }
-
-  // --- Whole-registry copy (mkoverlay registry migrate) ---
-
-  private async readSnapshot(): Promise<Snapshot> {
-    const [seq] = await this.q<{ value: string }>("SELECT value FROM mkoverlay.meta WHERE key = 'seq'");
-    return {
-      seq: Number(seq?.value ?? 0),
-      devices: await this.q<DeviceRow>(`SELECT ${DEVICE_COLUMNS} FROM mkoverlay.devices ORDER BY hostname`),
-      ports: await this.q<PortRow>("SELECT port, hostname, purpose FROM mkoverlay.ports ORDER BY port"),
-    };
-  }
-
-  /** A consistent copy of everything; no station can write until `fn` has finished. */
-  withFrozenSnapshot<T>(fn: (s: Snapshot) => Promise<T>): Promise<T> {
-    return this.exclusive(() =>
-      this.tx(async () => {
-        await this.q("LOCK TABLE mkoverlay.meta, mkoverlay.devices, mkoverlay.ports IN EXCLUSIVE MODE");
-        return fn(await this.readSnapshot());
-      }),
-    );
-  }
-
-  snapshot(): Promise<Snapshot> {
-    return this.exclusive(() =>
-      this.tx(async () => {
-        await this.q("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ");
-        return this.readSnapshot();
-      }),
-    );
-  }
-
-  /**
-   * Replaces the whole content with `s` in one transaction. Refuses a registry that holds
-   * devices or has handed out names, unless `force`.
-   */
-  replaceAll(s: Snapshot, force: boolean): Promise<void> {
-    return this.exclusive(() =>
-      this.tx(async () => {
-        await this.q("SELECT pg_advisory_xact_lock($1, $2)", [LOCK_NS, LOCK_RESERVE]);
-        await this.q("LOCK TABLE mkoverlay.meta, mkoverlay.devices, mkoverlay.ports IN EXCLUSIVE MODE");
-        const [n] = await this.q<{ devices: string; seq: string }>(
-          "SELECT (SELECT count(*) FROM mkoverlay.devices) AS devices, (SELECT value FROM mkoverlay.meta WHERE key = 'seq') AS seq",
-        );
-        const devices = Number(n?.devices ?? 0);
-        const seq = Number(n?.seq ?? 0);
-        if (!force && (devices > 0 || seq > 0)) {
-          throw new UserError(`${this.where}: not empty (${devices} device(s), name counter at ${seq}); nothing copied`, {
-            hint: "pass --force to replace its whole content",
-          });
-        }
-        await this.q("DELETE FROM mkoverlay.ports");
-        await this.q("DELETE FROM mkoverlay.devices");
-        const col = <K extends keyof DeviceRow>(k: K) => s.devices.map((d) => d[k]);
-        await this.q(
-          `INSERT INTO mkoverlay.devices (${DEVICE_COLUMNS})
-           SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::int[], $6::text[], $7::text[], $8::text[], $9::text[], $10::text[], $11::text[], $12::text[])`,
-          [
-            col("hostname"),
-            col("board"),
-            col("os"),
-            col("bastions"),
-            col("port"),
-            col("public_key"),
-            col("fingerprint"),
-            col("status"),
-            col("overlay"),
-            col("station"),
-            col("created"),
-            col("updated"),
-          ],
-        );
-        await this.q("INSERT INTO mkoverlay.ports (port, hostname, purpose) SELECT * FROM unnest($1::int[], $2::text[], $3::text[])", [
-          s.ports.map((p) => p.port),
-          s.ports.map((p) => p.hostname),
-          s.ports.map((p) => p.purpose),
-        ]);
-        await this.q("UPDATE mkoverlay.meta SET value = $1 WHERE key = 'seq'", [String(s.seq)]);
-      }),
-    );
+  async notify(q: Queryable, hostname: string): Promise<void> {
+    await q.run("SELECT pg_notify(?, ?)", [CHANGES_CHANNEL, hostname]);
   }
 
   async close(): Promise<void> {

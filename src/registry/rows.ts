@@ -1,35 +1,46 @@
 /**
- * What both backends share: the stored row of a device, its mapping to a DeviceRecord, the row
- * a reservation inserts, and the reservation errors (the same words whichever backend runs).
+ * The stored row of a device and its mapping to a DeviceRecord, and the registry's errors (the
+ * same words whichever database runs). A leaf module of the registry.
  */
 import type { PortRange } from "../config/fleet.js";
 import { UserError } from "../errors.js";
-import type { DeviceRecord, DeviceStatus, ReserveRequest } from "./types.js";
+import type { DeviceRecord, DeviceRow } from "./types.js";
 
-export interface DeviceRow {
-  hostname: string;
-  board: string;
-  os: string;
-  bastions: string;
-  port: number;
-  public_key: string;
-  fingerprint: string;
-  status: DeviceStatus;
-  overlay: string | null;
-  station: string;
-  created: string;
-  updated: string;
+export const DEVICE_KEYS = [
+  "hostname",
+  "board",
+  "os",
+  "bastions",
+  "port",
+  "public_key",
+  "fingerprint",
+  "status",
+  "overlay",
+  "station",
+  "created",
+  "updated",
+  "lease_until",
+  "pending_public_key",
+  "pending_fingerprint",
+  "prev_public_key",
+  "prev_fingerprint",
+  "prev_until",
+] as const satisfies readonly (keyof DeviceRow)[];
+
+export const DEVICE_COLUMNS = DEVICE_KEYS.join(", ");
+
+/** Rows as both drivers return them: PostgreSQL gives BIGINT as text. */
+export function normalizeRow(r: DeviceRow): DeviceRow {
+  return { ...r, port: Number(r.port), lease_until: r.lease_until === null || r.lease_until === undefined ? null : Number(r.lease_until) };
 }
 
-export const DEVICE_KEYS = ["hostname", "board", "os", "bastions", "port", "public_key", "fingerprint", "status", "overlay", "station", "created", "updated"] as const;
-
 export function toRecord(r: DeviceRow, services: Record<string, number> = {}): DeviceRecord {
-  return {
+  const rec: DeviceRecord = {
     hostname: r.hostname,
     board: r.board,
     os: r.os,
     bastions: r.bastions ? r.bastions.split(",") : [],
-    port: r.port,
+    port: Number(r.port),
     services,
     publicKey: r.public_key,
     fingerprint: r.fingerprint,
@@ -39,25 +50,9 @@ export function toRecord(r: DeviceRow, services: Record<string, number> = {}): D
     created: r.created,
     updated: r.updated,
   };
-}
-
-/** The `pending` row a reservation inserts. */
-export function pendingRow(req: ReserveRequest, hostname: string, port: number, station: string): DeviceRow {
-  const now = req.now.toISOString();
-  return {
-    hostname,
-    board: req.board,
-    os: req.os,
-    bastions: req.bastions.join(","),
-    port,
-    public_key: req.publicKey,
-    fingerprint: req.fingerprint,
-    status: "pending",
-    overlay: req.overlayPath(hostname),
-    station,
-    created: now,
-    updated: now,
-  };
+  if (r.prev_public_key && r.prev_fingerprint && r.prev_until) rec.previous = { publicKey: r.prev_public_key, fingerprint: r.prev_fingerprint, until: r.prev_until };
+  if (r.pending_public_key && r.pending_fingerprint) rec.rotating = { publicKey: r.pending_public_key, fingerprint: r.pending_fingerprint };
+  return rec;
 }
 
 export const hostnameTaken = (name: string, status: string): UserError =>
@@ -65,7 +60,8 @@ export const hostnameTaken = (name: string, status: string): UserError =>
     hint: "pick another --hostname, or pass its registered key with --host-key to rebuild its overlay",
   });
 
-export const keyTaken = (hostname: string): UserError => new UserError(`this key is already registered to ${hostname}`, { hint: "each device needs its own key" });
+export const keyTaken = (hostname: string, how = "already registered to"): UserError =>
+  new UserError(`this key is ${how} ${hostname}`, { hint: "each device needs its own key" });
 
 export const noFreePort = (range: PortRange, service?: string): UserError =>
   service === undefined
@@ -75,3 +71,15 @@ export const noFreePort = (range: PortRange, service?: string): UserError =>
     : new UserError(`no free service port left in ports.services ${range.lo}-${range.hi} (for forward '${service}')`, {
         hint: "widen ports.services in the config, or release quarantined ports of revoked devices",
       });
+
+/**
+ * A station's reservation is gone: its lease ran out and `registry doctor` reclaimed it while
+ * the build was still running. The build must not ship: its port may already be someone else's.
+ */
+export class ReservationLost extends UserError {
+  constructor(readonly hostname: string) {
+    super(`${hostname}: the reservation was reclaimed (by 'registry doctor') before the build finished; its output was removed`, {
+      hint: "build the device again; a build must not be paused for longer than the registry lease",
+    });
+  }
+}

@@ -1,6 +1,6 @@
 /**
  * The registry: the fleet's source of truth for names, ports and public keys. It never holds
- * a private key. Backends (embedded SQLite today) implement this one interface.
+ * a private key. One core (core.ts) implements this interface over either database.
  */
 import type { PortRange } from "../config/fleet.js";
 import type { UserError } from "../errors.js";
@@ -20,10 +20,14 @@ export interface DeviceRecord {
   status: DeviceStatus;
   /** Where the overlay was written (for `registry doctor` to finish or reclaim a build). */
   overlay: string | null;
-  /** host:pid of the station that reserved it. */
+  /** The station (host:pid:nonce) that reserved it, or last changed its key. */
   station: string;
   created: string;
   updated: string;
+  /** The key a rotation replaced, still accepted by bastions until `until` (rotate --grace). */
+  previous?: { publicKey: string; fingerprint: string; until: string };
+  /** A rotation in progress: the new key, not yet in any export. */
+  rotating?: { publicKey: string; fingerprint: string };
 }
 
 export interface ReserveRequest {
@@ -45,33 +49,111 @@ export interface ReserveRequest {
   overlayPath: (hostname: string) => string;
 }
 
+/**
+ * Work a station started and has not finished: a build (`pending` device) or a rotation. It is
+ * the station's own while its lease runs (the station renews it while it works); after that,
+ * `registry doctor` may finish or reclaim it.
+ */
+export interface Unfinished {
+  kind: "build" | "rotate";
+  device: DeviceRecord;
+  /** Lease end in ms since the epoch (the database's clock); null for rows from before leases. */
+  leaseUntil: number | null;
+  /** The database's clock when this was read, in ms since the epoch. */
+  dbNow: number;
+}
+
 export interface Registry {
+  /** Where it lives, as it may be printed (no password). */
+  readonly where: string;
   /** Picks the name and the lowest free port and records a `pending` device, atomically. */
   reserve(req: ReserveRequest): Promise<DeviceRecord>;
-  /** The build finished: the device becomes live. */
+  /**
+   * Several reservations in one transaction (a batch): each request succeeds or fails on its
+   * own — a failure is returned in its place and reserves nothing.
+   */
+  reserveMany(reqs: ReserveRequest[]): Promise<(DeviceRecord | UserError)[]>;
+  /** Extends the leases of this station's unfinished work (builds and rotations). */
+  renew(hostnames: string[]): Promise<void>;
+  /**
+   * Renews and returns those of `hostnames` whose work is still this station's: called right
+   * before outputs take their final names, so what it returns is safe to rename for a lease.
+   */
+  confirm(hostnames: string[]): Promise<Set<string>>;
+  /**
+   * The build finished: the device becomes live. Throws a `ReservationLost` error when the
+   * reservation is no longer this station's (reclaimed by the doctor after its lease ran out).
+   */
   activate(hostname: string): Promise<void>;
-  /** The build failed after reserving: forget the pending device and free its port. */
+  /** activate() for many in one transaction; returns the hostnames whose reservation was lost. */
+  activateMany(hostnames: string[]): Promise<string[]>;
+  /** The build failed after reserving: forget this station's pending device and free its port. */
   abandon(hostname: string): Promise<void>;
   /** Re-flash of a registered device: update board/os/bastions/overlay, keep name, key, port. */
   updateDevice(hostname: string, fields: { board: string; os: string; bastions: string[]; overlay: string }): Promise<void>;
   /**
-   * Several reservations in one transaction (a batch): each request succeeds or fails on its
-   * own — a failure is returned in its place and reserves nothing. Optional: without it a
-   * batch reserves one by one.
+   * Starts a key rotation: records the new key as pending (refused while another rotation of
+   * the device is under way, or when the device's key is no longer `expectFingerprint`).
    */
-  reserveMany?(reqs: ReserveRequest[]): Promise<(DeviceRecord | UserError)[]>;
-  /** Activates several devices in one transaction. Optional, like reserveMany. */
-  activateMany?(hostnames: string[]): Promise<void>;
+  beginRotate(hostname: string, expectFingerprint: string, publicKey: string, fingerprint: string, overlay: string): Promise<void>;
+  /** The new overlay exists: the new key becomes the device's, the old one stays valid until `graceUntil`. */
+  commitRotate(hostname: string, fingerprint: string, graceUntil: Date | undefined): Promise<void>;
+  /** The rotation failed before its overlay was written: forget the pending key. */
+  abortRotate(hostname: string, fingerprint: string): Promise<void>;
   /** The device leaves every export; its ports stay reserved (quarantined) until released. */
   revoke(hostname: string): Promise<void>;
   /** Frees a revoked device's ports and forgets it. */
   release(hostname: string): Promise<void>;
-  /** A new key for the same device (name and ports kept). */
-  rotate(hostname: string, publicKey: string, fingerprint: string, overlay: string): Promise<void>;
-  /** Devices left `pending` by builds that never finished. */
-  pending(): Promise<DeviceRecord[]>;
+  /** Takes a bastion off every device that tunnels to it; returns the devices changed. */
+  removeBastion(name: string): Promise<string[]>;
+  /** Builds and rotations that were started and not finished, with their leases. */
+  unfinished(): Promise<Unfinished[]>;
+  /** The doctor finishes `u` (its output is complete); false if the work changed meanwhile. */
+  finish(u: Unfinished): Promise<boolean>;
+  /** The doctor gives `u`'s reservation or pending key back; false if the work changed meanwhile. */
+  reclaim(u: Unfinished): Promise<boolean>;
   get(hostname: string): Promise<DeviceRecord | undefined>;
   getByFingerprint(fp: string): Promise<DeviceRecord | undefined>;
   list(): Promise<DeviceRecord[]>;
+  /** Everything, consistently (registry migrate). */
+  snapshot(): Promise<Snapshot>;
+  /** A consistent copy of everything while no station can write; `fn` runs before writes resume. */
+  withFrozenSnapshot<T>(fn: (s: Snapshot) => Promise<T>): Promise<T>;
+  /** Replaces the whole content (registry migrate); refuses a used registry unless `force`. */
+  replaceAll(s: Snapshot, force: boolean): Promise<void>;
   close(): Promise<void>;
+}
+
+/** The stored rows, as they are copied between backends. */
+export interface DeviceRow {
+  hostname: string;
+  board: string;
+  os: string;
+  bastions: string;
+  port: number;
+  public_key: string;
+  fingerprint: string;
+  status: DeviceStatus;
+  overlay: string | null;
+  station: string;
+  created: string;
+  updated: string;
+  lease_until: number | null;
+  pending_public_key: string | null;
+  pending_fingerprint: string | null;
+  prev_public_key: string | null;
+  prev_fingerprint: string | null;
+  prev_until: string | null;
+}
+
+export interface PortRow {
+  port: number;
+  hostname: string;
+  purpose: string;
+}
+
+export interface Snapshot {
+  seq: number;
+  devices: DeviceRow[];
+  ports: PortRow[];
 }

@@ -1,0 +1,84 @@
+/**
+ * Checks an overlay (any view: archive, folder, laid-over root, image) against what this
+ * mkoverlay builds for the same device: walks the build steps, builds each one's entries from
+ * the spec, and compares type, owner, mode, content and link target, then runs the step's own
+ * checks. The key in the spec is the one found in the overlay, so the comparison covers every
+ * byte; whether that key is the registered one is the caller's question.
+ */
+import { decodePrivateKey, type Ed25519Key } from "../keys/ed25519.js";
+import * as P from "./paths.js";
+import { STEPS, type DeviceSpec } from "./steps.js";
+import type { Entry } from "./tree.js";
+import { Tree } from "./tree.js";
+import type { TreeView, ViewEntry } from "./view.js";
+
+export interface Check {
+  ok: boolean;
+  what: string;
+  detail?: string;
+}
+
+const rel = (abs: string): string => abs.replace(/^\//, "");
+const oct = (m: number): string => m.toString(8).padStart(4, "0");
+
+/** The device key an overlay carries, or why there is none. */
+export async function overlayKey(view: TreeView): Promise<{ key: Ed25519Key } | { problem: string; missing: boolean }> {
+  const e = await view.get(rel(P.HOST_KEY));
+  if (!e || e.type !== "file") return { problem: `${P.HOST_KEY} is missing`, missing: true };
+  if (!e.content) return { problem: `${P.HOST_KEY} is not a key file`, missing: false };
+  try {
+    return { key: decodePrivateKey(e.content.toString("utf8"), P.HOST_KEY).key };
+  } catch (err) {
+    return { problem: (err as Error).message, missing: false };
+  }
+}
+
+/** What is wrong with `got` as the overlay's `want`, or nothing. */
+function differences(want: Entry, got: ViewEntry | undefined, isRoot: boolean): string[] {
+  const at = `/${want.path}`;
+  if (!got) return [`${at} is missing`];
+  const wantType = want.type;
+  if (got.type !== wantType) return [`${at} is a ${got.type}, not a ${wantType}`];
+  const out: string[] = [];
+  // On a root file system an existing directory keeps its owner and mode (the overlay adds to
+  // the OS); everything the overlay itself writes is root:root.
+  const ownDir = wantType !== "dir" || !isRoot;
+  if (ownDir && (got.uid !== 0 || got.gid !== 0)) out.push(`${at} is owned by ${got.uid}:${got.gid}, not root:root`);
+  if (want.type === "file") {
+    if (got.mode !== want.mode) out.push(`${at} is mode ${oct(got.mode)}, not ${oct(want.mode)}`);
+    if (!got.content || !got.content.equals(want.content)) out.push(`${at} differs from what mkoverlay builds for this device`);
+  } else if (want.type === "dir") {
+    if (ownDir && got.mode !== want.mode) out.push(`${at} is mode ${oct(got.mode)}, not ${oct(want.mode)}`);
+  } else if (got.target !== want.target) {
+    out.push(`${at} points to ${got.target ?? "?"}, not ${want.target}`);
+  }
+  return out;
+}
+
+/**
+ * Compares `view` with the overlay built for `spec`, step by step: one `ok` per step that
+ * matches, one failure per problem. Views that hold an overlay alone (archive, folder) must
+ * also hold nothing else.
+ */
+export async function checkAgainstBuild(view: TreeView, spec: DeviceSpec): Promise<Check[]> {
+  const checks: Check[] = [];
+  const built = new Set<string>();
+  for (const step of STEPS) {
+    const tree = new Tree();
+    step.build(tree, spec);
+    const entries = tree.list();
+    const problems: string[] = [];
+    for (const e of entries) {
+      built.add(e.path);
+      problems.push(...differences(e, await view.get(e.path), view.isRoot));
+    }
+    problems.push(...(step.check?.(tree, spec) ?? []));
+    if (problems.length === 0) checks.push({ ok: true, what: `${step.name}: ${entries.length} entries as built` });
+    for (const p of [...new Set(problems)]) checks.push({ ok: false, what: `${step.name}: ${p}` });
+  }
+  if (view.list) {
+    const extra = (await view.list()).filter((e) => !built.has(e.path)).map((e) => `/${e.path}`);
+    checks.push(extra.length === 0 ? { ok: true, what: "nothing else in the overlay" } : { ok: false, what: "entries mkoverlay did not build", detail: extra.slice(0, 5).join(", ") + (extra.length > 5 ? ", …" : "") });
+  }
+  return checks;
+}

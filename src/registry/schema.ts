@@ -1,0 +1,46 @@
+/**
+ * The registry's tables, once for both databases, as a list of versions. MIGRATIONS[v] takes a
+ * registry from schema version v to v + 1; `meta.schema_version` records where one stands, and a
+ * registry written by a newer mkoverlay is refused. The SQL is the common subset of SQLite and
+ * PostgreSQL (TEXT, INTEGER, BIGINT, CHECK, foreign keys).
+ */
+
+export const SCHEMA_VERSION = 2;
+
+export const MIGRATIONS: readonly (readonly string[])[] = [
+  // 1: devices, their ports, and the name counter.
+  [
+    "CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)",
+    `CREATE TABLE devices (
+      hostname    TEXT PRIMARY KEY,
+      board       TEXT NOT NULL,
+      os          TEXT NOT NULL,
+      bastions    TEXT NOT NULL,
+      port        INTEGER NOT NULL UNIQUE,
+      public_key  TEXT NOT NULL,
+      fingerprint TEXT NOT NULL UNIQUE,
+      status      TEXT NOT NULL CHECK (status IN ('pending', 'active', 'revoked')),
+      overlay     TEXT,
+      station     TEXT NOT NULL,
+      created     TEXT NOT NULL,
+      updated     TEXT NOT NULL
+    )`,
+    `CREATE TABLE ports (
+      port     INTEGER PRIMARY KEY,
+      hostname TEXT NOT NULL REFERENCES devices(hostname) ON DELETE CASCADE,
+      purpose  TEXT NOT NULL
+    )`,
+    "CREATE INDEX ports_by_host ON ports(hostname)",
+    "INSERT INTO meta(key, value) VALUES ('seq', '0')",
+  ],
+  // 2: leases on unfinished work (a reservation being built never looks abandoned), rotations
+  // in two phases (pending key, then the old key kept for a grace period).
+  [
+    "ALTER TABLE devices ADD COLUMN lease_until BIGINT",
+    "ALTER TABLE devices ADD COLUMN pending_public_key TEXT",
+    "ALTER TABLE devices ADD COLUMN pending_fingerprint TEXT",
+    "ALTER TABLE devices ADD COLUMN prev_public_key TEXT",
+    "ALTER TABLE devices ADD COLUMN prev_fingerprint TEXT",
+    "ALTER TABLE devices ADD COLUMN prev_until TEXT",
+  ],
+];

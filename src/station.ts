@@ -1,0 +1,238 @@
+/**
+ * What every device-building command shares (build, batch, rotate): the station — config,
+ * profiles, output form, registry and the leases on its unfinished work — and the one device
+ * flow: reserve (or find, for a re-flash), render, write under temp names, confirm the
+ * reservation is still this station's, rename into place, activate; any failure gives the
+ * reservation back.
+ */
+import { rmSync } from "node:fs";
+import { resolve } from "node:path";
+import type { Bastion, Fleet } from "./config/fleet.js";
+import type { DeviceKey } from "./device.js";
+import { UserError } from "./errors.js";
+import { serviceNames } from "./forwards.js";
+import { prepareOutDir, removeFiles, removeIfEmpty, StagedGroups, writeFileAtomic } from "./fsutil.js";
+import { publicKeyLine } from "./keys/ed25519.js";
+import type { Log } from "./output.js";
+import { writeTreeTo } from "./overlay/apply.js";
+import { overlayPath, pendingFiles, renderDevice, type DeviceContext, type Emit, type Emitted, type OutputForm, type Rendered } from "./pipeline.js";
+import type { Board, OsProfile } from "./profiles.js";
+import { leaseMs } from "./registry/core.js";
+import { ReservationLost } from "./registry/rows.js";
+import type { DeviceRecord, Registry, ReserveRequest } from "./registry/types.js";
+
+export interface OutputOptions {
+  out?: string;
+  format?: string;
+  apply?: string;
+}
+
+/** --format tar|dir and --apply ROOT → where and how the overlay is written. */
+export function outputForm(o: OutputOptions): OutputForm {
+  if (o.apply !== undefined) {
+    if (o.format !== undefined && o.format !== "apply") throw new UserError("--apply and --format cannot be combined");
+    return { kind: "apply", root: resolve(o.apply) };
+  }
+  const f = o.format ?? "tar";
+  if (f !== "tar" && f !== "dir") throw new UserError(`--format ${JSON.stringify(f)}: use tar (a .overlay.tar.gz) or dir (a folder); --apply ROOT lays it over a root file system`);
+  return { kind: f };
+}
+
+/** Checks --out (creating it 0700) before anything is reserved; undoes it if the run fails. */
+export async function withOutDir<T>(o: OutputOptions, fn: (outDir: string, form: OutputForm) => Promise<T>): Promise<T> {
+  const form = outputForm(o);
+  const outDir = resolve(o.out ?? "out");
+  const { created } = prepareOutDir(outDir);
+  try {
+    return await fn(outDir, form);
+  } catch (e) {
+    if (created) removeIfEmpty(outDir);
+    throw e;
+  }
+}
+
+/**
+ * Keeps this station's unfinished work its own: renews the leases of the devices in flight
+ * while the station works (a timer that never holds the process open).
+ */
+export class Leases {
+  private readonly held = new Set<string>();
+  private timer: NodeJS.Timeout | undefined;
+
+  constructor(private readonly registry: Registry) {}
+
+  add(hostname: string): void {
+    this.held.add(hostname);
+    if (!this.timer) {
+      this.timer = setInterval(() => {
+        // A failed renewal is noticed where it matters: confirm() before anything is renamed.
+        if (this.held.size > 0) this.registry.renew([...this.held]).catch(() => undefined);
+      }, leaseMs() / 4);
+      this.timer.unref();
+    }
+  }
+
+  delete(hostname: string): void {
+    this.held.delete(hostname);
+  }
+
+  stop(): void {
+    clearInterval(this.timer);
+    this.timer = undefined;
+  }
+}
+
+/** The parts of a run every device shares. */
+export interface Station {
+  fleet: Fleet;
+  emit: Emit;
+  log: Log;
+  now: Date;
+  registry: Registry;
+  leases: Leases;
+}
+
+export async function withStation<T>(fleet: Fleet, emit: Emit, log: Log, now: Date, open: () => Promise<Registry>, fn: (st: Station) => Promise<T>): Promise<T> {
+  const registry = await open();
+  const leases = new Leases(registry);
+  try {
+    return await fn({ fleet, emit, log, now, registry, leases });
+  } finally {
+    leases.stop();
+    await registry.close();
+  }
+}
+
+export interface DeviceRequest {
+  board: Board;
+  os: OsProfile;
+  bastions: Bastion[];
+  hostname: string | undefined;
+  dk: DeviceKey;
+}
+
+export function reserveRequest(st: Station, req: DeviceRequest): ReserveRequest {
+  return {
+    hostname: req.hostname,
+    hostnameTemplate: st.fleet.hostnameTemplate,
+    range: st.fleet.ports.ssh,
+    services: serviceNames(st.fleet),
+    serviceRange: st.fleet.ports.services,
+    board: req.board.id,
+    os: req.os.id,
+    bastions: req.bastions.map((b) => b.name),
+    publicKey: publicKeyLine(req.dk.key.pub),
+    fingerprint: req.dk.fingerprint,
+    overlayPath: (h) => overlayPath(st.emit, h),
+    now: st.now,
+  };
+}
+
+export function contextOf(st: Station, device: DeviceRecord, req: Omit<DeviceRequest, "hostname">): DeviceContext {
+  return { fleet: st.fleet, device, key: req.dk.key, board: req.board, os: req.os, bastions: req.bastions, emit: st.emit };
+}
+
+/** What a build reports (and `--json` prints): the registered device plus its outputs. */
+export interface BuildResult extends Pick<DeviceRecord, "hostname" | "board" | "os" | "bastions" | "port" | "services" | "fingerprint"> {
+  /** The public key line with the hostname as its comment. */
+  publicKey: string;
+  overlay: string;
+  authorizedKeysFile: string;
+  authorizedKeys: Record<string, string>;
+  /** The paste-able fragment printed and written to authorizedKeysFile (not in --json). */
+  authorizedKeysText: string;
+  rebuilt: boolean;
+}
+
+export function buildResult(device: DeviceRecord, dk: DeviceKey, e: Emitted, rebuilt: boolean): BuildResult {
+  return {
+    hostname: device.hostname,
+    board: device.board,
+    os: device.os,
+    bastions: device.bastions,
+    port: device.port,
+    services: device.services,
+    fingerprint: dk.fingerprint,
+    publicKey: publicKeyLine(dk.key.pub, device.hostname),
+    overlay: e.overlay,
+    authorizedKeysFile: e.authorizedKeysFile,
+    authorizedKeys: e.lines,
+    authorizedKeysText: e.text,
+    rebuilt,
+  };
+}
+
+/** Removes what a device whose reservation was lost had already put in place. */
+export function unplace(r: Rendered, form: OutputForm): void {
+  if (form.kind === "tar") removeFiles([r.overlay, r.authorizedKeysFile]);
+  else if (form.kind === "dir") {
+    rmSync(r.overlay, { recursive: true, force: true });
+    removeFiles([r.authorizedKeysFile]);
+  }
+}
+
+/**
+ * Writes one rendered device: temp names first, then (for work the registry leases) a check
+ * that the work is still this station's, then the final names.
+ */
+export async function place(st: Station, hostname: string, r: Rendered, leased: boolean): Promise<void> {
+  const still = async () => {
+    if (leased && !(await st.registry.confirm([hostname])).has(hostname)) throw new ReservationLost(hostname);
+  };
+  if (r.archive) {
+    const staged = new StagedGroups([pendingFiles(r)]);
+    try {
+      await still();
+      const err = staged.commit(0);
+      if (err) throw err;
+    } finally {
+      staged.discardRest();
+    }
+    return;
+  }
+  await still();
+  writeTreeTo(r.tree, r.overlay, { epoch: st.emit.epoch, replaceWhole: st.emit.form.kind === "dir" });
+  writeFileAtomic(r.authorizedKeysFile, r.text, { mode: 0o644, durable: false });
+}
+
+/** Reserve (or find, for a re-flash), write, activate. */
+export async function buildDevice(st: Station, req: DeviceRequest): Promise<BuildResult> {
+  const { registry, log } = st;
+  const { board, os, bastions, dk } = req;
+  // A registered key means a re-flash: same device, same name and ports, a fresh overlay.
+  let device: DeviceRecord | undefined = dk.imported ? await registry.getByFingerprint(dk.fingerprint) : undefined;
+  const rebuilt = device !== undefined;
+  if (device) {
+    if (device.status !== "active") throw new UserError(`--host-key: the key belongs to ${device.hostname}, which is ${device.status}`);
+    if (req.hostname !== undefined && req.hostname !== device.hostname) {
+      throw new UserError(`--host-key: the key is registered to ${device.hostname}, not ${req.hostname}`, { hint: "drop --hostname to rebuild that device's overlay" });
+    }
+    log.info(`${device.hostname} is registered with this key: rebuilding its overlay (port ${device.port})`);
+    device = { ...device, board: board.id, os: os.id, bastions: bastions.map((b) => b.name) };
+  } else {
+    device = await registry.reserve(reserveRequest(st, req));
+    st.leases.add(device.hostname);
+    log.info(`reserved port ${device.port} for ${device.hostname}`);
+  }
+  const hostname = device.hostname;
+  try {
+    const r = await renderDevice(contextOf(st, device, req));
+    await place(st, hostname, r, !rebuilt);
+    if (rebuilt) await registry.updateDevice(hostname, { board: board.id, os: os.id, bastions: device.bastions, overlay: r.overlay });
+    else {
+      try {
+        await registry.activate(hostname);
+      } catch (e) {
+        if (e instanceof ReservationLost) unplace(r, st.emit.form);
+        throw e;
+      }
+    }
+    log.info(`wrote ${r.overlay}`);
+    return buildResult(device, dk, r, rebuilt);
+  } catch (err) {
+    if (!rebuilt) await registry.abandon(hostname);
+    throw err;
+  } finally {
+    st.leases.delete(hostname);
+  }
+}
