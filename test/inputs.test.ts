@@ -162,6 +162,7 @@ describe("YAML aliases (item 18)", () => {
     ["an unresolved alias", configText().replace("operators: none", "operators: *ops"), /mkoverlay\.yaml:11:12 YAML: alias \*ops has no anchor &ops before it/],
     ["an alias used before its anchor", "x: *later\ny: &later 1\n", /mkoverlay\.yaml:1:4 YAML: alias \*later has no anchor/],
     ["an alias inside its own anchor", "bastions: &b\n  eu: *b\n", /mkoverlay\.yaml:2:7 YAML: alias \*b refers to a node that contains it/],
+    ["a list as a key", "? [complex, key]\n: value\n", /mkoverlay\.yaml:1:3 YAML: a key must be a plain name, not a list or mapping/],
   ])("%s is a user error at its position", async (_n, text, message) => {
     const e = await parse(text).catch((x: unknown) => x);
     expect(e).toBeInstanceOf(UserError);

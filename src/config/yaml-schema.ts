@@ -4,7 +4,7 @@
  * (yaml + zod load in tens of milliseconds): load.ts and profiles.ts only import it when their
  * cache cannot answer.
  */
-import { LineCounter, parseDocument, visit, type Alias, type Document, type Node } from "yaml";
+import { isAlias, isCollection, LineCounter, parseDocument, visit, type Alias, type Document, type Node } from "yaml";
 import type { z } from "zod";
 import { UserError, UserErrors } from "../errors.js";
 import { didYouMean } from "../validate.js";
@@ -98,6 +98,7 @@ function toData(doc: Document, lc: LineCounter, file: string): unknown {
   let unresolved: Alias | undefined;
   let circular: Alias | undefined;
   let first: Alias | undefined;
+  let complexKey: Node | undefined;
   visit(doc, {
     Alias(_key, node, path) {
       first ??= node;
@@ -105,7 +106,13 @@ function toData(doc: Document, lc: LineCounter, file: string): unknown {
       if (!target) unresolved ??= node;
       else if (path.includes(target as never)) circular ??= node;
     },
+    Pair(_key, pair) {
+      // `? [a, b] : c` is valid YAML but names no config key (and makes the yaml package warn).
+      const k = isAlias(pair.key) ? pair.key.resolve(doc) : pair.key;
+      if (isCollection(k)) complexKey ??= pair.key as Node;
+    },
   });
+  if (complexKey) throw new UserError(`${at(complexKey)} YAML: a key must be a plain name, not a list or mapping`);
   if (unresolved) {
     throw new UserError(`${at(unresolved)} YAML: alias *${unresolved.source} has no anchor &${unresolved.source} before it`, { hint: "define the anchor first, or write the value out" });
   }
