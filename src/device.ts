@@ -6,9 +6,15 @@ import { readFileSync } from "node:fs";
 import type { Bastion, Fleet } from "./config/fleet.js";
 import { errnoCode, UserError } from "./errors.js";
 import { decodePrivateKey, fingerprint, generateEd25519, type Ed25519Key } from "./keys/ed25519.js";
-import { didYouMean, hostnameProblem } from "./validate.js";
+import { didYouMean, hostnameProblem, parseExpiry } from "./validate.js";
 
-export function resolveBastions(fleet: Fleet, flag: string | undefined): Bastion[] {
+/**
+ * The bastions named by --bastion. With `newLinesAt` (a build: new authorized_keys lines are
+ * made at that time) a bastion whose `expiry:` date has passed is refused, since the line would
+ * be dead on arrival. Without it (exports, ssh-config: existing devices, whose lines carry
+ * their own expiry and which sshd refuses by itself once expired) it is only a warning.
+ */
+export function resolveBastions(fleet: Fleet, flag: string | undefined, newLinesAt?: Date): Bastion[] {
   const names = (flag ?? "").split(",").map((s) => s.trim()).filter(Boolean);
   if (names.length === 0) {
     throw new UserError("--bastion is required", { hint: `name one or more of: ${[...fleet.bastions.keys()].join(", ")} (e.g. --bastion eu,us)` });
@@ -24,8 +30,23 @@ export function resolveBastions(fleet: Fleet, flag: string | undefined): Bastion
         hint: `defined bastions: ${[...fleet.bastions.keys()].join(", ")}`,
       });
     }
+    const passed = expiryPassed(b, newLinesAt ?? new Date());
+    if (passed && newLinesAt) {
+      throw new UserError(`${fleet.file} bastions.${n}.expiry: ${passed}: a new device's key would be refused by that bastion from the start`, {
+        hint: `set a later date (or a duration such as 365d) for bastion '${n}'`,
+      });
+    }
+    if (passed) process.stderr.write(`mkoverlay: warning: ${fleet.file} bastions.${n}.expiry: ${passed}: the lines of its devices are expired and sshd refuses them\n`);
     return b;
   });
+}
+
+/** Why a bastion's `expiry:` is over at `at` (a date that has passed), or undefined. */
+export function expiryPassed(b: Bastion, at: Date): string | undefined {
+  if (b.expiry === undefined) return undefined;
+  const t = parseExpiry(b.expiry, at);
+  // A malformed value is the config rules' to report (with its position); it has not "passed".
+  return typeof t !== "string" && t.getTime() <= at.getTime() ? `${JSON.stringify(b.expiry)} has passed` : undefined;
 }
 
 export function checkHostnameFlag(name: string | undefined): string | undefined {

@@ -6,7 +6,6 @@
 import { existsSync, readdirSync, readFileSync } from "node:fs";
 import { join } from "node:path";
 import { cached } from "./cache.js";
-import { schemaFingerprint } from "./config/load.js";
 import { UserError } from "./errors.js";
 import type { BoardData, OsData } from "./profiles-schema.js";
 import { resourceDir } from "./resources.js";
@@ -43,11 +42,11 @@ export interface Profiles {
   oses: Map<string, OsProfile>;
 }
 
-/** Profiles, validated once per content (the cache key is every file's name and text). */
+/** Profiles, validated once per content (the cache key is every file's name and text, and the build). */
 export async function loadProfiles(root: string = resourceDir("boards")): Promise<Profiles> {
   const boardFiles = readDir(root);
   const osFiles = readDir(join(root, "os"));
-  const key = [schemaFingerprint(), ...[...boardFiles, ...osFiles].flatMap((f) => [f.file, f.text])];
+  const key = [...boardFiles, ...osFiles].flatMap((f) => [f.file, f.text]);
   const data = await cached("profiles", key, () => validateAll(boardFiles, osFiles));
   const boards = new Map(data.boards.map((b) => [b.id, b]));
   const oses = new Map(data.oses.map((o) => [o.id, o]));

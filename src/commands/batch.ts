@@ -176,7 +176,7 @@ export async function batchCommand(opts: BatchOptions): Promise<void> {
   const now = new Date();
   const fleet = await loadFleet(configPath(opts.config), now);
   const { board, os } = resolveBoardOs(await loadProfiles(), opts.board, opts.os);
-  const bastions = resolveBastions(fleet, opts.bastion);
+  const bastions = resolveBastions(fleet, opts.bastion, now);
   let names: (string | undefined)[];
   if (opts.count !== undefined) {
     const n = Number(opts.count);

@@ -27,7 +27,7 @@ export async function runBuild(opts: BuildOptions): Promise<BuildResult> {
   const now = new Date();
   const fleet = await loadFleet(configPath(opts.config), now);
   const { board, os } = resolveBoardOs(await loadProfiles(), opts.board, opts.os);
-  const bastions = resolveBastions(fleet, opts.bastion);
+  const bastions = resolveBastions(fleet, opts.bastion, now);
   const hostname = checkHostnameFlag(opts.hostname);
   const dk = loadOrGenerateKey(opts.hostKey);
   const epoch = archiveEpoch();

@@ -1,6 +1,7 @@
 /** The validated fleet config as the rest of mkoverlay sees it: resolved paths, parsed ranges. */
 import { isAbsolute, resolve } from "node:path";
 import { isRegistryUrl } from "../registry/location.js";
+import { canonicalHostKeyEntry, canonicalKeyLine } from "../keys/pubkey.js";
 import { PORT_RANGE } from "../validate.js";
 import type { FleetRaw } from "./schema.js";
 
@@ -59,7 +60,7 @@ function resolveRegistry(value: string, baseDir: string): string {
 export function toFleet(raw: FleetRaw, file: string, baseDir: string): Fleet {
   const bastions = new Map<string, Bastion>();
   for (const [name, b] of Object.entries(raw.bastions).sort(([a], [b]) => a.localeCompare(b))) {
-    bastions.set(name, { name, host: b.host.toLowerCase(), port: b.port, user: b.user, hostKeys: b.hostKeys, from: b.from, expiry: b.expiry, jumpUser: b.jumpUser });
+    bastions.set(name, { name, host: b.host.toLowerCase(), port: b.port, user: b.user, hostKeys: b.hostKeys.map(canonicalHostKeyEntry), from: b.from, expiry: b.expiry, jumpUser: b.jumpUser });
   }
   return {
     file,
@@ -71,7 +72,13 @@ export function toFleet(raw: FleetRaw, file: string, baseDir: string): Fleet {
     operators:
       raw.operators === "none"
         ? undefined
-        : { user: raw.operators.user, authorizedKeys: raw.operators.authorizedKeys ?? [], userCA: raw.operators.userCA, principals: raw.operators.principals ?? [] },
+        : {
+            user: raw.operators.user,
+            // Written to the device as validated: `type base64 [comment]`, nothing around it.
+            authorizedKeys: (raw.operators.authorizedKeys ?? []).map(canonicalKeyLine),
+            userCA: raw.operators.userCA === undefined ? undefined : canonicalKeyLine(raw.operators.userCA),
+            principals: raw.operators.principals ?? [],
+          },
     // Shapes were checked by the forwards rule; this only narrows the types.
     forwards: raw.forwards.map((f): Forward => {
       if (f.type === "local") return { type: "local", name: f.name, bastion: f.bastion!, listen: f.listen!, to: f.to! };

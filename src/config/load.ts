@@ -7,7 +7,6 @@ import { readFileSync, statSync } from "node:fs";
 import { dirname, resolve } from "node:path";
 import { cached } from "../cache.js";
 import { errnoCode, UserError } from "../errors.js";
-import { resourceDir } from "../resources.js";
 import { toFleet, type Fleet } from "./fleet.js";
 import { crossCheck } from "./rules.js";
 import type { FleetRaw } from "./schema.js";
@@ -45,27 +44,18 @@ async function validateFleet(text: string, file: string, now: Date): Promise<Fle
 }
 
 /**
- * The config as validated before, when the same text was checked by the same schema (keyed
- * by both): a build then needs neither the YAML parser nor the schema library. The rules
- * that depend on the clock (expiry) run again every time; if one fails, the full path runs so
- * the message carries its position.
+ * The config as validated before, when the same text was checked by the same build (the
+ * cache keys on both): a build then needs neither the YAML parser nor the schema library. The
+ * rules that depend on the clock (expiry) run again every time; if one fails, the full path
+ * runs so the message carries its position.
  */
 export async function loadFleet(file: string, now: Date = new Date()): Promise<Fleet> {
   const text = readConfigText(file);
   let validatedNow = false;
-  const raw = await cached<FleetRaw>("fleet", [file, text, schemaFingerprint()], async () => {
+  const raw = await cached<FleetRaw>("fleet", [file, text], async () => {
     validatedNow = true;
     return validateFleet(text, file, now);
   });
   if (!validatedNow && crossCheck(raw, now).length > 0) return parseFleet(text, file, now);
   return toFleet(raw, file, resolve(dirname(file)));
-}
-
-/** The committed JSON Schemas change whenever a schema does: they key the caches. */
-export function schemaFingerprint(): string {
-  try {
-    return ["mkoverlay", "board", "os"].map((n) => readFileSync(resourceDir("schema", `${n}.schema.json`), "utf8")).join("\n");
-  } catch {
-    return String(Math.random());
-  }
 }

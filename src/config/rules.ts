@@ -2,6 +2,7 @@
  * Cross-field rules the schema cannot express. Each rule returns problems with the path they
  * belong to; all are collected so the user fixes everything in one pass.
  */
+import { UserError } from "../errors.js";
 import { hostnameProblem, hostProblem, parseExpiry, quotedValueProblem } from "../validate.js";
 import { parseRange } from "./fleet.js";
 import type { Path } from "./positions.js";
@@ -14,8 +15,15 @@ export interface Problem {
 
 const TEMPLATE_FIELD = /\{([^}]*)\}/g;
 
-/** Renders `gw-{seq:04}`; throws on an unknown placeholder (checked by the rule below first). */
-export function renderHostname(template: string, seq: number): string {
+/**
+ * The highest device number a template must render a valid name for: the registry's counter
+ * grows with every reservation (abandoned and revoked devices included), so a fleet of a few
+ * thousand gateways can pass 100,000 over the years; ten million (7 digits) leaves room.
+ */
+export const MAX_SEQ = 9_999_999;
+
+/** `gw-{seq:04}` filled in, unchecked; throws on an unknown placeholder (the rule checks first). */
+function fillTemplate(template: string, seq: number): string {
   return template.replace(TEMPLATE_FIELD, (_, field: string) => {
     const m = /^seq(?::(0?)(\d+))?$/.exec(field);
     if (!m) throw new Error(`unknown placeholder {${field}}`);
@@ -24,15 +32,45 @@ export function renderHostname(template: string, seq: number): string {
   });
 }
 
+/**
+ * The name of device number `seq`. The registries call this while reserving: a name that is
+ * not a valid host name (a counter past MAX_SEQ on a long template) is a user error there,
+ * before anything is written, never a device with a bad name.
+ */
+export function renderHostname(template: string, seq: number): string {
+  const name = fillTemplate(template, seq);
+  const p = hostnameProblem(name);
+  if (p) {
+    throw new UserError(`hostname template ${JSON.stringify(template)} gives device number ${seq} the name ${JSON.stringify(name)}, which ${p}`, {
+      hint: "shorten the template (hostname: in the fleet config), or name this device with --hostname",
+    });
+  }
+  return name;
+}
+
 function hostnameTemplateRule(raw: FleetRaw): Problem[] {
   const t = raw.hostname;
   const fields = [...t.matchAll(TEMPLATE_FIELD)].map((m) => m[1] ?? "");
   const bad = fields.find((f) => !/^seq(?::0\d+)?$/.test(f));
   if (bad !== undefined) return [{ path: ["hostname"], message: `unknown placeholder {${bad}} (use {seq} or {seq:04})` }];
   if (fields.length === 0) return [{ path: ["hostname"], message: `${JSON.stringify(t)} has no {seq} placeholder, so every device would get the same name` }];
-  const sample = renderHostname(t, 1);
-  const p = hostnameProblem(sample);
-  return p ? [{ path: ["hostname"], message: `renders names like ${JSON.stringify(sample)} that ${p}` }] : [];
+  // A name's validity depends only on how many digits the number has: try the first number of
+  // each length up to MAX_SEQ and report the first that fails.
+  for (let seq = 1; seq <= MAX_SEQ; seq *= 10) {
+    const sample = fillTemplate(t, seq);
+    const p = hostnameProblem(sample);
+    if (!p) continue;
+    return [
+      {
+        path: ["hostname"],
+        message:
+          seq === 1
+            ? `renders names like ${JSON.stringify(sample)} that ${p}`
+            : `renders ${JSON.stringify(sample)} for device number ${seq}, which ${p} (a template must give valid names up to ${MAX_SEQ.toLocaleString("en")})`,
+      },
+    ];
+  }
+  return [];
 }
 
 function portRangesRule(raw: FleetRaw): Problem[] {
@@ -48,11 +86,12 @@ function bastionsRule(raw: FleetRaw, now: Date): Problem[] {
   const out: Problem[] = [];
   const names = Object.keys(raw.bastions);
   if (names.length === 0) out.push({ path: ["bastions"], message: "no bastion defined" });
+  // Only the form is checked here. A date that has passed must not stop the commands that
+  // read existing devices (list, revoke, exports): it is refused where a new line is made.
   for (const [name, b] of Object.entries(raw.bastions)) {
     if (b.expiry !== undefined) {
       const t = parseExpiry(b.expiry, now);
       if (typeof t === "string") out.push({ path: ["bastions", name, "expiry"], message: `${JSON.stringify(b.expiry)} ${t}` });
-      else if (t.getTime() <= now.getTime()) out.push({ path: ["bastions", name, "expiry"], message: `${JSON.stringify(b.expiry)} is in the past` });
     }
   }
   return out;

@@ -5,7 +5,7 @@
  * errors carry the exact path; cross-field rules live in rules.ts.
  */
 import { z } from "zod";
-import { parsePublicKey } from "../keys/pubkey.js";
+import { parseHostKeyEntry, parsePublicKey } from "../keys/pubkey.js";
 import { cidrProblem, hostProblem, nameProblem, PORT_RANGE, quotedValueProblem, userProblem } from "../validate.js";
 
 function check(problem: (v: string) => string | undefined) {
@@ -35,8 +35,7 @@ const hostKey = z
   .string()
   .describe("A pinned bastion host key: an OpenSSH public key line, or '@cert-authority KEYLINE' to trust a host CA")
   .superRefine((v, ctx) => {
-    const line = v.startsWith("@cert-authority ") ? v.slice("@cert-authority ".length) : v;
-    const k = parsePublicKey(line);
+    const k = parseHostKeyEntry(v);
     if (typeof k === "string") ctx.addIssue({ code: "custom", message: `is not a public key: it ${k}` });
   });
 

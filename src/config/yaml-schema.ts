@@ -4,7 +4,7 @@
  * (yaml + zod load in tens of milliseconds): load.ts and profiles.ts only import it when their
  * cache cannot answer.
  */
-import { LineCounter, parseDocument } from "yaml";
+import { isAlias, isCollection, LineCounter, parseDocument, visit, type Alias, type Document, type Node } from "yaml";
 import type { z } from "zod";
 import { UserError, UserErrors } from "../errors.js";
 import { didYouMean } from "../validate.js";
@@ -83,6 +83,51 @@ function typeOfYaml(v: unknown): string {
 }
 
 /**
+ * Aliases expand into copies: a few lines of `&a [*b, *b, …]` can stand for billions of nodes
+ * (an "alias bomb"). The yaml package stops past this many aliased nodes; a real config has a
+ * handful at most (a key list shared by two bastions).
+ */
+const MAX_ALIAS_COUNT = 100;
+
+/** The document as plain data; alias trouble is the user's, reported at the alias. */
+function toData(doc: Document, lc: LineCounter, file: string): unknown {
+  const at = (node: Node | undefined) => {
+    const { line, col } = lc.linePos(node?.range?.[0] ?? 0);
+    return `${file}:${line}:${col}`;
+  };
+  let unresolved: Alias | undefined;
+  let circular: Alias | undefined;
+  let first: Alias | undefined;
+  let complexKey: Node | undefined;
+  visit(doc, {
+    Alias(_key, node, path) {
+      first ??= node;
+      const target = node.resolve(doc);
+      if (!target) unresolved ??= node;
+      else if (path.includes(target as never)) circular ??= node;
+    },
+    Pair(_key, pair) {
+      // `? [a, b] : c` is valid YAML but names no config key (and makes the yaml package warn).
+      const k = isAlias(pair.key) ? pair.key.resolve(doc) : pair.key;
+      if (isCollection(k)) complexKey ??= pair.key as Node;
+    },
+  });
+  if (complexKey) throw new UserError(`${at(complexKey)} YAML: a key must be a plain name, not a list or mapping`);
+  if (unresolved) {
+    throw new UserError(`${at(unresolved)} YAML: alias *${unresolved.source} has no anchor &${unresolved.source} before it`, { hint: "define the anchor first, or write the value out" });
+  }
+  if (circular) throw new UserError(`${at(circular)} YAML: alias *${circular.source} refers to a node that contains it`);
+  try {
+    return doc.toJS({ maxAliasCount: MAX_ALIAS_COUNT });
+  } catch (e) {
+    if (/alias count/i.test((e as Error).message)) {
+      throw new UserError(`${at(first)} YAML: aliases expand to more than ${MAX_ALIAS_COUNT} nodes (an alias bomb?)`, { hint: "write the values out instead of nesting aliases" });
+    }
+    throw new UserError(`${at(first)} YAML: cannot be read as data (${(e as Error).message.split("\n")[0]})`);
+  }
+}
+
+/**
  * Parses YAML text and validates it against a schema; every problem becomes
  * `file:line:col key: message`. Shared by the fleet config and the board/OS profiles.
  */
@@ -102,7 +147,7 @@ export function parseYamlWith<T extends z.ZodType>(
       }),
     );
   }
-  const data: unknown = doc.toJS();
+  const data = toData(doc, lc, file);
   if (data === null || data === undefined) {
     throw new UserError(`${file}: file is empty`, { hint: "start from examples/fleet.yaml" });
   }

@@ -10,6 +10,15 @@ import { join, resolve } from "node:path";
 export const REPO = resolve(import.meta.dirname, "../..");
 export const CLI = join(REPO, "bin/mkoverlay");
 
+/**
+ * The CLI's config cache for this test process (MKOVERLAY_CACHE=off is kept): tests never read
+ * or write the developer's ~/.cache/mkoverlay, and never see entries another checkout wrote.
+ * Set in process.env too, so tests that spawn the CLI themselves inherit it.
+ */
+export const TEST_CACHE = process.env.MKOVERLAY_CACHE === "off" ? "off" : mkdtempSync(join(tmpdir(), "mko-cache-"));
+process.env.MKOVERLAY_CACHE = TEST_CACHE;
+if (TEST_CACHE !== "off") process.on("exit", () => rmSync(TEST_CACHE, { recursive: true, force: true }));
+
 export interface Run {
   code: number;
   stdout: string;
@@ -27,7 +36,7 @@ export function removeDir(dir: string): void {
 export function runCli(args: string[], opts: { cwd: string; env?: Record<string, string>; input?: string }): Run {
   const r: SpawnSyncReturns<string> = spawnSync(process.execPath, [CLI, ...args], {
     cwd: opts.cwd,
-    env: { ...process.env, NO_COLOR: "1", MKOVERLAY_CONFIG: "", MKOVERLAY_REGISTRY: "", ...opts.env },
+    env: { ...process.env, NO_COLOR: "1", MKOVERLAY_CONFIG: "", MKOVERLAY_REGISTRY: "", MKOVERLAY_CACHE: TEST_CACHE, ...opts.env },
     encoding: "utf8",
     input: opts.input ?? "",
   });
