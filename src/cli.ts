@@ -4,7 +4,7 @@
  * owns the single top-level error handler.
  */
 import { Command, CommanderError, Option } from "commander";
-import { isUserError, UserError } from "./errors.js";
+import { ioUserError, isUserError, UserError } from "./errors.js";
 
 const VERSION = "0.1.0";
 
@@ -216,12 +216,16 @@ function report(e: unknown, debug: boolean): number {
     // commander already printed its message (unknown option, missing argument, --help…).
     return e.exitCode === 0 ? 0 : 2;
   }
-  if (isUserError(e)) {
-    const lines = e.message.split("\n");
+  // A full disk, a read-only mount, a missing permission: the station's to fix, not a bug.
+  const io = isUserError(e) ? undefined : ioUserError(e);
+  const user = io ?? (isUserError(e) ? e : undefined);
+  if (user) {
+    const lines = user.message.split("\n");
     process.stderr.write(lines.map((l) => `mkoverlay: error: ${l}\n`).join(""));
-    if (e.hint) process.stderr.write(`mkoverlay: hint: ${e.hint}\n`);
-    if (debug && e.stack) process.stderr.write(`${e.stack}\n`);
-    return e.exitCode;
+    if (user.hint) process.stderr.write(`mkoverlay: hint: ${user.hint}\n`);
+    const stack = (io ? (e as Error) : user).stack;
+    if (debug && stack) process.stderr.write(`${stack}\n`);
+    return user.exitCode;
   }
   const err = e as Error;
   process.stderr.write(`mkoverlay: internal error: ${err?.message ?? String(e)}\n${err?.stack ?? ""}\nThis is a bug in mkoverlay; please report it with the command you ran.\n`);

@@ -7,7 +7,7 @@ import { spawnSync } from "node:child_process";
 import { randomBytes } from "node:crypto";
 import { closeSync, fchmodSync, fchownSync, fsyncSync, mkdirSync, rmdirSync, openSync, renameSync, statSync, unlinkSync, writeSync } from "node:fs";
 import { basename, dirname, join } from "node:path";
-import { errnoCode, UserError } from "./errors.js";
+import { atPath, errnoCode, UserError } from "./errors.js";
 
 export function tempNameFor(target: string): string {
   return join(dirname(target), `.${basename(target)}.${process.pid}.${randomBytes(4).toString("hex")}.tmp`);
@@ -33,6 +33,15 @@ export function writeFileAtomic(
   owner?: { uid: number; gid: number },
   opts: { durable: boolean } = { durable: true },
 ): void {
+  try {
+    writeAtomic(target, data, mode, owner, opts);
+  } catch (e) {
+    // write(2) names no file and open(2) names the temp: report the file the user asked for.
+    throw atPath(e, target);
+  }
+}
+
+function writeAtomic(target: string, data: Buffer | string, mode: number, owner: { uid: number; gid: number } | undefined, opts: { durable: boolean }): void {
   const tmp = tempNameFor(target);
   // Created with its final mode: a private key is never readable by others, even briefly.
   const fd = openSync(tmp, "wx", mode);

@@ -3,6 +3,7 @@
  * straight over a root file system) and its bastion lines. Used by build, batch and rotate,
  * so every path writes the same thing the same way.
  */
+import { rmSync } from "node:fs";
 import { join } from "node:path";
 import { authorizedKeysLine } from "./bastion/line.js";
 import type { Bastion, Fleet } from "./config/fleet.js";
@@ -105,7 +106,13 @@ export async function emitDevice(e: Emit, d: DeviceRecord, key: Ed25519Key, boar
   // The lines file is a convenience copy (the registry re-exports it any time): renamed into
   // place but not synced on its own; the archive's directory sync below covers its name too.
   writeFileAtomic(r.authorizedKeysFile, r.text, 0o644, undefined, { durable: false });
-  if (r.archive) writeFileAtomic(r.overlay, r.archive, 0o600);
-  else writeTreeTo(r.tree, r.overlay, { epoch: e.epoch, replaceWhole: e.form.kind === "dir" });
+  try {
+    if (r.archive) writeFileAtomic(r.overlay, r.archive, 0o600);
+    else writeTreeTo(r.tree, r.overlay, { epoch: e.epoch, replaceWhole: e.form.kind === "dir" });
+  } catch (err) {
+    // The device is given up (a full disk…): its lines must not outlive it.
+    rmSync(r.authorizedKeysFile, { force: true });
+    throw err;
+  }
   return { overlay: r.overlay, authorizedKeysFile: r.authorizedKeysFile, lines: r.lines, text: r.text };
 }

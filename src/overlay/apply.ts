@@ -8,7 +8,7 @@
 import { randomBytes } from "node:crypto";
 import { chmodSync, chownSync, existsSync, lchownSync, lstatSync, lutimesSync, mkdirSync, renameSync, rmSync, symlinkSync, utimesSync, writeFileSync } from "node:fs";
 import { basename, dirname, join } from "node:path";
-import { UserError } from "../errors.js";
+import { atPath, UserError } from "../errors.js";
 import type { Tree } from "./tree.js";
 
 const isRoot = (): boolean => process.getuid?.() === 0;
@@ -32,17 +32,28 @@ function layInto(tree: Tree, root: string, epoch: number): void {
       if (owner) chownSync(target, 0, 0);
     } else if (e.type === "file") {
       const tmp = tmpBeside(target);
-      writeFileSync(tmp, e.content, { mode: e.mode, flag: "wx" });
-      chmodSync(tmp, e.mode);
-      if (owner) chownSync(tmp, 0, 0);
-      utimesSync(tmp, t, t);
-      renameSync(tmp, target);
+      try {
+        writeFileSync(tmp, e.content, { mode: e.mode, flag: "wx" });
+        chmodSync(tmp, e.mode);
+        if (owner) chownSync(tmp, 0, 0);
+        utimesSync(tmp, t, t);
+        renameSync(tmp, target);
+      } catch (err) {
+        // No .tmp debris on any failure (a full disk, a mount point in the way…).
+        rmSync(tmp, { force: true });
+        throw atPath(err, target);
+      }
     } else {
       const tmp = tmpBeside(target);
-      symlinkSync(e.target, tmp);
-      if (owner) lchownSync(tmp, 0, 0);
-      lutimesSync(tmp, t, t);
-      renameSync(tmp, target);
+      try {
+        symlinkSync(e.target, tmp);
+        if (owner) lchownSync(tmp, 0, 0);
+        lutimesSync(tmp, t, t);
+        renameSync(tmp, target);
+      } catch (err) {
+        rmSync(tmp, { force: true });
+        throw atPath(err, target);
+      }
     }
   }
 }
@@ -72,6 +83,6 @@ export function writeTreeTo(tree: Tree, dir: string, opts: { epoch: number; repl
     }
   } catch (e) {
     rmSync(tmp, { recursive: true, force: true });
-    throw e;
+    throw atPath(e, dir);
   }
 }
