@@ -74,7 +74,7 @@ function program(): Command {
     .command("authorized-keys")
     .description("the tunnel user's complete authorized_keys file, from the registry")
     .requiredOption("--bastion <name>", "the bastion")
-    .option("--write <file>", "replace FILE atomically (0600, keeps its owner) instead of printing")
+    .option("--write <file>", "replace FILE atomically instead of printing (0600, the tunnel user's; a new file is created for it)")
     .option("--config <file>", cfg)
     .action(lazy(() => import("./commands/bastion.js"), (m, opts) => m.authorizedKeysCommand(opts)));
   bastion
