@@ -4,7 +4,7 @@
  * owns the single top-level error handler.
  */
 import { Command, CommanderError, Option } from "commander";
-import { isUserError } from "./errors.js";
+import { ioUserError, isUserError, UserError } from "./errors.js";
 import { VERSION } from "./version.js";
 
 /* eslint-disable @typescript-eslint/no-explicit-any -- commander hands actions untyped arguments */
@@ -29,6 +29,11 @@ function program(): Command {
     .option("--config <file>", "fleet config (default $MKOVERLAY_CONFIG or ./mkoverlay.yaml)")
     .showHelpAfterError("(run with --help for usage)")
     .showSuggestionAfterError(true)
+    .addHelpText(
+      "after",
+      "\nExit codes: 0 ok; 1 a check failed (verify) or devices failed (batch); 2 a usage, input or\n" +
+        "I/O error you can fix (the message names the file or flag); 70 a bug in mkoverlay (with a stack).\n",
+    )
     // Set before the subcommands are added so they inherit it: one exit path for every error.
     .exitOverride();
 
@@ -68,7 +73,7 @@ function program(): Command {
     .command("authorized-keys")
     .description("the tunnel user's complete authorized_keys file, from the registry")
     .requiredOption("--bastion <name>", "the bastion")
-    .option("--write <file>", "replace FILE atomically (0600, keeps its owner) instead of printing")
+    .option("--write <file>", "replace FILE atomically instead of printing (0600, the tunnel user's; a new file is created for it)")
     .option("--config <file>", cfg)
     .action(lazy(() => import("./commands/bastion.js"), (m, opts) => m.authorizedKeysCommand(opts)));
   bastion
@@ -163,6 +168,33 @@ function program(): Command {
   return p;
 }
 
+/**
+ * build is the default command, so commander hands it every word it does not know: a typo
+ * (`mkoverlay verfy x`) or nothing at all failed on build's missing --board. build takes no
+ * positional argument, so a first word that names no command is an unknown command, and a
+ * line with no command and no build option asks for the usage. Options of build
+ * (`mkoverlay --board rpi4 --bastion eu`) still mean build.
+ */
+async function commandWord(p: Command, args: string[]): Promise<"usage" | undefined> {
+  const names = [...p.commands.flatMap((c) => [c.name(), ...c.aliases()]), "help"];
+  for (let i = 0; i < args.length; i++) {
+    const a = args[i]!;
+    if (a === "--debug" || a.startsWith("--config=")) continue;
+    if (a === "--config") {
+      i++;
+      continue;
+    }
+    // An option of build (the default command), --help, --version, or "--": commander's.
+    if (a.startsWith("-")) return undefined;
+    if (names.includes(a)) return undefined;
+    // Only on this error path: keeps the validators out of every start.
+    const guess = (await import("./validate.js")).didYouMean(a, names.filter((n) => n !== "help"));
+    const list = "'mkoverlay --help' lists the commands";
+    throw new UserError(`unknown command '${a}'`, { hint: guess ? `did you mean '${guess}'? (${list})` : list });
+  }
+  return "usage";
+}
+
 export async function main(argv: string[]): Promise<void> {
   const debug = argv.includes("--debug");
   // `mkoverlay registry list | head`: a reader that stops early is not an error.
@@ -172,6 +204,13 @@ export async function main(argv: string[]): Promise<void> {
   });
   const p = program();
   try {
+    if ((await commandWord(p, argv.slice(2))) === "usage") {
+      // Like git and npm: usage on stderr and a non-zero exit, since nothing was done (a script
+      // whose command word came from an empty variable must not pass); 2 as for any usage error.
+      p.outputHelp({ error: true });
+      process.exitCode = 2;
+      return;
+    }
     await p.parseAsync(argv);
   } catch (e) {
     process.exitCode = report(e, debug);
@@ -183,12 +222,16 @@ function report(e: unknown, debug: boolean): number {
     // commander already printed its message (unknown option, missing argument, --help…).
     return e.exitCode === 0 ? 0 : 2;
   }
-  if (isUserError(e)) {
-    const lines = e.message.split("\n");
+  // A full disk, a read-only mount, a missing permission: the station's to fix, not a bug.
+  const io = isUserError(e) ? undefined : ioUserError(e);
+  const user = io ?? (isUserError(e) ? e : undefined);
+  if (user) {
+    const lines = user.message.split("\n");
     process.stderr.write(lines.map((l) => `mkoverlay: error: ${l}\n`).join(""));
-    if (e.hint) process.stderr.write(`mkoverlay: hint: ${e.hint}\n`);
-    if (debug && e.stack) process.stderr.write(`${e.stack}\n`);
-    return e.exitCode;
+    if (user.hint) process.stderr.write(`mkoverlay: hint: ${user.hint}\n`);
+    const stack = (io ? (e as Error) : user).stack;
+    if (debug && stack) process.stderr.write(`${stack}\n`);
+    return user.exitCode;
   }
   const err = e as Error;
   process.stderr.write(`mkoverlay: internal error: ${err?.message ?? String(e)}\n${err?.stack ?? ""}\nThis is a bug in mkoverlay; please report it with the command you ran.\n`);

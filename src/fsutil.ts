@@ -8,7 +8,7 @@ import { spawnSync } from "node:child_process";
 import { randomBytes } from "node:crypto";
 import { closeSync, fchmodSync, fchownSync, fsyncSync, futimesSync, mkdirSync, openSync, renameSync, rmdirSync, statSync, unlinkSync, writeSync } from "node:fs";
 import { basename, dirname, join } from "node:path";
-import { errnoCode, UserError } from "./errors.js";
+import { atPath, errnoCode, ioUserError, UserError } from "./errors.js";
 
 export function tempNameFor(target: string): string {
   return join(dirname(target), `.${basename(target)}.${process.pid}.${randomBytes(4).toString("hex")}.tmp`);
@@ -35,26 +35,9 @@ function unlinkQuietly(path: string): void {
   }
 }
 
-const IO_HINTS: Record<string, string> = {
-  ENOSPC: "free space on that file system, or write somewhere else",
-  EDQUOT: "the disk quota is used up: free space, or write somewhere else",
-  EROFS: "that file system is mounted read-only: write somewhere else",
-  EACCES: "this user may not write there: fix the permissions, or write somewhere else",
-  EPERM: "this user may not do that there: fix the permissions or ownership",
-  EEXIST: "something is in the way at that path (a dangling symlink?): remove it",
-  EISDIR: "a directory is in the way at that path: remove or rename it",
-  ENOTDIR: "a path component is a file, not a directory",
-  EBUSY: "the path is in use (a mount point?): choose another one",
-  EIO: "the device reported an I/O error: check the disk",
-  EMFILE: "too many open files: raise the limit (ulimit -n)",
-  EFBIG: "the file is larger than this file system (or ulimit -f) allows",
-};
-
-/** An error from writing `path` as the user's problem: what happened, where, and what to do. */
-export function ioUserError(e: unknown, path: string, what = "cannot write"): unknown {
-  const code = errnoCode(e);
-  if (e instanceof UserError || !code || !/^E[A-Z]+$/.test(code)) return e;
-  return new UserError(`${path}: ${what} (${code})`, { hint: IO_HINTS[code] ?? "check that path and the file system it is on" });
+/** An error from writing `path`: the user's problem when it is one (errors.ts), naming `path`. */
+export function pathError(e: unknown, path: string): unknown {
+  return ioUserError(atPath(e, path)) ?? e;
 }
 
 export interface WriteOptions {
@@ -63,6 +46,8 @@ export interface WriteOptions {
   /** false: not synced on its own (a later syncfs or the caller's directory sync covers it). */
   durable?: boolean;
   mtime?: Date;
+  /** The path errors name (default: the target). */
+  reportAs?: string;
 }
 
 function writeTemp(target: string, data: Buffer | string, o: WriteOptions): { tmp: string; fd: number } {
@@ -85,19 +70,20 @@ function writeTemp(target: string, data: Buffer | string, o: WriteOptions): { tm
 }
 
 export function writeFileAtomic(target: string, data: Buffer | string, o: WriteOptions): void {
-  const { tmp, fd } = writeTemp(target, data, o);
+  let w: { tmp: string; fd: number } | undefined;
   try {
-    if (o.durable !== false) fsyncSync(fd);
-    closeSync(fd);
-    renameSync(tmp, target);
+    w = writeTemp(target, data, o);
+    if (o.durable !== false) fsyncSync(w.fd);
+    closeSync(w.fd);
+    w.fd = -1;
+    renameSync(w.tmp, target);
   } catch (e) {
-    try {
-      closeSync(fd);
-    } catch {
-      // closed above
+    if (w) {
+      if (w.fd >= 0) closeSync(w.fd);
+      unlinkQuietly(w.tmp);
     }
-    unlinkQuietly(tmp);
-    throw ioUserError(e, target);
+    // write(2) names no file and open(2) names the temp: report the file the user asked for.
+    throw pathError(e, o.reportAs ?? target);
   }
   if (o.durable !== false) fsyncDir(dirname(target));
 }
@@ -142,7 +128,7 @@ export class StagedGroups {
           try {
             w = writeTemp(f.target, f.data, { mode: f.mode, durable: false });
           } catch (e) {
-            throw ioUserError(e, f.target);
+            throw pathError(e, f.target);
           }
           fds.push(w.fd);
           group.push({ tmp: w.tmp, target: f.target });
@@ -152,7 +138,7 @@ export class StagedGroups {
     } catch (e) {
       for (const fd of fds) closeSync(fd);
       for (const t of temps.flat()) unlinkQuietly(t.tmp);
-      throw ioUserError(e, dirname(groups[0]?.[0]?.target ?? "."));
+      throw pathError(e, dirname(groups[0]?.[0]?.target ?? "."));
     }
     for (const fd of fds) closeSync(fd);
     this.temps = temps;
@@ -174,7 +160,7 @@ export class StagedGroups {
     } catch (e) {
       for (const t of group) unlinkQuietly(t.tmp);
       for (const target of done) unlinkQuietly(target);
-      return ioUserError(e, group[done.length]?.target ?? "");
+      return pathError(e, group[done.length]?.target ?? "");
     }
   }
 

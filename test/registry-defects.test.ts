@@ -163,7 +163,7 @@ describe("a failed rename inside a batch (item 2)", () => {
     const r = w.cli(["batch", "--board", "rpi4", "--bastion", "eu", "--count", "6", "--json", "--quiet", "--out", w.out]);
     expect(r.code, r.stderr).toBe(1);
     expect(r.stderr).not.toMatch(/internal error|This is a bug|\n\s+at /);
-    expect(r.stderr).toMatch(/^mkoverlay: error: device 3: .*gw-0003\.overlay\.tar\.gz: cannot write \(EISDIR\)$/m);
+    expect(r.stderr).toMatch(/^mkoverlay: error: device 3: .*gw-0003\.overlay\.tar\.gz: is a directory \(rename\)$/m);
     const all = audit(w);
     expect(all.map((d) => d.hostname).sort()).toEqual(["gw-0001", "gw-0002", "gw-0004", "gw-0005", "gw-0006"]);
     expect(all.every((d) => d.status === "active")).toBe(true);

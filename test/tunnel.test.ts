@@ -8,7 +8,8 @@ import { readFileSync, writeFileSync } from "node:fs";
 import { join } from "node:path";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
 import { tunnelArgv } from "./helpers/device.js";
-import { canConnect, ensureUser, freePort, startSshd, waitFor, type Sshd } from "./helpers/sshd.js";
+import { portBlock, type PortBlock } from "./helpers/net.js";
+import { canConnect, ensureUser, startSshd, waitFor, type Sshd } from "./helpers/sshd.js";
 import { extract, readPub, removeDir, run, runCli, sshKeygen, tempDir, writeFleet } from "./helpers/workspace.js";
 
 const TUNNEL_USER = "mko-tunnel";
@@ -19,12 +20,23 @@ let device: Sshd;
 let build: { hostname: string; port: number; fingerprint: string; publicKey: string; overlay: string; authorizedKeys: Record<string, string> };
 let operatorKey: string;
 const procs: ChildProcess[] = [];
+/**
+ * Every port this file listens on comes from a block it owns (helpers/net.ts says why a fixed
+ * range made this file fail whenever another run of the suite held 21000): 0 bastion,
+ * 1 impostor, 2 device sshd, 4-7 the first describe's ranges, 8+ the from=/expiry cases.
+ */
+let ports: PortBlock;
 
 beforeAll(async () => {
   ensureUser(TUNNEL_USER);
+  ports = await portBlock(16);
   const bastionHostKey = sshKeygen(dir, "bastion_host_key");
-  const bastionPort = await freePort();
-  writeFleet(dir, { lo: { host: "127.0.0.1", port: bastionPort, user: TUNNEL_USER, hostKeys: [readPub(bastionHostKey)] } });
+  const bastionPort = ports.port(0);
+  writeFleet(
+    dir,
+    { lo: { host: "127.0.0.1", port: bastionPort, user: TUNNEL_USER, hostKeys: [readPub(bastionHostKey)] } },
+    { ports: { ssh: ports.range(4, 5), services: ports.range(6, 7) } },
+  );
   const r = runCli(["--board", "rpi4", "--bastion", "lo", "--json"], { cwd: dir });
   expect(r.code, r.stderr).toBe(0);
   build = JSON.parse(r.stdout);
@@ -36,6 +48,7 @@ beforeAll(async () => {
   operatorKey = sshKeygen(dir, "operator");
   device = await startSshd({
     dir: join(dir, "device"),
+    port: ports.port(2),
     hostKey: join(root, "etc/ssh/mkoverlay/ssh_host_ed25519_key"),
     authorizedKeys: { root: readPub(operatorKey) + "\n" },
   });
@@ -45,6 +58,7 @@ afterAll(async () => {
   for (const p of procs) p.kill("SIGKILL");
   await bastion?.stop();
   await device?.stop();
+  ports?.release();
   if (!process.env.KEEP) removeDir(dir);
 });
 
@@ -91,7 +105,7 @@ describe("tunnel against a real sshd holding only the emitted line", () => {
   });
 
   it("refuses a bastion whose host key is not the pinned one", async () => {
-    const impostor = await startSshd({ dir: join(dir, "impostor"), authorizedKeys: { [TUNNEL_USER]: build.authorizedKeys.lo + "\n" } });
+    const impostor = await startSshd({ dir: join(dir, "impostor"), port: ports.port(1), authorizedKeys: { [TUNNEL_USER]: build.authorizedKeys.lo + "\n" } });
     try {
       const argv = deviceArgv().map((a) => (a === String(bastion.port) ? String(impostor.port) : a));
       const r = run(argv[0]!, argv.slice(1));
@@ -141,13 +155,16 @@ describe("sshd accepts the overlay's key and drop-in", () => {
 });
 
 describe("from= and expiry-time= are accepted by a real sshd (a bad option would drop the line silently)", () => {
+  let next = 8;
   async function tryLine(bastionOpts: { from?: string[]; expiry?: string }): Promise<{ code: number; stdout: string; stderr: string; line: string }> {
     const ws = join(dir, `opts-${Object.keys(bastionOpts).join("-")}-${(bastionOpts.from ?? []).length}`);
     run("mkdir", ["-p", ws]);
     const hk = sshKeygen(ws, "host");
-    const port = await freePort();
     // Listening ports are machine-wide: stay clear of the tunnel the first describe holds open.
-    writeFleet(ws, { lo: { host: "127.0.0.1", port, user: TUNNEL_USER, hostKeys: [readPub(hk)], ...bastionOpts } }, { ports: { ssh: "23100-23199", services: "23200-23299" } });
+    const port = ports.port(next);
+    const ranges = { ssh: ports.range(next + 1, next + 1), services: ports.range(next + 2, next + 2) };
+    next += 3;
+    writeFleet(ws, { lo: { host: "127.0.0.1", port, user: TUNNEL_USER, hostKeys: [readPub(hk)], ...bastionOpts } }, { ports: ranges });
     const r = runCli(["--board", "rpi4", "--bastion", "lo", "--json"], { cwd: ws });
     expect(r.code, r.stderr).toBe(0);
     const b = JSON.parse(r.stdout) as typeof build;

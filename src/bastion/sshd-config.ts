@@ -5,13 +5,7 @@
  * including the bastion's own sshd), Unix-socket forwards, TTYs, agent and X11 — and frees a
  * dead gateway's port quickly.
  */
-import type { Bastion, Fleet, PortRange } from "../config/fleet.js";
-
-function listenPorts(ranges: PortRange[]): string {
-  const ports: string[] = [];
-  for (const r of ranges) for (let p = r.lo; p <= r.hi; p++) ports.push(`localhost:${p}`);
-  return ports.join(" ");
-}
+import type { Bastion, Fleet } from "../config/fleet.js";
 
 /** Destinations any device of this bastion may -L/-D to (the union of the fleet's forwards). */
 export function bastionPermitOpen(fleet: Fleet, bastion: string): string[] {
@@ -39,8 +33,13 @@ export function renderMatchBlock(fleet: Fleet, b: Bastion, opts: { authorizedKey
       : "    # Gateways publish ports here (-R); -L/-D only to the fleet's declared destinations.",
     `    AllowTcpForwarding ${open.length === 0 ? "remote" : "yes"}`,
     `    PermitOpen ${open.length === 0 ? "none" : open.join(" ")}`,
-    "    # Each key's permitlisten narrows this to its own ports; here: only the fleet's ranges.",
-    `    PermitListen ${listenPorts([fleet.ports.ssh, fleet.ports.services])}`,
+    // sshd grants a -R only if the key's permitlisten AND this line allow it (channels.c,
+    // check_rfwd_permission), so each key's own ports stay the limit. A fixed line: listing the
+    // fleet's ports here cost every login (+130 ms at 2,000 ports, 16-31 s at 20,000, and
+    // seconds of CPU before authentication), and sshd has no port ranges, only a port or '*'.
+    "    # -R only as 'localhost' (what ssh -R PORT:… sends), never 0.0.0.0 or an address;",
+    "    # each key's permitlisten narrows it to that device's own ports.",
+    "    PermitListen localhost:*",
     "    # Forwarded ports listen on the bastion's loopback only.",
     "    GatewayPorts no",
     "    # permitlisten does not cover Unix-socket forwards: deny them here.",

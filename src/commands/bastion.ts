@@ -1,5 +1,6 @@
 /** `mkoverlay bastion authorized-keys|sshd-config --bastion NAME`: what a bastion imports. */
-import { statSync } from "node:fs";
+import { spawnSync } from "node:child_process";
+import { readFileSync, statSync } from "node:fs";
 import { renderAuthorizedKeys } from "../bastion/export.js";
 import { renderMatchBlock } from "../bastion/sshd-config.js";
 import type { Bastion, Fleet } from "../config/fleet.js";
@@ -7,7 +8,7 @@ import { configPath, loadFleet } from "../config/load.js";
 import { withFleetRegistry } from "../context.js";
 import { VERSION } from "../version.js";
 import { resolveBastions } from "../device.js";
-import { errnoCode, UserError } from "../errors.js";
+import { errnoCode, ioUserError, UserError } from "../errors.js";
 import { writeFileAtomic } from "../fsutil.js";
 import { out } from "../output.js";
 
@@ -17,31 +18,86 @@ function oneBastion(fleet: Fleet, flag: string | undefined): Bastion {
   return bs[0]!;
 }
 
-function existingOwner(file: string): { uid: number; gid: number } | undefined {
-  try {
-    const st = statSync(file);
-    if (!st.isFile()) throw new UserError(`--write ${file}: exists and is not a regular file`);
-    return { uid: st.uid, gid: st.gid };
-  } catch (e) {
-    if (e instanceof UserError) throw e;
-    if (errnoCode(e) === "ENOENT") return undefined;
-    throw new UserError(`--write ${file}: ${(e as Error).message}`);
+interface Account {
+  uid: number;
+  gid: number;
+}
+
+/**
+ * The tunnel user as the bastion's sshd sees it: through NSS (`getent`, so LDAP/SSSD accounts
+ * count), or /etc/passwd where there is no getent.
+ */
+function lookupUser(name: string): Account | undefined {
+  const r = spawnSync("getent", ["passwd", name], { encoding: "utf8" });
+  let entry: string | undefined;
+  if (r.error) {
+    let passwd = "";
+    try {
+      passwd = readFileSync("/etc/passwd", "utf8");
+    } catch {
+      // no user database at all: the user does not exist here
+    }
+    entry = passwd.split("\n").find((l) => l.startsWith(`${name}:`));
+  } else if (r.status === 0) {
+    entry = r.stdout.split("\n")[0];
   }
+  const f = entry?.split(":");
+  if (!f || f.length < 4 || !/^\d+$/.test(f[2]!) || !/^\d+$/.test(f[3]!)) return undefined;
+  return { uid: Number(f[2]), gid: Number(f[3]) };
+}
+
+/**
+ * Who the written file belongs to. sshd reads authorized_keys as the tunnel user, and the
+ * file is 0600: so it must be that user's. A new file is created for it; an existing file
+ * keeps its owner and group, and one the tunnel user could not read (root's, say, from an
+ * older mkoverlay) is refused instead of rewritten into a silent lockout.
+ */
+function ownerFor(file: string, b: Bastion): Account {
+  const flag = `--write ${file}`;
+  const user = lookupUser(b.user);
+  if (!user) {
+    throw new UserError(`${flag}: the tunnel user '${b.user}' of bastion '${b.name}' does not exist on this machine`, {
+      hint: `create it first (docs/bastion.md, step 1), or print the file (drop --write) and install it on the bastion owned by ${b.user}, mode 0600`,
+    });
+  }
+  let st;
+  try {
+    st = statSync(file);
+  } catch (e) {
+    if (errnoCode(e) !== "ENOENT") throw new UserError(`${flag}: ${(e as Error).message}`);
+    const me = process.getuid?.();
+    if (me !== undefined && me !== 0 && me !== user.uid) {
+      throw new UserError(`${flag}: a new file must belong to the tunnel user '${b.user}' (sshd reads it as that user), and only root can give it away`, {
+        hint: `run as root, or create it first: install -m 0600 -o ${b.user} /dev/null ${file}`,
+      });
+    }
+    return user;
+  }
+  if (!st.isFile()) throw new UserError(`${flag}: exists and is not a regular file`);
+  if (st.uid !== user.uid) {
+    throw new UserError(`${flag}: belongs to uid ${st.uid}, not to the tunnel user '${b.user}' (uid ${user.uid}): at mode 0600 sshd could not read it and would refuse every tunnel`, {
+      hint: `chown ${b.user} ${file} (or remove it: a new file is created for ${b.user})`,
+    });
+  }
+  return { uid: st.uid, gid: st.gid };
 }
 
 export async function authorizedKeysCommand(opts: { bastion?: string; write?: string; config?: string }): Promise<void> {
-  const text = await withFleetRegistry(opts.config, async (fleet, registry) => renderAuthorizedKeys(fleet, oneBastion(fleet, opts.bastion), await registry.list(), VERSION));
+  const { text, bastion } = await withFleetRegistry(opts.config, async (fleet, registry) => {
+    const b = oneBastion(fleet, opts.bastion);
+    return { text: renderAuthorizedKeys(fleet, b, await registry.list(), VERSION), bastion: b };
+  });
   if (!opts.write) {
     out(text);
     return;
   }
-  // Replaced atomically (a cron job never leaves sshd a half file), 0600, keeping its owner
-  // (sshd reads it as the tunnel user).
-  const owner = existingOwner(opts.write);
+  // Replaced atomically (a cron job never leaves sshd a half file), 0600, the tunnel user's.
+  const owner = ownerFor(opts.write, bastion);
   try {
     writeFileAtomic(opts.write, text, { mode: 0o600, ...(owner ? { owner } : {}) });
   } catch (e) {
-    throw new UserError(`--write ${opts.write}: ${errnoCode(e) ?? (e as Error).message}`);
+    const io = ioUserError(e);
+    throw io ? new UserError(`--write ${io.message}`, io.hint === undefined ? {} : { hint: io.hint }) : e;
   }
   process.stderr.write(`mkoverlay: wrote ${opts.write} (${text.split("\n").filter((l) => l && !l.startsWith("#")).length} keys)\n`);
 }

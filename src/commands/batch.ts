@@ -5,12 +5,12 @@
  * device reserves nothing and the others stand. Devices stream through: nothing of the batch
  * is kept in memory but counts and failures.
  */
-import { readFileSync } from "node:fs";
 import { setFlagsFromString } from "node:v8";
 import { configPath, loadFleet } from "../config/load.js";
 import { loadOrGenerateKey, resolveBastions } from "../device.js";
-import { errnoCode, isUserError, UserError } from "../errors.js";
+import { isUserError, UserError } from "../errors.js";
 import { StagedGroups } from "../fsutil.js";
+import { readHostsFile } from "../hosts-file.js";
 import { out, stderrLog, type Log } from "../output.js";
 import { archiveEpoch } from "../overlay/archive.js";
 import { pendingFiles, renderDevice, type Rendered } from "../pipeline.js";
@@ -30,24 +30,6 @@ export interface BatchOptions extends OutputOptions {
   config?: string;
   json?: boolean;
   quiet?: boolean;
-}
-
-/** One hostname a line (# comments), or CSV whose header has a `hostname` column. */
-export function readHostsFile(file: string): string[] {
-  let text: string;
-  try {
-    text = readFileSync(file, "utf8");
-  } catch (e) {
-    throw new UserError(`--hosts ${file}: ${errnoCode(e) === "ENOENT" ? "no such file" : (e as Error).message}`);
-  }
-  const lines = text.split(/\r?\n/).map((l) => l.trim()).filter((l) => l && !l.startsWith("#"));
-  const header = lines[0]?.split(",").map((h) => h.trim().toLowerCase());
-  if (header && header.length > 1) {
-    const col = header.indexOf("hostname");
-    if (col < 0) throw new UserError(`--hosts ${file}: CSV header has no 'hostname' column`, { hint: `columns: ${header.join(", ")}` });
-    return lines.slice(1).map((l) => (l.split(",")[col] ?? "").trim().replace(/^"|"$/g, ""));
-  }
-  return lines;
 }
 
 class Progress {

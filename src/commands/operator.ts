@@ -19,5 +19,5 @@ export async function sshConfigCommand(opts: { bastion?: string; user?: string; 
 }
 
 export async function knownHostsCommand(opts: { config?: string }): Promise<void> {
-  out(await withFleetRegistry(opts.config, async (_fleet, registry) => renderKnownHosts(await registry.list())));
+  out(await withFleetRegistry(opts.config, async (fleet, registry) => renderKnownHosts(await registry.list(), [...fleet.bastions.values()])));
 }

@@ -8,12 +8,13 @@
 import { chmodSync, chownSync, existsSync, lchownSync, lstatSync, lutimesSync, mkdirSync, renameSync, rmSync, symlinkSync, unlinkSync } from "node:fs";
 import { join } from "node:path";
 import { UserError } from "../errors.js";
-import { ioUserError, tempNameFor, writeFileAtomic } from "../fsutil.js";
+import { pathError, tempNameFor, writeFileAtomic } from "../fsutil.js";
 import type { Tree } from "./tree.js";
 
 const isRoot = (): boolean => process.getuid?.() === 0;
 
-function layInto(tree: Tree, root: string, epoch: number, durable: boolean): void {
+/** `reportAs`: the path errors name (a folder built under a temp name is named by its final name). */
+function layInto(tree: Tree, root: string, epoch: number, durable: boolean, reportAs?: string): void {
   const owner = isRoot() ? { uid: 0, gid: 0 } : undefined;
   const t = new Date(epoch * 1000);
   for (const e of tree.list()) {
@@ -28,7 +29,7 @@ function layInto(tree: Tree, root: string, epoch: number, durable: boolean): voi
         chmodSync(target, e.mode);
         if (owner) chownSync(target, 0, 0);
       } else if (e.type === "file") {
-        writeFileAtomic(target, e.content, { mode: e.mode, owner, mtime: t, durable });
+        writeFileAtomic(target, e.content, { mode: e.mode, owner, mtime: t, durable, reportAs: reportAs ?? target });
       } else {
         const tmp = tempNameFor(target);
         try {
@@ -46,7 +47,7 @@ function layInto(tree: Tree, root: string, epoch: number, durable: boolean): voi
         }
       }
     } catch (err) {
-      throw ioUserError(err, target);
+      throw pathError(err, reportAs ?? target);
     }
   }
 }
@@ -62,7 +63,7 @@ export function writeTreeTo(tree: Tree, dir: string, opts: { epoch: number; repl
   const tmp = tempNameFor(dir);
   mkdirSync(tmp, { mode: 0o700 });
   try {
-    layInto(tree, tmp, opts.epoch, false);
+    layInto(tree, tmp, opts.epoch, false, dir);
     // The top folder stands for the target root: / is 0755 root:root.
     chmodSync(tmp, 0o755);
     if (isRoot()) chownSync(tmp, 0, 0);
@@ -76,6 +77,6 @@ export function writeTreeTo(tree: Tree, dir: string, opts: { epoch: number; repl
     }
   } catch (e) {
     rmSync(tmp, { recursive: true, force: true });
-    throw ioUserError(e, dir);
+    throw pathError(e, dir);
   }
 }

@@ -113,16 +113,19 @@ export function knownHostsPattern(b: Bastion): string {
   return b.port === 22 ? b.host : `[${b.host}]:${b.port}`;
 }
 
+/** A bastion's pinned keys as known_hosts lines (`@cert-authority` kept); the operators' file has the same. */
+export function bastionKnownHosts(b: Bastion): string[] {
+  return b.hostKeys.map((k) => {
+    const ca = k.startsWith("@cert-authority ");
+    const key = (ca ? k.slice("@cert-authority ".length) : k).trim().split(/\s+/).slice(0, 2).join(" ");
+    return `${ca ? "@cert-authority " : ""}${knownHostsPattern(b)} ${key}`;
+  });
+}
+
 /** Pins every bastion's host key: the tunnel runs with StrictHostKeyChecking=yes against this. */
 export function knownHostsStep(tree: Tree, d: DeviceSpec): void {
   const lines = ["# Pinned bastion host keys (written by mkoverlay)"];
-  for (const { bastion: b } of d.tunnels) {
-    for (const k of b.hostKeys) {
-      const ca = k.startsWith("@cert-authority ");
-      const key = (ca ? k.slice("@cert-authority ".length) : k).trim().split(/\s+/).slice(0, 2).join(" ");
-      lines.push(`${ca ? "@cert-authority " : ""}${knownHostsPattern(b)} ${key}`);
-    }
-  }
+  for (const { bastion: b } of d.tunnels) lines.push(...bastionKnownHosts(b));
   tree.file(P.KNOWN_HOSTS, lines.join("\n") + "\n", 0o644);
 }
 

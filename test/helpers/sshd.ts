@@ -28,7 +28,9 @@ export async function waitFor(what: string, check: () => Promise<boolean> | bool
 export function ensureUser(name: string): void {
   if (spawnSync("id", [name]).status !== 0) {
     const r = run("useradd", ["--system", "--shell", "/usr/sbin/nologin", "--home-dir", "/nonexistent", "--no-create-home", name]);
-    if (r.code !== 0) throw new Error(`useradd ${name}: ${r.stderr}`);
+    // Several test files make the same user at once on a fresh machine: one useradd wins, the
+    // others fail with "already exists" (exit 9), which is just as good.
+    if (r.code !== 0 && spawnSync("id", [name]).status !== 0) throw new Error(`useradd ${name}: ${r.stderr}`);
   }
   // '!' (useradd's default) is a locked account, which sshd refuses without PAM; '*' is "no
   // password" but not locked (docs/bastion.md says the same for real bastions).

@@ -68,6 +68,7 @@ export interface BastionDef {
   hostKeys: string[];
   from?: string[];
   expiry?: string;
+  jumpUser?: string;
 }
 
 /** Writes a fleet config into `dir` (registry beside it) and returns its path. */
