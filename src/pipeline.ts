@@ -4,7 +4,6 @@
  * take, the rendered tree and archive, the bastion lines, and the files staged for writing.
  * Used by build, batch and rotate, so every path writes the same thing the same way.
  */
-import { rmSync } from "node:fs";
 import { join } from "node:path";
 import { deviceLines, renderLines } from "./bastion/line.js";
 import type { Bastion, Fleet } from "./config/fleet.js";
