@@ -9,14 +9,13 @@ import { copyFileSync, readFileSync, writeFileSync } from "node:fs";
 import { join } from "node:path";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
 import { UserError } from "../src/errors.js";
-import { entriesOf, layTree } from "../src/image/lay.js";
+import { layTree } from "../src/image/lay.js";
 import { GPT_TYPES, parseDiskLayout, readDiskLayout, type DiskLayout } from "../src/image/partitions.js";
 import { ImageTreeView } from "../src/image/reader.js";
 import { findRoot } from "../src/image/root.js";
-import { readOverlay } from "../src/overlay/read.js";
 import type { Entry } from "../src/overlay/tree.js";
-import { fsck, haveDiskTools, makeDisk, makeRootTree, sh, type Fixture } from "./helpers/disk.js";
-import { readPub, removeDir, runCli, sshKeygen, tempDir, writeFleet } from "./helpers/workspace.js";
+import { cliOverlay, fsck, haveDiskTools, makeDisk, makeRootTree, sh, type Fixture } from "./helpers/disk.js";
+import { removeDir, tempDir } from "./helpers/workspace.js";
 
 const inCI = process.env.CI === "true" || process.env.CI === "1";
 const tools = haveDiskTools();
@@ -51,14 +50,7 @@ beforeAll(async () => {
   makeRootTree(rootTree);
   mbr = makeDisk(join(dir, "rpi-mbr.img"), rootTree);
   gpt = makeDisk(join(dir, "rpi-gpt.img"), rootTree, { scheme: "gpt" });
-  // A real overlay, as the CLI builds it for a Raspberry Pi.
-  sshKeygen(dir, "device_key");
-  const bk = readPub(sshKeygen(dir, "bastion_key"));
-  const fleet = writeFleet(dir, { eu: { host: "bastion-eu.example.com", hostKeys: [bk] } });
-  const r = runCli(["--config", fleet, "--json", "--board", "rpi4", "--bastion", "eu", "--out", join(dir, "out")], { cwd: dir, env: { SOURCE_DATE_EPOCH: String(EPOCH) } });
-  if (r.code !== 0) throw new Error(`mkoverlay build failed: ${r.stderr}`);
-  const built = JSON.parse(r.stdout) as { overlay: string };
-  overlay = entriesOf(await readOverlay(built.overlay), built.overlay);
+  overlay = (await cliOverlay(dir, EPOCH)).entries;
 }, 120_000);
 afterAll(() => removeDir(dir));
 

@@ -81,8 +81,10 @@ export function splitSections(stdout: string): string[][] {
  * temp dir the caller owns) or to a fresh one removed afterwards. `fakeTime` pins every time
  * e2fsprogs takes from the clock (new inodes, directory mtimes, the superblock's write time):
  * e2fsprogs 1.47.0 ignores SOURCE_DATE_EPOCH, and honours E2FSPROGS_FAKE_TIME unless it is 0.
+ * `undo` (a path that must not exist yet) makes debugfs log the old contents of every block it
+ * overwrites (see undo.ts). It prints a line about e2undo on stdout, not stderr.
  */
-export async function debugfs(spec: string, cmds: readonly string[], opts: { write?: boolean; fakeTime?: number; dir?: string } = {}): Promise<DebugfsRun> {
+export async function debugfs(spec: string, cmds: readonly string[], opts: { write?: boolean; fakeTime?: number; dir?: string; undo?: string } = {}): Promise<DebugfsRun> {
   const bin = findTool("debugfs");
   const dir = opts.dir ?? mkdtempSync(join(tmpdir(), "mkoverlay-debugfs-"));
   try {
@@ -90,7 +92,7 @@ export async function debugfs(spec: string, cmds: readonly string[], opts: { wri
     writeFileSync(file, cmds.join("\n") + "\n", { mode: 0o600 });
     const env: Record<string, string> = { DEBUGFS_PAGER: "__none__", PAGER: "cat", LC_ALL: "C" };
     if (opts.fakeTime !== undefined) env.E2FSPROGS_FAKE_TIME = String(Math.max(1, opts.fakeTime));
-    const r = await runTool(bin, [...(opts.write ? ["-w"] : []), "-f", file, spec], { env });
+    const r = await runTool(bin, [...(opts.write ? ["-w"] : []), ...(opts.undo ? ["-z", opts.undo] : []), "-f", file, spec], { env });
     const errors = debugfsErrors(r.stderr);
     if (r.code !== 0) errors.push(`debugfs exited with status ${r.code}`);
     return { sections: splitSections(r.stdout.toString("utf8")), errors };

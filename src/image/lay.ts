@@ -60,14 +60,24 @@ function checkNames(entries: readonly Entry[]): void {
 }
 
 /**
+ * What can be refused before anything is copied or written: names debugfs cannot take, a root
+ * file system debugfs must not write (superblock.ts), and too little room for the tree.
+ */
+export function preflight(root: RootFs, entries: readonly Entry[]): void {
+  checkNames(entries);
+  const sizes = entries.map((e) => ({ type: e.type, size: e.type === "file" ? e.content.length : e.type === "symlink" ? e.target.length : 0 }));
+  checkWritable(root.sb, root.where, roomFor(sizes, root.sb?.blockSize ?? 4096));
+}
+
+/**
  * Writes `entries` (Tree.list() order: parents first) into `root`. All times, and the times
  * e2fsprogs takes from the clock, are `epoch`, so the same base, tree and epoch give the same
- * bytes. Throws UserError before writing when the image cannot take the tree.
+ * bytes. Throws UserError before writing when the image cannot take the tree. `undo` asks
+ * debugfs for an undo log of what it overwrote (undo.ts: the bmap re-hashes only those blocks).
  */
-export async function layTree(root: RootFs, entries: readonly Entry[], epoch: number): Promise<LayResult> {
-  checkNames(entries);
-  checkWritable(root.sb, root.where, roomFor(entries.map((e) => ({ type: e.type, size: e.type === "file" ? e.content.length : e.type === "symlink" ? e.target.length : 0 })), root.sb?.blockSize ?? 4096));
-  const sb = root.sb;
+export async function layTree(root: RootFs, entries: readonly Entry[], epoch: number, opts: { undo?: string } = {}): Promise<LayResult> {
+  preflight(root, entries);
+  const sb = root.sb!;
   const view = new ImageTreeView(root);
   const listed = await view.list(entries.map((e) => posix.dirname(e.path)));
   const existing = (p: string): number | undefined => listed.get(posix.dirname(p))?.get(posix.basename(p))?.mode;
@@ -127,7 +137,7 @@ export async function layTree(root: RootFs, entries: readonly Entry[], epoch: nu
       });
     }
     if (/\s/.test(dir)) throw new UserError(`temp dir ${dir} has a blank in its path; set TMPDIR to a path without one`);
-    const r = await debugfs(e2Spec(root), cmds, { write: true, fakeTime: epoch, dir });
+    const r = await debugfs(e2Spec(root), cmds, { write: true, fakeTime: epoch, dir, ...(opts.undo ? { undo: opts.undo } : {}) });
     if (r.errors.length) {
       throw new UserError(`${root.where}: debugfs failed while laying the overlay: ${r.errors.slice(0, 3).join("; ")}`, { exitCode: 1 });
     }

@@ -6,7 +6,10 @@
  */
 import { chmodSync, mkdirSync, symlinkSync, writeFileSync } from "node:fs";
 import { dirname, join } from "node:path";
-import { run } from "./workspace.js";
+import { entriesOf } from "../../src/image/lay.js";
+import { readOverlay } from "../../src/overlay/read.js";
+import type { Entry } from "../../src/overlay/tree.js";
+import { readPub, run, runCli, sshKeygen, writeFleet } from "./workspace.js";
 
 export const SBIN_PATH = `${process.env.PATH ?? ""}:/usr/sbin:/sbin`;
 
@@ -95,4 +98,15 @@ export function makeDisk(path: string, rootTree: string, opts: { scheme?: "mbr" 
 export function fsck(fx: Pick<Fixture, "path" | "rootOffset">): { code: number; out: string } {
   const r = run("e2fsck", ["-fn", `${fx.path}?offset=${fx.rootOffset}`], { env: { PATH: SBIN_PATH } });
   return { code: r.code, out: r.stdout + r.stderr };
+}
+
+/** A real overlay, as the CLI builds it for a Raspberry Pi (bastion eu), read back as tree entries. */
+export async function cliOverlay(dir: string, epoch: number, hostKey?: string): Promise<{ entries: Entry[]; archive: string }> {
+  const priv = sshKeygen(dir, `bastion_key_${process.pid}_${Math.random().toString(36).slice(2, 8)}`);
+  const fleet = writeFleet(dir, { eu: { host: "bastion-eu.example.com", hostKeys: [readPub(priv)] } });
+  const args = ["--config", fleet, "--json", "--board", "rpi4", "--bastion", "eu", "--out", join(dir, "out"), ...(hostKey ? ["--host-key", hostKey] : [])];
+  const r = runCli(args, { cwd: dir, env: { SOURCE_DATE_EPOCH: String(epoch) } });
+  if (r.code !== 0) throw new Error(`mkoverlay build failed: ${r.stderr}`);
+  const archive = (JSON.parse(r.stdout) as { overlay: string }).overlay;
+  return { entries: entriesOf(await readOverlay(archive), archive), archive };
 }
