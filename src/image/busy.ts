@@ -84,24 +84,22 @@ export function checkNotInUse(target: string, mountinfo = read("/proc/self/mount
   } catch (e) {
     throw new UserError(`${target}: ${errnoCode(e) === "ENOENT" ? "no such file or device" : (e as Error).message}`);
   }
+  if (!st.isBlockDevice() && !st.isFile()) throw new UserError(`${target}: not an image file or a block device`);
   const devs = new Map<string, string>();
   if (st.isBlockDevice()) {
-    for (const [k, v] of deviceAndPartitions(`${Math.floor(st.rdev / 256) & 0xfff}:${(st.rdev & 0xff) | ((st.rdev >> 12) & 0xfff00)}`)) devs.set(k, v);
-  } else if (st.isFile()) {
-    const loops = loopDevicesOf(target);
-    for (const l of loops) {
-      const dev = read(`/sys/block/${l}/dev`);
-      if (dev) for (const [k, v] of deviceAndPartitions(dev)) devs.set(k, v);
-    }
-    const mounted = parseMountinfo(mountinfo).find((m) => devs.has(m.dev));
-    if (mounted) throw inUse(target, `mounted at ${mounted.mountPoint} through /dev/${devs.get(mounted.dev)}`);
-    if (loops.length) throw inUse(target, `attached to /dev/${loops.join(", /dev/")}`, `detach it first: losetup -d /dev/${loops[0]}`);
-    return;
-  } else {
-    throw new UserError(`${target}: not an image file or a block device`);
+    const major = Math.floor(st.rdev / 256) & 0xfff;
+    const minor = (st.rdev & 0xff) | ((st.rdev >> 12) & 0xfff00);
+    for (const [k, v] of deviceAndPartitions(`${major}:${minor}`)) devs.set(k, v);
+  }
+  // A loop device over the file or device (losetup, `mount -o loop,offset=…`) reaches it too.
+  const loops = loopDevicesOf(target);
+  for (const l of loops) {
+    const dev = read(`/sys/block/${l}/dev`);
+    if (dev) for (const [k, v] of deviceAndPartitions(dev)) devs.set(k, v);
   }
   const mounted = parseMountinfo(mountinfo).find((m) => devs.has(m.dev));
-  if (mounted) throw inUse(target, `/dev/${devs.get(mounted.dev)} is mounted at ${mounted.mountPoint}`);
+  if (mounted) throw inUse(target, `mounted at ${mounted.mountPoint} (through /dev/${devs.get(mounted.dev)})`);
+  if (loops.length) throw inUse(target, `attached to /dev/${loops.join(", /dev/")}`, `detach it first: losetup -d /dev/${loops[0]}`);
   for (const [dev, name] of devs) {
     const holders = safeList(`/sys/dev/block/${dev}/holders`);
     if (holders.length) throw inUse(target, `/dev/${name} is held by ${holders.join(", ")} (device mapper, RAID or LVM)`);
