@@ -211,6 +211,29 @@ describe.runIf(tools || inCI)("refusals: one clear message, nothing written", ()
     expect(shaFile(c.base)).toBe(before);
   });
 
+  it("a debugfs failure half-way through `write --image` is rolled back byte for byte; no temp files left", async () => {
+    const img = join(dir, "rollback.img");
+    copyFileSync(mbr.path, img);
+    const before = shaFile(img);
+    const tmp = join(dir, "tmpdir-rollback");
+    mkdirSync(tmp);
+    const saved = process.env.TMPDIR;
+    process.env.TMPDIR = tmp;
+    try {
+      // Passes every check before writing, then fails inside debugfs (a symlink target longer
+      // than a block), after the files before it were written.
+      const bad: Entry[] = [...overlay, { type: "symlink", path: "etc/zz-long-link", target: "a".repeat(5000) }];
+      const e = await refusal(writeIntoImage({ image: img, entries: bad, epoch: EPOCH }));
+      expect(e.message).toMatch(/partition 2: debugfs failed while laying the overlay: .*symlink.* \(changes rolled back with e2undo\)$/);
+      expect(e.exitCode).toBe(1);
+    } finally {
+      if (saved === undefined) delete process.env.TMPDIR;
+      else process.env.TMPDIR = saved;
+    }
+    expect(shaFile(img)).toBe(before);
+    expect(readdirSync(tmp)).toEqual([]); // the private dir (key copies, undo log) is gone
+  });
+
   it("reads /proc/self/mountinfo device numbers and mount points (blanks escaped)", () => {
     const m = parseMountinfo("36 35 7:0 / /mnt/my\\040card rw,relatime shared:1 - ext4 /dev/loop0p2 rw\n");
     expect(m).toEqual([{ dev: "7:0", mountPoint: "/mnt/my card" }]);

@@ -13,6 +13,7 @@ import { layTree } from "../src/image/lay.js";
 import { GPT_TYPES, parseDiskLayout, readDiskLayout, type DiskLayout } from "../src/image/partitions.js";
 import { ImageTreeView } from "../src/image/reader.js";
 import { findRoot } from "../src/image/root.js";
+import { checkWritable, INCOMPAT, parseSuperblock, RO_COMPAT, roomFor } from "../src/image/superblock.js";
 import type { Entry } from "../src/overlay/tree.js";
 import { cliOverlay, fsck, haveDiskTools, makeDisk, makeRootTree, sh, type Fixture } from "./helpers/disk.js";
 import { removeDir, tempDir } from "./helpers/workspace.js";
@@ -199,5 +200,39 @@ describe.runIf(tools || inCI)("laying an overlay into the root partition", () =>
     const e = await refusal(layTree(root, conflict, EPOCH));
     expect(e.message).toMatch(/conflicts with the image:\n {2}\/lib is a directory in the overlay but a symlink in the image/);
     expect(sha(readFileSync(img))).toBe(before);
+  });
+});
+
+describe.runIf(tools || inCI)("superblock checks (table-driven on the fixture's real superblock)", () => {
+  const sbOf = (mutate: (b: Buffer) => void) => {
+    const b = Buffer.from(readFileSync(mbr.path).subarray(mbr.rootOffset + 1024, mbr.rootOffset + 2048));
+    mutate(b);
+    return parseSuperblock(b);
+  };
+  it("reads pi-gen's ext4 as mke2fs made it", () => {
+    const sb = sbOf(() => undefined)!;
+    expect(sb).toMatchObject({ kind: "ext4", label: "rootfs", blockSize: 4096, inodeSize: 256, blocksCount: mbr.rootSize / 4096 });
+    expect(sb.incompat & INCOMPAT.bit64).toBe(0); // -O ^64bit
+    expect(sb.roCompat & RO_COMPAT.hugeFile).toBe(0); // -O ^huge_file
+    expect(sb.roCompat & RO_COMPAT.metadataCsum).not.toBe(0);
+    expect(() => checkWritable(sb, "x", { blocks: 10, inodes: 10 })).not.toThrow();
+  });
+  const cases: [string, (b: Buffer) => void, RegExp][] = [
+    ["no magic", (b) => b.writeUInt16LE(0, 56), /x: not an ext2\/3\/4 file system/],
+    ["needs_recovery", (b) => b.writeUInt32LE(b.readUInt32LE(96) | INCOMPAT.recover, 96), /x: the ext4 journal needs recovery/],
+    ["external journal", (b) => b.writeUInt32LE(b.readUInt32LE(96) | INCOMPAT.journalDev, 96), /x: is an external ext4 journal/],
+    ["errors recorded", (b) => b.writeUInt16LE(0x2, 58), /x: the kernel recorded errors/],
+    ["orphans", (b) => b.writeUInt32LE(b.readUInt32LE(100) | RO_COMPAT.orphanPresent, 100), /x: has orphan inodes/],
+    ["compression", (b) => b.writeUInt32LE(b.readUInt32LE(96) | INCOMPAT.compression, 96), /x: file system features e2fsprogs cannot write: compression/],
+    ["shared_blocks", (b) => b.writeUInt32LE(b.readUInt32LE(100) | RO_COMPAT.sharedBlocks, 100), /cannot write: sharedBlocks/],
+    ["unknown feature", (b) => b.writeUInt32LE(b.readUInt32LE(96) | 0x800000, 96), /cannot write: unknown 0x800000/],
+    ["no free blocks", (b) => b.writeUInt32LE(100, 12), /x: not enough room: 100 free blocks of 4096 bytes, the overlay needs about 10 \(\+256 kept free\)/],
+    ["no free inodes", (b) => b.writeUInt32LE(20, 16), /x: not enough free inodes: 20, the overlay needs 10 \(\+16 kept free\)/],
+  ];
+  it.each(cases)("refuses: %s", (_n, mutate, message) => {
+    expect(() => checkWritable(sbOf(mutate), "x", { blocks: 10, inodes: 10 })).toThrow(message);
+  });
+  it("estimates room from the tree: data blocks, directories, long symlinks", () => {
+    expect(roomFor([{ type: "file", size: 1 }, { type: "file", size: 8193 }, { type: "dir", size: 0 }, { type: "symlink", size: 9 }, { type: "symlink", size: 80 }], 4096)).toEqual({ blocks: 1 + 3 + 1 + 0 + 1, inodes: 5 });
   });
 });

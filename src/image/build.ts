@@ -10,7 +10,7 @@
  * not in use; a debugfs failure half-way is rolled back with e2undo.
  */
 import { createHash } from "node:crypto";
-import { existsSync, mkdtempSync, readFileSync, renameSync, rmSync, statSync } from "node:fs";
+import { closeSync, existsSync, fsyncSync, mkdtempSync, openSync, readFileSync, readSync, renameSync, rmSync, statSync, writeSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { UserError } from "../errors.js";
@@ -24,6 +24,7 @@ import { findTool, runTool } from "./debugfs.js";
 import { blocksOfBytes } from "./extents.js";
 import { layTree, preflight, type LayResult } from "./lay.js";
 import { findRoot, type RootFs } from "./root.js";
+import { SUPERBLOCK_OFFSET } from "./superblock.js";
 import { readUndoSpans } from "./undo.js";
 
 export interface ImageJob {
@@ -124,11 +125,18 @@ export async function baseBmap(base: string, cacheDir?: string): Promise<Bmap> {
   return map;
 }
 
-/** `write OVERLAY --image IMG`: lays the tree into an existing image in place. */
+/**
+ * `write OVERLAY --image IMG`: lays the tree into an existing image in place. If debugfs fails
+ * half-way, its undo log is replayed with e2undo. e2fsprogs 1.47.0 logs the primary superblock
+ * at the wrong place when the file system sits at an offset (undo.ts), so e2undo cannot restore
+ * it: its 1024 bytes are saved here first and written back after the replay.
+ */
 export async function writeIntoImage(opts: { image: string; entries: readonly Entry[]; epoch: number; rootPartition?: number }): Promise<LayResult> {
   checkNotInUse(opts.image);
   const root = findRoot(opts.image, rootOpt(opts.rootPartition));
   preflight(root, opts.entries);
+  const sbAt = root.offset + SUPERBLOCK_OFFSET;
+  const savedSb = readBytes(opts.image, sbAt, 1024);
   const priv = mkdtempSync(join(tmpdir(), "mkoverlay-write-"));
   const undo = join(priv, "undo.e2undo");
   try {
@@ -137,11 +145,38 @@ export async function writeIntoImage(opts: { image: string; entries: readonly En
     // Refusals happen before debugfs writes (no undo log then); anything later may have left
     // half a tree.
     if (!existsSync(undo) || statSync(undo).size === 0) throw e;
-    const r = await runTool(findTool("e2undo"), [undo, root.path + (root.offset ? `?offset=${root.offset}` : "")]).catch(() => undefined);
-    const rolled = r?.code === 0 ? " (changes rolled back with e2undo)" : " (the image may be half-written: restore it from the base)";
-    if (e instanceof UserError) throw new UserError(e.message + rolled, { exitCode: e.exitCode, ...(e.hint ? { hint: e.hint } : {}) });
+    // e2undo reads the offset from the log's header; it does not take `IMG?offset=`.
+    const r = await runTool(findTool("e2undo"), [undo, root.path]).catch(() => undefined);
+    let rolled = false;
+    if (r?.code === 0) {
+      writeBytes(opts.image, sbAt, savedSb);
+      rolled = true;
+    }
+    const note = rolled ? " (changes rolled back with e2undo)" : " (the image may be half-written: restore it from the base)";
+    if (e instanceof UserError) throw new UserError(e.message + note, { exitCode: e.exitCode, ...(e.hint ? { hint: e.hint } : {}) });
     throw e;
   } finally {
     rmSync(priv, { recursive: true, force: true });
+  }
+}
+
+function readBytes(path: string, pos: number, len: number): Buffer {
+  const fd = openSync(path, "r");
+  try {
+    const b = Buffer.alloc(len);
+    readSync(fd, b, 0, len, pos);
+    return b;
+  } finally {
+    closeSync(fd);
+  }
+}
+
+function writeBytes(path: string, pos: number, data: Buffer): void {
+  const fd = openSync(path, "r+");
+  try {
+    writeSync(fd, data, 0, data.length, pos);
+    fsyncSync(fd);
+  } finally {
+    closeSync(fd);
   }
 }

@@ -34,8 +34,9 @@ export async function copyImage(src: string, dst: string): Promise<CopyMethod> {
   // Created 0600 first: cp writes into an existing file and keeps its mode, so the copy is
   // never readable by others, not even before the key is in it.
   closeSync(openSync(dst, "wx", 0o600));
-  // --reflink=never: the clone was just tried.
-  const r = await runTool(cp, ["--sparse=always", "--reflink=never", "--", src, dst]);
+  // --reflink=auto, not never: it also lets cp use copy_file_range (an in-kernel copy) for the
+  // data; `never` forces read/write through user space, 3x slower here (7.0 s against 2.3 s).
+  const r = await runTool(cp, ["--sparse=always", "--reflink=auto", "--", src, dst]);
   if (r.code !== 0) {
     rmSync(dst, { force: true });
     const msg = r.stderr.trim().split("\n")[0] ?? `exit ${r.code}`;
