@@ -14,7 +14,9 @@ import { GPT_TYPES, parseDiskLayout, readDiskLayout, type DiskLayout } from "../
 import { ImageTreeView } from "../src/image/reader.js";
 import { findRoot } from "../src/image/root.js";
 import { checkWritable, INCOMPAT, parseSuperblock, RO_COMPAT, roomFor } from "../src/image/superblock.js";
-import type { Entry } from "../src/overlay/tree.js";
+import { readOverlay, type ReadEntry } from "../src/overlay/read.js";
+import { Tree, type Entry } from "../src/overlay/tree.js";
+import { viewOfMap, viewOfTree, type TreeView } from "../src/image/view.js";
 import { cliOverlay, fsck, haveDiskTools, makeDisk, makeRootTree, sh, type Fixture } from "./helpers/disk.js";
 import { removeDir, tempDir } from "./helpers/workspace.js";
 
@@ -26,6 +28,7 @@ const EPOCH = 1700000000;
 const dir = tempDir("mko-image-");
 let rootTree = "";
 let overlay: Entry[] = [];
+let archive = "";
 let mbr: Fixture;
 let gpt: Fixture;
 
@@ -51,7 +54,7 @@ beforeAll(async () => {
   makeRootTree(rootTree);
   mbr = makeDisk(join(dir, "rpi-mbr.img"), rootTree);
   gpt = makeDisk(join(dir, "rpi-gpt.img"), rootTree, { scheme: "gpt" });
-  overlay = (await cliOverlay(dir, EPOCH)).entries;
+  ({ entries: overlay, archive } = await cliOverlay(dir, EPOCH));
 }, 120_000);
 afterAll(() => removeDir(dir));
 
@@ -234,5 +237,34 @@ describe.runIf(tools || inCI)("superblock checks (table-driven on the fixture's 
   });
   it("estimates room from the tree: data blocks, directories, long symlinks", () => {
     expect(roomFor([{ type: "file", size: 1 }, { type: "file", size: 8193 }, { type: "dir", size: 0 }, { type: "symlink", size: 9 }, { type: "symlink", size: 80 }], 4096)).toEqual({ blocks: 1 + 3 + 1 + 0 + 1, inodes: 5 });
+  });
+});
+
+describe.runIf(tools || inCI)("one read-only view: built tree, archive and image agree", () => {
+  it("viewOfTree, viewOfMap(readOverlay) and ImageTreeView answer the same for every overlay path", async () => {
+    const tree = new Tree();
+    for (const e of overlay) {
+      if (e.type === "file") tree.file(e.path, e.content, e.mode);
+      else if (e.type === "dir") tree.dir(e.path, e.mode);
+      else tree.symlink(e.path, e.target);
+    }
+    const img = join(dir, "views.img");
+    copyFileSync(mbr.path, img);
+    await layTree(findRoot(img), overlay, EPOCH);
+    const views: [string, TreeView][] = [
+      ["tree", viewOfTree(tree)],
+      ["archive", viewOfMap(await readOverlay(archive))],
+      ["image", new ImageTreeView(findRoot(img))],
+    ];
+    const paths = overlay.filter((e) => e.type !== "dir").map((e) => e.path);
+    const answers = await Promise.all(views.map(async ([name, v]) => [name, await v.getMany(paths)] as const));
+    const pick = (e: ReadEntry | undefined) => e && { type: e.type, mode: e.mode, uid: e.uid, gid: e.gid, content: e.content?.toString("base64"), target: e.target };
+    for (const p of paths) {
+      const [first, ...rest] = answers.map(([, m]) => pick(m.get(p)));
+      expect(first, p).toBeDefined();
+      for (const r of rest) expect(r, p).toEqual(first);
+    }
+    expect(await views[2]![1].get("no/such/path")).toBeUndefined();
+    expect((await views[2]![1].get("/etc/hostname"))?.content?.toString()).toMatch(/^gw-/);
   });
 });
