@@ -268,3 +268,19 @@ describe.runIf(tools || inCI)("one read-only view: built tree, archive and image
     expect((await views[2]![1].get("/etc/hostname"))?.content?.toString()).toMatch(/^gw-/);
   });
 });
+
+describe.runIf(tools || inCI)("MBR logical partitions", () => {
+  it("follows the EBR chain: logical partitions numbered from 5, offsets as sfdisk reports them", () => {
+    const p = join(dir, "logical.img");
+    sh("truncate", ["-s", String(96 << 20), p]);
+    sh("sfdisk", ["-q", p], "label: dos\nlabel-id: 0x12345678\nstart=2048, size=16384, type=c\nstart=20480, type=5\nstart=22528, size=16384, type=83\nstart=40960, type=83\n");
+    const json = JSON.parse(sh("sfdisk", ["--json", p])) as { partitiontable: { partitions: { node: string; start: number; size: number }[] } };
+    const l = readDiskLayout(p).layout as DiskLayout;
+    const logical = l.partitions.filter((x) => x.number >= 5);
+    expect(logical.map((x) => [x.number, x.offset / 512, x.size / 512, x.partuuid])).toEqual(
+      json.partitiontable.partitions.filter((x) => /[5-9]$/.test(x.node)).map((x) => [Number(/(\d+)$/.exec(x.node)![1]), x.start, x.size, `12345678-0${/(\d+)$/.exec(x.node)![1]}`]),
+    );
+    sh("mke2fs", ["-q", "-t", "ext4", "-L", "rootfs", "-E", `offset=${22528 * 512}`, p, "8M"]);
+    expect(findRoot(p).partition?.number).toBe(5);
+  });
+});

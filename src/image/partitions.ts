@@ -136,14 +136,14 @@ export function parseDiskLayout(read: ReadAt, diskSize: number): DiskLayout {
     partuuid: `${diskId}-${number.toString().padStart(2, "0")}`,
   });
   for (const e of entries) {
-    if (EXTENDED.has(e.type)) parts.push(...logicalPartitions(read, e, diskId, mk));
+    if (EXTENDED.has(e.type)) parts.push(...logicalPartitions(read, e, mk));
     else parts.push(mk(e.slot, e.type, e.lbaStart, e.sectors));
   }
   return { scheme: "mbr", diskId, sectorSize: SECTOR, partitions: parts.sort((a, b) => a.number - b.number) };
 }
 
 /** Logical partitions: a chain of EBRs, each with one partition and a link to the next. */
-function logicalPartitions(read: ReadAt, ext: MbrEntry, _diskId: string, mk: (n: number, t: number, lba: number, s: number) => Partition): Partition[] {
+function logicalPartitions(read: ReadAt, ext: MbrEntry, mk: (n: number, t: number, lba: number, s: number) => Partition): Partition[] {
   const out: Partition[] = [];
   let ebr = ext.lbaStart;
   const seen = new Set<number>();
