@@ -1,0 +1,87 @@
+/**
+ * Writing a card (`write --device /dev/sdX [--base BASE.img]`): the device is opened O_EXCL
+ * and kept open to the end, so the kernel refuses a mount (or another exclusive writer) while we
+ * work; its mounts are checked first for a clear message. With a base, only the base's data
+ * ranges are written (what its bmap would map), then the overlay is laid with debugfs on the
+ * device at the root partition's offset, and read back.
+ */
+import { closeSync, constants, fstatSync, fsyncSync, openSync, readSync, writeSync } from "node:fs";
+import { errnoCode, UserError } from "../errors.js";
+import type { Entry } from "../overlay/tree.js";
+import { checkNotInUse } from "./busy.js";
+import { BLOCK, dataRanges } from "./extents.js";
+import { layTree, preflight, type LayResult } from "./lay.js";
+import { diskSize } from "./partitions.js";
+import { findRoot } from "./root.js";
+
+/** O_EXCL on a block device: EBUSY when mounted, or opened exclusively by someone else. */
+export function openExclusive(device: string): number {
+  try {
+    const fd = openSync(device, constants.O_RDWR | constants.O_EXCL);
+    if (!fstatSync(fd).isBlockDevice()) {
+      closeSync(fd);
+      throw new UserError(`--device ${device}: not a block device`, { hint: "for an image file use --image" });
+    }
+    return fd;
+  } catch (e) {
+    if (e instanceof UserError) throw e;
+    const code = errnoCode(e);
+    if (code === "EBUSY") throw new UserError(`--device ${device}: in use (mounted, or opened exclusively by another program)`, { hint: "unmount all its partitions first" });
+    if (code === "EACCES" || code === "EPERM") throw new UserError(`--device ${device}: permission denied`, { hint: "add yourself to group `disk` (then log in again), or run as root" });
+    if (code === "ENOENT") throw new UserError(`--device ${device}: no such device`);
+    throw new UserError(`--device ${device}: ${(e as Error).message}`);
+  }
+}
+
+/** Copies the data ranges of `base` to the device at the same offsets; returns bytes written. */
+export async function writeBase(base: string, fd: number, device: string): Promise<number> {
+  const src = openSync(base, "r");
+  try {
+    const size = fstatSync(src).size;
+    const room = diskSize(fd, device);
+    if (size > room) throw new UserError(`--base ${base}: ${size} bytes does not fit on ${device} (${room} bytes)`);
+    const buf = Buffer.allocUnsafe(8 << 20);
+    let written = 0;
+    for (const [a, b] of await dataRanges(base, size)) {
+      let pos = a * BLOCK;
+      const end = Math.min((b + 1) * BLOCK, size);
+      while (pos < end) {
+        const n = readSync(src, buf, 0, Math.min(buf.length, end - pos), pos);
+        if (n === 0) break;
+        let off = 0;
+        while (off < n) off += writeSync(fd, buf, off, n - off, pos + off);
+        pos += n;
+        written += n;
+      }
+    }
+    fsyncSync(fd);
+    return written;
+  } finally {
+    closeSync(src);
+  }
+}
+
+export interface DeviceResult extends LayResult {
+  baseBytes: number;
+}
+
+export async function writeDevice(opts: { device: string; base?: string; entries: readonly Entry[]; epoch: number; rootPartition?: number }): Promise<DeviceResult> {
+  // The base is checked before the card is touched: a bad base must not cost the card.
+  if (opts.base) preflight(findRoot(opts.base, rootOpt(opts.rootPartition)), opts.entries);
+  checkNotInUse(opts.device);
+  const fd = openExclusive(opts.device);
+  try {
+    // Without a base the card must already hold one: find its root before writing anything.
+    if (!opts.base) preflight(findRoot(opts.device, rootOpt(opts.rootPartition)), opts.entries);
+    const baseBytes = opts.base ? await writeBase(opts.base, fd, opts.device) : 0;
+    const root = findRoot(opts.device, rootOpt(opts.rootPartition));
+    const laid = await layTree(root, opts.entries, opts.epoch);
+    return { ...laid, baseBytes };
+  } finally {
+    closeSync(fd);
+  }
+}
+
+function rootOpt(n: number | undefined): { rootPartition?: number } {
+  return n === undefined ? {} : { rootPartition: n };
+}

@@ -1,0 +1,207 @@
+/**
+ * Lays an overlay tree into the ext* root file system of an image or card with debugfs: no
+ * mount, no root. Everything is decided before debugfs writes anything: what exists, type
+ * conflicts, room. Then one debugfs run writes it all and a read-back checks every entry.
+ *
+ * Same rules as src/overlay/apply.ts: files and symlinks replace what is there (rm first:
+ * debugfs's `write` refuses an existing name), existing directories keep their modes and owners
+ * (an overlay adds to an OS, it does not re-own /etc), and an entry whose type conflicts with
+ * the image (a directory where the image has a file or a symlink, a file where it has a
+ * directory) is refused, never replaced.
+ */
+import { createHash } from "node:crypto";
+import { mkdtempSync, rmSync, writeFileSync } from "node:fs";
+import { tmpdir } from "node:os";
+import { join, posix } from "node:path";
+import { UserError } from "../errors.js";
+import type { ReadEntry } from "../overlay/read.js";
+import type { Entry } from "../overlay/tree.js";
+import { debugfs, debugfsSafe } from "./debugfs.js";
+import { ImageTreeView } from "./reader.js";
+import { e2Spec, type RootFs } from "./root.js";
+import { checkWritable, roomFor } from "./superblock.js";
+
+export interface LayResult {
+  /** debugfs commands run (for logs and tests; never contains file contents). */
+  commands: number;
+  created: number;
+  replaced: number;
+  /** Existing directories left as they were. */
+  kept: number;
+}
+
+const TYPE_BITS = { file: 0o100000, dir: 0o040000, symlink: 0o120000 } as const;
+
+function kindName(mode: number): string {
+  switch (mode & 0o170000) {
+    case 0o040000:
+      return "directory";
+    case 0o100000:
+      return "file";
+    case 0o120000:
+      return "symlink";
+    default:
+      return "special file";
+  }
+}
+
+function checkNames(entries: readonly Entry[]): void {
+  const types = new Map(entries.map((e) => [e.path, e.type]));
+  for (const e of entries) {
+    const parent = posix.dirname(e.path);
+    if (parent !== "." && types.get(parent) !== "dir") throw new UserError(`overlay entry /${e.path}: its parent /${parent} is ${types.has(parent) ? `a ${types.get(parent)}` : "missing"} in the overlay`);
+    if (!debugfsSafe(e.path) || e.path.startsWith("/") || e.path.split("/").some((c) => c === ".." || c === "." || c === "")) {
+      throw new UserError(`overlay path ${JSON.stringify(e.path)} cannot be written into an image (blank, quote, control character or dot segment)`);
+    }
+    if (e.type === "symlink" && !debugfsSafe(e.target)) {
+      throw new UserError(`overlay symlink ${e.path}: target ${JSON.stringify(e.target)} cannot be written into an image (blank, quote or control character)`);
+    }
+  }
+}
+
+/**
+ * What can be refused before anything is copied or written: names debugfs cannot take, a root
+ * file system debugfs must not write (superblock.ts), and too little room for the tree.
+ */
+export function preflight(root: RootFs, entries: readonly Entry[]): void {
+  checkNames(entries);
+  const sizes = entries.map((e) => ({ type: e.type, size: e.type === "file" ? e.content.length : e.type === "symlink" ? e.target.length : 0 }));
+  checkWritable(root.sb, root.where, roomFor(sizes, root.sb?.blockSize ?? 4096));
+}
+
+/**
+ * Writes `entries` (Tree.list() order: parents first) into `root`. All times, and the times
+ * e2fsprogs takes from the clock, are `epoch`, so the same base, tree and epoch give the same
+ * bytes. Throws UserError before writing when the image cannot take the tree. `undo` asks
+ * debugfs for an undo log of what it overwrote (undo.ts: the bmap re-hashes only those blocks).
+ */
+export async function layTree(root: RootFs, entries: readonly Entry[], epoch: number, opts: { undo?: string } = {}): Promise<LayResult> {
+  preflight(root, entries);
+  const sb = root.sb!;
+  const view = new ImageTreeView(root);
+  const listed = await view.list(entries.map((e) => posix.dirname(e.path)));
+  const existing = (p: string): number | undefined => listed.get(posix.dirname(p))?.get(posix.basename(p))?.mode;
+
+  const dir = mkdtempSync(join(tmpdir(), "mkoverlay-lay-"));
+  try {
+    const cmds: string[] = [];
+    const result: LayResult = { commands: 0, created: 0, replaced: 0, kept: 0 };
+    const times = ["atime", "mtime", "ctime", ...(sb.inodeSize > 128 ? ["crtime"] : [])];
+    const finish = (p: string, mode: number): void => {
+      // The type bits must be in the value: `sif f mode 0644` leaves an inode e2fsck flags.
+      cmds.push(`sif /${p} mode 0${mode.toString(8)}`, `sif /${p} uid 0`, `sif /${p} gid 0`);
+      for (const t of times) cmds.push(`sif /${p} ${t} @${epoch}`);
+    };
+    const conflicts: string[] = [];
+    const keptDirs = new Set<string>();
+    let n = 0;
+    for (const e of entries) {
+      const have = existing(e.path);
+      const haveKind = have === undefined ? undefined : kindName(have);
+      if (e.type === "dir") {
+        if (haveKind === "directory") {
+          result.kept++;
+          keptDirs.add(e.path);
+          continue;
+        }
+        if (haveKind) {
+          conflicts.push(`/${e.path} is a directory in the overlay but a ${haveKind} in the image`);
+          continue;
+        }
+        cmds.push(`mkdir /${e.path}`);
+        finish(e.path, TYPE_BITS.dir | e.mode);
+        result.created++;
+        continue;
+      }
+      if (haveKind === "directory") {
+        conflicts.push(`/${e.path} is a ${e.type === "file" ? "file" : "symlink"} in the overlay but a directory in the image`);
+        continue;
+      }
+      if (haveKind) {
+        cmds.push(`rm /${e.path}`);
+        result.replaced++;
+      } else result.created++;
+      if (e.type === "file") {
+        const local = join(dir, `f${n++}`);
+        writeFileSync(local, e.content, { mode: 0o600 });
+        cmds.push(`write ${local} /${e.path}`);
+        finish(e.path, TYPE_BITS.file | e.mode);
+      } else {
+        cmds.push(`symlink /${e.path} ${e.target}`);
+        finish(e.path, TYPE_BITS.symlink | 0o777);
+      }
+    }
+    if (conflicts.length) {
+      throw new UserError(`${root.where}: the overlay conflicts with the image:\n  ${conflicts.join("\n  ")}`, {
+        hint: "an overlay only adds to an OS; fix the base image or the overlay layer that adds these paths",
+      });
+    }
+    if (/\s/.test(dir)) throw new UserError(`temp dir ${dir} has a blank in its path; set TMPDIR to a path without one`);
+    const r = await debugfs(e2Spec(root), cmds, { write: true, fakeTime: epoch, dir, ...(opts.undo ? { undo: opts.undo } : {}) });
+    if (r.errors.length) {
+      throw new UserError(`${root.where}: debugfs failed while laying the overlay: ${r.errors.slice(0, 3).join("; ")}`, { exitCode: 1 });
+    }
+    result.commands = cmds.length;
+    await verifyLaid(view, root, entries, keptDirs);
+    return result;
+  } finally {
+    // The private key passed through here.
+    rmSync(dir, { recursive: true, force: true });
+  }
+}
+
+/**
+ * Reads every entry back: type, mode, owner, content (by hash), symlink target. Directories
+ * that were already in the image (`keptDirs`) are only checked for being directories.
+ */
+export async function verifyLaid(view: ImageTreeView, root: RootFs, entries: readonly Entry[], keptDirs: ReadonlySet<string> = new Set()): Promise<void> {
+  const got = await view.getMany(entries.map((e) => e.path));
+  const problems: string[] = [];
+  const sha = (b: Buffer): string => createHash("sha256").update(b).digest("hex");
+  for (const e of entries) {
+    const g = got.get(e.path);
+    if (!g) {
+      problems.push(`/${e.path}: missing`);
+      continue;
+    }
+    if (g.type !== e.type) {
+      problems.push(`/${e.path}: ${g.type}, expected ${e.type}`);
+      continue;
+    }
+    if (keptDirs.has(e.path)) continue;
+    if (g.uid !== 0 || g.gid !== 0) problems.push(`/${e.path}: owner ${g.uid}:${g.gid}, expected 0:0`);
+    if (e.type !== "symlink" && g.mode !== e.mode) problems.push(`/${e.path}: mode ${g.mode.toString(8)}, expected ${e.mode.toString(8)}`);
+    if (e.type === "dir") continue;
+    if (e.type === "file") {
+      if (!g.content || sha(g.content) !== sha(e.content)) problems.push(`/${e.path}: content differs`);
+    } else if (g.target !== e.target) problems.push(`/${e.path}: points to ${g.target ?? "?"}, expected ${e.target}`);
+  }
+  if (problems.length) {
+    throw new UserError(`${root.where}: read-back after laying the overlay found ${problems.length} problem(s):\n  ${problems.slice(0, 10).join("\n  ")}`, { exitCode: 1 });
+  }
+}
+
+/**
+ * An overlay read back from an archive or folder (readOverlay) as tree entries, for laying it
+ * into an image (`write OVERLAY --image`). Owners are not carried: everything lands root:root.
+ * Anything but files, directories and symlinks is refused.
+ */
+export function entriesOf(map: ReadonlyMap<string, ReadEntry>, source: string): Entry[] {
+  const out: Entry[] = [];
+  for (const e of [...map.values()].sort((a, b) => (a.path < b.path ? -1 : a.path > b.path ? 1 : 0))) {
+    if (e.path === "" || e.path === ".") continue;
+    if (e.type === "file") out.push({ type: "file", path: e.path, mode: e.mode, content: e.content ?? Buffer.alloc(0) });
+    else if (e.type === "dir") out.push({ type: "dir", path: e.path, mode: e.mode });
+    else if (e.type === "symlink" && e.target !== undefined) out.push({ type: "symlink", path: e.path, target: e.target });
+    else throw new UserError(`${source}: ${e.path}: only files, directories and symlinks can be laid into an image`);
+  }
+  // Archives made by other tools may leave parents implied, as tar does; debugfs needs them.
+  const have = new Set(out.map((e) => e.path));
+  for (const e of [...out]) {
+    for (let d = posix.dirname(e.path); d !== "." && !have.has(d); d = posix.dirname(d)) {
+      have.add(d);
+      out.push({ type: "dir", path: d, mode: 0o755 });
+    }
+  }
+  return out.sort((a, b) => (a.path < b.path ? -1 : a.path > b.path ? 1 : 0));
+}

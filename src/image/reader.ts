@@ -1,0 +1,165 @@
+/**
+ * Reads entries out of the ext* root file system inside an image or card, without mounting:
+ * `ls -p` of the parent directories gives type, mode, owner and size; `stat` gives times and
+ * short symlink targets; `dump` copies file contents (and long symlink targets) into a private
+ * temp dir, removed before returning. Two debugfs runs per batch, whatever its size.
+ */
+import { mkdtempSync, readFileSync, rmSync } from "node:fs";
+import { tmpdir } from "node:os";
+import { join, posix } from "node:path";
+import { UserError } from "../errors.js";
+import type { ReadEntry } from "../overlay/read.js";
+import { debugfs, debugfsSafe } from "./debugfs.js";
+import { e2Spec, type RootFs } from "./root.js";
+import { normPath, type TreeView } from "./view.js";
+
+export interface ImageEntry extends ReadEntry {
+  size: number;
+  /** Seconds since the epoch, from the inode. */
+  atime: number;
+  mtime: number;
+  ctime: number;
+  /** Only on inodes large enough to hold it (256 bytes, as mke2fs makes them). */
+  crtime?: number;
+  /** Set when a file is larger than the content cap: `content` is then left out. */
+  truncated?: boolean;
+}
+
+interface Listed {
+  mode: number;
+  uid: number;
+  gid: number;
+  size: number;
+}
+
+function kind(mode: number): ReadEntry["type"] {
+  switch (mode & 0o170000) {
+    case 0o040000:
+      return "dir";
+    case 0o100000:
+      return "file";
+    case 0o120000:
+      return "symlink";
+    default:
+      return "other";
+  }
+}
+
+/** Errors that only mean "not there": a missing parent, or a parent that is not a directory. */
+const ABSENT = /File not found by ext2_lookup|Ext2 inode is not a directory|Ext2 file too big|Too many symbolic links/;
+
+/** `/ino/mode/uid/gid/name/size/` lines of `ls -p`; names cannot hold "/". */
+export function parseLsP(lines: readonly string[]): Map<string, Listed> {
+  const out = new Map<string, Listed>();
+  for (const line of lines) {
+    const f = line.split("/");
+    if (f.length !== 8 || f[0] !== "" || f[7] !== "") continue;
+    const name = f[5]!;
+    if (name === "." || name === "..") continue;
+    out.set(name, { mode: parseInt(f[2]!, 8), uid: Number(f[3]), gid: Number(f[4]), size: Number(f[6]) });
+  }
+  return out;
+}
+
+function timeField(lines: readonly string[], name: string): number | undefined {
+  const re = new RegExp(`^\\s*${name}: 0x([0-9a-f]+)`);
+  for (const l of lines) {
+    const m = re.exec(l);
+    if (m) return parseInt(m[1]!, 16);
+  }
+  return undefined;
+}
+
+export class ImageTreeView implements TreeView {
+  private readonly spec: string;
+
+  constructor(
+    readonly root: Pick<RootFs, "path" | "offset">,
+    private readonly opts: { maxContent?: number } = {},
+  ) {
+    this.spec = e2Spec(root);
+  }
+
+  async get(path: string): Promise<ImageEntry | undefined> {
+    return (await this.getMany([path])).get(normPath(path));
+  }
+
+  async getMany(paths: readonly string[]): Promise<Map<string, ImageEntry>> {
+    const want = [...new Set(paths.map(normPath).filter((p) => p !== ""))];
+    for (const p of want) if (!debugfsSafe(p)) throw new UserError(`cannot read ${JSON.stringify(p)} from an image: blank, quote or control character in the path`);
+    const listed = await this.list(want.map((p) => posix.dirname(p)));
+    const found = want.flatMap((p) => {
+      const l = listed.get(posix.dirname(p))?.get(posix.basename(p));
+      return l ? [{ path: p, ...l }] : [];
+    });
+    const out = new Map<string, ImageEntry>();
+    if (found.length === 0) return out;
+
+    const cap = this.opts.maxContent ?? 4 << 20;
+    const dir = mkdtempSync(join(tmpdir(), "mkoverlay-read-"));
+    try {
+      const cmds: string[] = [];
+      const dumps = new Map<string, string>();
+      found.forEach((e, i) => {
+        cmds.push(`stat /${e.path}`);
+        const t = kind(e.mode);
+        // Long symlink targets live in a data block; `dump` reads it like file content.
+        if ((t === "file" && e.size <= cap) || (t === "symlink" && e.size >= 60)) {
+          const local = join(dir, `d${i}`);
+          dumps.set(e.path, local);
+          cmds.push(`dump /${e.path} ${local}`);
+        }
+      });
+      const r = await debugfs(this.spec, cmds, { dir });
+      if (r.errors.length) throw new UserError(`${this.root.path}: debugfs could not read the root file system: ${r.errors[0]}`);
+      const stats = r.sections.filter((_, i) => cmds[i]!.startsWith("stat "));
+      found.forEach((e, i) => {
+        const st = stats[i] ?? [];
+        const t = kind(e.mode);
+        const entry: ImageEntry = {
+          path: e.path,
+          type: t,
+          mode: e.mode & 0o7777,
+          uid: e.uid,
+          gid: e.gid,
+          size: e.size,
+          atime: timeField(st, "atime") ?? -1,
+          mtime: timeField(st, "mtime") ?? -1,
+          ctime: timeField(st, "ctime") ?? -1,
+        };
+        const cr = timeField(st, "crtime");
+        if (cr !== undefined) entry.crtime = cr;
+        const local = dumps.get(e.path);
+        if (t === "file") {
+          if (local) entry.content = readFileSync(local);
+          else entry.truncated = true;
+        } else if (t === "symlink") {
+          if (local) entry.target = readFileSync(local).subarray(0, e.size).toString("utf8");
+          else {
+            const m = st.map((l) => /Fast link dest: "(.*)"$/.exec(l)).find(Boolean);
+            if (m) entry.target = m[1]!;
+          }
+        }
+        out.set(e.path, entry);
+      });
+      return out;
+    } finally {
+      rmSync(dir, { recursive: true, force: true });
+    }
+  }
+
+  /** `ls -p DIR/.` for each directory: "/." makes debugfs follow a symlinked directory, as the kernel would. */
+  async list(dirs: readonly string[]): Promise<Map<string, Map<string, Listed>>> {
+    const uniq = [...new Set(dirs.map((d) => (d === "." ? "" : normPath(d))))];
+    const out = new Map<string, Map<string, Listed>>();
+    if (uniq.length === 0) return out;
+    const r = await debugfs(
+      this.spec,
+      uniq.map((d) => `ls -p /${d ? `${d}/` : ""}.`),
+    );
+    const real = r.errors.filter((l) => !ABSENT.test(l));
+    if (real.length) throw new UserError(`${this.root.path}: debugfs could not read the root file system: ${real[0]}`, { hint: "is this an ext2/3/4 file system? try e2fsck -fn on it" });
+    uniq.forEach((d, i) => out.set(d === "" ? "." : d, parseLsP(r.sections[i] ?? [])));
+    return out;
+  }
+}

@@ -1,0 +1,106 @@
+/**
+ * Finds the root file system of a disk image or card: `--root-partition N`, else the partition
+ * typed and labelled as a root (GPT root type, or Linux type with name/label `rootfs`/`root`, as
+ * pi-gen and most board images do), else the last Linux partition holding ext2/3/4.
+ *
+ * A file that is itself an ext2/3/4 file system (no partition table) is accepted as a
+ * partition-less image at offset 0: the boot harness and image builders (genimage, `mke2fs -d`)
+ * produce those, and refusing them would buy nothing. Anything else is "not a disk image".
+ */
+import { closeSync, openSync, readSync } from "node:fs";
+import { errnoCode, UserError } from "../errors.js";
+import { isLinuxType, isRootType, NotADiskImage, readDiskLayout, type DiskLayout, type Partition } from "./partitions.js";
+import { parseSuperblock, SUPERBLOCK_OFFSET, type Superblock } from "./superblock.js";
+
+export interface RootFs {
+  /** The image file or block device. */
+  path: string;
+  layout: DiskLayout;
+  /** undefined for a partition-less image. */
+  partition: Partition | undefined;
+  /** Byte offset of the file system: what e2fsprogs gets as `?offset=`. */
+  offset: number;
+  size: number;
+  /** undefined when the chosen partition holds no ext* (checkWritable then says so). */
+  sb: Superblock | undefined;
+  /** "disk.img partition 2" or "disk.img": how messages name it. */
+  where: string;
+}
+
+const ROOT_NAMES = new Set(["rootfs", "root"]);
+
+function readAt(fd: number, pos: number, len: number): Buffer {
+  const b = Buffer.alloc(len);
+  let got = 0;
+  while (got < len) {
+    const n = readSync(fd, b, got, len - got, pos + got);
+    if (n === 0) break;
+    got += n;
+  }
+  return b.subarray(0, got);
+}
+
+/** `e2fsprogs` spelling of a file system inside a disk: `IMG?offset=BYTES`. */
+export function e2Spec(root: Pick<RootFs, "path" | "offset">): string {
+  return root.offset === 0 ? root.path : `${root.path}?offset=${root.offset}`;
+}
+
+export function findRoot(path: string, opts: { rootPartition?: number } = {}): RootFs {
+  let fd: number;
+  try {
+    fd = openSync(path, "r");
+  } catch (e) {
+    const code = errnoCode(e);
+    throw new UserError(`${path}: ${code === "ENOENT" ? "no such file" : code === "EACCES" ? "permission denied" : (e as Error).message}`, {
+      hint: code === "EACCES" ? "a card needs membership of group `disk`; an image file must be readable by you" : undefined,
+    });
+  }
+  try {
+    const { layout, size } = readDiskLayout(path, fd);
+    const sbAt = (offset: number): Superblock | undefined => parseSuperblock(readAt(fd, offset + SUPERBLOCK_OFFSET, 1024));
+    if (layout instanceof NotADiskImage) {
+      const sb = sbAt(0);
+      if (sb && opts.rootPartition === undefined) {
+        return { path, layout: { scheme: "none", diskId: "", sectorSize: 512, partitions: [] }, partition: undefined, offset: 0, size, sb, where: path };
+      }
+      throw new UserError(`${path}: not a disk image (${layout.message})`, {
+        hint: sb ? "it is a bare ext file system: drop --root-partition" : "give a whole-disk image (MBR or GPT), such as a Raspberry Pi OS .img",
+      });
+    }
+    for (const p of layout.partitions) {
+      if (p.offset + p.size > size) {
+        throw new UserError(`${path}: partition ${p.number} ends at byte ${p.offset + p.size}, beyond the end of the ${size}-byte ${layout.scheme === "gpt" ? "GPT" : "MBR"} disk`, {
+          hint: "the image is truncated, or was cut short while downloading or decompressing",
+        });
+      }
+    }
+    const part = choose(path, layout, sbAt, opts.rootPartition);
+    return { path, layout, partition: part, offset: part.offset, size: part.size, sb: sbAt(part.offset), where: `${path} partition ${part.number}` };
+  } finally {
+    closeSync(fd);
+  }
+}
+
+function choose(path: string, layout: DiskLayout, sbAt: (o: number) => Superblock | undefined, wanted?: number): Partition {
+  const parts = layout.partitions;
+  const list = parts.map((p) => `${p.number} (${p.type}${p.name ? ` "${p.name}"` : ""})`).join(", ");
+  if (wanted !== undefined) {
+    const p = parts.find((x) => x.number === wanted);
+    if (!p) throw new UserError(`--root-partition ${wanted}: ${path} has no partition ${wanted}`, { hint: `its partitions: ${list || "none"}` });
+    return p;
+  }
+  const linux = parts.filter(isLinuxType);
+  const labelled = linux.filter((p) => {
+    if (isRootType(p)) return true;
+    const label = p.name || sbAt(p.offset)?.label || "";
+    return ROOT_NAMES.has(label.toLowerCase());
+  });
+  if (labelled.length === 1) return labelled[0]!;
+  if (labelled.length > 1) {
+    throw new UserError(`${path}: more than one root partition (${labelled.map((p) => p.number).join(", ")})`, { hint: "choose one with --root-partition N" });
+  }
+  const withExt = linux.filter((p) => sbAt(p.offset) !== undefined);
+  const last = withExt[withExt.length - 1];
+  if (last) return last;
+  throw new UserError(`${path}: no Linux partition holding an ext2/3/4 file system`, { hint: `its partitions: ${list || "none"}; choose one with --root-partition N` });
+}
