@@ -42,7 +42,7 @@ writeFileSync(
   [
     `export { buildImage, baseBmap, writeIntoImage } from ${JSON.stringify(join(ROOT, "src/image/build.ts"))};`,
     `export { entriesOf } from ${JSON.stringify(join(ROOT, "src/image/lay.ts"))};`,
-    `export { readOverlay } from ${JSON.stringify(join(ROOT, "src/overlay/read.ts"))};`,
+    `export { openOverlay } from ${JSON.stringify(join(ROOT, "src/overlay/read.ts"))};`,
   ].join("\n"),
 );
 await build({
@@ -91,7 +91,7 @@ sh("ssh-keygen", ["-q", "-t", "ed25519", "-N", "", "-f", join(fleetDir, "bastion
 const pub = readFileSync(join(fleetDir, "bastion.pub"), "utf8").trim();
 writeFileSync(join(fleetDir, "mkoverlay.yaml"), `registry: ./registry.db\nhostname: gw-{seq:05}\nports:\n  ssh: 30000-39999\n  services: 40000-49999\noperators: none\nbastions:\n  eu:\n    host: bastion-eu.example.com\n    hostKeys:\n      - ${pub}\n`);
 const built = JSON.parse(sh(process.execPath, [join(ROOT, "bin/mkoverlay"), "--config", join(fleetDir, "mkoverlay.yaml"), "--json", "--board", "rpi4", "--bastion", "eu", "--out", join(fleetDir, "out")], { cwd: fleetDir }));
-const entries = lib.entriesOf(await lib.readOverlay(built.overlay), built.overlay);
+const entries = await lib.entriesOf(await lib.openOverlay(built.overlay), built.overlay);
 const EPOCH = 1700000000;
 
 // ---- measurements ------------------------------------------------------------------------

@@ -309,9 +309,9 @@ describe.runIf((tools || inCI) && isRoot && slow)("[slow] loop devices (root onl
         entry,
         `import { buildImage, baseBmap } from ${JSON.stringify(join(REPO, "src/image/build.ts"))};
 import { entriesOf } from ${JSON.stringify(join(REPO, "src/image/lay.ts"))};
-import { readOverlay } from ${JSON.stringify(join(REPO, "src/overlay/read.ts"))};
+import { openOverlay } from ${JSON.stringify(join(REPO, "src/overlay/read.ts"))};
 const [base, archive, out] = process.argv.slice(2);
-const entries = entriesOf(await readOverlay(archive), archive);
+const entries = await entriesOf(await openOverlay(archive), archive);
 const r = await buildImage({ base, image: out, entries, epoch: ${EPOCH}, baseMap: await baseBmap(base) });
 console.log(JSON.stringify({ uid: process.getuid(), image: r.image }));
 `,

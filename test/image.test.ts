@@ -14,9 +14,9 @@ import { GPT_TYPES, parseDiskLayout, readDiskLayout, type DiskLayout } from "../
 import { ImageTreeView } from "../src/image/reader.js";
 import { findRoot } from "../src/image/root.js";
 import { checkWritable, INCOMPAT, parseSuperblock, RO_COMPAT, roomFor } from "../src/image/superblock.js";
-import { readOverlay, type ReadEntry } from "../src/overlay/read.js";
+import { openOverlay } from "../src/overlay/read.js";
 import { Tree, type Entry } from "../src/overlay/tree.js";
-import { viewOfMap, viewOfTree, type TreeView } from "../src/image/view.js";
+import { getMany, treeView, type TreeView, type ViewEntry } from "../src/overlay/view.js";
 import { cliOverlay, fsck, haveDiskTools, makeDisk, makeRootTree, sh, type Fixture } from "./helpers/disk.js";
 import { removeDir, tempDir } from "./helpers/workspace.js";
 
@@ -241,7 +241,7 @@ describe.runIf(tools || inCI)("superblock checks (table-driven on the fixture's 
 });
 
 describe.runIf(tools || inCI)("one read-only view: built tree, archive and image agree", () => {
-  it("viewOfTree, viewOfMap(readOverlay) and ImageTreeView answer the same for every overlay path", async () => {
+  it("treeView, openOverlay (archive) and ImageTreeView answer the same for every overlay path", async () => {
     const tree = new Tree();
     for (const e of overlay) {
       if (e.type === "file") tree.file(e.path, e.content, e.mode);
@@ -252,13 +252,13 @@ describe.runIf(tools || inCI)("one read-only view: built tree, archive and image
     copyFileSync(mbr.path, img);
     await layTree(findRoot(img), overlay, EPOCH);
     const views: [string, TreeView][] = [
-      ["tree", viewOfTree(tree)],
-      ["archive", viewOfMap(await readOverlay(archive))],
+      ["tree", treeView(tree)],
+      ["archive", await openOverlay(archive)],
       ["image", new ImageTreeView(findRoot(img))],
     ];
     const paths = overlay.filter((e) => e.type !== "dir").map((e) => e.path);
-    const answers = await Promise.all(views.map(async ([name, v]) => [name, await v.getMany(paths)] as const));
-    const pick = (e: ReadEntry | undefined) => e && { type: e.type, mode: e.mode, uid: e.uid, gid: e.gid, content: e.content?.toString("base64"), target: e.target };
+    const answers = await Promise.all(views.map(async ([name, v]) => [name, await getMany(v, paths)] as const));
+    const pick = (e: ViewEntry | undefined) => e && { type: e.type, mode: e.mode, uid: e.uid, gid: e.gid, content: e.content?.toString("base64"), target: e.target };
     for (const p of paths) {
       const [first, ...rest] = answers.map(([, m]) => pick(m.get(p)));
       expect(first, p).toBeDefined();

@@ -87,7 +87,7 @@ export async function buildImage(job: ImageJob): Promise<ImageResult> {
       renameSync(tmp, job.image);
     }
     // 0600 like the image: it is derived from blocks that hold the key.
-    writeFileAtomic(bmapPath, renderBmap(map), 0o600);
+    writeFileAtomic(bmapPath, renderBmap(map), { mode: 0o600 });
     return { image: final, bmap: bmapPath, root: { ...root, path: job.image }, copy, laid, ms };
   } catch (e) {
     rmSync(tmp, { force: true });
@@ -117,7 +117,7 @@ export async function baseBmap(base: string, cacheDir?: string): Promise<Bmap> {
   const map = await scanBmap(base);
   if (cached) {
     try {
-      writeFileAtomic(cached, renderBmap(map), 0o644, undefined, { durable: false });
+      writeFileAtomic(cached, renderBmap(map), { mode: 0o644, durable: false });
     } catch {
       // a cache that cannot be written only costs time
     }

@@ -14,7 +14,7 @@ import { mkdtempSync, rmSync, writeFileSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join, posix } from "node:path";
 import { UserError } from "../errors.js";
-import type { ReadEntry } from "../overlay/read.js";
+import type { TreeView } from "../overlay/view.js";
 import type { Entry } from "../overlay/tree.js";
 import { debugfs, debugfsSafe } from "./debugfs.js";
 import { ImageTreeView } from "./reader.js";
@@ -79,7 +79,7 @@ export async function layTree(root: RootFs, entries: readonly Entry[], epoch: nu
   preflight(root, entries);
   const sb = root.sb!;
   const view = new ImageTreeView(root);
-  const listed = await view.list(entries.map((e) => posix.dirname(e.path)));
+  const listed = await view.listDirs(entries.map((e) => posix.dirname(e.path)));
   const existing = (p: string): number | undefined => listed.get(posix.dirname(p))?.get(posix.basename(p))?.mode;
 
   const dir = mkdtempSync(join(tmpdir(), "mkoverlay-lay-"));
@@ -182,15 +182,18 @@ export async function verifyLaid(view: ImageTreeView, root: RootFs, entries: rea
 }
 
 /**
- * An overlay read back from an archive or folder (readOverlay) as tree entries, for laying it
- * into an image (`write OVERLAY --image`). Owners are not carried: everything lands root:root.
- * Anything but files, directories and symlinks is refused.
+ * An overlay read back from an archive or folder (overlay/read.ts `openOverlay`) as tree
+ * entries, for laying it into an image (`write OVERLAY --image`). Owners are not carried:
+ * everything lands root:root. Anything but files, directories and symlinks is refused.
  */
-export function entriesOf(map: ReadonlyMap<string, ReadEntry>, source: string): Entry[] {
+export async function entriesOf(view: TreeView, source: string): Promise<Entry[]> {
+  if (!view.list) throw new UserError(`${source}: not an overlay archive or folder`);
   const out: Entry[] = [];
-  for (const e of [...map.values()].sort((a, b) => (a.path < b.path ? -1 : a.path > b.path ? 1 : 0))) {
+  for (const e of (await view.list()).sort((a, b) => (a.path < b.path ? -1 : a.path > b.path ? 1 : 0))) {
     if (e.path === "" || e.path === ".") continue;
-    if (e.type === "file") out.push({ type: "file", path: e.path, mode: e.mode, content: e.content ?? Buffer.alloc(0) });
+    const content = e.type === "file" ? (e.content ?? (await view.get(e.path))?.content) : undefined;
+    if (e.type === "file" && content === undefined) throw new UserError(`${source}: ${e.path}: cannot be read (larger than an overlay's files are?)`);
+    if (e.type === "file") out.push({ type: "file", path: e.path, mode: e.mode, content: content! });
     else if (e.type === "dir") out.push({ type: "dir", path: e.path, mode: e.mode });
     else if (e.type === "symlink" && e.target !== undefined) out.push({ type: "symlink", path: e.path, target: e.target });
     else throw new UserError(`${source}: ${e.path}: only files, directories and symlinks can be laid into an image`);

@@ -8,12 +8,11 @@ import { mkdtempSync, readFileSync, rmSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join, posix } from "node:path";
 import { UserError } from "../errors.js";
-import type { ReadEntry } from "../overlay/read.js";
 import { debugfs, debugfsSafe } from "./debugfs.js";
 import { e2Spec, type RootFs } from "./root.js";
-import { normPath, type TreeView } from "./view.js";
+import { normPath, type TreeView, type ViewEntry } from "../overlay/view.js";
 
-export interface ImageEntry extends ReadEntry {
+export interface ImageEntry extends ViewEntry {
   size: number;
   /** Seconds since the epoch, from the inode. */
   atime: number;
@@ -32,7 +31,7 @@ interface Listed {
   size: number;
 }
 
-function kind(mode: number): ReadEntry["type"] {
+function kind(mode: number): ViewEntry["type"] {
   switch (mode & 0o170000) {
     case 0o040000:
       return "dir";
@@ -72,6 +71,12 @@ function timeField(lines: readonly string[], name: string): number | undefined {
 
 export class ImageTreeView implements TreeView {
   private readonly spec: string;
+  /** A root file system: entries besides the overlay's are the OS's. */
+  readonly isRoot = true;
+
+  get where(): string {
+    return this.root.path;
+  }
 
   constructor(
     readonly root: Pick<RootFs, "path" | "offset">,
@@ -87,7 +92,7 @@ export class ImageTreeView implements TreeView {
   async getMany(paths: readonly string[]): Promise<Map<string, ImageEntry>> {
     const want = [...new Set(paths.map(normPath).filter((p) => p !== ""))];
     for (const p of want) if (!debugfsSafe(p)) throw new UserError(`cannot read ${JSON.stringify(p)} from an image: blank, quote or control character in the path`);
-    const listed = await this.list(want.map((p) => posix.dirname(p)));
+    const listed = await this.listDirs(want.map((p) => posix.dirname(p)));
     const found = want.flatMap((p) => {
       const l = listed.get(posix.dirname(p))?.get(posix.basename(p));
       return l ? [{ path: p, ...l }] : [];
@@ -149,7 +154,8 @@ export class ImageTreeView implements TreeView {
   }
 
   /** `ls -p DIR/.` for each directory: "/." makes debugfs follow a symlinked directory, as the kernel would. */
-  async list(dirs: readonly string[]): Promise<Map<string, Map<string, Listed>>> {
+  /** `ls -p` of each directory: name → mode, owner, size. */
+  async listDirs(dirs: readonly string[]): Promise<Map<string, Map<string, Listed>>> {
     const uniq = [...new Set(dirs.map((d) => (d === "." ? "" : normPath(d))))];
     const out = new Map<string, Map<string, Listed>>();
     if (uniq.length === 0) return out;

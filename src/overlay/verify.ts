@@ -10,7 +10,7 @@ import * as P from "./paths.js";
 import { STEPS, type DeviceSpec } from "./steps.js";
 import type { Entry } from "./tree.js";
 import { Tree } from "./tree.js";
-import type { TreeView, ViewEntry } from "./view.js";
+import { getMany, type TreeView, type ViewEntry } from "./view.js";
 
 export interface Check {
   ok: boolean;
@@ -62,16 +62,17 @@ function differences(want: Entry, got: ViewEntry | undefined, isRoot: boolean): 
  */
 export async function checkAgainstBuild(view: TreeView, spec: DeviceSpec): Promise<Check[]> {
   const checks: Check[] = [];
-  const built = new Set<string>();
-  for (const step of STEPS) {
+  const steps = STEPS.map((step) => {
     const tree = new Tree();
     step.build(tree, spec);
-    const entries = tree.list();
+    return { step, tree, entries: tree.list() };
+  });
+  const built = new Set(steps.flatMap((s) => s.entries.map((e) => e.path)));
+  // One read for every path (an image answers them in one debugfs run).
+  const got = await getMany(view, [...built]);
+  for (const { step, tree, entries } of steps) {
     const problems: string[] = [];
-    for (const e of entries) {
-      built.add(e.path);
-      problems.push(...differences(e, await view.get(e.path), view.isRoot));
-    }
+    for (const e of entries) problems.push(...differences(e, got.get(e.path), view.isRoot));
     problems.push(...(step.check?.(tree, spec) ?? []));
     if (problems.length === 0) checks.push({ ok: true, what: `${step.name}: ${entries.length} entries as built` });
     for (const p of [...new Set(problems)]) checks.push({ ok: false, what: `${step.name}: ${p}` });

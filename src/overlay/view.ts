@@ -27,8 +27,26 @@ export interface TreeView {
    */
   readonly isRoot: boolean;
   get(path: string): Promise<ViewEntry | undefined>;
+  /** Many paths at once, for views that pay per call (an image: a debugfs run). Absent paths are left out. */
+  getMany?(paths: readonly string[]): Promise<Map<string, ViewEntry>>;
   /** Every entry, for views that hold an overlay alone (archive, folder). */
   list?(): Promise<ViewEntry[]>;
+}
+
+/** `/etc/hostname/` → `etc/hostname` */
+export function normPath(p: string): string {
+  return p.replace(/^\/+/, "").replace(/\/+$/, "");
+}
+
+/** Many paths from any view: in one call where the view can, else one by one. */
+export async function getMany(view: TreeView, paths: readonly string[]): Promise<Map<string, ViewEntry>> {
+  if (view.getMany) return view.getMany(paths);
+  const out = new Map<string, ViewEntry>();
+  for (const p of paths) {
+    const e = await view.get(normPath(p));
+    if (e) out.set(normPath(p), e);
+  }
+  return out;
 }
 
 /** Files an overlay ships are small: a view refuses anything larger as "not an overlay". */

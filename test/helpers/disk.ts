@@ -7,7 +7,7 @@
 import { chmodSync, mkdirSync, symlinkSync, writeFileSync } from "node:fs";
 import { dirname, join } from "node:path";
 import { entriesOf } from "../../src/image/lay.js";
-import { readOverlay } from "../../src/overlay/read.js";
+import { openOverlay } from "../../src/overlay/read.js";
 import type { Entry } from "../../src/overlay/tree.js";
 import { readPub, run, runCli, sshKeygen, writeFleet } from "./workspace.js";
 
@@ -108,5 +108,5 @@ export async function cliOverlay(dir: string, epoch: number, hostKey?: string): 
   const r = runCli(args, { cwd: dir, env: { SOURCE_DATE_EPOCH: String(epoch) } });
   if (r.code !== 0) throw new Error(`mkoverlay build failed: ${r.stderr}`);
   const archive = (JSON.parse(r.stdout) as { overlay: string }).overlay;
-  return { entries: entriesOf(await readOverlay(archive), archive), archive };
+  return { entries: await entriesOf(await openOverlay(archive), archive), archive };
 }
