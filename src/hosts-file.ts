@@ -18,8 +18,26 @@ export interface HostRow {
   /** Line of the file the row ends on (1-based). */
   line: number;
   hostname: string;
-  /** The row's other columns, by header name (empty for a plain list). */
+  /** The row's other, non-empty columns, by attribute name (empty for a plain list). */
   fields: Record<string, string>;
+}
+
+/** A header name as a device attribute name: `Serial Number` → `serial_number`. */
+export function attributeName(header: string): string {
+  return header.trim().toLowerCase().replace(/[\s-]+/g, "_");
+}
+
+/** What is wrong with a column name as an attribute name, if anything. */
+export function attributeNameProblem(name: string): string | undefined {
+  return /^[a-z][a-z0-9_.]{0,31}$/.test(name) ? undefined : "is not a usable name (a letter, then letters, digits, '_' or '.', at most 32)";
+}
+
+/** What is wrong with an attribute value, if anything (they are stored and printed). */
+export function attributeProblem(name: string, value: string): string | undefined {
+  // eslint-disable-next-line no-control-regex -- rejecting control characters is the point
+  if (/[\x00-\x1f\x7f]/.test(value)) return `${name}: the value has a control character`;
+  if (value.length > 256) return `${name}: the value is ${value.length} characters long (at most 256)`;
+  return undefined;
 }
 
 interface Parsed {
@@ -74,8 +92,10 @@ export function readHostRows(file: string): HostRow[] {
     names = first.record;
     const seen = new Set<string>();
     header.forEach((h, i) => {
+      const bad = attributeNameProblem(attributeName(h));
       if (h === "") problems.push(`${file}:${first.info.lines}: column ${i + 1} of the header has no name`);
       else if (seen.has(h)) problems.push(`${file}:${first.info.lines}: column '${first.record[i]}' appears twice in the header`);
+      else if (i !== col && bad) problems.push(`${file}:${first.info.lines}: column '${first.record[i]}' ${bad}`);
       seen.add(h);
     });
     body = records.slice(1);
@@ -114,14 +134,22 @@ export function readHostRows(file: string): HostRow[] {
     }
     where.set(hostname, info.lines);
     const fields: Record<string, string> = {};
-    if (col >= 0) names.forEach((n, i) => i !== col && (fields[n] = record[i]!));
+    const bad: string[] = [];
+    if (col >= 0) {
+      names.forEach((n, i) => {
+        if (i === col || record[i] === "" || attributeNameProblem(attributeName(n))) return;
+        const name = attributeName(n);
+        const p2 = attributeProblem(name, record[i]!);
+        if (p2) bad.push(p2);
+        else fields[name] = record[i]!;
+      });
+    }
+    if (bad.length > 0) {
+      problems.push(`${at}: ${bad.join("; ")}`);
+      continue;
+    }
     rows.push({ line: info.lines, hostname, fields });
   }
   if (problems.length > 0) throw new UserErrors(problems, "fix these rows and run again; nothing was reserved");
   return rows;
-}
-
-/** The hostnames of a hosts file, in file order (see readHostRows). */
-export function readHostsFile(file: string): string[] {
-  return readHostRows(file).map((r) => r.hostname);
 }

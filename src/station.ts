@@ -109,6 +109,8 @@ export interface DeviceRequest {
   bastions: Bastion[];
   hostname: string | undefined;
   dk: DeviceKey;
+  /** Factory data recorded with the device (serial number, MAC, site…). */
+  attributes?: Record<string, string>;
 }
 
 export function reserveRequest(st: Station, req: DeviceRequest): ReserveRequest {
@@ -125,6 +127,7 @@ export function reserveRequest(st: Station, req: DeviceRequest): ReserveRequest 
     fingerprint: req.dk.fingerprint,
     overlayPath: (h) => overlayPath(st.emit, h),
     now: st.now,
+    attributes: req.attributes ?? {},
   };
 }
 
@@ -133,7 +136,7 @@ export function contextOf(st: Station, device: DeviceRecord, req: Omit<DeviceReq
 }
 
 /** What a build reports (and `--json` prints): the registered device plus its outputs. */
-export interface BuildResult extends Pick<DeviceRecord, "hostname" | "board" | "os" | "bastions" | "port" | "services" | "fingerprint"> {
+export interface BuildResult extends Pick<DeviceRecord, "hostname" | "board" | "os" | "bastions" | "port" | "services" | "fingerprint" | "attributes"> {
   /** The public key line with the hostname as its comment. */
   publicKey: string;
   overlay: string;
@@ -152,6 +155,7 @@ export function buildResult(device: DeviceRecord, dk: DeviceKey, e: Emitted, reb
     bastions: device.bastions,
     port: device.port,
     services: device.services,
+    attributes: device.attributes,
     fingerprint: dk.fingerprint,
     publicKey: publicKeyLine(dk.key.pub, device.hostname),
     overlay: e.overlay,

@@ -50,7 +50,7 @@ describe("readHostRows", () => {
 
   it("a spreadsheet export: byte-order mark, CRLF, header case, doubled quotes, empty trailing rows", () => {
     expect(readHostRows(file('\ufeffSerial,HostName,Note\r\n1,gw-1,"say ""hi"""\r\n,,\r\n'))).toEqual([
-      { line: 2, hostname: "gw-1", fields: { Serial: "1", Note: 'say "hi"' } },
+      { line: 2, hostname: "gw-1", fields: { serial: "1", note: 'say "hi"' } },
     ]);
   });
 
@@ -76,6 +76,17 @@ describe("readHostRows", () => {
     expect(problems("serial,hostname,serial\n1,gw-1,2\n")).toEqual(["F:1: column 'serial' appears twice in the header"]);
     expect(problems("serial,,hostname\n1,x,gw-1\n")).toEqual(["F:1: column 2 of the header has no name"]);
     expect(problems("serial;hostname\n1;gw-1\n")).toEqual(['F:1: the header\'s columns are separated by ";"']);
+    expect(problems("Serial Number,hostname,9lives\n1,gw-1,x\n")).toEqual(["F:1: column '9lives' is not a usable name (a letter, then letters, digits, '_' or '.', at most 32)"]);
+  });
+
+  it("the other columns are the device's factory data: names normalized, empty values left out, values checked", () => {
+    expect(readHostRows(file("Serial Number,hostname,MAC,site\nSN1,gw-1,aa:bb,\n"))).toEqual([
+      { line: 2, hostname: "gw-1", fields: { serial_number: "SN1", mac: "aa:bb" } },
+    ]);
+    expect(problems(`serial,hostname\n"SN\u0007",gw-1\n${"x".repeat(300)},gw-2\n`)).toEqual([
+      "F:2: serial: the value has a control character",
+      "F:3: serial: the value is 300 characters long (at most 256)",
+    ]);
   });
 
   it("broken quoting is reported where the parser gave up", () => {
@@ -116,11 +127,13 @@ describe("batch --hosts end to end", () => {
     expect(registered()).toEqual([]);
   });
 
-  it('"SN,0042",gw-lab-a registers gw-lab-a (not 0042)', () => {
-    const r = batch(file('serial,hostname\n"SN,0042",gw-lab-a\n'));
+  it('"SN,0042",gw-lab-a registers gw-lab-a (not 0042), with its serial as factory data', () => {
+    const r = batch(file('serial,hostname,MAC\n"SN,0042",gw-lab-a,dc:a6:32:00:00:01\n'));
     expect(r.code, r.stderr).toBe(0);
-    expect(JSON.parse(r.stdout)).toMatchObject({ hostname: "gw-lab-a" });
+    expect(JSON.parse(r.stdout)).toMatchObject({ hostname: "gw-lab-a", attributes: { serial: "SN,0042", mac: "dc:a6:32:00:00:01" } });
     expect(registered()).toEqual(["gw-lab-a"]);
+    const listed = JSON.parse(cli(["registry", "list", "--json"]).stdout) as { hostname: string; attributes: Record<string, string> }[];
+    expect(listed.find((d) => d.hostname === "gw-lab-a")?.attributes).toEqual({ serial: "SN,0042", mac: "dc:a6:32:00:00:01" });
   });
 
   it("a plain list with comments still works", () => {

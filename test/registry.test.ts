@@ -334,7 +334,8 @@ describe.each(BACKENDS.map((b) => [b.name, b] as const))("registry on %s", (_nam
         await r.release("dev-004"); // released: ports free
         // dev-005 stays pending: its ports stay taken.
         expect((await r.unfinished()).map((u) => u.device.hostname)).toEqual(["dev-005"]);
-        const a = await r.reserve(req(6));
+        const a = await r.reserve({ ...req(6), attributes: { serial: "SN-6", site: "lyon" } });
+        expect(a.attributes).toEqual({ serial: "SN-6", site: "lyon" });
         const b = await r.reserve(req(7, "explicit"));
         const c = await r.reserve(req(8));
         expect([a, b, c].map((d) => [d.hostname, d.port, d.services])).toEqual([
@@ -357,6 +358,8 @@ describe.each(BACKENDS.map((b) => [b.name, b] as const))("registry on %s", (_nam
         });
         expect(await r.getByFingerprint("SHA256:new")).toEqual(d1);
         expect(await r.get("nope")).toBeUndefined();
+        expect((await r.findByAttribute("serial", "SN-6")).map((d) => [d.hostname, d.attributes])).toEqual([["dev-006", { serial: "SN-6", site: "lyon" }]]);
+        expect(await r.findByAttribute("serial", "SN-7")).toEqual([]);
         expect((await r.list()).map((d) => `${d.hostname}:${d.port}:${d.status}`)).toEqual([
           "dev-001:26000:active", "dev-006:26001:pending", "dev-003:26002:revoked", "explicit:26003:pending", "dev-005:26004:pending", "dev-007:26005:pending",
         ]);
@@ -373,7 +376,7 @@ describe.each(BACKENDS.map((b) => [b.name, b] as const))("registry on %s", (_nam
       expect(runCli(["--config", ws.cfg, ...BUILD, "--out", ws.out], { cwd: ws.dir }).code).toBe(0);
       await backend.setSchemaVersion(ws.registry, 99);
       const r = runCli(["--config", ws.cfg, ...BUILD, "--out", ws.out], { cwd: ws.dir });
-      expectOneLineError(r, /registry .*: schema version 99 was written by a newer mkoverlay \(this one knows 2\)/);
+      expectOneLineError(r, /registry .*: schema version 99 was written by a newer mkoverlay \(this one knows 3\)/);
       expect(r.stdout).toBe("");
       expect(readdirSync(ws.out).filter((n) => n.endsWith(".overlay.tar.gz"))).toHaveLength(1);
     } finally {
@@ -409,6 +412,7 @@ describe.runIf(pgServer)("registry migrate (sqlite ↔ postgres)", () => {
         publicKey: "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIPendingPendingPendingPendingPendingPending0",
         fingerprint: "SHA256:pending-device-fingerprint",
         overlayPath: (h) => join(ws.out, `${h}.overlay.tar.gz`),
+        attributes: { serial: "SN-PENDING", site: "line 3" },
       }); // left pending, as a killed build would
     });
     return ws;

@@ -10,7 +10,7 @@ import { configPath, loadFleet } from "../config/load.js";
 import { loadOrGenerateKey, resolveBastions } from "../device.js";
 import { isUserError, UserError } from "../errors.js";
 import { StagedGroups } from "../fsutil.js";
-import { readHostsFile } from "../hosts-file.js";
+import { readHostRows } from "../hosts-file.js";
 import { out, stderrLog, type Log } from "../output.js";
 import { archiveEpoch } from "../overlay/archive.js";
 import { pendingFiles, renderDevice, type Rendered } from "../pipeline.js";
@@ -62,6 +62,8 @@ function checkName(wanted: string | undefined): void {
 interface ChunkItem {
   wanted: string | undefined;
   label: string;
+  /** Factory data from the hosts file's other columns. */
+  attributes: Record<string, string>;
 }
 
 interface Outcomes {
@@ -80,10 +82,10 @@ async function chunked(st: Station, chunk: ChunkItem[], common: Omit<DeviceReque
   const { registry } = st;
   const outcome: (BuildResult | UserError)[] = new Array(chunk.length);
   const asked: { i: number; req: DeviceRequest }[] = [];
-  chunk.forEach(({ wanted }, i) => {
+  chunk.forEach(({ wanted, attributes }, i) => {
     try {
       checkName(wanted);
-      asked.push({ i, req: { ...common, hostname: wanted, dk: loadOrGenerateKey(undefined) } });
+      asked.push({ i, req: { ...common, hostname: wanted, dk: loadOrGenerateKey(undefined), attributes } });
     } catch (e) {
       if (!isUserError(e)) throw e;
       outcome[i] = e;
@@ -159,13 +161,13 @@ export async function batchCommand(opts: BatchOptions): Promise<void> {
   const fleet = await loadFleet(configPath(opts.config), now);
   const { board, os } = resolveBoardOs(await loadProfiles(), opts.board, opts.os);
   const bastions = resolveBastions(fleet, opts.bastion, now);
-  let names: (string | undefined)[];
+  let names: { hostname: string | undefined; attributes: Record<string, string> }[];
   if (opts.count !== undefined) {
     const n = Number(opts.count);
     if (!/^\d+$/.test(opts.count) || n < 1 || n > 100_000) throw new UserError(`--count ${opts.count}: a whole number from 1 to 100000`);
-    names = Array.from({ length: n }, () => undefined);
+    names = Array.from({ length: n }, () => ({ hostname: undefined, attributes: {} }));
   } else {
-    names = readHostsFile(opts.hosts!);
+    names = readHostRows(opts.hosts!).map((r) => ({ hostname: r.hostname, attributes: r.fields }));
     if (names.length === 0) throw new UserError(`--hosts ${opts.hosts}: no hostnames in it`);
   }
   const epoch = archiveEpoch();
@@ -193,7 +195,7 @@ export async function batchCommand(opts: BatchOptions): Promise<void> {
   await withOutDir(opts, (outDir, form) =>
     withStation(fleet, { outDir, form, epoch }, stderrLog(true), now, () => openRegistry(fleet.registry), async (st) => {
       for (let start = 0; start < names.length; start += CHUNK) {
-        const chunk = names.slice(start, start + CHUNK).map((wanted, j) => ({ wanted, label: wanted ?? `device ${start + j + 1}` }));
+        const chunk = names.slice(start, start + CHUNK).map((n, j) => ({ wanted: n.hostname, attributes: n.attributes, label: n.hostname ?? `device ${start + j + 1}` }));
         if (form.kind === "tar") {
           await chunked(st, chunk, { board, os, bastions }, report);
           continue;
@@ -201,7 +203,7 @@ export async function batchCommand(opts: BatchOptions): Promise<void> {
         for (const item of chunk) {
           try {
             checkName(item.wanted);
-            report.succeed(await buildDevice(st, { board, os, bastions, hostname: item.wanted, dk: loadOrGenerateKey(undefined) }));
+            report.succeed(await buildDevice(st, { board, os, bastions, hostname: item.wanted, dk: loadOrGenerateKey(undefined), attributes: item.attributes }));
           } catch (e) {
             if (!isUserError(e)) throw e;
             report.fail(item, e);

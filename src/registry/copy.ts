@@ -19,6 +19,7 @@ function canonical(s: Snapshot): string {
     seq: s.seq,
     devices: [...s.devices].sort((a, b) => cmp(a.hostname, b.hostname)).map((d) => DEVICE_KEYS.map((k) => d[k] ?? null)),
     ports: [...s.ports].sort((a, b) => a.port - b.port).map((p) => [Number(p.port), p.hostname, p.purpose]),
+    attributes: [...s.attributes].map((a) => [a.hostname, a.key, a.value]).sort((a, b) => cmp(a.join("\0"), b.join("\0"))),
   });
 }
 

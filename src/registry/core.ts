@@ -24,7 +24,7 @@ import { UserError } from "../errors.js";
 import { DEVICE_COLUMNS, DEVICE_KEYS, hostnameTaken, keyTaken, noFreePort, normalizeRow, ReservationLost, toRecord } from "./rows.js";
 import { MIGRATIONS, SCHEMA_VERSION } from "./schema.js";
 import { savepoint, type Queryable, type SqlDriver } from "./sql.js";
-import type { DeviceRecord, DeviceRow, PortRow, Registry, ReserveRequest, Snapshot, Unfinished } from "./types.js";
+import type { AttributeRow, DeviceRecord, DeviceRow, PortRow, Registry, ReserveRequest, Snapshot, Unfinished } from "./types.js";
 
 /** How long unfinished work stays a station's own without a renewal. */
 export function leaseMs(): number {
@@ -179,7 +179,9 @@ export class RegistryCore implements Registry {
       await q.run("INSERT INTO ports (port, hostname, purpose) VALUES (?, ?, ?)", [p, name, `service:${svc}`]);
       services[svc] = p;
     }
-    return toRecord(row, services);
+    const attributes = req.attributes ?? {};
+    for (const [k, v] of Object.entries(attributes)) await q.run("INSERT INTO attributes (hostname, key, value) VALUES (?, ?, ?)", [name, k, v]);
+    return toRecord(row, services, attributes);
   }
 
   reserve(req: ReserveRequest): Promise<DeviceRecord> {
@@ -328,6 +330,7 @@ export class RegistryCore implements Registry {
   private async forget(q: Queryable, hostname: string): Promise<void> {
     await this.lowerHints(q, await this.portsOf(q, hostname));
     await q.run("DELETE FROM ports WHERE hostname = ?", [hostname]);
+    await q.run("DELETE FROM attributes WHERE hostname = ?", [hostname]);
     await q.run("DELETE FROM devices WHERE hostname = ?", [hostname]);
     await this.db.notify(q, hostname);
   }
@@ -479,19 +482,25 @@ export class RegistryCore implements Registry {
     return r && normalizeRow(r);
   }
 
+  /** Records for rows, with their service ports and factory data (one query each, whatever the count). */
   private async withServices(q: Queryable, rows: DeviceRow[]): Promise<DeviceRecord[]> {
     if (rows.length === 0) return [];
-    const ports =
-      rows.length === 1
-        ? await q.all<PortRow>("SELECT port, hostname, purpose FROM ports WHERE hostname = ? AND purpose LIKE 'service:%' ORDER BY port", [rows[0]!.hostname])
-        : await q.all<PortRow>("SELECT port, hostname, purpose FROM ports WHERE purpose LIKE 'service:%' ORDER BY port");
+    const one = rows.length === 1 ? [rows[0]!.hostname] : [];
+    const ports = await q.all<PortRow>(`SELECT port, hostname, purpose FROM ports WHERE purpose LIKE 'service:%'${one.length ? " AND hostname = ?" : ""} ORDER BY port`, one);
+    const attrs = await q.all<AttributeRow>(`SELECT hostname, key, value FROM attributes${one.length ? " WHERE hostname = ?" : ""} ORDER BY key`, one);
     const svc = new Map<string, Record<string, number>>();
     for (const p of ports) {
       const m = svc.get(p.hostname) ?? {};
       m[p.purpose.slice("service:".length)] = Number(p.port);
       svc.set(p.hostname, m);
     }
-    return rows.map((r) => toRecord(r, svc.get(r.hostname)));
+    const data = new Map<string, Record<string, string>>();
+    for (const a of attrs) {
+      const m = data.get(a.hostname) ?? {};
+      m[a.key] = a.value;
+      data.set(a.hostname, m);
+    }
+    return rows.map((r) => toRecord(r, svc.get(r.hostname), data.get(r.hostname)));
   }
 
   private async one(where: string, value: string): Promise<DeviceRecord | undefined> {
@@ -509,6 +518,15 @@ export class RegistryCore implements Registry {
     return this.one("fingerprint", fp);
   }
 
+  findByAttribute(key: string, value: string): Promise<DeviceRecord[]> {
+    return this.db.transaction("read", async (q) =>
+      this.withServices(
+        q,
+        (await q.all<DeviceRow>(`SELECT ${DEVICE_COLUMNS} FROM devices WHERE hostname IN (SELECT hostname FROM attributes WHERE key = ? AND value = ?) ORDER BY port`, [key, value])).map(normalizeRow),
+      ),
+    );
+  }
+
   list(): Promise<DeviceRecord[]> {
     return this.db.transaction("read", async (q) => this.withServices(q, (await q.all<DeviceRow>(`SELECT ${DEVICE_COLUMNS} FROM devices ORDER BY port`)).map(normalizeRow)));
   }
@@ -520,6 +538,7 @@ export class RegistryCore implements Registry {
       seq: Number((await q.get<{ value: string }>(SEQ))?.value ?? 0),
       devices: (await q.all<DeviceRow>(`SELECT ${DEVICE_COLUMNS} FROM devices ORDER BY hostname`)).map(normalizeRow),
       ports: (await q.all<PortRow>("SELECT port, hostname, purpose FROM ports ORDER BY port")).map((p) => ({ ...p, port: Number(p.port) })),
+      attributes: await q.all<AttributeRow>("SELECT hostname, key, value FROM attributes ORDER BY hostname, key"),
     };
   }
 
@@ -542,6 +561,7 @@ export class RegistryCore implements Registry {
         });
       }
       await q.run("DELETE FROM ports");
+      await q.run("DELETE FROM attributes");
       await q.run("DELETE FROM devices");
       // The free-port hints described the old content.
       await q.run(`DELETE FROM meta WHERE key LIKE '${HINT}%'`);
@@ -552,6 +572,10 @@ export class RegistryCore implements Registry {
       for (let i = 0; i < s.ports.length; i += BULK) {
         const part = s.ports.slice(i, i + BULK);
         await q.run(`INSERT INTO ports (port, hostname, purpose) VALUES ${part.map(() => "(?, ?, ?)").join(", ")}`, part.flatMap((p) => [p.port, p.hostname, p.purpose]));
+      }
+      for (let i = 0; i < s.attributes.length; i += BULK) {
+        const part = s.attributes.slice(i, i + BULK);
+        await q.run(`INSERT INTO attributes (hostname, key, value) VALUES ${part.map(() => "(?, ?, ?)").join(", ")}`, part.flatMap((a) => [a.hostname, a.key, a.value]));
       }
       await q.run(UPSERT_META, ["seq", String(s.seq)]);
       await this.db.notify(q, "*");

@@ -34,7 +34,7 @@ export function normalizeRow(r: DeviceRow): DeviceRow {
   return { ...r, port: Number(r.port), lease_until: r.lease_until === null || r.lease_until === undefined ? null : Number(r.lease_until) };
 }
 
-export function toRecord(r: DeviceRow, services: Record<string, number> = {}): DeviceRecord {
+export function toRecord(r: DeviceRow, services: Record<string, number> = {}, attributes: Record<string, string> = {}): DeviceRecord {
   const rec: DeviceRecord = {
     hostname: r.hostname,
     board: r.board,
@@ -49,6 +49,7 @@ export function toRecord(r: DeviceRow, services: Record<string, number> = {}): D
     station: r.station,
     created: r.created,
     updated: r.updated,
+    attributes,
   };
   if (r.prev_public_key && r.prev_fingerprint && r.prev_until) rec.previous = { publicKey: r.prev_public_key, fingerprint: r.prev_fingerprint, until: r.prev_until };
   if (r.pending_public_key && r.pending_fingerprint) rec.rotating = { publicKey: r.pending_public_key, fingerprint: r.pending_fingerprint };

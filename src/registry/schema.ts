@@ -5,7 +5,7 @@
  * PostgreSQL (TEXT, INTEGER, BIGINT, CHECK, foreign keys).
  */
 
-export const SCHEMA_VERSION = 2;
+export const SCHEMA_VERSION = 3;
 
 export const MIGRATIONS: readonly (readonly string[])[] = [
   // 1: devices, their ports, and the name counter.
@@ -42,5 +42,16 @@ export const MIGRATIONS: readonly (readonly string[])[] = [
     "ALTER TABLE devices ADD COLUMN prev_public_key TEXT",
     "ALTER TABLE devices ADD COLUMN prev_fingerprint TEXT",
     "ALTER TABLE devices ADD COLUMN prev_until TEXT",
+  ],
+  // 3: factory data per device (the extra columns of a --hosts CSV: serial, MAC, site…),
+  // looked up by value (a factory maps devices by serial number).
+  [
+    `CREATE TABLE attributes (
+      hostname TEXT NOT NULL REFERENCES devices(hostname) ON DELETE CASCADE,
+      key      TEXT NOT NULL,
+      value    TEXT NOT NULL,
+      PRIMARY KEY (hostname, key)
+    )`,
+    "CREATE INDEX attributes_by_value ON attributes(key, value)",
   ],
 ];

@@ -28,6 +28,8 @@ export interface DeviceRecord {
   previous?: { publicKey: string; fingerprint: string; until: string };
   /** A rotation in progress: the new key, not yet in any export. */
   rotating?: { publicKey: string; fingerprint: string };
+  /** Factory data (serial number, MAC, site…), from the extra columns of a --hosts CSV. */
+  attributes: Record<string, string>;
 }
 
 export interface ReserveRequest {
@@ -47,6 +49,8 @@ export interface ReserveRequest {
   fingerprint: string;
   /** Computes the overlay path from the final hostname (recorded for the doctor). */
   overlayPath: (hostname: string) => string;
+  /** Factory data to record with the device (names: lower-case words). */
+  attributes?: Record<string, string>;
 }
 
 /**
@@ -114,6 +118,8 @@ export interface Registry {
   reclaim(u: Unfinished): Promise<boolean>;
   get(hostname: string): Promise<DeviceRecord | undefined>;
   getByFingerprint(fp: string): Promise<DeviceRecord | undefined>;
+  /** Devices whose factory data has `key` = `value` (e.g. serial = SN0042). */
+  findByAttribute(key: string, value: string): Promise<DeviceRecord[]>;
   list(): Promise<DeviceRecord[]>;
   /** Everything, consistently (registry migrate). */
   snapshot(): Promise<Snapshot>;
@@ -152,8 +158,15 @@ export interface PortRow {
   purpose: string;
 }
 
+export interface AttributeRow {
+  hostname: string;
+  key: string;
+  value: string;
+}
+
 export interface Snapshot {
   seq: number;
   devices: DeviceRow[];
   ports: PortRow[];
+  attributes: AttributeRow[];
 }
