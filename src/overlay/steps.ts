@@ -29,7 +29,7 @@ export interface DeviceSpec {
 export interface Step {
   name: string;
   build(tree: Tree, d: DeviceSpec): void;
-  /** Problems of the built tree beyond its entries (e.g. a path this OS deletes on first boot). */
+  /** Problems of the whole built overlay beyond its entries (e.g. a path this OS deletes on first boot). */
   check?(built: Tree, d: DeviceSpec): string[];
 }
 

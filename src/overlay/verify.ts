@@ -7,7 +7,7 @@
  */
 import { decodePrivateKey, type Ed25519Key } from "../keys/ed25519.js";
 import * as P from "./paths.js";
-import { STEPS, type DeviceSpec } from "./steps.js";
+import { buildOverlay, STEPS, type DeviceSpec } from "./steps.js";
 import type { Entry } from "./tree.js";
 import { Tree } from "./tree.js";
 import { getMany, type TreeView, type ViewEntry } from "./view.js";
@@ -68,12 +68,14 @@ export async function checkAgainstBuild(view: TreeView, spec: DeviceSpec): Promi
     return { step, tree, entries: tree.list() };
   });
   const built = new Set(steps.flatMap((s) => s.entries.map((e) => e.path)));
+  // A step's own check looks at the whole overlay (what its OS deletes, whoever ships it).
+  const whole = buildOverlay(spec);
   // One read for every path (an image answers them in one debugfs run).
   const got = await getMany(view, [...built]);
-  for (const { step, tree, entries } of steps) {
+  for (const { step, entries } of steps) {
     const problems: string[] = [];
     for (const e of entries) problems.push(...differences(e, got.get(e.path), view.isRoot));
-    problems.push(...(step.check?.(tree, spec) ?? []));
+    problems.push(...(step.check?.(whole, spec) ?? []));
     if (problems.length === 0) checks.push({ ok: true, what: `${step.name}: ${entries.length} entries as built` });
     for (const p of [...new Set(problems)]) checks.push({ ok: false, what: `${step.name}: ${p}` });
   }
