@@ -122,6 +122,16 @@ function program(): Command {
     .option("--json", "JSON output")
     .action(lazy(() => import("./commands/boards.js"), (m, opts) => m.boardsCommand(opts)));
 
+  p.command("status")
+    .description("which gateways are connected, where and since when; which never came online; alarms")
+    .option("--bastion <name>", "only this bastion")
+    .option("--format <form>", "table, json or prometheus", "table")
+    .option("--json", "same as --format json")
+    .option("--check", "exit 1 when there is an alarm (for monitoring)")
+    .option("--never-seen-after <duration>", "a device built this long ago and never connected is an alarm (e.g. 24h, 2d; 0: never)", "24h")
+    .option("--config <file>", cfg)
+    .action(lazy(() => import("./commands/status.js"), (m, opts) => m.statusCommand(opts)));
+
   const registry = p.command("registry").description("the port registry: list, doctor, release, migrate");
   registry
     .command("list")

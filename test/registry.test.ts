@@ -376,7 +376,7 @@ describe.each(BACKENDS.map((b) => [b.name, b] as const))("registry on %s", (_nam
       expect(runCli(["--config", ws.cfg, ...BUILD, "--out", ws.out], { cwd: ws.dir }).code).toBe(0);
       await backend.setSchemaVersion(ws.registry, 99);
       const r = runCli(["--config", ws.cfg, ...BUILD, "--out", ws.out], { cwd: ws.dir });
-      expectOneLineError(r, /registry .*: schema version 99 was written by a newer mkoverlay \(this one knows 3\)/);
+      expectOneLineError(r, /registry .*: schema version 99 was written by a newer mkoverlay \(this one knows 4\)/);
       expect(r.stdout).toBe("");
       expect(readdirSync(ws.out).filter((n) => n.endsWith(".overlay.tar.gz"))).toHaveLength(1);
     } finally {

@@ -1,0 +1,70 @@
+/**
+ * `mkoverlay status`: which gateways are online now, through which bastion, since when; which
+ * were flashed and never phoned home; which dropped off and when they were last seen; and the
+ * alarms (a revoked device still connected, an unknown listener in the tunnel range, a silent
+ * bastion agent). Read from the registry, where every bastion's agent records what it sees.
+ */
+import { withFleetRegistry } from "../context.js";
+import { UserError } from "../errors.js";
+import { out } from "../output.js";
+import { fleetStatus, type DeviceView, type FleetStatus } from "../status.js";
+import { nameProblem } from "../validate.js";
+
+export interface StatusOptions {
+  bastion?: string;
+  json?: boolean;
+  format?: string;
+  check?: boolean;
+  neverSeenAfter?: string;
+  config?: string;
+}
+
+/** `--never-seen-after`: N followed by m, h, d or w (or 0: never an alarm). */
+export function parseAfter(v: string): number {
+  if (v === "0") return Infinity;
+  const m = /^(\d{1,6})([mhdw])$/.exec(v);
+  if (!m) throw new UserError(`--never-seen-after ${JSON.stringify(v)}: a duration such as 90m, 24h, 2d or 1w (or 0 for never)`);
+  return Number(m[1]) * { m: 60_000, h: 3600_000, d: 86400_000, w: 7 * 86400_000 }[m[2] as "m" | "h" | "d" | "w"];
+}
+
+function when(iso: string | null, now: Date): string {
+  if (!iso) return "-";
+  const s = Math.max(0, Math.round((now.getTime() - Date.parse(iso)) / 1000));
+  const rel = s < 90 ? `${s}s ago` : s < 5400 ? `${Math.round(s / 60)}m ago` : s < 172800 ? `${Math.round(s / 3600)}h ago` : `${Math.round(s / 86400)}d ago`;
+  return `${iso.slice(0, 19).replace("T", " ")}Z (${rel})`;
+}
+
+function row(d: DeviceView, now: Date): string[] {
+  const state = d.status === "revoked" ? `${d.state}, revoked` : d.state;
+  return [d.hostname, state, d.connected.map((c) => c.bastion).join(",") || "-", d.connected.length > 0 ? when(d.connected[0]!.since, now) : "-", d.state === "new" || d.state === "never-seen" ? `never (built ${when(d.created, now)})` : when(d.lastSeen, now)];
+}
+
+export function renderStatusTable(s: FleetStatus): string {
+  const now = new Date(s.at);
+  const head = ["HOSTNAME", "STATE", "BASTION", "CONNECTED SINCE", "LAST SEEN"];
+  const rows = s.devices.map((d) => row(d, now));
+  const widths = head.map((h, i) => Math.max(h.length, ...rows.map((r) => r[i]!.length)));
+  const line = (r: string[]) => r.map((v, i) => v.padEnd(widths[i]!)).join("  ").trimEnd();
+  const out = [line(head), ...rows.map(line)];
+  out.push("");
+  for (const b of s.bastions) out.push(`bastion ${b.name}: ${b.connected} of ${b.expected} connected; agent ${b.heartbeat ? `reported ${when(b.heartbeat, now)}` : "never reported"}${b.fresh ? "" : " (STALE)"}`);
+  for (const a of s.alarms) out.push(`ALARM ${a.kind}: ${a.message}`);
+  if (s.alarms.length === 0) out.push("no alarms");
+  return out.join("\n") + "\n";
+}
+
+export async function statusCommand(opts: StatusOptions): Promise<void> {
+  const format = opts.json ? "json" : (opts.format ?? "table");
+  if (!["table", "json", "prometheus"].includes(format)) throw new UserError(`--format ${JSON.stringify(format)}: use table, json or prometheus`);
+  if (opts.bastion !== undefined && nameProblem(opts.bastion)) throw new UserError(`--bastion ${JSON.stringify(opts.bastion)}: not a bastion name`);
+  const neverSeenAfterMs = parseAfter(opts.neverSeenAfter ?? "24h");
+  const s = await withFleetRegistry(opts.config, async (fleet, registry) => {
+    if (opts.bastion !== undefined && !fleet.bastions.has(opts.bastion)) throw new UserError(`--bastion ${opts.bastion}: no such bastion in ${fleet.file}`);
+    const [devices, obs] = await Promise.all([registry.list(), registry.observations()]);
+    return fleetStatus(devices, obs, { now: new Date(), neverSeenAfterMs, ...(opts.bastion ? { bastion: opts.bastion } : {}), knownBastions: [...fleet.bastions.keys()] });
+  });
+  if (format === "json") out(JSON.stringify(s));
+  else if (format === "prometheus") out(await (await import("../metrics.js")).prometheusText(s));
+  else out(renderStatusTable(s));
+  if (opts.check && s.alarms.length > 0) throw new UserError(`${s.alarms.length} alarm(s): ${[...new Set(s.alarms.map((a) => a.kind))].join(", ")}`, { exitCode: 1 });
+}
