@@ -38,7 +38,7 @@ run: build
 TEST_TOOLS := sshd:openssh-server ssh:openssh-client ssh-keygen:openssh-client shellcheck:shellcheck \
               systemd-analyze:systemd systemctl:systemd tar:tar \
               debugfs:e2fsprogs e2fsck:e2fsprogs mke2fs:e2fsprogs filefrag:e2fsprogs mkfs.vfat:dosfstools \
-              mcopy:mtools sfdisk:fdisk bmaptool:bmap-tools zstd:zstd
+              mcopy:mtools sfdisk:fdisk bmaptool:bmap-tools zstd:zstd promtool:prometheus
 test-deps:
 	@bash scripts/ensure-tools.sh $(TEST_TOOLS)
 	@bash scripts/ensure-postgres.sh >/dev/null
