@@ -1,6 +1,6 @@
 /**
  * The bastion's authorized_keys line for one device. sshd drops a line with any bad option
- * silently (FACTS.md), so the line is valid by construction: options come in a fixed order,
+ * silently (docs/facts.md), so the line is valid by construction: options come in a fixed order,
  * every quoted value was validated (no quote, backslash or control character), there is no
  * permitopen="none", and expiry-time has no trailing Z (OpenSSH < 9.1 rejects it).
  */
