@@ -223,11 +223,11 @@ export async function main(argv: string[]): Promise<void> {
     }
     await p.parseAsync(argv);
   } catch (e) {
-    process.exitCode = report(e, debug);
+    process.exitCode = await report(e, debug);
   }
 }
 
-function report(e: unknown, debug: boolean): number {
+async function report(e: unknown, debug: boolean): Promise<number> {
   if (e instanceof CommanderError) {
     // commander already printed its message (unknown option, missing argument, --help…).
     return e.exitCode === 0 ? 0 : 2;
@@ -240,10 +240,19 @@ function report(e: unknown, debug: boolean): number {
     process.stderr.write(lines.map((l) => `mkoverlay: error: ${l}\n`).join(""));
     if (user.hint) process.stderr.write(`mkoverlay: hint: ${user.hint}\n`);
     const stack = (io ? (e as Error) : user).stack;
-    if (debug && stack) process.stderr.write(`${stack}\n`);
+    if (debug && stack) process.stderr.write(`${await readable(stack)}\n`);
     return user.exitCode;
   }
   const err = e as Error;
-  process.stderr.write(`mkoverlay: internal error: ${err?.message ?? String(e)}\n${err?.stack ?? ""}\nThis is a bug in mkoverlay; please report it with the command you ran.\n`);
+  process.stderr.write(`mkoverlay: internal error: ${err?.message ?? String(e)}\n${await readable(err?.stack ?? "")}\nThis is a bug in mkoverlay; please report it with the command you ran.\n`);
   return 70;
+}
+
+/** The stack with bundle positions mapped back to the sources (only when one is printed). */
+async function readable(stack: string): Promise<string> {
+  try {
+    return (await import("./stack.js")).readableStack(stack);
+  } catch {
+    return stack;
+  }
 }
