@@ -99,6 +99,7 @@ function program(): Command {
   p.command("rotate <hostname>")
     .description("a new key for a device (same name and ports) and a new overlay")
     .option("--host-key <file>", "use this key instead of a new one")
+    .option("--grace <duration>", "bastions keep accepting the old key this long (e.g. 12h, 7d, 2w; 0: drop it now)", "7d")
     .option("--out <dir>", "output directory (created 0700)", "out")
     .option("--format <form>", "tar or dir")
     .option("--apply <root>", "lay the overlay over a mounted root file system")

@@ -29,7 +29,12 @@ function existingOwner(file: string): { uid: number; gid: number } | undefined {
 }
 
 export async function authorizedKeysCommand(opts: { bastion?: string; write?: string; config?: string }): Promise<void> {
-  const text = await withFleetRegistry(opts.config, async (fleet, registry) => renderAuthorizedKeys(fleet, oneBastion(fleet, opts.bastion), await registry.list(), VERSION));
+  const text = await withFleetRegistry(opts.config, async (fleet, registry) =>
+    renderAuthorizedKeys(fleet, oneBastion(fleet, opts.bastion), await registry.list(), VERSION, {
+      // A corrupt or hostile row is left out, never rendered; say which and why.
+      onSkip: (s) => process.stderr.write(`mkoverlay: warning: left out ${JSON.stringify(s.hostname)}: ${s.reason}\n`),
+    }),
+  );
   if (!opts.write) {
     out(text);
     return;

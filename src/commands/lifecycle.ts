@@ -28,7 +28,7 @@ export async function revokeCommand(hostname: string, opts: { config?: string })
     const ports = [d.port, ...Object.values(d.services)].join(", ");
     process.stderr.write(
       `mkoverlay: revoked ${hostname}; port(s) ${ports} quarantined until 'mkoverlay registry release ${hostname}'.\n` +
-        "mkoverlay: re-export each bastion's authorized_keys (mkoverlay bastion authorized-keys --write) to lock it out.\n",
+        "mkoverlay: bastion agents lock it out within seconds; re-export the authorized_keys of bastions without one.\n",
     );
   });
 }
@@ -42,8 +42,20 @@ export async function releaseCommand(hostname: string, opts: { config?: string }
   });
 }
 
-export async function rotateCommand(hostname: string, opts: OutputOptions & { config?: string; hostKey?: string; json?: boolean; quiet?: boolean }): Promise<void> {
+/**
+ * `--grace`: how long bastions keep accepting the replaced key, so a device in the field is not
+ * locked out before its new overlay arrives. `0` drops it at once.
+ */
+export function parseGrace(value: string): number {
+  const m = /^(\d{1,6})([hdw])$/.exec(value);
+  if (value === "0") return 0;
+  if (!m) throw new UserError(`--grace ${JSON.stringify(value)}: not a duration`, { hint: "use e.g. 12h, 7d, 2w, or 0 to drop the old key at once" });
+  return Number(m[1]) * { h: 3_600_000, d: 86_400_000, w: 604_800_000 }[m[2] as "h" | "d" | "w"];
+}
+
+export async function rotateCommand(hostname: string, opts: OutputOptions & { config?: string; hostKey?: string; json?: boolean; quiet?: boolean; grace?: string }): Promise<void> {
   const log = stderrLog(Boolean(opts.quiet) || Boolean(opts.json));
+  const graceMs = parseGrace(opts.grace ?? "7d");
   const dk = loadOrGenerateKey(opts.hostKey);
   const epoch = archiveEpoch();
   const profiles = await loadProfiles();
@@ -58,10 +70,15 @@ export async function rotateCommand(hostname: string, opts: OutputOptions & { co
       const bastions = deviceBastions(fleet, d);
       const e = await emitDevice({ outDir, form, epoch }, d, dk.key, board, os, bastions, fleet);
       // Only after the new overlay exists does the registry (and so every export) switch keys.
-      await registry.rotate(hostname, publicKeyLine(dk.key.pub), dk.fingerprint, e.overlay);
+      const graceUntil = graceMs > 0 ? new Date(Date.now() + graceMs).toISOString() : undefined;
+      await registry.rotate(hostname, publicKeyLine(dk.key.pub), dk.fingerprint, e.overlay, graceUntil);
       log.info(`rotated ${hostname}: new key ${dk.fingerprint}, port ${d.port} kept; wrote ${e.overlay}`);
-      log.info("re-export each bastion's authorized_keys so the old key stops working");
-      return { hostname, port: d.port, fingerprint: dk.fingerprint, previousFingerprint: d.fingerprint, overlay: e.overlay, authorizedKeys: e.lines, text: e.text };
+      log.info(
+        graceUntil
+          ? `the old key ${d.fingerprint} stays accepted until ${graceUntil}, or until a bastion agent sees the new key log in`
+          : "the old key is dropped at once (bastion agents follow; re-export the authorized_keys of bastions without one)",
+      );
+      return { hostname, port: d.port, fingerprint: dk.fingerprint, previousFingerprint: d.fingerprint, graceUntil: graceUntil ?? null, overlay: e.overlay, authorizedKeys: e.lines, text: e.text };
     }),
   );
   const { text, ...json } = result;

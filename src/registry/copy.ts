@@ -32,7 +32,7 @@ export interface Snapshot {
 }
 
 /** The SQLite table layout this module reads and writes (sqlite.ts SCHEMA_VERSION). */
-const SQLITE_LAYOUT = 1;
+const SQLITE_LAYOUT = 2;
 
 
 interface CopyEnd {

@@ -25,7 +25,14 @@ import { DEVICE_KEYS, hostnameTaken, keyTaken, noFreePort, pendingRow, toRecord,
 import { displayLocation } from "./open.js";
 import type { DeviceRecord, Registry, ReserveRequest } from "./types.js";
 
-export const PG_SCHEMA_VERSION = 1;
+export const PG_SCHEMA_VERSION = 2;
+
+/**
+ * Bastion agents LISTEN here. Every change NOTIFYs it inside its own transaction (so the
+ * notice is sent only if the change commits), with the device's hostname as payload ('*':
+ * the whole registry was replaced).
+ */
+export const CHANGES_CHANNEL = "mkoverlay_changes";
 
 /** Advisory lock keys: (namespace, purpose). Advisory locks are per database. */
 const LOCK_NS = 0x6d6b6f76; // "mkov"
@@ -62,6 +69,10 @@ const MIGRATIONS: string[] = [
   );
   CREATE INDEX ports_by_host ON mkoverlay.ports(hostname);
   INSERT INTO mkoverlay.meta(key, value) VALUES ('seq', '0');
+  `,
+  // v2: the key a rotation replaced, kept for its grace period (rotate --grace).
+  `
+  ALTER TABLE mkoverlay.devices ADD COLUMN prev_public_key TEXT, ADD COLUMN prev_fingerprint TEXT, ADD COLUMN prev_until TEXT;
   `,
 ];
 
@@ -199,6 +210,10 @@ export class PostgresRegistry implements Registry {
     });
   }
 
+  private async notify(hostname: string): Promise<void> {
+    await this.q("SELECT pg_notify($1, $2)", [CHANGES_CHANNEL, hostname]);
+  }
+
   private async tx<T>(fn: () => Promise<T>): Promise<T> {
     await this.q("BEGIN");
     try {
@@ -296,6 +311,7 @@ export class PostgresRegistry implements Registry {
           await this.q("INSERT INTO mkoverlay.ports (port, hostname, purpose) VALUES ($1, $2, $3)", [p, name, `service:${svc}`]);
           services[svc] = p;
         }
+        await this.notify(name);
         return toRecord(row, services);
       }),
     );
@@ -314,53 +330,77 @@ export class PostgresRegistry implements Registry {
   }
 
   activate(hostname: string): Promise<void> {
-    return this.exclusive(async () => {
-      await this.q("UPDATE mkoverlay.devices SET status = 'active', updated = $1 WHERE hostname = $2 AND status = 'pending'", [new Date().toISOString(), hostname]);
-    });
+    return this.exclusive(() =>
+      this.tx(async () => {
+        await this.q("UPDATE mkoverlay.devices SET status = 'active', updated = $1 WHERE hostname = $2 AND status = 'pending'", [new Date().toISOString(), hostname]);
+        await this.notify(hostname);
+      }),
+    );
   }
 
   abandon(hostname: string): Promise<void> {
     // Its ports go with it (ON DELETE CASCADE); a device that is no longer pending is kept whole.
-    return this.exclusive(async () => {
-      await this.q("DELETE FROM mkoverlay.devices WHERE hostname = $1 AND status = 'pending'", [hostname]);
-    });
+    return this.exclusive(() =>
+      this.tx(async () => {
+        await this.q("DELETE FROM mkoverlay.devices WHERE hostname = $1 AND status = 'pending'", [hostname]);
+        await this.notify(hostname);
+      }),
+    );
   }
 
   updateDevice(hostname: string, f: { board: string; os: string; bastions: string[]; overlay: string }): Promise<void> {
-    return this.exclusive(async () => {
-      await this.q("UPDATE mkoverlay.devices SET board = $1, os = $2, bastions = $3, overlay = $4, updated = $5 WHERE hostname = $6", [
-        f.board,
-        f.os,
-        f.bastions.join(","),
-        f.overlay,
-        new Date().toISOString(),
-        hostname,
-      ]);
-    });
+    return this.exclusive(() =>
+      this.tx(async () => {
+        await this.q("UPDATE mkoverlay.devices SET board = $1, os = $2, bastions = $3, overlay = $4, updated = $5 WHERE hostname = $6", [
+          f.board,
+          f.os,
+          f.bastions.join(","),
+          f.overlay,
+          new Date().toISOString(),
+          hostname,
+        ]);
+        await this.notify(hostname);
+      }),
+    );
   }
 
   revoke(hostname: string): Promise<void> {
-    return this.exclusive(async () => {
-      await this.q("UPDATE mkoverlay.devices SET status = 'revoked', updated = $1 WHERE hostname = $2", [new Date().toISOString(), hostname]);
-    });
+    return this.exclusive(() =>
+      this.tx(async () => {
+        await this.q("UPDATE mkoverlay.devices SET status = 'revoked', updated = $1 WHERE hostname = $2", [new Date().toISOString(), hostname]);
+        await this.notify(hostname);
+      }),
+    );
   }
 
   release(hostname: string): Promise<void> {
-    return this.exclusive(async () => {
-      await this.q("DELETE FROM mkoverlay.devices WHERE hostname = $1", [hostname]);
-    });
+    return this.exclusive(() =>
+      this.tx(async () => {
+        await this.q("DELETE FROM mkoverlay.devices WHERE hostname = $1", [hostname]);
+        await this.notify(hostname);
+      }),
+    );
   }
 
-  rotate(hostname: string, publicKey: string, fingerprint: string, overlay: string): Promise<void> {
-    return this.exclusive(async () => {
-      await this.q("UPDATE mkoverlay.devices SET public_key = $1, fingerprint = $2, overlay = $3, updated = $4 WHERE hostname = $5", [
-        publicKey,
-        fingerprint,
-        overlay,
-        new Date().toISOString(),
-        hostname,
-      ]);
-    });
+  rotate(hostname: string, publicKey: string, fingerprint: string, overlay: string, graceUntil?: string): Promise<void> {
+    // SET reads the row as it was: the replaced key moves to prev_* in the same statement.
+    const keep =
+      graceUntil === undefined
+        ? "prev_public_key = NULL, prev_fingerprint = NULL, prev_until = NULL"
+        : "prev_public_key = public_key, prev_fingerprint = fingerprint, prev_until = $6";
+    return this.exclusive(() =>
+      this.tx(async () => {
+        await this.q(`UPDATE mkoverlay.devices SET ${keep}, public_key = $1, fingerprint = $2, overlay = $3, updated = $4 WHERE hostname = $5`, [
+          publicKey,
+          fingerprint,
+          overlay,
+          new Date().toISOString(),
+          hostname,
+          ...(graceUntil === undefined ? [] : [graceUntil]),
+        ]);
+        await this.notify(hostname);
+      }),
+    );
   }
 
   private async withServices(rows: DeviceRow[]): Promise<DeviceRecord[]> {
@@ -454,7 +494,8 @@ export class PostgresRegistry implements Registry {
         const col = <K extends keyof DeviceRow>(k: K) => s.devices.map((d) => d[k]);
         await this.q(
           `INSERT INTO mkoverlay.devices (${DEVICE_COLUMNS})
-           SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::int[], $6::text[], $7::text[], $8::text[], $9::text[], $10::text[], $11::text[], $12::text[])`,
+           SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::int[], $6::text[], $7::text[], $8::text[], $9::text[], $10::text[], $11::text[], $12::text[],
+                                $13::text[], $14::text[], $15::text[])`,
           [
             col("hostname"),
             col("board"),
@@ -468,6 +509,9 @@ export class PostgresRegistry implements Registry {
             col("station"),
             col("created"),
             col("updated"),
+            col("prev_public_key"),
+            col("prev_fingerprint"),
+            col("prev_until"),
           ],
         );
         await this.q("INSERT INTO mkoverlay.ports (port, hostname, purpose) SELECT * FROM unnest($1::int[], $2::text[], $3::text[])", [
@@ -476,6 +520,7 @@ export class PostgresRegistry implements Registry {
           s.ports.map((p) => p.purpose),
         ]);
         await this.q("UPDATE mkoverlay.meta SET value = $1 WHERE key = 'seq'", [String(s.seq)]);
+        await this.notify("*");
       }),
     );
   }

@@ -19,9 +19,16 @@ export interface DeviceRow {
   station: string;
   created: string;
   updated: string;
+  /** The key replaced by `rotate --grace`, accepted until prev_until (schema version 2). */
+  prev_public_key: string | null;
+  prev_fingerprint: string | null;
+  prev_until: string | null;
 }
 
-export const DEVICE_KEYS = ["hostname", "board", "os", "bastions", "port", "public_key", "fingerprint", "status", "overlay", "station", "created", "updated"] as const;
+export const DEVICE_KEYS = [
+  "hostname", "board", "os", "bastions", "port", "public_key", "fingerprint", "status", "overlay", "station", "created", "updated",
+  "prev_public_key", "prev_fingerprint", "prev_until",
+] as const;
 
 export function toRecord(r: DeviceRow, services: Record<string, number> = {}): DeviceRecord {
   return {
@@ -38,6 +45,9 @@ export function toRecord(r: DeviceRow, services: Record<string, number> = {}): D
     station: r.station,
     created: r.created,
     updated: r.updated,
+    ...(r.prev_public_key && r.prev_fingerprint && r.prev_until
+      ? { previous: { publicKey: r.prev_public_key, fingerprint: r.prev_fingerprint, until: r.prev_until } }
+      : {}),
   };
 }
 
@@ -57,6 +67,9 @@ export function pendingRow(req: ReserveRequest, hostname: string, port: number, 
     station,
     created: now,
     updated: now,
+    prev_public_key: null,
+    prev_fingerprint: null,
+    prev_until: null,
   };
 }
 

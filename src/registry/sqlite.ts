@@ -13,7 +13,7 @@ import { errnoCode, UserError } from "../errors.js";
 import { DEVICE_KEYS, hostnameTaken, keyTaken, noFreePort, pendingRow, toRecord, type DeviceRow } from "./rows.js";
 import type { DeviceRecord, Registry, ReserveRequest } from "./types.js";
 
-export const SCHEMA_VERSION = 1;
+export const SCHEMA_VERSION = 2;
 
 /**
  * The addon's path, handed to better-sqlite3 directly: its default lookup (the `bindings`
@@ -45,7 +45,10 @@ CREATE TABLE IF NOT EXISTS devices (
   overlay     TEXT,
   station     TEXT NOT NULL,
   created     TEXT NOT NULL,
-  updated     TEXT NOT NULL
+  updated     TEXT NOT NULL,
+  prev_public_key  TEXT,
+  prev_fingerprint TEXT,
+  prev_until       TEXT
 );
 CREATE TABLE IF NOT EXISTS ports (
   port     INTEGER PRIMARY KEY,
@@ -144,6 +147,11 @@ export class SqliteRegistry implements Registry {
         throw new UserError(`registry ${this.file}: schema version ${version} was written by a newer mkoverlay (this one knows ${SCHEMA_VERSION})`, {
           hint: "upgrade mkoverlay on this station",
         });
+      }
+      if (version < 2) {
+        // v2: the key a rotation replaced, kept for its grace period (rotate --grace).
+        this.db.exec("ALTER TABLE devices ADD COLUMN prev_public_key TEXT; ALTER TABLE devices ADD COLUMN prev_fingerprint TEXT; ALTER TABLE devices ADD COLUMN prev_until TEXT;");
+        this.stmt("UPDATE meta SET value = ? WHERE key='schema_version'").run(String(SCHEMA_VERSION));
       }
     });
     tx.immediate();
@@ -292,10 +300,12 @@ export class SqliteRegistry implements Registry {
     tx.immediate();
   }
 
-  async rotate(hostname: string, publicKey: string, fingerprint: string, overlay: string): Promise<void> {
+  async rotate(hostname: string, publicKey: string, fingerprint: string, overlay: string, graceUntil?: string): Promise<void> {
+    // SET reads the row as it was: the replaced key moves to prev_* in the same statement.
+    const keep = graceUntil === undefined ? "prev_public_key=NULL, prev_fingerprint=NULL, prev_until=NULL" : "prev_public_key=public_key, prev_fingerprint=fingerprint, prev_until=@until";
     this.db
-      .prepare("UPDATE devices SET public_key=?, fingerprint=?, overlay=?, updated=? WHERE hostname=?")
-      .run(publicKey, fingerprint, overlay, new Date().toISOString(), hostname);
+      .prepare(`UPDATE devices SET ${keep}, public_key=@publicKey, fingerprint=@fingerprint, overlay=@overlay, updated=@now WHERE hostname=@hostname`)
+      .run({ publicKey, fingerprint, overlay, now: new Date().toISOString(), hostname, ...(graceUntil === undefined ? {} : { until: graceUntil }) });
   }
 
   private withServices(rows: DeviceRow[]): DeviceRecord[] {

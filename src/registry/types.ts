@@ -17,6 +17,8 @@ export interface DeviceRecord {
   services: Record<string, number>;
   publicKey: string;
   fingerprint: string;
+  /** The key a rotation replaced: bastions keep accepting it until `until` (`rotate --grace`). */
+  previous?: { publicKey: string; fingerprint: string; until: string };
   status: DeviceStatus;
   /** Where the overlay was written (for `registry doctor` to finish or reclaim a build). */
   overlay: string | null;
@@ -66,8 +68,11 @@ export interface Registry {
   revoke(hostname: string): Promise<void>;
   /** Frees a revoked device's ports and forgets it. */
   release(hostname: string): Promise<void>;
-  /** A new key for the same device (name and ports kept). */
-  rotate(hostname: string, publicKey: string, fingerprint: string, overlay: string): Promise<void>;
+  /**
+   * A new key for the same device (name and ports kept). With `graceUntil` (an ISO time) the
+   * replaced key is kept as `previous` until then; without it, any previous key is dropped.
+   */
+  rotate(hostname: string, publicKey: string, fingerprint: string, overlay: string, graceUntil?: string): Promise<void>;
   /** Devices left `pending` by builds that never finished. */
   pending(): Promise<DeviceRecord[]>;
   get(hostname: string): Promise<DeviceRecord | undefined>;
