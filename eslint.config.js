@@ -8,7 +8,7 @@ export default tseslint.config(
   {
     // Plain Node scripts (bench, bundling): Node's globals.
     files: ["**/*.mjs", "**/*.js"],
-    languageOptions: { globals: { process: "readonly", console: "readonly", Buffer: "readonly", URL: "readonly" } },
+    languageOptions: { globals: { process: "readonly", console: "readonly", Buffer: "readonly", URL: "readonly", setTimeout: "readonly", clearTimeout: "readonly" } },
   },
   {
     rules: {
