@@ -213,15 +213,17 @@ function cgroupCounter(name) {
 }
 
 async function startSshd(cfg, cg) {
-  const pidFile = /^PidFile (.*)$/m.exec(readFileSync(cfg, "utf8"))[1];
+  const text = readFileSync(cfg, "utf8");
+  const pidFile = /^PidFile (.*)$/m.exec(text)[1];
+  const port = Number(/^Port (\d+)$/m.exec(text)[1]);
   rmSync(pidFile, { force: true });
   const logFile = cfg.replace(/sshd_config$/, "log");
   sh(SSHD, ["-f", cfg, "-E", logFile]);
   await waitFor("sshd pid file", () => existsSync(pidFile));
   const pid = Number(readFileSync(pidFile, "utf8").trim());
   if (cg) writeFileSync(cg.procs, String(pid));
-  await waitFor("sshd listening", () => canConnect(BASTION_PORT));
-  return { pid, logFile };
+  await waitFor("sshd listening", () => canConnect(port));
+  return { pid, logFile, port };
 }
 
 /** Ends the listener and every session process it spawned (a bastion reboot, not systemctl restart). */
@@ -239,62 +241,59 @@ function stopSshd(pid) {
   }
 }
 
+// The CPU rows run every sshd at once, each on its own port and in its own cgroup, and take
+// their logins round-robin: background load on a shared machine then hits every row alike.
+const CPU_PORT = BASTION_PORT + 1000;
+const cpuKnownHosts = join(SECURE, "cpu_known_hosts");
+writeFileSync(cpuKnownHosts, Array.from({ length: 16 }, (_, i) => `[127.0.0.1]:${CPU_PORT + i} ${bastionPub}\n`).join(""));
+
 /** One login: ssh -N -R until the forward listens, then the client exits. Returns sshd CPU ms. */
-async function oneLogin(d, cg, extra = []) {
-  const before = cg.usageMs();
-  const c = spawn("ssh", tunnelArgs(d, BASTION_PORT, extra), { stdio: ["ignore", "ignore", "pipe"] });
+async function oneLogin(m) {
+  const before = m.cg.usageMs();
+  const args = tunnelArgs(m.device, m.port, m.extra).map((a) => (a.startsWith("UserKnownHostsFile=") ? `UserKnownHostsFile=${cpuKnownHosts}` : a));
+  const c = spawn("ssh", args, { stdio: ["ignore", "ignore", "pipe"] });
   let err = "";
   c.stderr.on("data", (x) => (err += x));
-  await waitFor(`login of ${d.hostname}`, async () => {
+  await waitFor(`login of ${m.device.hostname} (${m.label})`, async () => {
     if (c.exitCode !== null) throw new Error(`ssh exited ${c.exitCode}: ${err}`);
-    return listening().has(d.port);
+    return listening().has(m.device.port);
   }, 20_000, 5);
   c.kill("SIGTERM");
   await new Promise((r) => c.once("exit", r));
-  await waitFor("session end", () => !listening().has(d.port), 10_000, 5);
+  await waitFor("session end", () => !listening().has(m.device.port), 10_000, 5);
   await sleep(150); // the session processes finish their exit accounting
-  return cg.usageMs() - before;
-}
-
-async function cpuPerLogin(label, cfg, d, extra = []) {
-  const cg = cgroupCounter(`mko-bench-${process.pid}-${label.replace(/\W+/g, "-")}`);
-  const { pid } = await startSshd(cfg, cg);
-  try {
-    for (let i = 0; i < 3; i++) await oneLogin(d, cg, extra); // warm the page cache
-    const xs = [];
-    for (let i = 0; i < RUNS; i++) xs.push(await oneLogin(d, cg, extra));
-    log(`  ${label}: median ${median(xs).toFixed(1)} ms (min ${Math.min(...xs).toFixed(1)}, max ${Math.max(...xs).toFixed(1)})`);
-    return median(xs);
-  } finally {
-    stopSshd(pid);
-    await sleep(200);
-    cg.remove();
-  }
+  return m.cg.usageMs() - before;
 }
 
 const rows = [];
 const cpu = new Map();
-const probe = deviceOf(fleets.get(BIG), 1);
+const modes = [];
+const addMode = (key, label, cfgOf, device, extra = []) => {
+  const port = CPU_PORT + modes.length;
+  const cfg = cfgOf();
+  writeFileSync(cfg, readFileSync(cfg, "utf8").replace(/^Port \d+$/m, `Port ${port}`));
+  modes.push({ key, label, cfg, device, extra, port, cg: cgroupCounter(`mko-bench-${process.pid}-${modes.length}`), xs: [] });
+};
+// The probe is the last device of each fleet: the worst case for a file (sshd stops at the
+// first match, and reads the file twice per login: the key query, then the signature).
+const last = (n) => deviceOf(fleets.get(n), n);
+const probe = last(BIG);
 
 log("sshd CPU per tunnel login…");
 // Bare: one key in a file, no Match block.
-{
+addMode("bare", "bare sshd, 1 key in a file", () => {
   const ak = join(SECURE, "bare.authorized_keys");
   const line = readFileSync(join(SECURE, `authorized_keys-${BIG}`), "utf8").split("\n").find((l) => l.endsWith(` ${probe.hostname}`));
   writeFileSync(ak, `${line}\n`, { mode: 0o644 });
   const cfg = join(SECURE, "bare.sshd_config");
   writeFileSync(cfg, [`Port ${BASTION_PORT}`, "ListenAddress 127.0.0.1", `HostKey ${bastionKey}`, "UsePAM no", "StrictModes no", `AuthorizedKeysFile ${ak}`, `PidFile ${join(SECURE, "bare.pid")}`, "LogLevel INFO", ""].join("\n"));
-  cpu.set("bare", await cpuPerLogin("bare sshd, 1 key in a file", cfg, probe));
-}
+  return cfg;
+}, probe);
+const AKC_LINES = /^ {4}AuthorizedKeysFile none\n {4}AuthorizedKeysCommand .*\n {4}AuthorizedKeysCommandUser .*\n/m;
 for (const n of SIZES) {
   const root = roots.get(n);
-  const d = deviceOf(fleets.get(n), 1);
-  cpu.set(`akc-${n}`, await cpuPerLogin(`agent key directory, ${n} devices`, sshdConfig(root, `akc-${n}`), d));
-  const file = join(SECURE, `authorized_keys-${n}`);
-  const fileCfg = sshdConfig(root, `file-${n}`, (t) =>
-    t.replace(/^ {4}AuthorizedKeysFile none\n {4}AuthorizedKeysCommand .*\n {4}AuthorizedKeysCommandUser .*\n/m, `    AuthorizedKeysFile ${file}\n`),
-  );
-  cpu.set(`file-${n}`, await cpuPerLogin(`file export, ${n} devices`, fileCfg, d));
+  addMode(`akc-${n}`, `agent key directory, ${n} devices`, () => sshdConfig(root, `akc-${n}`), last(n));
+  addMode(`file-${n}`, `file export, ${n} devices`, () => sshdConfig(root, `file-${n}`, (t) => t.replace(AKC_LINES, `    AuthorizedKeysFile ${join(SECURE, `authorized_keys-${n}`)}\n`)), last(n));
 }
 // Device certificates: a fleet CA signs each device key (principal = hostname, serial = its
 // number); sshd checks the CA, a KRL of revoked serials, and asks a command for the principal's
@@ -319,14 +318,24 @@ for (const n of SIZES) {
   const cmd = join(certDir, "principals-command");
   writeFileSync(cmd, `#!/bin/sh\ncase $1 in *[!a-z0-9-]*|"") exit 0 ;; esac\n[ -f "${principals}/$1" ] || exit 0\nwhile IFS= read -r l; do printf '%s\\n' "$l"; done <"${principals}/$1"\n`, { mode: 0o755 });
   chmodSync(cmd, 0o755);
-  const root = roots.get(BIG);
-  const cfg = sshdConfig(root, "cert", (t) =>
-    t.replace(
-      /^ {4}AuthorizedKeysFile none\n {4}AuthorizedKeysCommand .*\n {4}AuthorizedKeysCommandUser .*\n/m,
-      `    AuthorizedKeysFile none\n    TrustedUserCAKeys ${ca}.pub\n    RevokedKeys ${krl}\n    AuthorizedPrincipalsCommand ${cmd} %i\n    AuthorizedPrincipalsCommandUser mkoverlay-keys\n`,
-    ),
-  );
-  cpu.set("cert", await cpuPerLogin(`certificates + principals command + KRL of ${BIG} serials`, cfg, { ...probe, key }, ["-o", `CertificateFile=${key}-cert.pub`]));
+  addMode("cert", `certificates + principals command + KRL of ${BIG} serials`, () =>
+    sshdConfig(roots.get(BIG), "cert", (t) =>
+      t.replace(AKC_LINES, `    AuthorizedKeysFile none\n    TrustedUserCAKeys ${ca}.pub\n    RevokedKeys ${krl}\n    AuthorizedPrincipalsCommand ${cmd} %i\n    AuthorizedPrincipalsCommandUser mkoverlay-keys\n`),
+    ), { ...probe, key }, ["-o", `CertificateFile=${key}-cert.pub`]);
+}
+const daemons = [];
+for (const m of modes) daemons.push((await startSshd(m.cfg, m.cg)).pid);
+try {
+  for (const m of modes) for (let i = 0; i < 3; i++) await oneLogin(m); // warm the page cache
+  for (let i = 0; i < RUNS; i++) for (const m of modes) m.xs.push(await oneLogin(m));
+} finally {
+  daemons.forEach(stopSshd);
+  await sleep(300);
+  for (const m of modes) m.cg.remove();
+}
+for (const m of modes) {
+  cpu.set(m.key, median(m.xs));
+  log(`  ${m.label}: median ${median(m.xs).toFixed(1)} ms (min ${Math.min(...m.xs).toFixed(1)}, max ${Math.max(...m.xs).toFixed(1)})`);
 }
 
 const bare = cpu.get("bare");
@@ -386,7 +395,9 @@ async function storm(label, cfg, devices) {
 }
 
 log(`reconnect storm of ${STORM} gateways (${BIG.toLocaleString("en")} devices registered)…`);
-const stormDevices = Array.from({ length: STORM }, (_, i) => deviceOf(fleets.get(BIG), i + 1));
+// Spread through the fleet (and the file): gw-00200, gw-00400, … for 200 of 40,000.
+const stride = Math.max(1, Math.floor(BIG / TUNNELS_FOR_MEMORY));
+const stormDevices = Array.from({ length: STORM }, (_, i) => deviceOf(fleets.get(BIG), (i + 1) * stride));
 const rootBig = roots.get(BIG);
 const akcCfg = sshdConfig(rootBig, "storm-akc");
 const fileCfg = sshdConfig(rootBig, "storm-file", (t) =>
@@ -402,7 +413,7 @@ rows.push([`Reconnect storm, ${STORM} gateways, ${BIG.toLocaleString("en")} regi
 // --- sshd memory per tunnel, with TUNNELS_FOR_MEMORY up ---
 
 log(`sshd memory with ${TUNNELS_FOR_MEMORY} tunnels…`);
-const more = Array.from({ length: Math.max(0, TUNNELS_FOR_MEMORY - STORM) }, (_, i) => deviceOf(fleets.get(BIG), STORM + i + 1));
+const more = Array.from({ length: Math.max(0, TUNNELS_FOR_MEMORY - STORM) }, (_, i) => deviceOf(fleets.get(BIG), (STORM + i + 1) * stride));
 const moreGws = more.map(gateway);
 await waitFor(`${TUNNELS_FOR_MEMORY} tunnels`, () => {
   const l = listening();
@@ -460,7 +471,7 @@ try {
   const syncMs = now() - t0;
   const rssKb = Number(/^VmRSS:\s+(\d+)/m.exec(readFileSync(`/proc/${agent.pid}/status`, "utf8"))[1]);
   rows.push([`Agent: start to first full sync of ${BIG.toLocaleString("en")} devices (PostgreSQL)`, `${(syncMs / 1000).toFixed(1)} s`, "", "", `RSS ${(rssKb / 1024).toFixed(0)} MB`]);
-  const victims = Array.from({ length: REVOCATIONS }, (_, i) => deviceOf(dir, i + 1));
+  const victims = Array.from({ length: REVOCATIONS }, (_, i) => deviceOf(dir, (i + 1) * stride));
   const gws = victims.map(gateway);
   await waitFor("victims up", () => victims.every((d) => listening().has(d.port)), 120_000, 100);
   const lat = [];

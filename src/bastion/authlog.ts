@@ -108,23 +108,35 @@ export function followFile(file: string, onLine: (l: string) => void, opts: { in
   };
 }
 
-/** Follows sshd's entries in the journal, from now on (restarting journalctl if it exits). */
+/**
+ * Follows sshd's entries in the journal, from now on. journalctl is restarted if it exits, after
+ * 5 s doubling to 5 min; a failure is reported once until journalctl runs again.
+ */
 export function followJournal(onLine: (l: string) => void, opts: { onError?: (e: Error) => void } = {}): Follower {
   let stopped = false;
   let child: ReturnType<typeof spawn> | undefined;
   let restart: NodeJS.Timeout | undefined;
+  let delay = 5000;
+  let reported = false;
   const start = () => {
     // _UID=0 and _COMM=sshd are set by journald from the sending process, not by the sender.
     child = spawn("journalctl", ["--follow", "--lines=0", "--output=cat", "--no-pager", "_COMM=sshd", "_UID=0"], { stdio: ["ignore", "pipe", "pipe"] });
     const feed = lineSplitter(onLine);
+    const started = Date.now();
     child.stdout!.setEncoding("utf8").on("data", feed);
     let err = "";
     child.stderr!.setEncoding("utf8").on("data", (d: string) => (err += d));
-    child.on("error", (e) => opts.onError?.(e));
+    child.on("error", (e) => err || (err = e.message));
     child.on("exit", (code) => {
       if (stopped) return;
-      opts.onError?.(new Error(`journalctl exited (${code}): ${err.trim().split("\n")[0] ?? ""}`));
-      restart = setTimeout(start, 5000);
+      if (Date.now() - started > 60_000) {
+        delay = 5000; // it ran for a while: a new failure is news
+        reported = false;
+      }
+      if (!reported) opts.onError?.(new Error(`journalctl exited (${code}): ${err.trim().split("\n")[0] ?? ""}; retrying`));
+      reported = true;
+      restart = setTimeout(start, delay);
+      delay = Math.min(delay * 2, 300_000);
     });
   };
   start();

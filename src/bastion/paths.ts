@@ -11,6 +11,8 @@ export { KEYS_COMMAND_PATH };
 export const configDir = (bastion: string): string => `/etc/mkoverlay/bastion/${bastion}`;
 export const fleetCopy = (bastion: string): string => `${configDir(bastion)}/fleet.yaml`;
 export const agentEnv = (bastion: string): string => `${configDir(bastion)}/agent.env`;
+/** The administrator's additions to the agent's environment (a password, TLS settings); never written. */
+export const localEnv = (bastion: string): string => `${configDir(bastion)}/local.env`;
 /** The agent's state: keys/ (what sshd's command reads) and retired.json. */
 export const STATE_ROOT = "/var/lib/mkoverlay/bastion";
 export const stateDir = (bastion: string): string => `${STATE_ROOT}/${bastion}`;

@@ -13,7 +13,7 @@
  *
  * Every directive carries a comment saying why (as the device units do).
  */
-import { agentEnv, fleetCopy, stateDir } from "./paths.js";
+import { agentEnv, fleetCopy, localEnv, stateDir } from "./paths.js";
 
 export interface UnitInput {
   /** ExecStart's command before the arguments: `/usr/bin/node /opt/mkoverlay/bin/mkoverlay`. */
@@ -57,6 +57,8 @@ StartLimitIntervalSec=0
 Type=exec
 # MKOVERLAY_REGISTRY (the registry it reads) and MKOVERLAY_CACHE.
 EnvironmentFile=${agentEnv(i)}
+# Optional, the administrator's own (never written by mkoverlay): PGPASSWORD, PGSSLMODE, ...
+EnvironmentFile=-${localEnv(i)}
 # The config is mkoverlay's own copy (re-run the install after changing the fleet config).
 ExecStart=${u.exec.join(" ")} bastion agent --bastion %i --config ${fleetCopy(i)}
 # Whatever stopped it (a crash, the registry's client library), start again.
