@@ -4,7 +4,7 @@
  * drop-in, the agent running as its unit runs it (with the documented read-only PostgreSQL
  * role), gateways running their tunnel unit's exact ssh command with their own keys.
  */
-import { readdirSync } from "node:fs";
+import { readdirSync, renameSync } from "node:fs";
 import { join } from "node:path";
 import pg from "pg";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
@@ -263,13 +263,27 @@ describe.runIf(isRoot && pgServer)("bastion agent on PostgreSQL (read-only role,
       await c.end();
     }
   });
+
+  it("a registry that suddenly holds no device at all is not applied: the keys stay (a wrong or new database)", async () => {
+    const live = device(s);
+    await authorized(s, live);
+    const before = readdirSync(s.keysDir).sort();
+    expect(before.length).toBeGreaterThan(1);
+    await pgServer!.sql(url, "DELETE FROM mkoverlay.devices");
+    await pgServer!.sql(url, "SELECT pg_notify('mkoverlay_changes', '*')");
+    await s.agent.waitLog(/holds no device at all while \d+ key\(s\) are authorized: not applied/);
+    expect(readdirSync(s.keysDir).sort()).toEqual(before);
+    expect((await tryLogin(live)).ok).toBe(true);
+  });
 });
 
 describe.runIf(isRoot)("bastion agent on a SQLite registry on the same host (file watch)", () => {
   let s: Setup;
+  let reg: string;
   beforeAll(async () => {
     const ws = tempDir("mko-bastion-sq-");
-    s = await setUp(join(ws, "registry.db"), join(ws, "registry.db"));
+    reg = join(ws, "registry.db");
+    s = await setUp(reg, reg);
     s.dirs.push(ws);
   }, 120_000);
   afterAll(() => tearDown(s));
@@ -286,5 +300,20 @@ describe.runIf(isRoot)("bastion agent on a SQLite registry on the same host (fil
     expect(Date.now() - t0).toBeLessThan(5000);
     expect(await canConnect(a.port)).toBe(true);
     expect((await tryLogin(b)).ok).toBe(false);
+  });
+
+  it("a registry file missing when the agent starts is an outage, not an empty fleet", async () => {
+    const c = device(s);
+    await authorized(s, c);
+    await s.agent.stop();
+    const before = readdirSync(s.keysDir).sort();
+    renameSync(reg, `${reg}.away`);
+    s.agent = startAgent(s.root, "lo", { authLog: s.bastion.logFile });
+    await s.agent.waitLog(/registry .*registry\.db unreachable: .*registry\.db does not exist; keeping the last known \d+ key\(s\)/);
+    expect(readdirSync(s.keysDir).sort()).toEqual(before);
+    expect((await tryLogin(c)).ok).toBe(true);
+    renameSync(`${reg}.away`, reg);
+    await s.agent.waitLog(/reachable again after \d+s; caught up/, 20_000);
+    expect(readdirSync(s.keysDir).sort()).toEqual(before);
   });
 });
