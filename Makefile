@@ -8,12 +8,13 @@ BOARD ?= rpi4
 BASTION ?= eu
 ARCH ?= amd64
 
-.PHONY: help install build run test test-deps typecheck lint schema-check unit test-boot boot-deps bench clean
+.PHONY: help install build run test test-deps typecheck lint schema-check unit test-boot boot-deps bench bench-bastion clean
 
 help:
 	@echo "make run    - install, build, and build one overlay from $(EXAMPLE) into ./$(OUT)"
 	@echo "make test   - install test prerequisites (as root), type-check, lint, run every test"
 	@echo "make bench  - factory-scale benchmarks (writes bench/results.md)"
+	@echo "make bench-bastion - the bastion at fleet scale, as root (writes bench/bastion-results.md)"
 
 # npm ci when the lock file is there: the same tree on every station and in CI.
 node_modules/.install-stamp: package.json package-lock.json
@@ -68,6 +69,10 @@ test-boot: build boot-deps
 
 bench: build
 	node bench/run.mjs
+
+# As root: sshd CPU per login at 10/10,000/40,000 devices, reconnect storm, revocation latency.
+bench-bastion: build
+	node bench/bastion.mjs
 
 clean:
 	rm -rf dist out bench/work test-artifacts

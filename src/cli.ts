@@ -83,6 +83,25 @@ function program(): Command {
     .option("--authorized-keys-file <path>", "add an AuthorizedKeysFile line (e.g. /etc/ssh/authorized_keys.d/%u)")
     .option("--config <file>", cfg)
     .action(lazy(() => import("./commands/bastion.js"), (m, opts) => m.sshdConfigCommand(opts)));
+  bastion
+    .command("install")
+    .description("set this host (or --root DIR) up as the bastion: tunnel user, sshd drop-in, key directory, agent unit")
+    .requiredOption("--bastion <name>", "the bastion")
+    .option("--root <dir>", "install into a mounted image instead of this host (like systemctl --root)")
+    .option("--registry <location>", "the registry the agent reads (default: the config's), e.g. postgres://mkoverlay_bastion@db/fleet")
+    .option("--no-create-user", "fail instead of creating a missing tunnel user")
+    .option("--mkoverlay <path>", "mkoverlay's executable on the bastion, for the unit (default: this one)")
+    .option("--config <file>", cfg)
+    .action(lazy(() => import("./commands/bastion-install.js"), (m, opts) => m.bastionInstallCommand(opts)));
+  bastion
+    .command("agent")
+    .description("keep sshd's tunnel keys equal to the registry, live (runs in mkoverlay-bastion@NAME.service)")
+    .requiredOption("--bastion <name>", "the bastion")
+    .option("--state-dir <dir>", "key directory and state (default /var/lib/mkoverlay/bastion/NAME)")
+    .option("--auth-log <source>", "where sshd logs logins: journal, a file (sshd -E), or none", "journal")
+    .option("--resync <seconds>", "full re-read period (default 60 on PostgreSQL, 10 on SQLite)")
+    .option("--config <file>", cfg)
+    .action(lazy(() => import("./commands/bastion-agent.js"), (m, opts) => m.bastionAgentCommand(opts)));
 
   p.command("ssh-config")
     .description("~/.ssh/config entries that reach every live device by name through its bastion")
@@ -103,7 +122,7 @@ function program(): Command {
   p.command("rotate <hostname>")
     .description("a new key for a device (same name and ports) and a new overlay")
     .option("--host-key <file>", "use this key instead of a new one")
-    .option("--grace <duration>", "how long the old key stays valid on bastions (e.g. 7d, 36h; 0 for none)", "7d")
+    .option("--grace <duration>", "bastions keep accepting the old key this long (e.g. 12h, 7d, 2w; 0: drop it now)", "7d")
     .option("--out <dir>", "output directory (created 0700)", "out")
     .option("--format <form>", "tar or dir")
     .option("--apply <root>", "lay the overlay over a mounted root file system")

@@ -10,7 +10,7 @@ import { VERSION } from "../version.js";
 import { resolveBastions } from "../device.js";
 import { errnoCode, ioUserError, UserError } from "../errors.js";
 import { writeFileAtomic } from "../fsutil.js";
-import { out } from "../output.js";
+import { out, stderrLog } from "../output.js";
 
 function oneBastion(fleet: Fleet, flag: string | undefined): Bastion {
   const bs = resolveBastions(fleet, flag);
@@ -83,9 +83,12 @@ function ownerFor(file: string, b: Bastion): Account {
 }
 
 export async function authorizedKeysCommand(opts: { bastion?: string; write?: string; config?: string }): Promise<void> {
+  const log = stderrLog(false);
   const { text, bastion } = await withFleetRegistry(opts.config, async (fleet, registry) => {
     const b = oneBastion(fleet, opts.bastion);
-    return { text: renderAuthorizedKeys(fleet, b, await registry.list(), VERSION), bastion: b };
+    // A corrupt or hostile row is left out, never rendered; say which and why.
+    const text = renderAuthorizedKeys(fleet, b, await registry.list(), VERSION, { onSkip: (s) => log.warn(`left out ${JSON.stringify(s.hostname)}: ${s.reason}`) });
+    return { text, bastion: b };
   });
   if (!opts.write) {
     out(text);
