@@ -100,6 +100,9 @@ function program(): Command {
     .option("--state-dir <dir>", "key directory and state (default /var/lib/mkoverlay/bastion/NAME)")
     .option("--auth-log <source>", "where sshd logs logins: journal, a file (sshd -E), or none", "journal")
     .option("--resync <seconds>", "full re-read period (default 60 on PostgreSQL, 10 on SQLite)")
+    .option("--interval <seconds>", "how often to record the tunnels this bastion sees (mkoverlay status)", "15")
+    .option("--metrics-listen <host:port>", "serve this bastion's fleet view for Prometheus on a loopback address (GET /metrics)")
+    .option("--never-seen-after <duration>", "for the metrics: a device built this long ago and never connected is an alarm", "24h")
     .option("--config <file>", cfg)
     .action(lazy(() => import("./commands/bastion-agent.js"), (m, opts) => m.bastionAgentCommand(opts)));
 

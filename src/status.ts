@@ -2,8 +2,9 @@
  * The fleet as the bastions see it, computed from the registry alone (devices, and what each
  * bastion's agent last recorded): for every device whether it is connected now, where and since
  * when, when it was last seen, whether it never came online; and the alarms — a revoked device
- * still connected, a listener in the tunnel range that no device holds, a bastion whose agent
- * went silent, a device never seen long after it was built. Pure: no I/O, the clock is given.
+ * still connected, a listener in the tunnel range that no device holds, a tunnel opened with
+ * another key than its device's, a bastion whose agent went silent, a device never seen long
+ * after it was built. Pure: no I/O, the clock is given.
  */
 import type { DeviceRecord, Observations } from "./registry/types.js";
 
@@ -16,8 +17,8 @@ export interface DeviceView {
   bastions: string[];
   port: number;
   state: DeviceState;
-  /** Where it is connected now, and since when. */
-  connected: { bastion: string; since: string }[];
+  /** Where it is connected now, since when, and with which key where sshd's log said. */
+  connected: { bastion: string; since: string; fingerprint?: string }[];
   firstSeen: string | null;
   lastSeen: string | null;
   /** The bastions it has ever been seen on. */
@@ -26,7 +27,7 @@ export interface DeviceView {
   attributes: Record<string, string>;
 }
 
-export type AlarmKind = "revoked-connected" | "unknown-listener" | "bastion-silent" | "never-seen";
+export type AlarmKind = "revoked-connected" | "unknown-listener" | "key-mismatch" | "bastion-silent" | "never-seen";
 
 export interface Alarm {
   kind: AlarmKind;
@@ -73,7 +74,7 @@ export function fleetStatus(devices: DeviceRecord[], obs: Observations, o: Statu
     return h !== undefined && ago(o.now, h.at) <= 3 * h.intervalS * 1000;
   };
   const byPort = new Map(devices.map((d) => [d.port, d]));
-  const connectedOn = new Map<string, { bastion: string; since: string }[]>();
+  const connectedOn = new Map<string, DeviceView["connected"]>();
   const alarms: Alarm[] = [];
   for (const s of obs.sightings) {
     if (!s.connected || !only(s.bastion) || !fresh(s.bastion)) continue;
@@ -84,8 +85,12 @@ export function fleetStatus(devices: DeviceRecord[], obs: Observations, o: Statu
       if (!holder) alarms.push({ kind: "unknown-listener", bastion: s.bastion, port: s.port, message: `${s.bastion}: port ${s.port} listens since ${s.since}, and no registered device holds it` });
       continue;
     }
+    // sshd's log named the key that opened this tunnel: it must be the device's own.
+    if (s.fingerprint && s.fingerprint !== d.fingerprint && s.fingerprint !== d.previous?.fingerprint) {
+      alarms.push({ kind: "key-mismatch", bastion: s.bastion, hostname: d.hostname, port: s.port, message: `${s.bastion}: port ${s.port} of ${d.hostname} was opened with key ${s.fingerprint}, not the device's` });
+    }
     if (d.status === "revoked") alarms.push({ kind: "revoked-connected", bastion: s.bastion, hostname: d.hostname, port: s.port, message: `${d.hostname} is revoked but connected to ${s.bastion} (port ${s.port}) since ${s.since}` });
-    connectedOn.set(d.hostname, [...(connectedOn.get(d.hostname) ?? []), { bastion: s.bastion, since: s.since }]);
+    connectedOn.set(d.hostname, [...(connectedOn.get(d.hostname) ?? []), { bastion: s.bastion, since: s.since, ...(s.fingerprint ? { fingerprint: s.fingerprint } : {}) }]);
   }
   const history = new Map<string, Observations["history"]>();
   for (const h of obs.history) if (only(h.bastion)) history.set(h.hostname, [...(history.get(h.hostname) ?? []), h]);

@@ -10,6 +10,7 @@ import pg from "pg";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
 import { fileNameFor } from "../src/bastion/keystore.js";
 import { buildDevice, cleanup, isRoot, prepareRoot, secureRoot, startAgent, startBastion, tryLogin, tunnelUp, type AgentProc, type Bastion, type Device, type Tunnel } from "./helpers/bastion.js";
+import { agentRole } from "./helpers/agent-role.js";
 import { postgresForTests, type PgServer } from "./helpers/postgres.js";
 import { canConnect, ensureUser, freePort, waitFor } from "./helpers/sshd.js";
 import { extract, readPub, runCli, sshKeygen, tempDir, writeFleet } from "./helpers/workspace.js";
@@ -23,15 +24,7 @@ afterAll(async () => {
   await pgServer?.stop();
 });
 
-/** The GRANTs docs/bastion.md gives the agent's role: read, and nothing else. */
-export async function createAgentRole(server: PgServer, url: string): Promise<string> {
-  const db = decodeURIComponent(new URL(url).pathname.slice(1));
-  await server.sql("postgres", `DO $$ BEGIN CREATE ROLE ${AGENT_ROLE} LOGIN; EXCEPTION WHEN duplicate_object THEN NULL; END $$`);
-  await server.sql(url, `GRANT CONNECT ON DATABASE ${db} TO ${AGENT_ROLE}`);
-  await server.sql(url, `GRANT USAGE ON SCHEMA mkoverlay TO ${AGENT_ROLE}`);
-  await server.sql(url, `GRANT SELECT ON ALL TABLES IN SCHEMA mkoverlay TO ${AGENT_ROLE}`);
-  return server.url(db, AGENT_ROLE);
-}
+const createAgentRole = (server: PgServer, url: string) => agentRole(server, url, AGENT_ROLE);
 
 const re = (fp: string) => fp.replace(/[+/]/g, ".");
 const authorized = (s: Setup, d: Device) => s.agent.waitLog(new RegExp(`${d.hostname}: key ${re(d.fingerprint)} authorized`));
@@ -241,7 +234,7 @@ describe.runIf(isRoot && pgServer)("bastion agent on PostgreSQL (read-only role,
     await pgServer!.sql(url, "DELETE FROM mkoverlay.devices WHERE hostname IN ('gw-badkey', 'gw-fpmismatch') OR hostname LIKE 'gw-inject%'");
   });
 
-  it("the agent's PostgreSQL role reads but cannot insert, update or delete", async () => {
+  it("the agent's PostgreSQL role reads, writes only what it sees, and cannot change the fleet", async () => {
     const c = new pg.Client({ connectionString: pgServer!.url(decodeURIComponent(new URL(url).pathname.slice(1)), AGENT_ROLE) });
     await c.connect();
     try {
@@ -259,6 +252,12 @@ describe.runIf(isRoot && pgServer)("bastion agent on PostgreSQL (read-only role,
       await denied("DELETE FROM mkoverlay.devices");
       await denied("CREATE TABLE mkoverlay.evil (x int)");
       await denied("TRUNCATE mkoverlay.devices");
+      await denied("DELETE FROM mkoverlay.sightings");
+      await denied("TRUNCATE mkoverlay.heartbeats");
+      await denied("INSERT INTO mkoverlay.attributes (hostname, key, value) VALUES ('a', 'b', 'c')");
+      // What it may write: its observations (issue 13), through the registry's own calls.
+      await c.query("INSERT INTO mkoverlay.heartbeats (bastion, at, interval_s, agent) VALUES ('probe', '2026-01-01T00:00:00.000Z', 15, 'test') ON CONFLICT (bastion) DO UPDATE SET at = excluded.at");
+      await c.query("UPDATE mkoverlay.heartbeats SET interval_s = 16 WHERE bastion = 'probe'");
     } finally {
       await c.end();
     }

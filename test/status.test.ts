@@ -92,6 +92,15 @@ describe("fleet status (pure)", () => {
     ]);
   });
 
+  it("a tunnel opened with another key than its device's is an alarm (sshd's log names the key)", () => {
+    const withKey = (fp: string) => ({ ...obs, sightings: obs.sightings.map((x) => (x.port === 21000 ? { ...x, fingerprint: fp } : x)) });
+    const opts = { now: NOW, neverSeenAfterMs: Infinity, knownBastions: ["eu"] };
+    expect(fleetStatus(devices, withKey("SHA256:gw-on"), opts).alarms.filter((a) => a.kind === "key-mismatch")).toEqual([]);
+    expect(fleetStatus(devices, withKey("SHA256:intruder"), opts).alarms.filter((a) => a.kind === "key-mismatch")).toEqual([
+      { kind: "key-mismatch", bastion: "eu", hostname: "gw-on", port: 21000, message: "eu: port 21000 of gw-on was opened with key SHA256:intruder, not the device's" },
+    ]);
+  });
+
   it("--bastion narrows everything to one bastion", () => {
     const eu = fleetStatus(devices, obs, { now: NOW, neverSeenAfterMs: Infinity, bastion: "eu", knownBastions: ["eu", "us"] });
     expect(eu.devices.map((d) => d.hostname)).not.toContain("gw-us");

@@ -18,18 +18,27 @@
  *   key logging in (authlog.ts) — then it is retired at once, on this bastion.
  * - Corrupt or hostile rows are skipped with a log line (export.ts), never written.
  *
- * All work runs one step at a time on one queue; the registry is only ever read.
+ * - What it sees (issue 13): every `observeMs` it lists the loopback listeners in the fleet's
+ *   tunnel ranges (any user's: a stray listener is an alarm too) and records them in the
+ *   registry — only changes plus a heartbeat — with the key each tunnel's login used where
+ *   sshd's log tells (the client address and port of the "Accepted publickey" line, matched to
+ *   the connection the listening session process holds).
+ *
+ * All work runs one step at a time on one queue. The registry is read, and written only in the
+ * observation tables (the agent's PostgreSQL role may write those and nothing else).
  */
 import { existsSync, readFileSync } from "node:fs";
+import { hostname } from "node:os";
 import { join } from "node:path";
 import type { Bastion, Fleet } from "../config/fleet.js";
 import { writeFileAtomic } from "../fsutil.js";
 import { displayLocation, isPostgresUrl } from "../registry/location.js";
 import type { DeviceRecord, Registry } from "../registry/types.js";
+import { fleetStatus, type FleetStatus } from "../status.js";
 import { followFile, followJournal, parseAccepted, type Follower } from "./authlog.js";
 import { bastionEntries, type BastionEntry } from "./export.js";
 import { KeyStore, listenPorts } from "./keystore.js";
-import { endSessions, loopbackListeners } from "./sessions.js";
+import { endSessions, loopbackListeners, peersOf } from "./sessions.js";
 import { listenPostgres, watchSqlite, type Watch } from "./watch.js";
 
 export type Level = "info" | "warn" | "error";
@@ -54,6 +63,8 @@ export interface AgentConfig {
   callTimeoutMs?: number;
   /** Longest wait between reconnection attempts. */
   maxBackoffMs?: number;
+  /** How often to record what this bastion sees (0: never). */
+  observeMs?: number;
 }
 
 /** The channel stations NOTIFY (postgres.ts CHANGES_CHANNEL; not imported, to keep pg out of SQLite agents). */
@@ -94,6 +105,9 @@ export class Agent {
   private resyncTimer: NodeJS.Timeout | undefined;
   private retryTimer: NodeJS.Timeout | undefined;
   private expiryTimer: NodeJS.Timeout | undefined;
+  private observeTimer: NodeJS.Timeout | undefined;
+  /** Recent logins of the tunnel user: client `address:port` → the key's fingerprint. */
+  private readonly accepted = new Map<string, string>();
   private stopped = false;
   private suspectLogged = false;
   /** The last apply failed half-way (e.g. a full disk): the next full re-read redoes everything. */
@@ -123,7 +137,7 @@ export class Agent {
 
   async stop(): Promise<void> {
     this.stopped = true;
-    for (const t of [this.flushTimer, this.resyncTimer, this.retryTimer, this.expiryTimer]) if (t) clearTimeout(t);
+    for (const t of [this.flushTimer, this.resyncTimer, this.retryTimer, this.expiryTimer, this.observeTimer]) if (t) clearTimeout(t);
     this.follower?.stop();
     await this.chain.catch(() => undefined);
     await this.disconnect();
@@ -266,6 +280,7 @@ export class Agent {
       await this.sweep();
     }
     if (this.state !== "up") {
+      this.scheduleObserve(0);
       this.c.log("info", this.state === "down" ? `${this.where} reachable again after ${Math.round((Date.now() - this.downSince) / 1000)}s; caught up: ${this.store.size} key(s)` : `in sync: ${this.store.size} key(s)`);
       this.state = "up";
     }
@@ -357,12 +372,58 @@ export class Agent {
     await this.endSessionsOn([...new Set(stray.map((l) => l.port))], "no key allows this port");
   }
 
+  // --- what this bastion sees (issue 13) ---
+
+  private scheduleObserve(delayMs: number): void {
+    const every = this.c.observeMs ?? 0;
+    if (every <= 0 || this.stopped || this.observeTimer) return;
+    this.observeTimer = setTimeout(() => {
+      this.observeTimer = undefined;
+      this.enqueue(() => this.observe());
+      this.scheduleObserve(every);
+    }, delayMs);
+  }
+
+  /** Records the tunnel ports listening now (a heartbeat when nothing changed). */
+  private async observe(): Promise<void> {
+    if (!this.registry) return; // down: the heartbeat stops, and status says this bastion is silent
+    const ranges = [this.c.fleet.ports.ssh, this.c.fleet.ports.services];
+    const listeners = loopbackListeners(ranges, { withPids: true });
+    const peers = peersOf(listeners.flatMap((l) => (l.uid === this.c.tunnelUid && l.pid !== undefined ? [l.pid] : [])));
+    const byPort = new Map<number, { port: number; fingerprint?: string }>();
+    for (const l of listeners) {
+      const fp = l.pid === undefined ? undefined : (peers.get(l.pid) ?? []).map((p) => this.accepted.get(p)).find((x) => x !== undefined);
+      const had = byPort.get(l.port);
+      byPort.set(l.port, fp ? { port: l.port, fingerprint: fp } : (had ?? { port: l.port }));
+    }
+    await this.db((r) =>
+      r.observe({
+        bastion: this.c.bastion.name,
+        at: this.now,
+        intervalS: Math.max(1, Math.round((this.c.observeMs ?? 15_000) / 1000)),
+        agent: `${hostname()}:${process.pid}`,
+        listeners: [...byPort.values()],
+      }),
+    );
+  }
+
+  /** This bastion's view of the fleet, for the metrics endpoint. */
+  async status(neverSeenAfterMs: number): Promise<FleetStatus> {
+    const [devices, obs] = await this.db((r) => Promise.all([r.list(), r.observations()]));
+    return fleetStatus(devices, obs, { now: this.now, neverSeenAfterMs, bastion: this.c.bastion.name, knownBastions: [this.c.bastion.name] });
+  }
+
   // --- rotation ---
 
   private followAuthLog(): void {
     const onLine = (line: string) => {
       const a = parseAccepted(line);
-      if (a && a.user === this.c.bastion.user) this.enqueue(() => this.onAccepted(a.fingerprint));
+      if (!a || a.user !== this.c.bastion.user) return;
+      this.accepted.delete(`${a.address}:${a.port}`);
+      this.accepted.set(`${a.address}:${a.port}`, a.fingerprint);
+      // Bounded: the oldest logins go first (a live tunnel's is looked up within an interval).
+      if (this.accepted.size > 100_000) this.accepted.delete(this.accepted.keys().next().value!);
+      this.enqueue(() => this.onAccepted(a.fingerprint));
     };
     const onError = (e: Error) => this.c.log("warn", `sshd log: ${e.message}`);
     if (this.c.authLog === "none") return;

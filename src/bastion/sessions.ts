@@ -189,3 +189,62 @@ export async function endSessions(ports: number[], uid: number, opts: ProcOption
   }
   return { ended, unowned, denied };
 }
+
+const ESTABLISHED = "01";
+
+/** `address:port` of a /proc/net hex address, as sshd's log prints a client (IPv4-mapped shown as IPv4). */
+function peerName(hex: string, littleEndian: boolean): string | undefined {
+  const [addrHex = "", portHex = ""] = hex.split(":");
+  if (addrHex.length !== 8 && addrHex.length !== 32) return undefined;
+  const b = addressBytes(addrHex, littleEndian);
+  const port = Number.parseInt(portHex, 16);
+  if (b.length === 4) return `${[...b].join(".")}:${port}`;
+  if (b.subarray(0, 10).every((x) => x === 0) && b[10] === 0xff && b[11] === 0xff) return `${[...b.subarray(12)].join(".")}:${port}`;
+  const groups: string[] = [];
+  for (let i = 0; i < 16; i += 2) groups.push(b.readUInt16BE(i).toString(16));
+  // The shortest form, as sshd prints it (inet_ntop).
+  const full = groups.join(":");
+  const zeros = full.match(/(^|:)0(:0)+(:|$)/g)?.sort((x, y) => y.length - x.length)[0];
+  return `${zeros ? full.replace(zeros, "::") : full}:${port}`;
+}
+
+/**
+ * The client end (`address:port`, as sshd's "Accepted publickey … from ADDRESS port PORT" line
+ * names it) of the connection each of `pids` holds: a tunnel's session process holds both its
+ * listening sockets and its client's connection, so this ties a listening port to the login
+ * that made it.
+ */
+export function peersOf(pids: number[], opts: ProcOptions = {}): Map<number, string[]> {
+  const proc = opts.proc ?? "/proc";
+  const le = endianness() === "LE";
+  const remote = new Map<number, string>();
+  for (const f of ["tcp", "tcp6"]) {
+    let text: string;
+    try {
+      text = readFileSync(join(proc, "net", f), "utf8");
+    } catch {
+      continue;
+    }
+    for (const line of text.split("\n").slice(1)) {
+      const x = line.trim().split(/\s+/);
+      if (x.length < 10 || x[3] !== ESTABLISHED) continue;
+      const name = peerName(x[2]!, le);
+      if (name) remote.set(Number(x[9]), name);
+    }
+  }
+  const out = new Map<number, string[]>();
+  for (const pid of new Set(pids)) {
+    const peers: string[] = [];
+    try {
+      for (const fd of readdirSync(join(proc, String(pid), "fd"))) {
+        const m = /^socket:\[(\d+)\]$/.exec(readlinkSync(join(proc, String(pid), "fd", fd)));
+        const peer = m ? remote.get(Number(m[1])) : undefined;
+        if (peer) peers.push(peer);
+      }
+    } catch {
+      // gone, or not ours to read
+    }
+    out.set(pid, peers);
+  }
+  return out;
+}

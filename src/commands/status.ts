@@ -8,6 +8,7 @@ import { withFleetRegistry } from "../context.js";
 import { UserError } from "../errors.js";
 import { out } from "../output.js";
 import { fleetStatus, type DeviceView, type FleetStatus } from "../status.js";
+import { parseAfter } from "../status-options.js";
 import { nameProblem } from "../validate.js";
 
 export interface StatusOptions {
@@ -17,14 +18,6 @@ export interface StatusOptions {
   check?: boolean;
   neverSeenAfter?: string;
   config?: string;
-}
-
-/** `--never-seen-after`: N followed by m, h, d or w (or 0: never an alarm). */
-export function parseAfter(v: string): number {
-  if (v === "0") return Infinity;
-  const m = /^(\d{1,6})([mhdw])$/.exec(v);
-  if (!m) throw new UserError(`--never-seen-after ${JSON.stringify(v)}: a duration such as 90m, 24h, 2d or 1w (or 0 for never)`);
-  return Number(m[1]) * { m: 60_000, h: 3600_000, d: 86400_000, w: 7 * 86400_000 }[m[2] as "m" | "h" | "d" | "w"];
 }
 
 function when(iso: string | null, now: Date): string {

@@ -121,7 +121,7 @@ export interface AgentProc {
 }
 
 /** The agent, run as its unit runs it: the env file's variables, the config copy, the state dir. */
-export function startAgent(root: string, name: string, opts: { authLog: string; resync?: number; env?: Record<string, string> }): AgentProc {
+export function startAgent(root: string, name: string, opts: { authLog: string; resync?: number; env?: Record<string, string>; args?: string[] }): AgentProc {
   const env: Record<string, string> = {};
   for (const l of readFileSync(join(root, `etc/mkoverlay/bastion/${name}/agent.env`), "utf8").split("\n")) {
     const i = l.indexOf("=");
@@ -129,6 +129,7 @@ export function startAgent(root: string, name: string, opts: { authLog: string; 
   }
   const args = [CLI, "bastion", "agent", "--bastion", name, "--config", join(root, `etc/mkoverlay/bastion/${name}/fleet.yaml`), "--state-dir", join(root, `var/lib/mkoverlay/bastion/${name}`), "--auth-log", opts.authLog];
   if (opts.resync) args.push("--resync", String(opts.resync));
+  args.push(...(opts.args ?? []));
   const proc = spawn(process.execPath, args, { env: { ...process.env, MKOVERLAY_CONFIG: "", ...env, ...opts.env }, stdio: ["ignore", "ignore", "pipe"] });
   const lines: string[] = [];
   let buf = "";
