@@ -57,10 +57,11 @@ StartLimitIntervalSec=0
 Type=exec
 # MKOVERLAY_REGISTRY (the registry it reads) and MKOVERLAY_CACHE.
 EnvironmentFile=${agentEnv(i)}
-# Optional, the administrator's own (never written by mkoverlay): PGPASSWORD, PGSSLMODE, ...
+# Optional, the administrator's own (never written by mkoverlay): PGPASSWORD, PGSSLMODE, and
+# MKOVERLAY_AGENT_ARGS for more agent options (e.g. --metrics-listen 127.0.0.1:9273 --interval 30).
 EnvironmentFile=-${localEnv(i)}
 # The config is mkoverlay's own copy (re-run the install after changing the fleet config).
-ExecStart=${u.exec.join(" ")} bastion agent --bastion %i --config ${fleetCopy(i)}
+ExecStart=${u.exec.join(" ")} bastion agent --bastion %i --config ${fleetCopy(i)} $MKOVERLAY_AGENT_ARGS
 # Whatever stopped it (a crash, the registry's client library), start again.
 Restart=always
 # Soon, but not in a tight loop.
