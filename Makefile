@@ -34,11 +34,12 @@ run: build
 	MKOVERLAY_REGISTRY=$(OUT)/mkoverlay.db bin/mkoverlay --config $(EXAMPLE) --board $(BOARD) --bastion $(BASTION) --out $(OUT)
 
 # Real tools the tests run: sshd/ssh/ssh-keygen, shellcheck, systemd-analyze/systemctl, GNU tar;
-# for images: debugfs/e2fsck/mke2fs/filefrag, mkfs.vfat, mtools, sfdisk, bmaptool, zstd.
+# for images: debugfs/e2fsck/mke2fs/filefrag, mkfs.vfat, mtools, sfdisk, bmaptool, zstd; fakeroot
+# for the Buildroot recipe of docs/image-builders.md.
 TEST_TOOLS := sshd:openssh-server ssh:openssh-client ssh-keygen:openssh-client shellcheck:shellcheck \
               systemd-analyze:systemd systemctl:systemd tar:tar \
               debugfs:e2fsprogs e2fsck:e2fsprogs mke2fs:e2fsprogs filefrag:e2fsprogs mkfs.vfat:dosfstools \
-              mcopy:mtools sfdisk:fdisk bmaptool:bmap-tools zstd:zstd
+              mcopy:mtools sfdisk:fdisk bmaptool:bmap-tools zstd:zstd fakeroot:fakeroot setpriv:util-linux
 test-deps:
 	@bash scripts/ensure-tools.sh $(TEST_TOOLS)
 	@bash scripts/ensure-postgres.sh >/dev/null
