@@ -7,17 +7,22 @@
 import { UserError } from "../errors.js";
 import { HOST_KEY_PUB } from "../overlay/paths.js";
 import type { TreeView } from "../overlay/view.js";
+import { ImageTreeView } from "./reader.js";
 
 /** "type base64" of an OpenSSH public key line (the comment is the hostname and may differ). */
 export function keyPart(line: string): string {
   return line.trim().split(/\s+/).slice(0, 2).join(" ");
 }
 
-/** The identity `view` carries, or undefined when it has none. */
-export async function identityOf(view: TreeView): Promise<string | undefined> {
-  const e = await view.get(HOST_KEY_PUB.slice(1));
-  if (!e || e.type !== "file" || !e.content) return undefined;
-  const k = keyPart(e.content.toString("utf8"));
+/** The identity a root carries, or undefined when it has none (an image: one debugfs run). */
+export async function identityOf(view: TreeView | ImageTreeView): Promise<string | undefined> {
+  let content: Buffer | undefined;
+  if (view instanceof ImageTreeView) content = await view.readFile(HOST_KEY_PUB);
+  else {
+    const e = await view.get(HOST_KEY_PUB.slice(1));
+    content = e?.type === "file" ? e.content : undefined;
+  }
+  const k = content ? keyPart(content.toString("utf8")) : "";
   return k === "" ? undefined : k;
 }
 

@@ -7,7 +7,7 @@
 import { mkdtempSync, readFileSync, rmSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join, posix } from "node:path";
-import { UserError } from "../errors.js";
+import { errnoCode, UserError } from "../errors.js";
 import { debugfs, debugfsSafe } from "./debugfs.js";
 import { e2Spec, type RootFs } from "./root.js";
 import { normPath, type TreeView, type ViewEntry } from "../overlay/view.js";
@@ -153,8 +153,34 @@ export class ImageTreeView implements TreeView {
     }
   }
 
-  /** `ls -p DIR/.` for each directory: "/." makes debugfs follow a symlinked directory, as the kernel would. */
-  /** `ls -p` of each directory: name → mode, owner, size. */
+  /**
+   * The content of one regular file, or undefined when there is none at `path` (one debugfs
+   * run: `dump`, where get() needs a listing first). Capped like get()'s contents.
+   */
+  async readFile(path: string): Promise<Buffer | undefined> {
+    const p = normPath(path);
+    if (!debugfsSafe(p)) throw new UserError(`cannot read ${JSON.stringify(p)} from an image: blank, quote or control character in the path`);
+    const dir = mkdtempSync(join(tmpdir(), "mkoverlay-read-"));
+    try {
+      const local = join(dir, "f");
+      // `dump` copies whatever the name is (a symlink's target, a directory's blocks): ask for
+      // the type first, in the same run.
+      const r = await debugfs(this.spec, [`stat /${p}`, `dump /${p} ${local}`], { dir });
+      const real = r.errors.filter((l) => !ABSENT.test(l));
+      if (real.length) throw new UserError(`${this.root.path}: debugfs could not read the root file system: ${real[0]}`);
+      const type = (r.sections[0] ?? []).map((l) => /Type: (\w+)/.exec(l)?.[1]).find(Boolean);
+      if (type !== "regular") return undefined;
+      const content = readFileSync(local);
+      return content.length > (this.opts.maxContent ?? 4 << 20) ? undefined : content;
+    } catch (e) {
+      if (errnoCode(e) === "ENOENT") return undefined;
+      throw e;
+    } finally {
+      rmSync(dir, { recursive: true, force: true });
+    }
+  }
+
+  /** `ls -p DIR/.` of each directory (name → mode, owner, size): "/." makes debugfs follow a symlinked directory, as the kernel would. */
   async listDirs(dirs: readonly string[]): Promise<Map<string, Map<string, Listed>>> {
     const uniq = [...new Set(dirs.map((d) => (d === "." ? "" : normPath(d))))];
     const out = new Map<string, Map<string, Listed>>();
