@@ -90,7 +90,7 @@ export async function stageImage(job: ImageJob): Promise<StagedImage> {
     lap("copy");
     const root: RootFs = { ...baseRoot, path: tmp, where: baseRoot.partition ? `${job.image} partition ${baseRoot.partition.number}` : job.image };
     const undo = join(priv, "undo.e2undo");
-    const laid = await layTree(root, job.entries, job.epoch, { undo });
+    const laid = await layTree(root, job.entries, job.epoch, { undo, listFrom: baseRoot });
     // debugfs fsyncs the image when it closes it; syncing here again costs nothing then, and
     // keeps "a final name holds synced data" from resting on e2fsprogs' internals.
     fsyncFile(tmp);

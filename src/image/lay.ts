@@ -75,11 +75,13 @@ export function preflight(root: RootFs, entries: readonly Entry[]): void {
  * bytes. Throws UserError before writing when the image cannot take the tree. `undo` asks
  * debugfs for an undo log of what it overwrote (undo.ts: the bmap re-hashes only those blocks).
  */
-export async function layTree(root: RootFs, entries: readonly Entry[], epoch: number, opts: { undo?: string } = {}): Promise<LayResult> {
+export async function layTree(root: RootFs, entries: readonly Entry[], epoch: number, opts: { undo?: string; listFrom?: RootFs } = {}): Promise<LayResult> {
   preflight(root, entries);
   const sb = root.sb!;
   const view = new ImageTreeView(root);
-  const listed = await view.listDirs(entries.map((e) => posix.dirname(e.path)));
+  // `listFrom`: a file system byte-identical to `root` (the base it was just copied from), read
+  // instead of it: its blocks are in the page cache, a fresh reflink clone's are not.
+  const listed = await new ImageTreeView(opts.listFrom ?? root).listDirs(entries.map((e) => posix.dirname(e.path)));
   const existing = (p: string): number | undefined => listed.get(posix.dirname(p))?.get(posix.basename(p))?.mode;
 
   const dir = mkdtempSync(join(tmpdir(), "mkoverlay-lay-"));
