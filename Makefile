@@ -8,12 +8,12 @@ BOARD ?= rpi4
 BASTION ?= eu
 ARCH ?= amd64
 
-.PHONY: help install build run test test-deps typecheck lint schema-check unit test-boot boot-deps bench clean
+.PHONY: help install build run test test-deps typecheck lint schema-check unit test-boot boot-deps bench bench-image clean
 
 help:
 	@echo "make run    - install, build, and build one overlay from $(EXAMPLE) into ./$(OUT)"
 	@echo "make test   - install test prerequisites (as root), type-check, lint, run every test"
-	@echo "make bench  - factory-scale benchmarks (writes bench/results.md)"
+	@echo "make bench  - factory-scale benchmarks (writes bench/results.md, bench/image-results.md)"
 
 # npm ci when the lock file is there: the same tree on every station and in CI.
 node_modules/.install-stamp: package.json package-lock.json
@@ -69,6 +69,12 @@ test-boot: build boot-deps
 
 bench: build
 	node bench/run.mjs
+	$(MAKE) --no-print-directory bench-image
+
+# Per-device images (issue 14): a 2.5 GiB base; as root also XFS and btrfs loop file systems.
+bench-image: build
+	@bash scripts/ensure-tools.sh mkfs.xfs:xfsprogs mkfs.btrfs:btrfs-progs bmaptool:bmap-tools
+	node bench/image.mjs | tee bench/image-results.md
 
 clean:
 	rm -rf dist out bench/work test-artifacts
