@@ -13,6 +13,8 @@ import { createHash } from "node:crypto";
 import { chmodSync, chownSync, copyFileSync, existsSync, mkdirSync, readdirSync, readFileSync, rmSync, statSync, truncateSync, writeFileSync } from "node:fs";
 import { hostname } from "node:os";
 import { join } from "node:path";
+import { gunzipSync, gzipSync } from "node:zlib";
+import { extract, pack } from "tar-stream";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
 import { entriesOf } from "../src/image/lay.js";
 import { ImageTreeView } from "../src/image/reader.js";
@@ -85,6 +87,32 @@ async function expectLaid(image: string, entries: Entry[]): Promise<void> {
       expect(g!.content?.equals(e.content), e.path).toBe(true);
     } else expect(g!.target, e.path).toBe(e.target);
   }
+}
+
+/** `src` with one more entry: a symlink whose target is longer than a block (no host file system takes it). */
+async function withLongSymlink(src: string, dst: string): Promise<void> {
+  const ex = extract();
+  const pk = pack();
+  ex.on("entry", (h, stream, next) => {
+    const chunks: Buffer[] = [];
+    stream.on("data", (c: unknown) => chunks.push(c as Buffer));
+    stream.on("end", () => pk.entry(h, Buffer.concat(chunks), next));
+  });
+  const done = new Promise<void>((resolve, reject) => {
+    ex.on("finish", () => {
+      pk.entry({ name: "etc/zz-long-link", type: "symlink", linkname: "a".repeat(5000), mode: 0o777, uid: 0, gid: 0 });
+      pk.finalize();
+    });
+    ex.on("error", reject);
+    const out: Buffer[] = [];
+    pk.on("data", (c: unknown) => out.push(c as Buffer));
+    pk.on("end", () => {
+      writeFileSync(dst, gzipSync(Buffer.concat(out)));
+      resolve();
+    });
+  });
+  ex.end(gunzipSync(readFileSync(src)));
+  await done;
 }
 
 beforeAll(() => {
@@ -206,6 +234,17 @@ describe.runIf(tools || inCI)("image refusals: one message, nothing written, no 
       /full\.img partition 2: not enough room: \d+ free blocks/,
     ],
     [
+      "a path whose type clashes with the overlay",
+      () => {
+        const tree = join(dir, "clash-tree");
+        sh("cp", ["-a", rootTree, tree]);
+        rmSync(join(tree, "etc/hostname"));
+        mkdirSync(join(tree, "etc/hostname"));
+        return { base: makeDisk(join(dir, "clash.img"), tree).path };
+      },
+      /clash\.img partition 2: the overlay conflicts with the image:$/,
+    ],
+    [
       "another device's identity",
       () => {
         const w = workspace("identity-src");
@@ -226,7 +265,8 @@ describe.runIf(tools || inCI)("image refusals: one message, nothing written, no 
     const lines = r.stderr.trim().split("\n");
     expect(lines[0]).toMatch(/^mkoverlay: error: /);
     expect(lines[0]).toMatch(message);
-    expect(lines.slice(1).every((l) => l.startsWith("mkoverlay: hint: "))).toBe(true);
+    // One message: a conflict lists its paths on the lines of that one error.
+    expect(lines.slice(1).every((l) => l.startsWith("mkoverlay: hint: ") || l.startsWith("mkoverlay: error:   /"))).toBe(true);
     expect(existsSync(out)).toBe(false); // not even the output folder
     expect(JSON.stringify(w.devices())).toBe(before.devices);
     expect(shaFile(c.base)).toBe(before.base);
@@ -298,7 +338,7 @@ describe.runIf(tools || inCI)("batch --image", () => {
 });
 
 describe.runIf(tools || inCI)("mkoverlay write --image", () => {
-  it("lays an archive into an image in place, refreshes its bmap; refuses another device's identity without --force", () => {
+  it("lays an archive into an image in place, refreshes its bmap; refuses another device's identity without --force; a failed write exits 1, rolled back", async () => {
     const w = workspace("write");
     const a = JSON.parse(ok(w.cli(["--board", "rpi4", "--bastion", "eu", "--out", join(w.ws, "out"), "--json"]))) as { overlay: string };
     const b = JSON.parse(ok(w.cli(["--board", "rpi4", "--bastion", "eu", "--out", join(w.ws, "out"), "--json"]))) as { overlay: string };
@@ -327,6 +367,15 @@ describe.runIf(tools || inCI)("mkoverlay write --image", () => {
     // Usage: exactly one target; --base only with --device; a .zst is not written in place.
     expect(w.cli(["write", a.overlay]).stderr).toMatch(/exactly one of --image IMG or --device/);
     expect(w.cli(["write", a.overlay, "--image", img, "--base", mbr.path]).stderr).toMatch(/--base goes with --device/);
+    // A write that fails inside debugfs, after it began (a symlink target longer than a block,
+    // in an archive made by hand): exit 1, rolled back, the image as it was.
+    const bad = join(w.ws, "bad.tar.gz");
+    await withLongSymlink(a.overlay, bad);
+    const beforeBad = shaFile(img);
+    const failed = w.cli(["write", bad, "--image", img, "--force"]);
+    expect(failed.code, failed.stderr).toBe(1);
+    expect(failed.stderr).toMatch(/debugfs failed while laying the overlay: .*\(changes rolled back with e2undo\)$/m);
+    expect(shaFile(img)).toBe(beforeBad);
     sh("zstd", ["-q", img, "-o", `${img}.zst`]);
     const z = w.cli(["write", a.overlay, "--image", `${img}.zst`]);
     expect([z.code, z.stderr]).toEqual([2, expect.stringMatching(/a zstd-compressed image cannot be written in place/)]);

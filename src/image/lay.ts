@@ -69,6 +69,36 @@ export function preflight(root: RootFs, entries: readonly Entry[]): void {
   checkWritable(root.sb, root.where, roomFor(sizes, root.sb?.blockSize ?? 4096));
 }
 
+type Listing = Map<string, Map<string, { mode: number }>>;
+
+/** What an entry finds in the image: a conflict (refused), or nothing to say. */
+function conflictOf(e: Entry, haveMode: number | undefined): string | undefined {
+  if (haveMode === undefined) return undefined;
+  const haveKind = kindName(haveMode);
+  if (e.type === "dir") return haveKind === "directory" ? undefined : `/${e.path} is a directory in the overlay but a ${haveKind} in the image`;
+  return haveKind === "directory" ? `/${e.path} is a ${e.type === "file" ? "file" : "symlink"} in the overlay but a directory in the image` : undefined;
+}
+
+function conflictError(root: RootFs, conflicts: string[]): UserError {
+  return new UserError(`${root.where}: the overlay conflicts with the image:\n  ${conflicts.join("\n  ")}`, {
+    hint: "an overlay only adds to an OS; fix the base image or the overlay layer that adds these paths",
+  });
+}
+
+function modeIn(listed: Listing, p: string): number | undefined {
+  return listed.get(posix.dirname(p))?.get(posix.basename(p))?.mode;
+}
+
+/**
+ * Refuses, before anything is written or reserved, an overlay whose entries clash in type with
+ * what the image has at their paths (a file where the image has a directory, and so on).
+ */
+export async function checkConflicts(root: RootFs, entries: readonly Entry[]): Promise<void> {
+  const listed = await new ImageTreeView(root).listDirs(entries.map((e) => posix.dirname(e.path)));
+  const conflicts = entries.map((e) => conflictOf(e, modeIn(listed, e.path))).filter((c): c is string => c !== undefined);
+  if (conflicts.length) throw conflictError(root, conflicts);
+}
+
 /**
  * Writes `entries` (Tree.list() order: parents first) into `root`. All times, and the times
  * e2fsprogs takes from the clock, are `epoch`, so the same base, tree and epoch give the same
@@ -82,7 +112,7 @@ export async function layTree(root: RootFs, entries: readonly Entry[], epoch: nu
   // `listFrom`: a file system byte-identical to `root` (the base it was just copied from), read
   // instead of it: its blocks are in the page cache, a fresh reflink clone's are not.
   const listed = await new ImageTreeView(opts.listFrom ?? root).listDirs(entries.map((e) => posix.dirname(e.path)));
-  const existing = (p: string): number | undefined => listed.get(posix.dirname(p))?.get(posix.basename(p))?.mode;
+  const existing = (p: string): number | undefined => modeIn(listed, p);
 
   const dir = mkdtempSync(join(tmpdir(), "mkoverlay-lay-"));
   try {
@@ -99,15 +129,15 @@ export async function layTree(root: RootFs, entries: readonly Entry[], epoch: nu
     let n = 0;
     for (const e of entries) {
       const have = existing(e.path);
-      const haveKind = have === undefined ? undefined : kindName(have);
+      const conflict = conflictOf(e, have);
+      if (conflict) {
+        conflicts.push(conflict);
+        continue;
+      }
       if (e.type === "dir") {
-        if (haveKind === "directory") {
+        if (have !== undefined) {
           result.kept++;
           keptDirs.add(e.path);
-          continue;
-        }
-        if (haveKind) {
-          conflicts.push(`/${e.path} is a directory in the overlay but a ${haveKind} in the image`);
           continue;
         }
         cmds.push(`mkdir /${e.path}`);
@@ -115,11 +145,7 @@ export async function layTree(root: RootFs, entries: readonly Entry[], epoch: nu
         result.created++;
         continue;
       }
-      if (haveKind === "directory") {
-        conflicts.push(`/${e.path} is a ${e.type === "file" ? "file" : "symlink"} in the overlay but a directory in the image`);
-        continue;
-      }
-      if (haveKind) {
+      if (have !== undefined) {
         cmds.push(`rm /${e.path}`);
         result.replaced++;
       } else result.created++;
@@ -133,11 +159,7 @@ export async function layTree(root: RootFs, entries: readonly Entry[], epoch: nu
         finish(e.path, TYPE_BITS.symlink | 0o777);
       }
     }
-    if (conflicts.length) {
-      throw new UserError(`${root.where}: the overlay conflicts with the image:\n  ${conflicts.join("\n  ")}`, {
-        hint: "an overlay only adds to an OS; fix the base image or the overlay layer that adds these paths",
-      });
-    }
+    if (conflicts.length) throw conflictError(root, conflicts);
     if (/\s/.test(dir)) throw new UserError(`temp dir ${dir} has a blank in its path; set TMPDIR to a path without one`);
     const r = await debugfs(e2Spec(root), cmds, { write: true, fakeTime: epoch, dir, ...(opts.undo ? { undo: opts.undo } : {}) });
     if (r.errors.length) {

@@ -3,8 +3,8 @@
  * `--image`/`mkoverlay image` is used, so a plain build never pays for it):
  *
  * - `preflightImage`, before any port is reserved: the base is not in use, is a disk image
- *   whose root file system debugfs may write and that has room for the overlay, and carries no
- *   other device's identity (identity.ts); the base's bmap is computed once (and cached per
+ *   whose root file system debugfs may write and that has room for the overlay, carries no
+ *   other device's identity (identity.ts), and has nothing whose type clashes with the overlay; the base's bmap is computed once (and cached per
  *   base), so each device's bmap costs only the chunks its overlay changed.
  * - `stageDeviceImage`, per device: the image and its bmap under temp names (build.ts), renamed
  *   by the station once the registry confirmed the reservation.
@@ -17,7 +17,7 @@ import type { ImageForm } from "../pipeline.js";
 import { baseBmap, stageImage, type StagedImage } from "./build.js";
 import { checkNotInUse } from "./busy.js";
 import { checkIdentity, identityOf } from "./identity.js";
-import { preflight } from "./lay.js";
+import { checkConflicts, preflight } from "./lay.js";
 import { ImageTreeView } from "./reader.js";
 import { findRoot } from "./root.js";
 
@@ -31,6 +31,7 @@ export async function preflightImage(form: ImageForm, entries: readonly Entry[],
   const root = findRoot(form.base, form.rootPartition === undefined ? {} : { rootPartition: form.rootPartition });
   preflight(root, entries);
   checkIdentity(root.where, await identityOf(new ImageTreeView(root)), mine, form.force);
+  await checkConflicts(root, entries);
   for (const t of targets) if (existsSync(t)) checkNotInUse(t);
   if (!form.baseMap) {
     const dir = cacheDir();
