@@ -9,6 +9,7 @@
  * Root-only parts (a loop device, a mount, setpriv to `nobody`) are in the [slow] block.
  */
 import Database from "better-sqlite3";
+import { spawn } from "node:child_process";
 import { createHash } from "node:crypto";
 import { chmodSync, chownSync, copyFileSync, existsSync, mkdirSync, readdirSync, readFileSync, rmSync, statSync, truncateSync, writeFileSync } from "node:fs";
 import { hostname } from "node:os";
@@ -312,6 +313,39 @@ describe.runIf(tools || inCI)("registry doctor on killed image builds", () => {
     ]);
     expect(w.devices().map((d) => [d.hostname, d.status])).toEqual([[a.hostname, "active"]]);
   });
+});
+
+describe.runIf(tools || inCI)("interrupted", () => {
+  it("SIGINT while the image is being made: no temp image, no private temp dir (they hold the key); the doctor reclaims the port", async () => {
+    // A base with enough data that copying it takes a moment.
+    const tree = join(dir, "bulky-tree");
+    sh("cp", ["-a", rootTree, tree]);
+    writeFileSync(join(tree, "usr/share/bulk"), Buffer.alloc(200 << 20, 0x5a));
+    const base = makeDisk(join(dir, "bulky.img"), tree, { rootMiB: 320 }).path;
+    const w = workspace("sigint");
+    const out = join(w.ws, "out");
+    const tmp = join(w.ws, "tmp");
+    mkdirSync(tmp);
+    const child = spawn(process.execPath, [CLI, "image", "--base", base, "--board", "rpi4", "--bastion", "eu", "--out", out], {
+      cwd: w.ws,
+      env: { ...process.env, TMPDIR: tmp, MKOVERLAY_CONFIG: "", MKOVERLAY_REGISTRY: "", NO_COLOR: "1" },
+      stdio: "ignore",
+    });
+    const exited = new Promise<NodeJS.Signals | null>((resolve) => child.on("exit", (_c, sig) => resolve(sig)));
+    // As soon as the temp image exists (cp is writing it), interrupt.
+    for (let i = 0; i < 1000 && !(existsSync(out) && readdirSync(out).some((n) => n.endsWith(".tmp"))); i++) await new Promise((r) => setTimeout(r, 10));
+    expect(readdirSync(out).some((n) => n.endsWith(".tmp"))).toBe(true);
+    child.kill("SIGINT");
+    expect(await exited).toBe("SIGINT");
+    expect(readdirSync(out)).toEqual([]);
+    expect(readdirSync(tmp)).toEqual([]);
+    expect(w.devices().map((d) => d.status)).toEqual(["pending"]);
+    const db = new Database(join(w.ws, "registry.db"));
+    db.prepare("UPDATE devices SET station = ?").run(DEAD_STATION); // its process is gone: as the doctor finds it on this host
+    db.close();
+    expect(JSON.parse(ok(w.cli(["registry", "doctor", "--fix", "--json"])))[0]).toMatchObject({ action: "reclaimed", fixed: true });
+    expect(w.devices()).toEqual([]);
+  }, 60_000);
 });
 
 describe.runIf(tools || inCI)("batch --image", () => {

@@ -3,15 +3,17 @@
  * once the device is registered and its tree built. Refusals come first (base not a disk
  * image, root not writable or too small), then: copy the base 0600 under a temp name in the
  * output directory, lay the tree with debugfs (undo log in a private temp dir), read it back,
- * write the bmap (derived from the base's, see bmap.ts), optionally compress, rename into place.
- * On any failure the temp files are removed and nothing appears under the final names.
+ * write the bmap (derived from the base's, see bmap.ts), optionally compress — all synced, all
+ * under temp names (`stageImage`) — then rename into place (`commit()`; the station does that
+ * only once the registry confirmed the reservation). On any failure the temp files are removed
+ * and nothing appears under the final names.
  *
  * `writeIntoImage` is `write OVERLAY --image IMG`: the same laying, in place, on an image that is
- * not in use; a debugfs failure half-way is rolled back with e2undo.
+ * not in use; a debugfs failure half-way is rolled back with e2undo; an existing IMG.bmap is
+ * brought up to date.
  */
 import { createHash } from "node:crypto";
-import { closeSync, existsSync, fsyncSync, mkdirSync, mkdtempSync, openSync, readFileSync, readSync, renameSync, rmSync, statSync, writeSync } from "node:fs";
-import { tmpdir } from "node:os";
+import { closeSync, existsSync, fsyncSync, mkdirSync, openSync, readFileSync, readSync, renameSync, rmSync, statSync, writeSync } from "node:fs";
 import { dirname, join } from "node:path";
 import { errnoCode, UserError } from "../errors.js";
 import { pathError, tempNameFor, writeFileAtomic } from "../fsutil.js";
@@ -25,6 +27,7 @@ import { blocksOfBytes } from "./extents.js";
 import { layTree, preflight, type LayResult } from "./lay.js";
 import { findRoot, type RootFs } from "./root.js";
 import { SUPERBLOCK_OFFSET } from "./superblock.js";
+import { privateDir, track } from "./temps.js";
 import { readUndoSpans } from "./undo.js";
 
 export interface ImageJob {
@@ -72,7 +75,8 @@ export async function stageImage(job: ImageJob): Promise<StagedImage> {
   const baseRoot = findRoot(job.base, rootOpt(job.rootPartition));
   preflight(baseRoot, job.entries);
   const tmp = tempNameFor(job.image);
-  const priv = mkdtempSync(join(tmpdir(), "mkoverlay-image-"));
+  const privDir = privateDir("mkoverlay-image-");
+  const priv = privDir.path;
   const ms = { copy: 0, lay: 0, bmap: 0, compress: 0 };
   let t = performance.now();
   const lap = (k: keyof typeof ms): void => {
@@ -85,6 +89,8 @@ export async function stageImage(job: ImageJob): Promise<StagedImage> {
   const tmpFinal = job.compress === "zstd" ? tempNameFor(final) : tmp;
   const tmpBmap = tempNameFor(bmapPath);
   const temps = [tmp, tmpFinal, tmpBmap];
+  const untrack = temps.map(track);
+  const forget = (): void => untrack.forEach((u) => u());
   try {
     const copy = await copyImage(job.base, tmp);
     lap("copy");
@@ -118,6 +124,7 @@ export async function stageImage(job: ImageJob): Promise<StagedImage> {
           done.push(bmapPath);
           fsyncDir(dirname(final));
           committed = true;
+          forget();
         } catch (e) {
           for (const p of done) rmSync(p, { force: true });
           throw pathError(e, done.length === 0 ? final : bmapPath);
@@ -125,13 +132,15 @@ export async function stageImage(job: ImageJob): Promise<StagedImage> {
       },
       discard() {
         if (!committed) for (const p of temps) rmSync(p, { force: true });
+        forget();
       },
     };
   } catch (e) {
     for (const p of temps) rmSync(p, { force: true });
+    forget();
     throw e;
   } finally {
-    rmSync(priv, { recursive: true, force: true });
+    privDir.remove();
   }
 }
 
@@ -210,8 +219,8 @@ export async function writeIntoImage(opts: { image: string; entries: readonly En
   await opts.check?.(root);
   const sbAt = root.offset + SUPERBLOCK_OFFSET;
   const savedSb = readBytes(opts.image, sbAt, 1024);
-  const priv = mkdtempSync(join(tmpdir(), "mkoverlay-write-"));
-  const undo = join(priv, "undo.e2undo");
+  const privDir = privateDir("mkoverlay-write-");
+  const undo = join(privDir.path, "undo.e2undo");
   try {
     let laid: LayResult;
     try {
@@ -233,7 +242,7 @@ export async function writeIntoImage(opts: { image: string; entries: readonly En
     }
     return { ...laid, ...(await refreshBmap(opts.image, undo)) };
   } finally {
-    rmSync(priv, { recursive: true, force: true });
+    privDir.remove();
   }
 }
 

@@ -10,8 +10,7 @@
  * directory) is refused, never replaced.
  */
 import { createHash } from "node:crypto";
-import { mkdtempSync, rmSync, writeFileSync } from "node:fs";
-import { tmpdir } from "node:os";
+import { writeFileSync } from "node:fs";
 import { join, posix } from "node:path";
 import { UserError } from "../errors.js";
 import type { TreeView } from "../overlay/view.js";
@@ -20,6 +19,7 @@ import { debugfs, debugfsSafe } from "./debugfs.js";
 import { ImageTreeView } from "./reader.js";
 import { e2Spec, type RootFs } from "./root.js";
 import { checkWritable, roomFor } from "./superblock.js";
+import { privateDir } from "./temps.js";
 
 export interface LayResult {
   /** debugfs commands run (for logs and tests; never contains file contents). */
@@ -114,7 +114,8 @@ export async function layTree(root: RootFs, entries: readonly Entry[], epoch: nu
   const listed = await new ImageTreeView(opts.listFrom ?? root).listDirs(entries.map((e) => posix.dirname(e.path)));
   const existing = (p: string): number | undefined => modeIn(listed, p);
 
-  const dir = mkdtempSync(join(tmpdir(), "mkoverlay-lay-"));
+  const priv = privateDir("mkoverlay-lay-");
+  const dir = priv.path;
   try {
     const cmds: string[] = [];
     const result: LayResult = { commands: 0, created: 0, replaced: 0, kept: 0 };
@@ -170,7 +171,7 @@ export async function layTree(root: RootFs, entries: readonly Entry[], epoch: nu
     return result;
   } finally {
     // The private key passed through here.
-    rmSync(dir, { recursive: true, force: true });
+    priv.remove();
   }
 }
 

@@ -4,12 +4,12 @@
  * short symlink targets; `dump` copies file contents (and long symlink targets) into a private
  * temp dir, removed before returning. Two debugfs runs per batch, whatever its size.
  */
-import { mkdtempSync, readFileSync, rmSync } from "node:fs";
-import { tmpdir } from "node:os";
+import { readFileSync } from "node:fs";
 import { join, posix } from "node:path";
 import { errnoCode, UserError } from "../errors.js";
 import { debugfs, debugfsSafe } from "./debugfs.js";
 import { e2Spec, type RootFs } from "./root.js";
+import { privateDir } from "./temps.js";
 import { normPath, type TreeView, type ViewEntry } from "../overlay/view.js";
 
 export interface ImageEntry extends ViewEntry {
@@ -101,7 +101,8 @@ export class ImageTreeView implements TreeView {
     if (found.length === 0) return out;
 
     const cap = this.opts.maxContent ?? 4 << 20;
-    const dir = mkdtempSync(join(tmpdir(), "mkoverlay-read-"));
+    const priv = privateDir("mkoverlay-read-");
+    const dir = priv.path;
     try {
       const cmds: string[] = [];
       const dumps = new Map<string, string>();
@@ -149,7 +150,7 @@ export class ImageTreeView implements TreeView {
       });
       return out;
     } finally {
-      rmSync(dir, { recursive: true, force: true });
+      priv.remove();
     }
   }
 
@@ -160,7 +161,8 @@ export class ImageTreeView implements TreeView {
   async readFile(path: string): Promise<Buffer | undefined> {
     const p = normPath(path);
     if (!debugfsSafe(p)) throw new UserError(`cannot read ${JSON.stringify(p)} from an image: blank, quote or control character in the path`);
-    const dir = mkdtempSync(join(tmpdir(), "mkoverlay-read-"));
+    const priv = privateDir("mkoverlay-read-");
+    const dir = priv.path;
     try {
       const local = join(dir, "f");
       // `dump` copies whatever the name is (a symlink's target, a directory's blocks): ask for
@@ -176,7 +178,7 @@ export class ImageTreeView implements TreeView {
       if (errnoCode(e) === "ENOENT") return undefined;
       throw e;
     } finally {
-      rmSync(dir, { recursive: true, force: true });
+      priv.remove();
     }
   }
 

@@ -4,8 +4,7 @@
  * MAX_ARCHIVE_BYTES (packed or unpacked) or with a file larger than an overlay's files ever are
  * is refused as "not an overlay", and a folder is read path by path, only where asked.
  */
-import { closeSync, fstatSync, lstatSync, mkdtempSync, type Stats, openSync, readdirSync, readlinkSync, readSync, rmSync } from "node:fs";
-import { tmpdir } from "node:os";
+import { closeSync, fstatSync, lstatSync, type Stats, openSync, readdirSync, readlinkSync, readSync } from "node:fs";
 import { basename, join } from "node:path";
 import { constants as zc, gunzipSync } from "node:zlib";
 import { extract } from "tar-stream";
@@ -87,25 +86,16 @@ async function imageView(path: string, where: string, opts: OpenOptions): Promis
  */
 export async function withOverlay<T>(path: string, opts: OpenOptions, fn: (view: TreeView) => Promise<T>): Promise<T> {
   if (!lstatOrFail(path).isFile() || sniff(path) !== "zstd") return fn(await openOverlay(path, opts));
-  const dir = mkdtempSync(join(tmpdir(), "mkoverlay-zst-"));
-  const cleanup = (): void => rmSync(dir, { recursive: true, force: true });
-  const onSignal = (sig: NodeJS.Signals): void => {
-    cleanup();
-    process.kill(process.pid, sig);
-  };
-  process.once("SIGINT", onSignal);
-  process.once("SIGTERM", onSignal);
+  const [{ findTool, runTool }, { privateDir }] = await Promise.all([import("../image/debugfs.js"), import("../image/temps.js")]);
+  const priv = privateDir("mkoverlay-zst-");
   try {
-    const { findTool, runTool } = await import("../image/debugfs.js");
-    const img = join(dir, "image");
+    const img = join(priv.path, "image");
     const r = await runTool(findTool("zstd", "zstd"), ["-d", "-q", "-f", "-o", img, "--", path]);
     if (r.code !== 0) throw new UserError(`${path}: zstd could not decompress it: ${r.stderr.trim().split("\n")[0] ?? `exit ${r.code}`}`);
     if (sniff(img) !== "image") throw notAnOverlay(path, "a zstd-compressed file that holds no disk image");
     return await fn(await imageView(img, path, opts));
   } finally {
-    process.removeListener("SIGINT", onSignal);
-    process.removeListener("SIGTERM", onSignal);
-    cleanup();
+    priv.remove();
   }
 }
 
