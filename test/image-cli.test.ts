@@ -332,9 +332,11 @@ describe.runIf(tools || inCI)("interrupted", () => {
       stdio: "ignore",
     });
     const exited = new Promise<NodeJS.Signals | null>((resolve) => child.on("exit", (_c, sig) => resolve(sig)));
-    // As soon as the temp image exists (cp is writing it), interrupt.
-    for (let i = 0; i < 1000 && !(existsSync(out) && readdirSync(out).some((n) => n.endsWith(".tmp"))); i++) await new Promise((r) => setTimeout(r, 10));
-    expect(readdirSync(out).some((n) => n.endsWith(".tmp"))).toBe(true);
+    // As soon as the temp image exists (cp is writing it), interrupt. (Not on the output
+    // folder's writability probe, `.probe.*.tmp`, which comes before the reservation.)
+    const staging = (): boolean => existsSync(out) && readdirSync(out).some((n) => n.startsWith(".gw-0001.img.") && n.endsWith(".tmp"));
+    for (let i = 0; i < 1000 && !staging(); i++) await new Promise((r) => setTimeout(r, 10));
+    expect(staging()).toBe(true);
     child.kill("SIGINT");
     expect(await exited).toBe("SIGINT");
     expect(readdirSync(out)).toEqual([]);
