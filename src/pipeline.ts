@@ -34,8 +34,6 @@ export interface ImageForm {
   baseMap?: Bmap;
   /** A batch's scratch copy of the base (image/scratch.ts), removed when the run ends. */
   scratch?: { remove(): void };
-  /** Whether the output folder can hold reflink clones of the base (then no scratch is needed). */
-  reflink?: boolean;
 }
 
 export type OutputForm = { kind: "tar" } | { kind: "dir" } | { kind: "apply"; root: string } | ImageForm;

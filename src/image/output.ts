@@ -13,7 +13,7 @@
  *   commit, as a chunk of archives does.
  */
 import { spawnSync } from "node:child_process";
-import { closeSync, constants, copyFileSync, existsSync, fsyncSync, openSync, renameSync, rmSync } from "node:fs";
+import { closeSync, existsSync, fsyncSync, openSync, renameSync, rmSync } from "node:fs";
 import { join } from "node:path";
 import { UserError } from "../errors.js";
 import { pathError, tempNameFor, writeFileAtomic } from "../fsutil.js";
@@ -90,26 +90,12 @@ function syncFiles(files: string[], dir: string): void {
   }
 }
 
-/** Can `dir` hold a reflink clone of `base`? Then each image is a clone and syncing it is cheap. */
-function reflinks(base: string, dir: string): boolean {
-  const probe = tempNameFor(join(dir, "reflink-probe"));
-  try {
-    copyFileSync(base, probe, constants.COPYFILE_FICLONE_FORCE | constants.COPYFILE_EXCL);
-    return true;
-  } catch {
-    return false;
-  } finally {
-    rmSync(probe, { force: true });
-  }
-}
-
 export async function stageImageChunk(form: ImageForm, outDir: string, items: readonly ChunkItem[], epoch: number): Promise<StagedChunk> {
-  const rootOpt = form.rootPartition === undefined ? {} : { rootPartition: form.rootPartition };
-  // With reflinks each image is a clone that costs nothing to sync: no scratch needed.
-  form.reflink ??= reflinks(form.base, outDir);
-  if (!form.reflink && !form.scratch) form.scratch = new Scratch(form.base, findRoot(form.base, rootOpt), outDir);
-  const scratch = form.scratch as Scratch | undefined;
-  const common = { epoch, ...(form.baseMap ? { baseMap: form.baseMap } : {}), ...(form.compress ? { compress: form.compress } : {}) };
+  if (!form.scratch) {
+    const root = findRoot(form.base, form.rootPartition === undefined ? {} : { rootPartition: form.rootPartition });
+    form.scratch = new Scratch(form.base, root, outDir);
+  }
+  const scratch = form.scratch as Scratch;
   const staged: (StagedImage | undefined)[] = [];
   const lines: (string | undefined)[] = [];
   const errors: unknown[] = [];
@@ -117,8 +103,7 @@ export async function stageImageChunk(form: ImageForm, outDir: string, items: re
   try {
     for (const [k, it] of items.entries()) {
       try {
-        const image = it.overlay.replace(/\.zst$/, "");
-        const s = scratch ? await scratch.stage({ image, entries: it.entries, ...common }) : await stageImage({ base: form.base, image, entries: it.entries, ...rootOpt, ...common });
+        const s = await scratch.stage({ image: it.overlay.replace(/\.zst$/, ""), entries: it.entries, epoch, ...(form.baseMap ? { baseMap: form.baseMap } : {}), ...(form.compress ? { compress: form.compress } : {}) });
         staged[k] = s;
         const tmp = tempNameFor(it.authorizedKeysFile);
         untrack.push(track(tmp));
@@ -128,7 +113,7 @@ export async function stageImageChunk(form: ImageForm, outDir: string, items: re
         errors[k] = e instanceof UserError ? e : pathError(e, it.overlay);
       }
     }
-    if (scratch && !(await scratch.isClean())) {
+    if (!(await scratch.isClean())) {
       // An undo log missed a block: no image of this chunk can be trusted.
       const e = new UserError("the scratch copy of the base differs from the base after laying overlays (debugfs wrote a block its undo log does not name); no image of this chunk is kept", { exitCode: 1 });
       items.forEach((_, k) => {
