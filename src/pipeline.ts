@@ -32,8 +32,6 @@ export interface ImageForm {
   /** --force: lay the overlay even over another device's mkoverlay identity. */
   force: boolean;
   baseMap?: Bmap;
-  /** A batch's scratch copy of the base (image/scratch.ts), removed when the run ends. */
-  scratch?: { remove(): void };
 }
 
 export type OutputForm = { kind: "tar" } | { kind: "dir" } | { kind: "apply"; root: string } | ImageForm;

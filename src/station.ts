@@ -22,8 +22,6 @@ import type { Board, OsProfile } from "./profiles.js";
 import { leaseMs } from "./registry/core.js";
 import { ReservationLost } from "./registry/rows.js";
 import type { DeviceRecord, Registry, ReserveRequest } from "./registry/types.js";
-import type { StagedChunk } from "./image/output.js";
-export type { StagedChunk };
 
 export interface OutputOptions {
   out?: string;
@@ -82,8 +80,6 @@ export async function withOutDir<T>(o: OutputOptions, fn: (outDir: string, form:
   } catch (e) {
     if (created) removeIfEmpty(outDir);
     throw e;
-  } finally {
-    if (form.kind === "image") form.scratch?.remove();
   }
 }
 
@@ -231,23 +227,6 @@ export async function preflightImageForm(form: OutputForm, entries: readonly Ent
   if (form.kind !== "image") return;
   const { preflightImage } = await import("./image/output.js");
   await preflightImage(form, entries, mine, targets);
-}
-
-/**
- * A batch chunk's outputs under temp names, made durable together (one sync), renamed device by
- * device by the chunk flow (batch.ts): archives (fsutil's StagedGroups) or, for the image form,
- * images made through one scratch copy of the base (image/output.ts, loaded only for images).
- */
-export async function stageChunk(st: Station, rendered: readonly Rendered[]): Promise<StagedChunk> {
-  const form = st.emit.form;
-  if (form.kind !== "image") return new StagedGroups(rendered.map(pendingFiles));
-  const { stageImageChunk } = await import("./image/output.js");
-  return stageImageChunk(
-    form,
-    st.emit.outDir,
-    rendered.map((r) => ({ overlay: r.overlay, entries: r.tree.list(), authorizedKeysFile: r.authorizedKeysFile, text: r.text })),
-    st.emit.epoch,
-  );
 }
 
 /** Removes what a device whose reservation was lost had already put in place. */

@@ -9,7 +9,7 @@
  * tagged [slow] and skipped with MKOVERLAY_SKIP_SLOW=1, and skipped when not root.
  */
 import { createHash } from "node:crypto";
-import { chmodSync, chownSync, closeSync, copyFileSync, existsSync, mkdirSync, openSync, readdirSync, readFileSync, statSync, writeFileSync, writeSync } from "node:fs";
+import { chmodSync, chownSync, copyFileSync, existsSync, mkdirSync, readdirSync, readFileSync, statSync, writeFileSync } from "node:fs";
 import { join } from "node:path";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
 import { UserError } from "../src/errors.js";
@@ -20,7 +20,6 @@ import { writeDevice } from "../src/image/device.js";
 import { blocksOfBytes, dataRanges } from "../src/image/extents.js";
 import { ImageTreeView } from "../src/image/reader.js";
 import { findRoot } from "../src/image/root.js";
-import { Scratch } from "../src/image/scratch.js";
 import { readUndoSpans } from "../src/image/undo.js";
 import type { Entry } from "../src/overlay/tree.js";
 import { cliOverlay, fsck, haveDiskTools, makeDisk, makeRootTree, SBIN_PATH, sh, type Fixture } from "./helpers/disk.js";
@@ -164,58 +163,6 @@ describe.runIf(tools || inCI)("buildImage: one device's image", () => {
     expect(a.ranges.reduce((n, r) => n + r.last - r.first + 1, 0)).toBeLessThan(mbr.rootOffset / 4096 + mbr.rootSize / 4096);
     const ranges = await dataRanges(mbr.path, statSync(mbr.path).size);
     expect(ranges.length).toBeGreaterThan(1); // sparse: holes between the data
-  });
-});
-
-describe.runIf(tools || inCI)("batches: images through one scratch copy of the base (scratch.ts)", () => {
-  /** The overlay with another key: a second device. */
-  const other = (): Entry[] => overlay.map((e) => (e.type === "file" && e.path.endsWith("ssh_host_ed25519_key") ? { ...e, content: Buffer.from(`other device ${e.content.length}\n`) } : e));
-
-  it("device after device: the same bytes (image and bmap) as one image at a time; the scratch is the base again after each", async () => {
-    const out = join(dir, "out-scratch");
-    mkdirSync(out, { mode: 0o700 });
-    const ref = join(dir, "out-scratch-ref");
-    mkdirSync(ref, { mode: 0o700 });
-    const baseMap = await baseBmap(mbr.path);
-    const scratch = new Scratch(mbr.path, findRoot(mbr.path), out);
-    try {
-      for (const [name, entries] of [["a", overlay], ["b", other()], ["c", overlay]] as const) {
-        const staged = await scratch.stage({ image: join(out, `${name}.img`), entries, epoch: EPOCH, baseMap });
-        staged.commit();
-        staged.discard();
-        const want = await buildImage({ base: mbr.path, image: join(ref, `${name}.img`), entries, epoch: EPOCH, baseMap });
-        expect(shaFile(join(out, `${name}.img`)), name).toBe(shaFile(want.image));
-        expect(readFileSync(join(out, `${name}.img.bmap`), "utf8")).toBe(readFileSync(want.bmap, "utf8"));
-        expect(await scratch.isClean(), name).toBe(true);
-      }
-      expect(fsck({ path: join(out, "b.img"), rootOffset: mbr.rootOffset }).code).toBe(0);
-    } finally {
-      scratch.remove();
-    }
-    expect(readdirSync(out).filter((n) => n.startsWith("."))).toEqual([]);
-  });
-
-  it("a scratch that no longer equals the base is caught by isClean() and made again before the next device", async () => {
-    const out = join(dir, "out-scratch-drift");
-    mkdirSync(out, { mode: 0o700 });
-    const scratch = new Scratch(mbr.path, findRoot(mbr.path), out);
-    try {
-      (await scratch.stage({ image: join(out, "a.img"), entries: overlay, epoch: EPOCH })).discard();
-      // What an undo log that missed a block would leave: a byte of the last device in the scratch.
-      const file = join(out, readdirSync(out).find((n) => n.startsWith(".mkoverlay-scratch-"))!, "scratch.img");
-      const fd = openSync(file, "r+");
-      writeSync(fd, Buffer.from("key"), 0, 3, mbr.rootOffset + 8 * 4096);
-      closeSync(fd);
-      expect(await scratch.isClean()).toBe(false);
-      const staged = await scratch.stage({ image: join(out, "b.img"), entries: overlay, epoch: EPOCH });
-      staged.commit();
-      staged.discard();
-      const want = await buildImage({ base: mbr.path, image: join(dir, "drift-ref.img"), entries: overlay, epoch: EPOCH });
-      expect(shaFile(join(out, "b.img"))).toBe(shaFile(want.image));
-      expect(await scratch.isClean()).toBe(true);
-    } finally {
-      scratch.remove();
-    }
   });
 });
 

@@ -9,15 +9,16 @@ import { setFlagsFromString } from "node:v8";
 import { configPath, loadFleet } from "../config/load.js";
 import { loadOrGenerateKey, resolveBastions } from "../device.js";
 import { isUserError, UserError } from "../errors.js";
+import { StagedGroups } from "../fsutil.js";
 import { readHostsFile } from "../hosts-file.js";
 import { out, stderrLog, type Log } from "../output.js";
 import { archiveEpoch } from "../overlay/archive.js";
-import { renderDevice, type Rendered } from "../pipeline.js";
+import { pendingFiles, renderDevice, type Rendered } from "../pipeline.js";
 import { loadProfiles, resolveBoardOs } from "../profiles.js";
 import { openRegistry } from "../registry/open.js";
 import { ReservationLost } from "../registry/rows.js";
 import type { DeviceRecord } from "../registry/types.js";
-import { buildDevice, buildResult, contextOf, preflightImageForm, provisionalEntries, reserveRequest, stageChunk, unplace, withOutDir, withStation, type BuildResult, type DeviceRequest, type OutputOptions, type StagedChunk, type Station } from "../station.js";
+import { buildDevice, buildResult, contextOf, preflightImageForm, provisionalEntries, reserveRequest, unplace, withOutDir, withStation, type BuildResult, type DeviceRequest, type OutputOptions, type Station } from "../station.js";
 import { hostnameProblem } from "../validate.js";
 
 export interface BatchOptions extends OutputOptions {
@@ -69,9 +70,8 @@ interface Outcomes {
 }
 
 /**
- * One chunk of a tar- or image-form batch: reserve all (one transaction, a savepoint each),
- * render all, write all archives or images under temp names (synced together; station.ts
- * `stageChunk`), confirm the reservations are still
+ * One chunk of a tar-form batch: reserve all (one transaction, a savepoint each), render all,
+ * write all archives under temp names (synced together), confirm the reservations are still
  * this station's, rename device by device, activate all. A device that fails at any step gives
  * its reservation back and is reported; the others stand. Killed midway, the pending devices
  * are finished or reclaimed by `registry doctor`.
@@ -107,9 +107,9 @@ async function chunked(st: Station, chunk: ChunkItem[], common: Omit<DeviceReque
         outcome[i] = e;
       }
     }
-    let staged: StagedChunk;
+    let staged: StagedGroups;
     try {
-      staged = await stageChunk(st, ready.map((x) => x.r));
+      staged = new StagedGroups(ready.map((x) => pendingFiles(x.r)));
     } catch (e) {
       // Nothing of the chunk reached a final name (a full disk, say): give every port back.
       for (const x of ready) await registry.abandon(x.device.hostname);
@@ -197,7 +197,7 @@ export async function batchCommand(opts: BatchOptions): Promise<void> {
     return withStation(fleet, { outDir, form, epoch }, stderrLog(true), now, () => openRegistry(fleet.registry), async (st) => {
       for (let start = 0; start < names.length; start += CHUNK) {
         const chunk = names.slice(start, start + CHUNK).map((wanted, j) => ({ wanted, label: wanted ?? `device ${start + j + 1}` }));
-        if (form.kind === "tar" || form.kind === "image") {
+        if (form.kind === "tar") {
           await chunked(st, chunk, { board, os, bastions }, report);
           continue;
         }

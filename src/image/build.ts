@@ -60,8 +60,6 @@ function rootOpt(n: number | undefined): { rootPartition?: number } {
 /** An image written under temp names: nothing is under its final names until `commit()`. */
 export interface StagedImage {
   result: ImageResult;
-  /** The temp files commit() renames (a batch syncs them together first). */
-  files?: string[];
   /** Renames the image (or .zst), then its bmap, into place; on failure nothing stays renamed. */
   commit(): void;
   /** Removes whatever was not committed (safe to call always). */
