@@ -15,6 +15,7 @@
 //      target <= 0.3 s.
 // The base's bmap is computed by the first `image` run and cached (~/.cache/mkoverlay/bmap, here
 // BENCH_WORK/cache); the timed runs come after that warm-up, as every device but a shift's first.
+// Also `batch --image` of BENCH_BATCH (8) devices, per device, on each file system.
 // BENCH_RUNS=N (default 5), BENCH_REFLINK=0 skips part 2, BENCH_KEEP=1 keeps the scratch dir,
 // BENCH_BASE=FILE reuses a base image (e.g. one kept by BENCH_KEEP) instead of making one.
 import { execFileSync, spawnSync } from "node:child_process";
@@ -30,6 +31,7 @@ const CLI = join(ROOT, "bin/mkoverlay");
 // Outside the repository: several GiB of scratch, and tsc/eslint must not see lib.ts.
 const WORK = process.env.BENCH_WORK ?? join(tmpdir(), "mkoverlay-bench-image");
 const RUNS = Number(process.env.BENCH_RUNS ?? 5);
+const BATCH = Number(process.env.BENCH_BATCH ?? 8);
 const SBIN = { PATH: `${process.env.PATH}:/usr/sbin:/sbin` };
 const isRoot = process.getuid?.() === 0;
 
@@ -166,6 +168,17 @@ async function perDevice(label, outDir, baseImg) {
   }
   rows.push({ label, cp: median(cp), cpSync: median(cpSync), cli: median(cli), ours: median(ours), detail: `library ${s(median(ours))} s: copy ${ph("copy")} ms, lay+read-back ${ph("lay")} ms, bmap ${ph("bmap")} ms (base map once: ${s(scanMs)} s)` });
   if (floorRow) rows.push(floorRow);
+  // A shift: `batch --image` of BATCH devices in one process; per device. Unlike the rows above
+  // (a sync before each run, so the host's write cache starts empty), this shows the disk's
+  // sustained write rate once several GB are written back to back.
+  sh("sync");
+  const bOut = join(outDir, "batch");
+  const b0 = performance.now();
+  const br = spawnSync(process.execPath, [CLI, "batch", "--image", baseImg, "--board", "rpi4", "--bastion", "eu", "--count", String(BATCH), "--config", CONFIG, "--out", bOut, "--json", "-q"], { cwd: fleetDir, env: cliEnv, encoding: "utf8" });
+  const perDev = (performance.now() - b0) / BATCH;
+  if (br.status !== 0) throw new Error(`mkoverlay batch --image failed: ${br.stderr}`);
+  rmSync(bOut, { recursive: true, force: true });
+  rows.push({ label: `batch --image of ${BATCH}, ${label.split(", ")[1]} (per device)`, cp: median(cp), cpSync: median(cpSync), cli: perDev, ours: perDev, detail: `${(BATCH * baseData / 1e9).toFixed(1)} GB written back to back` });
   return { cp: median(cp), ours: median(ours) };
 }
 

@@ -361,7 +361,8 @@ describe.runIf(tools || inCI)("batch --image", () => {
       .map((l) => JSON.parse(l) as { hostname: string; overlay: string; fingerprint: string });
     expect(lines.map((l) => l.hostname)).toEqual(["gw-0001", "gw-0002", "gw-0003"]);
     expect(new Set(lines.map((l) => l.fingerprint)).size).toBe(3);
-    expect(readdirSync(out).filter((n) => n.endsWith(".tmp"))).toEqual([]);
+    // Nothing but the outputs: no temp file left.
+    expect(readdirSync(out).sort()).toEqual(lines.flatMap((l) => [`${l.hostname}.authorized_keys`, `${l.hostname}.img`, `${l.hostname}.img.bmap`]).sort());
     for (const l of lines) {
       expect(l.overlay).toBe(join(out, `${l.hostname}.img`));
       expect(existsSync(`${l.overlay}.bmap`)).toBe(true);
