@@ -32,6 +32,8 @@ export interface ImageForm {
   /** --force: lay the overlay even over another device's mkoverlay identity. */
   force: boolean;
   baseMap?: Bmap;
+  /** The base's listing of the overlay's directories (image/lay.ts), made by the preflight. */
+  baseListing?: Map<string, Map<string, { mode: number }>>;
 }
 
 export type OutputForm = { kind: "tar" } | { kind: "dir" } | { kind: "apply"; root: string } | ImageForm;

@@ -24,7 +24,7 @@ import { compressZstd } from "./compress.js";
 import { copyImage, type CopyMethod } from "./copy.js";
 import { findTool, runTool } from "./debugfs.js";
 import { blocksOfBytes } from "./extents.js";
-import { layTree, preflight, type LayResult } from "./lay.js";
+import { layTree, preflight, type LayResult, type Listing } from "./lay.js";
 import { findRoot, type RootFs } from "./root.js";
 import { SUPERBLOCK_OFFSET } from "./superblock.js";
 import { privateDir, track } from "./temps.js";
@@ -39,6 +39,8 @@ export interface ImageJob {
   rootPartition?: number;
   /** The base's bmap (baseBmap): without it the whole image is hashed for its bmap. */
   baseMap?: Bmap;
+  /** The base's listing of the overlay's directories, if already made (lay.ts checkConflicts). */
+  baseListing?: Listing;
   compress?: "zstd";
 }
 
@@ -96,7 +98,7 @@ export async function stageImage(job: ImageJob): Promise<StagedImage> {
     lap("copy");
     const root: RootFs = { ...baseRoot, path: tmp, where: baseRoot.partition ? `${job.image} partition ${baseRoot.partition.number}` : job.image };
     const undo = join(priv, "undo.e2undo");
-    const laid = await layTree(root, job.entries, job.epoch, { undo, listFrom: baseRoot });
+    const laid = await layTree(root, job.entries, job.epoch, { undo, listFrom: baseRoot, ...(job.baseListing ? { listed: job.baseListing } : {}) });
     // debugfs fsyncs the image when it closes it; syncing here again costs nothing then, and
     // keeps "a final name holds synced data" from resting on e2fsprogs' internals.
     fsyncFile(tmp);

@@ -69,7 +69,8 @@ export function preflight(root: RootFs, entries: readonly Entry[]): void {
   checkWritable(root.sb, root.where, roomFor(sizes, root.sb?.blockSize ?? 4096));
 }
 
-type Listing = Map<string, Map<string, { mode: number }>>;
+/** `ls -p` of directories: directory → name → mode (reader.ts listDirs). */
+export type Listing = Map<string, Map<string, { mode: number }>>;
 
 /** What an entry finds in the image: a conflict (refused), or nothing to say. */
 function conflictOf(e: Entry, haveMode: number | undefined): string | undefined {
@@ -93,10 +94,11 @@ function modeIn(listed: Listing, p: string): number | undefined {
  * Refuses, before anything is written or reserved, an overlay whose entries clash in type with
  * what the image has at their paths (a file where the image has a directory, and so on).
  */
-export async function checkConflicts(root: RootFs, entries: readonly Entry[]): Promise<void> {
+export async function checkConflicts(root: RootFs, entries: readonly Entry[]): Promise<Listing> {
   const listed = await new ImageTreeView(root).listDirs(entries.map((e) => posix.dirname(e.path)));
   const conflicts = entries.map((e) => conflictOf(e, modeIn(listed, e.path))).filter((c): c is string => c !== undefined);
   if (conflicts.length) throw conflictError(root, conflicts);
+  return listed;
 }
 
 /**
@@ -105,13 +107,18 @@ export async function checkConflicts(root: RootFs, entries: readonly Entry[]): P
  * bytes. Throws UserError before writing when the image cannot take the tree. `undo` asks
  * debugfs for an undo log of what it overwrote (undo.ts: the bmap re-hashes only those blocks).
  */
-export async function layTree(root: RootFs, entries: readonly Entry[], epoch: number, opts: { undo?: string; listFrom?: RootFs } = {}): Promise<LayResult> {
+export async function layTree(root: RootFs, entries: readonly Entry[], epoch: number, opts: { undo?: string; listFrom?: RootFs; listed?: Listing } = {}): Promise<LayResult> {
   preflight(root, entries);
   const sb = root.sb!;
   const view = new ImageTreeView(root);
   // `listFrom`: a file system byte-identical to `root` (the base it was just copied from), read
-  // instead of it: its blocks are in the page cache, a fresh reflink clone's are not.
-  const listed = await new ImageTreeView(opts.listFrom ?? root).listDirs(entries.map((e) => posix.dirname(e.path)));
+  // instead of it: its blocks are in the page cache, a fresh reflink clone's are not. `listed`:
+  // that base's listing, already made (checkConflicts before the reservation): only directories
+  // it lacks are listed.
+  const dirs = [...new Set(entries.map((e) => posix.dirname(e.path)))];
+  const missing = dirs.filter((d) => !opts.listed?.has(d === "" ? "." : d));
+  const listed: Listing = new Map(opts.listed ?? []);
+  if (missing.length) for (const [d, m] of await new ImageTreeView(opts.listFrom ?? root).listDirs(missing)) listed.set(d, m);
   const existing = (p: string): number | undefined => modeIn(listed, p);
 
   const priv = privateDir("mkoverlay-lay-");
@@ -180,7 +187,19 @@ export async function layTree(root: RootFs, entries: readonly Entry[], epoch: nu
  * that were already in the image (`keptDirs`) are only checked for being directories.
  */
 export async function verifyLaid(view: ImageTreeView, root: RootFs, entries: readonly Entry[], keptDirs: ReadonlySet<string> = new Set()): Promise<void> {
-  const got = await view.getMany(entries.map((e) => e.path));
+  // One debugfs run: what was just written is known, so what to dump is too (files, and link
+  // targets too long for the inode).
+  const dump = new Set(entries.filter((e) => e.type === "file" || (e.type === "symlink" && Buffer.byteLength(e.target) >= 60)).map((e) => e.path));
+  let got;
+  try {
+    got = await view.statMany(
+      entries.map((e) => e.path),
+      dump,
+    );
+  } catch (e) {
+    if (!(e instanceof UserError)) throw e;
+    throw new UserError(`${root.where}: read-back after laying the overlay failed: ${e.message}`, { exitCode: 1 });
+  }
   const problems: string[] = [];
   const sha = (b: Buffer): string => createHash("sha256").update(b).digest("hex");
   for (const e of entries) {

@@ -17,7 +17,7 @@ import type { ImageForm } from "../pipeline.js";
 import { baseBmap, stageImage, type StagedImage } from "./build.js";
 import { checkNotInUse } from "./busy.js";
 import { checkIdentity, identityOf } from "./identity.js";
-import { checkConflicts, preflight } from "./lay.js";
+import { checkConflicts, preflight, type Listing } from "./lay.js";
 import { ImageTreeView } from "./reader.js";
 import { findRoot } from "./root.js";
 
@@ -31,7 +31,7 @@ export async function preflightImage(form: ImageForm, entries: readonly Entry[],
   const root = findRoot(form.base, form.rootPartition === undefined ? {} : { rootPartition: form.rootPartition });
   preflight(root, entries);
   checkIdentity(root.where, await identityOf(new ImageTreeView(root)), mine, form.force);
-  await checkConflicts(root, entries);
+  form.baseListing = await checkConflicts(root, entries);
   for (const t of targets) if (existsSync(t)) checkNotInUse(t);
   if (!form.baseMap) {
     const dir = cacheDir();
@@ -49,6 +49,7 @@ export async function stageDeviceImage(form: ImageForm, finalPath: string, entri
     epoch,
     ...(form.rootPartition === undefined ? {} : { rootPartition: form.rootPartition }),
     ...(form.baseMap ? { baseMap: form.baseMap } : {}),
+    ...(form.baseListing ? { baseListing: form.baseListing as Listing } : {}),
     ...(form.compress ? { compress: form.compress } : {}),
   });
 }
