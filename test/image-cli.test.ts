@@ -290,6 +290,10 @@ describe.runIf(tools || inCI)("image refusals: one message, nothing written, no 
       expect(r.stderr).toMatch(msg);
       expect(existsSync(join(w.ws, "out"))).toBe(false);
     }
+    const odd = join(w.ws, "what?.img");
+    copyFileSync(mbr.path, odd);
+    const q = w.cli(["image", "--base", odd, "--board", "rpi4", "--bastion", "eu", "--out", join(w.ws, "out")]);
+    expect([q.code, q.stderr.split("\n")[0]]).toEqual([2, `mkoverlay: error: ${odd}: e2fsprogs cannot open a path with a "?" in it`]);
     expect(existsSync(join(w.ws, "registry.db"))).toBe(false);
   });
 });
