@@ -223,10 +223,10 @@ export function provisionalEntries(fleet: Fleet, req: DeviceRequest, now: Date):
  * the registry is opened): see image/output.ts. `mine` is the device's key for a single build;
  * a batch passes undefined (each device brings a new key).
  */
-export async function preflightImageForm(form: OutputForm, entries: readonly Entry[], mine: string | undefined, targets: string[] = []): Promise<void> {
+export async function preflightImageForm(form: OutputForm, entries: readonly Entry[], mine: string | undefined, targets: string[] = [], outDir?: string): Promise<void> {
   if (form.kind !== "image") return;
   const { preflightImage } = await import("./image/output.js");
-  await preflightImage(form, entries, mine, targets);
+  await preflightImage(form, entries, mine, targets, outDir);
 }
 
 /** Removes what a device whose reservation was lost had already put in place. */

@@ -160,6 +160,10 @@ describe.runIf(tools || inCI)("mkoverlay image", () => {
     const v = w.cli(["verify", r.overlay]);
     expect(v.code, v.stdout + v.stderr).toBe(0);
     expect(v.stdout).toMatch(/^ok +the key is registered to gw-0001$/m);
+    // Recognised by its content, not its name.
+    const renamed = join(w.ws, "card-copy.data");
+    copyFileSync(r.overlay, renamed);
+    expect(w.cli(["verify", renamed]).code).toBe(0);
   });
 
   it("same base, key, inputs and SOURCE_DATE_EPOCH: byte-identical image and bmap", () => {
@@ -468,6 +472,37 @@ describe.runIf((tools || inCI) && isRoot && slow)("[slow] root for the setup: a 
       expect(existsSync(join(w.ws, "out"))).toBe(false);
     } finally {
       run("umount", [mnt]);
+    }
+  });
+
+  it("refuses, with nothing reserved: an output folder without room for the image; an image of that name that is in use", () => {
+    const w = workspace("room");
+    const small = join(w.ws, "small");
+    mkdirSync(small);
+    const allocated = statSync(mbr.path).blocks * 512;
+    sh("mount", ["-t", "tmpfs", "-o", `size=${Math.floor(allocated / 2)},mode=0700`, "tmpfs", small]);
+    try {
+      const r = w.cli(["image", "--base", mbr.path, "--board", "rpi4", "--bastion", "eu", "--out", small]);
+      expect(r.code).toBe(2);
+      expect(r.stderr).toMatch(new RegExp(`^mkoverlay: error: --out ${small}: [0-9.]+ GB free, but an image of .*base-mbr\\.img needs about [0-9.]+ GB$`, "m"));
+      expect(readdirSync(small)).toEqual([]);
+      expect(existsSync(join(w.ws, "registry.db"))).toBe(false);
+    } finally {
+      run("umount", [small]);
+    }
+    const out = join(w.ws, "out");
+    mkdirSync(out, { mode: 0o700 });
+    const old = join(out, "gw-busy.img");
+    copyFileSync(mbr.path, old);
+    const loop = sh("losetup", ["--show", "-f", old]).trim();
+    try {
+      const r = w.cli(["image", "--base", mbr.path, "--board", "rpi4", "--bastion", "eu", "--hostname", "gw-busy", "--out", out]);
+      expect(r.code).toBe(2);
+      expect(r.stderr).toMatch(new RegExp(`gw-busy\\.img: in use: attached to ${loop}`));
+      expect(readdirSync(out)).toEqual(["gw-busy.img"]);
+      expect(existsSync(join(w.ws, "registry.db"))).toBe(false);
+    } finally {
+      run("losetup", ["-d", loop]);
     }
   });
 

@@ -193,7 +193,7 @@ export async function batchCommand(opts: BatchOptions): Promise<void> {
   await withOutDir(opts, async (outDir, form) => {
     // --image: the base is checked (and its bmap computed, once for the batch) before anything
     // is reserved; every device brings a new key, so any identity in the base is another's.
-    if (form.kind === "image") await preflightImageForm(form, provisionalEntries(fleet, { board, os, bastions, hostname: undefined, dk: loadOrGenerateKey(undefined) }, now), undefined);
+    if (form.kind === "image") await preflightImageForm(form, provisionalEntries(fleet, { board, os, bastions, hostname: undefined, dk: loadOrGenerateKey(undefined) }, now), undefined, [], outDir);
     return withStation(fleet, { outDir, form, epoch }, stderrLog(true), now, () => openRegistry(fleet.registry), async (st) => {
       for (let start = 0; start < names.length; start += CHUNK) {
         const chunk = names.slice(start, start + CHUNK).map((wanted, j) => ({ wanted, label: wanted ?? `device ${start + j + 1}` }));

@@ -42,7 +42,7 @@ export async function imageCommand(opts: ImageOptions): Promise<void> {
     { ...rest, image: base },
     async (outDir, form) => {
       const emit = { outDir, form, epoch };
-      await preflightImageForm(form, provisionalEntries(fleet, req, now), publicKeyLine(dk.key.pub), hostname ? [overlayPath(emit, hostname)] : []);
+      await preflightImageForm(form, provisionalEntries(fleet, req, now), publicKeyLine(dk.key.pub), hostname ? [overlayPath(emit, hostname)] : [], outDir);
       return withStation(fleet, emit, log, now, () => openRegistry(fleet.registry), (st) => buildDevice(st, req));
     },
     "--base",
