@@ -8,12 +8,12 @@ BOARD ?= rpi4
 BASTION ?= eu
 ARCH ?= amd64
 
-.PHONY: help install build run test test-deps typecheck lint schema-check unit test-boot boot-deps bench bench-bastion clean
+.PHONY: help install build run test test-deps typecheck lint schema-check unit test-boot boot-deps bench bench-bastion bench-image clean
 
 help:
 	@echo "make run    - install, build, and build one overlay from $(EXAMPLE) into ./$(OUT)"
 	@echo "make test   - install test prerequisites (as root), type-check, lint, run every test"
-	@echo "make bench  - factory-scale benchmarks (writes bench/results.md)"
+	@echo "make bench  - factory-scale benchmarks (writes bench/results.md, bench/image-results.md)"
 	@echo "make bench-bastion - the bastion at fleet scale, as root (writes bench/bastion-results.md)"
 
 # npm ci when the lock file is there: the same tree on every station and in CI.
@@ -35,11 +35,13 @@ run: build
 	MKOVERLAY_REGISTRY=$(OUT)/mkoverlay.db bin/mkoverlay --config $(EXAMPLE) --board $(BOARD) --bastion $(BASTION) --out $(OUT)
 
 # Real tools the tests run: sshd/ssh/ssh-keygen, shellcheck, systemd-analyze/systemctl, GNU tar;
-# for images: debugfs/e2fsck/mke2fs/filefrag, mkfs.vfat, mtools, sfdisk, bmaptool, zstd.
+# for images: debugfs/e2fsck/mke2fs/filefrag, mkfs.vfat, mtools, sfdisk, bmaptool, zstd; fakeroot
+# for the Buildroot recipe of docs/image-builders.md.
 TEST_TOOLS := sshd:openssh-server ssh:openssh-client ssh-keygen:openssh-client shellcheck:shellcheck \
               systemd-analyze:systemd systemctl:systemd tar:tar \
               debugfs:e2fsprogs e2fsck:e2fsprogs mke2fs:e2fsprogs filefrag:e2fsprogs mkfs.vfat:dosfstools \
-              mcopy:mtools sfdisk:fdisk bmaptool:bmap-tools zstd:zstd promtool:prometheus
+              mcopy:mtools sfdisk:fdisk bmaptool:bmap-tools zstd:zstd promtool:prometheus \
+              fakeroot:fakeroot setpriv:util-linux
 test-deps:
 	@bash scripts/ensure-tools.sh $(TEST_TOOLS)
 	@bash scripts/ensure-postgres.sh >/dev/null
@@ -69,6 +71,12 @@ test-boot: build boot-deps
 
 bench: build
 	node bench/run.mjs
+	$(MAKE) --no-print-directory bench-image
+
+# Per-device images (issue 14): a 2.5 GiB base; as root also XFS and btrfs loop file systems.
+bench-image: build
+	@bash scripts/ensure-tools.sh mkfs.xfs:xfsprogs mkfs.btrfs:btrfs-progs bmaptool:bmap-tools
+	node bench/image.mjs | tee bench/image-results.md
 
 # As root: sshd CPU per login at 10/10,000/40,000 devices, reconnect storm, revocation latency.
 bench-bastion: build

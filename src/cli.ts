@@ -63,10 +63,42 @@ function program(): Command {
     .option("--hosts <file>", "one hostname a line, or CSV with a hostname column")
     .option("--out <dir>", "output directory (created 0700)", "out")
     .option("--format <form>", "tar or dir")
+    .option("--image <base>", "one disk image per device from this base image (<out>/<host>.img + .bmap)")
+    .option("--root-partition <n>", "with --image: the root partition's number")
+    .option("--compress <kind>", "with --image: zstd writes <host>.img.zst")
+    .option("--force", "with --image: lay overlays even over another device's identity in the base")
     .option("--config <file>", cfg)
     .option("--json", "one JSON object per device on stdout")
     .option("-q, --quiet", "no progress on stderr")
     .action(lazy(() => import("./commands/batch.js"), (m, opts) => m.batchCommand(opts)));
+
+  p.command("image")
+    .description("build one device as a disk image: the base with its overlay laid into the root partition (+ a bmap)")
+    .requiredOption("--base <image>", "the OS image to start from (e.g. a Raspberry Pi OS .img; MBR or GPT)")
+    .requiredOption("--board <id>", "board profile (see 'mkoverlay boards')")
+    .option("--bastion <names>", "bastion(s) from the config, comma-separated (e.g. eu,us)")
+    .option("--os <id>", "OS profile, instead of the board's default")
+    .option("--hostname <name>", "device name (default: the config's hostname template)")
+    .option("--host-key <file>", "use this unencrypted ed25519 OpenSSH private key instead of a new one")
+    .option("--out <dir>", "output directory (created 0700): <out>/<host>.img and .img.bmap", "out")
+    .option("--root-partition <n>", "the root partition's number (default: found by type, label and file system)")
+    .option("--compress <kind>", "zstd: write <host>.img.zst instead of <host>.img")
+    .option("--force", "lay the overlay even over another device's mkoverlay identity in the base")
+    .option("--config <file>", "fleet config (default $MKOVERLAY_CONFIG or ./mkoverlay.yaml)")
+    .option("--json", "print one JSON object on stdout")
+    .option("-q, --quiet", "no progress on stderr")
+    .action(lazy(() => import("./commands/image.js"), (m, opts) => m.imageCommand(opts)));
+
+  p.command("write <overlay>")
+    .description("lay an existing overlay (archive or folder) into a disk image or an already-flashed card")
+    .option("--image <file>", "the image to write into, in place")
+    .option("--device <dev>", "the card (block device) to write, e.g. /dev/sdX")
+    .option("--base <image>", "with --device: write this base image's used blocks first")
+    .option("--root-partition <n>", "the root partition's number (default: found by type, label and file system)")
+    .option("--force", "lay the overlay even over another device's mkoverlay identity")
+    .option("--json", "print one JSON object on stdout")
+    .option("-q, --quiet", "no progress on stderr")
+    .action(lazy(() => import("./commands/write.js"), (m, overlay, opts) => m.writeCommand(overlay, opts)));
 
   const bastion = p.command("bastion").description("what a bastion imports: authorized_keys and its sshd Match block");
   bastion
@@ -134,7 +166,8 @@ function program(): Command {
     .option("-q, --quiet", "no progress on stderr")
     .action(lazy(() => import("./commands/lifecycle.js"), (m, host, opts) => m.rotateCommand(host, opts)));
   p.command("verify <overlay>")
-    .description("check an overlay (archive or folder) against itself and the registry")
+    .description("check an overlay (archive, folder, disk image, .img.zst or card) against itself and the registry")
+    .option("--root-partition <n>", "for an image: the root partition's number")
     .option("--config <file>", cfg)
     .option("--json", "JSON output")
     .action(lazy(() => import("./commands/verify.js"), (m, path, opts) => m.verifyCommand(path, opts)));

@@ -15,10 +15,28 @@ import { tarball } from "./overlay/archive.js";
 import { loadLayers } from "./overlay/layers.js";
 import { buildOverlay, type DeviceSpec } from "./overlay/steps.js";
 import type { Tree } from "./overlay/tree.js";
+import type { Bmap } from "./image/bmap.js";
 import type { Board, OsProfile, Profiles } from "./profiles.js";
 import type { DeviceRecord } from "./registry/types.js";
 
-export type OutputForm = { kind: "tar" } | { kind: "dir" } | { kind: "apply"; root: string };
+/**
+ * A per-device disk image: the base with the overlay laid into its root partition
+ * (`mkoverlay image`, `batch --image`). `baseMap` is the base's bmap, computed once per run
+ * (and cached per base) before anything is reserved.
+ */
+export interface ImageForm {
+  kind: "image";
+  base: string;
+  rootPartition: number | undefined;
+  compress: "zstd" | undefined;
+  /** --force: lay the overlay even over another device's mkoverlay identity. */
+  force: boolean;
+  baseMap?: Bmap;
+  /** The base's listing of the overlay's directories (image/lay.ts), made by the preflight. */
+  baseListing?: Map<string, Map<string, { mode: number }>>;
+}
+
+export type OutputForm = { kind: "tar" } | { kind: "dir" } | { kind: "apply"; root: string } | ImageForm;
 
 export interface Emit {
   outDir: string;
@@ -26,8 +44,18 @@ export interface Emit {
   epoch: number;
 }
 
-export const overlayPath = (e: Emit, hostname: string): string =>
-  e.form.kind === "apply" ? e.form.root : join(e.outDir, e.form.kind === "dir" ? `${hostname}.overlay` : `${hostname}.overlay.tar.gz`);
+export function overlayPath(e: Emit, hostname: string): string {
+  switch (e.form.kind) {
+    case "apply":
+      return e.form.root;
+    case "dir":
+      return join(e.outDir, `${hostname}.overlay`);
+    case "image":
+      return join(e.outDir, `${hostname}.img${e.form.compress === "zstd" ? ".zst" : ""}`);
+    default:
+      return join(e.outDir, `${hostname}.overlay.tar.gz`);
+  }
+}
 export const authorizedKeysPath = (outDir: string, hostname: string): string => join(outDir, `${hostname}.authorized_keys`);
 
 /** Everything one device's outputs are made from. */

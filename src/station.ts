@@ -15,7 +15,9 @@ import { prepareOutDir, removeFiles, removeIfEmpty, StagedGroups, writeFileAtomi
 import { publicKeyLine } from "./keys/ed25519.js";
 import type { Log } from "./output.js";
 import { writeTreeTo } from "./overlay/apply.js";
-import { overlayPath, pendingFiles, renderDevice, type DeviceContext, type Emit, type Emitted, type OutputForm, type Rendered } from "./pipeline.js";
+import { buildOverlay } from "./overlay/steps.js";
+import type { Entry } from "./overlay/tree.js";
+import { deviceSpec, overlayPath, pendingFiles, renderDevice, type DeviceContext, type Emit, type Emitted, type OutputForm, type Rendered } from "./pipeline.js";
 import type { Board, OsProfile } from "./profiles.js";
 import { leaseMs } from "./registry/core.js";
 import { ReservationLost } from "./registry/rows.js";
@@ -25,22 +27,52 @@ export interface OutputOptions {
   out?: string;
   format?: string;
   apply?: string;
+  /** A base disk image: one image per device (`mkoverlay image --base`, `batch --image`). */
+  image?: string;
+  rootPartition?: string;
+  compress?: string;
+  force?: boolean;
 }
 
-/** --format tar|dir and --apply ROOT → where and how the overlay is written. */
-export function outputForm(o: OutputOptions): OutputForm {
+/** `--root-partition N`: a partition number as the kernel counts them. */
+export function rootPartitionFlag(v: string | undefined): number | undefined {
+  if (v === undefined) return undefined;
+  if (!/^\d{1,3}$/.test(v) || Number(v) < 1 || Number(v) > 128) throw new UserError(`--root-partition ${JSON.stringify(v)}: a partition number from 1 to 128`, { hint: "Raspberry Pi OS images: 2" });
+  return Number(v);
+}
+
+function imageForm(o: OutputOptions, flag: string): OutputForm {
+  if (o.format !== undefined || o.apply !== undefined) throw new UserError(`${flag} cannot be combined with --format or --apply`);
+  if (o.compress !== undefined && o.compress !== "zstd") throw new UserError(`--compress ${JSON.stringify(o.compress)}: only zstd is supported`);
+  if (o.image === "") throw new UserError(`${flag}: give the base image's path`);
+  return { kind: "image", base: resolve(o.image!), rootPartition: rootPartitionFlag(o.rootPartition), compress: o.compress === "zstd" ? "zstd" : undefined, force: Boolean(o.force) };
+}
+
+/** --format tar|dir, --apply ROOT or a base image → where and how the overlay is written. */
+export function outputForm(o: OutputOptions, imageFlag = "--image"): OutputForm {
+  if (o.image !== undefined) return imageForm(o, imageFlag);
+  if (o.compress !== undefined || o.rootPartition !== undefined) throw new UserError(`--compress and --root-partition only apply to images (${imageFlag} BASE.img)`);
   if (o.apply !== undefined) {
     if (o.format !== undefined && o.format !== "apply") throw new UserError("--apply and --format cannot be combined");
     return { kind: "apply", root: resolve(o.apply) };
   }
   const f = o.format ?? "tar";
   if (f !== "tar" && f !== "dir") throw new UserError(`--format ${JSON.stringify(f)}: use tar (a .overlay.tar.gz) or dir (a folder); --apply ROOT lays it over a root file system`);
+  // A folder written by an ordinary user holds files owned by that user, not root: an image
+  // builder copying it would ship them so (sshd refuses a host key it does not own), and
+  // verify fails. The archive carries root:root and the modes whoever extracts it; builders
+  // extract it as root or under fakeroot (docs/image-builders.md).
+  if (f === "dir" && process.getuid?.() !== 0) {
+    throw new UserError("--format dir needs root: as another user the files would be owned by you, not root:root", {
+      hint: "use the archive (the default, --format tar) and extract it with `tar --same-owner` as root or under fakeroot; see docs/image-builders.md",
+    });
+  }
   return { kind: f };
 }
 
 /** Checks --out (creating it 0700) before anything is reserved; undoes it if the run fails. */
-export async function withOutDir<T>(o: OutputOptions, fn: (outDir: string, form: OutputForm) => Promise<T>): Promise<T> {
-  const form = outputForm(o);
+export async function withOutDir<T>(o: OutputOptions, fn: (outDir: string, form: OutputForm) => Promise<T>, imageFlag?: string): Promise<T> {
+  const form = outputForm(o, imageFlag);
   const outDir = resolve(o.out ?? "out");
   const { created } = prepareOutDir(outDir);
   try {
@@ -166,9 +198,46 @@ export function buildResult(device: DeviceRecord, dk: DeviceKey, e: Emitted, reb
   };
 }
 
+/**
+ * The overlay a device request will get, built before its port is reserved, so that an image
+ * base can be checked for room (and names debugfs cannot take) with nothing reserved yet. The
+ * port numbers are placeholders; they do not change the tree's size.
+ */
+export function provisionalEntries(fleet: Fleet, req: DeviceRequest, now: Date): Entry[] {
+  const device: DeviceRecord = {
+    hostname: req.hostname ?? "provisional",
+    board: req.board.id,
+    os: req.os.id,
+    bastions: req.bastions.map((b) => b.name),
+    port: fleet.ports.ssh.lo,
+    services: Object.fromEntries(serviceNames(fleet).map((n) => [n, fleet.ports.services.lo])),
+    publicKey: publicKeyLine(req.dk.key.pub),
+    fingerprint: req.dk.fingerprint,
+    status: "pending",
+    overlay: null,
+    station: "",
+    created: now.toISOString(),
+    updated: now.toISOString(),
+    attributes: req.attributes ?? {},
+  };
+  return buildOverlay(deviceSpec({ fleet, device, key: req.dk.key, board: req.board, os: req.os, bastions: req.bastions })).list();
+}
+
+/**
+ * Everything an image output can be refused for, checked before a port is reserved (and before
+ * the registry is opened): see image/output.ts. `mine` is the device's key for a single build;
+ * a batch passes undefined (each device brings a new key).
+ */
+export async function preflightImageForm(form: OutputForm, entries: readonly Entry[], mine: string | undefined, targets: string[] = [], outDir?: string): Promise<void> {
+  if (form.kind !== "image") return;
+  const { preflightImage } = await import("./image/output.js");
+  await preflightImage(form, entries, mine, targets, outDir);
+}
+
 /** Removes what a device whose reservation was lost had already put in place. */
 export function unplace(r: Rendered, form: OutputForm): void {
-  if (form.kind === "tar") removeFiles([r.overlay, r.authorizedKeysFile]);
+  if (form.kind === "image") removeFiles([r.overlay, `${r.overlay.replace(/\.zst$/, "")}.bmap`, r.authorizedKeysFile]);
+  else if (form.kind === "tar") removeFiles([r.overlay, r.authorizedKeysFile]);
   else if (form.kind === "dir") {
     rmSync(r.overlay, { recursive: true, force: true });
     removeFiles([r.authorizedKeysFile]);
@@ -194,8 +263,22 @@ export async function place(st: Station, hostname: string, r: Rendered, leased: 
     }
     return;
   }
+  const form = st.emit.form;
+  if (form.kind === "image") {
+    // Loaded only for images: a plain build does not pay for the image code.
+    const { stageDeviceImage } = await import("./image/output.js");
+    const staged = await stageDeviceImage(form, r.overlay, r.tree.list(), st.emit.epoch);
+    try {
+      await still();
+      staged.commit();
+    } finally {
+      staged.discard();
+    }
+    writeFileAtomic(r.authorizedKeysFile, r.text, { mode: 0o644 });
+    return;
+  }
   await still();
-  writeTreeTo(r.tree, r.overlay, { epoch: st.emit.epoch, replaceWhole: st.emit.form.kind === "dir" });
+  writeTreeTo(r.tree, r.overlay, { epoch: st.emit.epoch, replaceWhole: form.kind === "dir" });
   writeFileAtomic(r.authorizedKeysFile, r.text, { mode: 0o644, durable: false });
 }
 

@@ -17,6 +17,7 @@ import { parseBmap, renderBmap, scanBmap, updateBmap } from "../src/image/bmap.j
 import { checkNotInUse, parseMountinfo } from "../src/image/busy.js";
 import { baseBmap, buildImage, writeIntoImage } from "../src/image/build.js";
 import { writeDevice } from "../src/image/device.js";
+import { layTree, verifyLaid } from "../src/image/lay.js";
 import { blocksOfBytes, dataRanges } from "../src/image/extents.js";
 import { ImageTreeView } from "../src/image/reader.js";
 import { findRoot } from "../src/image/root.js";
@@ -163,6 +164,43 @@ describe.runIf(tools || inCI)("buildImage: one device's image", () => {
     expect(a.ranges.reduce((n, r) => n + r.last - r.first + 1, 0)).toBeLessThan(mbr.rootOffset / 4096 + mbr.rootSize / 4096);
     const ranges = await dataRanges(mbr.path, statSync(mbr.path).size);
     expect(ranges.length).toBeGreaterThan(1); // sparse: holes between the data
+  });
+});
+
+describe.runIf(tools || inCI)("the read-back after laying (verifyLaid, one debugfs run)", () => {
+  it("passes what was laid, long link targets included, and names every entry that differs", async () => {
+    const img = join(dir, "readback.img");
+    copyFileSync(mbr.path, img);
+    const longTarget = `/usr/lib/${"x".repeat(80)}`;
+    const entries: Entry[] = [...overlay, { type: "symlink", path: "etc/zz-long-link", target: longTarget }, { type: "symlink", path: "etc/zz-short-link", target: "/dev/null" }];
+    const root = findRoot(img);
+    await layTree(root, entries, EPOCH);
+    const view = new ImageTreeView(root);
+    await verifyLaid(view, root, entries); // as laid: no problem
+    const spec = `${img}?offset=${mbr.rootOffset}`;
+    const other = join(dir, "other-content");
+    writeFileSync(other, "not what was laid\n");
+    const cmds = [
+      "sif /etc/ssh/sshd_config.d/50-mkoverlay.conf mode 0100666",
+      "sif /etc/hostname uid 1000",
+      "rm /etc/hosts",
+      `write ${other} /etc/hosts`,
+      "rm /etc/zz-long-link",
+      `symlink /etc/zz-long-link /usr/lib/${"y".repeat(80)}`,
+      "rm /etc/zz-short-link",
+      "symlink /etc/zz-short-link /dev/zero",
+    ];
+    sh("debugfs", ["-w", "-f", "-", spec], cmds.join("\n") + "\n");
+    const e = await refusal(verifyLaid(view, root, entries));
+    expect(e.exitCode).toBe(1);
+    expect(e.message.split("\n").slice(1)).toEqual([
+      "  /etc/hostname: owner 1000:0, expected 0:0",
+      "  /etc/hosts: content differs",
+      "  /etc/ssh/sshd_config.d/50-mkoverlay.conf: mode 666, expected 644",
+      `  /etc/zz-long-link: points to /usr/lib/${"y".repeat(80)}, expected ${longTarget}`,
+      "  /etc/zz-short-link: points to /dev/zero, expected /dev/null",
+    ]);
+    expect(e.message).toMatch(/read-back after laying the overlay found 5 problem\(s\):/);
   });
 });
 

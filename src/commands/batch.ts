@@ -18,7 +18,7 @@ import { loadProfiles, resolveBoardOs } from "../profiles.js";
 import { openRegistry } from "../registry/open.js";
 import { ReservationLost } from "../registry/rows.js";
 import type { DeviceRecord } from "../registry/types.js";
-import { buildDevice, buildResult, contextOf, reserveRequest, unplace, withOutDir, withStation, type BuildResult, type DeviceRequest, type OutputOptions, type Station } from "../station.js";
+import { buildDevice, buildResult, contextOf, preflightImageForm, provisionalEntries, reserveRequest, unplace, withOutDir, withStation, type BuildResult, type DeviceRequest, type OutputOptions, type Station } from "../station.js";
 import { hostnameProblem } from "../validate.js";
 
 export interface BatchOptions extends OutputOptions {
@@ -192,8 +192,11 @@ export async function batchCommand(opts: BatchOptions): Promise<void> {
       progress.step(++done, `${item.label} FAILED`);
     },
   };
-  await withOutDir(opts, (outDir, form) =>
-    withStation(fleet, { outDir, form, epoch }, stderrLog(true), now, () => openRegistry(fleet.registry), async (st) => {
+  await withOutDir(opts, async (outDir, form) => {
+    // --image: the base is checked (and its bmap computed, once for the batch) before anything
+    // is reserved; every device brings a new key, so any identity in the base is another's.
+    if (form.kind === "image") await preflightImageForm(form, provisionalEntries(fleet, { board, os, bastions, hostname: undefined, dk: loadOrGenerateKey(undefined) }, now), undefined, [], outDir);
+    return withStation(fleet, { outDir, form, epoch }, stderrLog(true), now, () => openRegistry(fleet.registry), async (st) => {
       for (let start = 0; start < names.length; start += CHUNK) {
         const chunk = names.slice(start, start + CHUNK).map((n, j) => ({ wanted: n.hostname, attributes: n.attributes, label: n.hostname ?? `device ${start + j + 1}` }));
         if (form.kind === "tar") {
@@ -210,8 +213,8 @@ export async function batchCommand(opts: BatchOptions): Promise<void> {
           }
         }
       }
-    }),
-  );
+    });
+  });
   log.info(`batch done: ${built} built, ${failures.length} failed`);
   if (failures.length > 0) throw new UserError(`${failures.length} of ${names.length} device(s) failed (see above); the others are built and registered`, { exitCode: 1 });
 }

@@ -12,7 +12,7 @@ import { configPath, loadFleet } from "../config/load.js";
 import { UserError } from "../errors.js";
 import { overlayComplete } from "../inspect.js";
 import { out } from "../output.js";
-import { openOverlay } from "../overlay/read.js";
+import { withOverlay } from "../overlay/read.js";
 import { loadProfiles } from "../profiles.js";
 import { stationIsDead } from "../registry/core.js";
 import { openRegistry } from "../registry/open.js";
@@ -49,7 +49,8 @@ export async function doctorCommand(opts: DoctorOptions): Promise<void> {
         const fp = u.kind === "build" ? d.fingerprint : (d.rotating?.fingerprint ?? "");
         let complete = false;
         try {
-          complete = d.overlay !== null && (await overlayComplete(await openOverlay(d.overlay), fleet, profiles, d, fp));
+          // An image (`mkoverlay image`) is read like an archive: its root partition, no mount.
+          complete = d.overlay !== null && (await withOverlay(d.overlay, {}, (view) => overlayComplete(view, fleet, profiles, d, fp)));
         } catch {
           complete = false; // missing, unreadable or not an overlay: not complete
         }

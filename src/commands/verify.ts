@@ -1,26 +1,29 @@
 /**
- * `mkoverlay verify OVERLAY`: checks an overlay (archive or folder) against the registry and
- * against what this mkoverlay builds for the device it belongs to, before it is flashed.
+ * `mkoverlay verify OVERLAY`: checks an overlay (archive, folder, disk image, .img.zst or card)
+ * against the registry and against what this mkoverlay builds for the device it belongs to,
+ * before it is flashed. An image is read from its root partition (no mount).
  */
 import { configPath, loadFleet } from "../config/load.js";
 import { UserError } from "../errors.js";
 import { inspectOverlay } from "../inspect.js";
 import { out } from "../output.js";
-import { openOverlay } from "../overlay/read.js";
+import { withOverlay } from "../overlay/read.js";
 import { loadProfiles } from "../profiles.js";
 import { openRegistry } from "../registry/open.js";
+import { rootPartitionFlag } from "../station.js";
 
-export async function verifyCommand(path: string, opts: { config?: string; json?: boolean }): Promise<void> {
+export async function verifyCommand(path: string, opts: { config?: string; json?: boolean; rootPartition?: string }): Promise<void> {
   const fleet = await loadFleet(configPath(opts.config));
   const profiles = await loadProfiles();
-  const view = await openOverlay(path);
-  const registry = await openRegistry(fleet.registry);
-  let result;
-  try {
-    result = await inspectOverlay(view, fleet, profiles, registry);
-  } finally {
-    await registry.close();
-  }
+  const rootPartition = rootPartitionFlag(opts.rootPartition);
+  const result = await withOverlay(path, rootPartition === undefined ? {} : { rootPartition }, async (view) => {
+    const registry = await openRegistry(fleet.registry);
+    try {
+      return await inspectOverlay(view, fleet, profiles, registry);
+    } finally {
+      await registry.close();
+    }
+  });
   const { hostname, checks } = result;
   const failed = checks.filter((c) => !c.ok);
   if (opts.json) out(JSON.stringify({ overlay: path, hostname: hostname ?? null, ok: failed.length === 0, checks }));

@@ -9,11 +9,13 @@ import { closeSync, fsyncSync, openSync, renameSync, rmSync } from "node:fs";
 import { tempNameFor } from "../fsutil.js";
 import { UserError } from "../errors.js";
 import { findTool } from "./debugfs.js";
+import { track } from "./temps.js";
 
 export async function compressZstd(src: string, dst: string, opts: { level?: number } = {}): Promise<void> {
   const zstd = findTool("zstd", "zstd");
   const tmp = tempNameFor(dst);
   const out = openSync(tmp, "wx", 0o600);
+  const untrack = track(tmp);
   try {
     const stderr: Buffer[] = [];
     const code = await new Promise<number>((resolve, reject) => {
@@ -27,6 +29,7 @@ export async function compressZstd(src: string, dst: string, opts: { level?: num
     fsyncSync(out);
     closeSync(out);
     renameSync(tmp, dst);
+    untrack();
   } catch (e) {
     try {
       closeSync(out);
@@ -34,6 +37,7 @@ export async function compressZstd(src: string, dst: string, opts: { level?: num
       // already closed
     }
     rmSync(tmp, { force: true });
+    untrack();
     throw e;
   }
 }

@@ -5,10 +5,10 @@
  * it, so the binary is looked up there too.
  */
 import { spawn } from "node:child_process";
-import { accessSync, constants, mkdtempSync, rmSync, writeFileSync } from "node:fs";
-import { tmpdir } from "node:os";
+import { accessSync, constants, writeFileSync } from "node:fs";
 import { delimiter, join } from "node:path";
 import { UserError } from "../errors.js";
+import { privateDir } from "./temps.js";
 
 const SBIN = ["/usr/sbin", "/sbin", "/usr/local/sbin"];
 
@@ -86,7 +86,8 @@ export function splitSections(stdout: string): string[][] {
  */
 export async function debugfs(spec: string, cmds: readonly string[], opts: { write?: boolean; fakeTime?: number; dir?: string; undo?: string } = {}): Promise<DebugfsRun> {
   const bin = findTool("debugfs");
-  const dir = opts.dir ?? mkdtempSync(join(tmpdir(), "mkoverlay-debugfs-"));
+  const own = opts.dir === undefined ? privateDir("mkoverlay-debugfs-") : undefined;
+  const dir = opts.dir ?? own!.path;
   try {
     const file = join(dir, "cmds");
     writeFileSync(file, cmds.join("\n") + "\n", { mode: 0o600 });
@@ -97,7 +98,7 @@ export async function debugfs(spec: string, cmds: readonly string[], opts: { wri
     if (r.code !== 0) errors.push(`debugfs exited with status ${r.code}`);
     return { sections: splitSections(r.stdout.toString("utf8")), errors };
   } finally {
-    if (!opts.dir) rmSync(dir, { recursive: true, force: true });
+    own?.remove();
   }
 }
 

@@ -12,7 +12,7 @@ import { checkNotInUse } from "./busy.js";
 import { BLOCK, dataRanges } from "./extents.js";
 import { layTree, preflight, type LayResult } from "./lay.js";
 import { diskSize } from "./partitions.js";
-import { findRoot } from "./root.js";
+import { findRoot, type RootFs } from "./root.js";
 
 /** O_EXCL on a block device: EBUSY when mounted, or opened exclusively by someone else. */
 export function openExclusive(device: string): number {
@@ -65,15 +65,36 @@ export interface DeviceResult extends LayResult {
   baseBytes: number;
 }
 
-export async function writeDevice(opts: { device: string; base?: string; entries: readonly Entry[]; epoch: number; rootPartition?: number }): Promise<DeviceResult> {
+/**
+ * `check` runs on the root the overlay will be laid over (the base's, or the card's when there
+ * is no base) before anything is written: the identity rule (identity.ts).
+ */
+export async function writeDevice(opts: { device: string; base?: string; entries: readonly Entry[]; epoch: number; rootPartition?: number; check?: (root: RootFs) => Promise<void> }): Promise<DeviceResult> {
   // The base is checked before the card is touched: a bad base must not cost the card.
-  if (opts.base) preflight(findRoot(opts.base, rootOpt(opts.rootPartition)), opts.entries);
+  if (opts.base) {
+    const baseRoot = findRoot(opts.base, rootOpt(opts.rootPartition));
+    preflight(baseRoot, opts.entries);
+    await opts.check?.(baseRoot);
+  }
   checkNotInUse(opts.device);
   const fd = openExclusive(opts.device);
   try {
     // Without a base the card must already hold one: find its root before writing anything.
-    if (!opts.base) preflight(findRoot(opts.device, rootOpt(opts.rootPartition)), opts.entries);
-    const baseBytes = opts.base ? await writeBase(opts.base, fd, opts.device) : 0;
+    if (!opts.base) {
+      const cardRoot = findRoot(opts.device, rootOpt(opts.rootPartition));
+      preflight(cardRoot, opts.entries);
+      await opts.check?.(cardRoot);
+    }
+    let baseBytes = 0;
+    if (opts.base) {
+      try {
+        baseBytes = await writeBase(opts.base, fd, opts.device);
+      } catch (e) {
+        if (e instanceof UserError) throw e;
+        // The card is half-written now: a failed write, not a refusal (exit 1).
+        throw new UserError(`--device ${opts.device}: writing the base failed: ${(e as Error).message}`, { exitCode: 1, hint: "the card may be failing; try another one, then write again" });
+      }
+    }
     const root = findRoot(opts.device, rootOpt(opts.rootPartition));
     const laid = await layTree(root, opts.entries, opts.epoch);
     return { ...laid, baseBytes };

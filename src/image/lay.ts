@@ -10,8 +10,7 @@
  * directory) is refused, never replaced.
  */
 import { createHash } from "node:crypto";
-import { mkdtempSync, rmSync, writeFileSync } from "node:fs";
-import { tmpdir } from "node:os";
+import { writeFileSync } from "node:fs";
 import { join, posix } from "node:path";
 import { UserError } from "../errors.js";
 import type { TreeView } from "../overlay/view.js";
@@ -20,6 +19,7 @@ import { debugfs, debugfsSafe } from "./debugfs.js";
 import { ImageTreeView } from "./reader.js";
 import { e2Spec, type RootFs } from "./root.js";
 import { checkWritable, roomFor } from "./superblock.js";
+import { privateDir } from "./temps.js";
 
 export interface LayResult {
   /** debugfs commands run (for logs and tests; never contains file contents). */
@@ -69,20 +69,60 @@ export function preflight(root: RootFs, entries: readonly Entry[]): void {
   checkWritable(root.sb, root.where, roomFor(sizes, root.sb?.blockSize ?? 4096));
 }
 
+/** `ls -p` of directories: directory → name → mode (reader.ts listDirs). */
+export type Listing = Map<string, Map<string, { mode: number }>>;
+
+/** What an entry finds in the image: a conflict (refused), or nothing to say. */
+function conflictOf(e: Entry, haveMode: number | undefined): string | undefined {
+  if (haveMode === undefined) return undefined;
+  const haveKind = kindName(haveMode);
+  if (e.type === "dir") return haveKind === "directory" ? undefined : `/${e.path} is a directory in the overlay but a ${haveKind} in the image`;
+  return haveKind === "directory" ? `/${e.path} is a ${e.type === "file" ? "file" : "symlink"} in the overlay but a directory in the image` : undefined;
+}
+
+function conflictError(root: RootFs, conflicts: string[]): UserError {
+  return new UserError(`${root.where}: the overlay conflicts with the image:\n  ${conflicts.join("\n  ")}`, {
+    hint: "an overlay only adds to an OS; fix the base image or the overlay layer that adds these paths",
+  });
+}
+
+function modeIn(listed: Listing, p: string): number | undefined {
+  return listed.get(posix.dirname(p))?.get(posix.basename(p))?.mode;
+}
+
+/**
+ * Refuses, before anything is written or reserved, an overlay whose entries clash in type with
+ * what the image has at their paths (a file where the image has a directory, and so on).
+ */
+export async function checkConflicts(root: RootFs, entries: readonly Entry[]): Promise<Listing> {
+  const listed = await new ImageTreeView(root).listDirs(entries.map((e) => posix.dirname(e.path)));
+  const conflicts = entries.map((e) => conflictOf(e, modeIn(listed, e.path))).filter((c): c is string => c !== undefined);
+  if (conflicts.length) throw conflictError(root, conflicts);
+  return listed;
+}
+
 /**
  * Writes `entries` (Tree.list() order: parents first) into `root`. All times, and the times
  * e2fsprogs takes from the clock, are `epoch`, so the same base, tree and epoch give the same
  * bytes. Throws UserError before writing when the image cannot take the tree. `undo` asks
  * debugfs for an undo log of what it overwrote (undo.ts: the bmap re-hashes only those blocks).
  */
-export async function layTree(root: RootFs, entries: readonly Entry[], epoch: number, opts: { undo?: string } = {}): Promise<LayResult> {
+export async function layTree(root: RootFs, entries: readonly Entry[], epoch: number, opts: { undo?: string; listFrom?: RootFs; listed?: Listing } = {}): Promise<LayResult> {
   preflight(root, entries);
   const sb = root.sb!;
   const view = new ImageTreeView(root);
-  const listed = await view.listDirs(entries.map((e) => posix.dirname(e.path)));
-  const existing = (p: string): number | undefined => listed.get(posix.dirname(p))?.get(posix.basename(p))?.mode;
+  // `listFrom`: a file system byte-identical to `root` (the base it was just copied from), read
+  // instead of it: its blocks are in the page cache, a fresh reflink clone's are not. `listed`:
+  // that base's listing, already made (checkConflicts before the reservation): only directories
+  // it lacks are listed.
+  const dirs = [...new Set(entries.map((e) => posix.dirname(e.path)))];
+  const missing = dirs.filter((d) => !opts.listed?.has(d === "" ? "." : d));
+  const listed: Listing = new Map(opts.listed ?? []);
+  if (missing.length) for (const [d, m] of await new ImageTreeView(opts.listFrom ?? root).listDirs(missing)) listed.set(d, m);
+  const existing = (p: string): number | undefined => modeIn(listed, p);
 
-  const dir = mkdtempSync(join(tmpdir(), "mkoverlay-lay-"));
+  const priv = privateDir("mkoverlay-lay-");
+  const dir = priv.path;
   try {
     const cmds: string[] = [];
     const result: LayResult = { commands: 0, created: 0, replaced: 0, kept: 0 };
@@ -97,15 +137,15 @@ export async function layTree(root: RootFs, entries: readonly Entry[], epoch: nu
     let n = 0;
     for (const e of entries) {
       const have = existing(e.path);
-      const haveKind = have === undefined ? undefined : kindName(have);
+      const conflict = conflictOf(e, have);
+      if (conflict) {
+        conflicts.push(conflict);
+        continue;
+      }
       if (e.type === "dir") {
-        if (haveKind === "directory") {
+        if (have !== undefined) {
           result.kept++;
           keptDirs.add(e.path);
-          continue;
-        }
-        if (haveKind) {
-          conflicts.push(`/${e.path} is a directory in the overlay but a ${haveKind} in the image`);
           continue;
         }
         cmds.push(`mkdir /${e.path}`);
@@ -113,11 +153,7 @@ export async function layTree(root: RootFs, entries: readonly Entry[], epoch: nu
         result.created++;
         continue;
       }
-      if (haveKind === "directory") {
-        conflicts.push(`/${e.path} is a ${e.type === "file" ? "file" : "symlink"} in the overlay but a directory in the image`);
-        continue;
-      }
-      if (haveKind) {
+      if (have !== undefined) {
         cmds.push(`rm /${e.path}`);
         result.replaced++;
       } else result.created++;
@@ -131,11 +167,7 @@ export async function layTree(root: RootFs, entries: readonly Entry[], epoch: nu
         finish(e.path, TYPE_BITS.symlink | 0o777);
       }
     }
-    if (conflicts.length) {
-      throw new UserError(`${root.where}: the overlay conflicts with the image:\n  ${conflicts.join("\n  ")}`, {
-        hint: "an overlay only adds to an OS; fix the base image or the overlay layer that adds these paths",
-      });
-    }
+    if (conflicts.length) throw conflictError(root, conflicts);
     if (/\s/.test(dir)) throw new UserError(`temp dir ${dir} has a blank in its path; set TMPDIR to a path without one`);
     const r = await debugfs(e2Spec(root), cmds, { write: true, fakeTime: epoch, dir, ...(opts.undo ? { undo: opts.undo } : {}) });
     if (r.errors.length) {
@@ -146,7 +178,7 @@ export async function layTree(root: RootFs, entries: readonly Entry[], epoch: nu
     return result;
   } finally {
     // The private key passed through here.
-    rmSync(dir, { recursive: true, force: true });
+    priv.remove();
   }
 }
 
@@ -155,7 +187,19 @@ export async function layTree(root: RootFs, entries: readonly Entry[], epoch: nu
  * that were already in the image (`keptDirs`) are only checked for being directories.
  */
 export async function verifyLaid(view: ImageTreeView, root: RootFs, entries: readonly Entry[], keptDirs: ReadonlySet<string> = new Set()): Promise<void> {
-  const got = await view.getMany(entries.map((e) => e.path));
+  // One debugfs run: what was just written is known, so what to dump is too (files, and link
+  // targets too long for the inode).
+  const dump = new Set(entries.filter((e) => e.type === "file" || (e.type === "symlink" && Buffer.byteLength(e.target) >= 60)).map((e) => e.path));
+  let got;
+  try {
+    got = await view.statMany(
+      entries.map((e) => e.path),
+      dump,
+    );
+  } catch (e) {
+    if (!(e instanceof UserError)) throw e;
+    throw new UserError(`${root.where}: read-back after laying the overlay failed: ${e.message}`, { exitCode: 1 });
+  }
   const problems: string[] = [];
   const sha = (b: Buffer): string => createHash("sha256").update(b).digest("hex");
   for (const e of entries) {

@@ -4,12 +4,12 @@
  * short symlink targets; `dump` copies file contents (and long symlink targets) into a private
  * temp dir, removed before returning. Two debugfs runs per batch, whatever its size.
  */
-import { mkdtempSync, readFileSync, rmSync } from "node:fs";
-import { tmpdir } from "node:os";
+import { readFileSync } from "node:fs";
 import { join, posix } from "node:path";
-import { UserError } from "../errors.js";
+import { errnoCode, UserError } from "../errors.js";
 import { debugfs, debugfsSafe } from "./debugfs.js";
 import { e2Spec, type RootFs } from "./root.js";
+import { privateDir } from "./temps.js";
 import { normPath, type TreeView, type ViewEntry } from "../overlay/view.js";
 
 export interface ImageEntry extends ViewEntry {
@@ -101,7 +101,8 @@ export class ImageTreeView implements TreeView {
     if (found.length === 0) return out;
 
     const cap = this.opts.maxContent ?? 4 << 20;
-    const dir = mkdtempSync(join(tmpdir(), "mkoverlay-read-"));
+    const priv = privateDir("mkoverlay-read-");
+    const dir = priv.path;
     try {
       const cmds: string[] = [];
       const dumps = new Map<string, string>();
@@ -149,12 +150,107 @@ export class ImageTreeView implements TreeView {
       });
       return out;
     } finally {
-      rmSync(dir, { recursive: true, force: true });
+      priv.remove();
     }
   }
 
-  /** `ls -p DIR/.` for each directory: "/." makes debugfs follow a symlinked directory, as the kernel would. */
-  /** `ls -p` of each directory: name → mode, owner, size. */
+  /**
+   * Entries whose paths are known to exist, in ONE debugfs run: `stat` of each (type, mode,
+   * owner, size, times, short link targets) and `dump` of those in `dump` (files, long link
+   * targets). getMany needs a listing first to know what to dump; a read-back of what was just
+   * written knows. Paths that turn out absent are left out.
+   */
+  async statMany(paths: readonly string[], dump: ReadonlySet<string>): Promise<Map<string, ImageEntry>> {
+    const want = [...new Set(paths.map(normPath).filter((p) => p !== ""))];
+    for (const p of want) if (!debugfsSafe(p)) throw new UserError(`cannot read ${JSON.stringify(p)} from an image: blank, quote or control character in the path`);
+    const out = new Map<string, ImageEntry>();
+    if (want.length === 0) return out;
+    const priv = privateDir("mkoverlay-read-");
+    try {
+      const cmds: string[] = [];
+      const local = new Map<string, string>();
+      want.forEach((p, i) => {
+        cmds.push(`stat /${p}`);
+        if (dump.has(p)) {
+          local.set(p, join(priv.path, `d${i}`));
+          cmds.push(`dump /${p} ${local.get(p)!}`);
+        }
+      });
+      const r = await debugfs(this.spec, cmds, { dir: priv.path });
+      const real = r.errors.filter((l) => !ABSENT.test(l));
+      if (real.length) throw new UserError(`${this.root.path}: debugfs could not read the root file system: ${real[0]}`);
+      const stats = r.sections.filter((_, i) => cmds[i]!.startsWith("stat "));
+      want.forEach((p, i) => {
+        const st = stats[i] ?? [];
+        const text = st.join("\n");
+        const type = /Type: (\w+)/.exec(text)?.[1];
+        const mode = /Mode:\s+([0-7]+)/.exec(text)?.[1];
+        const owner = /User:\s+(\d+)\s+Group:\s+(\d+)/.exec(text);
+        if (!type || mode === undefined || !owner) return; // absent
+        const t: ViewEntry["type"] = type === "regular" ? "file" : type === "directory" ? "dir" : type === "symlink" ? "symlink" : "other";
+        const size = Number(/Size:\s+(\d+)/.exec(text)?.[1] ?? "0");
+        const entry: ImageEntry = {
+          path: p,
+          type: t,
+          mode: parseInt(mode, 8) & 0o7777,
+          uid: Number(owner[1]),
+          gid: Number(owner[2]),
+          size,
+          atime: timeField(st, "atime") ?? -1,
+          mtime: timeField(st, "mtime") ?? -1,
+          ctime: timeField(st, "ctime") ?? -1,
+        };
+        const file = local.get(p);
+        let data: Buffer | undefined;
+        try {
+          data = file ? readFileSync(file) : undefined;
+        } catch {
+          data = undefined; // dump wrote nothing
+        }
+        if (t === "file") {
+          if (data) entry.content = data;
+        } else if (t === "symlink") {
+          const fast = st.map((l) => /Fast link dest: "(.*)"$/.exec(l)).find(Boolean);
+          if (fast) entry.target = fast[1]!;
+          else if (data) entry.target = data.subarray(0, size).toString("utf8");
+        }
+        out.set(p, entry);
+      });
+      return out;
+    } finally {
+      priv.remove();
+    }
+  }
+
+  /**
+   * The content of one regular file, or undefined when there is none at `path` (one debugfs
+   * run: `dump`, where get() needs a listing first). Capped like get()'s contents.
+   */
+  async readFile(path: string): Promise<Buffer | undefined> {
+    const p = normPath(path);
+    if (!debugfsSafe(p)) throw new UserError(`cannot read ${JSON.stringify(p)} from an image: blank, quote or control character in the path`);
+    const priv = privateDir("mkoverlay-read-");
+    const dir = priv.path;
+    try {
+      const local = join(dir, "f");
+      // `dump` copies whatever the name is (a symlink's target, a directory's blocks): ask for
+      // the type first, in the same run.
+      const r = await debugfs(this.spec, [`stat /${p}`, `dump /${p} ${local}`], { dir });
+      const real = r.errors.filter((l) => !ABSENT.test(l));
+      if (real.length) throw new UserError(`${this.root.path}: debugfs could not read the root file system: ${real[0]}`);
+      const type = (r.sections[0] ?? []).map((l) => /Type: (\w+)/.exec(l)?.[1]).find(Boolean);
+      if (type !== "regular") return undefined;
+      const content = readFileSync(local);
+      return content.length > (this.opts.maxContent ?? 4 << 20) ? undefined : content;
+    } catch (e) {
+      if (errnoCode(e) === "ENOENT") return undefined;
+      throw e;
+    } finally {
+      priv.remove();
+    }
+  }
+
+  /** `ls -p DIR/.` of each directory (name → mode, owner, size): "/." makes debugfs follow a symlinked directory, as the kernel would. */
   async listDirs(dirs: readonly string[]): Promise<Map<string, Map<string, Listed>>> {
     const uniq = [...new Set(dirs.map((d) => (d === "." ? "" : normPath(d))))];
     const out = new Map<string, Map<string, Listed>>();

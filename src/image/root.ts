@@ -46,6 +46,8 @@ export function e2Spec(root: Pick<RootFs, "path" | "offset">): string {
 }
 
 export function findRoot(path: string, opts: { rootPartition?: number } = {}): RootFs {
+  // e2fsprogs reads everything after a "?" as io options (that is how `?offset=` works).
+  if (path.includes("?")) throw new UserError(`${path}: e2fsprogs cannot open a path with a "?" in it`, { hint: "rename the file, or give a symbolic link to it without one" });
   let fd: number;
   try {
     fd = openSync(path, "r");

@@ -4,7 +4,7 @@
  * MAX_ARCHIVE_BYTES (packed or unpacked) or with a file larger than an overlay's files ever are
  * is refused as "not an overlay", and a folder is read path by path, only where asked.
  */
-import { closeSync, fstatSync, lstatSync, openSync, readdirSync, readlinkSync, readSync } from "node:fs";
+import { closeSync, fstatSync, lstatSync, type Stats, openSync, readdirSync, readlinkSync, readSync } from "node:fs";
 import { basename, join } from "node:path";
 import { constants as zc, gunzipSync } from "node:zlib";
 import { extract } from "tar-stream";
@@ -20,20 +20,83 @@ function notAnOverlay(where: string, why: string): UserError {
   return new UserError(`${where}: not an mkoverlay overlay (${why})`, { hint: "give the .overlay.tar.gz or .overlay folder that mkoverlay wrote" });
 }
 
+export interface OpenOptions {
+  /** For a disk image: the root partition's number (default: found as `mkoverlay image` finds it). */
+  rootPartition?: number;
+}
+
+type Sniffed = "gzip" | "zstd" | "image" | "other";
+
 /**
- * Opens the overlay at `path`: an archive, an overlay folder (`--format dir` names it
- * `<host>.overlay`), or any other folder as a root file system it was laid over (`--apply`).
+ * What a file is, by its first bytes, not its name: gzip (an archive), zstd (a compressed
+ * image), a partition table (MBR/GPT: 55 AA at byte 510) or an ext superblock (EF 53 at byte
+ * 1080, a partition-less image).
  */
-export async function openOverlay(path: string): Promise<TreeView> {
-  let st;
+function sniff(path: string): Sniffed {
+  const b = Buffer.alloc(1088);
+  const fd = openSync(path, "r");
+  let n: number;
   try {
-    st = lstatSync(path);
+    n = readSync(fd, b, 0, b.length, 0);
+  } finally {
+    closeSync(fd);
+  }
+  if (n >= 2 && b[0] === 0x1f && b[1] === 0x8b) return "gzip";
+  if (n >= 4 && b.readUInt32LE(0) === 0xfd2fb528) return "zstd";
+  if ((n >= 512 && b[510] === 0x55 && b[511] === 0xaa) || (n >= 1082 && b.readUInt16LE(1080) === 0xef53)) return "image";
+  return "other";
+}
+
+function lstatOrFail(path: string): Stats {
+  try {
+    return lstatSync(path);
   } catch (e) {
     throw new UserError(`${path}: ${errnoCode(e) === "ENOENT" ? "no such file or directory" : (e as Error).message}`);
   }
+}
+
+/**
+ * Opens the overlay at `path`: an archive, an overlay folder (`--format dir` names it
+ * `<host>.overlay`), any other folder as a root file system it was laid over (`--apply`), or a
+ * disk image or card (the root partition's file system, read with debugfs: no mount). A
+ * zstd-compressed image needs `withOverlay`, which decompresses it to a private temp file.
+ */
+export async function openOverlay(path: string, opts: OpenOptions = {}): Promise<TreeView> {
+  const st = lstatOrFail(path);
   if (st.isDirectory()) return dirView(path, !basename(path).endsWith(".overlay"));
+  if (st.isBlockDevice()) return imageView(path, path, opts);
   if (!st.isFile()) throw notAnOverlay(path, "neither a file nor a folder");
+  const kind = sniff(path);
+  if (kind === "zstd") throw new UserError(`${path}: a zstd-compressed file; decompress it first (zstd -d)`);
+  if (kind === "image") return imageView(path, path, opts);
   return archiveView(path);
+}
+
+/** The image code is loaded only when an image is read (verify and doctor of archives do not pay for it). */
+async function imageView(path: string, where: string, opts: OpenOptions): Promise<TreeView> {
+  const [{ findRoot }, { ImageTreeView }] = await Promise.all([import("../image/root.js"), import("../image/reader.js")]);
+  const v = new ImageTreeView(findRoot(path, opts.rootPartition === undefined ? {} : { rootPartition: opts.rootPartition }));
+  return { where, isRoot: v.isRoot, get: (p) => v.get(p), getMany: (ps) => v.getMany(ps) };
+}
+
+/**
+ * openOverlay, for the length of `fn`, including `.img.zst` images: those are decompressed into
+ * a private temp dir (0700, in $TMPDIR) that is removed afterwards, also on SIGINT/SIGTERM,
+ * since the image holds a private key.
+ */
+export async function withOverlay<T>(path: string, opts: OpenOptions, fn: (view: TreeView) => Promise<T>): Promise<T> {
+  if (!lstatOrFail(path).isFile() || sniff(path) !== "zstd") return fn(await openOverlay(path, opts));
+  const [{ findTool, runTool }, { privateDir }] = await Promise.all([import("../image/debugfs.js"), import("../image/temps.js")]);
+  const priv = privateDir("mkoverlay-zst-");
+  try {
+    const img = join(priv.path, "image");
+    const r = await runTool(findTool("zstd", "zstd"), ["-d", "-q", "-f", "-o", img, "--", path]);
+    if (r.code !== 0) throw new UserError(`${path}: zstd could not decompress it: ${r.stderr.trim().split("\n")[0] ?? `exit ${r.code}`}`);
+    if (sniff(img) !== "image") throw notAnOverlay(path, "a zstd-compressed file that holds no disk image");
+    return await fn(await imageView(img, path, opts));
+  } finally {
+    priv.remove();
+  }
 }
 
 function readBounded(file: string, max: number): Buffer {

@@ -540,16 +540,62 @@ async function spawnGuarded(
 
 /** Copy the base image, lay the overlay into it, and boot it. Resolves once qemu is running. */
 export async function bootWithOverlay(opts: BootOptions): Promise<BootedVm> {
+  const base = opts.base ?? (await ensureBaseImage());
+  await mkdir(opts.workDir, { recursive: true });
+  const image = join(opts.workDir, "rootfs.ext4");
+  await copySparse(base.rootfs, image);
+  await layOverlay(image, opts.overlayTar, join(opts.workDir, "overlay-staging"));
+  return bootDisk(image, { ...opts, base });
+}
+
+/**
+ * A Raspberry Pi OS-shaped disk made from the base's root file system, without root or loop
+ * devices: an MBR (disk id `diskId`) with p1 a FAT32 `bootfs` holding a cmdline.txt and p2 the
+ * base's ext4 root written at its offset, and an fstab that names the partitions by PARTUUID as
+ * Raspberry Pi OS's does. Boot it with `root=PARTUUID=<diskId>-02` (bootDisk's `root`).
+ */
+export async function makePartitionedBase(base: BaseImage, path: string, diskId = "6d6b6f76"): Promise<{ path: string; rootPartuuid: string; rootOffset: number }> {
+  const sbin = { PATH: `${process.env.PATH ?? ""}:/usr/sbin:/sbin` };
+  const must = async (cmd: string, args: string[], input?: string): Promise<void> => {
+    const r = await run(cmd, args, { env: sbin, ...(input === undefined ? {} : { input }) });
+    if (r.code !== 0) throw new Error(`${cmd} ${args.join(" ")} exited ${r.code}: ${r.stderr}`);
+  };
+  const bootStart = 8192; // sectors: 4 MiB, as pi-gen aligned partitions before 2025
+  const bootSectors = 131072; // 64 MiB
+  const rootStart = bootStart + bootSectors;
+  const rootBytes = (await stat(base.rootfs)).size;
+  await must("truncate", ["-s", String(rootStart * 512 + rootBytes), path]);
+  await must("sfdisk", ["-q", "--no-reread", "--no-tell-kernel", path], `label: dos\nlabel-id: 0x${diskId}\nstart=${bootStart}, size=${bootSectors}, type=c\nstart=${rootStart}, size=${rootBytes / 512}, type=83\n`);
+  await must("mkfs.vfat", ["-F", "32", "-n", "bootfs", "-s", "1", "--offset", String(bootStart), "-h", String(bootStart), path, String(bootSectors / 2)]);
+  const partuuid = `${diskId}-02`;
+  const staging = `${path}.staging`;
+  await mkdir(staging, { recursive: true });
+  await writeFile(join(staging, "cmdline.txt"), `console=serial0,115200 root=PARTUUID=${partuuid} rootfstype=ext4 fsck.repair=yes rootwait\n`);
+  await must("mcopy", ["-i", `${path}@@${bootStart * 512}`, join(staging, "cmdline.txt"), "::/cmdline.txt"]);
+  await must("dd", [`if=${base.rootfs}`, `of=${path}`, "bs=4M", `seek=${rootStart * 512}`, "oflag=seek_bytes", "conv=sparse,notrunc", "status=none"]);
+  // The base's fstab names /dev/vda (a bare file system); on a partitioned disk / is p2.
+  await writeFile(join(staging, "fstab"), `PARTUUID=${diskId}-01\t/boot/firmware\tvfat\tdefaults,nofail\t0\t2\nPARTUUID=${partuuid}\t/\text4\trw,errors=remount-ro\t0\t1\n`);
+  const spec = `${path}?offset=${rootStart * 512}`;
+  await must("debugfs", ["-w", "-f", "-", spec], ["rm /etc/fstab", `write ${join(staging, "fstab")} /etc/fstab`, "sif /etc/fstab mode 0100644", "sif /etc/fstab uid 0", "sif /etc/fstab gid 0", "mkdir /boot/firmware", ""].join("\n"));
+  await must("e2fsck", ["-fn", spec]);
+  return { path, rootPartuuid: partuuid, rootOffset: rootStart * 512 };
+}
+
+export interface DiskBootOptions extends Omit<BootOptions, "overlayTar"> {
+  /** `root=` for the kernel command line instead of the base's (e.g. PARTUUID=6d6b6f76-02). */
+  root?: string;
+}
+
+/** Boot a disk image as it is (the base's kernel and initramfs). Resolves once qemu is running. */
+export async function bootDisk(image: string, opts: DiskBootOptions): Promise<BootedVm> {
   if (!Number.isInteger(opts.bastionPort) || opts.bastionPort <= 0 || opts.bastionPort > 65535) {
     throw new Error(`bad bastionPort ${opts.bastionPort}`);
   }
   const base = opts.base ?? (await ensureBaseImage());
   await mkdir(opts.workDir, { recursive: true });
-  const image = join(opts.workDir, "rootfs.ext4");
   const serialLog = join(opts.workDir, "serial.log");
   const qemuLog = join(opts.workDir, "qemu.log");
-  await copySparse(base.rootfs, image);
-  await layOverlay(image, opts.overlayTar, join(opts.workDir, "overlay-staging"));
+  const cmdline = opts.root ? base.cmdline.replace(/(^|\s)root=\S+/, `$1root=${opts.root}`) : base.cmdline;
 
   const profile = bootArchProfile(base.arch);
   const guestfwd = `guestfwd=tcp:${GUEST_BASTION_ADDR}:${GUEST_BASTION_PORT}-cmd:socat - TCP:127.0.0.1:${opts.bastionPort}`;
@@ -564,7 +610,7 @@ export async function bootWithOverlay(opts: BootOptions): Promise<BootedVm> {
     "-no-reboot",
     "-kernel", base.kernel,
     "-initrd", base.initrd,
-    "-append", [base.cmdline, opts.extraCmdline ?? ""].join(" ").trim(),
+    "-append", [cmdline, opts.extraCmdline ?? ""].join(" ").trim(),
     ...profile.diskArgs(image),
     "-netdev", `user,id=n0,restrict=on,${guestfwd}`,
     ...profile.nicArgs,

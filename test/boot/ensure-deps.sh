@@ -32,6 +32,9 @@ declare -A NEED=(
   [sha256sum]=coreutils
   [flock]=util-linux                   # one base-image build at a time
   [ps]=procps                          # PID guardian for qemu/sshd
+  [sfdisk]=fdisk                       # the partitioned (Raspberry Pi OS-shaped) disk
+  [mkfs.vfat]=dosfstools               # its FAT boot partition
+  [mcopy]=mtools                       # cmdline.txt on it
 )
 if [ "$BOOT_ARCH" = arm64 ]; then
   NEED[qemu-system-aarch64]=qemu-system-arm  # the arm64 VM (-M virt -cpu cortex-a72, TCG)

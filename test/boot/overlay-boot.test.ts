@@ -7,9 +7,13 @@
  *    (rpi4 with its default OS raspios, and --os debian), checked with `bin/mkoverlay verify`.
  *  - The bastion gets exactly what mkoverlay exports: `bastion authorized-keys` and the Match
  *    block of `bastion sshd-config`.
- *  - Each overlay is laid into the cached base image (which carries a stand-in for Raspberry Pi
- *    OS's regenerate_ssh_host_keys.service and an unmaskable key-deleting first-boot stand-in)
- *    and booted on restricted user networking whose ONLY way out is 10.0.2.100:22 -> bastion.
+ *  - The raspios overlay (an archive from `mkoverlay build`) is laid into the cached base image
+ *    (which carries a stand-in for Raspberry Pi OS's regenerate_ssh_host_keys.service and an
+ *    unmaskable key-deleting first-boot stand-in). The debian device is made by `mkoverlay image`
+ *    from a PARTITIONED base shaped like Raspberry Pi OS's (MBR, p1 FAT32 bootfs, p2 the cached
+ *    ext4 root at its offset, fstab by PARTUUID) and booted as it is, with
+ *    `root=PARTUUID=<diskid>-02` on the kernel command line, as Raspberry Pi OS boots. Both boot
+ *    on restricted user networking whose ONLY way out is 10.0.2.100:22 -> bastion.
  *
  * Proved: the tunnel comes up on the reserved port; an operator reaches the device through it
  * using `mkoverlay ssh-config` + `mkoverlay known-hosts` with StrictHostKeyChecking=yes (and a
@@ -32,6 +36,7 @@ import { copyFile, mkdir, mkdtemp, readFile, rm, writeFile } from "node:fs/promi
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
+import { portBlock, type PortBlock } from "../helpers/net.js";
 import { REPO, runCli, writeFleet, type Run } from "../helpers/workspace.js";
 import {
   type BaseImage,
@@ -41,11 +46,13 @@ import {
   GUEST_BASTION_PORT,
   bootArchExplicit,
   requestedBootArch,
+  bootDisk,
   bootWithOverlay,
   canConnect,
   checkBootPrerequisites,
   ensureBaseImage,
   ensureSystemUser,
+  makePartitionedBase,
   run,
   sshBanner,
   startBastion,
@@ -56,9 +63,8 @@ import {
 const ARTIFACTS = join(REPO, "test-artifacts");
 const TUNNEL_USER = "mko-boot-tunnel";
 const BASTION = "lab";
-/** This file's own port ranges (fleet.test.ts uses 26000-26199, the examples 21000-22999). */
-const SSH_PORTS = "27000-27099";
-const SERVICE_PORTS = "27100-27199";
+/** Tunnel ports: a block of loopback ports this run owns (portBlock), not a fixed range that another run on the machine could be using. */
+const PORT_BLOCK = 200;
 
 const inCI = process.env.CI === "true" || process.env.CI === "1";
 const ARCH = requestedBootArch();
@@ -156,6 +162,8 @@ echo "regen=$(systemctl is-enabled regenerate_ssh_host_keys.service 2>&1)"
 echo "regen_ran=$(test -e /run/regenerate_ssh_host_keys.ran && echo yes || echo no)"
 echo "stock_keys=$(ls /etc/ssh | grep -c '^ssh_host_.*_key$')"
 echo "hostkeys=$(sshd -T 2>/dev/null | awk '$1=="hostkey" {print $2}' | tr '\n' ' ' | sed 's/ *$//')"
+echo "cmdline_root=$(tr ' ' '\n' </proc/cmdline | grep '^root=')"
+echo "root_source=$(findmnt -n -o SOURCE /)"
 `;
 
 /** `ssh -G` output (lower-case keyword, value) into a record; the first value of each keyword. */
@@ -178,6 +186,8 @@ describe.runIf(canRun || mustRun)(`the product's overlay on a booted system (qem
   const built: Record<string, Built> = {};
   let sshConfig = "";
   let knownHosts = "";
+  let ports: PortBlock | undefined;
+  let partitioned: { path: string; rootPartuuid: string; rootOffset: number } | undefined;
   const timings: Record<string, number> = {};
   const tStart = Date.now();
 
@@ -197,19 +207,22 @@ describe.runIf(canRun || mustRun)(`the product's overlay on a booted system (qem
     bastionKey = join(work, "bastion_host_ed25519_key");
     mustSucceed("ssh-keygen", await run("ssh-keygen", ["-q", "-t", "ed25519", "-N", "", "-C", "mkoverlay-boot-bastion", "-f", bastionKey]));
     const bastionPub = (await readFile(bastionKey + ".pub", "utf8")).trim();
+    ports = await portBlock(PORT_BLOCK);
     config = writeFleet(
       work,
       { [BASTION]: { host: GUEST_BASTION_ADDR, port: GUEST_BASTION_PORT, user: TUNNEL_USER, hostKeys: [bastionPub] } },
-      { ports: { ssh: SSH_PORTS, services: SERVICE_PORTS } },
+      { ports: { ssh: ports.range(0, PORT_BLOCK / 2 - 1), services: ports.range(PORT_BLOCK / 2, PORT_BLOCK - 1) } },
     );
 
-    // Two devices with the CLI: rpi4 with its default OS (raspios), and one for --os debian.
+    // Two devices with the CLI: rpi4 with its default OS (raspios) as an archive, and one for
+    // --os debian as a partitioned disk image made by `mkoverlay image`.
+    partitioned = await makePartitionedBase(base, join(work, "base-partitioned.img"));
     for (const [name, extra] of [
       ["raspios", []],
-      ["debian", ["--os", "debian"]],
+      ["debian", ["image", "--base", partitioned.path, "--os", "debian"]],
     ] as const) {
-      const r = cli(["--config", config, "--board", "rpi4", "--bastion", BASTION, "--json", "--out", join(work, "out"), ...extra]);
-      built[name] = JSON.parse(mustSucceed(`mkoverlay build (${name})`, r)) as Built;
+      const r = cli([...extra.slice(0, 3), "--config", config, "--board", "rpi4", "--bastion", BASTION, "--json", "--out", join(work, "out"), ...extra.slice(3)]);
+      built[name] = JSON.parse(mustSucceed(`mkoverlay ${extra[0] ?? "build"} (${name})`, r)) as Built;
     }
     // What a bastion imports, exactly as exported.
     const authorizedKeys = mustSucceed("mkoverlay bastion authorized-keys", cli(["bastion", "authorized-keys", "--bastion", BASTION, "--config", config]));
@@ -246,6 +259,7 @@ describe.runIf(canRun || mustRun)(`the product's overlay on a booted system (qem
   afterAll(async () => {
     for (const vm of vms) await vm.stop();
     await bastion?.stop();
+    ports?.release();
     if (Object.keys(timings).length > 1) {
       timings.fileTotalMs = Date.now() - tStart;
       log(`timings: ${JSON.stringify(timings)}`);
@@ -293,7 +307,9 @@ describe.runIf(canRun || mustRun)(`the product's overlay on a booted system (qem
     const { base, bastion } = requireSetup();
     expect(await sshBanner(b.port, "127.0.0.1", 1000)).toBeUndefined(); // nothing there yet
     const t = Date.now();
-    const vm = await bootWithOverlay({ overlayTar: b.overlay, bastionPort: bastion.port, workDir: join(work, `vm-${name}`), base, timeoutMs: TEST_MS });
+    const common = { bastionPort: bastion.port, workDir: join(work, `vm-${name}`), base, timeoutMs: TEST_MS };
+    // An image from `mkoverlay image` boots as it is; an archive is laid into the base first.
+    const vm = b.overlay.endsWith(".img") ? await bootDisk(b.overlay, { ...common, root: `PARTUUID=${partitioned!.rootPartuuid}` }) : await bootWithOverlay({ ...common, overlayTar: b.overlay });
     vms.push(vm);
     timings[`${name}.layAndStartMs`] = Date.now() - t;
     const banner = await waitFor(`${b.hostname}'s tunnel on 127.0.0.1:${b.port}`, TUNNEL_UP_MS, async () => {
@@ -320,7 +336,7 @@ describe.runIf(canRun || mustRun)(`the product's overlay on a booted system (qem
     return text.split("\n").filter((l) => l.includes(`Accepted publickey for ${TUNNEL_USER} `) && l.includes(b.fingerprint)).length;
   }
 
-  it("`mkoverlay verify` accepts both overlays", () => {
+  it("`mkoverlay verify` accepts both outputs (the archive, and the image read from its root partition)", () => {
     requireSetup();
     for (const b of Object.values(built)) {
       const r = cli(["verify", b.overlay, "--config", config]);
@@ -433,7 +449,7 @@ describe.runIf(canRun || mustRun)(`the product's overlay on a booted system (qem
   );
 
   it(
-    "rpi4 / --os debian: nothing masked, the host-key regenerator runs, and the device still presents only its registered key",
+    "rpi4 / --os debian as a partitioned image from `mkoverlay image`, booted with root=PARTUUID=…-02: nothing masked, the host-key regenerator runs, and the device still presents only its registered key",
     async () => {
       const { bastion } = requireSetup();
       const b = built.debian!;
@@ -449,6 +465,10 @@ describe.runIf(canRun || mustRun)(`the product's overlay on a booted system (qem
         expect(probe.code, probe.stderr).toBe(0);
         const kv = parseKv(probe.stdout);
         expect(kv.hostname).toBe(b.hostname);
+        // Booted from the image's second partition, found by PARTUUID as Raspberry Pi OS does.
+        expect(b.overlay).toMatch(/\.img$/);
+        expect(kv.cmdline_root).toBe(`root=PARTUUID=${partitioned!.rootPartuuid}`);
+        expect(kv.root_source).toBe("/dev/vda2");
         expect(kv.tunnel).toBe("active");
         expect(kv.timer).toBe("active");
         // The debian profile masks nothing, so the stand-in regenerated /etc/ssh/ssh_host_* ...
