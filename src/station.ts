@@ -211,6 +211,7 @@ export async function buildDevice(st: Station, req: DeviceRequest): Promise<Buil
     if (req.hostname !== undefined && req.hostname !== device.hostname) {
       throw new UserError(`--host-key: the key is registered to ${device.hostname}, not ${req.hostname}`, { hint: "drop --hostname to rebuild that device's overlay" });
     }
+    if (Object.keys(req.attributes ?? {}).length > 0) throw new UserError(`--attr: ${device.hostname} is registered; a re-flash keeps the factory data it was registered with`);
     log.info(`${device.hostname} is registered with this key: rebuilding its overlay (port ${device.port})`);
     device = { ...device, board: board.id, os: os.id, bastions: bastions.map((b) => b.name) };
   } else {
