@@ -10,7 +10,7 @@ import { out, stderrLog, type Log } from "../output.js";
 import { archiveEpoch } from "../overlay/archive.js";
 import { loadProfiles, resolveBoardOs } from "../profiles.js";
 import { openRegistry } from "../registry/open.js";
-import { buildDevice, withOutDir, withStation, type BuildResult, type OutputOptions } from "../station.js";
+import { buildDevice, Interrupted, watchSignals, withOutDir, withStation, type BuildResult, type OutputOptions } from "../station.js";
 import { attributeQuery, findDevice, parseAttrFlags } from "./device-arg.js";
 
 export interface BuildOptions extends OutputOptions {
@@ -26,7 +26,7 @@ export interface BuildOptions extends OutputOptions {
   quiet?: boolean;
 }
 
-export async function runBuild(opts: BuildOptions, log: Log = stderrLog(Boolean(opts.quiet) || Boolean(opts.json))): Promise<BuildResult> {
+export async function runBuild(opts: BuildOptions, log: Log = stderrLog(Boolean(opts.quiet) || Boolean(opts.json)), stop?: AbortSignal): Promise<BuildResult> {
   const now = new Date();
   const fleet = await loadFleet(configPath(opts.config), now);
   const { board, os } = resolveBoardOs(await loadProfiles(), opts.board, opts.os);
@@ -46,12 +46,22 @@ export async function runBuild(opts: BuildOptions, log: Log = stderrLog(Boolean(
     withStation(fleet, { outDir, form, epoch }, log, now, () => openRegistry(fleet.registry), async (st) => {
       if (byAttribute) hostname = (await findDevice(st.registry, opts.hostname!, "--hostname", ["active"])).hostname;
       return buildDevice(st, { board, os, bastions, hostname, dk, attributes });
-    }),
+    }, stop),
   );
 }
 
 export async function buildCommand(opts: BuildOptions): Promise<void> {
-  const r = await runBuild(opts);
-  const { authorizedKeysText, ...json } = r;
-  out(opts.json ? JSON.stringify(json) : authorizedKeysText);
+  const signals = watchSignals();
+  try {
+    const r = await runBuild(opts, undefined, signals.signal);
+    const { authorizedKeysText, ...json } = r;
+    out(opts.json ? JSON.stringify(json) : authorizedKeysText);
+    // Past its point of no return the device was finished; the exit code still says it stopped.
+    if (signals.signal.aborted) {
+      const why = String(signals.signal.reason);
+      throw new Interrupted(why, `interrupted by ${why} after ${r.hostname} was built and registered`);
+    }
+  } finally {
+    signals.dispose();
+  }
 }

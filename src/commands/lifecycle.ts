@@ -12,7 +12,7 @@ import { out, stderrLog } from "../output.js";
 import { archiveEpoch } from "../overlay/archive.js";
 import { deviceBastions, deviceProfiles, overlayPath, renderDevice } from "../pipeline.js";
 import { loadProfiles } from "../profiles.js";
-import { contextOf, place, unplace, withOutDir, withStation, type OutputOptions } from "../station.js";
+import { contextOf, Interrupted, place, unplace, watchSignals, withOutDir, withStation, type OutputOptions } from "../station.js";
 import { openRegistry } from "../registry/open.js";
 import { configPath, loadFleet } from "../config/load.js";
 import { ReservationLost } from "../registry/rows.js";
@@ -68,6 +68,16 @@ export interface RotateOptions extends OutputOptions {
  * the grace period so the device in the field is not locked out before its new overlay lands.
  */
 export async function rotateCommand(arg: string, opts: RotateOptions): Promise<void> {
+  const signals = watchSignals();
+  try {
+    await rotate(arg, opts, signals.signal);
+    if (signals.signal.aborted) throw new Interrupted(String(signals.signal.reason), `interrupted by ${String(signals.signal.reason)} after the rotation was complete`);
+  } finally {
+    signals.dispose();
+  }
+}
+
+async function rotate(arg: string, opts: RotateOptions, stop: AbortSignal): Promise<void> {
   const log = stderrLog(Boolean(opts.quiet) || Boolean(opts.json));
   const graceMs = parseGrace(opts.grace ?? "7d");
   const dk = loadOrGenerateKey(opts.hostKey);
@@ -85,10 +95,15 @@ export async function rotateCommand(arg: string, opts: RotateOptions): Promise<v
       const { board, os } = deviceProfiles(profiles, d);
       const bastions = deviceBastions(fleet, d);
       const publicKey = publicKeyLine(dk.key.pub);
+      const stopped = st.stopRequested();
+      if (stopped) throw new Interrupted(stopped, `interrupted by ${stopped}: ${hostname} was not rotated`);
       await registry.beginRotate(hostname, d.fingerprint, publicKey, dk.fingerprint, overlayPath(st.emit, hostname));
       st.leases.add(hostname);
       try {
         const r = await renderDevice(contextOf(st, { ...d, publicKey, fingerprint: dk.fingerprint }, { board, os, bastions, dk }));
+        // Stopping before the new overlay is in place leaves the device as it was.
+        const why = st.stopRequested();
+        if (why) throw new Interrupted(why, `interrupted by ${why}: ${hostname} was not rotated (it keeps its key)`);
         await place(st, hostname, r, true);
         const graceUntil = graceMs > 0 ? new Date(Date.now() + graceMs) : undefined;
         try {
@@ -115,7 +130,7 @@ export async function rotateCommand(arg: string, opts: RotateOptions): Promise<v
       } finally {
         st.leases.delete(hostname);
       }
-    }),
+    }, stop),
   );
   const { text, ...json } = result;
   out(opts.json ? JSON.stringify(json) : text);
