@@ -23,6 +23,11 @@ export function stderrLog(quiet: boolean): Log {
   };
 }
 
+/** A Log that prints nothing (the programmatic API); warnings go to `onWarning` if given. */
+export function quietLog(onWarning?: (msg: string) => void): Log {
+  return { quiet: true, info: () => undefined, warn: (msg) => onWarning?.(msg), error: () => undefined, progress: () => undefined };
+}
+
 export function out(text: string): void {
   process.stdout.write(text.endsWith("\n") ? text : text + "\n");
 }

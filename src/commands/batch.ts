@@ -11,7 +11,7 @@ import { loadOrGenerateKey, resolveBastions } from "../device.js";
 import { isUserError, UserError } from "../errors.js";
 import { StagedGroups } from "../fsutil.js";
 import { readHostRows } from "../hosts-file.js";
-import { out, Progress, stderrLog } from "../output.js";
+import { out, Progress, stderrLog, type Log } from "../output.js";
 import { archiveEpoch } from "../overlay/archive.js";
 import { pendingFiles, renderDevice, type Rendered } from "../pipeline.js";
 import { loadProfiles, resolveBoardOs } from "../profiles.js";
@@ -201,6 +201,8 @@ export interface BatchHooks {
   work?(): void;
   /** Called once the inputs are checked, before anything is reserved. */
   starting?(total: number): void;
+  /** Where the device flow's notes go (default: stderr, quiet). */
+  log?: Log;
 }
 
 /**
@@ -252,7 +254,7 @@ export async function runBatch(opts: BatchOptions, hooks: BatchHooks, stop?: Abo
     withStation(
       fleet,
       { outDir, form, epoch },
-      stderrLog(true),
+      hooks.log ?? stderrLog(true),
       now,
       () => openRegistry(fleet.registry),
       async (st) => {
