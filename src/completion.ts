@@ -7,6 +7,7 @@
  * read leniently — a config with an error elsewhere still completes its bastion names.
  */
 import { readdirSync, readFileSync } from "node:fs";
+import { homedir } from "node:os";
 import type { Command, Option } from "commander";
 import { UserError } from "./errors.js";
 import { out } from "./output.js";
@@ -94,8 +95,11 @@ async function bastionNames(words: string[]): Promise<string[]> {
     else if (words[i]!.startsWith("--config=")) file = words[i]!.slice("--config=".length);
   }
   try {
-    const { parse } = await import("yaml");
-    const doc = parse(readFileSync(file.replace(/^~(?=\/)/, process.env.HOME ?? "~"), "utf8")) as { bastions?: unknown };
+    // The bundle hands a dynamically imported CommonJS-style module over as `default`.
+    type Yaml = { parse: (text: string) => unknown };
+    const mod = (await import("yaml")) as unknown as Partial<Yaml> & { default?: Yaml };
+    const parse = mod.parse ?? mod.default!.parse;
+    const doc = parse(readFileSync(file.replace(/^~(?=\/)/, homedir()), "utf8")) as { bastions?: unknown };
     return doc && typeof doc.bastions === "object" && doc.bastions !== null ? Object.keys(doc.bastions).sort() : [];
   } catch {
     return [];
@@ -169,7 +173,9 @@ const visible = (cmd: Command): Command[] => cmd.commands.filter((c) => !(c as u
 
 function optionNames(cmd: Command, used: Set<string>): string[] {
   const names: string[] = [];
-  for (let c: Command | null = cmd; c; c = c.parent) {
+  // Without a command word, options are build's (the default command) and the program's.
+  const build = cmd.parent ? undefined : cmd.commands.find((c) => c.name() === "build");
+  for (let c: Command | null = build ?? cmd; c; c = c.parent) {
     for (const o of c.options) {
       if (o.hidden || !o.long) continue;
       // Repeatable options (a collecting parser) may be given again.
