@@ -86,10 +86,13 @@ describe("a device named by its factory data", () => {
     expect(list()).toEqual(before);
   });
 
-  it("a bad name is refused before the registry is touched", () => {
+  it("what cannot be a factory data name is taken as a hostname (and refused as one)", () => {
     const r = cli("revoke", "9x=1");
     expect(r.code).toBe(2);
-    expect(r.stderr).toMatch(/^mkoverlay: error: revoke "9x=1": '9x' is not a usable name/);
+    expect(r.stderr).toBe("mkoverlay: error: revoke 9x=1: no such device in the registry\nmkoverlay: hint: see 'mkoverlay registry list'\n");
+    const b = cli("--board", "rpi4", "--bastion", "eu", "--hostname", 'x",command="sh');
+    expect(b.code).toBe(2);
+    expect(b.stderr).toMatch(/^mkoverlay: error: --hostname "x\\",command=\\"sh": may only use a-z/);
   });
 
   it("revoke, rotate and release find the device by serial; release narrows to the revoked one", () => {

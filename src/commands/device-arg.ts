@@ -13,13 +13,18 @@ export interface AttributeQuery {
   value: string;
 }
 
-/** `serial=SN0042` → { key: "serial", value: "SN0042" }; a plain hostname → undefined. */
-export function attributeQuery(arg: string, flag: string): AttributeQuery | undefined {
+/**
+ * `serial=SN0042` → { key: "serial", value: "SN0042" }; anything else → undefined, to be taken
+ * as a hostname (and refused as one, with the hostname's own message, if it is not one). With
+ * `strict` (--attr), a name that cannot be a factory data name is an error of its own.
+ */
+export function attributeQuery(arg: string, flag: string, strict = false): AttributeQuery | undefined {
   const eq = arg.indexOf("=");
   if (eq < 0) return undefined;
   const key = attributeName(arg.slice(0, eq));
   const value = arg.slice(eq + 1);
   const bad = attributeNameProblem(key);
+  if (bad && !strict) return undefined;
   if (bad) throw new UserError(`${flag} ${JSON.stringify(arg)}: '${arg.slice(0, eq)}' ${bad}`, { hint: "name a device by its hostname, or by KEY=VALUE of its factory data (e.g. serial=SN0042)" });
   if (value === "") throw new UserError(`${flag} ${JSON.stringify(arg)}: no value after '='`, { hint: `e.g. ${key}=SN0042` });
   const p = attributeProblem(key, value);
@@ -61,7 +66,7 @@ export async function findDevice(registry: Registry, arg: string, flag: string, 
 export function parseAttrFlags(flags: string[] | undefined): Record<string, string> {
   const attrs: Record<string, string> = {};
   for (const f of flags ?? []) {
-    const q = attributeQuery(f, "--attr");
+    const q = attributeQuery(f, "--attr", true);
     if (!q) throw new UserError(`--attr ${JSON.stringify(f)}: write KEY=VALUE (e.g. serial=SN0042)`);
     if (q.key === "hostname") throw new UserError("--attr hostname=…: the hostname is the device's name, not factory data", { hint: "use --hostname" });
     if (q.key in attrs && attrs[q.key] !== q.value) throw new UserError(`--attr ${q.key} is given twice`);
