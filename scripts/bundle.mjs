@@ -45,6 +45,7 @@ await build({
   platform: "node",
   target: "node20",
   external: ["better-sqlite3", "pg"],
+  sourcemap: true,
   minifySyntax: true,
   minifyWhitespace: true,
   logLevel: "warning",

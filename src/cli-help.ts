@@ -16,6 +16,7 @@ export const ENV: Record<string, string> = {
   SOURCE_DATE_EPOCH: "timestamp of every archive entry, in seconds (default 2020-01-01)",
   NO_COLOR: "set (non-empty): no colour in the progress bar (use --no-progress for no bar)",
   PGPASSWORD: "password for a postgres:// registry (or ~/.pgpass); never put it in the config",
+  JOURNAL_STREAM: "set by systemd: the bastion agent then writes log lines with journal priorities",
 };
 
 const CONFIG = ["MKOVERLAY_CONFIG", "MKOVERLAY_REGISTRY", "MKOVERLAY_CACHE", "PGPASSWORD"];
@@ -71,10 +72,12 @@ export const HELP: Record<string, HelpSpec> = {
   },
   status: {
     examples: [
-      ["mkoverlay status", "the registry at a glance: devices by status, ports used"],
+      ["mkoverlay status", "which gateways are connected, where and since when; alarms"],
       ["mkoverlay status serial=SN0042 --json", "one device, found by its factory data"],
+      ["mkoverlay status --check --never-seen-after 2d", "for monitoring: exit 1 on an alarm"],
     ],
     env: CONFIG,
+    exit: "0 done (with --check: no alarm); 1 an alarm, with --check; 2 a usage or input error; 70 a bug",
   },
   revoke: {
     examples: [
@@ -115,6 +118,18 @@ export const HELP: Record<string, HelpSpec> = {
       ["mkoverlay bastion authorized-keys --bastion eu --write /etc/ssh/authorized_keys.d/reverse-ssh --json", "replace it atomically (cron-safe)"],
     ],
     env: CONFIG,
+  },
+  "bastion install": {
+    examples: [
+      ["mkoverlay bastion install --bastion eu", "as root on the bastion: tunnel user, sshd drop-in, key directory, agent unit"],
+      ["mkoverlay bastion install --bastion eu --root /mnt/image --registry postgres://mkoverlay_bastion@db/fleet --json", "into a mounted image"],
+    ],
+    env: CONFIG,
+    exit: "0 installed (or already); 1 installed, but systemd or sshd did not take it; 2 a usage or input error; 70 a bug",
+  },
+  "bastion agent": {
+    examples: [["mkoverlay bastion agent --bastion eu", "what mkoverlay-bastion@eu.service runs: keys live from the registry"]],
+    env: [...CONFIG, "JOURNAL_STREAM"],
   },
   "bastion sshd-config": {
     examples: [["mkoverlay bastion sshd-config --bastion eu --authorized-keys-file /etc/ssh/authorized_keys.d/%u >> /etc/ssh/sshd_config", "the Match block"]],

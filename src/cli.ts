@@ -114,6 +114,29 @@ export function program(): Command {
     .option("--config <file>", CFG)
     .option("--json", "JSON output")
     .action(lazy(() => import("./commands/bastion.js"), (m, opts) => m.sshdConfigCommand(opts)));
+  bastion
+    .command("install")
+    .description("set this host (or --root DIR) up as the bastion: tunnel user, sshd drop-in, key directory, agent unit")
+    .requiredOption("--bastion <name>", "the bastion")
+    .option("--root <dir>", "install into a mounted image instead of this host (like systemctl --root)")
+    .option("--registry <location>", "the registry the agent reads (default: the config's), e.g. postgres://mkoverlay_bastion@db/fleet")
+    .option("--no-create-user", "fail instead of creating a missing tunnel user")
+    .option("--mkoverlay <path>", "mkoverlay's executable on the bastion, for the unit (default: this one)")
+    .option("--config <file>", CFG)
+    .option("--json", "what was installed, as JSON")
+    .action(lazy(() => import("./commands/bastion-install.js"), (m, opts) => m.bastionInstallCommand(opts)));
+  bastion
+    .command("agent")
+    .description("keep sshd's tunnel keys equal to the registry, live (runs in mkoverlay-bastion@NAME.service)")
+    .requiredOption("--bastion <name>", "the bastion")
+    .option("--state-dir <dir>", "key directory and state (default /var/lib/mkoverlay/bastion/NAME)")
+    .option("--auth-log <source>", "where sshd logs logins: journal, a file (sshd -E), or none", "journal")
+    .option("--resync <seconds>", "full re-read period (default 60 on PostgreSQL, 10 on SQLite)")
+    .option("--interval <seconds>", "how often to record the tunnels this bastion sees (mkoverlay status)", "15")
+    .option("--metrics-listen <host:port>", "serve this bastion's fleet view for Prometheus on a loopback address (GET /metrics)")
+    .option("--never-seen-after <duration>", "for the metrics: a device built this long ago and never connected is an alarm", "24h")
+    .option("--config <file>", CFG)
+    .action(lazy(() => import("./commands/bastion-agent.js"), (m, opts) => m.bastionAgentCommand(opts)));
 
   p.command("ssh-config")
     .description("~/.ssh/config entries that reach every live device by name through its bastion")
@@ -130,12 +153,6 @@ export function program(): Command {
     .action(lazy(() => import("./commands/operator.js"), (m, opts) => m.knownHostsCommand(opts)));
 
   const device = "HOST, or KEY=VALUE of its factory data (e.g. serial=SN0042)";
-  p.command("status")
-    .description("the registry at a glance, or one device's record")
-    .argument("[device]", device)
-    .option("--config <file>", CFG)
-    .option("--json", "JSON output")
-    .action(lazy(() => import("./commands/status.js"), (m, dev, opts) => m.statusCommand(dev, opts)));
   p.command("revoke")
     .description("take a device out of every export; its ports stay quarantined")
     .argument("<device>", device)
@@ -146,7 +163,7 @@ export function program(): Command {
     .description("a new key for a device (same name and ports) and a new overlay")
     .argument("<device>", device)
     .option("--host-key <file>", "use this key instead of a new one")
-    .option("--grace <duration>", "how long the old key stays valid on bastions (e.g. 7d, 36h; 0 for none)", "7d")
+    .option("--grace <duration>", "bastions keep accepting the old key this long (e.g. 12h, 7d, 2w; 0: drop it now)", "7d")
     .option("--out <dir>", "output directory (created 0700)", "out")
     .option("--format <form>", "tar or dir")
     .option("--apply <root>", "lay the overlay over a mounted root file system")
@@ -167,6 +184,17 @@ export function program(): Command {
     .description("list board and OS profiles")
     .option("--json", "JSON output")
     .action(lazy(() => import("./commands/boards.js"), (m, opts) => m.boardsCommand(opts)));
+
+  p.command("status")
+    .description("which gateways are connected, where and since when; which never came online; alarms")
+    .argument("[device]", "only this device: HOST, or KEY=VALUE of its factory data (e.g. serial=SN0042)")
+    .option("--bastion <name>", "only this bastion")
+    .option("--format <form>", "table, json or prometheus", "table")
+    .option("--json", "same as --format json")
+    .option("--check", "exit 1 when there is an alarm (for monitoring)")
+    .option("--never-seen-after <duration>", "a device built this long ago and never connected is an alarm (e.g. 24h, 2d; 0: never)", "24h")
+    .option("--config <file>", CFG)
+    .action(lazy(() => import("./commands/status.js"), (m, dev, opts) => m.statusCommand(dev, opts)));
 
   const registry = p.command("registry").description("the port registry: list, doctor, release, migrate");
   registry
@@ -312,11 +340,11 @@ export async function main(argv: string[]): Promise<void> {
     }
     await p.parseAsync(argv);
   } catch (e) {
-    process.exitCode = report(e, debug);
+    process.exitCode = await report(e, debug);
   }
 }
 
-function report(e: unknown, debug: boolean): number {
+async function report(e: unknown, debug: boolean): Promise<number> {
   if (e instanceof CommanderError) {
     // commander already printed its message (unknown option, missing argument, --help…).
     return e.exitCode === 0 ? 0 : 2;
@@ -329,10 +357,19 @@ function report(e: unknown, debug: boolean): number {
     process.stderr.write(lines.map((l) => `mkoverlay: error: ${l}\n`).join(""));
     if (user.hint) process.stderr.write(`mkoverlay: hint: ${user.hint}\n`);
     const stack = (io ? (e as Error) : user).stack;
-    if (debug && stack) process.stderr.write(`${stack}\n`);
+    if (debug && stack) process.stderr.write(`${await readable(stack)}\n`);
     return user.exitCode;
   }
   const err = e as Error;
-  process.stderr.write(`mkoverlay: internal error: ${err?.message ?? String(e)}\n${err?.stack ?? ""}\nThis is a bug in mkoverlay; please report it with the command you ran.\n`);
+  process.stderr.write(`mkoverlay: internal error: ${err?.message ?? String(e)}\n${await readable(err?.stack ?? "")}\nThis is a bug in mkoverlay; please report it with the command you ran.\n`);
   return 70;
+}
+
+/** The stack with bundle positions mapped back to the sources (only when one is printed). */
+async function readable(stack: string): Promise<string> {
+  try {
+    return (await import("./stack.js")).readableStack(stack);
+  } catch {
+    return stack;
+  }
 }

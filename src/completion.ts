@@ -133,7 +133,9 @@ async function optionValues(cmd: Command, long: string, words: string[], word: s
       return (await bastionNames(words)).filter((n) => !given.includes(n)).map((n) => head + n);
     }
     case "--format":
-      return cmd.name() === "list" ? ["table", "csv", "markdown"] : ["tar", "dir"];
+      return cmd.name() === "list" ? ["table", "csv", "markdown"] : cmd.name() === "status" ? ["table", "json", "prometheus"] : ["tar", "dir"];
+    case "--auth-log":
+      return ["journal", "none"];
     case "--out":
       return cmd.name() === "schema" ? [FILES] : [DIRS];
     case "--apply":

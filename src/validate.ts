@@ -157,7 +157,7 @@ export function parseExpiry(value: string, now: Date): Date | string {
 
 /**
  * `expiry-time="YYYYMMDDHHMM"`. No trailing `Z`: OpenSSH before 9.1 drops the whole line for
- * it (FACTS.md), and sshd then reads the time in the bastion's zone — run bastions in UTC.
+ * it (docs/facts.md), and sshd then reads the time in the bastion's zone — run bastions in UTC.
  */
 export function expiryTimeOption(t: Date): string {
   // parseExpiry keeps every instant inside this range; anything else is a bug, not a line.

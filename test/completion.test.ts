@@ -87,6 +87,7 @@ describe("bash", () => {
   it("formats, schema kinds, shells", () => {
     expect(bash("mkoverlay --format ").sort()).toEqual(["dir", "tar"]);
     expect(bash("mkoverlay registry list --format ").sort()).toEqual(["csv", "markdown", "table"]);
+    expect(bash("mkoverlay status --format ").sort()).toEqual(["json", "prometheus", "table"]);
     expect(bash("mkoverlay schema ").sort()).toEqual(["board", "fleet", "os"]);
     expect(bash("mkoverlay completion ").sort()).toEqual(["bash", "fish", "zsh"]);
   });

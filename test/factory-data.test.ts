@@ -62,10 +62,15 @@ describe("registry list shows the factory data", () => {
 });
 
 describe("a device named by its factory data", () => {
-  it("status serial_number=…, and the column's own spelling", () => {
-    expect(JSON.parse(cli("status", "serial_number=SN0002", "--json").stdout).hostname).toBe("gw-b");
-    expect(JSON.parse(cli("status", "Serial Number=SN0003", "--json").stdout).hostname).toBe("gw-c");
-    expect(cli("status", "mac=dc:a6:32:00:00:01").stdout).toMatch(/^hostname: +gw-a\n/);
+  it("status shows it and narrows to a device named by it (in the column's own spelling too)", () => {
+    const one = (arg: string) => (JSON.parse(cli("status", arg, "--json").stdout) as { devices: Device[] }).devices.map((d) => [d.hostname, d.attributes.serial_number]);
+    expect(one("serial_number=SN0002")).toEqual([["gw-b", "SN0002"]]);
+    expect(one("Serial Number=SN0003")).toEqual([["gw-c", "SN0003"]]);
+    const table = cli("status").stdout.split("\n");
+    expect(table[0]).toMatch(/^HOSTNAME\s+STATE\s+BASTION\s+CONNECTED SINCE\s+LAST SEEN\s+MAC\s+SERIAL_NUMBER\s+SITE$/);
+    expect(table.find((l) => l.startsWith("gw-c "))).toMatch(/\sdc:a6:32:00:00:03\s+SN0003\s+Lyon$/);
+    const narrowed = cli("status", "mac=dc:a6:32:00:00:01").stdout.split("\n").filter((l) => /^gw-/.test(l));
+    expect(narrowed.map((l) => l.split(/\s+/)[0])).toEqual(["gw-a"]);
   });
 
   it("no device: one clear error naming what is recorded, nothing changed", () => {

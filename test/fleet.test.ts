@@ -127,7 +127,8 @@ describe("bastion import on a real sshd", () => {
     rotated = build();
     [rootA, rootRevoked, rootRotatedOld] = [unpack(a), unpack(revoked), unpack(rotated, "rotated-old")];
     expect(cli(["revoke", revoked.hostname]).code).toBe(0);
-    const rot = cli(["rotate", rotated.hostname, "--json", "--out", join(dir, "rotated")]);
+    // --grace 0: the old key is dropped at once (bastion-agent.test.ts covers the grace period).
+    const rot = cli(["rotate", rotated.hostname, "--grace", "0", "--json", "--out", join(dir, "rotated")]);
     expect(rot.code, rot.stderr).toBe(0);
     bastion = await startBastion();
     device = await startSshd({ dir: join(dir, "device"), port: ports.port(1), hostKey: join(rootA, "etc/ssh/mkoverlay/ssh_host_ed25519_key"), authorizedKeys: { root: readPub(operatorKey) + "\n" } });

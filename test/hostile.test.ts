@@ -4,10 +4,10 @@
  * nothing, and leave the registry byte-for-byte as it was.
  */
 import { createHash } from "node:crypto";
-import { existsSync, readdirSync, readFileSync, writeFileSync } from "node:fs";
+import { cpSync, existsSync, readdirSync, readFileSync, writeFileSync } from "node:fs";
 import { join } from "node:path";
-import { afterAll, describe, expect, it } from "vitest";
-import { readPub, removeDir, run, runCli, sshKeygen, tempDir } from "./helpers/workspace.js";
+import { afterAll, beforeAll, describe, expect, it } from "vitest";
+import { readPub, removeDir, run, runCli, runCliAsync, sshKeygen, tempDir } from "./helpers/workspace.js";
 
 // Made at load time: the case table below is built from them.
 const keys = tempDir("mko-hostile-keys-");
@@ -134,14 +134,21 @@ function snapshot(ws: string): Record<string, string> {
 describe("hostile and broken input", () => {
   it(`has at least 30 cases (${CASES.length})`, () => expect(CASES.length).toBeGreaterThanOrEqual(30));
 
-  it.each(CASES.map((c) => [c.name, c] as const))("%s", (_name, c) => {
+  // Seeded once: a registry with one device, so "untouched" means something. Each case gets a
+  // copy, and cases run a few at a time (each is its own CLI process).
+  const seeded = tempDir("mko-hostile-seed-");
+  beforeAll(() => {
+    writeFileSync(join(seeded, "mkoverlay.yaml"), configText());
+    const seed = runCli(["--config", join(seeded, "mkoverlay.yaml"), ...base, "--out", join(seeded, "seed")], { cwd: seeded });
+    expect(seed.code, seed.stderr).toBe(0);
+  });
+  afterAll(() => removeDir(seeded));
+
+  it.concurrent.each(CASES.map((c) => [c.name, c] as const))("%s", async (_name, c) => {
     const ws = tempDir("mko-hostile-");
     try {
       const cfg = join(ws, "mkoverlay.yaml");
-      writeFileSync(cfg, configText());
-      // Seed the registry with one device so "untouched" means something.
-      const seed = runCli(["--config", cfg, ...base, "--out", join(ws, "seed")], { cwd: ws });
-      expect(seed.code, seed.stderr).toBe(0);
+      cpSync(seeded, ws, { recursive: true });
       if (c.config === null) removeDir(cfg);
       else if (c.config !== undefined) writeFileSync(cfg, c.config);
       writeFileSync(join(ws, "a-file"), "x");
@@ -150,7 +157,7 @@ describe("hostile and broken input", () => {
         a === "@file" ? join(ws, "a-file") : a.startsWith("@") ? join(keys, a.slice(1)) : a,
       );
       const before = snapshot(ws);
-      const r = runCli(["--config", cfg, ...args, "--out", args.includes("--out") ? args[args.indexOf("--out") + 1]! : join(ws, "out")], { cwd: ws, ...(c.env ? { env: c.env } : {}) });
+      const r = await runCliAsync(["--config", cfg, ...args, "--out", args.includes("--out") ? args[args.indexOf("--out") + 1]! : join(ws, "out")], { cwd: ws, ...(c.env ? { env: c.env } : {}) });
       expect(r.code).not.toBe(0);
       expect(r.stdout).toBe("");
       expect(r.stderr, r.stderr).toMatch(c.message);

@@ -82,7 +82,7 @@ describe("enablement, as systemctl --root sees it", () => {
   });
 });
 
-/** What each OS deletes on first boot (FACTS.md table), independent of the profile data. */
+/** What each OS deletes on first boot (docs/facts.md table), independent of the profile data. */
 const FIRST_BOOT_DELETES: Record<string, string[]> = {
   raspios: ["etc/ssh/ssh_host_*_key*"],
   ubuntu: ["etc/ssh/ssh_host_*key*"],

@@ -210,7 +210,10 @@ describe.each(BACKENDS.map((b) => [b.name, b] as const))("registry on %s", (_nam
       const rot = cli(["rotate", built[2]!.hostname, "--json", "--out", join(ws.dir, "rotated")]);
       expect(rot.code, rot.stderr).toBe(0);
       const ak = cli(["bastion", "authorized-keys", "--bastion", "eu"]).stdout;
-      expect(ak.split("\n").filter((l) => l && !l.startsWith("#"))).toHaveLength(4);
+      // 4 live devices, plus the rotated device's old key for its grace period (default 7d).
+      const akLines = ak.split("\n").filter((l) => l && !l.startsWith("#"));
+      expect(akLines).toHaveLength(5);
+      expect(akLines.filter((l) => l.includes("expiry-time=") && l.endsWith(` ${built[2]!.hostname}`))).toHaveLength(1);
       expect(ak).not.toContain(` ${built[1]!.hostname}\n`);
       expect(ak).toContain(` ${built[2]!.hostname}\n`);
       expect(cli(["verify", built[2]!.overlay]).code).toBe(1); // rotated out
@@ -346,9 +349,13 @@ describe.each(BACKENDS.map((b) => [b.name, b] as const))("registry on %s", (_nam
         await expect(r.reserve(req(9))).rejects.toThrow("no free tunnel port left in ports.ssh 26000-26005");
         await expect(r.reserve(req(9, "explicit"))).rejects.toThrow("hostname explicit is already registered (pending)");
         await expect(r.reserve(req(1))).rejects.toThrow("this key is already registered to dev-001");
-        await r.beginRotate("dev-001", "SHA256:fp1", "ssh-ed25519 NEWKEY", "SHA256:new", "/out/new.tar.gz");
+        await r.beginRotate("dev-001", "SHA256:fp1", "ssh-ed25519 MIDKEY", "SHA256:mid", "/out/mid.tar.gz");
         await expect(r.beginRotate("dev-001", "SHA256:fp1", "ssh-ed25519 OTHER", "SHA256:other", "/out/x.tar.gz")).rejects.toThrow("a rotation is already under way");
+        await r.commitRotate("dev-001", "SHA256:mid", new Date("2025-06-08T00:00:00.000Z"));
+        expect((await r.get("dev-001"))?.previous).toEqual({ publicKey: "ssh-ed25519 KEY1", fingerprint: "SHA256:fp1", until: "2025-06-08T00:00:00.000Z" });
+        await r.beginRotate("dev-001", "SHA256:mid", "ssh-ed25519 NEWKEY", "SHA256:new", "/out/new.tar.gz");
         await r.commitRotate("dev-001", "SHA256:new", undefined);
+        expect((await r.get("dev-001"))?.previous).toBeUndefined();
         await r.updateDevice("dev-001", { board: "rpi5", os: "armbian", bastions: ["us"], overlay: "/out/again.tar.gz" });
         expect(await r.getByFingerprint("SHA256:fp1")).toBeUndefined();
         const d1 = await r.get("dev-001");
@@ -376,7 +383,7 @@ describe.each(BACKENDS.map((b) => [b.name, b] as const))("registry on %s", (_nam
       expect(runCli(["--config", ws.cfg, ...BUILD, "--out", ws.out], { cwd: ws.dir }).code).toBe(0);
       await backend.setSchemaVersion(ws.registry, 99);
       const r = runCli(["--config", ws.cfg, ...BUILD, "--out", ws.out], { cwd: ws.dir });
-      expectOneLineError(r, /registry .*: schema version 99 was written by a newer mkoverlay \(this one knows 3\)/);
+      expectOneLineError(r, /registry .*: schema version 99 was written by a newer mkoverlay \(this one knows 4\)/);
       expect(r.stdout).toBe("");
       expect(readdirSync(ws.out).filter((n) => n.endsWith(".overlay.tar.gz"))).toHaveLength(1);
     } finally {

@@ -1,41 +1,147 @@
 /**
- * The bastion's whole authorized_keys file for its tunnel user, from the registry: one line
- * per live device of that bastion, in port order, under a header that says what made it.
- * Revoked and pending devices are left out; a rotated device appears with its current key only.
- * Only this bastion is looked at: a device that also tunnels to a bastion since removed from
- * the config does not stop the export.
+ * What a bastion authorizes, from the registry: one entry per key that may open a tunnel —
+ * each live device of that bastion, plus a rotated device's previous key until its grace ends
+ * (with `expiry-time` at that instant, so sshd enforces the end even if nobody removes it).
+ * The file export and the bastion agent's key directory are both made from these entries, with
+ * the one line renderer (line.ts).
+ *
+ * A row that is corrupt or hostile (a key that does not decode or does not match its stored
+ * fingerprint, a bad host name, a port outside the fleet's ranges, a value that could break out
+ * of an option) is skipped and reported, never rendered: sshd must only ever see lines that are
+ * valid by construction.
  */
-import type { Bastion, Fleet } from "../config/fleet.js";
+import type { Bastion, Fleet, PortRange } from "../config/fleet.js";
 import { planTunnel } from "../forwards.js";
-import { parsePublicKey } from "../keys/pubkey.js";
+import { fingerprint as fingerprintOf } from "../keys/ed25519.js";
 import { WireReader } from "../keys/ssh-wire.js";
 import type { DeviceRecord } from "../registry/types.js";
-import { deviceLines } from "./line.js";
+import { hostnameProblem } from "../validate.js";
+import { authorizedKeysLine } from "./line.js";
 
+export interface BastionEntry {
+  hostname: string;
+  /** `SHA256:…`, computed from the key itself (never taken from the row). */
+  fingerprint: string;
+  /** The complete authorized_keys line. */
+  line: string;
+  /** The bastion ports the key may listen on. */
+  ports: number[];
+  /** A rotated-out key, accepted until `until`. */
+  previous: boolean;
+  until?: Date;
+}
+
+export interface Skipped {
+  hostname: string;
+  reason: string;
+}
+
+/** The 32-byte ed25519 key of an `ssh-ed25519 AAAA… [comment]` line, or a reason. */
+export function ed25519Key(line: string): Buffer | string {
+  const m = /^ssh-ed25519 ([A-Za-z0-9+/]{68})(?: [^\r\n]*)?$/.exec(line);
+  if (!m) return "is not an ssh-ed25519 public key line";
+  try {
+    const r = new WireReader(Buffer.from(m[1]!, "base64"));
+    if (r.string().toString("latin1") !== "ssh-ed25519") return "does not decode as ssh-ed25519";
+    const pub = Buffer.from(r.string());
+    if (pub.length !== 32 || r.remaining !== 0) return "does not decode as ssh-ed25519";
+    return pub;
+  } catch {
+    return "does not decode";
+  }
+}
+
+/** Kept for callers that want the raw key of a record; throws on a bad one. */
 export function publicKeyBytes(record: DeviceRecord): Buffer {
-  const k = parsePublicKey(record.publicKey);
-  if (typeof k === "string") throw new Error(`registry holds a bad public key for ${record.hostname}: ${k}`);
-  const r = new WireReader(Buffer.from(k.base64, "base64"));
-  r.string();
-  return Buffer.from(r.string());
+  const k = ed25519Key(record.publicKey);
+  if (typeof k === "string") throw new Error(`registry holds a bad public key for ${record.hostname}: it ${k}`);
+  return k;
 }
 
 export function devicesOf(devices: DeviceRecord[], bastion: string): DeviceRecord[] {
   return devices.filter((d) => d.status === "active" && d.bastions.includes(bastion)).sort((a, b) => a.port - b.port);
 }
 
-/** The device's line for this one bastion. */
-export function bastionLine(fleet: Fleet, bastion: Bastion, d: DeviceRecord): string {
-  return deviceLines(d.hostname, publicKeyBytes(d), [planTunnel(fleet, bastion, d.port, d.services)], new Date(d.created))[bastion.name]!;
+const inRange = (p: unknown, r: PortRange): boolean => Number.isInteger(p) && (p as number) >= r.lo && (p as number) <= r.hi;
+
+/** Why a device's row cannot be trusted for this bastion, or undefined. */
+function rowProblem(fleet: Fleet, d: DeviceRecord): string | undefined {
+  const h = hostnameProblem(String(d.hostname));
+  if (h) return `host name ${JSON.stringify(d.hostname)} ${h}`;
+  if (!inRange(d.port, fleet.ports.ssh)) return `port ${JSON.stringify(d.port)} is not in ports.ssh ${fleet.ports.ssh.lo}-${fleet.ports.ssh.hi}`;
+  for (const [name, p] of Object.entries(d.services ?? {})) {
+    if (!inRange(p, fleet.ports.services)) return `service port ${name}=${JSON.stringify(p)} is not in ports.services ${fleet.ports.services.lo}-${fleet.ports.services.hi}`;
+  }
+  return undefined;
 }
 
-export function renderAuthorizedKeys(fleet: Fleet, bastion: Bastion, devices: DeviceRecord[], version: string): string {
-  const live = devicesOf(devices, bastion.name);
+/** A key of a row: decoded, and its stored fingerprint checked against the key itself. */
+function keyOf(line: string, stored: string): { pub: Buffer; fingerprint: string } | string {
+  const pub = ed25519Key(line);
+  if (typeof pub === "string") return `key ${pub}`;
+  const fp = fingerprintOf(pub);
+  if (fp !== stored) return `key does not match its stored fingerprint ${JSON.stringify(stored)}`;
+  return { pub, fingerprint: fp };
+}
+
+/** Every key the bastion accepts at `now`, in port order (current key before previous). */
+export function bastionEntries(fleet: Fleet, bastion: Bastion, devices: DeviceRecord[], now: Date): { entries: BastionEntry[]; skipped: Skipped[] } {
+  const entries: BastionEntry[] = [];
+  const skipped: Skipped[] = [];
+  const seen = new Set<string>();
+  for (const d of devicesOf(devices, bastion.name)) {
+    const hostname = String(d.hostname);
+    const problem = rowProblem(fleet, d);
+    if (problem) {
+      skipped.push({ hostname, reason: problem });
+      continue;
+    }
+    const tunnel = planTunnel(fleet, bastion, d.port, d.services);
+    const ports = [tunnel.port, ...tunnel.extraListen];
+    const keys: { line: string; fp: string; until?: Date }[] = [{ line: d.publicKey, fp: d.fingerprint }];
+    if (d.previous) {
+      const until = new Date(d.previous.until);
+      if (Number.isNaN(until.getTime())) skipped.push({ hostname, reason: `previous key's grace end ${JSON.stringify(d.previous.until)} is not a time` });
+      else if (until > now) keys.push({ line: d.previous.publicKey, fp: d.previous.fingerprint, until });
+    }
+    for (const k of keys) {
+      const what = k.until ? "previous key" : "key";
+      const key = keyOf(k.line, k.fp);
+      if (typeof key === "string") {
+        skipped.push({ hostname, reason: k.until ? `previous ${key}` : key });
+        continue;
+      }
+      if (seen.has(key.fingerprint)) {
+        skipped.push({ hostname, reason: `${what} ${key.fingerprint} is already used by another device` });
+        continue;
+      }
+      try {
+        const line = authorizedKeysLine({ hostname, pub: key.pub, tunnel, now: new Date(d.created), ...(k.until ? { notAfter: k.until } : {}) });
+        seen.add(key.fingerprint);
+        entries.push({ hostname, fingerprint: key.fingerprint, line, ports, previous: Boolean(k.until), ...(k.until ? { until: k.until } : {}) });
+      } catch (e) {
+        skipped.push({ hostname, reason: `${what}: ${(e as Error).message}` });
+      }
+    }
+  }
+  return { entries, skipped };
+}
+
+export function renderAuthorizedKeys(
+  fleet: Fleet,
+  bastion: Bastion,
+  devices: DeviceRecord[],
+  version: string,
+  opts: { now?: Date; onSkip?: (s: Skipped) => void } = {},
+): string {
+  const { entries, skipped } = bastionEntries(fleet, bastion, devices, opts.now ?? new Date());
+  for (const s of skipped) opts.onSkip?.(s);
+  const live = new Set(entries.map((e) => e.hostname)).size;
   const out = [
     `# authorized_keys for ${bastion.user}@${bastion.host} (bastion '${bastion.name}')`,
-    `# Generated by mkoverlay ${version} from the fleet registry: ${live.length} live device(s).`,
+    `# Generated by mkoverlay ${version} from the fleet registry: ${live} live device(s).`,
     "# Do not edit: regenerate with `mkoverlay bastion authorized-keys --bastion " + bastion.name + " --write FILE`.",
   ];
-  for (const d of live) out.push(bastionLine(fleet, bastion, d));
+  for (const e of entries) out.push(e.line);
   return out.join("\n") + "\n";
 }

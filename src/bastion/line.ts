@@ -1,6 +1,6 @@
 /**
  * The bastion's authorized_keys line for one device. sshd drops a line with any bad option
- * silently (FACTS.md), so the line is valid by construction: options come in a fixed order,
+ * silently (docs/facts.md), so the line is valid by construction: options come in a fixed order,
  * every quoted value was validated (no quote, backslash or control character), there is no
  * permitopen="none", and expiry-time has no trailing Z (OpenSSH < 9.1 rejects it).
  */
@@ -15,6 +15,8 @@ export interface LineInput {
   tunnel: TunnelPlan;
   /** When the device was built: a duration expiry counts from here (stable across exports). */
   now: Date;
+  /** The key stops working at this instant at the latest (a rotated-out key's grace end). */
+  notAfter?: Date;
 }
 
 function quoted(name: string, value: string): string {
@@ -28,11 +30,13 @@ export function authorizedKeysOptions(i: LineInput): string[] {
   const b = i.tunnel.bastion;
   const opts = ["restrict", "port-forwarding", quoted("command", "/sbin/nologin")];
   if (b.from) opts.push(quoted("from", b.from.join(",")));
+  let expiry = i.notAfter;
   if (b.expiry) {
     const t = parseExpiry(b.expiry, i.now);
     if (typeof t === "string") throw new Error(`expiry ${b.expiry} ${t}`);
-    opts.push(quoted("expiry-time", expiryTimeOption(t)));
+    if (!expiry || t < expiry) expiry = t;
   }
+  if (expiry) opts.push(quoted("expiry-time", expiryTimeOption(expiry)));
   // ssh sends "localhost" for `-R PORT:…` and `-R localhost:PORT:…`: only that bind matches,
   // so the device cannot bind 0.0.0.0 or 127.0.0.1 on the bastion.
   for (const port of [i.tunnel.port, ...i.tunnel.extraListen]) opts.push(quoted("permitlisten", `localhost:${port}`));

@@ -1,5 +1,5 @@
 /**
- * The `Match User <tunnel user>` block a bastion needs (FACTS.md): the keys' own options
+ * The `Match User <tunnel user>` block a bastion needs (docs/facts.md): the keys' own options
  * restrict each device to its ports, and this block denies everything the options cannot —
  * local forwarding to arbitrary hosts (restrict,port-forwarding alone lets a key -L anywhere,
  * including the bastion's own sshd), Unix-socket forwards, TTYs, agent and X11 — and frees a

@@ -89,7 +89,9 @@ export async function authorizedKeysCommand(opts: { bastion?: string; write?: st
   const log = stderrLog(Boolean(opts.json));
   const { text, bastion } = await withFleetRegistry(opts.config, async (fleet, registry) => {
     const b = oneBastion(fleet, opts.bastion);
-    return { text: renderAuthorizedKeys(fleet, b, await registry.list(), VERSION), bastion: b };
+    // A corrupt or hostile row is left out, never rendered; say which and why.
+    const text = renderAuthorizedKeys(fleet, b, await registry.list(), VERSION, { onSkip: (s) => log.warn(`left out ${JSON.stringify(s.hostname)}: ${s.reason}`) });
+    return { text, bastion: b };
   });
   const report = { bastion: bastion.name, user: bastion.user, file: opts.write ?? null, keys: keyCount(text) };
   if (!opts.write) {

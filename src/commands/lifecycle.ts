@@ -49,7 +49,7 @@ export async function releaseCommand(arg: string, opts: { config?: string; json?
 export function parseGrace(v: string): number {
   const m = /^(\d{1,6})([shdw])$/.exec(v);
   if (v === "0") return 0;
-  if (!m) throw new UserError(`--grace ${JSON.stringify(v)}: a duration such as 7d, 36h or 2w (or 0 for none)`);
+  if (!m) throw new UserError(`--grace ${JSON.stringify(v)}: not a duration`, { hint: "use e.g. 12h, 7d, 2w, or 0 to stop accepting the old key at once" });
   return Number(m[1]) * { s: 1000, h: 3600_000, d: 86400_000, w: 7 * 86400_000 }[m[2] as "s" | "h" | "d" | "w"];
 }
 
@@ -119,7 +119,7 @@ async function rotate(arg: string, opts: RotateOptions, stop: AbortSignal): Prom
           port: d.port,
           fingerprint: dk.fingerprint,
           previousFingerprint: d.fingerprint,
-          previousValidUntil: graceUntil?.toISOString() ?? null,
+          graceUntil: graceUntil?.toISOString() ?? null,
           overlay: r.overlay,
           authorizedKeys: r.lines,
           text: r.text,

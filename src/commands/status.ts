@@ -1,87 +1,72 @@
 /**
- * `mkoverlay status [DEVICE]`: the registry at a glance (devices by status, ports used and
- * free, factory data recorded, unfinished work), or one device's record — named by hostname
- * or by its factory data (`serial=SN0042`).
+ * `mkoverlay status`: which gateways are online now, through which bastion, since when; which
+ * were flashed and never phoned home; which dropped off and when they were last seen; and the
+ * alarms (a revoked device still connected, an unknown listener in the tunnel range, a silent
+ * bastion agent). Read from the registry, where every bastion's agent records what it sees.
  */
-import type { PortRange } from "../config/fleet.js";
 import { withFleetRegistry } from "../context.js";
+import { UserError } from "../errors.js";
 import { out } from "../output.js";
-import type { DeviceRecord, DeviceStatus } from "../registry/types.js";
+import { fleetStatus, type DeviceView, type FleetStatus } from "../status.js";
+import { parseAfter } from "../status-options.js";
+import { nameProblem } from "../validate.js";
 import { findDevice } from "./device-arg.js";
-import { deviceJson } from "./registry-list.js";
 
-interface PortUse {
-  range: string;
-  used: number;
-  free: number;
+export interface StatusOptions {
+  bastion?: string;
+  json?: boolean;
+  format?: string;
+  check?: boolean;
+  neverSeenAfter?: string;
+  config?: string;
 }
 
-function portUse(range: PortRange, ports: number[]): PortUse {
-  const used = ports.filter((p) => p >= range.lo && p <= range.hi).length;
-  return { range: `${range.lo}-${range.hi}`, used, free: range.hi - range.lo + 1 - used };
+function when(iso: string | null, now: Date): string {
+  if (!iso) return "-";
+  const s = Math.max(0, Math.round((now.getTime() - Date.parse(iso)) / 1000));
+  const rel = s < 90 ? `${s}s ago` : s < 5400 ? `${Math.round(s / 60)}m ago` : s < 172800 ? `${Math.round(s / 3600)}h ago` : `${Math.round(s / 86400)}d ago`;
+  return `${iso.slice(0, 19).replace("T", " ")}Z (${rel})`;
 }
 
-function deviceText(d: DeviceRecord): string {
-  const rows: [string, string][] = [
-    ["hostname", d.hostname],
-    ["status", d.status],
-    ["board", d.board],
-    ["os", d.os],
-    ["bastions", d.bastions.join(", ") || "(none)"],
-    ["port", String(d.port)],
-    ...Object.entries(d.services).map(([k, v]): [string, string] => [`port ${k}`, String(v)]),
-    ["fingerprint", d.fingerprint],
-    ["created", d.created],
-    ["updated", d.updated],
-    ...(d.previous ? [["previous key", `${d.previous.fingerprint} (valid until ${d.previous.until})`] as [string, string]] : []),
-    ...(d.rotating ? [["rotating to", d.rotating.fingerprint] as [string, string]] : []),
-    ...Object.entries(d.attributes).map(([k, v]): [string, string] => [k, v]),
-  ];
-  const w = Math.max(...rows.map(([k]) => k.length));
-  return rows.map(([k, v]) => `${(k + ":").padEnd(w + 1)} ${v}`).join("\n");
+function row(d: DeviceView, now: Date): string[] {
+  const state = d.status === "revoked" ? `${d.state}, revoked` : d.state;
+  return [d.hostname, state, d.connected.map((c) => c.bastion).join(",") || "-", d.connected.length > 0 ? when(d.connected[0]!.since, now) : "-", d.state === "new" || d.state === "never-seen" ? `never (built ${when(d.created, now)})` : when(d.lastSeen, now)];
 }
 
-export async function statusCommand(arg: string | undefined, opts: { config?: string; json?: boolean }): Promise<void> {
-  await withFleetRegistry(opts.config, async (fleet, registry) => {
-    if (arg !== undefined) {
-      const d = await findDevice(registry, arg, "status");
-      out(opts.json ? JSON.stringify(deviceJson(d)) : deviceText(d));
-      return;
-    }
-    const devices = await registry.list();
-    const statuses: Record<DeviceStatus, number> = { active: 0, pending: 0, revoked: 0 };
-    const attributes: Record<string, number> = {};
-    for (const d of devices) {
-      statuses[d.status]++;
-      for (const k of Object.keys(d.attributes)) attributes[k] = (attributes[k] ?? 0) + 1;
-    }
-    const ports = devices.flatMap((d) => [d.port, ...Object.values(d.services)]);
-    const unfinished = (await registry.unfinished()).length;
-    const s = {
-      config: fleet.file,
-      registry: registry.where,
-      devices: devices.length,
-      statuses,
-      sshPorts: portUse(fleet.ports.ssh, ports),
-      servicePorts: portUse(fleet.ports.services, ports),
-      unfinished,
-      attributes,
-    };
-    if (opts.json) {
-      out(JSON.stringify(s));
-      return;
-    }
-    const attrs = Object.entries(attributes).map(([k, n]) => `${k} (${n})`);
-    out(
-      [
-        `config:        ${s.config}`,
-        `registry:      ${s.registry}`,
-        `devices:       ${s.devices} (${statuses.active} active, ${statuses.pending} pending, ${statuses.revoked} revoked)`,
-        `ssh ports:     ${s.sshPorts.used} used, ${s.sshPorts.free} free (${s.sshPorts.range})`,
-        `service ports: ${s.servicePorts.used} used, ${s.servicePorts.free} free (${s.servicePorts.range})`,
-        `factory data:  ${attrs.length > 0 ? attrs.join(", ") : "(none)"}`,
-        `unfinished:    ${unfinished === 0 ? "none" : `${unfinished} build(s) or rotation(s): see 'mkoverlay registry doctor'`}`,
-      ].join("\n"),
-    );
+export function renderStatusTable(s: FleetStatus): string {
+  const now = new Date(s.at);
+  // Factory data (serial number, MAC, site…) follows as one column per name.
+  const keys = [...new Set(s.devices.flatMap((d) => Object.keys(d.attributes)))].sort();
+  const head = ["HOSTNAME", "STATE", "BASTION", "CONNECTED SINCE", "LAST SEEN", ...keys.map((k) => k.toUpperCase())];
+  const rows = s.devices.map((d) => [...row(d, now), ...keys.map((k) => d.attributes[k] ?? "-")]);
+  const widths = head.map((h, i) => Math.max(h.length, ...rows.map((r) => r[i]!.length)));
+  const line = (r: string[]) => r.map((v, i) => v.padEnd(widths[i]!)).join("  ").trimEnd();
+  const out = [line(head), ...rows.map(line)];
+  out.push("");
+  for (const b of s.bastions) out.push(`bastion ${b.name}: ${b.connected} of ${b.expected} connected; agent ${b.heartbeat ? `reported ${when(b.heartbeat, now)}` : "never reported"}${b.fresh ? "" : " (STALE)"}`);
+  for (const a of s.alarms) out.push(`ALARM ${a.kind}: ${a.message}`);
+  if (s.alarms.length === 0) out.push("no alarms");
+  return out.join("\n") + "\n";
+}
+
+/**
+ * `status [DEVICE]`: DEVICE (a hostname, or `serial=SN0042`) narrows the view to that device
+ * and the alarms about it; the bastions' lines stay (they say whether the view is fresh).
+ */
+export async function statusCommand(device: string | undefined, opts: StatusOptions): Promise<void> {
+  const format = opts.json ? "json" : (opts.format ?? "table");
+  if (!["table", "json", "prometheus"].includes(format)) throw new UserError(`--format ${JSON.stringify(format)}: use table, json or prometheus`);
+  if (opts.bastion !== undefined && nameProblem(opts.bastion)) throw new UserError(`--bastion ${JSON.stringify(opts.bastion)}: not a bastion name`);
+  const neverSeenAfterMs = parseAfter(opts.neverSeenAfter ?? "24h");
+  const s = await withFleetRegistry(opts.config, async (fleet, registry) => {
+    if (opts.bastion !== undefined && !fleet.bastions.has(opts.bastion)) throw new UserError(`--bastion ${opts.bastion}: no such bastion in ${fleet.file}`);
+    const one = device === undefined ? undefined : (await findDevice(registry, device, "status")).hostname;
+    const [devices, obs] = await Promise.all([registry.list(), registry.observations()]);
+    const all = fleetStatus(devices, obs, { now: new Date(), neverSeenAfterMs, ...(opts.bastion ? { bastion: opts.bastion } : {}), knownBastions: [...fleet.bastions.keys()] });
+    return one === undefined ? all : { ...all, devices: all.devices.filter((d) => d.hostname === one), alarms: all.alarms.filter((a) => a.hostname === one) };
   });
+  if (format === "json") out(JSON.stringify(s));
+  else if (format === "prometheus") out(await (await import("../metrics.js")).prometheusText(s));
+  else out(renderStatusTable(s));
+  if (opts.check && s.alarms.length > 0) throw new UserError(`${s.alarms.length} alarm(s): ${[...new Set(s.alarms.map((a) => a.kind))].join(", ")}`, { exitCode: 1 });
 }

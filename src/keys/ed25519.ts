@@ -1,7 +1,7 @@
 /**
  * Device identity: ed25519 keys made with node:crypto (native) and written in OpenSSH's own
  * formats, so sshd uses the file as a host key and ssh uses it as the tunnel identity.
- * Formats per OpenSSH PROTOCOL.key and FACTS.md.
+ * Formats per OpenSSH PROTOCOL.key and docs/facts.md.
  */
 import { createHash, createPrivateKey, createPublicKey, generateKeyPairSync, randomBytes } from "node:crypto";
 import { UserError } from "../errors.js";

@@ -24,7 +24,7 @@ import { UserError } from "../errors.js";
 import { DEVICE_COLUMNS, DEVICE_KEYS, hostnameTaken, keyTaken, noFreePort, normalizeRow, ReservationLost, toRecord } from "./rows.js";
 import { MIGRATIONS, SCHEMA_VERSION } from "./schema.js";
 import { savepoint, type Queryable, type SqlDriver } from "./sql.js";
-import type { AttributeRow, DeviceRecord, DeviceRow, PortRow, Registry, ReserveRequest, Snapshot, Unfinished } from "./types.js";
+import type { AttributeRow, DeviceRecord, DeviceRow, Observation, Observations, PortRow, Registry, ReserveRequest, Snapshot, Unfinished } from "./types.js";
 
 /** How long unfinished work stays a station's own without a renewal. */
 export function leaseMs(): number {
@@ -331,6 +331,7 @@ export class RegistryCore implements Registry {
     await this.lowerHints(q, await this.portsOf(q, hostname));
     await q.run("DELETE FROM ports WHERE hostname = ?", [hostname]);
     await q.run("DELETE FROM attributes WHERE hostname = ?", [hostname]);
+    await q.run("DELETE FROM device_history WHERE hostname = ?", [hostname]);
     await q.run("DELETE FROM devices WHERE hostname = ?", [hostname]);
     await this.db.notify(q, hostname);
   }
@@ -529,6 +530,80 @@ export class RegistryCore implements Registry {
 
   list(): Promise<DeviceRecord[]> {
     return this.db.transaction("read", async (q) => this.withServices(q, (await q.all<DeviceRow>(`SELECT ${DEVICE_COLUMNS} FROM devices ORDER BY port`)).map(normalizeRow)));
+  }
+
+  // --- what the bastions see ---
+
+  observe(o: Observation): Promise<number> {
+    return this.db.transaction("write", async (q) => {
+      const at = iso(o.at);
+      // A listener gone since the last look was last seen at that look.
+      const prevAt = (await q.get<{ at: string }>("SELECT at FROM heartbeats WHERE bastion = ?", [o.bastion]))?.at ?? at;
+      const before = new Map(
+        (await q.all<{ port: number; hostname: string | null; fingerprint: string | null }>("SELECT port, hostname, fingerprint FROM sightings WHERE bastion = ? AND connected = 1", [o.bastion])).map((r) => [
+          Number(r.port),
+          r,
+        ]),
+      );
+      const now = new Map(o.listeners.map((l) => [l.port, l]));
+      let written = 0;
+      for (const l of now.values()) {
+        const was = before.get(l.port);
+        if (was) {
+          if (l.fingerprint && l.fingerprint !== was.fingerprint) {
+            await q.run("UPDATE sightings SET fingerprint = ? WHERE bastion = ? AND port = ?", [l.fingerprint, o.bastion, l.port]);
+            written++;
+          }
+          continue;
+        }
+        const owner = (await q.get<{ hostname: string }>("SELECT hostname FROM ports WHERE port = ?", [l.port]))?.hostname ?? null;
+        await q.run(
+          `INSERT INTO sightings (bastion, port, hostname, fingerprint, since, last_seen, connected) VALUES (?, ?, ?, ?, ?, ?, 1)
+           ON CONFLICT (bastion, port) DO UPDATE SET hostname = excluded.hostname, fingerprint = excluded.fingerprint, since = excluded.since, last_seen = excluded.last_seen, connected = 1`,
+          [o.bastion, l.port, owner, l.fingerprint ?? null, at, at],
+        );
+        if (owner) {
+          await q.run(
+            `INSERT INTO device_history (hostname, bastion, first_seen, last_seen) VALUES (?, ?, ?, ?)
+             ON CONFLICT (hostname, bastion) DO UPDATE SET last_seen = excluded.last_seen`,
+            [owner, o.bastion, at, at],
+          );
+        }
+        written++;
+      }
+      for (const [port, was] of before) {
+        if (now.has(port)) continue;
+        await q.run("UPDATE sightings SET connected = 0, last_seen = ? WHERE bastion = ? AND port = ?", [prevAt, o.bastion, port]);
+        if (was.hostname) await q.run("UPDATE device_history SET last_seen = ? WHERE hostname = ? AND bastion = ?", [prevAt, was.hostname, o.bastion]);
+        written++;
+      }
+      await q.run(
+        `INSERT INTO heartbeats (bastion, at, interval_s, agent) VALUES (?, ?, ?, ?)
+         ON CONFLICT (bastion) DO UPDATE SET at = excluded.at, interval_s = excluded.interval_s, agent = excluded.agent`,
+        [o.bastion, at, o.intervalS, o.agent],
+      );
+      return written;
+    });
+  }
+
+  observations(): Promise<Observations> {
+    return this.db.transaction("read", async (q) => ({
+      sightings: (await q.all<{ bastion: string; port: number; hostname: string | null; fingerprint: string | null; since: string; last_seen: string; connected: number }>(
+        "SELECT bastion, port, hostname, fingerprint, since, last_seen, connected FROM sightings ORDER BY bastion, port",
+      )).map((r) => ({ bastion: r.bastion, port: Number(r.port), hostname: r.hostname, fingerprint: r.fingerprint, since: r.since, lastSeen: r.last_seen, connected: Number(r.connected) === 1 })),
+      history: (await q.all<{ hostname: string; bastion: string; first_seen: string; last_seen: string }>("SELECT hostname, bastion, first_seen, last_seen FROM device_history ORDER BY hostname, bastion")).map((r) => ({
+        hostname: r.hostname,
+        bastion: r.bastion,
+        firstSeen: r.first_seen,
+        lastSeen: r.last_seen,
+      })),
+      heartbeats: (await q.all<{ bastion: string; at: string; interval_s: number; agent: string }>("SELECT bastion, at, interval_s, agent FROM heartbeats ORDER BY bastion")).map((r) => ({
+        bastion: r.bastion,
+        at: r.at,
+        intervalS: Number(r.interval_s),
+        agent: r.agent,
+      })),
+    }));
   }
 
   // --- whole-registry copy ---

@@ -5,7 +5,7 @@
  * PostgreSQL (TEXT, INTEGER, BIGINT, CHECK, foreign keys).
  */
 
-export const SCHEMA_VERSION = 3;
+export const SCHEMA_VERSION = 4;
 
 export const MIGRATIONS: readonly (readonly string[])[] = [
   // 1: devices, their ports, and the name counter.
@@ -54,4 +54,35 @@ export const MIGRATIONS: readonly (readonly string[])[] = [
     )`,
     "CREATE INDEX attributes_by_value ON attributes(key, value)",
   ],
+  // 4: what the bastions see (bastion agents write these three tables, and only these): the
+  // tunnel ports listening on each bastion, each device's history per bastion, and each
+  // agent's heartbeat. An agent writes only changes; "still there" is its heartbeat.
+  [
+    `CREATE TABLE sightings (
+      bastion     TEXT NOT NULL,
+      port        INTEGER NOT NULL,
+      hostname    TEXT,
+      fingerprint TEXT,
+      since       TEXT NOT NULL,
+      last_seen   TEXT NOT NULL,
+      connected   INTEGER NOT NULL,
+      PRIMARY KEY (bastion, port)
+    )`,
+    `CREATE TABLE device_history (
+      hostname   TEXT NOT NULL,
+      bastion    TEXT NOT NULL,
+      first_seen TEXT NOT NULL,
+      last_seen  TEXT NOT NULL,
+      PRIMARY KEY (hostname, bastion)
+    )`,
+    `CREATE TABLE heartbeats (
+      bastion    TEXT PRIMARY KEY,
+      at         TEXT NOT NULL,
+      interval_s INTEGER NOT NULL,
+      agent      TEXT NOT NULL
+    )`,
+  ],
 ];
+
+/** The tables a bastion agent writes (its database role may write these and nothing else). */
+export const OBSERVATION_TABLES = ["sightings", "device_history", "heartbeats"] as const;

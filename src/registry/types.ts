@@ -125,9 +125,67 @@ export interface Registry {
   snapshot(): Promise<Snapshot>;
   /** A consistent copy of everything while no station can write; `fn` runs before writes resume. */
   withFrozenSnapshot<T>(fn: (s: Snapshot) => Promise<T>): Promise<T>;
+  /**
+   * Records what a bastion's agent sees: only what changed since its last look (new and gone
+   * listeners) plus its heartbeat. Returns the number of rows written besides the heartbeat.
+   */
+  observe(o: Observation): Promise<number>;
+  /** What every bastion last reported. */
+  observations(): Promise<Observations>;
   /** Replaces the whole content (registry migrate); refuses a used registry unless `force`. */
   replaceAll(s: Snapshot, force: boolean): Promise<void>;
   close(): Promise<void>;
+}
+
+/** A tunnel port listening on a bastion, as its agent sees it. */
+export interface Listener {
+  port: number;
+  /** The key that authenticated the session holding it, where sshd's log tells. */
+  fingerprint?: string;
+}
+
+/** One look by a bastion agent: every tunnel-range port listening there now. */
+export interface Observation {
+  bastion: string;
+  at: Date;
+  /** Seconds until the next look (a heartbeat older than three of these is stale). */
+  intervalS: number;
+  /** Who looked (host:pid), for the heartbeat row. */
+  agent: string;
+  listeners: Listener[];
+}
+
+export interface Sighting {
+  bastion: string;
+  port: number;
+  /** The device holding the port when it was first seen listening; null: nobody registered. */
+  hostname: string | null;
+  fingerprint: string | null;
+  /** Since when it listens (this connection). */
+  since: string;
+  /** While connected: when first seen; after: the last look that still saw it. */
+  lastSeen: string;
+  connected: boolean;
+}
+
+export interface HistoryRow {
+  hostname: string;
+  bastion: string;
+  firstSeen: string;
+  lastSeen: string;
+}
+
+export interface Heartbeat {
+  bastion: string;
+  at: string;
+  intervalS: number;
+  agent: string;
+}
+
+export interface Observations {
+  sightings: Sighting[];
+  history: HistoryRow[];
+  heartbeats: Heartbeat[];
 }
 
 /** The stored rows, as they are copied between backends. */

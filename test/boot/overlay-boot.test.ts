@@ -68,7 +68,7 @@ const prereq = optedOut ? { ok: false, problems: ["MKOVERLAY_BOOT_TEST=0"] } : c
 const canRun = prereq.ok && existsSync(join(REPO, "dist/cli.js"));
 if (prereq.ok && !canRun) prereq.problems.push("dist/cli.js missing: run `make build` first");
 
-// Bounds. TCG on 2 shared cores: FACTS.md measured ~9 s to sshd and 11-12 s to the tunnel.
+// Bounds. TCG on 2 shared cores: docs/facts.md measured ~9 s to sshd and 11-12 s to the tunnel.
 const TUNNEL_UP_MS = 120_000;
 /** The unit restarts ssh 10 s (RestartSec=10) after it exits; allow for a slow reconnect. */
 const RECONNECT_MS = 60_000;

@@ -26,6 +26,10 @@ export interface PgServer {
   createDatabase(): Promise<string>;
   /** Runs SQL as the superuser in `db` (a database name or one of this server's URLs). */
   sql<T extends pg.QueryResultRow = Record<string, unknown>>(db: string, text: string, values?: unknown[]): Promise<T[]>;
+  /** Stops the server (fast shutdown: clients are disconnected) but keeps its data. */
+  halt(): Promise<void>;
+  /** Starts a halted server again, same data and port. */
+  resume(): Promise<void>;
   stop(): Promise<void>;
 }
 
@@ -91,8 +95,7 @@ export async function startPostgres(): Promise<PgServer> {
   const guardian = 'exec 3<&0; "$@" </dev/null & pid=$!; (read -r _ <&3; kill -INT "$pid" 2>/dev/null) & wait "$pid"';
   let child: ChildProcess | undefined;
   let port = 0;
-  for (let attempt = 0; attempt < 5 && !child; attempt++) {
-    port = await freePort();
+  const launch = (): ChildProcess => {
     const log = openSync(logFile, "a");
     if (as) chownSync(logFile, as.uid, as.gid);
     const c = spawn(
@@ -113,6 +116,11 @@ export async function startPostgres(): Promise<PgServer> {
       { ...ids, cwd: dir, env, stdio: ["pipe", log, log] },
     );
     closeSync(log);
+    return c;
+  };
+  for (let attempt = 0; attempt < 5 && !child; attempt++) {
+    port = await freePort();
+    const c = launch();
     const ready = await waitReady(c, port);
     if (ready) child = c;
     else {
@@ -124,7 +132,7 @@ export async function startPostgres(): Promise<PgServer> {
     removeDir(dir);
     throw new Error(`postgres did not start on 127.0.0.1 (5 attempts); log:\n${tail}`);
   }
-  const server = child;
+  let server = child;
 
   const admin = async <T extends pg.QueryResultRow>(db: string, text: string, values: unknown[] = []): Promise<T[]> => {
     const name = db.includes("://") ? decodeURIComponent(new URL(db).pathname.slice(1)) : db;
@@ -152,6 +160,14 @@ export async function startPostgres(): Promise<PgServer> {
       return `postgres://mko@127.0.0.1:${port}/${db}`;
     },
     sql: admin,
+    async halt() {
+      await stopServer(server, data);
+    },
+    async resume() {
+      const c = launch();
+      if (!(await waitReady(c, port))) throw new Error(`postgres did not start again on 127.0.0.1:${port}`);
+      server = c;
+    },
     async stop() {
       await stopServer(server, data);
       removeDir(dir);

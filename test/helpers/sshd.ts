@@ -1,7 +1,7 @@
 /**
  * A throwaway OpenSSH server on 127.0.0.1, standing in for a bastion (or a device). It runs
  * the system's real sshd with its own host key, config and authorized_keys, and stop() kills
- * the listener and every session process it spawned (FACTS.md: a stale session keeps its
+ * the listener and every session process it spawned (docs/facts.md: a stale session keeps its
  * forwarded port).
  */
 import { spawn, spawnSync, type ChildProcess } from "node:child_process";

@@ -2,7 +2,7 @@
  * Test workspaces: a temp directory with a fleet config, and the built CLI run in it as a user
  * would run it (a separate process, real exit codes, real stdout/stderr).
  */
-import { spawnSync, type SpawnSyncReturns } from "node:child_process";
+import { spawn, spawnSync, type SpawnSyncReturns } from "node:child_process";
 import { mkdtempSync, readFileSync, rmSync, writeFileSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join, resolve } from "node:path";
@@ -41,6 +41,23 @@ export function runCli(args: string[], opts: { cwd: string; env?: Record<string,
     input: opts.input ?? "",
   });
   return { code: r.status ?? -1, stdout: r.stdout, stderr: r.stderr };
+}
+
+/** runCli without blocking the test process: several can run at once. */
+export function runCliAsync(args: string[], opts: { cwd: string; env?: Record<string, string> }): Promise<Run> {
+  const child = spawn(process.execPath, [CLI, ...args], {
+    cwd: opts.cwd,
+    env: { ...process.env, NO_COLOR: "1", MKOVERLAY_CONFIG: "", MKOVERLAY_REGISTRY: "", MKOVERLAY_CACHE: TEST_CACHE, ...opts.env },
+    stdio: ["ignore", "pipe", "pipe"],
+  });
+  let stdout = "";
+  let stderr = "";
+  child.stdout.setEncoding("utf8").on("data", (d: string) => (stdout += d));
+  child.stderr.setEncoding("utf8").on("data", (d: string) => (stderr += d));
+  return new Promise((res, rej) => {
+    child.once("error", rej);
+    child.once("close", (code) => res({ code: code ?? -1, stdout, stderr }));
+  });
 }
 
 export function run(cmd: string, args: string[], opts: { cwd?: string; input?: string; env?: Record<string, string> } = {}): Run {

@@ -1,0 +1,10 @@
+/** Options shared by `status` and the bastion agent's metrics. */
+import { UserError } from "./errors.js";
+
+/** `--never-seen-after`: N followed by s, m, h, d or w (or 0: never an alarm). */
+export function parseAfter(v: string): number {
+  if (v === "0") return Infinity;
+  const m = /^(\d{1,6})([smhdw])$/.exec(v);
+  if (!m) throw new UserError(`--never-seen-after ${JSON.stringify(v)}: a duration such as 90m, 24h, 2d or 1w (or 0 for never)`);
+  return Number(m[1]) * { s: 1000, m: 60_000, h: 3600_000, d: 86400_000, w: 7 * 86400_000 }[m[2] as "s" | "m" | "h" | "d" | "w"];
+}

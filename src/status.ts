@@ -1,0 +1,129 @@
+/**
+ * The fleet as the bastions see it, computed from the registry alone (devices, and what each
+ * bastion's agent last recorded): for every device whether it is connected now, where and since
+ * when, when it was last seen, whether it never came online; and the alarms — a revoked device
+ * still connected, a listener in the tunnel range that no device holds, a tunnel opened with
+ * another key than its device's, a bastion whose agent went silent, a device never seen long
+ * after it was built. Pure: no I/O, the clock is given.
+ */
+import type { DeviceRecord, Observations } from "./registry/types.js";
+
+export type DeviceState = "connected" | "offline" | "never-seen" | "new" | "unknown";
+
+export interface DeviceView {
+  hostname: string;
+  status: DeviceRecord["status"];
+  /** The bastions it tunnels to (registry). */
+  bastions: string[];
+  port: number;
+  state: DeviceState;
+  /** Where it is connected now, since when, and with which key where sshd's log said. */
+  connected: { bastion: string; since: string; fingerprint?: string }[];
+  firstSeen: string | null;
+  lastSeen: string | null;
+  /** The bastions it has ever been seen on. */
+  seenOn: string[];
+  created: string;
+  attributes: Record<string, string>;
+}
+
+export type AlarmKind = "revoked-connected" | "unknown-listener" | "key-mismatch" | "bastion-silent" | "never-seen";
+
+export interface Alarm {
+  kind: AlarmKind;
+  bastion?: string;
+  hostname?: string;
+  port?: number;
+  message: string;
+}
+
+export interface BastionView {
+  name: string;
+  heartbeat: string | null;
+  /** True when its agent reported within three intervals. */
+  fresh: boolean;
+  connected: number;
+  /** Active devices that tunnel to it. */
+  expected: number;
+}
+
+export interface FleetStatus {
+  at: string;
+  devices: DeviceView[];
+  bastions: BastionView[];
+  alarms: Alarm[];
+}
+
+export interface StatusOptions {
+  now: Date;
+  /** A device built longer ago than this and never seen is an alarm. */
+  neverSeenAfterMs: number;
+  /** Only this bastion (its devices, listeners and heartbeat). */
+  bastion?: string;
+  /** Every bastion of the config, so one that never reported shows as silent. */
+  knownBastions?: readonly string[];
+}
+
+const ago = (now: Date, iso: string): number => now.getTime() - Date.parse(iso);
+
+export function fleetStatus(devices: DeviceRecord[], obs: Observations, o: StatusOptions): FleetStatus {
+  const only = (b: string) => o.bastion === undefined || o.bastion === b;
+  const beats = new Map(obs.heartbeats.map((h) => [h.bastion, h]));
+  const fresh = (b: string): boolean => {
+    const h = beats.get(b);
+    return h !== undefined && ago(o.now, h.at) <= 3 * h.intervalS * 1000;
+  };
+  const byPort = new Map(devices.map((d) => [d.port, d]));
+  const connectedOn = new Map<string, DeviceView["connected"]>();
+  const alarms: Alarm[] = [];
+  for (const s of obs.sightings) {
+    if (!s.connected || !only(s.bastion) || !fresh(s.bastion)) continue;
+    // Whose port it is now (a port released and handed out again belongs to its new device).
+    const d = byPort.get(s.port);
+    if (!d) {
+      const holder = devices.find((x) => Object.values(x.services).includes(s.port));
+      if (!holder) alarms.push({ kind: "unknown-listener", bastion: s.bastion, port: s.port, message: `${s.bastion}: port ${s.port} listens since ${s.since}, and no registered device holds it` });
+      continue;
+    }
+    // sshd's log named the key that opened this tunnel: it must be the device's own.
+    if (s.fingerprint && s.fingerprint !== d.fingerprint && s.fingerprint !== d.previous?.fingerprint) {
+      alarms.push({ kind: "key-mismatch", bastion: s.bastion, hostname: d.hostname, port: s.port, message: `${s.bastion}: port ${s.port} of ${d.hostname} was opened with key ${s.fingerprint}, not the device's` });
+    }
+    if (d.status === "revoked") alarms.push({ kind: "revoked-connected", bastion: s.bastion, hostname: d.hostname, port: s.port, message: `${d.hostname} is revoked but connected to ${s.bastion} (port ${s.port}) since ${s.since}` });
+    connectedOn.set(d.hostname, [...(connectedOn.get(d.hostname) ?? []), { bastion: s.bastion, since: s.since, ...(s.fingerprint ? { fingerprint: s.fingerprint } : {}) }]);
+  }
+  const history = new Map<string, Observations["history"]>();
+  for (const h of obs.history) if (only(h.bastion)) history.set(h.hostname, [...(history.get(h.hostname) ?? []), h]);
+  const views: DeviceView[] = [];
+  for (const d of devices) {
+    if (d.status === "pending") continue;
+    if (o.bastion !== undefined && !d.bastions.includes(o.bastion) && !connectedOn.has(d.hostname)) continue;
+    const hist = history.get(d.hostname) ?? [];
+    const conn = connectedOn.get(d.hostname) ?? [];
+    const lastSeen = conn.length > 0 ? (conn.map((c) => beats.get(c.bastion)!.at).sort().at(-1) ?? null) : (hist.map((h) => h.lastSeen).sort().at(-1) ?? null);
+    const firstSeen = hist.map((h) => h.firstSeen).sort()[0] ?? null;
+    const anyFresh = d.bastions.some((b) => only(b) && fresh(b));
+    let state: DeviceState;
+    if (conn.length > 0) state = "connected";
+    else if (hist.length > 0) state = anyFresh ? "offline" : "unknown";
+    else if (ago(o.now, d.created) > o.neverSeenAfterMs) state = "never-seen";
+    else state = "new";
+    if (state === "never-seen" && d.status === "active") {
+      alarms.push({ kind: "never-seen", hostname: d.hostname, message: `${d.hostname} was built ${d.created} and has never connected` });
+    }
+    views.push({ hostname: d.hostname, status: d.status, bastions: d.bastions, port: d.port, state, connected: conn, firstSeen, lastSeen, seenOn: [...new Set(hist.map((h) => h.bastion))], created: d.created, attributes: d.attributes });
+  }
+  const names = [...new Set([...(o.knownBastions ?? []), ...obs.heartbeats.map((h) => h.bastion)])].filter(only).sort();
+  const bastions = names.map((name): BastionView => {
+    const h = beats.get(name);
+    if (!fresh(name)) alarms.push({ kind: "bastion-silent", bastion: name, message: h ? `${name}: no report from its agent since ${h.at}` : `${name}: its agent has never reported` });
+    return {
+      name,
+      heartbeat: h?.at ?? null,
+      fresh: fresh(name),
+      connected: views.filter((v) => v.connected.some((c) => c.bastion === name)).length,
+      expected: devices.filter((d) => d.status === "active" && d.bastions.includes(name)).length,
+    };
+  });
+  return { at: o.now.toISOString(), devices: views, bastions, alarms };
+}

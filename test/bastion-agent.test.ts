@@ -1,0 +1,318 @@
+/**
+ * The bastion following the registry live (issue 12), end to end with the real programs: a
+ * bastion set up by `bastion install --root`, the system's sshd on 127.0.0.1 reading its
+ * drop-in, the agent running as its unit runs it (with the documented read-only PostgreSQL
+ * role), gateways running their tunnel unit's exact ssh command with their own keys.
+ */
+import { readdirSync, renameSync } from "node:fs";
+import { join } from "node:path";
+import pg from "pg";
+import { afterAll, beforeAll, describe, expect, it } from "vitest";
+import { fileNameFor } from "../src/bastion/keystore.js";
+import { buildDevice, cleanup, isRoot, prepareRoot, secureRoot, startAgent, startBastion, tryLogin, tunnelUp, type AgentProc, type Bastion, type Device, type Tunnel } from "./helpers/bastion.js";
+import { agentRole } from "./helpers/agent-role.js";
+import { postgresForTests, type PgServer } from "./helpers/postgres.js";
+import { canConnect, ensureUser, freePort, waitFor } from "./helpers/sshd.js";
+import { extract, readPub, runCli, sshKeygen, tempDir, writeFleet } from "./helpers/workspace.js";
+
+const TUNNEL_USER = "mko-bastion-t";
+const PORTS = { ssh: "33000-33099", services: "33100-33199" };
+const AGENT_ROLE = "mkoverlay_bastion";
+
+const { server: pgServer } = isRoot ? await postgresForTests() : { server: undefined };
+afterAll(async () => {
+  await pgServer?.stop();
+});
+
+const createAgentRole = (server: PgServer, url: string) => agentRole(server, url, AGENT_ROLE);
+
+const re = (fp: string) => fp.replace(/[+/]/g, ".");
+const authorized = (s: Setup, d: Device) => s.agent.waitLog(new RegExp(`${d.hostname}: key ${re(d.fingerprint)} authorized`));
+
+const sessionGone = async (port: number) => !(await canConnect(port, "127.0.0.1", 300));
+
+interface Setup {
+  ws: string;
+  root: string;
+  cfg: string;
+  bastion: Bastion;
+  agent: AgentProc;
+  dirs: string[];
+  tunnels: Tunnel[];
+  keysDir: string;
+}
+
+/** Fleet config + registry + install --root + sshd + agent. */
+async function setUp(registry: string, agentRegistry: string, resync?: number): Promise<Setup> {
+  ensureUser(TUNNEL_USER);
+  ensureUser("mkoverlay-keys");
+  const ws = tempDir("mko-bastion-ws-");
+  const root = secureRoot();
+  const port = await freePort();
+  prepareRoot(root, port);
+  const cfg = writeFleet(ws, { lo: { host: "127.0.0.1", port, user: TUNNEL_USER, hostKeys: [readPub(join(root, "etc/ssh/ssh_host_ed25519_key"))] } }, { registry, ports: PORTS });
+  // The registry exists before the bastion is installed (a first build creates it).
+  const first = buildDevice(ws, cfg, ["--hostname", "gw-first"]);
+  const inst = runCli(["bastion", "install", "--bastion", "lo", "--root", root, "--registry", agentRegistry, "--config", cfg], { cwd: ws });
+  if (inst.code !== 0) throw new Error(`install failed: ${inst.stderr}`);
+  const bastion = await startBastion(root, "lo", ws);
+  const agent = startAgent(root, "lo", { authLog: bastion.logFile, ...(resync ? { resync } : {}) });
+  await agent.waitLog(/in sync: \d+ key/);
+  return { ws, root, cfg, bastion, agent, dirs: [ws, root, first.root], tunnels: [], keysDir: join(root, "var/lib/mkoverlay/bastion/lo/keys") };
+}
+
+async function tearDown(s: Setup | undefined): Promise<void> {
+  if (!s) return;
+  if (process.env.SHOW_AGENT) process.stderr.write(s.agent.lines.join("\n") + "\n");
+  for (const t of s.tunnels) await t.stop();
+  await s.agent.stop();
+  await s.bastion.stop();
+  cleanup(s.dirs);
+}
+
+function cli(s: Setup, args: string[]) {
+  const r = runCli([...args, "--config", s.cfg], { cwd: s.ws });
+  expect(r.code, r.stderr).toBe(0);
+  return r;
+}
+
+function device(s: Setup, extra: string[] = []): Device {
+  const d = buildDevice(s.ws, s.cfg, extra);
+  s.dirs.push(d.root);
+  return d;
+}
+
+async function up(s: Setup, d: Device, timeoutMs = 5000, overlayRoot?: string): Promise<{ tunnel: Tunnel; ms: number }> {
+  const r = await tunnelUp(d, timeoutMs, overlayRoot);
+  s.tunnels.push(r.tunnel);
+  return r;
+}
+
+describe.runIf(isRoot && pgServer)("bastion agent on PostgreSQL (read-only role, LISTEN/NOTIFY)", () => {
+  let s: Setup;
+  let url: string;
+  beforeAll(async () => {
+    url = await pgServer!.createDatabase();
+    // The schema must exist before the role can be granted on it: a first station creates it.
+    const boot = tempDir("mko-bastion-boot-");
+    const k = sshKeygen(boot, "k");
+    writeFleet(boot, { lo: { hostKeys: [readPub(k)] } }, { registry: url, ports: PORTS });
+    expect(runCli(["registry", "list"], { cwd: boot }).code).toBe(0);
+    const agentUrl = await createAgentRole(pgServer!, url);
+    s = await setUp(url, agentUrl, 60);
+    s.dirs.push(boot);
+  }, 120_000);
+  afterAll(() => tearDown(s));
+
+  it("a device built after the agent started opens its tunnel within 5 s of its build", async () => {
+    const d = device(s);
+    const { ms } = await up(s, d);
+    expect(ms).toBeLessThan(5000);
+    await authorized(s, d);
+    expect(readdirSync(s.keysDir)).toContain(fileNameFor(d.fingerprint));
+  });
+
+  it("revoke ends the live tunnel and refuses the next login within 5 s; the other tunnels stay up", async () => {
+    const a = device(s);
+    const b = device(s);
+    const ta = (await up(s, a)).tunnel;
+    const tb = (await up(s, b)).tunnel;
+    const t0 = Date.now();
+    cli(s, ["revoke", a.hostname]);
+    await waitFor(`revoked ${a.hostname}'s port ${a.port} to close`, () => sessionGone(a.port), 5000, 50);
+    // The key went before the session was ended: from here on, its logins are refused.
+    expect(readdirSync(s.keysDir)).not.toContain(fileNameFor(a.fingerprint));
+    await waitFor("the revoked device's ssh to exit", () => ta.exited(), 5000, 50);
+    expect(Date.now() - t0).toBeLessThan(5000);
+    expect(ta.stderr()).toMatch(/closed by remote host|Connection closed|Broken pipe/);
+    const again = await tryLogin(a);
+    expect(again.ok).toBe(false);
+    expect(again.stderr).toMatch(/Permission denied \(publickey\)/);
+    // The other device never noticed.
+    expect(tb.exited()).toBe(false);
+    expect(await canConnect(b.port)).toBe(true);
+  });
+
+  it("a rotated device's old key works during the grace and stops when the new key is seen", async () => {
+    const d = device(s);
+    const oldRoot = d.root;
+    const t1 = (await up(s, d)).tunnel;
+    const rot = cli(s, ["rotate", d.hostname, "--grace", "7d", "--json", "--quiet", "--out", join(s.ws, "rotated")]);
+    const r = JSON.parse(rot.stdout) as { fingerprint: string; overlay: string };
+    const newRoot = tempDir("mko-dev-rot-");
+    s.dirs.push(newRoot);
+    extract(r.overlay, newRoot);
+    await s.agent.waitLog(new RegExp(`${d.hostname}: key ${re(r.fingerprint)} authorized`));
+    // The old session is untouched by the rotation, and the old key still logs in.
+    expect(t1.exited()).toBe(false);
+    await t1.stop();
+    await waitFor("old session to end", () => sessionGone(d.port), 5000);
+    expect((await tryLogin(d, oldRoot)).ok).toBe(true);
+    await waitFor("old session to end", () => sessionGone(d.port), 5000);
+    // The new key logs in; sshd's log shows it; the agent retires the old key at once.
+    const t2 = (await up(s, d, 5000, newRoot)).tunnel;
+    await s.agent.waitLog(new RegExp(`${d.hostname}: new key .* logged in; retiring its previous key ${re(d.fingerprint)}`), 5000);
+    await waitFor("the old key file to go", () => !readdirSync(s.keysDir).includes(fileNameFor(d.fingerprint)), 5000);
+    expect(t2.exited()).toBe(false); // retiring the old key leaves the new session alone
+    await t2.stop();
+    await waitFor("new session to end", () => sessionGone(d.port), 5000);
+    const old = await tryLogin(d, oldRoot);
+    expect(old.ok).toBe(false);
+    expect(old.stderr).toMatch(/Permission denied \(publickey\)/);
+    expect((await tryLogin(d, newRoot)).ok).toBe(true);
+  });
+
+  it("with PostgreSQL stopped, existing devices still connect; changes made while the agent was cut off apply once it is back", async () => {
+    const keep = device(s);
+    const gone = device(s);
+    await authorized(s, keep);
+    const tGone = (await up(s, gone)).tunnel;
+    // The agent's next logins are refused (its session stays), so it cannot reconnect before we are done.
+    await pgServer!.sql(url, `ALTER ROLE ${AGENT_ROLE} NOLOGIN`);
+    await pgServer!.halt();
+    await s.agent.waitLog(/unreachable: .*keeping the last known \d+ key\(s\) and retrying/, 10_000);
+    const before = readdirSync(s.keysDir).sort();
+    // Registry down ≠ bastion down.
+    const t = await tryLogin(keep);
+    expect(t.ok, t.stderr).toBe(true);
+    expect(readdirSync(s.keysDir).sort()).toEqual(before);
+    await pgServer!.resume();
+    cli(s, ["revoke", gone.hostname]);
+    const late = device(s);
+    // Still cut off: nothing changed on the bastion yet.
+    expect(tGone.exited()).toBe(false);
+    expect(readdirSync(s.keysDir)).not.toContain(fileNameFor(late.fingerprint));
+    await pgServer!.sql(url, `ALTER ROLE ${AGENT_ROLE} LOGIN`);
+    await s.agent.waitLog(/reachable again after \d+s; caught up/, 45_000);
+    await waitFor("the device revoked during the outage to be cut off", () => tGone.exited(), 5000);
+    expect(await sessionGone(gone.port)).toBe(true);
+    await up(s, late);
+    expect(s.agent.lines.filter((l) => /unreachable/.test(l))).toHaveLength(1); // logged once, not per retry
+  }, 90_000);
+
+  it("corrupt and hostile rows are skipped with a log line and never reach sshd", async () => {
+    const ok = device(s);
+    const victim = device(s, ["--hostname", "gw-victim"]);
+    await authorized(s, ok);
+    await authorized(s, victim);
+    const good = readdirSync(s.keysDir).length;
+    const rows: [string, string, string][] = [
+      // [hostname, public_key, fingerprint]
+      ["gw-badkey", "ssh-ed25519 AAAAnotakey", "SHA256:" + "A".repeat(43)],
+      ["gw-inject\nssh-ed25519 AAAA", "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIKHPWLIPXfg+vUdZK1KmPkMqDMZInER4VviOhALCClYv", "SHA256:xx"],
+      ["gw-fpmismatch", "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIEZmNLjiI/nOsQO43oGVSJWohaqnUKjNP0zxjG1G6ut5", "SHA256:" + "B".repeat(43)],
+    ];
+    let port = 33090;
+    for (const [h, key, fp] of rows) {
+      await pgServer!.sql(
+        url,
+        `INSERT INTO mkoverlay.devices (hostname, board, os, bastions, port, public_key, fingerprint, status, overlay, station, created, updated)
+         VALUES ($1, 'rpi4', 'raspios', 'lo', $2, $3, $4, 'active', NULL, 'x', '2025-01-01T00:00:00Z', '2025-01-01T00:00:00Z')`,
+        [h, port++, key, fp],
+      );
+      await pgServer!.sql(url, "SELECT pg_notify('mkoverlay_changes', $1)", [h]);
+    }
+    // A port outside the fleet's ranges and an option injection through a stored previous key.
+    await pgServer!.sql(url, "UPDATE mkoverlay.devices SET port = 1022 WHERE hostname = $1", [ok.hostname]);
+    await pgServer!.sql(url, "UPDATE mkoverlay.devices SET prev_public_key = $1, prev_fingerprint = $2, prev_until = '2999-01-01T00:00:00Z' WHERE hostname = 'gw-victim'", [
+      'ssh-ed25519 AAAA",permitopen="*:*',
+      "SHA256:" + "C".repeat(43),
+    ]);
+    for (const h of [ok.hostname, "gw-victim"]) await pgServer!.sql(url, "SELECT pg_notify('mkoverlay_changes', $1)", [h]);
+    await s.agent.waitLog(/skipped "gw-badkey": key is not an ssh-ed25519 public key line/);
+    await s.agent.waitLog(/skipped "gw-inject\\nssh-ed25519 AAAA": host name/);
+    await s.agent.waitLog(/skipped "gw-fpmismatch": key does not match its stored fingerprint/);
+    await s.agent.waitLog(new RegExp(`skipped "${ok.hostname}": port 1022 is not in ports.ssh`));
+    await s.agent.waitLog(/skipped "gw-victim": previous key is not an ssh-ed25519 public key line/);
+    // The hostile rows added nothing; the moved device lost its key; the victim kept its own.
+    const files = readdirSync(s.keysDir);
+    expect(files).not.toContain(fileNameFor(ok.fingerprint));
+    expect(files).toContain(fileNameFor(victim.fingerprint));
+    expect(files).toHaveLength(good - 1);
+    const bad = ["A", "B", "C"].map((c) => fileNameFor("SHA256:" + c.repeat(43)));
+    for (const b of bad) expect(files).not.toContain(b);
+    await pgServer!.sql(url, "DELETE FROM mkoverlay.devices WHERE hostname IN ('gw-badkey', 'gw-fpmismatch') OR hostname LIKE 'gw-inject%'");
+  });
+
+  it("the agent's PostgreSQL role reads, writes only what it sees, and cannot change the fleet", async () => {
+    const c = new pg.Client({ connectionString: pgServer!.url(decodeURIComponent(new URL(url).pathname.slice(1)), AGENT_ROLE) });
+    await c.connect();
+    try {
+      expect((await c.query("SELECT count(*) AS n FROM mkoverlay.devices")).rows[0].n).not.toBe("0");
+      await c.query("LISTEN mkoverlay_changes");
+      const denied = async (sql: string) => {
+        const e = (await c.query(sql).then(() => undefined, (err: unknown) => err)) as { code?: string } | undefined;
+        expect(e?.code, sql).toBe("42501");
+      };
+      await denied("INSERT INTO mkoverlay.meta (key, value) VALUES ('x', 'y')");
+      await denied("UPDATE mkoverlay.devices SET status = 'active'");
+      await denied("DELETE FROM mkoverlay.ports");
+      await denied("INSERT INTO mkoverlay.ports (port, hostname, purpose) VALUES (1, 'a', 'ssh')");
+      await denied("UPDATE mkoverlay.meta SET value = '0' WHERE key = 'seq'");
+      await denied("DELETE FROM mkoverlay.devices");
+      await denied("CREATE TABLE mkoverlay.evil (x int)");
+      await denied("TRUNCATE mkoverlay.devices");
+      await denied("DELETE FROM mkoverlay.sightings");
+      await denied("TRUNCATE mkoverlay.heartbeats");
+      await denied("INSERT INTO mkoverlay.attributes (hostname, key, value) VALUES ('a', 'b', 'c')");
+      // What it may write: its observations (issue 13), through the registry's own calls.
+      await c.query("INSERT INTO mkoverlay.heartbeats (bastion, at, interval_s, agent) VALUES ('probe', '2026-01-01T00:00:00.000Z', 15, 'test') ON CONFLICT (bastion) DO UPDATE SET at = excluded.at");
+      await c.query("UPDATE mkoverlay.heartbeats SET interval_s = 16 WHERE bastion = 'probe'");
+    } finally {
+      await c.end();
+    }
+  });
+
+  it("a registry that suddenly holds no device at all is not applied: the keys stay (a wrong or new database)", async () => {
+    const live = device(s);
+    await authorized(s, live);
+    const before = readdirSync(s.keysDir).sort();
+    expect(before.length).toBeGreaterThan(1);
+    await pgServer!.sql(url, "DELETE FROM mkoverlay.devices");
+    await pgServer!.sql(url, "SELECT pg_notify('mkoverlay_changes', '*')");
+    await s.agent.waitLog(/holds no device at all while \d+ key\(s\) are authorized: not applied/);
+    expect(readdirSync(s.keysDir).sort()).toEqual(before);
+    expect((await tryLogin(live)).ok).toBe(true);
+  });
+});
+
+describe.runIf(isRoot)("bastion agent on a SQLite registry on the same host (file watch)", () => {
+  let s: Setup;
+  let reg: string;
+  beforeAll(async () => {
+    const ws = tempDir("mko-bastion-sq-");
+    reg = join(ws, "registry.db");
+    s = await setUp(reg, reg);
+    s.dirs.push(ws);
+  }, 120_000);
+  afterAll(() => tearDown(s));
+
+  it("follows builds and revocations within 5 s", async () => {
+    const a = device(s);
+    const b = device(s);
+    expect((await up(s, a)).ms).toBeLessThan(5000);
+    const tb = (await up(s, b)).tunnel;
+    const t0 = Date.now();
+    cli(s, ["revoke", b.hostname]);
+    await waitFor("revoked port to close", () => sessionGone(b.port), 5000, 50);
+    expect(tb.exited() || (await sessionGone(b.port))).toBe(true);
+    expect(Date.now() - t0).toBeLessThan(5000);
+    expect(await canConnect(a.port)).toBe(true);
+    expect((await tryLogin(b)).ok).toBe(false);
+  });
+
+  it("a registry file missing when the agent starts is an outage, not an empty fleet", async () => {
+    const c = device(s);
+    await authorized(s, c);
+    await s.agent.stop();
+    const before = readdirSync(s.keysDir).sort();
+    renameSync(reg, `${reg}.away`);
+    s.agent = startAgent(s.root, "lo", { authLog: s.bastion.logFile });
+    await s.agent.waitLog(/registry .*registry\.db unreachable: .*registry\.db does not exist; keeping the last known \d+ key\(s\)/);
+    expect(readdirSync(s.keysDir).sort()).toEqual(before);
+    expect((await tryLogin(c)).ok).toBe(true);
+    renameSync(`${reg}.away`, reg);
+    await s.agent.waitLog(/reachable again after \d+s; caught up/, 20_000);
+    expect(readdirSync(s.keysDir).sort()).toEqual(before);
+  });
+});
