@@ -8,10 +8,11 @@ BOARD ?= rpi4
 BASTION ?= eu
 ARCH ?= amd64
 
-.PHONY: help install build run test test-deps typecheck lint schema-check unit test-boot boot-deps bench bench-bastion bench-image clean
+.PHONY: help install build run pack test test-deps typecheck lint schema-check unit test-boot boot-deps bench bench-bastion bench-image clean
 
 help:
 	@echo "make run    - install, build, and build one overlay from $(EXAMPLE) into ./$(OUT)"
+	@echo "make pack   - the npm package (mkoverlay-VERSION.tgz): npm install -g ./mkoverlay-VERSION.tgz"
 	@echo "make test   - install test prerequisites (as root), type-check, lint, run every test"
 	@echo "make bench  - factory-scale benchmarks (writes bench/results.md, bench/image-results.md)"
 	@echo "make bench-bastion - the bastion at fleet scale, as root (writes bench/bastion-results.md)"
@@ -30,18 +31,24 @@ dist/.build-stamp: node_modules/.install-stamp scripts/bundle.mjs $(shell find s
 
 build: dist/.build-stamp
 
+# What `npm publish` would ship; install it with `npm install -g ./mkoverlay-VERSION.tgz`.
+pack: build
+	npm pack --ignore-scripts
+
 # The main job on the shipped example: embedded registry in ./$(OUT), overlay + line printed.
 run: build
 	MKOVERLAY_REGISTRY=$(OUT)/mkoverlay.db bin/mkoverlay --config $(EXAMPLE) --board $(BOARD) --bastion $(BASTION) --out $(OUT)
+	@echo "# next: put mkoverlay on your PATH (npm link, or npm install -g .) and run 'mkoverlay init' (README.md)" >&2
 
-# Real tools the tests run: sshd/ssh/ssh-keygen, shellcheck, systemd-analyze/systemctl, GNU tar;
-# for images: debugfs/e2fsck/mke2fs/filefrag, mkfs.vfat, mtools, sfdisk, bmaptool, zstd; fakeroot
-# for the Buildroot recipe of docs/image-builders.md.
-TEST_TOOLS := sshd:openssh-server ssh:openssh-client ssh-keygen:openssh-client shellcheck:shellcheck \
+# Real tools the tests run: sshd/ssh/ssh-keygen/ssh-keyscan, shellcheck, systemd-analyze/systemctl,
+# GNU tar; for images: debugfs/e2fsck/mke2fs/filefrag, mkfs.vfat, mtools, sfdisk, bmaptool, zstd,
+# fakeroot (the Buildroot recipe of docs/image-builders.md), setpriv; promtool (status metrics);
+# tmux (the batch progress bar and init's questions on a real terminal), zsh and fish (completion).
+TEST_TOOLS := sshd:openssh-server ssh:openssh-client ssh-keygen:openssh-client ssh-keyscan:openssh-client shellcheck:shellcheck \
               systemd-analyze:systemd systemctl:systemd tar:tar \
               debugfs:e2fsprogs e2fsck:e2fsprogs mke2fs:e2fsprogs filefrag:e2fsprogs mkfs.vfat:dosfstools \
               mcopy:mtools sfdisk:fdisk bmaptool:bmap-tools zstd:zstd promtool:prometheus \
-              fakeroot:fakeroot setpriv:util-linux
+              fakeroot:fakeroot setpriv:util-linux tmux:tmux zsh:zsh fish:fish
 test-deps:
 	@bash scripts/ensure-tools.sh $(TEST_TOOLS)
 	@bash scripts/ensure-postgres.sh >/dev/null
@@ -83,4 +90,4 @@ bench-bastion: build
 	node bench/bastion.mjs
 
 clean:
-	rm -rf dist out bench/work test-artifacts
+	rm -rf dist out bench/work test-artifacts mkoverlay-*.tgz

@@ -5,7 +5,7 @@
 // and by npm's `prepare` (so `npm install -g` from a checkout works).
 import { build } from "esbuild";
 import { createHash } from "node:crypto";
-import { readdirSync, readFileSync, rmSync } from "node:fs";
+import { readdirSync, readFileSync, rmSync, writeFileSync } from "node:fs";
 import { dirname, join, relative } from "node:path";
 import { fileURLToPath } from "node:url";
 
@@ -35,7 +35,9 @@ function buildId() {
 const { version } = JSON.parse(readFileSync(join(root, "package.json"), "utf8"));
 rmSync(join(root, "dist"), { recursive: true, force: true });
 await build({
-  entryPoints: [join(root, "src/cli.ts")],
+  // The CLI, and the programmatic API (`import { build, batch, verify } from "mkoverlay"`); they
+  // share chunks, so an API caller's `instanceof UserError` is the class the code throws.
+  entryPoints: [join(root, "src/cli.ts"), join(root, "src/api.ts")],
   outdir: join(root, "dist"),
   bundle: true,
   splitting: true,
@@ -52,3 +54,22 @@ await build({
   // Bundled CommonJS dependencies call require(); give the ESM chunks one.
   banner: { js: "import{createRequire as __mkoCreateRequire}from'node:module';const require=__mkoCreateRequire(import.meta.url);" },
 });
+
+// The API's type declarations (package.json "types"). src/api.ts spells its public types out,
+// so its declarations are its own plus errors.ts's: emitted file by file without a full
+// type-check (tsc checks everything in `make typecheck`; test/api.test.ts compiles a separate
+// package against these). TypeScript is a dev dependency: a packed tarball ships the result.
+const ts = (await import("typescript")).default;
+for (const name of ["api", "errors"]) {
+  const src = readFileSync(join(root, "src", `${name}.ts`), "utf8");
+  const r = ts.transpileDeclaration(src, {
+    fileName: `${name}.ts`,
+    compilerOptions: { module: ts.ModuleKind.NodeNext, target: ts.ScriptTarget.ES2022, strict: true },
+    reportDiagnostics: true,
+  });
+  if (r.diagnostics?.length) {
+    const msg = r.diagnostics.map((d) => `src/${name}.ts: ${ts.flattenDiagnosticMessageText(d.messageText, "\n")}`).join("\n");
+    throw new Error(`declarations for src/${name}.ts need explicit types:\n${msg}`);
+  }
+  writeFileSync(join(root, "dist", `${name}.d.ts`), r.outputText);
+}

@@ -4,6 +4,7 @@
  * owns the single top-level error handler.
  */
 import { Command, CommanderError, Option } from "commander";
+import { helpAfter, HELP, programHelpAfter } from "./cli-help.js";
 import { ioUserError, isUserError, UserError } from "./errors.js";
 import { VERSION } from "./version.js";
 
@@ -21,19 +22,20 @@ function lazy<M>(load: () => Promise<M>, run: (m: M, ...args: any[]) => unknown)
 }
 /* eslint-enable @typescript-eslint/no-explicit-any */
 
-function program(): Command {
+const CFG = "fleet config (default $MKOVERLAY_CONFIG or ./mkoverlay.yaml)";
+
+/** `--attr KEY=VALUE`, repeatable. */
+const collect = (v: string, prev: string[] = []): string[] => [...prev, v];
+
+export function program(): Command {
   const p = new Command("mkoverlay")
     .description("Build rootfs overlays for gateways that keep reverse SSH tunnels to bastions")
     .version(VERSION)
     .option("--debug", "print stack traces for errors")
-    .option("--config <file>", "fleet config (default $MKOVERLAY_CONFIG or ./mkoverlay.yaml)")
+    .option("--config <file>", CFG)
     .showHelpAfterError("(run with --help for usage)")
     .showSuggestionAfterError(true)
-    .addHelpText(
-      "after",
-      "\nExit codes: 0 ok; 1 a check failed (verify) or devices failed (batch); 2 a usage, input or\n" +
-        "I/O error you can fix (the message names the file or flag); 70 a bug in mkoverlay (with a stack).\n",
-    )
+    .addHelpText("after", programHelpAfter())
     // Set before the subcommands are added so they inherit it: one exit path for every error.
     .exitOverride();
 
@@ -42,17 +44,16 @@ function program(): Command {
     .requiredOption("--board <id>", "board profile (see 'mkoverlay boards')")
     .option("--bastion <names>", "bastion(s) from the config, comma-separated (e.g. eu,us)")
     .option("--os <id>", "OS profile, instead of the board's default")
-    .option("--hostname <name>", "device name (default: the config's hostname template)")
+    .option("--hostname <name>", "device name (default: the config's hostname template); KEY=VALUE names a registered device by its factory data (with --host-key)")
     .option("--host-key <file>", "use this unencrypted ed25519 OpenSSH private key instead of a new one")
+    .option("--attr <key=value>", "factory data to record with the device (repeatable), e.g. serial=SN0042", collect)
     .option("--out <dir>", "output directory (created 0700)", "out")
     .option("--format <form>", "tar (default: <out>/<host>.overlay.tar.gz) or dir (<out>/<host>.overlay/)")
     .option("--apply <root>", "lay the overlay directly over a mounted root file system (as root)")
-    .option("--config <file>", "fleet config (default $MKOVERLAY_CONFIG or ./mkoverlay.yaml)")
+    .option("--config <file>", CFG)
     .option("--json", "print one JSON object on stdout")
     .option("-q, --quiet", "no progress on stderr")
     .action(lazy(() => import("./commands/build.js"), (m, opts) => m.buildCommand(opts)));
-
-  const cfg = "fleet config (default $MKOVERLAY_CONFIG or ./mkoverlay.yaml)";
 
   p.command("batch")
     .description("build many devices: --count N (names from the template) or --hosts FILE")
@@ -60,15 +61,17 @@ function program(): Command {
     .option("--bastion <names>", "bastion(s), comma-separated")
     .option("--os <id>", "OS profile, instead of the board's default")
     .option("--count <n>", "this many devices, named by the hostname template")
-    .option("--hosts <file>", "one hostname a line, or CSV with a hostname column")
+    .option("--hosts <file>", "one hostname a line, or CSV with a hostname column (other columns are kept as factory data)")
+    .option("--attr <key=value>", "factory data recorded with every device of the batch (repeatable)", collect)
     .option("--out <dir>", "output directory (created 0700)", "out")
     .option("--format <form>", "tar or dir")
     .option("--image <base>", "one disk image per device from this base image (<out>/<host>.img + .bmap)")
     .option("--root-partition <n>", "with --image: the root partition's number")
     .option("--compress <kind>", "with --image: zstd writes <host>.img.zst")
     .option("--force", "with --image: lay overlays even over another device's identity in the base")
-    .option("--config <file>", cfg)
+    .option("--config <file>", CFG)
     .option("--json", "one JSON object per device on stdout")
+    .option("--no-progress", "no progress bar on a terminal: a plain line per device instead")
     .option("-q, --quiet", "no progress on stderr")
     .action(lazy(() => import("./commands/batch.js"), (m, opts) => m.batchCommand(opts)));
 
@@ -100,20 +103,48 @@ function program(): Command {
     .option("-q, --quiet", "no progress on stderr")
     .action(lazy(() => import("./commands/write.js"), (m, overlay, opts) => m.writeCommand(overlay, opts)));
 
+  p.command("init")
+    .description("write a commented fleet config (./mkoverlay.yaml, or --config FILE) from flags or answers")
+    .option("--bastion <name=host[:port]>", "a bastion the gateways tunnel to (repeatable)", collect)
+    .option("--host-key-file <[name=]file>", "pin the bastion host key(s) in FILE: ssh-keyscan output, known_hosts lines, or a .pub (NAME= when several bastions) (repeatable)", collect)
+    .option("--host-keys <->", "read ssh-keyscan output from stdin ('-'); lines are matched to bastions by host")
+    .option("--tunnel-user <user>", "the tunnel user on the bastions", "reverse-ssh")
+    .option("--operator-key <file>", "an operator's public key file, e.g. ~/.ssh/id_ed25519.pub (repeatable)", collect)
+    .option("--operator-ca <file>", "an SSH user CA's public key: certificates it signs for --principal may log in")
+    .option("--principal <name>", "a certificate principal for --operator-ca (repeatable)", collect)
+    .option("--operator-user <user>", "the account operators log in as", "root")
+    .option("--no-operators", "add no login access (the OS image brings its own)")
+    .option("--registry <location>", "registry file (relative to the config) or postgres://user@host/db", "./mkoverlay.db")
+    .option("--hostname <template>", "device names: {seq} or {seq:0N} is the sequence number", "gw-{seq:04}")
+    .option("--ssh-ports <range>", "one tunnel port per device from this range", "21000-21999")
+    .option("--service-ports <range>", "ports for service tunnels", "22000-22999")
+    .option("--force", "replace an existing file")
+    .option("--config <file>", "where to write it (default $MKOVERLAY_CONFIG or ./mkoverlay.yaml)")
+    .option("--json", "print what was written as JSON")
+    .addHelpText(
+      "after",
+      "\nmkoverlay init never fetches a host key itself: pinning a bastion's key is your decision. Get it\n" +
+        "from the bastion (its /etc/ssh/ssh_host_ed25519_key.pub) or from ssh-keyscan, and compare the\n" +
+        "fingerprint init prints with 'ssh-keygen -lf /etc/ssh/ssh_host_ed25519_key.pub' run on the bastion.\n",
+    )
+    .action(lazy(() => import("./commands/init.js"), (m, opts) => m.initCommand(opts)));
+
   const bastion = p.command("bastion").description("what a bastion imports: authorized_keys and its sshd Match block");
   bastion
     .command("authorized-keys")
     .description("the tunnel user's complete authorized_keys file, from the registry")
     .requiredOption("--bastion <name>", "the bastion")
     .option("--write <file>", "replace FILE atomically instead of printing (0600, the tunnel user's; a new file is created for it)")
-    .option("--config <file>", cfg)
+    .option("--config <file>", CFG)
+    .option("--json", "JSON output")
     .action(lazy(() => import("./commands/bastion.js"), (m, opts) => m.authorizedKeysCommand(opts)));
   bastion
     .command("sshd-config")
     .description("the Match User block the bastion's sshd_config needs")
     .requiredOption("--bastion <name>", "the bastion")
     .option("--authorized-keys-file <path>", "add an AuthorizedKeysFile line (e.g. /etc/ssh/authorized_keys.d/%u)")
-    .option("--config <file>", cfg)
+    .option("--config <file>", CFG)
+    .option("--json", "JSON output")
     .action(lazy(() => import("./commands/bastion.js"), (m, opts) => m.sshdConfigCommand(opts)));
   bastion
     .command("install")
@@ -123,7 +154,8 @@ function program(): Command {
     .option("--registry <location>", "the registry the agent reads (default: the config's), e.g. postgres://mkoverlay_bastion@db/fleet")
     .option("--no-create-user", "fail instead of creating a missing tunnel user")
     .option("--mkoverlay <path>", "mkoverlay's executable on the bastion, for the unit (default: this one)")
-    .option("--config <file>", cfg)
+    .option("--config <file>", CFG)
+    .option("--json", "what was installed, as JSON")
     .action(lazy(() => import("./commands/bastion-install.js"), (m, opts) => m.bastionInstallCommand(opts)));
   bastion
     .command("agent")
@@ -135,7 +167,7 @@ function program(): Command {
     .option("--interval <seconds>", "how often to record the tunnels this bastion sees (mkoverlay status)", "15")
     .option("--metrics-listen <host:port>", "serve this bastion's fleet view for Prometheus on a loopback address (GET /metrics)")
     .option("--never-seen-after <duration>", "for the metrics: a device built this long ago and never connected is an alarm", "24h")
-    .option("--config <file>", cfg)
+    .option("--config <file>", CFG)
     .action(lazy(() => import("./commands/bastion-agent.js"), (m, opts) => m.bastionAgentCommand(opts)));
 
   p.command("ssh-config")
@@ -143,34 +175,43 @@ function program(): Command {
     .option("--bastion <name>", "route through this bastion (default: each device's first)")
     .option("--user <name>", "login user on the devices", "root")
     .option("--known-hosts <file>", "add UserKnownHostsFile FILE (e.g. where you saved 'mkoverlay known-hosts')")
-    .option("--config <file>", cfg)
+    .option("--config <file>", CFG)
+    .option("--json", "JSON output")
     .action(lazy(() => import("./commands/operator.js"), (m, opts) => m.sshConfigCommand(opts)));
   p.command("known-hosts")
     .description("known_hosts lines for every live device (matching ssh-config's HostKeyAlias)")
-    .option("--config <file>", cfg)
+    .option("--config <file>", CFG)
+    .option("--json", "JSON output")
     .action(lazy(() => import("./commands/operator.js"), (m, opts) => m.knownHostsCommand(opts)));
 
-  p.command("revoke <hostname>")
+  const device = "HOST, or KEY=VALUE of its factory data (e.g. serial=SN0042)";
+  p.command("revoke")
     .description("take a device out of every export; its ports stay quarantined")
-    .option("--config <file>", cfg)
+    .argument("<device>", device)
+    .option("--config <file>", CFG)
+    .option("--json", "JSON output")
     .action(lazy(() => import("./commands/lifecycle.js"), (m, host, opts) => m.revokeCommand(host, opts)));
-  p.command("rotate <hostname>")
+  p.command("rotate")
     .description("a new key for a device (same name and ports) and a new overlay")
+    .argument("<device>", device)
     .option("--host-key <file>", "use this key instead of a new one")
     .option("--grace <duration>", "bastions keep accepting the old key this long (e.g. 12h, 7d, 2w; 0: drop it now)", "7d")
     .option("--out <dir>", "output directory (created 0700)", "out")
     .option("--format <form>", "tar or dir")
     .option("--apply <root>", "lay the overlay over a mounted root file system")
-    .option("--config <file>", cfg)
+    .option("--config <file>", CFG)
     .option("--json", "JSON output")
     .option("-q, --quiet", "no progress on stderr")
     .action(lazy(() => import("./commands/lifecycle.js"), (m, host, opts) => m.rotateCommand(host, opts)));
-  p.command("verify <overlay>")
-    .description("check an overlay (archive, folder, disk image, .img.zst or card) against itself and the registry")
+  p.command("verify")
+    .description("check overlays (archives, folders, disk images, .img.zst, cards) against themselves, the fleet config and the registry")
+    .argument("<overlay...>", "overlay archives, folders, images or cards")
     .option("--root-partition <n>", "for an image: the root partition's number")
-    .option("--config <file>", cfg)
-    .option("--json", "JSON output")
-    .action(lazy(() => import("./commands/verify.js"), (m, path, opts) => m.verifyCommand(path, opts)));
+    .option("--offline", "no config or registry: check each overlay against itself and what this mkoverlay builds for it")
+    .option("--config <file>", CFG)
+    .option("--json", "one JSON object per overlay")
+    .option("-q, --quiet", "print only failures (the exit code says the rest)")
+    .action(lazy(() => import("./commands/verify.js"), (m, paths, opts) => m.verifyCommand(paths, opts)));
 
   p.command("boards")
     .description("list board and OS profiles")
@@ -179,31 +220,34 @@ function program(): Command {
 
   p.command("status")
     .description("which gateways are connected, where and since when; which never came online; alarms")
+    .argument("[device]", "only this device: HOST, or KEY=VALUE of its factory data (e.g. serial=SN0042)")
     .option("--bastion <name>", "only this bastion")
     .option("--format <form>", "table, json or prometheus", "table")
     .option("--json", "same as --format json")
     .option("--check", "exit 1 when there is an alarm (for monitoring)")
     .option("--never-seen-after <duration>", "a device built this long ago and never connected is an alarm (e.g. 24h, 2d; 0: never)", "24h")
-    .option("--config <file>", cfg)
-    .action(lazy(() => import("./commands/status.js"), (m, opts) => m.statusCommand(opts)));
+    .option("--config <file>", CFG)
+    .action(lazy(() => import("./commands/status.js"), (m, dev, opts) => m.statusCommand(dev, opts)));
 
   const registry = p.command("registry").description("the port registry: list, doctor, release, migrate");
   registry
     .command("list")
-    .description("the port allocation table")
+    .description("the port allocation table, with each device's factory data")
     .option("--format <form>", "table, csv or markdown", "table")
     .option("--json", "a JSON array")
-    .option("--config <file>", cfg)
+    .option("--config <file>", CFG)
     .action(lazy(() => import("./commands/registry-list.js"), (m, opts) => m.registryListCommand(opts)));
   registry
-    .command("release <hostname>")
+    .command("release")
     .description("give a revoked device's quarantined ports back")
-    .option("--config <file>", cfg)
+    .argument("<device>", device)
+    .option("--config <file>", CFG)
+    .option("--json", "JSON output")
     .action(lazy(() => import("./commands/lifecycle.js"), (m, host, opts) => m.releaseCommand(host, opts)));
   registry
     .command("remove-bastion <name>")
     .description("take a retired bastion off every registered device (exports and lists stop naming it)")
-    .option("--config <file>", cfg)
+    .option("--config <file>", CFG)
     .option("--json", "JSON output")
     .action(lazy(() => import("./commands/lifecycle.js"), (m, name, opts) => m.removeBastionCommand(name, opts)));
   registry
@@ -211,7 +255,7 @@ function program(): Command {
     .description("finish or reclaim devices left pending by killed builds")
     .option("--fix", "apply (default: report only)")
     .option("--grace <seconds>", "wait this long after a lease ran out before acting (a dead station of this host: at once)", "60")
-    .option("--config <file>", cfg)
+    .option("--config <file>", CFG)
     .option("--json", "JSON output")
     .action(lazy(() => import("./commands/doctor.js"), (m, opts) => m.doctorCommand(opts)));
 
@@ -220,7 +264,7 @@ function program(): Command {
     .description("copy the registry in use into another backend (keeps ports, keys, statuses, name counter)")
     .requiredOption("--to <registry>", "target: postgres://user@host:5432/db, or a registry file")
     .option("--force", "replace a target that already holds devices")
-    .option("--config <file>", cfg)
+    .option("--config <file>", CFG)
     .option("--json", "JSON output")
     .option("-q, --quiet", "no reminder on stderr")
     .action(lazy(() => import("./commands/registry-migrate.js"), (m, opts) => m.registryMigrateCommand(opts)));
@@ -230,7 +274,28 @@ function program(): Command {
     .addOption(new Option("--out <file>", "write it to a file instead"))
     .action(lazy(() => import("./commands/schema.js"), (m, kind, opts) => m.schemaCommand(kind, opts)));
 
+  p.command("completion")
+    .description("print a shell completion script: bash, zsh or fish")
+    .argument("<shell>", "bash, zsh or fish")
+    .action(lazy(() => import("./completion.js"), (m, shell) => m.completionCommand(shell)));
+
+  for (const c of allCommands(p)) {
+    const spec = HELP[commandPath(c)];
+    if (spec) c.addHelpText("after", helpAfter(commandPath(c), spec));
+  }
   return p;
+}
+
+/** Every command below `p`, depth first (hidden ones included). */
+export function allCommands(p: Command): Command[] {
+  return p.commands.flatMap((c) => [c, ...allCommands(c)]);
+}
+
+/** `registry doctor` for the doctor command. */
+export function commandPath(c: Command): string {
+  const names: string[] = [];
+  for (let x: Command | null = c; x && x.parent; x = x.parent) names.unshift(x.name());
+  return names.join(" ");
 }
 
 /**
@@ -260,6 +325,30 @@ async function commandWord(p: Command, args: string[]): Promise<"usage" | undefi
   return "usage";
 }
 
+/**
+ * `mkoverlay help registry doctor` shows that subcommand's help, as `registry doctor --help`
+ * does (commander's own help command stops at the first word). An unknown word is an error
+ * naming the nearest command, as for any command line.
+ */
+async function helpArgs(p: Command, argv: string[]): Promise<string[]> {
+  const i = argv.slice(2).findIndex((a) => !a.startsWith("-"));
+  if (i < 0 || argv[2 + i] !== "help") return argv;
+  const words = argv.slice(3 + i).filter((a) => !a.startsWith("-"));
+  let c = p;
+  for (const w of words) {
+    const sub = c.commands.find((x) => x.name() === w || x.aliases().includes(w));
+    if (!sub) {
+      const names = c.commands.map((x) => x.name());
+      const where = c === p ? "command" : `subcommand of '${commandPath(c)}'`;
+      if (names.length === 0) throw new UserError(`'${commandPath(c)}' has no subcommands`, { hint: `mkoverlay help ${commandPath(c)}` });
+      const guess = (await import("./validate.js")).didYouMean(w, names);
+      throw new UserError(`help: unknown ${where} '${w}'`, { hint: `${guess ? `did you mean '${guess}'? ` : ""}known: ${names.join(", ")}` });
+    }
+    c = sub;
+  }
+  return [...argv.slice(0, 2), ...argv.slice(2, 2 + i), ...words, "--help"];
+}
+
 export async function main(argv: string[]): Promise<void> {
   const debug = argv.includes("--debug");
   // `mkoverlay registry list | head`: a reader that stops early is not an error.
@@ -269,6 +358,12 @@ export async function main(argv: string[]): Promise<void> {
   });
   const p = program();
   try {
+    // What the completion scripts call (the raw words, so commander must not parse them).
+    if (argv[2] === "__complete") {
+      await (await import("./completion.js")).completeCommand(p, argv.slice(3));
+      return;
+    }
+    argv = await helpArgs(p, argv);
     if ((await commandWord(p, argv.slice(2))) === "usage") {
       // Like git and npm: usage on stderr and a non-zero exit, since nothing was done (a script
       // whose command word came from an empty variable must not pass); 2 as for any usage error.

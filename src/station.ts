@@ -122,17 +122,64 @@ export interface Station {
   now: Date;
   registry: Registry;
   leases: Leases;
+  /** Why the run was asked to stop (SIGINT, SIGTERM, an API caller's abort), if it was. */
+  stopRequested(): string | undefined;
 }
 
-export async function withStation<T>(fleet: Fleet, emit: Emit, log: Log, now: Date, open: () => Promise<Registry>, fn: (st: Station) => Promise<T>): Promise<T> {
+export async function withStation<T>(fleet: Fleet, emit: Emit, log: Log, now: Date, open: () => Promise<Registry>, fn: (st: Station) => Promise<T>, stop?: AbortSignal): Promise<T> {
   const registry = await open();
   const leases = new Leases(registry);
+  const stopRequested = () => (stop?.aborted ? String(stop.reason ?? "aborted") : undefined);
   try {
-    return await fn({ fleet, emit, log, now, registry, leases });
+    return await fn({ fleet, emit, log, now, registry, leases, stopRequested });
   } finally {
     leases.stop();
     await registry.close();
   }
+}
+
+/** The exit code of a run stopped by `reason`: 128 + the signal's number, as shells report it. */
+export function stopExitCode(reason: string): number {
+  return reason === "SIGTERM" ? 143 : reason === "SIGHUP" ? 129 : 130;
+}
+
+/** A run that stopped on request; `message` says what was done and what was not. */
+export class Interrupted extends UserError {
+  constructor(
+    readonly reason: string,
+    message: string,
+  ) {
+    super(message, { exitCode: stopExitCode(reason) });
+    this.name = "Interrupted";
+  }
+}
+
+/**
+ * SIGINT and SIGTERM ask the run to stop (an AbortSignal the device flow checks at its safe
+ * points): devices not past their point of no return give their reservation back, those past
+ * it are finished, so nothing is left `pending`. A second signal stops at once (the doctor
+ * then finishes or reclaims what was in flight). SIGKILL cannot be caught: that stays the
+ * doctor's job. Only commands install this; the programmatic API takes the caller's signal.
+ */
+export function watchSignals(onFirst?: (signal: string) => void): { signal: AbortSignal; dispose(): void } {
+  const ac = new AbortController();
+  const handler = (sig: NodeJS.Signals): void => {
+    if (ac.signal.aborted) {
+      process.stderr.write(`\nmkoverlay: ${sig} again: stopping now; devices in flight stay pending until 'mkoverlay registry doctor --fix'\n`);
+      process.exit(stopExitCode(sig));
+    }
+    ac.abort(sig);
+    onFirst?.(sig);
+  };
+  process.on("SIGINT", handler);
+  process.on("SIGTERM", handler);
+  return {
+    signal: ac.signal,
+    dispose: () => {
+      process.off("SIGINT", handler);
+      process.off("SIGTERM", handler);
+    },
+  };
 }
 
 export interface DeviceRequest {
@@ -294,9 +341,12 @@ export async function buildDevice(st: Station, req: DeviceRequest): Promise<Buil
     if (req.hostname !== undefined && req.hostname !== device.hostname) {
       throw new UserError(`--host-key: the key is registered to ${device.hostname}, not ${req.hostname}`, { hint: "drop --hostname to rebuild that device's overlay" });
     }
+    if (Object.keys(req.attributes ?? {}).length > 0) throw new UserError(`--attr: ${device.hostname} is registered; a re-flash keeps the factory data it was registered with`);
     log.info(`${device.hostname} is registered with this key: rebuilding its overlay (port ${device.port})`);
     device = { ...device, board: board.id, os: os.id, bastions: bastions.map((b) => b.name) };
   } else {
+    const why = st.stopRequested();
+    if (why) throw new Interrupted(why, `interrupted by ${why} before anything was reserved`);
     device = await registry.reserve(reserveRequest(st, req));
     st.leases.add(device.hostname);
     log.info(`reserved port ${device.port} for ${device.hostname}`);
@@ -304,6 +354,9 @@ export async function buildDevice(st: Station, req: DeviceRequest): Promise<Buil
   const hostname = device.hostname;
   try {
     const r = await renderDevice(contextOf(st, device, req));
+    // The last point where stopping leaves nothing behind: after it, the device is finished.
+    const why = st.stopRequested();
+    if (why) throw new Interrupted(why, `interrupted by ${why}: ${hostname} was not built${rebuilt ? "" : "; its reservation was given back"}`);
     await place(st, hostname, r, !rebuilt);
     if (rebuilt) await registry.updateDevice(hostname, { board: board.id, os: os.id, bastions: device.bastions, overlay: r.overlay });
     else {

@@ -12,6 +12,7 @@ import { agentUnit } from "../bastion/paths.js";
 import { configPath, loadFleet } from "../config/load.js";
 import { resolveBastions } from "../device.js";
 import { UserError } from "../errors.js";
+import { out, stderrLog } from "../output.js";
 import { openRegistry } from "../registry/open.js";
 
 function systemctl(args: string[]): { ok: boolean; err: string } {
@@ -19,7 +20,7 @@ function systemctl(args: string[]): { ok: boolean; err: string } {
   return { ok: r.status === 0, err: (r.stderr || r.error?.message || "").trim().split("\n")[0] ?? "" };
 }
 
-export async function bastionInstallCommand(opts: { bastion?: string; root?: string; registry?: string; createUser?: boolean; mkoverlay?: string; config?: string }): Promise<void> {
+export async function bastionInstallCommand(opts: { bastion?: string; root?: string; registry?: string; createUser?: boolean; mkoverlay?: string; config?: string; json?: boolean }): Promise<void> {
   const file = configPath(opts.config);
   const fleet = await loadFleet(file);
   const bs = resolveBastions(fleet, opts.bastion);
@@ -29,7 +30,8 @@ export async function bastionInstallCommand(opts: { bastion?: string; root?: str
   // The registry location the agent will use: a relative file path is taken from here.
   const registry = opts.registry === undefined ? fleet.registry : /^[a-z][a-z0-9+.-]*:\/\//i.test(opts.registry) ? opts.registry : resolve(opts.registry);
   const exec = opts.mkoverlay ? [opts.mkoverlay] : [process.execPath, realpathSync(process.argv[1]!)];
-  const log = (m: string) => process.stderr.write(`mkoverlay: ${m}\n`);
+  const logger = stderrLog(Boolean(opts.json));
+  const log = (m: string) => logger.info(m);
   const r = await install({
     fleet,
     bastion,
@@ -40,8 +42,12 @@ export async function bastionInstallCommand(opts: { bastion?: string; root?: str
     exec,
     configText: readFileSync(file, "utf8"),
     log,
-    onSkip: (s) => log(`warning: left out ${JSON.stringify(s.hostname)}: ${s.reason}`),
+    onSkip: (s) => logger.warn(`left out ${JSON.stringify(s.hostname)}: ${s.reason}`),
   });
+  // What --json reports: what was done here, and whether the services were (re)started.
+  const report = (started: boolean) =>
+    opts.json &&
+    out(JSON.stringify({ bastion: bastion.name, root, createdUsers: r.createdUsers, written: r.written, unchanged: r.unchanged, initialKeys: r.initialKeys ?? null, live: r.live, started }));
   for (const u of r.createdUsers) log(`created system user ${u}`);
   for (const f of r.written) log(`installed ${f}`);
   if (r.written.length === 0) log(`already installed: ${r.unchanged.length} file(s) unchanged`);
@@ -49,10 +55,12 @@ export async function bastionInstallCommand(opts: { bastion?: string; root?: str
   const unit = agentUnit(bastion.name);
   if (!r.live) {
     log(`installed into ${root}; on first boot systemd starts ${unit} (enabled) and sshd reads the drop-in`);
+    report(false);
     return;
   }
   if (!systemdRunning()) {
     log(`systemd is not running here: start the agent (${unit}) and reload sshd yourself`);
+    report(false);
     return;
   }
   const steps: [string[], string][] = [
@@ -67,4 +75,5 @@ export async function bastionInstallCommand(opts: { bastion?: string; root?: str
   const reload = systemctl(["reload-or-restart", sshUnit]);
   if (!reload.ok) throw new UserError(`systemctl reload-or-restart ${sshUnit} failed: ${reload.err}`, { hint: "the files are in place and sshd -t accepted them", exitCode: 1 });
   log(`started ${unit}; reloaded ${sshUnit}`);
+  report(true);
 }

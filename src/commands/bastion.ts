@@ -82,16 +82,20 @@ function ownerFor(file: string, b: Bastion): Account {
   return { uid: st.uid, gid: st.gid };
 }
 
-export async function authorizedKeysCommand(opts: { bastion?: string; write?: string; config?: string }): Promise<void> {
-  const log = stderrLog(false);
+/** Key lines in an authorized_keys text (not comments or blank lines). */
+const keyCount = (text: string): number => text.split("\n").filter((l) => l && !l.startsWith("#")).length;
+
+export async function authorizedKeysCommand(opts: { bastion?: string; write?: string; config?: string; json?: boolean }): Promise<void> {
+  const log = stderrLog(Boolean(opts.json));
   const { text, bastion } = await withFleetRegistry(opts.config, async (fleet, registry) => {
     const b = oneBastion(fleet, opts.bastion);
     // A corrupt or hostile row is left out, never rendered; say which and why.
     const text = renderAuthorizedKeys(fleet, b, await registry.list(), VERSION, { onSkip: (s) => log.warn(`left out ${JSON.stringify(s.hostname)}: ${s.reason}`) });
     return { text, bastion: b };
   });
+  const report = { bastion: bastion.name, user: bastion.user, file: opts.write ?? null, keys: keyCount(text) };
   if (!opts.write) {
-    out(text);
+    out(opts.json ? JSON.stringify({ ...report, text }) : text);
     return;
   }
   // Replaced atomically (a cron job never leaves sshd a half file), 0600, the tunnel user's.
@@ -102,12 +106,15 @@ export async function authorizedKeysCommand(opts: { bastion?: string; write?: st
     const io = ioUserError(e);
     throw io ? new UserError(`--write ${io.message}`, io.hint === undefined ? {} : { hint: io.hint }) : e;
   }
-  process.stderr.write(`mkoverlay: wrote ${opts.write} (${text.split("\n").filter((l) => l && !l.startsWith("#")).length} keys)\n`);
+  if (opts.json) out(JSON.stringify(report));
+  log.info(`wrote ${opts.write} (${report.keys} keys)`);
 }
 
-export async function sshdConfigCommand(opts: { bastion?: string; config?: string; authorizedKeysFile?: string }): Promise<void> {
+export async function sshdConfigCommand(opts: { bastion?: string; config?: string; authorizedKeysFile?: string; json?: boolean }): Promise<void> {
   const fleet = await loadFleet(configPath(opts.config));
   const akf = opts.authorizedKeysFile;
   if (akf !== undefined && /[\s"\\]/.test(akf)) throw new UserError(`--authorized-keys-file ${JSON.stringify(akf)}: no spaces, quotes or backslashes`);
-  out(renderMatchBlock(fleet, oneBastion(fleet, opts.bastion), akf === undefined ? {} : { authorizedKeysFile: akf }));
+  const b = oneBastion(fleet, opts.bastion);
+  const text = renderMatchBlock(fleet, b, akf === undefined ? {} : { authorizedKeysFile: akf });
+  out(opts.json ? JSON.stringify({ bastion: b.name, user: b.user, text }) : text);
 }

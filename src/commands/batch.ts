@@ -11,15 +11,16 @@ import { loadOrGenerateKey, resolveBastions } from "../device.js";
 import { isUserError, UserError } from "../errors.js";
 import { StagedGroups } from "../fsutil.js";
 import { readHostRows } from "../hosts-file.js";
-import { out, stderrLog, type Log } from "../output.js";
+import { out, Progress, stderrLog, type Log } from "../output.js";
 import { archiveEpoch } from "../overlay/archive.js";
 import { pendingFiles, renderDevice, type Rendered } from "../pipeline.js";
 import { loadProfiles, resolveBoardOs } from "../profiles.js";
 import { openRegistry } from "../registry/open.js";
 import { ReservationLost } from "../registry/rows.js";
 import type { DeviceRecord } from "../registry/types.js";
-import { buildDevice, buildResult, contextOf, preflightImageForm, provisionalEntries, reserveRequest, unplace, withOutDir, withStation, type BuildResult, type DeviceRequest, type OutputOptions, type Station } from "../station.js";
+import { buildDevice, buildResult, contextOf, Interrupted, preflightImageForm, provisionalEntries, reserveRequest, unplace, watchSignals, withOutDir, withStation, type BuildResult, type DeviceRequest, type OutputOptions, type Station } from "../station.js";
 import { hostnameProblem } from "../validate.js";
+import { parseAttrFlags } from "./device-arg.js";
 
 export interface BatchOptions extends OutputOptions {
   board: string;
@@ -28,26 +29,12 @@ export interface BatchOptions extends OutputOptions {
   count?: string;
   hosts?: string;
   config?: string;
+  /** `KEY=VALUE` factory data for every device (--attr). */
+  attr?: string[];
   json?: boolean;
   quiet?: boolean;
-}
-
-class Progress {
-  private readonly tty = Boolean(process.stderr.isTTY) && !process.env.NO_COLOR;
-  constructor(
-    private readonly total: number,
-    private readonly log: Log,
-  ) {}
-  step(done: number, label: string): void {
-    if (this.tty) {
-      const width = 30;
-      const filled = Math.round((done / this.total) * width);
-      this.log.progress(`\r[${"#".repeat(filled)}${" ".repeat(width - filled)}] ${done}/${this.total} ${label.padEnd(24)}`);
-      if (done === this.total) this.log.progress("\n");
-    } else {
-      this.log.progress(`mkoverlay: [${done}/${this.total}] ${label}\n`);
-    }
-  }
+  /** false with --no-progress. */
+  progress?: boolean;
 }
 
 /** Devices reserved, written and activated together: one sync of each kind per chunk. */
@@ -69,20 +56,42 @@ interface ChunkItem {
 interface Outcomes {
   succeed(r: BuildResult): void;
   fail(item: ChunkItem, e: UserError): void;
+  /** Not built because the run was asked to stop (nothing is reserved for it). */
+  notBuilt(item: ChunkItem): void;
+  /** A device's overlay is rendered (progress moves before its chunk is written). */
+  work(): void;
 }
+
+/** In place of an outcome: the run stopped before this device was finished. */
+const NOT_BUILT = Symbol("not built");
+
+/**
+ * Lets the event loop turn once. A chunk's work is synchronous or microtasks only, and Node
+ * delivers a signal (and runs timers) only between turns: without this, Ctrl-C would be seen
+ * when the whole batch was over.
+ */
+const turn = (): Promise<void> => new Promise((resolve) => setImmediate(resolve));
 
 /**
  * One chunk of a tar-form batch: reserve all (one transaction, a savepoint each), render all,
  * write all archives under temp names (synced together), confirm the reservations are still
  * this station's, rename device by device, activate all. A device that fails at any step gives
- * its reservation back and is reported; the others stand. Killed midway, the pending devices
- * are finished or reclaimed by `registry doctor`.
+ * its reservation back and is reported; the others stand. Asked to stop (SIGINT, SIGTERM)
+ * before the first rename, the chunk gives every reservation back (its devices are "not
+ * built"); from the first rename on it is finished. Killed midway (SIGKILL), the pending
+ * devices are finished or reclaimed by `registry doctor`. Returns whether the run stopped.
  */
-async function chunked(st: Station, chunk: ChunkItem[], common: Omit<DeviceRequest, "hostname" | "dk">, report: Outcomes): Promise<void> {
+async function chunked(st: Station, chunk: ChunkItem[], common: Omit<DeviceRequest, "hostname" | "dk">, report: Outcomes): Promise<boolean> {
   const { registry } = st;
-  const outcome: (BuildResult | UserError)[] = new Array(chunk.length);
+  const outcome: (BuildResult | UserError | typeof NOT_BUILT)[] = new Array(chunk.length);
+  await turn();
+  let stopped = st.stopRequested() !== undefined;
   const asked: { i: number; req: DeviceRequest }[] = [];
   chunk.forEach(({ wanted, attributes }, i) => {
+    if (stopped) {
+      outcome[i] = NOT_BUILT;
+      return;
+    }
     try {
       checkName(wanted);
       asked.push({ i, req: { ...common, hostname: wanted, dk: loadOrGenerateKey(undefined), attributes } });
@@ -91,8 +100,15 @@ async function chunked(st: Station, chunk: ChunkItem[], common: Omit<DeviceReque
       outcome[i] = e;
     }
   });
-  const reserved = await registry.reserveMany(asked.map((a) => reserveRequest(st, a.req)));
+  const reserved = asked.length > 0 ? await registry.reserveMany(asked.map((a) => reserveRequest(st, a.req))) : [];
   const ready: { i: number; device: DeviceRecord; req: DeviceRequest; r: Rendered }[] = [];
+  /** Gives the reservations of `xs` back: the run stopped before they were written. */
+  const giveBack = async (xs: { i: number; device: DeviceRecord }[]) => {
+    for (const x of xs) {
+      await registry.abandon(x.device.hostname);
+      outcome[x.i] = NOT_BUILT;
+    }
+  };
   try {
     for (const [k, res] of reserved.entries()) {
       const { i, req } = asked[k]!;
@@ -101,13 +117,24 @@ async function chunked(st: Station, chunk: ChunkItem[], common: Omit<DeviceReque
         continue;
       }
       st.leases.add(res.hostname);
+      if (stopped || st.stopRequested()) {
+        stopped = true;
+        await giveBack([{ i, device: res }]);
+        continue;
+      }
       try {
         ready.push({ i, device: res, req, r: await renderDevice(contextOf(st, res, req)) });
+        report.work();
+        if (ready.length % 16 === 0) await turn();
       } catch (e) {
         await registry.abandon(res.hostname);
         if (!isUserError(e)) throw e;
         outcome[i] = e;
       }
+    }
+    if (stopped || st.stopRequested()) {
+      stopped = true;
+      await giveBack(ready.splice(0));
     }
     let staged: StagedGroups;
     try {
@@ -119,6 +146,12 @@ async function chunked(st: Station, chunk: ChunkItem[], common: Omit<DeviceReque
     }
     const placed: typeof ready = [];
     try {
+      // The point of no return is the first rename: stopping before it leaves nothing behind.
+      await turn();
+      if (ready.length > 0 && st.stopRequested()) {
+        stopped = true;
+        await giveBack(ready.splice(0));
+      }
       const held = await registry.confirm(ready.map((x) => x.device.hostname));
       for (const [k, x] of ready.entries()) {
         if (!held.has(x.device.hostname)) {
@@ -147,7 +180,138 @@ async function chunked(st: Station, chunk: ChunkItem[], common: Omit<DeviceReque
   } finally {
     for (const x of reserved) if (!(x instanceof UserError)) st.leases.delete(x.hostname);
   }
-  outcome.forEach((o, i) => (o instanceof UserError ? report.fail(chunk[i]!, o) : report.succeed(o)));
+  outcome.forEach((o, i) => (o === NOT_BUILT ? report.notBuilt(chunk[i]!) : o instanceof UserError ? report.fail(chunk[i]!, o) : report.succeed(o)));
+  return stopped || st.stopRequested() !== undefined;
+}
+
+export interface BatchSummary {
+  total: number;
+  built: number;
+  failed: { hostname: string | null; label: string; error: string }[];
+  /** Not built because the run stopped (nothing reserved for them); hostnames where known. */
+  notBuilt: { count: number; hostnames: string[] };
+  /** Why the run stopped early (SIGINT, SIGTERM, an abort), or null. */
+  stopped: string | null;
+}
+
+export interface BatchHooks {
+  built(r: BuildResult): void;
+  failed(f: BatchSummary["failed"][number]): void;
+  /** A device was rendered: progress. */
+  work?(): void;
+  /** Called once the inputs are checked, before anything is reserved. */
+  starting?(total: number): void;
+  /** Where the device flow's notes go (default: stderr, quiet). */
+  log?: Log;
+}
+
+/**
+ * The batch without printing (the CLI and the API): inputs checked before anything is
+ * reserved, then chunk after chunk until done or asked to stop (`stop`).
+ */
+export async function runBatch(opts: BatchOptions, hooks: BatchHooks, stop?: AbortSignal): Promise<BatchSummary> {
+  if ((opts.count === undefined) === (opts.hosts === undefined)) throw new UserError("batch needs exactly one of --count N or --hosts FILE");
+  const now = new Date();
+  const fleet = await loadFleet(configPath(opts.config), now);
+  const { board, os } = resolveBoardOs(await loadProfiles(), opts.board, opts.os);
+  const bastions = resolveBastions(fleet, opts.bastion, now);
+  const common = parseAttrFlags(opts.attr);
+  let names: { hostname: string | undefined; attributes: Record<string, string> }[];
+  if (opts.count !== undefined) {
+    const n = Number(opts.count);
+    if (!/^\d+$/.test(String(opts.count)) || n < 1 || n > 100_000) throw new UserError(`--count ${opts.count}: a whole number from 1 to 100000`);
+    names = Array.from({ length: n }, () => ({ hostname: undefined, attributes: common }));
+  } else {
+    const rows = readHostRows(opts.hosts!);
+    const clash = rows.find((r) => Object.keys(common).some((k) => k in r.fields && r.fields[k] !== common[k]));
+    if (clash) {
+      const k = Object.keys(common).find((x) => x in clash.fields)!;
+      throw new UserError(`--attr ${k}=${common[k]}: ${opts.hosts}:${clash.line} gives ${k} = ${JSON.stringify(clash.fields[k])}`, { hint: `drop --attr ${k}, or the '${k}' column` });
+    }
+    names = rows.map((r) => ({ hostname: r.hostname, attributes: { ...common, ...r.fields } }));
+    if (names.length === 0) throw new UserError(`--hosts ${opts.hosts}: no hostnames in it`);
+  }
+  const epoch = archiveEpoch();
+  const summary: BatchSummary = { total: names.length, built: 0, failed: [], notBuilt: { count: 0, hostnames: [] }, stopped: null };
+  const notBuilt = (wanted: string | undefined) => {
+    summary.notBuilt.count++;
+    if (wanted !== undefined) summary.notBuilt.hostnames.push(wanted);
+  };
+  const report: Outcomes = {
+    succeed(r) {
+      summary.built++;
+      hooks.built(r);
+    },
+    fail(item, e) {
+      const f = { hostname: item.wanted ?? null, label: item.label, error: e.message };
+      summary.failed.push(f);
+      hooks.failed(f);
+    },
+    notBuilt: (item) => notBuilt(item.wanted),
+    work: () => hooks.work?.(),
+  };
+  await withOutDir(opts, async (outDir, form) => {
+    // --image: the base is checked (and its bmap computed, once for the batch) before anything
+    // is reserved; every device brings a new key, so any identity in the base is another's.
+    if (form.kind === "image") await preflightImageForm(form, provisionalEntries(fleet, { board, os, bastions, hostname: undefined, dk: loadOrGenerateKey(undefined) }, now), undefined, [], outDir);
+    return withStation(
+      fleet,
+      { outDir, form, epoch },
+      hooks.log ?? stderrLog(true),
+      now,
+      () => openRegistry(fleet.registry),
+      async (st) => {
+        hooks.starting?.(names.length);
+        for (let start = 0; start < names.length; start += CHUNK) {
+          if (st.stopRequested()) {
+            for (const n of names.slice(start)) notBuilt(n.hostname);
+            break;
+          }
+          const chunk = names.slice(start, start + CHUNK).map((n, j) => ({ wanted: n.hostname, attributes: n.attributes, label: n.hostname ?? `device ${start + j + 1}` }));
+          if (form.kind === "tar") {
+            if (await chunked(st, chunk, { board, os, bastions }, report)) {
+              for (const n of names.slice(start + CHUNK)) notBuilt(n.hostname);
+              break;
+            }
+            continue;
+          }
+          let stopped = false;
+          for (const item of chunk) {
+            await turn();
+            if (stopped || st.stopRequested()) {
+              stopped = true;
+              report.notBuilt(item);
+              continue;
+            }
+            try {
+              checkName(item.wanted);
+              report.succeed(await buildDevice(st, { board, os, bastions, hostname: item.wanted, dk: loadOrGenerateKey(undefined), attributes: item.attributes }));
+            } catch (e) {
+              if (e instanceof Interrupted) {
+                stopped = true;
+                report.notBuilt(item);
+                continue;
+              }
+              if (!isUserError(e)) throw e;
+              report.fail(item, e);
+            }
+          }
+          if (stopped) {
+            for (const n of names.slice(start + CHUNK)) notBuilt(n.hostname);
+            break;
+          }
+        }
+        summary.stopped = st.stopRequested() ?? null;
+      },
+      stop,
+    );
+  });
+  return summary;
+}
+
+/** `a, b, c, … (N)`: a list that may be long. */
+function some(names: string[], n: number): string {
+  return names.length === 0 ? "" : `: ${names.slice(0, 10).join(", ")}${n > 10 ? `, … (${n})` : ""}`;
 }
 
 export async function batchCommand(opts: BatchOptions): Promise<void> {
@@ -156,65 +320,54 @@ export async function batchCommand(opts: BatchOptions): Promise<void> {
   // not growing it keeps a batch near 90 MB at no measurable cost in time. Set here, not as a
   // node flag, because any flag on the command line costs every single build ~9 ms of start-up.
   setFlagsFromString("--semi-space-growth-factor=1");
-  if ((opts.count === undefined) === (opts.hosts === undefined)) throw new UserError("batch needs exactly one of --count N or --hosts FILE");
-  const now = new Date();
-  const fleet = await loadFleet(configPath(opts.config), now);
-  const { board, os } = resolveBoardOs(await loadProfiles(), opts.board, opts.os);
-  const bastions = resolveBastions(fleet, opts.bastion, now);
-  let names: { hostname: string | undefined; attributes: Record<string, string> }[];
-  if (opts.count !== undefined) {
-    const n = Number(opts.count);
-    if (!/^\d+$/.test(opts.count) || n < 1 || n > 100_000) throw new UserError(`--count ${opts.count}: a whole number from 1 to 100000`);
-    names = Array.from({ length: n }, () => ({ hostname: undefined, attributes: {} }));
-  } else {
-    names = readHostRows(opts.hosts!).map((r) => ({ hostname: r.hostname, attributes: r.fields }));
-    if (names.length === 0) throw new UserError(`--hosts ${opts.hosts}: no hostnames in it`);
-  }
-  const epoch = archiveEpoch();
   const log = stderrLog(Boolean(opts.quiet));
-  const progress = new Progress(names.length, log);
-  const failures: string[] = [];
-  let built = 0;
-  let done = 0;
-  const report: Outcomes = {
-    succeed(r) {
-      built++;
-      const { authorizedKeysText, ...json } = r;
-      out(opts.json ? JSON.stringify(json) : authorizedKeysText);
-      progress.step(++done, `${r.hostname} port ${r.port}`);
-    },
-    fail(item, e) {
-      const msg = `${item.label}: ${e.message}`;
-      failures.push(msg);
-      if (opts.json) out(JSON.stringify({ hostname: item.wanted ?? null, error: e.message }));
-      if (process.stderr.isTTY) log.progress("\n");
-      log.error(msg);
-      progress.step(++done, `${item.label} FAILED`);
-    },
-  };
-  await withOutDir(opts, async (outDir, form) => {
-    // --image: the base is checked (and its bmap computed, once for the batch) before anything
-    // is reserved; every device brings a new key, so any identity in the base is another's.
-    if (form.kind === "image") await preflightImageForm(form, provisionalEntries(fleet, { board, os, bastions, hostname: undefined, dk: loadOrGenerateKey(undefined) }, now), undefined, [], outDir);
-    return withStation(fleet, { outDir, form, epoch }, stderrLog(true), now, () => openRegistry(fleet.registry), async (st) => {
-      for (let start = 0; start < names.length; start += CHUNK) {
-        const chunk = names.slice(start, start + CHUNK).map((n, j) => ({ wanted: n.hostname, attributes: n.attributes, label: n.hostname ?? `device ${start + j + 1}` }));
-        if (form.kind === "tar") {
-          await chunked(st, chunk, { board, os, bastions }, report);
-          continue;
-        }
-        for (const item of chunk) {
-          try {
-            checkName(item.wanted);
-            report.succeed(await buildDevice(st, { board, os, bastions, hostname: item.wanted, dk: loadOrGenerateKey(undefined), attributes: item.attributes }));
-          } catch (e) {
-            if (!isUserError(e)) throw e;
-            report.fail(item, e);
-          }
-        }
-      }
-    });
+  let progress: Progress | undefined;
+  let first: string | undefined;
+  let last: string | undefined;
+  const signals = watchSignals((sig) => {
+    const note = () => log.info(`${sig}: finishing or giving back the devices in flight (${sig === "SIGINT" ? "Ctrl-C" : sig} again stops at once)`);
+    if (progress) progress.message(note);
+    else note();
   });
-  log.info(`batch done: ${built} built, ${failures.length} failed`);
-  if (failures.length > 0) throw new UserError(`${failures.length} of ${names.length} device(s) failed (see above); the others are built and registered`, { exitCode: 1 });
+  let summary: BatchSummary;
+  try {
+    summary = await runBatch(
+      opts,
+      {
+        starting(total) {
+          const tty = Boolean(process.stderr.isTTY);
+          progress = new Progress({ total, bar: tty && opts.progress !== false, color: !process.env.NO_COLOR, silent: Boolean(opts.quiet) });
+          progress.start();
+        },
+        work: () => progress?.work(),
+        built(r) {
+          first ??= r.hostname;
+          last = r.hostname;
+          const { authorizedKeysText, ...json } = r;
+          out(opts.json ? JSON.stringify(json) : authorizedKeysText);
+          progress?.result(`${r.hostname} port ${r.port}`);
+        },
+        failed(f) {
+          if (opts.json) out(JSON.stringify({ hostname: f.hostname, error: f.error }));
+          progress?.message(() => log.error(`${f.label}: ${f.error}`));
+          progress?.result(`${f.label} FAILED`);
+        },
+      },
+      signals.signal,
+    );
+  } finally {
+    progress?.stop();
+    signals.dispose();
+  }
+  const { built, failed, notBuilt, stopped, total } = summary;
+  if (stopped) {
+    const lines = [
+      `interrupted by ${stopped}: ${built} of ${total} device(s) built and registered${built > 0 ? ` (${first}${built > 1 ? ` … ${last}` : ""})` : ""}`,
+      `${notBuilt.count} not built, nothing reserved for them${some(notBuilt.hostnames, notBuilt.count)}`,
+      ...(failed.length > 0 ? [`${failed.length} failed (see above)`] : []),
+    ];
+    throw new Interrupted(stopped, lines.join("\n"));
+  }
+  log.info(`batch done: ${built} built, ${failed.length} failed`);
+  if (failed.length > 0) throw new UserError(`${failed.length} of ${total} device(s) failed (see above); the others are built and registered`, { exitCode: 1 });
 }

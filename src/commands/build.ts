@@ -5,11 +5,13 @@
  */
 import { configPath, loadFleet } from "../config/load.js";
 import { checkHostnameFlag, loadOrGenerateKey, resolveBastions } from "../device.js";
-import { out, stderrLog } from "../output.js";
+import { UserError } from "../errors.js";
+import { out, stderrLog, type Log } from "../output.js";
 import { archiveEpoch } from "../overlay/archive.js";
 import { loadProfiles, resolveBoardOs } from "../profiles.js";
 import { openRegistry } from "../registry/open.js";
-import { buildDevice, withOutDir, withStation, type BuildResult, type OutputOptions } from "../station.js";
+import { buildDevice, Interrupted, watchSignals, withOutDir, withStation, type BuildResult, type OutputOptions } from "../station.js";
+import { attributeQuery, findDevice, parseAttrFlags } from "./device-arg.js";
 
 export interface BuildOptions extends OutputOptions {
   board: string;
@@ -17,27 +19,49 @@ export interface BuildOptions extends OutputOptions {
   os?: string;
   hostname?: string;
   hostKey?: string;
+  /** `KEY=VALUE` factory data (--attr, repeatable). */
+  attr?: string[];
   config?: string;
   json?: boolean;
   quiet?: boolean;
 }
 
-export async function runBuild(opts: BuildOptions): Promise<BuildResult> {
-  const log = stderrLog(Boolean(opts.quiet) || Boolean(opts.json));
+export async function runBuild(opts: BuildOptions, log: Log = stderrLog(Boolean(opts.quiet) || Boolean(opts.json)), stop?: AbortSignal): Promise<BuildResult> {
   const now = new Date();
   const fleet = await loadFleet(configPath(opts.config), now);
   const { board, os } = resolveBoardOs(await loadProfiles(), opts.board, opts.os);
   const bastions = resolveBastions(fleet, opts.bastion, now);
-  const hostname = checkHostnameFlag(opts.hostname);
+  // `--hostname serial=SN0042` names a registered device (a re-flash), looked up below.
+  const byAttribute = opts.hostname !== undefined && attributeQuery(opts.hostname, "--hostname") !== undefined;
+  let hostname = byAttribute ? undefined : checkHostnameFlag(opts.hostname);
+  const attributes = parseAttrFlags(opts.attr);
   const dk = loadOrGenerateKey(opts.hostKey);
+  if (byAttribute && !dk.imported) {
+    throw new UserError(`--hostname ${opts.hostname}: names a registered device, and a new build needs a new name`, {
+      hint: "re-flash it with its key (--host-key FILE), or give it a new key with 'mkoverlay rotate " + opts.hostname + "'",
+    });
+  }
   const epoch = archiveEpoch();
   return withOutDir(opts, (outDir, form) =>
-    withStation(fleet, { outDir, form, epoch }, log, now, () => openRegistry(fleet.registry), (st) => buildDevice(st, { board, os, bastions, hostname, dk })),
+    withStation(fleet, { outDir, form, epoch }, log, now, () => openRegistry(fleet.registry), async (st) => {
+      if (byAttribute) hostname = (await findDevice(st.registry, opts.hostname!, "--hostname", ["active"])).hostname;
+      return buildDevice(st, { board, os, bastions, hostname, dk, attributes });
+    }, stop),
   );
 }
 
 export async function buildCommand(opts: BuildOptions): Promise<void> {
-  const r = await runBuild(opts);
-  const { authorizedKeysText, ...json } = r;
-  out(opts.json ? JSON.stringify(json) : authorizedKeysText);
+  const signals = watchSignals();
+  try {
+    const r = await runBuild(opts, undefined, signals.signal);
+    const { authorizedKeysText, ...json } = r;
+    out(opts.json ? JSON.stringify(json) : authorizedKeysText);
+    // Past its point of no return the device was finished; the exit code still says it stopped.
+    if (signals.signal.aborted) {
+      const why = String(signals.signal.reason);
+      throw new Interrupted(why, `interrupted by ${why} after ${r.hostname} was built and registered`);
+    }
+  } finally {
+    signals.dispose();
+  }
 }

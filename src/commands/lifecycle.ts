@@ -12,39 +12,36 @@ import { out, stderrLog } from "../output.js";
 import { archiveEpoch } from "../overlay/archive.js";
 import { deviceBastions, deviceProfiles, overlayPath, renderDevice } from "../pipeline.js";
 import { loadProfiles } from "../profiles.js";
-import type { DeviceRecord, Registry } from "../registry/types.js";
-import { contextOf, place, unplace, withOutDir, withStation, type OutputOptions } from "../station.js";
+import { contextOf, Interrupted, place, unplace, watchSignals, withOutDir, withStation, type OutputOptions } from "../station.js";
 import { openRegistry } from "../registry/open.js";
 import { configPath, loadFleet } from "../config/load.js";
 import { ReservationLost } from "../registry/rows.js";
 import { nameProblem } from "../validate.js";
+import { findDevice } from "./device-arg.js";
 
-async function device(registry: Registry, hostname: string, verb: string): Promise<DeviceRecord> {
-  const d = await registry.get(hostname);
-  if (!d) throw new UserError(`${verb} ${hostname}: no such device in the registry`, { hint: "see 'mkoverlay registry list'" });
-  return d;
-}
-
-export async function revokeCommand(hostname: string, opts: { config?: string; json?: boolean }): Promise<void> {
+export async function revokeCommand(arg: string, opts: { config?: string; json?: boolean }): Promise<void> {
   const log = stderrLog(Boolean(opts.json));
   await withFleetRegistry(opts.config, async (_f, registry) => {
-    const d = await device(registry, hostname, "revoke");
+    const d = await findDevice(registry, arg, "revoke", ["active", "pending"]);
+    const hostname = d.hostname;
     if (d.status === "revoked") throw new UserError(`revoke ${hostname}: already revoked`);
     await registry.revoke(hostname);
     const ports = [d.port, ...Object.values(d.services)];
-    if (opts.json) out(JSON.stringify({ hostname, status: "revoked", quarantinedPorts: ports }));
+    if (opts.json) out(JSON.stringify({ hostname, status: "revoked", quarantinedPorts: ports, attributes: d.attributes }));
     log.info(`revoked ${hostname}; port(s) ${ports.join(", ")} quarantined until 'mkoverlay registry release ${hostname}'`);
     log.info("bastions running 'mkoverlay bastion agent' lock it out now; re-export the others' authorized_keys (mkoverlay bastion authorized-keys --write)");
   });
 }
 
-export async function releaseCommand(hostname: string, opts: { config?: string; json?: boolean }): Promise<void> {
+export async function releaseCommand(arg: string, opts: { config?: string; json?: boolean }): Promise<void> {
   await withFleetRegistry(opts.config, async (_f, registry) => {
-    const d = await device(registry, hostname, "release");
+    const d = await findDevice(registry, arg, "release", ["revoked"]);
+    const hostname = d.hostname;
     if (d.status !== "revoked") throw new UserError(`release ${hostname}: the device is ${d.status}; revoke it first`);
     await registry.release(hostname);
-    if (opts.json) out(JSON.stringify({ hostname, releasedPorts: [d.port, ...Object.values(d.services)] }));
-    stderrLog(Boolean(opts.json)).info(`released ${hostname}; its port(s) can be handed out again`);
+    const ports = [d.port, ...Object.values(d.services)];
+    if (opts.json) out(JSON.stringify({ hostname, status: "released", releasedPorts: ports, attributes: d.attributes }));
+    stderrLog(Boolean(opts.json)).info(`released ${hostname}; its port(s) ${ports.join(", ")} can be handed out again`);
   });
 }
 
@@ -70,7 +67,17 @@ export interface RotateOptions extends OutputOptions {
  * then does the registry — and so every export — switch keys, keeping the old one valid for
  * the grace period so the device in the field is not locked out before its new overlay lands.
  */
-export async function rotateCommand(hostname: string, opts: RotateOptions): Promise<void> {
+export async function rotateCommand(arg: string, opts: RotateOptions): Promise<void> {
+  const signals = watchSignals();
+  try {
+    await rotate(arg, opts, signals.signal);
+    if (signals.signal.aborted) throw new Interrupted(String(signals.signal.reason), `interrupted by ${String(signals.signal.reason)} after the rotation was complete`);
+  } finally {
+    signals.dispose();
+  }
+}
+
+async function rotate(arg: string, opts: RotateOptions, stop: AbortSignal): Promise<void> {
   const log = stderrLog(Boolean(opts.quiet) || Boolean(opts.json));
   const graceMs = parseGrace(opts.grace ?? "7d");
   const dk = loadOrGenerateKey(opts.hostKey);
@@ -81,16 +88,22 @@ export async function rotateCommand(hostname: string, opts: RotateOptions): Prom
   const result = await withOutDir(opts, (outDir, form) =>
     withStation(fleet, { outDir, form, epoch }, log, now, () => openRegistry(fleet.registry), async (st) => {
       const { registry } = st;
-      const d = await device(registry, hostname, "rotate");
+      const d = await findDevice(registry, arg, "rotate", ["active"]);
+      const hostname = d.hostname;
       if (d.status !== "active") throw new UserError(`rotate ${hostname}: the device is ${d.status}`);
       if (dk.fingerprint === d.fingerprint) throw new UserError(`rotate ${hostname}: that is already its key`);
       const { board, os } = deviceProfiles(profiles, d);
       const bastions = deviceBastions(fleet, d);
       const publicKey = publicKeyLine(dk.key.pub);
+      const stopped = st.stopRequested();
+      if (stopped) throw new Interrupted(stopped, `interrupted by ${stopped}: ${hostname} was not rotated`);
       await registry.beginRotate(hostname, d.fingerprint, publicKey, dk.fingerprint, overlayPath(st.emit, hostname));
       st.leases.add(hostname);
       try {
         const r = await renderDevice(contextOf(st, { ...d, publicKey, fingerprint: dk.fingerprint }, { board, os, bastions, dk }));
+        // Stopping before the new overlay is in place leaves the device as it was.
+        const why = st.stopRequested();
+        if (why) throw new Interrupted(why, `interrupted by ${why}: ${hostname} was not rotated (it keeps its key)`);
         await place(st, hostname, r, true);
         const graceUntil = graceMs > 0 ? new Date(Date.now() + graceMs) : undefined;
         try {
@@ -117,7 +130,7 @@ export async function rotateCommand(hostname: string, opts: RotateOptions): Prom
       } finally {
         st.leases.delete(hostname);
       }
-    }),
+    }, stop),
   );
   const { text, ...json } = result;
   out(opts.json ? JSON.stringify(json) : text);

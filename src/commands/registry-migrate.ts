@@ -8,7 +8,7 @@
 import { resolve } from "node:path";
 import { configPath, loadFleet } from "../config/load.js";
 import { UserError } from "../errors.js";
-import { out } from "../output.js";
+import { out, stderrLog } from "../output.js";
 import { copyRegistry } from "../registry/copy.js";
 import { displayLocation, isRegistryUrl } from "../registry/location.js";
 
@@ -31,7 +31,5 @@ export async function registryMigrateCommand(opts: MigrateOptions): Promise<void
   }
   const s = r.statuses;
   out(`copied ${r.devices} device(s) (${s.active} active, ${s.pending} pending, ${s.revoked} revoked), ${r.ports} port(s), name counter ${r.seq}: ${r.from} -> ${r.to}`);
-  if (!opts.quiet) {
-    process.stderr.write(`mkoverlay: the config still points at ${r.from}; set 'registry: ${displayLocation(to)}' (or MKOVERLAY_REGISTRY) to use the copy\n`);
-  }
+  stderrLog(Boolean(opts.quiet)).info(`the config still points at ${r.from}; set 'registry: ${displayLocation(to)}' (or MKOVERLAY_REGISTRY) to use the copy`);
 }

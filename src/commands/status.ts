@@ -10,6 +10,7 @@ import { out } from "../output.js";
 import { fleetStatus, type DeviceView, type FleetStatus } from "../status.js";
 import { parseAfter } from "../status-options.js";
 import { nameProblem } from "../validate.js";
+import { findDevice } from "./device-arg.js";
 
 export interface StatusOptions {
   bastion?: string;
@@ -34,8 +35,10 @@ function row(d: DeviceView, now: Date): string[] {
 
 export function renderStatusTable(s: FleetStatus): string {
   const now = new Date(s.at);
-  const head = ["HOSTNAME", "STATE", "BASTION", "CONNECTED SINCE", "LAST SEEN"];
-  const rows = s.devices.map((d) => row(d, now));
+  // Factory data (serial number, MAC, site…) follows as one column per name.
+  const keys = [...new Set(s.devices.flatMap((d) => Object.keys(d.attributes)))].sort();
+  const head = ["HOSTNAME", "STATE", "BASTION", "CONNECTED SINCE", "LAST SEEN", ...keys.map((k) => k.toUpperCase())];
+  const rows = s.devices.map((d) => [...row(d, now), ...keys.map((k) => d.attributes[k] ?? "-")]);
   const widths = head.map((h, i) => Math.max(h.length, ...rows.map((r) => r[i]!.length)));
   const line = (r: string[]) => r.map((v, i) => v.padEnd(widths[i]!)).join("  ").trimEnd();
   const out = [line(head), ...rows.map(line)];
@@ -46,15 +49,21 @@ export function renderStatusTable(s: FleetStatus): string {
   return out.join("\n") + "\n";
 }
 
-export async function statusCommand(opts: StatusOptions): Promise<void> {
+/**
+ * `status [DEVICE]`: DEVICE (a hostname, or `serial=SN0042`) narrows the view to that device
+ * and the alarms about it; the bastions' lines stay (they say whether the view is fresh).
+ */
+export async function statusCommand(device: string | undefined, opts: StatusOptions): Promise<void> {
   const format = opts.json ? "json" : (opts.format ?? "table");
   if (!["table", "json", "prometheus"].includes(format)) throw new UserError(`--format ${JSON.stringify(format)}: use table, json or prometheus`);
   if (opts.bastion !== undefined && nameProblem(opts.bastion)) throw new UserError(`--bastion ${JSON.stringify(opts.bastion)}: not a bastion name`);
   const neverSeenAfterMs = parseAfter(opts.neverSeenAfter ?? "24h");
   const s = await withFleetRegistry(opts.config, async (fleet, registry) => {
     if (opts.bastion !== undefined && !fleet.bastions.has(opts.bastion)) throw new UserError(`--bastion ${opts.bastion}: no such bastion in ${fleet.file}`);
+    const one = device === undefined ? undefined : (await findDevice(registry, device, "status")).hostname;
     const [devices, obs] = await Promise.all([registry.list(), registry.observations()]);
-    return fleetStatus(devices, obs, { now: new Date(), neverSeenAfterMs, ...(opts.bastion ? { bastion: opts.bastion } : {}), knownBastions: [...fleet.bastions.keys()] });
+    const all = fleetStatus(devices, obs, { now: new Date(), neverSeenAfterMs, ...(opts.bastion ? { bastion: opts.bastion } : {}), knownBastions: [...fleet.bastions.keys()] });
+    return one === undefined ? all : { ...all, devices: all.devices.filter((d) => d.hostname === one), alarms: all.alarms.filter((a) => a.hostname === one) };
   });
   if (format === "json") out(JSON.stringify(s));
   else if (format === "prometheus") out(await (await import("../metrics.js")).prometheusText(s));

@@ -6,6 +6,7 @@
 import { readFileSync, statSync } from "node:fs";
 import { dirname, resolve } from "node:path";
 import { cached } from "../cache.js";
+import { resourceDir } from "../resources.js";
 import { errnoCode, UserError } from "../errors.js";
 import { toFleet, type Fleet } from "./fleet.js";
 import { crossCheck } from "./rules.js";
@@ -25,8 +26,9 @@ export function readConfigText(file: string): string {
   } catch (e) {
     if (e instanceof UserError) throw e;
     if (errnoCode(e) === "ENOENT") {
+      // The example's path is where this installation keeps it (a global install, a checkout).
       throw new UserError(`${file}: config file not found`, {
-        hint: "pass --config FILE, set MKOVERLAY_CONFIG, or copy examples/fleet.yaml to ./mkoverlay.yaml",
+        hint: `write one with 'mkoverlay init' (or copy ${resourceDir("examples", "fleet.yaml")}), or pass --config FILE or set MKOVERLAY_CONFIG`,
       });
     }
     throw new UserError(`${file}: cannot read config (${(e as Error).message})`);
