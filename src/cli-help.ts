@@ -53,6 +53,24 @@ export const HELP: Record<string, HelpSpec> = {
     env: [...BUILD, "MKOVERLAY_SYNCFS", "NO_COLOR"],
     exit: `0 all built; 1 some devices failed (the others are built and registered); 2 nothing done (usage or input error); ${INTERRUPTED}; 70 a bug`,
   },
+  image: {
+    examples: [
+      ["mkoverlay image --base 2025-05-13-raspios-bookworm-arm64-lite.img --board rpi4 --bastion eu", "one device as out/<host>.img and out/<host>.img.bmap (flash with bmaptool copy)"],
+      ["mkoverlay image --base base.img --board rpi4 --bastion eu --hostname gw-lab-1 --compress zstd", "a compressed image for storing and moving"],
+      ["mkoverlay image --base gpt.img --board arm64 --bastion eu --root-partition 3 --json", "a base whose root partition is not found by type and label"],
+    ],
+    env: BUILD,
+    exit: `0 built; 2 a usage, input or I/O error, or a base mkoverlay will not write (mounted, not ext, no room, another device's identity: nothing reserved); ${INTERRUPTED}; 70 a bug`,
+  },
+  write: {
+    examples: [
+      ["mkoverlay write out/gw-0001.overlay.tar.gz --image card.img", "lay an overlay into an image, in place (its .bmap is refreshed)"],
+      ["mkoverlay write out/gw-0001.overlay.tar.gz --device /dev/sdX --base base.img", "write the base's used blocks to a card, then the overlay"],
+      ["mkoverlay write out/gw-0001.overlay.tar.gz --device /dev/sdX", "re-flash the overlay onto a card that already has the base"],
+    ],
+    env: ["SOURCE_DATE_EPOCH"],
+    exit: "0 written and read back; 1 the write or its read-back failed (rolled back); 2 refused (mounted, not ext, no room, another device's identity) or a usage error; 70 a bug",
+  },
   init: {
     examples: [
       ["ssh-keyscan -t ed25519 bastion.example.com | mkoverlay init --bastion eu=bastion.example.com --host-keys - --operator-key ~/.ssh/id_ed25519.pub", "pin what ssh-keyscan saw (check its fingerprint first)"],

@@ -8,6 +8,7 @@ import { join } from "node:path";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
 import { openRegistry } from "../src/registry/open.js";
 import { prepareRoot, secureRoot } from "./helpers/bastion.js";
+import { haveDiskTools, makeDisk, makeRootTree } from "./helpers/disk.js";
 import { ensureUser } from "./helpers/sshd.js";
 import { readPub, REPO, removeDir, runCli, sshKeygen, tempDir, writeFleet } from "./helpers/workspace.js";
 
@@ -231,9 +232,19 @@ describe("--json: the fields docs/json.md documents, camelCase", () => {
     expectDocumented("mkoverlay registry remove-bastion NAME --json", r);
   });
 
+  it.runIf(haveDiskTools())("image and write (a Raspberry Pi OS-shaped disk made without root)", async () => {
+    const root = join(dir, "disk-root");
+    makeRootTree(root);
+    const base = makeDisk(join(dir, "base.img"), root).path;
+    const img = json(["image", "--base", base, "--board", "rpi4", "--bastion", "eu", "--out", join(dir, "img-out"), "--json"]) as { overlay: string };
+    expectDocumented("mkoverlay image --base BASE --json", img);
+    const archive = json(["--board", "rpi4", "--bastion", "eu", "--out", join(dir, "img-archive"), "--json"]) as { overlay: string };
+    expectDocumented("mkoverlay write OVERLAY --image IMG --json", json(["write", archive.overlay, "--image", img.overlay, "--force", "--json"]));
+  });
+
   it("every command docs/json.md documents was run above", () => {
     expect(DOC.size).toBeGreaterThanOrEqual(17);
-    const skipped = isRoot ? [] : ["mkoverlay bastion install --bastion NAME --json"];
+    const skipped = [...(isRoot ? [] : ["mkoverlay bastion install --bastion NAME --json"]), ...(haveDiskTools() ? [] : ["mkoverlay image --base BASE --json", "mkoverlay write OVERLAY --image IMG --json"])];
     expect([...DOC.keys()].filter((h) => !tested.has(h) && h !== "mkoverlay batch --json" && !skipped.includes(h))).toEqual([]);
   });
 });
