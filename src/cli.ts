@@ -4,7 +4,7 @@
  * owns the single top-level error handler.
  */
 import { Command, CommanderError, Option } from "commander";
-import { helpAfter, HELP, programHelpAfter } from "./cli-help.js";
+import type * as CliHelp from "./cli-help.js";
 import { ioUserError, isUserError, UserError } from "./errors.js";
 import { VERSION } from "./version.js";
 
@@ -27,7 +27,11 @@ const CFG = "fleet config (default $MKOVERLAY_CONFIG or ./mkoverlay.yaml)";
 /** `--attr KEY=VALUE`, repeatable. */
 const collect = (v: string, prev: string[] = []): string[] => [...prev, v];
 
-export function program(): Command {
+/**
+ * The command line. `only`: define just that command (main() knows which one runs); `help`:
+ * the examples, environment and exit codes for --help (loaded only when help may be shown).
+ */
+export function program(only?: string, help?: typeof CliHelp): Command {
   const p = new Command("mkoverlay")
     .description("Build rootfs overlays for gateways that keep reverse SSH tunnels to bastions")
     .version(VERSION)
@@ -35,255 +39,326 @@ export function program(): Command {
     .option("--config <file>", CFG)
     .showHelpAfterError("(run with --help for usage)")
     .showSuggestionAfterError(true)
-    .addHelpText("after", programHelpAfter())
+    .addHelpText("after", () => help?.programHelpAfter() ?? "")
     // Set before the subcommands are added so they inherit it: one exit path for every error.
     .exitOverride();
-
-  p.command("build", { isDefault: true })
-    .description("build one device's overlay, reserve its port, print its bastion authorized_keys line(s)")
-    .requiredOption("--board <id>", "board profile (see 'mkoverlay boards')")
-    .option("--bastion <names>", "bastion(s) from the config, comma-separated (e.g. eu,us)")
-    .option("--os <id>", "OS profile, instead of the board's default")
-    .option("--hostname <name>", "device name (default: the config's hostname template); KEY=VALUE names a registered device by its factory data (with --host-key)")
-    .option("--host-key <file>", "use this unencrypted ed25519 OpenSSH private key instead of a new one")
-    .option("--attr <key=value>", "factory data to record with the device (repeatable), e.g. serial=SN0042", collect)
-    .option("--out <dir>", "output directory (created 0700)", "out")
-    .option("--format <form>", "tar (default: <out>/<host>.overlay.tar.gz) or dir (<out>/<host>.overlay/)")
-    .option("--apply <root>", "lay the overlay directly over a mounted root file system (as root)")
-    .option("--config <file>", CFG)
-    .option("--json", "print one JSON object on stdout")
-    .option("-q, --quiet", "no progress on stderr")
-    .action(lazy(() => import("./commands/build.js"), (m, opts) => m.buildCommand(opts)));
-
-  p.command("batch")
-    .description("build many devices: --count N (names from the template) or --hosts FILE")
-    .requiredOption("--board <id>", "board profile")
-    .option("--bastion <names>", "bastion(s), comma-separated")
-    .option("--os <id>", "OS profile, instead of the board's default")
-    .option("--count <n>", "this many devices, named by the hostname template")
-    .option("--hosts <file>", "one hostname a line, or CSV with a hostname column (other columns are kept as factory data)")
-    .option("--attr <key=value>", "factory data recorded with every device of the batch (repeatable)", collect)
-    .option("--out <dir>", "output directory (created 0700)", "out")
-    .option("--format <form>", "tar or dir")
-    .option("--image <base>", "one disk image per device from this base image (<out>/<host>.img + .bmap)")
-    .option("--root-partition <n>", "with --image: the root partition's number")
-    .option("--compress <kind>", "with --image: zstd writes <host>.img.zst")
-    .option("--force", "with --image: lay overlays even over another device's identity in the base")
-    .option("--config <file>", CFG)
-    .option("--json", "one JSON object per device on stdout")
-    .option("--no-progress", "no progress bar on a terminal: a plain line per device instead")
-    .option("-q, --quiet", "no progress on stderr")
-    .action(lazy(() => import("./commands/batch.js"), (m, opts) => m.batchCommand(opts)));
-
-  p.command("image")
-    .description("build one device as a disk image: the base with its overlay laid into the root partition (+ a bmap)")
-    .requiredOption("--base <image>", "the OS image to start from (e.g. a Raspberry Pi OS .img; MBR or GPT)")
-    .requiredOption("--board <id>", "board profile (see 'mkoverlay boards')")
-    .option("--bastion <names>", "bastion(s) from the config, comma-separated (e.g. eu,us)")
-    .option("--os <id>", "OS profile, instead of the board's default")
-    .option("--hostname <name>", "device name (default: the config's hostname template)")
-    .option("--host-key <file>", "use this unencrypted ed25519 OpenSSH private key instead of a new one")
-    .option("--out <dir>", "output directory (created 0700): <out>/<host>.img and .img.bmap", "out")
-    .option("--root-partition <n>", "the root partition's number (default: found by type, label and file system)")
-    .option("--compress <kind>", "zstd: write <host>.img.zst instead of <host>.img")
-    .option("--force", "lay the overlay even over another device's mkoverlay identity in the base")
-    .option("--config <file>", "fleet config (default $MKOVERLAY_CONFIG or ./mkoverlay.yaml)")
-    .option("--json", "print one JSON object on stdout")
-    .option("-q, --quiet", "no progress on stderr")
-    .action(lazy(() => import("./commands/image.js"), (m, opts) => m.imageCommand(opts)));
-
-  p.command("write <overlay>")
-    .description("lay an existing overlay (archive or folder) into a disk image or an already-flashed card")
-    .option("--image <file>", "the image to write into, in place")
-    .option("--device <dev>", "the card (block device) to write, e.g. /dev/sdX")
-    .option("--base <image>", "with --device: write this base image's used blocks first")
-    .option("--root-partition <n>", "the root partition's number (default: found by type, label and file system)")
-    .option("--force", "lay the overlay even over another device's mkoverlay identity")
-    .option("--json", "print one JSON object on stdout")
-    .option("-q, --quiet", "no progress on stderr")
-    .action(lazy(() => import("./commands/write.js"), (m, overlay, opts) => m.writeCommand(overlay, opts)));
-
-  p.command("init")
-    .description("write a commented fleet config (./mkoverlay.yaml, or --config FILE) from flags or answers")
-    .option("--bastion <name=host[:port]>", "a bastion the gateways tunnel to (repeatable)", collect)
-    .option("--host-key-file <[name=]file>", "pin the bastion host key(s) in FILE: ssh-keyscan output, known_hosts lines, or a .pub (NAME= when several bastions) (repeatable)", collect)
-    .option("--host-keys <->", "read ssh-keyscan output from stdin ('-'); lines are matched to bastions by host")
-    .option("--tunnel-user <user>", "the tunnel user on the bastions", "reverse-ssh")
-    .option("--operator-key <file>", "an operator's public key file, e.g. ~/.ssh/id_ed25519.pub (repeatable)", collect)
-    .option("--operator-ca <file>", "an SSH user CA's public key: certificates it signs for --principal may log in")
-    .option("--principal <name>", "a certificate principal for --operator-ca (repeatable)", collect)
-    .option("--operator-user <user>", "the account operators log in as", "root")
-    .option("--no-operators", "add no login access (the OS image brings its own)")
-    .option("--registry <location>", "registry file (relative to the config) or postgres://user@host/db", "./mkoverlay.db")
-    .option("--hostname <template>", "device names: {seq} or {seq:0N} is the sequence number", "gw-{seq:04}")
-    .option("--ssh-ports <range>", "one tunnel port per device from this range", "21000-21999")
-    .option("--service-ports <range>", "ports for service tunnels", "22000-22999")
-    .option("--force", "replace an existing file")
-    .option("--config <file>", "where to write it (default $MKOVERLAY_CONFIG or ./mkoverlay.yaml)")
-    .option("--json", "print what was written as JSON")
-    .addHelpText(
-      "after",
-      "\nmkoverlay init never fetches a host key itself: pinning a bastion's key is your decision. Get it\n" +
-        "from the bastion (its /etc/ssh/ssh_host_ed25519_key.pub) or from ssh-keyscan, and compare the\n" +
-        "fingerprint init prints with 'ssh-keygen -lf /etc/ssh/ssh_host_ed25519_key.pub' run on the bastion.\n",
-    )
-    .action(lazy(() => import("./commands/init.js"), (m, opts) => m.initCommand(opts)));
-
-  const bastion = p.command("bastion").description("what a bastion imports: authorized_keys and its sshd Match block");
-  bastion
-    .command("authorized-keys")
-    .description("the tunnel user's complete authorized_keys file, from the registry")
-    .requiredOption("--bastion <name>", "the bastion")
-    .option("--write <file>", "replace FILE atomically instead of printing (0600, the tunnel user's; a new file is created for it)")
-    .option("--config <file>", CFG)
-    .option("--json", "JSON output")
-    .action(lazy(() => import("./commands/bastion.js"), (m, opts) => m.authorizedKeysCommand(opts)));
-  bastion
-    .command("sshd-config")
-    .description("the Match User block the bastion's sshd_config needs")
-    .requiredOption("--bastion <name>", "the bastion")
-    .option("--authorized-keys-file <path>", "add an AuthorizedKeysFile line (e.g. /etc/ssh/authorized_keys.d/%u)")
-    .option("--config <file>", CFG)
-    .option("--json", "JSON output")
-    .action(lazy(() => import("./commands/bastion.js"), (m, opts) => m.sshdConfigCommand(opts)));
-  bastion
-    .command("install")
-    .description("set this host (or --root DIR) up as the bastion: tunnel user, sshd drop-in, key directory, agent unit")
-    .requiredOption("--bastion <name>", "the bastion")
-    .option("--root <dir>", "install into a mounted image instead of this host (like systemctl --root)")
-    .option("--registry <location>", "the registry the agent reads (default: the config's), e.g. postgres://mkoverlay_bastion@db/fleet")
-    .option("--no-create-user", "fail instead of creating a missing tunnel user")
-    .option("--mkoverlay <path>", "mkoverlay's executable on the bastion, for the unit (default: this one)")
-    .option("--config <file>", CFG)
-    .option("--json", "what was installed, as JSON")
-    .action(lazy(() => import("./commands/bastion-install.js"), (m, opts) => m.bastionInstallCommand(opts)));
-  bastion
-    .command("agent")
-    .description("keep sshd's tunnel keys equal to the registry, live (runs in mkoverlay-bastion@NAME.service)")
-    .requiredOption("--bastion <name>", "the bastion")
-    .option("--state-dir <dir>", "key directory and state (default /var/lib/mkoverlay/bastion/NAME)")
-    .option("--auth-log <source>", "where sshd logs logins: journal, a file (sshd -E), or none", "journal")
-    .option("--resync <seconds>", "full re-read period (default 60 on PostgreSQL, 10 on SQLite)")
-    .option("--interval <seconds>", "how often to record the tunnels this bastion sees (mkoverlay status)", "15")
-    .option("--metrics-listen <host:port>", "serve this bastion's fleet view for Prometheus on a loopback address (GET /metrics)")
-    .option("--never-seen-after <duration>", "for the metrics: a device built this long ago and never connected is an alarm", "24h")
-    .option("--config <file>", CFG)
-    .action(lazy(() => import("./commands/bastion-agent.js"), (m, opts) => m.bastionAgentCommand(opts)));
-
-  p.command("ssh-config")
-    .description("~/.ssh/config entries that reach every live device by name through its bastion")
-    .option("--bastion <name>", "route through this bastion (default: each device's first)")
-    .option("--user <name>", "login user on the devices", "root")
-    .option("--known-hosts <file>", "add UserKnownHostsFile FILE (e.g. where you saved 'mkoverlay known-hosts')")
-    .option("--config <file>", CFG)
-    .option("--json", "JSON output")
-    .action(lazy(() => import("./commands/operator.js"), (m, opts) => m.sshConfigCommand(opts)));
-  p.command("known-hosts")
-    .description("known_hosts lines for every live device (matching ssh-config's HostKeyAlias)")
-    .option("--config <file>", CFG)
-    .option("--json", "JSON output")
-    .action(lazy(() => import("./commands/operator.js"), (m, opts) => m.knownHostsCommand(opts)));
-
   const device = "HOST, or KEY=VALUE of its factory data (e.g. serial=SN0042)";
-  p.command("revoke")
-    .description("take a device out of every export; its ports stay quarantined")
-    .argument("<device>", device)
-    .option("--config <file>", CFG)
-    .option("--json", "JSON output")
-    .action(lazy(() => import("./commands/lifecycle.js"), (m, host, opts) => m.revokeCommand(host, opts)));
-  p.command("rotate")
-    .description("a new key for a device (same name and ports) and a new overlay")
-    .argument("<device>", device)
-    .option("--host-key <file>", "use this key instead of a new one")
-    .option("--grace <duration>", "bastions keep accepting the old key this long (e.g. 12h, 7d, 2w; 0: drop it now)", "7d")
-    .option("--out <dir>", "output directory (created 0700)", "out")
-    .option("--format <form>", "tar or dir")
-    .option("--apply <root>", "lay the overlay over a mounted root file system")
-    .option("--config <file>", CFG)
-    .option("--json", "JSON output")
-    .option("-q, --quiet", "no progress on stderr")
-    .action(lazy(() => import("./commands/lifecycle.js"), (m, host, opts) => m.rotateCommand(host, opts)));
-  p.command("verify")
-    .description("check overlays (archives, folders, disk images, .img.zst, cards) against themselves, the fleet config and the registry")
-    .argument("<overlay...>", "overlay archives, folders, images or cards")
-    .option("--root-partition <n>", "for an image: the root partition's number")
-    .option("--offline", "no config or registry: check each overlay against itself and what this mkoverlay builds for it")
-    .option("--config <file>", CFG)
-    .option("--json", "one JSON object per overlay")
-    .option("-q, --quiet", "print only failures (the exit code says the rest)")
-    .action(lazy(() => import("./commands/verify.js"), (m, paths, opts) => m.verifyCommand(paths, opts)));
 
-  p.command("boards")
-    .description("list board and OS profiles")
-    .option("--json", "JSON output")
-    .action(lazy(() => import("./commands/boards.js"), (m, opts) => m.boardsCommand(opts)));
+  // Only the command that runs, when main() knows it: building every command and its options costs
+  // each start several milliseconds (a flashing script starts mkoverlay once per device).
+  const def = (name: string, define: () => void): void => {
+    if (only === undefined || only === name) define();
+  };
 
-  p.command("status")
-    .description("which gateways are connected, where and since when; which never came online; alarms")
-    .argument("[device]", "only this device: HOST, or KEY=VALUE of its factory data (e.g. serial=SN0042)")
-    .option("--bastion <name>", "only this bastion")
-    .option("--format <form>", "table, json or prometheus", "table")
-    .option("--json", "same as --format json")
-    .option("--check", "exit 1 when there is an alarm (for monitoring)")
-    .option("--never-seen-after <duration>", "a device built this long ago and never connected is an alarm (e.g. 24h, 2d; 0: never)", "24h")
-    .option("--config <file>", CFG)
-    .action(lazy(() => import("./commands/status.js"), (m, dev, opts) => m.statusCommand(dev, opts)));
+  def("build", () => {
+    p.command("build", { isDefault: true })
+      .description("build one device's overlay, reserve its port, print its bastion authorized_keys line(s)")
+      .requiredOption("--board <id>", "board profile (see 'mkoverlay boards')")
+      .option("--bastion <names>", "bastion(s) from the config, comma-separated (e.g. eu,us)")
+      .option("--os <id>", "OS profile, instead of the board's default")
+      .option("--hostname <name>", "device name (default: the config's hostname template); KEY=VALUE names a registered device by its factory data (with --host-key)")
+      .option("--host-key <file>", "use this unencrypted ed25519 OpenSSH private key instead of a new one")
+      .option("--attr <key=value>", "factory data to record with the device (repeatable), e.g. serial=SN0042", collect)
+      .option("--out <dir>", "output directory (created 0700)", "out")
+      .option("--format <form>", "tar (default: <out>/<host>.overlay.tar.gz) or dir (<out>/<host>.overlay/)")
+      .option("--apply <root>", "lay the overlay directly over a mounted root file system (as root)")
+      .option("--config <file>", CFG)
+      .option("--json", "print one JSON object on stdout")
+      .option("-q, --quiet", "no progress on stderr")
+      .action(lazy(() => import("./commands/build.js"), (m, opts) => m.buildCommand(opts)));
+  });
 
-  const registry = p.command("registry").description("the port registry: list, doctor, release, migrate");
-  registry
-    .command("list")
-    .description("the port allocation table, with each device's factory data")
-    .option("--format <form>", "table, csv or markdown", "table")
-    .option("--json", "a JSON array")
-    .option("--config <file>", CFG)
-    .action(lazy(() => import("./commands/registry-list.js"), (m, opts) => m.registryListCommand(opts)));
-  registry
-    .command("release")
-    .description("give a revoked device's quarantined ports back")
-    .argument("<device>", device)
-    .option("--config <file>", CFG)
-    .option("--json", "JSON output")
-    .action(lazy(() => import("./commands/lifecycle.js"), (m, host, opts) => m.releaseCommand(host, opts)));
-  registry
-    .command("remove-bastion <name>")
-    .description("take a retired bastion off every registered device (exports and lists stop naming it)")
-    .option("--config <file>", CFG)
-    .option("--json", "JSON output")
-    .action(lazy(() => import("./commands/lifecycle.js"), (m, name, opts) => m.removeBastionCommand(name, opts)));
-  registry
-    .command("doctor")
-    .description("finish or reclaim devices left pending by killed builds")
-    .option("--fix", "apply (default: report only)")
-    .option("--grace <seconds>", "wait this long after a lease ran out before acting (a dead station of this host: at once)", "60")
-    .option("--config <file>", CFG)
-    .option("--json", "JSON output")
-    .action(lazy(() => import("./commands/doctor.js"), (m, opts) => m.doctorCommand(opts)));
+  def("batch", () => {
+    p.command("batch")
+      .description("build many devices: --count N (names from the template) or --hosts FILE")
+      .requiredOption("--board <id>", "board profile")
+      .option("--bastion <names>", "bastion(s), comma-separated")
+      .option("--os <id>", "OS profile, instead of the board's default")
+      .option("--count <n>", "this many devices, named by the hostname template")
+      .option("--hosts <file>", "one hostname a line, or CSV with a hostname column (other columns are kept as factory data)")
+      .option("--attr <key=value>", "factory data recorded with every device of the batch (repeatable)", collect)
+      .option("--out <dir>", "output directory (created 0700)", "out")
+      .option("--format <form>", "tar or dir")
+      .option("--image <base>", "one disk image per device from this base image (<out>/<host>.img + .bmap)")
+      .option("--root-partition <n>", "with --image: the root partition's number")
+      .option("--compress <kind>", "with --image: zstd writes <host>.img.zst")
+      .option("--force", "with --image: lay overlays even over another device's identity in the base")
+      .option("--config <file>", CFG)
+      .option("--json", "one JSON object per device on stdout")
+      .option("--no-progress", "no progress bar on a terminal: a plain line per device instead")
+      .option("-q, --quiet", "no progress on stderr")
+      .action(lazy(() => import("./commands/batch.js"), (m, opts) => m.batchCommand(opts)));
+  });
 
-  registry
-    .command("migrate")
-    .description("copy the registry in use into another backend (keeps ports, keys, statuses, name counter)")
-    .requiredOption("--to <registry>", "target: postgres://user@host:5432/db, or a registry file")
-    .option("--force", "replace a target that already holds devices")
-    .option("--config <file>", CFG)
-    .option("--json", "JSON output")
-    .option("-q, --quiet", "no reminder on stderr")
-    .action(lazy(() => import("./commands/registry-migrate.js"), (m, opts) => m.registryMigrateCommand(opts)));
+  def("image", () => {
+    p.command("image")
+      .description("build one device as a disk image: the base with its overlay laid into the root partition (+ a bmap)")
+      .requiredOption("--base <image>", "the OS image to start from (e.g. a Raspberry Pi OS .img; MBR or GPT)")
+      .requiredOption("--board <id>", "board profile (see 'mkoverlay boards')")
+      .option("--bastion <names>", "bastion(s) from the config, comma-separated (e.g. eu,us)")
+      .option("--os <id>", "OS profile, instead of the board's default")
+      .option("--hostname <name>", "device name (default: the config's hostname template)")
+      .option("--host-key <file>", "use this unencrypted ed25519 OpenSSH private key instead of a new one")
+      .option("--out <dir>", "output directory (created 0700): <out>/<host>.img and .img.bmap", "out")
+      .option("--root-partition <n>", "the root partition's number (default: found by type, label and file system)")
+      .option("--compress <kind>", "zstd: write <host>.img.zst instead of <host>.img")
+      .option("--force", "lay the overlay even over another device's mkoverlay identity in the base")
+      .option("--config <file>", "fleet config (default $MKOVERLAY_CONFIG or ./mkoverlay.yaml)")
+      .option("--json", "print one JSON object on stdout")
+      .option("-q, --quiet", "no progress on stderr")
+      .action(lazy(() => import("./commands/image.js"), (m, opts) => m.imageCommand(opts)));
+  });
 
-  p.command("schema [kind]")
-    .description("print a JSON Schema for editors: fleet (default), board or os")
-    .addOption(new Option("--out <file>", "write it to a file instead"))
-    .action(lazy(() => import("./commands/schema.js"), (m, kind, opts) => m.schemaCommand(kind, opts)));
+  def("write", () => {
+    p.command("write <overlay>")
+      .description("lay an existing overlay (archive or folder) into a disk image or an already-flashed card")
+      .option("--image <file>", "the image to write into, in place")
+      .option("--device <dev>", "the card (block device) to write, e.g. /dev/sdX")
+      .option("--base <image>", "with --device: write this base image's used blocks first")
+      .option("--root-partition <n>", "the root partition's number (default: found by type, label and file system)")
+      .option("--force", "lay the overlay even over another device's mkoverlay identity")
+      .option("--json", "print one JSON object on stdout")
+      .option("-q, --quiet", "no progress on stderr")
+      .action(lazy(() => import("./commands/write.js"), (m, overlay, opts) => m.writeCommand(overlay, opts)));
+  });
 
-  p.command("completion")
-    .description("print a shell completion script: bash, zsh or fish")
-    .argument("<shell>", "bash, zsh or fish")
-    .action(lazy(() => import("./completion.js"), (m, shell) => m.completionCommand(shell)));
+  def("init", () => {
+    p.command("init")
+      .description("write a commented fleet config (./mkoverlay.yaml, or --config FILE) from flags or answers")
+      .option("--bastion <name=host[:port]>", "a bastion the gateways tunnel to (repeatable)", collect)
+      .option("--host-key-file <[name=]file>", "pin the bastion host key(s) in FILE: ssh-keyscan output, known_hosts lines, or a .pub (NAME= when several bastions) (repeatable)", collect)
+      .option("--host-keys <->", "read ssh-keyscan output from stdin ('-'); lines are matched to bastions by host")
+      .option("--tunnel-user <user>", "the tunnel user on the bastions", "reverse-ssh")
+      .option("--operator-key <file>", "an operator's public key file, e.g. ~/.ssh/id_ed25519.pub (repeatable)", collect)
+      .option("--operator-ca <file>", "an SSH user CA's public key: certificates it signs for --principal may log in")
+      .option("--principal <name>", "a certificate principal for --operator-ca (repeatable)", collect)
+      .option("--operator-user <user>", "the account operators log in as", "root")
+      .option("--no-operators", "add no login access (the OS image brings its own)")
+      .option("--registry <location>", "registry file (relative to the config) or postgres://user@host/db", "./mkoverlay.db")
+      .option("--hostname <template>", "device names: {seq} or {seq:0N} is the sequence number", "gw-{seq:04}")
+      .option("--ssh-ports <range>", "one tunnel port per device from this range", "21000-21999")
+      .option("--service-ports <range>", "ports for service tunnels", "22000-22999")
+      .option("--force", "replace an existing file")
+      .option("--config <file>", "where to write it (default $MKOVERLAY_CONFIG or ./mkoverlay.yaml)")
+      .option("--json", "print what was written as JSON")
+      .addHelpText(
+        "after",
+        "\nmkoverlay init never fetches a host key itself: pinning a bastion's key is your decision. Get it\n" +
+          "from the bastion (its /etc/ssh/ssh_host_ed25519_key.pub) or from ssh-keyscan, and compare the\n" +
+          "fingerprint init prints with 'ssh-keygen -lf /etc/ssh/ssh_host_ed25519_key.pub' run on the bastion.\n",
+      )
+      .action(lazy(() => import("./commands/init.js"), (m, opts) => m.initCommand(opts)));
+  });
 
-  for (const c of allCommands(p)) {
-    const spec = HELP[commandPath(c)];
-    if (spec) c.addHelpText("after", helpAfter(commandPath(c), spec));
+  def("bastion", () => {
+    const bastion = p.command("bastion").description("what a bastion imports: authorized_keys and its sshd Match block");
+    bastion
+      .command("authorized-keys")
+      .description("the tunnel user's complete authorized_keys file, from the registry")
+      .requiredOption("--bastion <name>", "the bastion")
+      .option("--write <file>", "replace FILE atomically instead of printing (0600, the tunnel user's; a new file is created for it)")
+      .option("--config <file>", CFG)
+      .option("--json", "JSON output")
+      .action(lazy(() => import("./commands/bastion.js"), (m, opts) => m.authorizedKeysCommand(opts)));
+    bastion
+      .command("sshd-config")
+      .description("the Match User block the bastion's sshd_config needs")
+      .requiredOption("--bastion <name>", "the bastion")
+      .option("--authorized-keys-file <path>", "add an AuthorizedKeysFile line (e.g. /etc/ssh/authorized_keys.d/%u)")
+      .option("--config <file>", CFG)
+      .option("--json", "JSON output")
+      .action(lazy(() => import("./commands/bastion.js"), (m, opts) => m.sshdConfigCommand(opts)));
+    bastion
+      .command("install")
+      .description("set this host (or --root DIR) up as the bastion: tunnel user, sshd drop-in, key directory, agent unit")
+      .requiredOption("--bastion <name>", "the bastion")
+      .option("--root <dir>", "install into a mounted image instead of this host (like systemctl --root)")
+      .option("--registry <location>", "the registry the agent reads (default: the config's), e.g. postgres://mkoverlay_bastion@db/fleet")
+      .option("--no-create-user", "fail instead of creating a missing tunnel user")
+      .option("--mkoverlay <path>", "mkoverlay's executable on the bastion, for the unit (default: this one)")
+      .option("--config <file>", CFG)
+      .option("--json", "what was installed, as JSON")
+      .action(lazy(() => import("./commands/bastion-install.js"), (m, opts) => m.bastionInstallCommand(opts)));
+    bastion
+      .command("agent")
+      .description("keep sshd's tunnel keys equal to the registry, live (runs in mkoverlay-bastion@NAME.service)")
+      .requiredOption("--bastion <name>", "the bastion")
+      .option("--state-dir <dir>", "key directory and state (default /var/lib/mkoverlay/bastion/NAME)")
+      .option("--auth-log <source>", "where sshd logs logins: journal, a file (sshd -E), or none", "journal")
+      .option("--resync <seconds>", "full re-read period (default 60 on PostgreSQL, 10 on SQLite)")
+      .option("--interval <seconds>", "how often to record the tunnels this bastion sees (mkoverlay status)", "15")
+      .option("--metrics-listen <host:port>", "serve this bastion's fleet view for Prometheus on a loopback address (GET /metrics)")
+      .option("--never-seen-after <duration>", "for the metrics: a device built this long ago and never connected is an alarm", "24h")
+      .option("--config <file>", CFG)
+      .action(lazy(() => import("./commands/bastion-agent.js"), (m, opts) => m.bastionAgentCommand(opts)));
+  });
+
+  def("ssh-config", () => {
+    p.command("ssh-config")
+      .description("~/.ssh/config entries that reach every live device by name through its bastion")
+      .option("--bastion <name>", "route through this bastion (default: each device's first)")
+      .option("--user <name>", "login user on the devices", "root")
+      .option("--known-hosts <file>", "add UserKnownHostsFile FILE (e.g. where you saved 'mkoverlay known-hosts')")
+      .option("--config <file>", CFG)
+      .option("--json", "JSON output")
+      .action(lazy(() => import("./commands/operator.js"), (m, opts) => m.sshConfigCommand(opts)));
+  });
+
+  def("known-hosts", () => {
+    p.command("known-hosts")
+      .description("known_hosts lines for every live device (matching ssh-config's HostKeyAlias)")
+      .option("--config <file>", CFG)
+      .option("--json", "JSON output")
+      .action(lazy(() => import("./commands/operator.js"), (m, opts) => m.knownHostsCommand(opts)));
+  });
+
+  def("revoke", () => {
+    p.command("revoke")
+      .description("take a device out of every export; its ports stay quarantined")
+      .argument("<device>", device)
+      .option("--config <file>", CFG)
+      .option("--json", "JSON output")
+      .action(lazy(() => import("./commands/lifecycle.js"), (m, host, opts) => m.revokeCommand(host, opts)));
+  });
+
+  def("rotate", () => {
+    p.command("rotate")
+      .description("a new key for a device (same name and ports) and a new overlay")
+      .argument("<device>", device)
+      .option("--host-key <file>", "use this key instead of a new one")
+      .option("--grace <duration>", "bastions keep accepting the old key this long (e.g. 12h, 7d, 2w; 0: drop it now)", "7d")
+      .option("--out <dir>", "output directory (created 0700)", "out")
+      .option("--format <form>", "tar or dir")
+      .option("--apply <root>", "lay the overlay over a mounted root file system")
+      .option("--config <file>", CFG)
+      .option("--json", "JSON output")
+      .option("-q, --quiet", "no progress on stderr")
+      .action(lazy(() => import("./commands/lifecycle.js"), (m, host, opts) => m.rotateCommand(host, opts)));
+  });
+
+  def("verify", () => {
+    p.command("verify")
+      .description("check overlays (archives, folders, disk images, .img.zst, cards) against themselves, the fleet config and the registry")
+      .argument("<overlay...>", "overlay archives, folders, images or cards")
+      .option("--root-partition <n>", "for an image: the root partition's number")
+      .option("--offline", "no config or registry: check each overlay against itself and what this mkoverlay builds for it")
+      .option("--config <file>", CFG)
+      .option("--json", "one JSON object per overlay")
+      .option("-q, --quiet", "print only failures (the exit code says the rest)")
+      .action(lazy(() => import("./commands/verify.js"), (m, paths, opts) => m.verifyCommand(paths, opts)));
+  });
+
+  def("boards", () => {
+    p.command("boards")
+      .description("list board and OS profiles")
+      .option("--json", "JSON output")
+      .action(lazy(() => import("./commands/boards.js"), (m, opts) => m.boardsCommand(opts)));
+  });
+
+  def("status", () => {
+    p.command("status")
+      .description("which gateways are connected, where and since when; which never came online; alarms")
+      .argument("[device]", "only this device: HOST, or KEY=VALUE of its factory data (e.g. serial=SN0042)")
+      .option("--bastion <name>", "only this bastion")
+      .option("--format <form>", "table, json or prometheus", "table")
+      .option("--json", "same as --format json")
+      .option("--check", "exit 1 when there is an alarm (for monitoring)")
+      .option("--never-seen-after <duration>", "a device built this long ago and never connected is an alarm (e.g. 24h, 2d; 0: never)", "24h")
+      .option("--config <file>", CFG)
+      .action(lazy(() => import("./commands/status.js"), (m, dev, opts) => m.statusCommand(dev, opts)));
+  });
+
+  def("registry", () => {
+    const registry = p.command("registry").description("the port registry: list, doctor, release, migrate");
+    registry
+      .command("list")
+      .description("the port allocation table, with each device's factory data")
+      .option("--format <form>", "table, csv or markdown", "table")
+      .option("--json", "a JSON array")
+      .option("--config <file>", CFG)
+      .action(lazy(() => import("./commands/registry-list.js"), (m, opts) => m.registryListCommand(opts)));
+    registry
+      .command("release")
+      .description("give a revoked device's quarantined ports back")
+      .argument("<device>", device)
+      .option("--config <file>", CFG)
+      .option("--json", "JSON output")
+      .action(lazy(() => import("./commands/lifecycle.js"), (m, host, opts) => m.releaseCommand(host, opts)));
+    registry
+      .command("remove-bastion <name>")
+      .description("take a retired bastion off every registered device (exports and lists stop naming it)")
+      .option("--config <file>", CFG)
+      .option("--json", "JSON output")
+      .action(lazy(() => import("./commands/lifecycle.js"), (m, name, opts) => m.removeBastionCommand(name, opts)));
+    registry
+      .command("doctor")
+      .description("finish or reclaim devices left pending by killed builds")
+      .option("--fix", "apply (default: report only)")
+      .option("--grace <seconds>", "wait this long after a lease ran out before acting (a dead station of this host: at once)", "60")
+      .option("--config <file>", CFG)
+      .option("--json", "JSON output")
+      .action(lazy(() => import("./commands/doctor.js"), (m, opts) => m.doctorCommand(opts)));
+
+    registry
+      .command("migrate")
+      .description("copy the registry in use into another backend (keeps ports, keys, statuses, name counter)")
+      .requiredOption("--to <registry>", "target: postgres://user@host:5432/db, or a registry file")
+      .option("--force", "replace a target that already holds devices")
+      .option("--config <file>", CFG)
+      .option("--json", "JSON output")
+      .option("-q, --quiet", "no reminder on stderr")
+      .action(lazy(() => import("./commands/registry-migrate.js"), (m, opts) => m.registryMigrateCommand(opts)));
+  });
+
+  def("schema", () => {
+    p.command("schema [kind]")
+      .description("print a JSON Schema for editors: fleet (default), board or os")
+      .addOption(new Option("--out <file>", "write it to a file instead"))
+      .action(lazy(() => import("./commands/schema.js"), (m, kind, opts) => m.schemaCommand(kind, opts)));
+  });
+
+  def("completion", () => {
+    p.command("completion")
+      .description("print a shell completion script: bash, zsh or fish")
+      .argument("<shell>", "bash, zsh or fish")
+      .action(lazy(() => import("./completion.js"), (m, shell) => m.completionCommand(shell)));
+  });
+
+  for (const c of help ? allCommands(p) : []) {
+    const spec = help!.HELP[commandPath(c)];
+    // Rendered only when help is shown.
+    if (spec) c.addHelpText("after", () => help!.helpAfter(commandPath(c), spec));
   }
   return p;
+}
+
+/** The top-level commands, as program() defines them (a test keeps the two equal). */
+export const COMMANDS: readonly string[] = ["build", "batch", "image", "write", "init", "bastion", "ssh-config", "known-hosts", "revoke", "rotate", "verify", "boards", "status", "registry", "schema", "completion"];
+
+/**
+ * The one command this command line runs, when that is plain from its words: a known command
+ * word, or build's options and no word at all. Undefined (define them all) for help, version,
+ * completion, a bare `mkoverlay`, or a word to be reported as unknown.
+ */
+export function onlyCommand(args: readonly string[]): string | undefined {
+  let sawOption = false;
+  for (let i = 0; i < args.length; i++) {
+    const a = args[i]!;
+    if (a === "--debug" || a.startsWith("--config=")) continue;
+    if (a === "--config") {
+      i++;
+      continue;
+    }
+    if (a === "-h" || a === "--help" || a === "-V" || a === "--version") return undefined;
+    if (a.startsWith("-")) {
+      sawOption = true;
+      continue;
+    }
+    // After an option, a word is that option's value (build's options come first).
+    if (sawOption) continue;
+    return COMMANDS.includes(a) ? a : undefined;
+  }
+  return sawOption ? "build" : undefined;
 }
 
 /** Every command below `p`, depth first (hidden ones included). */
@@ -356,7 +431,12 @@ export async function main(argv: string[]): Promise<void> {
     if (e.code === "EPIPE") process.exit(0);
     throw e;
   });
-  const p = program();
+  const args = argv.slice(2);
+  const only = argv[2] === "__complete" || args.includes("help") ? undefined : onlyCommand(args);
+  // Help text only where help may be shown: a --help, a help word, or a line that is not plainly
+  // one command (a bare `mkoverlay` prints the usage).
+  const mayHelp = only === undefined || args.some((a) => a === "-h" || a === "--help");
+  const p = program(only, mayHelp ? await import("./cli-help.js") : undefined);
   try {
     // What the completion scripts call (the raw words, so commander must not parse them).
     if (argv[2] === "__complete") {

@@ -105,6 +105,8 @@ export interface PendingFile {
   target: string;
   data: Buffer | string;
   mode: number;
+  /** false: a convenience copy the registry can re-make; renamed with the others, not synced. */
+  durable?: boolean;
 }
 
 /**
@@ -119,6 +121,7 @@ export class StagedGroups {
   constructor(groups: PendingFile[][]) {
     const temps: { tmp: string; target: string }[][] = [];
     const fds: number[] = [];
+    const durable: number[] = [];
     try {
       for (const g of groups) {
         const group: { tmp: string; target: string }[] = [];
@@ -131,10 +134,11 @@ export class StagedGroups {
             throw pathError(e, f.target);
           }
           fds.push(w.fd);
+          if (f.durable !== false) durable.push(w.fd);
           group.push({ tmp: w.tmp, target: f.target });
         }
       }
-      syncAll(fds, dirname(groups[0]?.[0]?.target ?? "."));
+      syncAll(durable, dirname(groups[0]?.[0]?.target ?? "."));
     } catch (e) {
       for (const fd of fds) closeSync(fd);
       for (const t of temps.flat()) unlinkQuietly(t.tmp);

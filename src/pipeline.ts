@@ -141,6 +141,7 @@ export function pendingFiles(r: Rendered): PendingFile[] {
   // so a device whose archive cannot take its name leaves no lines file either.
   return [
     { target: r.overlay, data: r.archive, mode: 0o600 },
-    { target: r.authorizedKeysFile, data: r.text, mode: 0o644 },
+    // The lines file is a convenience copy (the registry re-exports it any time): not synced.
+    { target: r.authorizedKeysFile, data: r.text, mode: 0o644, durable: false },
   ];
 }

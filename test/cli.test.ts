@@ -56,3 +56,18 @@ describe("command words", () => {
     expect(r.stdout.replace(/\n/g, " ")).toMatch(/Exit codes: 0 ok; 1 a check failed .* 2 a usage, input or I\/O error you can fix .* 70 a bug/);
   });
 });
+
+describe("start-up: only the command that runs is defined", async () => {
+  const { COMMANDS, onlyCommand, program } = await import("../src/cli.js");
+  it("COMMANDS lists every top-level command program() defines", () => {
+    expect(program().commands.map((c) => c.name())).toEqual([...COMMANDS]);
+  });
+  it("picks the command from the words, and defines them all when in doubt", () => {
+    expect(onlyCommand(["--board", "rpi4", "--bastion", "eu"])).toBe("build");
+    expect(onlyCommand(["--config", "f.yaml", "batch", "--count", "3"])).toBe("batch");
+    expect(onlyCommand(["registry", "list"])).toBe("registry");
+    expect(onlyCommand(["batch", "--help"])).toBe("batch");
+    for (const args of [[], ["--help"], ["-V"], ["verfy"], ["--debug"], ["--board", "rpi4", "--help"]]) expect(onlyCommand(args), args.join(" ")).toBeUndefined();
+    expect(program("batch").commands.map((c) => c.name())).toEqual(["batch"]);
+  });
+});

@@ -20,7 +20,7 @@ import { ReservationLost } from "../registry/rows.js";
 import type { DeviceRecord } from "../registry/types.js";
 import { buildDevice, buildResult, contextOf, Interrupted, preflightImageForm, provisionalEntries, reserveRequest, unplace, watchSignals, withOutDir, withStation, type BuildResult, type DeviceRequest, type OutputOptions, type Station } from "../station.js";
 import { hostnameProblem } from "../validate.js";
-import { parseAttrFlags } from "./device-arg.js";
+import { parseAttrFlags } from "../device-arg.js";
 
 export interface BatchOptions extends OutputOptions {
   board: string;

@@ -11,7 +11,7 @@ import { archiveEpoch } from "../overlay/archive.js";
 import { loadProfiles, resolveBoardOs } from "../profiles.js";
 import { openRegistry } from "../registry/open.js";
 import { buildDevice, Interrupted, watchSignals, withOutDir, withStation, type BuildResult, type OutputOptions } from "../station.js";
-import { attributeQuery, findDevice, parseAttrFlags } from "./device-arg.js";
+import { attributeQuery, findDevice, parseAttrFlags } from "../device-arg.js";
 
 export interface BuildOptions extends OutputOptions {
   board: string;

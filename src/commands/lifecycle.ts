@@ -17,7 +17,7 @@ import { openRegistry } from "../registry/open.js";
 import { configPath, loadFleet } from "../config/load.js";
 import { ReservationLost } from "../registry/rows.js";
 import { nameProblem } from "../validate.js";
-import { findDevice } from "./device-arg.js";
+import { findDevice } from "../device-arg.js";
 
 export async function revokeCommand(arg: string, opts: { config?: string; json?: boolean }): Promise<void> {
   const log = stderrLog(Boolean(opts.json));

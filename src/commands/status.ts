@@ -10,7 +10,7 @@ import { out } from "../output.js";
 import { fleetStatus, type DeviceView, type FleetStatus } from "../status.js";
 import { parseAfter } from "../status-options.js";
 import { nameProblem } from "../validate.js";
-import { findDevice } from "./device-arg.js";
+import { findDevice } from "../device-arg.js";
 
 export interface StatusOptions {
   bastion?: string;

@@ -5,7 +5,7 @@
  * errors carry the exact path; cross-field rules live in rules.ts.
  */
 import { z } from "zod";
-import { parseHostKeyEntry, parsePublicKey } from "../keys/pubkey.js";
+import { canonicalHostKeyEntry, canonicalKeyLine, parseHostKeyEntry, parsePublicKey } from "../keys/pubkey.js";
 import { cidrProblem, hostProblem, nameProblem, PORT_RANGE, quotedValueProblem, userProblem } from "../validate.js";
 
 function check(problem: (v: string) => string | undefined) {
@@ -37,7 +37,10 @@ const hostKey = z
   .superRefine((v, ctx) => {
     const k = parseHostKeyEntry(v);
     if (typeof k === "string") ctx.addIssue({ code: "custom", message: `is not a public key: it ${k}` });
-  });
+  })
+  // What is validated is what is written: the canonical form, kept in the validated (cached)
+  // config, so a build never decodes keys again.
+  .transform(canonicalHostKeyEntry);
 
 export const BastionSchema = z
   .strictObject({
@@ -79,10 +82,13 @@ export const ForwardSchema = z
   })
   .describe("An extra forward on the device's tunnel(s)");
 
-const publicKeyLine = z.string().superRefine((v, ctx) => {
-  const k = parsePublicKey(v);
-  if (typeof k === "string") ctx.addIssue({ code: "custom", message: `is not a public key: it ${k}` });
-});
+const publicKeyLine = z
+  .string()
+  .superRefine((v, ctx) => {
+    const k = parsePublicKey(v);
+    if (typeof k === "string") ctx.addIssue({ code: "custom", message: `is not a public key: it ${k}` });
+  })
+  .transform(canonicalKeyLine);
 
 export const OperatorsSchema = z
   .union([

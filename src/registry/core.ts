@@ -250,14 +250,19 @@ export class RegistryCore implements Registry {
 
   // --- leases and activation ---
 
+  // Lease renewals need not wait for the disk: one lost in a power cut only makes the lease
+  // look older, and the work it covers is then finished or reclaimed by the doctor anyway.
   async renew(hostnames: string[]): Promise<void> {
     if (hostnames.length === 0) return;
-    await this.db.transaction("write", (q) =>
-      q.run(
-        `UPDATE devices SET lease_until = ${this.db.nowMs} + ?
+    await this.db.transaction(
+      "write",
+      (q) =>
+        q.run(
+          `UPDATE devices SET lease_until = ${this.db.nowMs} + ?
          WHERE station = ? AND (status = 'pending' OR pending_fingerprint IS NOT NULL) AND hostname IN (${marks(hostnames.length)})`,
-        [leaseMs(), this.station, ...hostnames],
-      ),
+          [leaseMs(), this.station, ...hostnames],
+        ),
+      { durable: false },
     );
   }
 
@@ -281,7 +286,7 @@ export class RegistryCore implements Registry {
         await q.run(`UPDATE devices SET lease_until = ${this.db.nowMs} + ? WHERE station = ? AND hostname IN (${marks(held.size)})`, [leaseMs(), this.station, ...held]);
       }
       return held;
-    });
+    }, { durable: false });
   }
 
   /** Activates one device of this station inside `q`; false when the reservation is gone. */

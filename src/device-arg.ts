@@ -4,9 +4,9 @@
  * A hostname never holds '=', so the two cannot be confused. A lookup resolves to exactly one
  * device, or says why not (none, or several, named).
  */
-import { UserError } from "../errors.js";
-import { attributeName, attributeNameProblem, attributeProblem } from "../hosts-file.js";
-import type { DeviceRecord, DeviceStatus, Registry } from "../registry/types.js";
+import { UserError } from "./errors.js";
+import { attributeName, attributeNameProblem, attributeProblem } from "./attributes.js";
+import type { DeviceRecord, DeviceStatus, Registry } from "./registry/types.js";
 
 export interface AttributeQuery {
   key: string;
