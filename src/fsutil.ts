@@ -113,10 +113,13 @@ export interface PendingFile {
  * Groups of files (one group per device) written under temp names and synced together (one
  * journal commit for a whole batch chunk), then renamed group by group: a group that cannot
  * take its final names fails alone, and whatever of it was already renamed is removed again.
- * Every temp file not renamed is removed by `discardRest()`, whatever happened.
+ * Every temp file not renamed is removed by `discardRest()`, whatever happened; `finish()`
+ * syncs the directories once.
  */
 export class StagedGroups {
   private readonly temps: ({ tmp: string; target: string }[] | undefined)[];
+  /** Directories that got a new name, synced once each by finish(). */
+  private readonly dirs = new Set<string>();
 
   constructor(groups: PendingFile[][]) {
     const temps: { tmp: string; target: string }[][] = [];
@@ -158,14 +161,20 @@ export class StagedGroups {
       for (const t of group) {
         renameSync(t.tmp, t.target);
         done.push(t.target);
+        this.dirs.add(dirname(t.target));
       }
-      for (const dir of new Set(group.map((t) => dirname(t.target)))) fsyncDir(dir);
       return undefined;
     } catch (e) {
       for (const t of group) unlinkQuietly(t.tmp);
       for (const target of done) unlinkQuietly(target);
       return pathError(e, group[done.length]?.target ?? "");
     }
+  }
+
+  /** Makes the renames durable: each directory synced once, however many groups went in. */
+  finish(): void {
+    for (const dir of this.dirs) fsyncDir(dir);
+    this.dirs.clear();
   }
 
   /** Drops group `i` without renaming anything. */

@@ -305,6 +305,7 @@ export async function place(st: Station, hostname: string, r: Rendered, leased: 
       await still();
       const err = staged.commit(0);
       if (err) throw err;
+      staged.finish();
     } finally {
       staged.discardRest();
     }

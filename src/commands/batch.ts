@@ -167,6 +167,8 @@ async function chunked(st: Station, chunk: ChunkItem[], common: Omit<DeviceReque
           await registry.abandon(x.device.hostname);
         }
       }
+      // One directory sync for the chunk's new names (before they count as activated).
+      staged.finish();
     } finally {
       staged.discardRest();
     }
