@@ -111,6 +111,10 @@ function scenario(name: string, registry: (ws: string) => Promise<Registries>) {
       expect(st.bastions).toEqual([expect.objectContaining({ name: "lo", connected: 2, fresh: true })]);
       const table = runCli(["status", "--config", s.cfg], { cwd: s.ws }).stdout;
       expect(table).toMatch(new RegExp(`^${a.hostname}\\s+connected\\s+lo\\s`, "m"));
+      // registry list carries the same, with the history.
+      const list = JSON.parse(runCli(["registry", "list", "--json", "--config", s.cfg], { cwd: s.ws }).stdout) as { hostname: string; seen: { state: string; firstSeen: string | null; seenOn: string[] } | null }[];
+      expect(list.find((d) => d.hostname === a.hostname)?.seen).toMatchObject({ state: "connected", seenOn: ["lo"], firstSeen: expect.any(String) });
+      expect(list.find((d) => d.hostname === c.hostname)?.seen).toMatchObject({ state: "new", seenOn: [], firstSeen: null });
     });
 
     it("one disconnects: within two intervals it is not connected, with its last-seen time", async () => {
@@ -121,6 +125,9 @@ function scenario(name: string, registry: (ws: string) => Promise<Registries>) {
       const d = of(status(s), a.hostname)!;
       expect(d.connected).toEqual([]);
       expect(Math.abs(Date.parse(d.lastSeen!) - stopped)).toBeLessThan(2500);
+      const row = runCli(["registry", "list", "--format", "csv", "--config", s.cfg], { cwd: s.ws }).stdout.split("\n").find((l) => l.startsWith(`${a.hostname},`))!;
+      expect(row).toContain(`,offline,`);
+      expect(row).toContain(d.lastSeen!);
     });
 
     it("a revoked device that is still connected is an alarm, and --check exits non-zero", async (ctx) => {

@@ -1,19 +1,35 @@
 /**
- * `mkoverlay registry list`: the port allocation table. Factory data (the extra columns of a
- * `batch --hosts` CSV, or `--attr`) follows as one column per name, so the list goes back into
- * the spreadsheet it came from.
+ * `mkoverlay registry list`: the port allocation table, with what the bastions saw of each
+ * device (its state now, first and last seen, the bastions it used: status.ts), then factory data
+ * (the extra columns of a `batch --hosts` CSV, or `--attr`) as one column per name, so the list
+ * goes back into the spreadsheet it came from.
  */
 import { withFleetRegistry } from "../context.js";
 import { UserError } from "../errors.js";
 import { out } from "../output.js";
 import type { DeviceRecord } from "../registry/types.js";
+import { fleetStatus, type DeviceView } from "../status.js";
+import { parseAfter } from "../status-options.js";
 
-const COLUMNS = ["hostname", "bastions", "port", "services", "fingerprint", "board", "os", "status", "created"] as const;
+const COLUMNS = ["hostname", "bastions", "port", "services", "fingerprint", "board", "os", "status", "created", "seen", "first_seen", "last_seen", "seen_on"] as const;
 type Column = (typeof COLUMNS)[number];
 
-function cell(d: DeviceRecord, c: Column): string {
+/** What the bastions saw of a device, as `--json` shows it. */
+export interface Seen {
+  state: DeviceView["state"];
+  connected: DeviceView["connected"];
+  firstSeen: string | null;
+  lastSeen: string | null;
+  seenOn: string[];
+}
+
+function cell(d: DeviceRecord, c: Column, seen: Seen | undefined): string {
   if (c === "bastions") return d.bastions.join(",");
   if (c === "services") return Object.entries(d.services).map(([k, v]) => `${k}=${v}`).join(",");
+  if (c === "seen") return seen ? (seen.state === "connected" ? `connected:${seen.connected.map((x) => x.bastion).join(",")}` : seen.state) : "";
+  if (c === "first_seen") return seen?.firstSeen ?? "";
+  if (c === "last_seen") return seen?.lastSeen ?? "";
+  if (c === "seen_on") return seen?.seenOn.join(",") ?? "";
   return String(d[c]);
 }
 
@@ -30,10 +46,10 @@ export function attributeColumns(devices: DeviceRecord[]): { key: string; header
   return keys.map((key) => ({ key, header: (COLUMNS as readonly string[]).includes(key) ? `attr:${key}` : key }));
 }
 
-export function renderTable(devices: DeviceRecord[], format: string): string {
+export function renderTable(devices: DeviceRecord[], format: string, seen: ReadonlyMap<string, Seen> = new Map()): string {
   const extra = attributeColumns(devices);
   const header = [...COLUMNS, ...extra.map((e) => e.header)];
-  const rows = devices.map((d) => [...COLUMNS.map((c) => cell(d, c)), ...extra.map((e) => d.attributes[e.key] ?? "")]);
+  const rows = devices.map((d) => [...COLUMNS.map((c) => cell(d, c, seen.get(d.hostname))), ...extra.map((e) => d.attributes[e.key] ?? "")]);
   switch (format) {
     case "csv":
       return [header.map(csvField).join(","), ...rows.map((r) => r.map(csvField).join(","))].join("\n") + "\n";
@@ -58,6 +74,16 @@ export async function registryListCommand(opts: { json?: boolean; format?: strin
   const format = opts.format ?? "table";
   // Reject a bad --format before touching the registry.
   if (!opts.json) renderTable([], format);
-  const devices = await withFleetRegistry(opts.config, (_f, r) => r.list());
-  out(opts.json ? JSON.stringify(devices.map(deviceJson)) : devices.length === 0 && format === "table" ? "(no devices registered)" : renderTable(devices, format));
+  const { devices, seen } = await withFleetRegistry(opts.config, async (fleet, r) => {
+    const [devices, obs] = await Promise.all([r.list(), r.observations()]);
+    const s = fleetStatus(devices, obs, { now: new Date(), neverSeenAfterMs: parseAfter("24h"), knownBastions: [...fleet.bastions.keys()] });
+    return { devices, seen: new Map(s.devices.map((v): [string, Seen] => [v.hostname, { state: v.state, connected: v.connected, firstSeen: v.firstSeen, lastSeen: v.lastSeen, seenOn: v.seenOn }])) };
+  });
+  out(
+    opts.json
+      ? JSON.stringify(devices.map((d) => ({ ...deviceJson(d), seen: seen.get(d.hostname) ?? null })))
+      : devices.length === 0 && format === "table"
+        ? "(no devices registered)"
+        : renderTable(devices, format, seen),
+  );
 }
