@@ -139,6 +139,31 @@ for (let i = 0; i < RUNS; i++) {
 const growth = median(onFull) / median(onEmpty);
 rows.push([`One build with ${GROWTH} devices registered / with an empty registry`, `${growth.toFixed(2)}×`, "≤ 1.2×", growth <= 1.2, `${fmt(median(onFull))} vs ${fmt(median(onEmpty))}`]);
 
+// 4. Fleet status (issue 13): the GROWTH devices of the growth registry seen by two bastions'
+// agents (each device connected on one of them, a tenth offline, one stray listener), then
+// `mkoverlay status` reads it all back.
+{
+  const { default: Database } = await import("better-sqlite3");
+  const db = new Database(join(big, "registry.db"));
+  const at = new Date().toISOString();
+  const devices = db.prepare("SELECT hostname, port FROM devices").all();
+  const put = db.prepare("INSERT INTO sightings (bastion, port, hostname, fingerprint, since, last_seen, connected) VALUES (?, ?, ?, NULL, ?, ?, ?)");
+  const hist = db.prepare("INSERT INTO device_history (hostname, bastion, first_seen, last_seen) VALUES (?, ?, ?, ?)");
+  db.transaction(() => {
+    devices.forEach((d, i) => {
+      const b = i % 2 === 0 ? "eu" : "us";
+      put.run(b, d.port, d.hostname, at, at, i % 10 === 9 ? 0 : 1);
+      hist.run(d.hostname, b, at, at);
+    });
+    put.run("eu", 29999, null, at, at, 1);
+    for (const b of ["eu", "us"]) db.prepare("INSERT INTO heartbeats (bastion, at, interval_s, agent) VALUES (?, ?, 15, 'bench')").run(b, at);
+  })();
+  db.close();
+  const st = [];
+  for (let i = 0; i < 5; i++) st.push(timed(CLI, ["status", "--json"], big));
+  rows.push([`\`mkoverlay status\` with ${GROWTH} devices seen by 2 bastions (median of 5)`, fmt(median(st)), "< 1 s", median(st) < 1000, "the whole command, Node's start included"]);
+}
+
 const cpu = cpus()[0]?.model ?? "?";
 const table = [
   `Measured ${new Date().toISOString().slice(0, 16)}Z on ${cpus().length} × ${cpu}, Node ${process.version}.`,
