@@ -8,7 +8,7 @@ BOARD ?= rpi4
 BASTION ?= eu
 ARCH ?= amd64
 
-.PHONY: help install build run pack test test-deps typecheck lint schema-check unit test-boot boot-deps bench bench-bastion bench-image clean
+.PHONY: help install build run pack test test-fast test-deps typecheck lint schema-check unit test-boot boot-deps bench bench-bastion bench-image clean
 
 help:
 	@echo "make run    - install, build, and build one overlay from $(EXAMPLE) into ./$(OUT)"
@@ -72,6 +72,10 @@ test: test-deps boot-deps build typecheck lint schema-check unit
 
 boot-deps:
 	@MKOVERLAY_BOOT_ARCH=$(ARCH) bash test/boot/ensure-deps.sh
+
+# A quick loop while working: every tier but the slow ones (vitest.config.ts lists them).
+test-fast: build typecheck lint
+	MKOVERLAY_SKIP_SLOW=1 $(NODE_BIN)/vitest run
 
 test-boot: build boot-deps
 	MKOVERLAY_BOOT_ARCH=$(ARCH) $(NODE_BIN)/vitest run test/boot
