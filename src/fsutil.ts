@@ -6,7 +6,7 @@
  */
 import { spawnSync } from "node:child_process";
 import { randomBytes } from "node:crypto";
-import { closeSync, fchmodSync, fchownSync, fsyncSync, futimesSync, mkdirSync, openSync, renameSync, rmdirSync, statSync, unlinkSync, writeSync } from "node:fs";
+import { closeSync, readSync, fchmodSync, fchownSync, fsyncSync, futimesSync, mkdirSync, openSync, renameSync, rmdirSync, statSync, unlinkSync, writeSync } from "node:fs";
 import { basename, dirname, join } from "node:path";
 import { atPath, errnoCode, ioUserError, UserError } from "./errors.js";
 
@@ -14,7 +14,8 @@ export function tempNameFor(target: string): string {
   return join(dirname(target), `.${basename(target)}.${process.pid}.${randomBytes(4).toString("hex")}.tmp`);
 }
 
-function fsyncDir(dir: string): void {
+/** Syncs a directory (its new names); a file system that refuses is not an error. */
+export function fsyncDir(dir: string): void {
   try {
     const fd = openSync(dir, "r");
     try {
@@ -25,6 +26,18 @@ function fsyncDir(dir: string): void {
   } catch {
     // Some file systems refuse fsync on a directory; the rename itself is still atomic.
   }
+}
+
+/** Up to `len` bytes at `pos` (fewer at the end of the file). */
+export function readAt(fd: number, pos: number, len: number): Buffer {
+  const b = Buffer.alloc(len);
+  let got = 0;
+  while (got < len) {
+    const n = readSync(fd, b, got, len - got, pos + got);
+    if (n === 0) break;
+    got += n;
+  }
+  return b.subarray(0, got);
 }
 
 function unlinkQuietly(path: string): void {

@@ -16,7 +16,7 @@ import { createHash } from "node:crypto";
 import { closeSync, existsSync, fsyncSync, mkdirSync, openSync, readFileSync, readSync, renameSync, rmSync, statSync, writeSync } from "node:fs";
 import { dirname, join } from "node:path";
 import { errnoCode, UserError } from "../errors.js";
-import { pathError, tempNameFor, writeFileAtomic } from "../fsutil.js";
+import { fsyncDir, pathError, tempNameFor, writeFileAtomic } from "../fsutil.js";
 import type { Entry } from "../overlay/tree.js";
 import { parseBmap, renderBmap, scanBmap, updateBmap, type Bmap } from "./bmap.js";
 import { checkNotInUse } from "./busy.js";
@@ -166,18 +166,6 @@ function fsyncFile(path: string): void {
   }
 }
 
-function fsyncDir(dir: string): void {
-  try {
-    const fd = openSync(dir, "r");
-    try {
-      fsyncSync(fd);
-    } finally {
-      closeSync(fd);
-    }
-  } catch {
-    // Some file systems refuse fsync on a directory; the rename itself is still atomic.
-  }
-}
 
 /**
  * The base's bmap, computed once (every data byte hashed) and cached as `CACHE/<key>.bmap`,

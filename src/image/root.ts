@@ -7,10 +7,11 @@
  * partition-less image at offset 0: the boot harness and image builders (genimage, `mke2fs -d`)
  * produce those, and refusing them would buy nothing. Anything else is "not a disk image".
  */
-import { closeSync, openSync, readSync } from "node:fs";
+import { closeSync, openSync } from "node:fs";
 import { errnoCode, UserError } from "../errors.js";
 import { isLinuxType, isRootType, NotADiskImage, readDiskLayout, type DiskLayout, type Partition } from "./partitions.js";
 import { parseSuperblock, SUPERBLOCK_OFFSET, type Superblock } from "./superblock.js";
+import { readAt } from "../fsutil.js";
 
 export interface RootFs {
   /** The image file or block device. */
@@ -29,16 +30,6 @@ export interface RootFs {
 
 const ROOT_NAMES = new Set(["rootfs", "root"]);
 
-function readAt(fd: number, pos: number, len: number): Buffer {
-  const b = Buffer.alloc(len);
-  let got = 0;
-  while (got < len) {
-    const n = readSync(fd, b, got, len - got, pos + got);
-    if (n === 0) break;
-    got += n;
-  }
-  return b.subarray(0, got);
-}
 
 /** `e2fsprogs` spelling of a file system inside a disk: `IMG?offset=BYTES`. */
 export function e2Spec(root: Pick<RootFs, "path" | "offset">): string {

@@ -8,7 +8,8 @@
  * Anything unexpected in the log returns undefined and the caller falls back to hashing the
  * whole image: slower, never wrong.
  */
-import { closeSync, fstatSync, openSync, readSync } from "node:fs";
+import { closeSync, fstatSync, openSync } from "node:fs";
+import { readAt } from "../fsutil.js";
 
 const MAGIC = "E2UNDO02";
 const KEYBLOCK_MAGIC = 0xcadecade;
@@ -20,16 +21,6 @@ export interface Span {
   end: number;
 }
 
-function readAt(fd: number, pos: number, len: number): Buffer {
-  const b = Buffer.alloc(len);
-  let got = 0;
-  while (got < len) {
-    const n = readSync(fd, b, got, len - got, pos + got);
-    if (n === 0) break;
-    got += n;
-  }
-  return b.subarray(0, got);
-}
 
 export function readUndoSpans(path: string): Span[] | undefined {
   let fd: number;
