@@ -5,10 +5,11 @@
  * schema library halves its start-up. Any failure to read or write the cache just means
  * computing again.
  */
-import { createHash, randomBytes } from "node:crypto";
-import { mkdirSync, readdirSync, readFileSync, renameSync, statSync, unlinkSync, utimesSync, writeFileSync } from "node:fs";
+import { createHash } from "node:crypto";
+import { mkdirSync, readdirSync, readFileSync, statSync, unlinkSync, utimesSync, writeFileSync } from "node:fs";
 import { homedir } from "node:os";
 import { join } from "node:path";
+import { writeFileAtomic } from "./fsutil.js";
 
 /** Set by scripts/bundle.mjs: a hash of the sources and locked dependencies of this build. */
 declare const __MKOVERLAY_BUILD_ID__: string | undefined;
@@ -50,9 +51,8 @@ export async function cached<T>(kind: string, keyParts: string[], compute: () =>
   const value = await compute();
   try {
     mkdirSync(dir, { recursive: true, mode: 0o700 });
-    const tmp = `${file}.${process.pid}.${randomBytes(4).toString("hex")}.tmp`;
-    writeFileSync(tmp, JSON.stringify(value), { mode: 0o600 });
-    renameSync(tmp, file);
+    // Not synced: a cache entry lost in a power cut is only computed again.
+    writeFileAtomic(file, JSON.stringify(value), { mode: 0o600, durable: false });
     pruneCache(dir, Date.now());
   } catch {
     // read-only home, full disk: the cache is an optimisation only

@@ -6,6 +6,7 @@
 import { Command, CommanderError, Option } from "commander";
 import type * as CliHelp from "./cli-help.js";
 import { ioUserError, isUserError, UserError } from "./errors.js";
+import { stderrLog } from "./output.js";
 import { VERSION } from "./version.js";
 
 /* eslint-disable @typescript-eslint/no-explicit-any -- commander hands actions untyped arguments */
@@ -466,15 +467,14 @@ async function report(e: unknown, debug: boolean): Promise<number> {
   const io = isUserError(e) ? undefined : ioUserError(e);
   const user = io ?? (isUserError(e) ? e : undefined);
   if (user) {
-    const lines = user.message.split("\n");
-    process.stderr.write(lines.map((l) => `mkoverlay: error: ${l}\n`).join(""));
-    if (user.hint) process.stderr.write(`mkoverlay: hint: ${user.hint}\n`);
+    const log = stderrLog(false);
+    log.error(user.message, user.hint);
     const stack = (io ? (e as Error) : user).stack;
-    if (debug && stack) process.stderr.write(`${await readable(stack)}\n`);
+    if (debug && stack) log.progress(`${await readable(stack)}\n`);
     return user.exitCode;
   }
   const err = e as Error;
-  process.stderr.write(`mkoverlay: internal error: ${err?.message ?? String(e)}\n${await readable(err?.stack ?? "")}\nThis is a bug in mkoverlay; please report it with the command you ran.\n`);
+  stderrLog(false).progress(`mkoverlay: internal error: ${err?.message ?? String(e)}\n${await readable(err?.stack ?? "")}\nThis is a bug in mkoverlay; please report it with the command you ran.\n`);
   return 70;
 }
 

@@ -7,6 +7,7 @@ import type { Bastion, Fleet } from "./config/fleet.js";
 import { errnoCode, UserError } from "./errors.js";
 import { decodePrivateKey, fingerprint, generateEd25519, type Ed25519Key } from "./keys/ed25519.js";
 import { didYouMean, hostnameProblem, parseExpiry } from "./validate.js";
+import { stderrLog } from "./output.js";
 
 /**
  * The bastions named by --bastion. With `newLinesAt` (a build: new authorized_keys lines are
@@ -36,7 +37,7 @@ export function resolveBastions(fleet: Fleet, flag: string | undefined, newLines
         hint: `set a later date (or a duration such as 365d) for bastion '${n}'`,
       });
     }
-    if (passed) process.stderr.write(`mkoverlay: warning: ${fleet.file} bastions.${n}.expiry: ${passed}: the lines of its devices are expired and sshd refuses them\n`);
+    if (passed) stderrLog(false).warn(`${fleet.file} bastions.${n}.expiry: ${passed}: the lines of its devices are expired and sshd refuses them`);
     return b;
   });
 }

@@ -13,7 +13,7 @@ import { UserError } from "./errors.js";
 import { serviceNames } from "./forwards.js";
 import { prepareOutDir, removeFiles, removeIfEmpty, StagedGroups, writeFileAtomic } from "./fsutil.js";
 import { publicKeyLine } from "./keys/ed25519.js";
-import type { Log } from "./output.js";
+import { stderrLog, type Log } from "./output.js";
 import { writeTreeTo } from "./overlay/apply.js";
 import { buildOverlay } from "./overlay/steps.js";
 import type { Entry } from "./overlay/tree.js";
@@ -165,7 +165,9 @@ export function watchSignals(onFirst?: (signal: string) => void): { signal: Abor
   const ac = new AbortController();
   const handler = (sig: NodeJS.Signals): void => {
     if (ac.signal.aborted) {
-      process.stderr.write(`\nmkoverlay: ${sig} again: stopping now; devices in flight stay pending until 'mkoverlay registry doctor --fix'\n`);
+      const log = stderrLog(false);
+      log.progress("\n");
+      log.warn(`${sig} again: stopping now; devices in flight stay pending until 'mkoverlay registry doctor --fix'`);
       process.exit(stopExitCode(sig));
     }
     ac.abort(sig);

@@ -9,8 +9,9 @@ import { join } from "node:path";
 import { createInterface } from "node:readline/promises";
 import { isUserError, UserErrors } from "../errors.js";
 import { answersFromFlags, assignHostKeys, keyFingerprint, parseBastionFlag, type InitAnswers, type InitBastion, type InitOptions } from "./init.js";
+import { stderrLog } from "../output.js";
 
-const say = (s: string): void => void process.stderr.write(s + "\n");
+const say = (s: string): void => stderrLog(false).progress(s + "\n");
 
 export async function askAnswers(o: InitOptions): Promise<InitAnswers> {
   const rl = createInterface({ input: process.stdin, output: process.stderr, terminal: true });
