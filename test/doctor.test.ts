@@ -7,18 +7,19 @@
  */
 import Database from "better-sqlite3";
 import { spawnSync } from "node:child_process";
-import { closeSync, mkdirSync, openSync, rmSync, unlinkSync, writeFileSync } from "node:fs";
+import { closeSync, mkdirSync, openSync, readFileSync, rmSync, unlinkSync, writeFileSync } from "node:fs";
 import { hostname } from "node:os";
 import { join } from "node:path";
 import { afterAll, describe, expect, it } from "vitest";
+import { bootId, stationIsDead } from "../src/registry/core.js";
 import { openRegistry } from "../src/registry/open.js";
 import { readPub, removeDir, runCli, sshKeygen, tempDir, writeFleet } from "./helpers/workspace.js";
 
 const dir = tempDir("mko-doctor-");
 afterAll(() => removeDir(dir));
 
-/** A station id of this host whose process is gone (pid 2^22 + 1 is above Linux's pid_max). */
-const DEAD_STATION = `${hostname()}:4194305:1`;
+/** A station id of this boot of this host whose process is gone (pid 2^22 + 1 is above Linux's pid_max). */
+const DEAD_STATION = `${hostname()}:4194305:1:${bootId()}`;
 
 interface Built {
   hostname: string;
@@ -74,6 +75,21 @@ describe("registry doctor on killed builds", () => {
     expect(list).toEqual([expect.objectContaining({ hostname: a.hostname, status: "active" })]);
     expect(cli(["registry", "doctor"]).stdout).toMatch(/healthy/);
     expect(build().port).toBe(b.port);
+  });
+});
+
+describe("which stations are dead", () => {
+  it("only a process of this very boot of this host that no longer runs", () => {
+    expect(stationIsDead(DEAD_STATION)).toBe(true);
+    // Another boot (or a station cloned from the same image, with the same host name): unknown.
+    expect(stationIsDead(`${hostname()}:4194305:1:000000000000`)).toBe(false);
+    expect(stationIsDead(`another-host:4194305:1:${bootId()}`)).toBe(false);
+    // This process is alive.
+    const stat = readFileSync(`/proc/${process.pid}/stat`, "utf8");
+    const start = stat.slice(stat.lastIndexOf(")") + 2).split(" ")[19];
+    expect(stationIsDead(`${hostname()}:${process.pid}:${start}:${bootId()}`)).toBe(false);
+    // An older format says nothing.
+    expect(stationIsDead(`${hostname()}:4194305`)).toBe(false);
   });
 });
 

@@ -32,32 +32,42 @@ export function leaseMs(): number {
   return Number.isFinite(v) && v > 0 ? v * 1000 : 120_000;
 }
 
-/** This process, as recorded on its work: host, pid and the pid's start time (pids are reused). */
-function stationId(): string {
-  let start = randomBytes(4).toString("hex");
+/** This boot of this machine (random per boot, so two cloned stations never share it). */
+export function bootId(): string {
   try {
-    // Field 22 of /proc/PID/stat (after the parenthesised command name): start time in ticks.
-    const stat = readFileSync(`/proc/${process.pid}/stat`, "utf8");
-    start = stat.slice(stat.lastIndexOf(")") + 2).split(" ")[19] ?? start;
+    return readFileSync("/proc/sys/kernel/random/boot_id", "utf8").trim().replace(/-/g, "").slice(0, 12);
   } catch {
-    // not Linux: a random nonce still identifies this run
+    return "noboot";
   }
-  return `${osHostname()}:${process.pid}:${start}`;
+}
+
+/** The start time of process `pid`, in clock ticks since boot (field 22 of /proc/PID/stat). */
+function startTime(pid: number | string): string | undefined {
+  try {
+    const stat = readFileSync(`/proc/${pid}/stat`, "utf8");
+    return stat.slice(stat.lastIndexOf(")") + 2).split(" ")[19];
+  } catch {
+    return undefined;
+  }
 }
 
 /**
- * True when `station` is a process of this host that no longer runs (its work is abandoned for
- * sure). False when it runs, or when this host cannot tell (another host, another format).
+ * This process, as recorded on its work: host name, pid, the pid's start time (pids are reused)
+ * and the boot id (host names are not unique: stations cloned from one image share theirs).
+ */
+function stationId(): string {
+  return `${osHostname()}:${process.pid}:${startTime(process.pid) ?? randomBytes(4).toString("hex")}:${bootId()}`;
+}
+
+/**
+ * True when `station` is a process of this very boot of this machine that no longer runs (its
+ * work is abandoned for sure). False when it runs, or when this machine cannot tell (another
+ * machine or boot, an older format).
  */
 export function stationIsDead(station: string): boolean {
-  const [host, pid, start] = station.split(":");
-  if (host !== osHostname() || !/^\d+$/.test(pid ?? "") || !/^\d+$/.test(start ?? "")) return false;
-  try {
-    const stat = readFileSync(`/proc/${pid}/stat`, "utf8");
-    return stat.slice(stat.lastIndexOf(")") + 2).split(" ")[19] !== start;
-  } catch {
-    return true;
-  }
+  const [host, pid, start, boot] = station.split(":");
+  if (host !== osHostname() || boot !== bootId() || !/^\d+$/.test(pid ?? "") || !/^\d+$/.test(start ?? "")) return false;
+  return startTime(pid!) !== start;
 }
 
 const SEQ = "SELECT value FROM meta WHERE key = 'seq'";
