@@ -24,13 +24,14 @@ import { openOverlay } from "../src/overlay/read.js";
 import type { Entry } from "../src/overlay/tree.js";
 import { fsck, haveDiskTools, makeDisk, makeRootTree, SBIN_PATH, sh, type Fixture } from "./helpers/disk.js";
 import { CLI, readPub, removeDir, run, runCli, sshKeygen, tempDir, writeFleet, type Run } from "./helpers/workspace.js";
+import { bootId } from "../src/registry/core.js";
 
 const inCI = process.env.CI === "true" || process.env.CI === "1";
 const tools = haveDiskTools();
 const isRoot = process.getuid?.() === 0;
 const slow = process.env.MKOVERLAY_SKIP_SLOW !== "1";
 const EPOCH = "1700000000";
-const DEAD_STATION = `${hostname()}:4194305:1`;
+const DEAD_STATION = `${hostname()}:4194305:1:${bootId()}`;
 
 const dir = tempDir("mko-imgcli-");
 let mbr: Fixture;
