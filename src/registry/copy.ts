@@ -10,7 +10,7 @@ import { UserError } from "../errors.js";
 import { DEVICE_KEYS } from "./rows.js";
 import { displayLocation, isRegistryUrl } from "./location.js";
 import { openRegistry } from "./open.js";
-import type { DeviceStatus, Registry, Snapshot } from "./types.js";
+import { OBSERVATION_COLUMNS, type DeviceStatus, type Registry, type Snapshot } from "./types.js";
 
 /** Rows in one order and one shape, whatever the backend's collation and driver. */
 function canonical(s: Snapshot): string {
@@ -20,6 +20,9 @@ function canonical(s: Snapshot): string {
     devices: [...s.devices].sort((a, b) => cmp(a.hostname, b.hostname)).map((d) => DEVICE_KEYS.map((k) => d[k] ?? null)),
     ports: [...s.ports].sort((a, b) => a.port - b.port).map((p) => [Number(p.port), p.hostname, p.purpose]),
     attributes: [...s.attributes].map((a) => [a.hostname, a.key, a.value]).sort((a, b) => cmp(a.join("\0"), b.join("\0"))),
+    observations: OBSERVATION_COLUMNS.map(([table, cols]) =>
+      (s.observations[table] ?? []).map((r) => cols.map((c) => (r[c] === null || r[c] === undefined ? null : String(r[c])))).sort((a, b) => cmp(a.join("\0"), b.join("\0"))),
+    ),
   });
 }
 

@@ -24,7 +24,7 @@ import { UserError } from "../errors.js";
 import { DEVICE_COLUMNS, DEVICE_KEYS, hostnameTaken, keyTaken, noFreePort, normalizeRow, ReservationLost, toRecord } from "./rows.js";
 import { MIGRATIONS, SCHEMA_VERSION } from "./schema.js";
 import { savepoint, type Queryable, type SqlDriver } from "./sql.js";
-import type { AttributeRow, DeviceRecord, DeviceRow, Observation, Observations, PortRow, Registry, ReserveRequest, Snapshot, Unfinished } from "./types.js";
+import { OBSERVATION_COLUMNS, type AttributeRow, type DeviceRecord, type DeviceRow, type Observation, type ObservationRow, type Observations, type PortRow, type Registry, type ReserveRequest, type Snapshot, type Unfinished } from "./types.js";
 
 /** How long unfinished work stays a station's own without a renewal. */
 export function leaseMs(): number {
@@ -77,6 +77,9 @@ const HINT = "free_from:";
 const BULK = 200;
 
 const iso = (d: Date = new Date()): string => d.toISOString();
+/** PostgreSQL gives BIGINT and count() as text: numeric-looking numbers back to numbers. */
+const numbersAsNumbers = (r: ObservationRow): ObservationRow =>
+  Object.fromEntries(Object.entries(r).map(([k, v]) => [k, typeof v === "string" && /^(port|interval_s|connected)$/.test(k) ? Number(v) : v]));
 const marks = (n: number): string => Array.from({ length: n }, () => "?").join(", ");
 
 export class RegistryCore implements Registry {
@@ -629,7 +632,23 @@ export class RegistryCore implements Registry {
       devices: (await q.all<DeviceRow>(`SELECT ${DEVICE_COLUMNS} FROM devices ORDER BY hostname`)).map(normalizeRow),
       ports: (await q.all<PortRow>("SELECT port, hostname, purpose FROM ports ORDER BY port")).map((p) => ({ ...p, port: Number(p.port) })),
       attributes: await q.all<AttributeRow>("SELECT hostname, key, value FROM attributes ORDER BY hostname, key"),
+      observations: Object.fromEntries(
+        await Promise.all(
+          OBSERVATION_COLUMNS.map(async ([table, cols]) => [
+            table,
+            (await q.all<ObservationRow>(`SELECT ${cols.join(", ")} FROM ${table} ORDER BY ${cols.slice(0, 2).join(", ")}`)).map((r) => numbersAsNumbers(r)),
+          ]),
+        ),
+      ) as Snapshot["observations"],
     };
+  }
+
+  /** Rows into `table`, many to a statement. */
+  private async bulkInsert(q: Queryable, table: string, cols: readonly string[], rows: readonly Record<string, unknown>[]): Promise<void> {
+    for (let i = 0; i < rows.length; i += BULK) {
+      const part = rows.slice(i, i + BULK);
+      await q.run(`INSERT INTO ${table} (${cols.join(", ")}) VALUES ${part.map(() => `(${marks(cols.length)})`).join(", ")}`, part.flatMap((r) => cols.map((c) => r[c] ?? null)));
+    }
   }
 
   snapshot(): Promise<Snapshot> {
@@ -653,20 +672,13 @@ export class RegistryCore implements Registry {
       await q.run("DELETE FROM ports");
       await q.run("DELETE FROM attributes");
       await q.run("DELETE FROM devices");
+      for (const [table] of OBSERVATION_COLUMNS) await q.run(`DELETE FROM ${table}`);
       // The free-port hints described the old content.
       await q.run(`DELETE FROM meta WHERE key LIKE '${HINT}%'`);
-      for (let i = 0; i < s.devices.length; i += BULK) {
-        const part = s.devices.slice(i, i + BULK);
-        await q.run(`INSERT INTO devices (${DEVICE_COLUMNS}) VALUES ${part.map(() => `(${marks(DEVICE_KEYS.length)})`).join(", ")}`, part.flatMap((d) => DEVICE_KEYS.map((k) => d[k] ?? null)));
-      }
-      for (let i = 0; i < s.ports.length; i += BULK) {
-        const part = s.ports.slice(i, i + BULK);
-        await q.run(`INSERT INTO ports (port, hostname, purpose) VALUES ${part.map(() => "(?, ?, ?)").join(", ")}`, part.flatMap((p) => [p.port, p.hostname, p.purpose]));
-      }
-      for (let i = 0; i < s.attributes.length; i += BULK) {
-        const part = s.attributes.slice(i, i + BULK);
-        await q.run(`INSERT INTO attributes (hostname, key, value) VALUES ${part.map(() => "(?, ?, ?)").join(", ")}`, part.flatMap((a) => [a.hostname, a.key, a.value]));
-      }
+      await this.bulkInsert(q, "devices", DEVICE_KEYS, s.devices as unknown as Record<string, unknown>[]);
+      await this.bulkInsert(q, "ports", ["port", "hostname", "purpose"], s.ports as unknown as Record<string, unknown>[]);
+      await this.bulkInsert(q, "attributes", ["hostname", "key", "value"], s.attributes as unknown as Record<string, unknown>[]);
+      for (const [table, cols] of OBSERVATION_COLUMNS) await this.bulkInsert(q, table, cols, s.observations[table] ?? []);
       await q.run(UPSERT_META, ["seq", String(s.seq)]);
       await this.db.notify(q, "*");
     });

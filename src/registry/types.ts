@@ -222,9 +222,21 @@ export interface AttributeRow {
   value: string;
 }
 
+/** A row of one of the observation tables, column by column as stored. */
+export type ObservationRow = Record<string, string | number | null>;
+
 export interface Snapshot {
   seq: number;
   devices: DeviceRow[];
   ports: PortRow[];
   attributes: AttributeRow[];
+  /** What the bastions saw (sightings, device_history, heartbeats), copied as stored. */
+  observations: Record<(typeof OBSERVATION_COLUMNS)[number][0], ObservationRow[]>;
 }
+
+/** The observation tables and their columns, in copy order. */
+export const OBSERVATION_COLUMNS = [
+  ["sightings", ["bastion", "port", "hostname", "fingerprint", "since", "last_seen", "connected"]],
+  ["device_history", ["hostname", "bastion", "first_seen", "last_seen"]],
+  ["heartbeats", ["bastion", "at", "interval_s", "agent"]],
+] as const;

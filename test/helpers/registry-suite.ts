@@ -425,6 +425,11 @@ export async function registryTests(which: "sqlite" | "postgres"): Promise<void>
           overlayPath: (h) => join(ws.out, `${h}.overlay.tar.gz`),
           attributes: { serial: "SN-PENDING", site: "line 3" },
         }); // left pending, as a killed build would
+        // What a bastion saw: a tunnel up with its key, another that went away, a stray listener.
+        const look = (ports: number[], at: string) =>
+          r.observe({ bastion: "eu", at: new Date(at), intervalS: 15, agent: "test:1", listeners: ports.map((port, i) => (i === 0 ? { port, fingerprint: "SHA256:seen-with-this-key" } : { port })) });
+        await look([SSH_LO, SSH_LO + 3, SSH_LO + 900], "2025-01-02T03:00:00.000Z");
+        await look([SSH_LO, SSH_LO + 900], "2025-01-02T03:00:15.000Z");
       });
       return ws;
     }
@@ -451,6 +456,10 @@ export async function registryTests(which: "sqlite" | "postgres"): Promise<void>
         expect(toPg.stdout).toMatch(/copied 5 device\(s\) \(3 active, 1 pending, 1 revoked\), 10 port\(s\), name counter 5/);
         expect(await list(url)).toEqual(original);
         expect(await postgresBackend(pg).seq(url)).toBe(seq);
+        // The bastions' observations (sightings, history, heartbeats) come along.
+        const seen = await withRegistry(ws.registry, (r) => r.observations());
+        expect(seen.sightings).toHaveLength(3);
+        expect(await withRegistry(url, (r) => r.observations())).toEqual(seen);
 
         // Back again: the PostgreSQL registry is now the one in use.
         const back = join(ws.dir, "back.db");
@@ -458,6 +467,7 @@ export async function registryTests(which: "sqlite" | "postgres"): Promise<void>
         expect(toFile.code, toFile.stderr).toBe(0);
         expect(await list(back)).toEqual(original);
         expect(await SQLITE.seq(back)).toBe(seq);
+        expect(await withRegistry(back, (r) => r.observations())).toEqual(seen);
 
         // All three hand out the same next name and the same (lowest free) ports.
         const nextOn = (registry: string) => {
