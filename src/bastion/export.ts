@@ -51,13 +51,6 @@ export function ed25519Key(line: string): Buffer | string {
   }
 }
 
-/** Kept for callers that want the raw key of a record; throws on a bad one. */
-export function publicKeyBytes(record: DeviceRecord): Buffer {
-  const k = ed25519Key(record.publicKey);
-  if (typeof k === "string") throw new Error(`registry holds a bad public key for ${record.hostname}: it ${k}`);
-  return k;
-}
-
 export function devicesOf(devices: DeviceRecord[], bastion: string): DeviceRecord[] {
   return devices.filter((d) => d.status === "active" && d.bastions.includes(bastion)).sort((a, b) => a.port - b.port);
 }

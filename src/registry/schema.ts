@@ -87,6 +87,3 @@ export const MIGRATIONS: readonly (readonly string[])[] = [
     )`,
   ],
 ];
-
-/** The tables a bastion agent writes (its database role may write these and nothing else). */
-export const OBSERVATION_TABLES = ["sightings", "device_history", "heartbeats"] as const;

@@ -12,7 +12,7 @@ import { chmodSync, copyFileSync, existsSync, mkdirSync, readdirSync, readFileSy
 import { randomBytes } from "node:crypto";
 import { join } from "node:path";
 import { tunnelArgv } from "./device.js";
-import { canConnect, killSessions, SSHD, waitFor } from "./sshd.js";
+import { canConnect, runSshd, SSHD, waitFor } from "./sshd.js";
 import { CLI, extract, removeDir, run, runCli, sshKeygen, tempDir } from "./workspace.js";
 
 export const isRoot = process.getuid?.() === 0;
@@ -95,22 +95,8 @@ export async function startBastion(root: string, name: string, dir: string): Pro
   const logFile = join(dir, `sshd-${name}.log`);
   const t = run(SSHD, ["-t", "-f", config]);
   if (t.code !== 0) throw new Error(`sshd -t: ${t.stderr}`);
-  const proc = spawn(SSHD, ["-D", "-e", "-f", config, "-E", logFile], { stdio: "ignore" });
-  await waitFor(`sshd on 127.0.0.1:${port}`, () => canConnect(port));
-  let stopped = false;
-  return {
-    port,
-    logFile,
-    config,
-    proc,
-    async stop() {
-      if (stopped) return;
-      stopped = true;
-      killSessions(proc.pid);
-      proc.kill("SIGTERM");
-      await new Promise<void>((r) => (proc.exitCode !== null ? r() : proc.once("exit", () => r())));
-    },
-  };
+  const { proc, stop } = await runSshd(config, logFile, port);
+  return { port, logFile, config, proc, stop };
 }
 
 export interface AgentProc {

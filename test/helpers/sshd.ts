@@ -91,14 +91,19 @@ export async function startSshd(o: SshdOptions): Promise<Sshd> {
   );
   const t = run(SSHD, ["-t", "-f", config]);
   if (t.code !== 0) throw new Error(`sshd -t rejected the test config: ${t.stderr}`);
+  const { proc, stop } = await runSshd(config, logFile, port);
+  return { port, dir: o.dir, hostKeyPub: readPub(hostKey), logFile, proc, stop };
+}
+
+/**
+ * Runs the system's sshd on `config` (listening on 127.0.0.1:`port`, logging to `logFile`) until
+ * stop(), which also ends every session process it spawned.
+ */
+export async function runSshd(config: string, logFile: string, port: number): Promise<{ proc: ChildProcess; stop(): Promise<void> }> {
   const proc = spawn(SSHD, ["-D", "-e", "-f", config, "-E", logFile], { stdio: "ignore" });
   await waitFor(`sshd on 127.0.0.1:${port}`, () => canConnect(port));
   let stopped = false;
   return {
-    port,
-    dir: o.dir,
-    hostKeyPub: readPub(hostKey),
-    logFile,
     proc,
     async stop() {
       if (stopped) return;
