@@ -10,7 +10,7 @@ import { chmodSync, chownSync, lstatSync, mkdirSync, readFileSync, readlinkSync,
 import { join } from "node:path";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
 import { makeRootTree, SBIN_PATH } from "./helpers/disk.js";
-import { CLI, readPub, REPO, removeDir, run, runCli, sshKeygen, tempDir, writeFleet } from "./helpers/workspace.js";
+import { readPub, removeDir, REPO, run, runCli, runCliAsNobody, sshKeygen, tempDir, writeFleet } from "./helpers/workspace.js";
 
 const isRoot = process.getuid?.() === 0;
 const haveFakeroot = run("sh", ["-c", "command -v fakeroot"]).code === 0;
@@ -114,7 +114,7 @@ describe.runIf(isRoot)("--format dir as an ordinary user", () => {
     writeFleet(w, { eu: { hostKeys: [readPub(sshKeygen(w, "bastion"))] } });
     chownSync(w, 65534, 65534);
     chmodSync(dir, 0o711);
-    const r = run("setpriv", ["--reuid=65534", "--regid=65534", "--clear-groups", process.execPath, CLI, "--board", "rpi4", "--bastion", "eu", "--format", "dir", "--out", join(w, "out")], {
+    const r = runCliAsNobody(["--board", "rpi4", "--bastion", "eu", "--format", "dir", "--out", join(w, "out")], {
       cwd: w,
       env: { HOME: w, MKOVERLAY_CONFIG: "", MKOVERLAY_REGISTRY: "", MKOVERLAY_CACHE: "off" },
     });

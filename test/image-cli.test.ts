@@ -23,7 +23,7 @@ import { findRoot } from "../src/image/root.js";
 import { openOverlay } from "../src/overlay/read.js";
 import type { Entry } from "../src/overlay/tree.js";
 import { fsck, haveDiskTools, makeDisk, makeRootTree, SBIN_PATH, sh, type Fixture } from "./helpers/disk.js";
-import { CLI, readPub, removeDir, run, runCli, sshKeygen, tempDir, writeFleet, type Run } from "./helpers/workspace.js";
+import { CLI, readPub, removeDir, type Run, run, runCli, runCliAsNobody, sshKeygen, tempDir, writeFleet } from "./helpers/workspace.js";
 import { bootId } from "../src/registry/core.js";
 
 const inCI = process.env.CI === "true" || process.env.CI === "1";
@@ -516,7 +516,7 @@ describe.runIf((tools || inCI) && isRoot && slow)("[slow] root for the setup: a 
     for (const f of ["", "base.img", "key", "mkoverlay.yaml"]) chownSync(join(w.ws, f), 65534, 65534);
     chmodSync(dir, 0o711); // the test's temp dir: traversable, not listable
     const args = ["image", "--base", base, "--board", "rpi4", "--bastion", "eu", "--host-key", key, "--hostname", "gw-nobody", "--out", join(w.ws, "out"), "--json"];
-    const r = run("setpriv", ["--reuid=65534", "--regid=65534", "--clear-groups", process.execPath, CLI, ...args], {
+    const r = runCliAsNobody(args, {
       cwd: w.ws,
       // A station user's PATH: no /usr/sbin (debugfs is found there anyway).
       env: { HOME: w.ws, TMPDIR: w.ws, PATH: "/usr/local/bin:/usr/bin:/bin", SOURCE_DATE_EPOCH: EPOCH, MKOVERLAY_CONFIG: "", MKOVERLAY_REGISTRY: "", MKOVERLAY_CACHE: join(w.ws, "cache"), NO_COLOR: "1" },

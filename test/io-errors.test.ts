@@ -13,7 +13,7 @@ import { chmodSync, existsSync, mkdirSync, readdirSync, symlinkSync, writeFileSy
 import { join, relative } from "node:path";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
 import { ioUserError } from "../src/errors.js";
-import { CLI, readPub, removeDir, run, runCli, sshKeygen, tempDir, writeFleet } from "./helpers/workspace.js";
+import { readPub, removeDir, run, runCli, runCliAsNobody, sshKeygen, tempDir, writeFleet } from "./helpers/workspace.js";
 
 const isRoot = process.getuid?.() === 0;
 const dir = tempDir("mko-io-");
@@ -153,11 +153,8 @@ describe.runIf(isRoot)("I/O failures are user errors (exit 2), with nothing left
     chmodSync(dir, 0o755);
     const locked = join(dir, "locked");
     mkdirSync(locked, { mode: 0o755 });
-    const r = spawnSync("setpriv", ["--reuid=nobody", "--regid=nogroup", "--clear-groups", process.execPath, CLI, "schema", "--out", join(locked, "fleet.json")], {
-      cwd: dir,
-      encoding: "utf8",
-    });
-    expectUserIoError({ code: r.status ?? -1, stdout: r.stdout, stderr: r.stderr }, join(locked, "fleet.json"), /permission denied \(open\)$/);
+    const r = runCliAsNobody(["schema", "--out", join(locked, "fleet.json")], { cwd: dir });
+    expectUserIoError(r, join(locked, "fleet.json"), /permission denied \(open\)$/);
     expect(readdirSync(locked)).toEqual([]);
   });
 

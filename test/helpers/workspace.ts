@@ -3,9 +3,9 @@
  * would run it (a separate process, real exit codes, real stdout/stderr).
  */
 import { spawn, spawnSync, type SpawnSyncReturns } from "node:child_process";
-import { mkdtempSync, readFileSync, rmSync, writeFileSync } from "node:fs";
+import { chmodSync, mkdtempSync, readFileSync, rmSync, statSync, writeFileSync } from "node:fs";
 import { tmpdir } from "node:os";
-import { join, resolve } from "node:path";
+import { dirname, join, resolve } from "node:path";
 
 export const REPO = resolve(import.meta.dirname, "../..");
 export const CLI = join(REPO, "bin/mkoverlay");
@@ -23,6 +23,20 @@ export interface Run {
   code: number;
   stdout: string;
   stderr: string;
+}
+
+/**
+ * Runs the CLI as `nobody` (uid/gid 65534, no groups) through setpriv, as a station user would.
+ * A clone made under `mktemp -d` sits in a 0700 folder, so first the checkout's ancestors that
+ * lack it get search permission for others (o+x: no listing); it stays so for the run, since
+ * files run in parallel and an undo could pull it from under another. Root only.
+ */
+export function runCliAsNobody(args: string[], opts: { cwd?: string; env?: Record<string, string> } = {}): Run {
+  for (let d = dirname(REPO); d !== dirname(d); d = dirname(d)) {
+    const mode = statSync(d).mode;
+    if ((mode & 0o001) === 0) chmodSync(d, (mode & 0o7777) | 0o001);
+  }
+  return run("setpriv", ["--reuid=65534", "--regid=65534", "--clear-groups", process.execPath, CLI, ...args], opts);
 }
 
 export function tempDir(prefix = "mko-"): string {
