@@ -341,9 +341,17 @@ describe.runIf(tools || inCI)("interrupted", () => {
       stdio: "ignore",
     });
     const exited = new Promise<NodeJS.Signals | null>((resolve) => child.on("exit", (_c, sig) => resolve(sig)));
-    // As soon as the temp image exists (cp is writing it), interrupt. (Not on the output
-    // folder's writability probe, `.probe.*.tmp`, which comes before the reservation.)
-    const staging = (): boolean => existsSync(out) && readdirSync(out).some((n) => n.startsWith(".gw-0001.img.") && n.endsWith(".tmp"));
+    // As soon as cp has written into the temp image, interrupt. Not on an empty one: the reflink
+    // attempt before cp creates and removes it at once, so it may be gone a moment later. (Nor
+    // on the output folder's writability probe, `.probe.*.tmp`, before the reservation.)
+    const copying = (n: string): boolean => {
+      try {
+        return /^\.gw-0001\.img\.\d+\.[0-9a-f]+\.tmp$/.test(n) && statSync(join(out, n)).size > 0;
+      } catch {
+        return false; // gone between the listing and the stat
+      }
+    };
+    const staging = (): boolean => existsSync(out) && readdirSync(out).some(copying);
     for (let i = 0; i < 1000 && !staging(); i++) await new Promise((r) => setTimeout(r, 10));
     expect(staging()).toBe(true);
     child.kill("SIGINT");

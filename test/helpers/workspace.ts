@@ -32,7 +32,7 @@ export interface Run {
  * files run in parallel and an undo could pull it from under another. Root only.
  */
 export function runCliAsNobody(args: string[], opts: { cwd?: string; env?: Record<string, string> } = {}): Run {
-  for (let d = dirname(REPO); d !== dirname(d); d = dirname(d)) {
+  for (let d = REPO; d !== dirname(d); d = dirname(d)) {
     const mode = statSync(d).mode;
     if ((mode & 0o001) === 0) chmodSync(d, (mode & 0o7777) | 0o001);
   }
