@@ -16,7 +16,7 @@ import { UserError } from "../errors.js";
 import type { TreeView } from "../overlay/view.js";
 import type { Entry } from "../overlay/tree.js";
 import { debugfs, debugfsSafe } from "./debugfs.js";
-import { ImageTreeView } from "./reader.js";
+import { ImageTreeView, kindOf, TYPE_BITS } from "./reader.js";
 import { e2Spec, type RootFs } from "./root.js";
 import { checkWritable, roomFor } from "./superblock.js";
 import { privateDir } from "./temps.js";
@@ -30,20 +30,7 @@ export interface LayResult {
   kept: number;
 }
 
-const TYPE_BITS = { file: 0o100000, dir: 0o040000, symlink: 0o120000 } as const;
-
-function kindName(mode: number): string {
-  switch (mode & 0o170000) {
-    case 0o040000:
-      return "directory";
-    case 0o100000:
-      return "file";
-    case 0o120000:
-      return "symlink";
-    default:
-      return "special file";
-  }
-}
+const KIND_NAME = { dir: "directory", file: "file", symlink: "symlink", other: "special file" } as const;
 
 function checkNames(entries: readonly Entry[]): void {
   const types = new Map(entries.map((e) => [e.path, e.type]));
@@ -75,7 +62,7 @@ export type Listing = Map<string, Map<string, { mode: number }>>;
 /** What an entry finds in the image: a conflict (refused), or nothing to say. */
 function conflictOf(e: Entry, haveMode: number | undefined): string | undefined {
   if (haveMode === undefined) return undefined;
-  const haveKind = kindName(haveMode);
+  const haveKind = KIND_NAME[kindOf(haveMode)];
   if (e.type === "dir") return haveKind === "directory" ? undefined : `/${e.path} is a directory in the overlay but a ${haveKind} in the image`;
   return haveKind === "directory" ? `/${e.path} is a ${e.type === "file" ? "file" : "symlink"} in the overlay but a directory in the image` : undefined;
 }

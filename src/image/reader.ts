@@ -31,17 +31,13 @@ interface Listed {
   size: number;
 }
 
-function kind(mode: number): ViewEntry["type"] {
-  switch (mode & 0o170000) {
-    case 0o040000:
-      return "dir";
-    case 0o100000:
-      return "file";
-    case 0o120000:
-      return "symlink";
-    default:
-      return "other";
-  }
+/** The file-type bits of an inode's mode (`S_IFDIR`, `S_IFREG`, `S_IFLNK`). */
+export const TYPE_BITS = { dir: 0o040000, file: 0o100000, symlink: 0o120000 } as const;
+
+/** What kind of entry an inode's full mode says it is. */
+export function kindOf(mode: number): ViewEntry["type"] {
+  const t = mode & 0o170000;
+  return t === TYPE_BITS.dir ? "dir" : t === TYPE_BITS.file ? "file" : t === TYPE_BITS.symlink ? "symlink" : "other";
 }
 
 /** Errors that only mean "not there": a missing parent, or a parent that is not a directory. */
@@ -108,7 +104,7 @@ export class ImageTreeView implements TreeView {
       const dumps = new Map<string, string>();
       found.forEach((e, i) => {
         cmds.push(`stat /${e.path}`);
-        const t = kind(e.mode);
+        const t = kindOf(e.mode);
         // Long symlink targets live in a data block; `dump` reads it like file content.
         if ((t === "file" && e.size <= cap) || (t === "symlink" && e.size >= 60)) {
           const local = join(dir, `d${i}`);
@@ -121,7 +117,7 @@ export class ImageTreeView implements TreeView {
       const stats = r.sections.filter((_, i) => cmds[i]!.startsWith("stat "));
       found.forEach((e, i) => {
         const st = stats[i] ?? [];
-        const t = kind(e.mode);
+        const t = kindOf(e.mode);
         const entry: ImageEntry = {
           path: e.path,
           type: t,
