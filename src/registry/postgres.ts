@@ -19,7 +19,7 @@
 import pg from "pg";
 import { UserError } from "../errors.js";
 import { displayLocation } from "./location.js";
-import type { Queryable, SqlDriver, TxMode, TxOptions } from "./sql.js";
+import { QueuedDriver, type Queryable, type SqlDriver, type TxMode, type TxOptions } from "./sql.js";
 
 export const PG_NAMESPACE = "mkoverlay";
 export const CHANGES_CHANNEL = "mkoverlay_changes";
@@ -127,19 +127,17 @@ export function pgClient(location: string): pg.Client {
   });
 }
 
-export class PostgresDriver implements SqlDriver {
+export class PostgresDriver extends QueuedDriver implements SqlDriver {
   readonly dialect = "postgres";
   readonly nowMs = "CAST(EXTRACT(EPOCH FROM clock_timestamp()) * 1000 AS BIGINT)";
   readonly where: string;
-  /** One client, one transaction at a time: calls are queued. */
-  private queue: Promise<unknown> = Promise.resolve();
-  private closed = false;
-  private readonly q: Queryable;
+  protected readonly q: Queryable;
 
   private constructor(
     private readonly location: string,
     private readonly client: pg.Client,
   ) {
+    super();
     this.where = displayLocation(location);
     const query = async <T>(sql: string, params: readonly unknown[] = []) => (await this.client.query(numbered(sql), params as unknown[])) as unknown as { rows: T[]; rowCount: number | null };
     this.q = {
@@ -162,13 +160,8 @@ export class PostgresDriver implements SqlDriver {
     return new PostgresDriver(location, client);
   }
 
-  private exclusive<T>(fn: () => Promise<T>): Promise<T> {
-    if (this.closed) return Promise.reject(new Error("registry used after close()"));
-    const p = this.queue.then(fn, fn);
-    this.queue = p.catch(() => undefined);
-    return p.catch((e: unknown) => {
-      throw pgUserError(this.location, e);
-    });
+  protected userError(e: unknown): unknown {
+    return pgUserError(this.location, e);
   }
 
   transaction<T>(mode: TxMode, fn: (q: Queryable) => Promise<T>, opts: TxOptions = {}): Promise<T> {
@@ -191,18 +184,6 @@ export class PostgresDriver implements SqlDriver {
     });
   }
 
-  all<T>(sql: string, params?: readonly unknown[]): Promise<T[]> {
-    return this.exclusive(() => this.q.all<T>(sql, params));
-  }
-
-  get<T>(sql: string, params?: readonly unknown[]): Promise<T | undefined> {
-    return this.exclusive(() => this.q.get<T>(sql, params));
-  }
-
-  run(sql: string, params?: readonly unknown[]): Promise<number> {
-    return this.exclusive(() => this.q.run(sql, params));
-  }
-
   async ddl(q: Queryable, statements: readonly string[]): Promise<void> {
     for (const s of statements) await q.run(s);
   }
@@ -215,10 +196,7 @@ export class PostgresDriver implements SqlDriver {
     await q.run("SELECT pg_notify(?, ?)", [CHANGES_CHANNEL, hostname]);
   }
 
-  async close(): Promise<void> {
-    if (this.closed) return;
-    await this.queue;
-    this.closed = true;
+  protected async release(): Promise<void> {
     await this.client.end().catch(() => undefined);
   }
 }

@@ -48,6 +48,49 @@ export interface SqlDriver extends Queryable {
   close(): Promise<void>;
 }
 
+/**
+ * What both adapters share: one connection, one call at a time. A call waits for the one
+ * before it (a lease renewal may fire during a batch), and what it throws is the adapter's
+ * user error. `q` runs on the connection directly (inside a transaction already queued).
+ */
+export abstract class QueuedDriver implements Queryable {
+  private queue: Promise<unknown> = Promise.resolve();
+  private closed = false;
+  protected abstract readonly q: Queryable;
+  /** The adapter's wording of a database error (a UserError), or the error as it was. */
+  protected abstract userError(e: unknown): unknown;
+  /** Closes the connection; called once, after the queued calls. */
+  protected abstract release(): Promise<void>;
+
+  protected exclusive<T>(fn: () => Promise<T>): Promise<T> {
+    if (this.closed) return Promise.reject(new Error("registry used after close()"));
+    const p = this.queue.then(fn, fn);
+    this.queue = p.catch(() => undefined);
+    return p.catch((e: unknown) => {
+      throw this.userError(e);
+    });
+  }
+
+  all<T>(sql: string, params?: readonly unknown[]): Promise<T[]> {
+    return this.exclusive(() => this.q.all<T>(sql, params));
+  }
+
+  get<T>(sql: string, params?: readonly unknown[]): Promise<T | undefined> {
+    return this.exclusive(() => this.q.get<T>(sql, params));
+  }
+
+  run(sql: string, params?: readonly unknown[]): Promise<number> {
+    return this.exclusive(() => this.q.run(sql, params));
+  }
+
+  async close(): Promise<void> {
+    if (this.closed) return;
+    await this.queue;
+    this.closed = true;
+    await this.release();
+  }
+}
+
 /** A savepoint inside a transaction: a failing `fn` leaves no trace, the transaction goes on. */
 export async function savepoint<T>(q: Queryable, fn: () => Promise<T>): Promise<T> {
   await q.run("SAVEPOINT mko_one");

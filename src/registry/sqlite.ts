@@ -8,7 +8,7 @@ import { closeSync, existsSync, openSync, readSync, statSync } from "node:fs";
 import { createRequire } from "node:module";
 import { dirname, join } from "node:path";
 import { errnoCode, UserError } from "../errors.js";
-import type { Queryable, SqlDriver, TxMode, TxOptions } from "./sql.js";
+import { QueuedDriver, type Queryable, type SqlDriver, type TxMode, type TxOptions } from "./sql.js";
 
 /**
  * The addon's path, handed to better-sqlite3 directly: its default lookup (the `bindings`
@@ -60,16 +60,15 @@ function sleepSync(ms: number): void {
   Atomics.wait(new Int32Array(new SharedArrayBuffer(4)), 0, 0, ms);
 }
 
-export class SqliteDriver implements SqlDriver {
+export class SqliteDriver extends QueuedDriver implements SqlDriver {
   readonly dialect = "sqlite";
   readonly nowMs = "CAST(ROUND((julianday('now') - 2440587.5) * 86400000) AS INTEGER)";
   private readonly db: Database.Database;
   private readonly statements = new Map<string, Database.Statement>();
-  /** One transaction at a time on this connection (a lease renewal may fire during a batch). */
-  private queue: Promise<unknown> = Promise.resolve();
-  private readonly q: Queryable;
+  protected readonly q: Queryable;
 
   constructor(readonly where: string) {
+    super();
     checkIsDatabase(where);
     try {
       this.db = new Database(where, { timeout: BUSY_MS, ...nativeBinding() });
@@ -112,20 +111,12 @@ export class SqliteDriver implements SqlDriver {
     return st;
   }
 
-  private userError(e: unknown): unknown {
+  protected userError(e: unknown): unknown {
     if (e instanceof UserError || !(e instanceof Error)) return e;
     const code = (e as { code?: string }).code ?? "";
     if (code === "SQLITE_BUSY") return new UserError(`registry ${this.where}: another station held the registry for over ${BUSY_MS / 1000}s`, { hint: "try again" });
     if (/^SQLITE_(CANTOPEN|READONLY|IOERR|FULL|NOTADB|CORRUPT|PERM)/.test(code)) return new UserError(`registry ${this.where}: unusable (${e.message})`);
     return e;
-  }
-
-  private exclusive<T>(fn: () => Promise<T>): Promise<T> {
-    const p = this.queue.then(fn, fn);
-    this.queue = p.catch(() => undefined);
-    return p.catch((e: unknown) => {
-      throw this.userError(e);
-    });
   }
 
   transaction<T>(mode: TxMode, fn: (q: Queryable) => Promise<T>, opts: TxOptions = {}): Promise<T> {
@@ -148,18 +139,6 @@ export class SqliteDriver implements SqlDriver {
     });
   }
 
-  all<T>(sql: string, params?: readonly unknown[]): Promise<T[]> {
-    return this.exclusive(() => this.q.all<T>(sql, params));
-  }
-
-  get<T>(sql: string, params?: readonly unknown[]): Promise<T | undefined> {
-    return this.exclusive(() => this.q.get<T>(sql, params));
-  }
-
-  run(sql: string, params?: readonly unknown[]): Promise<number> {
-    return this.exclusive(() => this.q.run(sql, params));
-  }
-
   async ddl(_q: Queryable, statements: readonly string[]): Promise<void> {
     for (const s of statements) this.db.exec(s);
   }
@@ -171,8 +150,7 @@ export class SqliteDriver implements SqlDriver {
   /** Bastions on this machine watch the file itself: nothing to announce. */
   async notify(): Promise<void> {}
 
-  async close(): Promise<void> {
-    await this.queue;
+  protected async release(): Promise<void> {
     if (this.db.open) this.db.close();
   }
 }
