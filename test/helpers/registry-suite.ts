@@ -397,7 +397,7 @@ export async function registryTests(which: "sqlite" | "postgres"): Promise<void>
   });
 
 
-  describe.runIf(which === "postgres" && pgServer)("registry migrate (sqlite ↔ postgres)", () => {
+  if (which === "postgres") describe.runIf(pgServer)("registry migrate (sqlite ↔ postgres)", () => {
     const pg = pgServer!;
 
     /** A SQLite registry with every kind of row: active (with service ports), revoked, pending, a gap. */
@@ -526,7 +526,7 @@ export async function registryTests(which: "sqlite" | "postgres"): Promise<void>
     });
   });
 
-  describe.runIf(which === "postgres" && pgServer)("postgres registry errors: one line, no stack", () => {
+  if (which === "postgres") describe.runIf(pgServer)("postgres registry errors: one line, no stack", () => {
     const pg = pgServer!;
 
     async function buildWith(registry: string): Promise<Run & { ws: Workspace }> {
@@ -591,7 +591,7 @@ export async function registryTests(which: "sqlite" | "postgres"): Promise<void>
 
   });
 
-  describe.runIf(which === "sqlite")("backend loading", () => {
+  if (which === "sqlite") describe("backend loading", () => {
     it("the CLI imports pg only for a postgres registry (start-up cost of the SQLite path)", async () => {
       // A preload that reports, at exit, whether any file of the pg package was loaded.
       const probe = join(keys, "probe.mjs");
