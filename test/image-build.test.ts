@@ -23,7 +23,7 @@ import { ImageTreeView } from "../src/image/reader.js";
 import { findRoot } from "../src/image/root.js";
 import { readUndoSpans } from "../src/image/undo.js";
 import type { Entry } from "../src/overlay/tree.js";
-import { cliOverlay, fsck, haveDiskTools, makeDisk, makeRootTree, SBIN_PATH, sh, type Fixture } from "./helpers/disk.js";
+import { baseDisks, cliOverlay, fsck, haveDiskTools, SBIN_PATH, sh, type Fixture } from "./helpers/disk.js";
 import { REPO, removeDir, run, tempDir } from "./helpers/workspace.js";
 
 const inCI = process.env.CI === "true" || process.env.CI === "1";
@@ -61,10 +61,7 @@ beforeAll(async () => {
     if (inCI) throw new Error("disk tools missing: run `make test-deps`");
     return;
   }
-  const rootTree = join(dir, "rootfs");
-  makeRootTree(rootTree);
-  mbr = makeDisk(join(dir, "base-mbr.img"), rootTree);
-  gpt = makeDisk(join(dir, "base-gpt.img"), rootTree, { scheme: "gpt" });
+  ({ mbr, gpt } = baseDisks(dir));
   ({ entries: overlay, archive } = await cliOverlay(dir, EPOCH));
 }, 120_000);
 afterAll(() => removeDir(dir));

@@ -22,7 +22,7 @@ import { ImageTreeView } from "../src/image/reader.js";
 import { findRoot } from "../src/image/root.js";
 import { openOverlay } from "../src/overlay/read.js";
 import type { Entry } from "../src/overlay/tree.js";
-import { fsck, haveDiskTools, makeDisk, makeRootTree, SBIN_PATH, sh, type Fixture } from "./helpers/disk.js";
+import { baseDisks, fsck, haveDiskTools, makeDisk, SBIN_PATH, sh, type Fixture } from "./helpers/disk.js";
 import { CLI, readPub, removeDir, type Run, run, runCli, runCliAsNobody, sshKeygen, tempDir, writeFleet } from "./helpers/workspace.js";
 import { bootId } from "../src/registry/core.js";
 
@@ -122,10 +122,7 @@ beforeAll(() => {
     if (inCI) throw new Error("disk tools missing: run `make test-deps`");
     return;
   }
-  rootTree = join(dir, "rootfs");
-  makeRootTree(rootTree);
-  mbr = makeDisk(join(dir, "base-mbr.img"), rootTree);
-  gpt = makeDisk(join(dir, "base-gpt.img"), rootTree, { scheme: "gpt" });
+  ({ rootTree, mbr, gpt } = baseDisks(dir));
   bastionPub = readPub(sshKeygen(dir, "bastion"));
   hostKey = sshKeygen(dir, "device_key");
 }, 120_000);

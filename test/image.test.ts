@@ -17,7 +17,7 @@ import { checkWritable, INCOMPAT, parseSuperblock, RO_COMPAT, roomFor } from "..
 import { openOverlay } from "../src/overlay/read.js";
 import { Tree, type Entry } from "../src/overlay/tree.js";
 import { getMany, treeView, type TreeView, type ViewEntry } from "../src/overlay/view.js";
-import { cliOverlay, fsck, haveDiskTools, makeDisk, makeRootTree, sh, type Fixture } from "./helpers/disk.js";
+import { baseDisks, cliOverlay, fsck, haveDiskTools, sh, type Fixture } from "./helpers/disk.js";
 import { removeDir, tempDir } from "./helpers/workspace.js";
 
 const inCI = process.env.CI === "true" || process.env.CI === "1";
@@ -50,10 +50,7 @@ beforeAll(async () => {
     if (inCI) throw new Error("disk tools missing: run `make test-deps`");
     return;
   }
-  rootTree = join(dir, "rootfs");
-  makeRootTree(rootTree);
-  mbr = makeDisk(join(dir, "rpi-mbr.img"), rootTree);
-  gpt = makeDisk(join(dir, "rpi-gpt.img"), rootTree, { scheme: "gpt" });
+  ({ rootTree, mbr, gpt } = baseDisks(dir));
   ({ entries: overlay, archive } = await cliOverlay(dir, EPOCH));
 }, 120_000);
 afterAll(() => removeDir(dir));

@@ -100,6 +100,13 @@ export function fsck(fx: Pick<Fixture, "path" | "rootOffset">): { code: number; 
   return { code: r.code, out: r.stdout + r.stderr };
 }
 
+/** The bases most image tests start from: one Raspberry-Pi-like root tree as an MBR and a GPT disk. */
+export function baseDisks(dir: string): { rootTree: string; mbr: Fixture; gpt: Fixture } {
+  const rootTree = join(dir, "rootfs");
+  makeRootTree(rootTree);
+  return { rootTree, mbr: makeDisk(join(dir, "base-mbr.img"), rootTree), gpt: makeDisk(join(dir, "base-gpt.img"), rootTree, { scheme: "gpt" }) };
+}
+
 /** A real overlay, as the CLI builds it for a Raspberry Pi (bastion eu), read back as tree entries. */
 export async function cliOverlay(dir: string, epoch: number, hostKey?: string): Promise<{ entries: Entry[]; archive: string }> {
   const priv = sshKeygen(dir, `bastion_key_${process.pid}_${Math.random().toString(36).slice(2, 8)}`);
