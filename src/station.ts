@@ -184,6 +184,23 @@ export function watchSignals(onFirst?: (signal: string) => void): { signal: Abor
   };
 }
 
+/**
+ * Runs a command under watchSignals. `run` returns what it finished; a stop that came after
+ * its point of no return still exits 130/143, saying that.
+ */
+export async function interruptible(run: (stop: AbortSignal) => Promise<string>): Promise<void> {
+  const signals = watchSignals();
+  try {
+    const finished = await run(signals.signal);
+    if (signals.signal.aborted) {
+      const why = String(signals.signal.reason);
+      throw new Interrupted(why, `interrupted by ${why} after ${finished}`);
+    }
+  } finally {
+    signals.dispose();
+  }
+}
+
 export interface DeviceRequest {
   board: Board;
   os: OsProfile;
@@ -297,8 +314,15 @@ export function unplace(r: Rendered, form: OutputForm): void {
  * Writes one rendered device: temp names first, then (for work the registry leases) a check
  * that the work is still this station's, then the final names.
  */
-export async function place(st: Station, hostname: string, r: Rendered, leased: boolean): Promise<void> {
+/**
+ * Puts a device's output in place. The point of no return is just before it takes its final
+ * name: a stop asked for until then (staging an image takes seconds) throws `stopped(why)` and
+ * leaves nothing; and the reservation must still be this station's.
+ */
+export async function place(st: Station, hostname: string, r: Rendered, leased: boolean, stopped: (why: string) => Interrupted): Promise<void> {
   const still = async () => {
+    const why = st.stopRequested();
+    if (why) throw stopped(why);
     if (leased && !(await st.registry.confirm([hostname])).has(hostname)) throw new ReservationLost(hostname);
   };
   if (r.archive) {
@@ -355,12 +379,12 @@ export async function buildDevice(st: Station, req: DeviceRequest): Promise<Buil
     log.info(`reserved port ${device.port} for ${device.hostname}`);
   }
   const hostname = device.hostname;
+  const notBuilt = (why: string) => new Interrupted(why, `interrupted by ${why}: ${hostname} was not built${rebuilt ? "" : "; its reservation was given back"}`);
+  let placed = false;
   try {
     const r = await renderDevice(contextOf(st, device, req));
-    // The last point where stopping leaves nothing behind: after it, the device is finished.
-    const why = st.stopRequested();
-    if (why) throw new Interrupted(why, `interrupted by ${why}: ${hostname} was not built${rebuilt ? "" : "; its reservation was given back"}`);
-    await place(st, hostname, r, !rebuilt);
+    await place(st, hostname, r, !rebuilt, notBuilt);
+    placed = true;
     if (rebuilt) await registry.updateDevice(hostname, { board: board.id, os: os.id, bastions: device.bastions, overlay: r.overlay });
     else {
       try {
@@ -373,7 +397,20 @@ export async function buildDevice(st: Station, req: DeviceRequest): Promise<Buil
     log.info(`wrote ${r.overlay}`);
     return buildResult(device, dk, r, rebuilt);
   } catch (err) {
-    if (!rebuilt) await registry.abandon(hostname);
+    if (placed && !(err instanceof ReservationLost)) {
+      // The output is in place with this port and key: giving the port back would let the
+      // next device take it. The row stays pending; its lease runs out and the doctor
+      // finishes it (the output is complete).
+      log.warn(`${hostname} was written but not registered as built; 'mkoverlay registry doctor --fix' finishes it`);
+      throw err;
+    }
+    // (abandon gives back only this station's pending row.) One that fails leaves the row to
+    // the doctor and must not hide what went wrong.
+    if (!rebuilt) await registry.abandon(hostname).catch(() => undefined);
+    // A Ctrl-C in a terminal reaches the tools an image is made with (cp, debugfs) too: their
+    // failure is the interruption.
+    const why = st.stopRequested();
+    if (why && !(err instanceof Interrupted) && !(err instanceof ReservationLost)) throw notBuilt(why);
     throw err;
   } finally {
     st.leases.delete(hostname);

@@ -208,6 +208,60 @@ describe("concurrent rotations of one device (item 6)", () => {
   });
 });
 
+/** Makes the registry refuse one kind of update (a test trigger), as a lost connection would. */
+function refuse(w: Ws, name: string, when: string): () => void {
+  const db = new Database(join(w.ws, "registry.db"));
+  db.exec(`CREATE TRIGGER ${name} BEFORE UPDATE ON devices WHEN ${when} BEGIN SELECT RAISE(ABORT, 'test: ${name}'); END`);
+  db.close();
+  return () => {
+    const again = new Database(join(w.ws, "registry.db"));
+    again.exec(`DROP TRIGGER ${name}`);
+    again.close();
+  };
+}
+
+describe("the registry fails after the output is in place", () => {
+  it("build: the port is not given back (the archive holds it); the doctor finishes the device", () => {
+    const w = workspace("activate-fails");
+    expect(w.cli(["--board", "rpi4", "--bastion", "eu", "--quiet", "--out", w.out]).code).toBe(0); // creates the registry
+    const allow = refuse(w, "no_activation", "NEW.status = 'active'");
+    const r = w.cli(["--board", "rpi4", "--bastion", "eu", "--out", w.out]);
+    expect(r.code).not.toBe(0);
+    expect(r.stderr).toMatch(/gw-0002 was written but not registered as built; 'mkoverlay registry doctor --fix' finishes it/);
+    expect(existsSync(join(w.out, "gw-0002.overlay.tar.gz"))).toBe(true);
+    expect(audit(w).map((d) => [d.hostname, d.port, d.status])).toEqual([
+      ["gw-0001", 21000, "active"],
+      ["gw-0002", 21001, "pending"],
+    ]);
+    allow();
+    // The next device does not get the archive's port.
+    expect(JSON.parse(w.cli(["--board", "rpi4", "--bastion", "eu", "--json", "--quiet", "--out", w.out]).stdout)).toMatchObject({ hostname: "gw-0003", port: 21002 });
+    // Its station is gone: the doctor finishes it at once.
+    const fix = w.cli(["registry", "doctor", "--fix", "--json"]);
+    expect(fix.code, fix.stderr).toBe(0);
+    expect(JSON.parse(fix.stdout)).toMatchObject([{ hostname: "gw-0002", action: "activated", fixed: true }]);
+    expect(audit(w).map((d) => d.status)).toEqual(["active", "active", "active"]);
+  });
+
+  it("rotate: the new key is not dropped (the archive holds it); the doctor finishes the rotation", () => {
+    const w = workspace("rotate-commit-fails");
+    expect(w.cli(["--board", "rpi4", "--bastion", "eu", "--quiet", "--out", w.out]).code).toBe(0);
+    const archive = join(w.out, "gw-0001.overlay.tar.gz");
+    const oldKey = archivedKey(archive);
+    const allow = refuse(w, "no_rotation", "NEW.public_key IS NOT OLD.public_key");
+    const r = w.cli(["rotate", "gw-0001", "--out", w.out]);
+    expect(r.code).not.toBe(0);
+    expect(r.stderr).toMatch(/gw-0001: the new overlay was written but the rotation not recorded; 'mkoverlay registry doctor --fix' finishes it/);
+    const newKey = archivedKey(archive);
+    expect(newKey).not.toBe(oldKey);
+    allow();
+    const fix = w.cli(["registry", "doctor", "--fix", "--json"]);
+    expect(fix.code, fix.stderr).toBe(0);
+    expect(JSON.parse(fix.stdout)).toMatchObject([{ hostname: "gw-0001", action: "rotated", fixed: true }]);
+    expect(audit(w)[0]!.public_key).toBe(newKey);
+  });
+});
+
 describe("a bastion removed from the config (item 7)", () => {
   const w = workspace("removed", {}, { eu: { hostKeys: [bastionKey] }, us: { hostKeys: [bastionKey] } });
   const built = [1, 2, 3].map(() => JSON.parse(w.cli(["--board", "rpi4", "--bastion", "eu,us", "--json", "--quiet", "--out", w.out]).stdout) as { hostname: string });

@@ -10,7 +10,7 @@ import { out, stderrLog, type Log } from "../output.js";
 import { archiveEpoch } from "../overlay/archive.js";
 import { loadProfiles, resolveBoardOs } from "../profiles.js";
 import { openRegistry } from "../registry/open.js";
-import { buildDevice, Interrupted, watchSignals, withOutDir, withStation, type BuildResult, type OutputOptions } from "../station.js";
+import { buildDevice, interruptible, withOutDir, withStation, type BuildResult, type OutputOptions } from "../station.js";
 import { attributeQuery, findDevice, parseAttrFlags } from "../device-arg.js";
 
 export interface BuildOptions extends OutputOptions {
@@ -50,18 +50,11 @@ export async function runBuild(opts: BuildOptions, log: Log = stderrLog(Boolean(
   );
 }
 
-export async function buildCommand(opts: BuildOptions): Promise<void> {
-  const signals = watchSignals();
-  try {
-    const r = await runBuild(opts, undefined, signals.signal);
+export function buildCommand(opts: BuildOptions): Promise<void> {
+  return interruptible(async (stop) => {
+    const r = await runBuild(opts, undefined, stop);
     const { authorizedKeysText, ...json } = r;
     out(opts.json ? JSON.stringify(json) : authorizedKeysText);
-    // Past its point of no return the device was finished; the exit code still says it stopped.
-    if (signals.signal.aborted) {
-      const why = String(signals.signal.reason);
-      throw new Interrupted(why, `interrupted by ${why} after ${r.hostname} was built and registered`);
-    }
-  } finally {
-    signals.dispose();
-  }
+    return `${r.hostname} was built and registered`;
+  });
 }

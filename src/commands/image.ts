@@ -13,7 +13,7 @@ import { archiveEpoch } from "../overlay/archive.js";
 import { overlayPath } from "../pipeline.js";
 import { loadProfiles, resolveBoardOs } from "../profiles.js";
 import { openRegistry } from "../registry/open.js";
-import { buildDevice, preflightImageForm, provisionalEntries, withOutDir, withStation, type OutputOptions } from "../station.js";
+import { buildDevice, interruptible, preflightImageForm, provisionalEntries, withOutDir, withStation, type OutputOptions } from "../station.js";
 
 export interface ImageOptions extends Omit<OutputOptions, "image" | "format" | "apply"> {
   base: string;
@@ -27,7 +27,11 @@ export interface ImageOptions extends Omit<OutputOptions, "image" | "format" | "
   quiet?: boolean;
 }
 
-export async function imageCommand(opts: ImageOptions): Promise<void> {
+export function imageCommand(opts: ImageOptions): Promise<void> {
+  return interruptible((stop) => runImage(opts, stop));
+}
+
+async function runImage(opts: ImageOptions, stop: AbortSignal): Promise<string> {
   const log = stderrLog(Boolean(opts.quiet) || Boolean(opts.json));
   const now = new Date();
   const fleet = await loadFleet(configPath(opts.config), now);
@@ -43,11 +47,12 @@ export async function imageCommand(opts: ImageOptions): Promise<void> {
     async (outDir, form) => {
       const emit = { outDir, form, epoch };
       await preflightImageForm(form, provisionalEntries(fleet, req, now), publicKeyLine(dk.key.pub), hostname ? [overlayPath(emit, hostname)] : [], outDir);
-      return withStation(fleet, emit, log, now, () => openRegistry(fleet.registry), (st) => buildDevice(st, req));
+      return withStation(fleet, emit, log, now, () => openRegistry(fleet.registry), (st) => buildDevice(st, req), stop);
     },
     "--base",
   );
   const { authorizedKeysText, ...json } = r;
   const bmap = `${r.overlay.replace(/\.zst$/, "")}.bmap`;
   out(opts.json ? JSON.stringify({ ...json, bmap }) : authorizedKeysText);
+  return `${r.hostname} was built and registered`;
 }

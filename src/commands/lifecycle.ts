@@ -12,7 +12,7 @@ import { out, stderrLog } from "../output.js";
 import { archiveEpoch } from "../overlay/archive.js";
 import { deviceBastions, deviceProfiles, overlayPath, renderDevice } from "../pipeline.js";
 import { loadProfiles } from "../profiles.js";
-import { contextOf, Interrupted, place, unplace, watchSignals, withOutDir, withStation, type OutputOptions } from "../station.js";
+import { contextOf, interruptible, Interrupted, place, unplace, withOutDir, withStation, type OutputOptions } from "../station.js";
 import { openRegistry } from "../registry/open.js";
 import { configPath, loadFleet } from "../config/load.js";
 import { ReservationLost } from "../registry/rows.js";
@@ -67,14 +67,11 @@ export interface RotateOptions extends OutputOptions {
  * then does the registry — and so every export — switch keys, keeping the old one valid for
  * the grace period so the device in the field is not locked out before its new overlay lands.
  */
-export async function rotateCommand(arg: string, opts: RotateOptions): Promise<void> {
-  const signals = watchSignals();
-  try {
-    await rotate(arg, opts, signals.signal);
-    if (signals.signal.aborted) throw new Interrupted(String(signals.signal.reason), `interrupted by ${String(signals.signal.reason)} after the rotation was complete`);
-  } finally {
-    signals.dispose();
-  }
+export function rotateCommand(arg: string, opts: RotateOptions): Promise<void> {
+  return interruptible(async (stop) => {
+    await rotate(arg, opts, stop);
+    return "the rotation was complete";
+  });
 }
 
 async function rotate(arg: string, opts: RotateOptions, stop: AbortSignal): Promise<void> {
@@ -99,12 +96,12 @@ async function rotate(arg: string, opts: RotateOptions, stop: AbortSignal): Prom
       if (stopped) throw new Interrupted(stopped, `interrupted by ${stopped}: ${hostname} was not rotated`);
       await registry.beginRotate(hostname, d.fingerprint, publicKey, dk.fingerprint, overlayPath(st.emit, hostname));
       st.leases.add(hostname);
+      let placed = false;
       try {
         const r = await renderDevice(contextOf(st, { ...d, publicKey, fingerprint: dk.fingerprint }, { board, os, bastions, dk }));
         // Stopping before the new overlay is in place leaves the device as it was.
-        const why = st.stopRequested();
-        if (why) throw new Interrupted(why, `interrupted by ${why}: ${hostname} was not rotated (it keeps its key)`);
-        await place(st, hostname, r, true);
+        await place(st, hostname, r, true, (why) => new Interrupted(why, `interrupted by ${why}: ${hostname} was not rotated (it keeps its key)`));
+        placed = true;
         const graceUntil = graceMs > 0 ? new Date(Date.now() + graceMs) : undefined;
         try {
           await registry.commitRotate(hostname, dk.fingerprint, graceUntil);
@@ -125,7 +122,10 @@ async function rotate(arg: string, opts: RotateOptions, stop: AbortSignal): Prom
           text: r.text,
         };
       } catch (e) {
-        await registry.abortRotate(hostname, dk.fingerprint);
+        // The new overlay in place replaced the old one: dropping the new key now would lock the
+        // device out. The rotation stays pending; the doctor finishes it once its lease runs out.
+        if (placed && !(e instanceof ReservationLost)) log.warn(`${hostname}: the new overlay was written but the rotation not recorded; 'mkoverlay registry doctor --fix' finishes it`);
+        else await registry.abortRotate(hostname, dk.fingerprint).catch(() => undefined);
         throw e;
       } finally {
         st.leases.delete(hostname);
