@@ -65,8 +65,17 @@ export interface WriteOptions {
 
 function writeTemp(target: string, data: Buffer | string, o: WriteOptions): { tmp: string; fd: number } {
   const tmp = tempNameFor(target);
+  return { tmp, fd: createFile(tmp, data, o) };
+}
+
+/**
+ * Creates `path`, which must not exist (a temp name, or a name in a folder still under its own
+ * temp name), with its final mode, owner and mtime, and writes `data`; returns the open fd (not
+ * synced: the caller syncs and closes it). A failure removes it.
+ */
+export function createFile(path: string, data: Buffer | string, o: Omit<WriteOptions, "durable" | "reportAs">): number {
   // Created with its final mode: a private key is never readable by others, even briefly.
-  const fd = openSync(tmp, "wx", o.mode);
+  const fd = openSync(path, "wx", o.mode);
   try {
     fchmodSync(fd, o.mode);
     if (o.owner) fchownSync(fd, o.owner.uid, o.owner.gid);
@@ -74,10 +83,10 @@ function writeTemp(target: string, data: Buffer | string, o: WriteOptions): { tm
     let off = 0;
     while (off < buf.length) off += writeSync(fd, buf, off, buf.length - off);
     if (o.mtime) futimesSync(fd, o.mtime, o.mtime);
-    return { tmp, fd };
+    return fd;
   } catch (e) {
     closeSync(fd);
-    unlinkQuietly(tmp);
+    unlinkQuietly(path);
     throw e;
   }
 }
@@ -109,7 +118,7 @@ export function writeFileAtomic(target: string, data: Buffer | string, o: WriteO
  * that file system: a station that stages large images beside its output can set
  * MKOVERLAY_SYNCFS=0 to sync file by file instead.
  */
-function syncAll(fds: number[], anyPathOnFs: string): void {
+export function syncAll(fds: number[], anyPathOnFs: string): void {
   if (process.env.MKOVERLAY_SYNCFS !== "0" && fds.length > 4 && spawnSync("sync", ["-f", anyPathOnFs], { stdio: "ignore" }).status === 0) return;
   for (const fd of fds) fsyncSync(fd);
 }

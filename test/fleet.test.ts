@@ -10,7 +10,7 @@ import { afterAll, beforeAll, describe, expect, it } from "vitest";
 import { tunnelArgv } from "./helpers/device.js";
 import { portBlock, type PortBlock } from "./helpers/net.js";
 import { canConnect, ensureUser, startSshd, waitFor, type Sshd } from "./helpers/sshd.js";
-import { extract, readPub, removeDir, run, runCli, sshKeygen, tempDir, writeFleet } from "./helpers/workspace.js";
+import { CLI, extract, readPub, removeDir, run, runCli, sshKeygen, tempDir, writeFleet } from "./helpers/workspace.js";
 
 const TUNNEL_USER = "mko-tunnel";
 const dir = tempDir("mko-fleet-");
@@ -300,6 +300,20 @@ describe("output forms", () => {
     const key = statSync(join(b.overlay, "etc/ssh/mkoverlay/ssh_host_ed25519_key"));
     expect([key.mode & 0o777, key.uid, key.gid]).toEqual([0o600, 0, 0]);
     expect(cli(["verify", b.overlay]).code).toBe(0);
+  });
+
+  it("--format dir: the folder is synced before it takes its name, and its name after (strace)", () => {
+    const out = join(dir, "dirform-sync");
+    const trace = join(dir, "dirform.strace");
+    const env = { NO_COLOR: "1", MKOVERLAY_CONFIG: "", MKOVERLAY_REGISTRY: "", MKOVERLAY_CACHE: "off" };
+    const r = run("strace", ["-f", "-qq", "-y", "-o", trace, "-e", "trace=fsync,fdatasync,syncfs,rename,renameat,renameat2", process.execPath, CLI, "--board", "rpi4", "--bastion", "lo", "--format", "dir", "--out", out, "--json"], { cwd: dir, env });
+    expect(r.code, r.stderr).toBe(0);
+    const folder = (JSON.parse(r.stdout) as Built).overlay;
+    const calls = readFileSync(trace, "utf8").split("\n");
+    const renamed = calls.findIndex((l) => /rename\w*\(/.test(l) && l.includes(`"${folder}"`));
+    expect(renamed, "the folder was renamed into place").toBeGreaterThan(0);
+    expect(calls.slice(0, renamed).some((l) => /^\d+ +(syncfs|fsync)\(\d+<[^>]*\/\.[^/>]*\.overlay\.[^/>]*\.tmp/.test(l)), "its files synced before").toBe(true);
+    expect(calls.slice(renamed).some((l) => new RegExp(`^\\d+ +fsync\\(\\d+<${out}>\\)`).test(l)), "its name synced after").toBe(true);
   });
 
   it("--apply lays it over a root file system, keeping the target's existing folders", () => {
