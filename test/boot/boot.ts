@@ -471,8 +471,15 @@ export interface BootedVm {
 
 export interface BootOptions {
   overlayTar: string;
-  /** Host port of the bastion sshd on 127.0.0.1; the guest reaches it as 10.0.2.100:22. */
+  /**
+   * Host port of the bastion sshd on 127.0.0.1; the guest reaches it as 10.0.2.100:22. 0: the
+   * guest reaches nothing at all (a bastion VM, reached only through `hostfwd`).
+   */
   bastionPort: number;
+  /** Host ports on 127.0.0.1 forwarded to the guest's ports (a bastion VM's sshd). */
+  hostfwd?: { host: number; guest: number }[];
+  /** A reboot in the guest reboots it (default: qemu exits, -no-reboot). */
+  allowReboot?: boolean;
   /** Scratch directory for the image copy and logs (created if missing). */
   workDir: string;
   /** Hard limit on the VM's lifetime; it is stopped after this (default 15 min). */
@@ -588,7 +595,7 @@ export interface DiskBootOptions extends Omit<BootOptions, "overlayTar"> {
 
 /** Boot a disk image as it is (the base's kernel and initramfs). Resolves once qemu is running. */
 export async function bootDisk(image: string, opts: DiskBootOptions): Promise<BootedVm> {
-  if (!Number.isInteger(opts.bastionPort) || opts.bastionPort <= 0 || opts.bastionPort > 65535) {
+  if (!Number.isInteger(opts.bastionPort) || opts.bastionPort < 0 || opts.bastionPort > 65535) {
     throw new Error(`bad bastionPort ${opts.bastionPort}`);
   }
   const base = opts.base ?? (await ensureBaseImage());
@@ -598,7 +605,10 @@ export async function bootDisk(image: string, opts: DiskBootOptions): Promise<Bo
   const cmdline = opts.root ? base.cmdline.replace(/(^|\s)root=\S+/, `$1root=${opts.root}`) : base.cmdline;
 
   const profile = bootArchProfile(base.arch);
-  const guestfwd = `guestfwd=tcp:${GUEST_BASTION_ADDR}:${GUEST_BASTION_PORT}-cmd:socat - TCP:127.0.0.1:${opts.bastionPort}`;
+  const forwards = [
+    ...(opts.bastionPort > 0 ? [`guestfwd=tcp:${GUEST_BASTION_ADDR}:${GUEST_BASTION_PORT}-cmd:socat - TCP:127.0.0.1:${opts.bastionPort}`] : []),
+    ...(opts.hostfwd ?? []).map((f) => `hostfwd=tcp:127.0.0.1:${f.host}-:${f.guest}`),
+  ];
   const args = [
     ...profile.machineArgs,
     "-accel", "tcg",
@@ -607,12 +617,12 @@ export async function bootDisk(image: string, opts: DiskBootOptions): Promise<Bo
     "-nographic",
     "-monitor", "none",
     "-serial", `file:${serialLog}`,
-    "-no-reboot",
+    ...(opts.allowReboot ? [] : ["-no-reboot"]),
     "-kernel", base.kernel,
     "-initrd", base.initrd,
     "-append", [cmdline, opts.extraCmdline ?? ""].join(" ").trim(),
     ...profile.diskArgs(image),
-    "-netdev", `user,id=n0,restrict=on,${guestfwd}`,
+    "-netdev", ["user,id=n0,restrict=on", ...forwards].join(","),
     ...profile.nicArgs,
   ];
   const { pid, guardian, exited } = await spawnGuarded(profile.qemu, args, qemuLog, "w");
