@@ -110,8 +110,12 @@ export interface BatchResult {
   total: number;
   built: BuildResult[];
   failed: BatchFailure[];
+  /** Rows of `hosts` already built by an earlier run of the shift (their output in place): not built again. */
+  skipped: { hostname: string; port: number; overlay: string }[];
   /** Devices not built because the batch was stopped (nothing is reserved for them). */
   notBuilt: { count: number; hostnames: string[] };
+  /** `hosts`: the file of rows not built (stopped or failed), next to the outputs; feed it back to finish. */
+  remaining: string | null;
   /** Why the batch stopped early (the abort reason), or null when it ran to the end. */
   stopped: string | null;
 }
@@ -218,7 +222,7 @@ export async function batch(options: BatchOptions): Promise<BatchResult> {
     },
     options.signal,
   );
-  return { total: s.total, built, failed: s.failed.map((f) => ({ hostname: f.hostname, error: f.error })), notBuilt: s.notBuilt, stopped: s.stopped };
+  return { total: s.total, built, skipped: s.skipped, failed: s.failed.map((f) => ({ hostname: f.hostname, error: f.error })), notBuilt: s.notBuilt, remaining: s.remaining, stopped: s.stopped };
 }
 
 /** Checks overlays (archives or folders); one result per overlay, in order. */

@@ -5,19 +5,21 @@
  * device reserves nothing and the others stand. Devices stream through: nothing of the batch
  * is kept in memory but counts and failures.
  */
+import { existsSync, unlinkSync } from "node:fs";
+import { basename, extname, join } from "node:path";
 import { setFlagsFromString } from "node:v8";
 import { configPath, loadFleet } from "../config/load.js";
 import { loadOrGenerateKey, resolveBastions } from "../device.js";
 import { isUserError, UserError } from "../errors.js";
-import { StagedGroups } from "../fsutil.js";
-import { readHostRows } from "../hosts-file.js";
+import { StagedGroups, writeFileAtomic } from "../fsutil.js";
+import { readHostRows, type HostRow } from "../hosts-file.js";
 import { out, Progress, stderrLog, type Log } from "../output.js";
 import { archiveEpoch } from "../overlay/archive.js";
-import { pendingFiles, renderDevice, type Rendered } from "../pipeline.js";
+import { overlayPath, pendingFiles, renderDevice, type Rendered } from "../pipeline.js";
 import { loadProfiles, resolveBoardOs } from "../profiles.js";
 import { openRegistry } from "../registry/open.js";
 import { ReservationLost } from "../registry/rows.js";
-import type { DeviceRecord } from "../registry/types.js";
+import type { DeviceRecord, DeviceState } from "../registry/types.js";
 import { buildDevice, buildResult, contextOf, Interrupted, preflightImageForm, provisionalEntries, reserveRequest, unplace, watchSignals, withOutDir, withStation, type BuildResult, type DeviceRequest, type OutputOptions, type Station } from "../station.js";
 import { hostnameProblem } from "../validate.js";
 import { parseAttrFlags } from "../device-arg.js";
@@ -189,16 +191,27 @@ async function chunked(st: Station, chunk: ChunkItem[], common: Omit<DeviceReque
 export interface BatchSummary {
   total: number;
   built: number;
+  /** Rows of a --hosts file already built by an earlier run, their output in place (a resumed shift). */
+  skipped: { hostname: string; port: number; overlay: string }[];
   failed: { hostname: string | null; label: string; error: string }[];
   /** Not built because the run stopped (nothing reserved for them); hostnames where known. */
   notBuilt: { count: number; hostnames: string[] };
   /** Why the run stopped early (SIGINT, SIGTERM, an abort), or null. */
   stopped: string | null;
+  /**
+   * --hosts: the rows not built (stopped or failed), written next to the outputs with the same
+   * columns, to be fed back as --hosts; null when every row is built.
+   */
+  remaining: string | null;
+  /** A remaining-rows file of an earlier run of this shift, removed because the shift is now complete. */
+  completed: string | null;
 }
 
 export interface BatchHooks {
   built(r: BuildResult): void;
   failed(f: BatchSummary["failed"][number]): void;
+  /** A row already built by an earlier run of the shift (its output in place): not built again. */
+  skipped?(s: BatchSummary["skipped"][number]): void;
   /** A device was rendered: progress. */
   work?(): void;
   /** Called once the inputs are checked, before anything is reserved. */
@@ -219,12 +232,13 @@ export async function runBatch(opts: BatchOptions, hooks: BatchHooks, stop?: Abo
   const bastions = resolveBastions(fleet, opts.bastion, now);
   const common = parseAttrFlags(opts.attr);
   let names: { hostname: string | undefined; attributes: Record<string, string> }[];
+  let rows: HostRow[] = [];
   if (opts.count !== undefined) {
     const n = Number(opts.count);
     if (!/^\d+$/.test(String(opts.count)) || n < 1 || n > 100_000) throw new UserError(`--count ${opts.count}: a whole number from 1 to 100000`);
     names = Array.from({ length: n }, () => ({ hostname: undefined, attributes: common }));
   } else {
-    const rows = readHostRows(opts.hosts!);
+    rows = readHostRows(opts.hosts!);
     const clash = rows.find((r) => Object.keys(common).some((k) => k in r.fields && r.fields[k] !== common[k]));
     if (clash) {
       const k = Object.keys(common).find((x) => x in clash.fields)!;
@@ -234,7 +248,8 @@ export async function runBatch(opts: BatchOptions, hooks: BatchHooks, stop?: Abo
     if (names.length === 0) throw new UserError(`--hosts ${opts.hosts}: no hostnames in it`);
   }
   const epoch = archiveEpoch();
-  const summary: BatchSummary = { total: names.length, built: 0, failed: [], notBuilt: { count: 0, hostnames: [] }, stopped: null };
+  const summary: BatchSummary = { total: names.length, built: 0, skipped: [], failed: [], notBuilt: { count: 0, hostnames: [] }, stopped: null, remaining: null, completed: null };
+  const builtNames = new Set<string>();
   const notBuilt = (wanted: string | undefined) => {
     summary.notBuilt.count++;
     if (wanted !== undefined) summary.notBuilt.hostnames.push(wanted);
@@ -242,6 +257,7 @@ export async function runBatch(opts: BatchOptions, hooks: BatchHooks, stop?: Abo
   const report: Outcomes = {
     succeed(r) {
       summary.built++;
+      builtNames.add(r.hostname);
       hooks.built(r);
     },
     fail(item, e) {
@@ -256,13 +272,14 @@ export async function runBatch(opts: BatchOptions, hooks: BatchHooks, stop?: Abo
     // --image: the base is checked (and its bmap computed, once for the batch) before anything
     // is reserved; every device brings a new key, so any identity in the base is another's.
     if (form.kind === "image") await preflightImageForm(form, provisionalEntries(fleet, { board, os, bastions, hostname: undefined, dk: loadOrGenerateKey(undefined) }, now), undefined, [], outDir);
-    return withStation(
+    await withStation(
       fleet,
       { outDir, form, epoch },
       hooks.log ?? stderrLog(true),
       now,
       () => openRegistry(fleet.registry),
       async (st) => {
+        if (opts.hosts !== undefined) names = await resumeShift(st, names, summary, report, hooks);
         hooks.starting?.(names.length);
         for (let start = 0; start < names.length; start += CHUNK) {
           if (st.stopRequested()) {
@@ -307,8 +324,78 @@ export async function runBatch(opts: BatchOptions, hooks: BatchHooks, stop?: Abo
       },
       stop,
     );
+    const hosts = opts.hosts;
+    if (hosts !== undefined) writeRemaining(hosts, outDir, rows, builtNames, summary);
   });
   return summary;
+}
+
+/**
+ * A resumed shift: rows of the hosts file that an earlier run already built, whose output is in
+ * place in this run's --out, are skipped (reported once, not as failures); a row registered without its output
+ * cannot be rebuilt here (its private key existed only in that output) and fails with the way
+ * out; a row still pending is another station's or a dead one's (the doctor's). Returns the rows
+ * to build.
+ */
+async function resumeShift(st: Station, names: { hostname: string | undefined; attributes: Record<string, string> }[], summary: BatchSummary, report: Outcomes, hooks: BatchHooks): Promise<typeof names> {
+  const states = await st.registry.states(names.flatMap((n) => (n.hostname === undefined ? [] : [n.hostname])));
+  if (states.size === 0) return names;
+  const todo: typeof names = [];
+  for (const n of names) {
+    const state: DeviceState | undefined = n.hostname === undefined ? undefined : states.get(n.hostname);
+    if (state === undefined) {
+      todo.push(n);
+      continue;
+    }
+    const name = n.hostname!;
+    const item = { wanted: name, attributes: n.attributes, label: name };
+    const expected = overlayPath(st.emit, name);
+    if (state.status === "active" && state.overlay === expected && existsSync(expected)) {
+      const s = { hostname: name, port: state.port, overlay: state.overlay };
+      summary.skipped.push(s);
+      hooks.skipped?.(s);
+    } else if (state.status === "active" && state.overlay !== null && state.overlay !== expected && existsSync(state.overlay)) {
+      report.fail(item, new UserError(`hostname ${name} is already registered (active); its output is ${state.overlay}, not in this run's --out`));
+    } else if (state.status === "active") {
+      report.fail(
+        item,
+        new UserError(
+          `${name} is registered (port ${state.port}) but its output ${state.overlay ?? expected} is missing, and its private key was only there: restore the output, or build it anew with a new key (same name and port) with 'mkoverlay rotate ${name} --grace 0'`,
+        ),
+      );
+    } else if (state.status === "pending") {
+      report.fail(item, new UserError(`${name} is being built by another station, or by one that died ('mkoverlay registry doctor' finishes or gives back a dead station's work)`));
+    } else {
+      report.fail(item, new UserError(`${name} is revoked (its port ${state.port} is quarantined; 'mkoverlay registry release ${name}' frees the name for a new build)`));
+    }
+  }
+  return todo;
+}
+
+/** RFC 4180: a field with a comma, quote or line break is quoted, quotes doubled. */
+const csvField = (v: string): string => (/[",\r\n]/.test(v) || v !== v.trim() ? `"${v.replace(/"/g, '""')}"` : v);
+
+/**
+ * Writes the rows not built (stopped or failed) next to the outputs as `<hosts>.remaining.csv`
+ * (the hosts file's columns, hostname first) and records its path; a shift that is complete
+ * removes the file an earlier run of it left.
+ */
+function writeRemaining(hosts: string, outDir: string, rows: HostRow[], built: Set<string>, summary: BatchSummary): void {
+  const skipped = new Set(summary.skipped.map((s) => s.hostname));
+  const left = rows.filter((r) => !built.has(r.hostname) && !skipped.has(r.hostname));
+  const stem = basename(hosts, extname(hosts)).replace(/\.remaining$/, "");
+  const file = join(outDir, `${stem}.remaining.csv`);
+  if (left.length === 0) {
+    if (existsSync(file)) {
+      unlinkSync(file);
+      summary.completed = file;
+    }
+    return;
+  }
+  const columns = ["hostname", ...new Set(rows.flatMap((r) => Object.keys(r.fields)))];
+  const lines = [columns.join(","), ...left.map((r) => columns.map((c) => csvField(c === "hostname" ? r.hostname : (r.fields[c] ?? ""))).join(","))];
+  writeFileAtomic(file, lines.join("\n") + "\n", { mode: 0o644 });
+  summary.remaining = file;
 }
 
 /** `a, b, c, … (N)`: a list that may be long. */
@@ -349,9 +436,15 @@ export async function batchCommand(opts: BatchOptions): Promise<void> {
           out(opts.json ? JSON.stringify(json) : authorizedKeysText);
           progress?.result(`${r.hostname} port ${r.port}`);
         },
+        skipped(x) {
+          if (opts.json) out(JSON.stringify({ hostname: x.hostname, port: x.port, overlay: x.overlay, skipped: "already built" }));
+        },
         failed(f) {
           if (opts.json) out(JSON.stringify({ hostname: f.hostname, error: f.error }));
-          progress?.message(() => log.error(`${f.label}: ${f.error}`));
+          // A resumed shift's refusals come before the bar starts.
+          const say = () => log.error(`${f.label}: ${f.error}`);
+          if (progress) progress.message(say);
+          else say();
           progress?.result(`${f.label} FAILED`);
         },
       },
@@ -361,15 +454,18 @@ export async function batchCommand(opts: BatchOptions): Promise<void> {
     progress?.stop();
     signals.dispose();
   }
-  const { built, failed, notBuilt, stopped, total } = summary;
+  const { built, failed, notBuilt, stopped, total, skipped, remaining } = summary;
+  const resume = remaining ? `the rows not built are in ${remaining}: run the same command with --hosts ${remaining} to finish the shift` : undefined;
+  const already = skipped.length > 0 ? `, ${skipped.length} already built (skipped)` : "";
   if (stopped) {
     const lines = [
-      `interrupted by ${stopped}: ${built} of ${total} device(s) built and registered${built > 0 ? ` (${first}${built > 1 ? ` … ${last}` : ""})` : ""}`,
+      `interrupted by ${stopped}: ${built} of ${total} device(s) built and registered${built > 0 ? ` (${first}${built > 1 ? ` … ${last}` : ""})` : ""}${already}`,
       `${notBuilt.count} not built, nothing reserved for them${some(notBuilt.hostnames, notBuilt.count)}`,
       ...(failed.length > 0 ? [`${failed.length} failed (see above)`] : []),
-    ];
+      resume ?? (opts.count !== undefined ? `to build the rest: the same command with --count ${notBuilt.count + failed.length}` : ""),
+    ].filter(Boolean);
     throw new Interrupted(stopped, lines.join("\n"));
   }
-  log.info(`batch done: ${built} built, ${failed.length} failed`);
-  if (failed.length > 0) throw new UserError(`${failed.length} of ${total} device(s) failed (see above); the others are built and registered`, { exitCode: 1 });
+  log.info(`batch done: ${built} built${already}, ${failed.length} failed${summary.completed ? `; shift complete (removed ${summary.completed})` : ""}`);
+  if (failed.length > 0) throw new UserError(`${failed.length} of ${total} device(s) failed (see above); the others are built and registered${resume ? `; ${resume}` : ""}`, { exitCode: 1 });
 }

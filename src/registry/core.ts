@@ -24,7 +24,7 @@ import { UserError } from "../errors.js";
 import { DEVICE_COLUMNS, DEVICE_KEYS, hostnameTaken, keyTaken, noFreePort, normalizeRow, ReservationLost, toRecord } from "./rows.js";
 import { MIGRATIONS, SCHEMA_VERSION } from "./schema.js";
 import { savepoint, type Queryable, type SqlDriver } from "./sql.js";
-import { OBSERVATION_COLUMNS, type AttributeRow, type DeviceRecord, type DeviceRow, type Observation, type ObservationRow, type Observations, type PortRow, type Registry, type ReserveRequest, type Snapshot, type Unfinished } from "./types.js";
+import { OBSERVATION_COLUMNS, type AttributeRow, type DeviceRecord, type DeviceRow, type DeviceState, type Observation, type ObservationRow, type Observations, type PortRow, type Registry, type ReserveRequest, type Snapshot, type Unfinished } from "./types.js";
 
 /** How long unfinished work stays a station's own without a renewal. */
 export function leaseMs(): number {
@@ -531,6 +531,22 @@ export class RegistryCore implements Registry {
 
   get(hostname: string): Promise<DeviceRecord | undefined> {
     return this.one("hostname", hostname);
+  }
+
+  states(hostnames: readonly string[]): Promise<Map<string, DeviceState>> {
+    return this.db.transaction("read", async (q) => {
+      const out = new Map<string, DeviceState>();
+      // Chunks well under SQLite's and PostgreSQL's bound-parameter limits.
+      for (let i = 0; i < hostnames.length; i += 500) {
+        const part = hostnames.slice(i, i + 500);
+        const rows = await q.all<{ hostname: string; status: DeviceState["status"]; port: number | string; overlay: string | null }>(
+          `SELECT hostname, status, port, overlay FROM devices WHERE hostname IN (${part.map(() => "?").join(", ")})`,
+          part,
+        );
+        for (const r of rows) out.set(r.hostname, { status: r.status, port: Number(r.port), overlay: r.overlay });
+      }
+      return out;
+    });
   }
 
   getByFingerprint(fp: string): Promise<DeviceRecord | undefined> {

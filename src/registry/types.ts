@@ -32,6 +32,9 @@ export interface DeviceRecord {
   attributes: Record<string, string>;
 }
 
+/** What a resumed batch needs to know of a registered name. */
+export type DeviceState = Pick<DeviceRecord, "status" | "port" | "overlay">;
+
 export interface ReserveRequest {
   /** Explicit --hostname, or undefined to take the next name from the template. */
   hostname: string | undefined;
@@ -117,6 +120,8 @@ export interface Registry {
   /** The doctor gives `u`'s reservation or pending key back; false if the work changed meanwhile. */
   reclaim(u: Unfinished): Promise<boolean>;
   get(hostname: string): Promise<DeviceRecord | undefined>;
+  /** Which of `hostnames` are registered, with their status, port and output (a resumed shift). */
+  states(hostnames: readonly string[]): Promise<Map<string, DeviceState>>;
   getByFingerprint(fp: string): Promise<DeviceRecord | undefined>;
   /** Devices whose factory data has `key` = `value` (e.g. serial = SN0042). */
   findByAttribute(key: string, value: string): Promise<DeviceRecord[]>;
