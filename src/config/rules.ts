@@ -4,6 +4,7 @@
  */
 import { UserError } from "../errors.js";
 import { hostnameProblem, hostProblem, parseExpiry, quotedValueProblem } from "../validate.js";
+import { isDurationExpiry, parseSpread } from "./expiry.js";
 import { parseRange } from "./fleet.js";
 import type { Path } from "./positions.js";
 import type { FleetRaw } from "./schema.js";
@@ -92,6 +93,13 @@ function bastionsRule(raw: FleetRaw, now: Date): Problem[] {
     if (b.expiry !== undefined) {
       const t = parseExpiry(b.expiry, now);
       if (typeof t === "string") out.push({ path: ["bastions", name, "expiry"], message: `${JSON.stringify(b.expiry)} ${t}` });
+    }
+    if (b.expirySpread !== undefined) {
+      const s = parseSpread(b.expirySpread);
+      const at: Path = ["bastions", name, "expirySpread"];
+      if (typeof s === "string") out.push({ path: at, message: `${JSON.stringify(b.expirySpread)} ${s}` });
+      else if (b.expiry === undefined) out.push({ path: at, message: "needs a duration `expiry` (e.g. 365d) to spread" });
+      else if (!isDurationExpiry(b.expiry)) out.push({ path: at, message: `only spreads a duration expiry; ${JSON.stringify(b.expiry)} is a date, the same instant for every device (remove expirySpread, or use a duration)` });
     }
   }
   return out;

@@ -57,6 +57,12 @@ export const BastionSchema = z
       .string()
       .optional()
       .describe("When the device key stops working on this bastion: a date (2027-12-31) or a duration from build time (365d, 12w, 6m, 1y)"),
+    expirySpread: z
+      .union([z.literal(0), z.string()])
+      .optional()
+      .describe(
+        "With a duration expiry: each device's key lasts up to this much longer (deterministic per key), so one shift's builds do not all expire in the same minute. 0 (none), or hours/days/weeks (36h, 14d, 2w); default a tenth of the duration, at most 30d. Never shortens the expiry",
+      ),
     jumpUser: z
       .string()
       .superRefine(check(userProblem))
