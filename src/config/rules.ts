@@ -94,6 +94,21 @@ function bastionsRule(raw: FleetRaw, now: Date): Problem[] {
       const t = parseExpiry(b.expiry, now);
       if (typeof t === "string") out.push({ path: ["bastions", name, "expiry"], message: `${JSON.stringify(b.expiry)} ${t}` });
     }
+    // The same key twice in a known_hosts list is harmless to ssh but a sign of a rollover that
+    // was not thought through (a "next" key that is already the current one).
+    const seen = new Map<string, string>();
+    const pinned: { entry: string; path: Path; label: string }[] = [
+      ...b.hostKeys.map((entry, i) => ({ entry, path: ["bastions", name, "hostKeys", i] as Path, label: `hostKeys[${i}]` })),
+      ...(b.nextHostKeys ?? []).map((entry, i) => ({ entry, path: ["bastions", name, "nextHostKeys", i] as Path, label: `nextHostKeys[${i}]` })),
+      ...(b.hostCA ? [{ entry: `@cert-authority ${b.hostCA}`, path: ["bastions", name, "hostCA"] as Path, label: "hostCA" }] : []),
+    ];
+    for (const { entry, path, label } of pinned) {
+      // `[@cert-authority] type base64`: the comment does not make another key.
+      const id = entry.split(/\s+/).slice(0, entry.startsWith("@") ? 3 : 2).join(" ");
+      const first = seen.get(id);
+      if (first !== undefined) out.push({ path, message: `is the same key as ${first}: pin each key once` });
+      else seen.set(id, label);
+    }
     if (b.expirySpread !== undefined) {
       const s = parseSpread(b.expirySpread);
       const at: Path = ["bastions", name, "expirySpread"];

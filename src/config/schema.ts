@@ -42,12 +42,29 @@ const hostKey = z
   // config, so a build never decodes keys again.
   .transform(canonicalHostKeyEntry);
 
+const hostCA = z
+  .string()
+  .describe("The bastion's host CA: an OpenSSH public key line (without @cert-authority)")
+  .superRefine((v, ctx) => {
+    const k = parsePublicKey(v);
+    if (typeof k === "string") ctx.addIssue({ code: "custom", message: `is not a public key: it ${k}` });
+  })
+  .transform(canonicalKeyLine);
+
 export const BastionSchema = z
   .strictObject({
     host: z.string().describe("Public DNS name or IP address the gateway connects to").superRefine(check(hostProblem)),
     port: z.number().int().min(1).max(65535).default(22).describe("The bastion's sshd port"),
     user: z.string().default("reverse-ssh").describe("The tunnel user on the bastion").superRefine(check(userProblem)),
     hostKeys: z.array(hostKey).min(1).describe("Pinned bastion host keys (required: the device never trusts an unknown bastion)"),
+    nextHostKeys: z
+      .array(hostKey)
+      .min(1)
+      .optional()
+      .describe("Host keys the bastion will switch to, pinned beside hostKeys so the switch needs no re-flash (docs/bastion.md, rollover)"),
+    hostCA: hostCA
+      .optional()
+      .describe("A host CA the devices trust for this bastion (@cert-authority): any host key it certifies for `host` is accepted (docs/bastion.md, rollover)"),
     from: z
       .array(z.string().superRefine(check((v) => cidrProblem(v) ?? quotedValueProblem(v))))
       .min(1)
