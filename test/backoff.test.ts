@@ -1,9 +1,9 @@
 /**
  * The device's reconnect back-off (overlays/common/usr/local/sbin/reverse-ssh-backoff) on real
  * `ssh` exits against a real sshd on 127.0.0.1: the overlay is built with the CLI, and the
- * unit's ExecStart (wrapper + ssh) runs exactly as written, with the overlay's key and
- * known_hosts. Each run of the command is one start of the unit; the test plays systemd's
- * Restart=always by running it again. The times are shrunk through the wrapper's environment,
+ * unit's ExecStart (wrapper, which execs ssh) and ExecStopPost (`--record`) run exactly as
+ * written, with the overlay's key and known_hosts. Each ExecStart + ExecStopPost is one start
+ * of the unit; the test plays systemd's Restart=always by running them again. The times are shrunk through the wrapper's environment,
  * and in the schedule tests BACKOFF_SLEEP records the wait instead of sleeping it; the
  * "accepted again" test sleeps for real.
  */
@@ -92,11 +92,23 @@ function device(name: string): Device {
 
 const SCHEDULE = { BACKOFF_FIRST: "10", BACKOFF_CAP: "40", BACKOFF_REFUSED_FIRST: "100", BACKOFF_REFUSED_CAP: "1000", BACKOFF_RESET_AFTER: "60" };
 
-/** One start of the unit, waits recorded rather than slept. */
+/** ExecStopPost= as the unit has it, with the wrapper inside the unpacked tree. */
+function stopPost(): string[] {
+  const unit = readFileSync(join(root, "etc/systemd/system/reverse-ssh@.service"), "utf8");
+  const m = /^ExecStopPost=(.*)$/m.exec(unit);
+  expect(m?.[1]).toBe(`${BACKOFF} --record`);
+  return [join(root, BACKOFF), "--record"];
+}
+
+/** One start of the unit (ExecStart, then ExecStopPost), waits recorded rather than slept. */
 function startOnce(d: Device, argv = command()): { code: number; stderr: string; state: string } {
+  const env = { ...SCHEDULE, RUNTIME_DIRECTORY: d.state, BACKOFF_SLEEP: sleeper, WAITS: d.waits };
   const [cmd, ...args] = argv;
-  const r = run(cmd!, args, { env: { ...SCHEDULE, RUNTIME_DIRECTORY: d.state, BACKOFF_SLEEP: sleeper, WAITS: d.waits } });
-  return { code: r.code, stderr: r.stderr, state: readFileSync(join(d.state, "backoff"), "utf8").trim() };
+  const r = run(cmd!, args, { env });
+  const [post, ...postArgs] = stopPost();
+  const p = run(post!, postArgs, { env });
+  expect(p.code, p.stderr).toBe(0);
+  return { code: r.code, stderr: r.stderr + p.stderr, state: readFileSync(join(d.state, "backoff"), "utf8").trim() };
 }
 
 function waits(d: Device): number[] {
@@ -113,6 +125,22 @@ function windows(stderr: string): number[] {
 }
 
 describe("reverse-ssh-backoff on real ssh exits", () => {
+  it("ExecStart becomes ssh itself (exec): the unit's main process is ssh, with its sandbox", async () => {
+    const d = device("exec");
+    const [cmd, ...args] = command();
+    const p = spawn(cmd!, args, { env: { ...process.env, ...SCHEDULE, RUNTIME_DIRECTORY: d.state }, stdio: "ignore", detached: true });
+    procs.push(p);
+    // The refused ssh takes a moment: long enough to see which program the started pid runs.
+    await waitFor("the started process to become ssh", () => {
+      try {
+        return readFileSync(`/proc/${p.pid}/comm`, "utf8").trim() === "ssh";
+      } catch {
+        return false;
+      }
+    }, 5_000, 5);
+    if (p.exitCode === null) await new Promise((r) => p.once("exit", r));
+  }, 30_000);
+
   it("a refused key backs off to the long interval, not every 10 s", () => {
     accept(false);
     const d = device("refused");
@@ -201,6 +229,8 @@ describe("reverse-ssh-backoff on real ssh exits", () => {
         procs.push(p);
         p.stderr.on("data", (b: Buffer) => (log += b.toString()));
         await new Promise((r) => p.once("exit", r));
+        const [post, ...postArgs] = stopPost();
+        log += run(post!, postArgs, { env }).stderr;
         await new Promise((r) => setTimeout(r, RESTART_MS));
       }
     })();

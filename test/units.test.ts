@@ -211,6 +211,7 @@ describe("unit contents", () => {
     expect(get("[Service]", "Restart")).toEqual(["always"]);
     // A floor only: the growing, jittered wait is the wrapper's, from its state in /run.
     expect(Number(get("[Service]", "RestartSec")[0])).toBeGreaterThanOrEqual(1);
+    expect(get("[Service]", "ExecStopPost")).toEqual(["/usr/local/sbin/reverse-ssh-backoff --record"]);
     expect(get("[Service]", "RuntimeDirectory")).toEqual(["reverse-ssh-%i"]);
     expect(get("[Service]", "RuntimeDirectoryPreserve")).toEqual(["restart"]);
     expect(get("[Unit]", "StartLimitIntervalSec")).toEqual(["0"]);

@@ -76,7 +76,7 @@ if (prereq.ok && !canRun) prereq.problems.push("dist/cli.js missing: run `make b
 
 // Bounds. TCG on 2 shared cores: docs/facts.md measured ~9 s to sshd and 11-12 s to the tunnel.
 const TUNNEL_UP_MS = 120_000;
-/** The unit restarts ssh 10 s (RestartSec=10) after it exits; allow for a slow reconnect. */
+/** After a drop the unit waits 2 s (RestartSec=2) plus the back-off's first wait (1-10 s); allow for a slow reconnect. */
 const RECONNECT_MS = 60_000;
 const TEST_MS = 360_000;
 const BASE_BUILD_MS = 20 * 60_000;
