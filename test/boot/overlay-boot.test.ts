@@ -432,12 +432,17 @@ describe.runIf(canRun || mustRun)(`the product's overlay on a booted system (qem
         timings["raspios.reconnectMs"] = Date.now() - tKill;
         log(`tunnel back after ${timings["raspios.reconnectMs"]} ms: ${again}`);
         expect(await acceptedAtBastion(b)).toBeGreaterThan(acceptedBefore);
-        const after = await operatorSsh(b.hostname, `echo "tunnel=$(systemctl is-active ${unit})"; echo "nrestarts=$(systemctl show -p NRestarts --value ${unit})"; echo "main_pid=$(systemctl show -p MainPID --value ${unit})"`);
+        const after = await operatorSsh(
+          b.hostname,
+          `echo "tunnel=$(systemctl is-active ${unit})"; echo "nrestarts=$(systemctl show -p NRestarts --value ${unit})"; echo "main_pid=$(systemctl show -p MainPID --value ${unit})"; echo "backoff=$(cat /run/reverse-ssh-${BASTION}/backoff)"`,
+        );
         expect(after.code, after.stderr).toBe(0);
         const kv2 = parseKv(after.stdout);
         expect(kv2.tunnel).toBe("active");
         expect(Number(kv2.nrestarts)).toBeGreaterThan(restartsBefore); // systemd restarted it, nobody else
         expect(kv2.main_pid).not.toBe(kv.main_pid);
+        // systemd 252 ran the back-off's ExecStopPost: the drop was recorded as a network failure.
+        expect(kv2.backoff).toMatch(/^network [1-9]$/);
       } catch (err) {
         await keepArtifacts("raspios", vm ?? vms.at(-1), bastion);
         throw err;
