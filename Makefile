@@ -59,7 +59,7 @@ typecheck: node_modules/.install-stamp
 
 lint: node_modules/.install-stamp
 	$(NODE_BIN)/eslint .
-	shellcheck -S warning scripts/*.sh test/boot/*.sh bench/recipe.sh .ci/run overlays/common/usr/local/sbin/reverse-ssh-monitor
+	shellcheck -S warning scripts/*.sh test/boot/*.sh bench/recipe.sh .ci/run overlays/common/usr/local/sbin/reverse-ssh-monitor overlays/common/usr/local/sbin/reverse-ssh-backoff
 
 # The committed JSON Schemas must match the validators (editors and the config cache use them).
 schema-check: build

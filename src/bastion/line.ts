@@ -6,7 +6,8 @@
  */
 import type { TunnelPlan } from "../forwards.js";
 import { publicKeyLine } from "../keys/ed25519.js";
-import { expiryTimeOption, parseExpiry, quotedValueProblem } from "../validate.js";
+import { deviceExpiry } from "../config/expiry.js";
+import { expiryTimeOption, quotedValueProblem } from "../validate.js";
 
 export interface LineInput {
   hostname: string;
@@ -32,7 +33,8 @@ export function authorizedKeysOptions(i: LineInput): string[] {
   if (b.from) opts.push(quoted("from", b.from.join(",")));
   let expiry = i.notAfter;
   if (b.expiry) {
-    const t = parseExpiry(b.expiry, i.now);
+    // A duration gets this device's share of the spread (never earlier than the config says).
+    const t = deviceExpiry(b.expiry, b.expirySpread, i.now, i.pub);
     if (typeof t === "string") throw new Error(`expiry ${b.expiry} ${t}`);
     if (!expiry || t < expiry) expiry = t;
   }

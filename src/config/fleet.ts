@@ -18,6 +18,8 @@ export interface Bastion {
   from: string[] | undefined;
   /** As written in the config; resolved against the build time when a line is made. */
   expiry: string | undefined;
+  /** Extra time, up to this, per device on a duration expiry (config/expiry.ts); undefined: the default. */
+  expirySpread?: string | number | undefined;
   jumpUser: string | undefined;
 }
 
@@ -61,7 +63,10 @@ export function toFleet(raw: FleetRaw, file: string, baseDir: string): Fleet {
   // Names are plain ASCII words: a byte-order sort (localeCompare would load ICU's collation,
   // ~8 ms of every single build).
   for (const [name, b] of Object.entries(raw.bastions).sort(([a], [b]) => (a < b ? -1 : a > b ? 1 : 0))) {
-    bastions.set(name, { name, host: b.host.toLowerCase(), port: b.port, user: b.user, hostKeys: b.hostKeys, from: b.from, expiry: b.expiry, jumpUser: b.jumpUser });
+    // Every key a device trusts for this bastion, in one known_hosts list: the current ones,
+    // the next ones, the host CA (rules.ts refuses duplicates).
+    const hostKeys = [...b.hostKeys, ...(b.nextHostKeys ?? []), ...(b.hostCA ? [`@cert-authority ${b.hostCA}`] : [])];
+    bastions.set(name, { name, host: b.host.toLowerCase(), port: b.port, user: b.user, hostKeys, from: b.from, expiry: b.expiry, expirySpread: b.expirySpread, jumpUser: b.jumpUser });
   }
   return {
     file,

@@ -4,6 +4,7 @@
  */
 import { UserError } from "../errors.js";
 import { hostnameProblem, hostProblem, parseExpiry, quotedValueProblem } from "../validate.js";
+import { isDurationExpiry, parseSpread } from "./expiry.js";
 import { parseRange } from "./fleet.js";
 import type { Path } from "./positions.js";
 import type { FleetRaw } from "./schema.js";
@@ -92,6 +93,28 @@ function bastionsRule(raw: FleetRaw, now: Date): Problem[] {
     if (b.expiry !== undefined) {
       const t = parseExpiry(b.expiry, now);
       if (typeof t === "string") out.push({ path: ["bastions", name, "expiry"], message: `${JSON.stringify(b.expiry)} ${t}` });
+    }
+    // The same key twice in a known_hosts list is harmless to ssh but a sign of a rollover that
+    // was not thought through (a "next" key that is already the current one).
+    const seen = new Map<string, string>();
+    const pinned: { entry: string; path: Path; label: string }[] = [
+      ...b.hostKeys.map((entry, i) => ({ entry, path: ["bastions", name, "hostKeys", i] as Path, label: `hostKeys[${i}]` })),
+      ...(b.nextHostKeys ?? []).map((entry, i) => ({ entry, path: ["bastions", name, "nextHostKeys", i] as Path, label: `nextHostKeys[${i}]` })),
+      ...(b.hostCA ? [{ entry: `@cert-authority ${b.hostCA}`, path: ["bastions", name, "hostCA"] as Path, label: "hostCA" }] : []),
+    ];
+    for (const { entry, path, label } of pinned) {
+      // `[@cert-authority] type base64`: the comment does not make another key.
+      const id = entry.split(/\s+/).slice(0, entry.startsWith("@") ? 3 : 2).join(" ");
+      const first = seen.get(id);
+      if (first !== undefined) out.push({ path, message: `is the same key as ${first}: pin each key once` });
+      else seen.set(id, label);
+    }
+    if (b.expirySpread !== undefined) {
+      const s = parseSpread(b.expirySpread);
+      const at: Path = ["bastions", name, "expirySpread"];
+      if (typeof s === "string") out.push({ path: at, message: `${JSON.stringify(b.expirySpread)} ${s}` });
+      else if (b.expiry === undefined) out.push({ path: at, message: "needs a duration `expiry` (e.g. 365d) to spread" });
+      else if (!isDurationExpiry(b.expiry)) out.push({ path: at, message: `only spreads a duration expiry; ${JSON.stringify(b.expiry)} is a date, the same instant for every device (remove expirySpread, or use a duration)` });
     }
   }
   return out;

@@ -42,12 +42,29 @@ const hostKey = z
   // config, so a build never decodes keys again.
   .transform(canonicalHostKeyEntry);
 
+const hostCA = z
+  .string()
+  .describe("The bastion's host CA: an OpenSSH public key line (without @cert-authority)")
+  .superRefine((v, ctx) => {
+    const k = parsePublicKey(v);
+    if (typeof k === "string") ctx.addIssue({ code: "custom", message: `is not a public key: it ${k}` });
+  })
+  .transform(canonicalKeyLine);
+
 export const BastionSchema = z
   .strictObject({
     host: z.string().describe("Public DNS name or IP address the gateway connects to").superRefine(check(hostProblem)),
     port: z.number().int().min(1).max(65535).default(22).describe("The bastion's sshd port"),
     user: z.string().default("reverse-ssh").describe("The tunnel user on the bastion").superRefine(check(userProblem)),
     hostKeys: z.array(hostKey).min(1).describe("Pinned bastion host keys (required: the device never trusts an unknown bastion)"),
+    nextHostKeys: z
+      .array(hostKey)
+      .min(1)
+      .optional()
+      .describe("Host keys the bastion will switch to, pinned beside hostKeys so the switch needs no re-flash (docs/bastion.md, rollover)"),
+    hostCA: hostCA
+      .optional()
+      .describe("A host CA the devices trust for this bastion (@cert-authority): any host key it certifies for `host` is accepted (docs/bastion.md, rollover)"),
     from: z
       .array(z.string().superRefine(check((v) => cidrProblem(v) ?? quotedValueProblem(v))))
       .min(1)
@@ -57,6 +74,12 @@ export const BastionSchema = z
       .string()
       .optional()
       .describe("When the device key stops working on this bastion: a date (2027-12-31) or a duration from build time (365d, 12w, 6m, 1y)"),
+    expirySpread: z
+      .union([z.literal(0), z.string()])
+      .optional()
+      .describe(
+        "With a duration expiry: each device's key lasts up to this much longer (deterministic per key), so one shift's builds do not all expire in the same minute. 0 (none), or hours/days/weeks (36h, 14d, 2w); default a tenth of the duration, at most 30d. Never shortens the expiry",
+      ),
     jumpUser: z
       .string()
       .superRefine(check(userProblem))

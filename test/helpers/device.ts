@@ -24,7 +24,23 @@ export function execStart(unitText: string): string {
   return m[1];
 }
 
+/** The unit's back-off wrapper: ExecStart runs it with the ssh command as its arguments. */
+export const BACKOFF = "/usr/local/sbin/reverse-ssh-backoff";
+
+/**
+ * The ssh command the unit runs (without the back-off wrapper in front; `tunnelCommand` keeps
+ * it).
+ */
 export function tunnelArgv(root: string, bastion: string, hostname: string): string[] {
+  const out = tunnelCommand(root, bastion, hostname);
+  if (out[0] !== join(root, BACKOFF)) throw new Error(`ExecStart does not run ${BACKOFF}: ${out[0]}`);
+  out.shift();
+  if (out[0] !== "/usr/bin/ssh") throw new Error(`${BACKOFF} does not run /usr/bin/ssh: ${out[0]}`);
+  return out;
+}
+
+/** ExecStart as the unit runs it: the wrapper (inside `root`) and its ssh command. */
+export function tunnelCommand(root: string, bastion: string, hostname: string): string[] {
   const unit = readFileSync(join(root, "etc/systemd/system/reverse-ssh@.service"), "utf8");
   const env = readEnvFile(join(root, `etc/mkoverlay/tunnels/${bastion}.env`));
   const words = execStart(unit).trim().split(/\s+/);
@@ -40,8 +56,7 @@ export function tunnelArgv(root: string, bastion: string, hostname: string): str
       .replace(/%i/g, bastion)
       .replace(/%H/g, hostname)
       .replace(/(^|=)\/etc\/(ssh\/mkoverlay|mkoverlay)\//g, (_, pre: string, d: string) => `${pre}${root}/etc/${d}/`);
-    out.push(v);
+    out.push(v === BACKOFF ? join(root, BACKOFF) : v);
   }
-  if (out[0] !== "/usr/bin/ssh") throw new Error(`ExecStart does not run /usr/bin/ssh: ${out[0]}`);
   return out;
 }

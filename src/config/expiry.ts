@@ -1,0 +1,61 @@
+/**
+ * A bastion's `expiry:` for one device, with the spread that keeps a shift's builds from all
+ * expiring in the same minute. A duration expiry (`365d`) counts from the build; every device
+ * then gets a deterministic extra of up to `expirySpread` (derived from its public key, so a
+ * re-export gives the same instant). The spread only ever adds: no key expires earlier than the
+ * config says. A date expiry (`2027-12-31`) is one instant for every device and is never spread.
+ * Default spread: a tenth of the duration, at most 30 days (`expirySpread: 0` turns it off).
+ */
+import { createHash } from "node:crypto";
+import { LATEST_EXPIRY, parseExpiry } from "../validate.js";
+
+const MINUTE = 60_000;
+const DAY = 24 * 60 * MINUTE;
+/** The default spread is this share of the duration ... */
+const DEFAULT_SHARE = 10;
+/** ... and at most this long. */
+const DEFAULT_MAX_MS = 30 * DAY;
+
+const SPREAD = /^(\d+)([hdw])$/;
+
+/** `expirySpread:` in milliseconds (`0`, `36h`, `14d`, `2w`), or why it is not one. */
+export function parseSpread(value: string | number): number | string {
+  if (value === 0 || value === "0") return 0;
+  const m = typeof value === "string" ? SPREAD.exec(value) : null;
+  if (!m) return "is not a spread: write 0 (none) or hours, days or weeks (36h, 14d, 2w)";
+  const n = Number(m[1]);
+  const unit = m[2] === "h" ? 60 * MINUTE : m[2] === "d" ? DAY : 7 * DAY;
+  if (n * unit > 3650 * DAY) return "is longer than ten years";
+  return n * unit;
+}
+
+/** Whether `expiry:` is a duration from the build (which is spread) rather than a date. */
+export function isDurationExpiry(value: string): boolean {
+  return /^\d+[dwmy]$/.test(value);
+}
+
+/** The fraction of the spread this device gets, in [0, 1): the same key always gets the same. */
+export function spreadFraction(pub: Buffer): number {
+  const h = createHash("sha256").update("mkoverlay expiry spread\0").update(pub).digest();
+  return h.readUIntBE(0, 6) / 2 ** 48;
+}
+
+/**
+ * When the device's key stops working on a bastion with this `expiry:`, built at `built`, or a
+ * reason. Whole minutes (what expiry-time holds); never before the unspread instant.
+ */
+export function deviceExpiry(expiry: string, spread: string | number | undefined, built: Date, pub: Buffer): Date | string {
+  const base = parseExpiry(expiry, built);
+  if (typeof base === "string" || !isDurationExpiry(expiry)) return base;
+  let ms: number;
+  if (spread === undefined) {
+    ms = Math.min(DEFAULT_MAX_MS, Math.floor((base.getTime() - built.getTime()) / DEFAULT_SHARE));
+  } else {
+    const s = parseSpread(spread);
+    if (typeof s === "string") return s;
+    ms = s;
+  }
+  const extra = Math.floor((spreadFraction(pub) * ms) / MINUTE) * MINUTE;
+  const t = new Date(base.getTime() + extra);
+  return t > LATEST_EXPIRY ? LATEST_EXPIRY : t;
+}
