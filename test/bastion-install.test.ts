@@ -3,7 +3,7 @@
  * checked by sshd before anything is left in place, and all-or-nothing on every fault.
  */
 import { createHash } from "node:crypto";
-import { lstatSync, readdirSync, readFileSync, readlinkSync, rmSync, writeFileSync } from "node:fs";
+import { copyFileSync, lstatSync, mkdirSync, readdirSync, readFileSync, readlinkSync, rmSync, writeFileSync } from "node:fs";
 import { join, relative } from "node:path";
 import { afterAll, describe, expect, it } from "vitest";
 import { bastionConfig, buildDevice, cleanup, isRoot, prepareRoot, secureRoot } from "./helpers/bastion.js";
@@ -54,10 +54,18 @@ async function workspace(opts: { bastionUser?: string } = {}): Promise<Ws> {
   prepareRoot(root, port);
   const cfg = writeFleet(ws, { lo: { host: "127.0.0.1", port, user: opts.bastionUser ?? TUNNEL_USER, hostKeys: [readPub(join(root, "etc/ssh/ssh_host_ed25519_key"))] } }, { registry: "./registry.db", ports: PORTS });
   dirs.push(buildDevice(ws, cfg).root);
+  // mkoverlay as the bastion runs it (--mkoverlay /usr/local/bin/mkoverlay) ...
+  mkdirSync(join(root, "usr/local/bin"), { recursive: true, mode: 0o755 });
+  writeFileSync(join(root, "usr/local/bin/mkoverlay"), "#!/bin/sh\n", { mode: 0o755 });
+  // ... and the registry where the bastion's agent reads it (--registry /var/lib/mkoverlay/registry.db).
+  mkdirSync(join(root, "var/lib/mkoverlay"), { recursive: true, mode: 0o755 });
+  copyFileSync(join(ws, "registry.db"), join(root, "var/lib/mkoverlay/registry.db"));
   return { ws, root, cfg, port };
 }
 
-const install = (w: Ws, extra: string[] = [], bastion = "lo"): Run => runCli(["bastion", "install", "--bastion", bastion, "--root", w.root, "--config", w.cfg, ...extra], { cwd: w.ws });
+/** The agent's executable and registry as the bastion sees them (--root requires both). */
+const TARGET = ["--mkoverlay", "/usr/local/bin/mkoverlay", "--registry", "/var/lib/mkoverlay/registry.db"];
+const install = (w: Ws, extra: string[] = [], bastion = "lo"): Run => runCli(["bastion", "install", "--bastion", bastion, "--root", w.root, "--config", w.cfg, ...TARGET, ...extra], { cwd: w.ws });
 
 /** Users files compared by content: userdel after useradd leaves the same text with a new mtime. */
 function content(snap: Map<string, string>): Map<string, string> {
@@ -85,6 +93,7 @@ describe.runIf(isRoot)("bastion install --root", () => {
       "etc/ssh/sshd_config.d/60-mkoverlay-bastion-lo.conf",
       "usr/local/lib/mkoverlay/authorized-keys",
       "etc/systemd/system/mkoverlay-bastion@.service",
+      "etc/systemd/system/mkoverlay-bastion@lo.service.d/40-exec.conf",
       "etc/systemd/system/mkoverlay-bastion@lo.service.d/50-registry.conf",
       "etc/systemd/system/multi-user.target.wants/mkoverlay-bastion@lo.service",
       "etc/mkoverlay/bastion/lo/fleet.yaml",
@@ -108,7 +117,7 @@ describe.runIf(isRoot)("bastion install --root", () => {
 
     const r2 = install(w);
     expect(r2.code, r2.stderr).toBe(0);
-    expect(r2.stderr).toMatch(/already installed: 6 file\(s\) unchanged/);
+    expect(r2.stderr).toMatch(/already installed: 7 file\(s\) unchanged/);
     expect(changed(after1, snapshot(w.root))).toEqual([]);
 
     ensureUser(TUNNEL_USER);
@@ -147,20 +156,23 @@ describe.runIf(isRoot)("bastion install --root", () => {
 
   it("the agent's unit passes systemd-analyze verify and scores OK in systemd-analyze security", async () => {
     const w = await workspace();
-    expect(install(w).code).toBe(0);
-    const unit = join(w.ws, "mkoverlay-bastion@lo.service");
-    writeFileSync(unit, readFileSync(join(w.root, "etc/systemd/system/mkoverlay-bastion@.service")));
-    const v = run("systemd-analyze", ["verify", unit]);
+    expect(install(w, ["--mkoverlay", process.execPath]).code).toBe(0);
+    // The template with the instance's own drop-ins, found as systemd finds them (verify checks
+    // ExecStart's program on this host: node).
+    const env = { SYSTEMD_UNIT_PATH: `${join(w.root, "etc/systemd/system")}:` };
+    const v = run("systemd-analyze", ["verify", "mkoverlay-bastion@lo.service"], { env });
     expect(v.code, v.stderr).toBe(0);
     expect(v.stderr).toBe("");
-    const s = run("systemd-analyze", ["security", "--offline=yes", unit]);
+    const s = run("systemd-analyze", ["security", "--offline=yes", "mkoverlay-bastion@lo.service"], { env });
     const score = Number(/Overall exposure level for .*: (\d+\.\d+)/.exec(s.stdout)?.[1]);
     expect(score, s.stdout).toBeLessThanOrEqual(2.5);
     // Every directive says why (like the device units).
-    const lines = readFileSync(unit, "utf8").split("\n");
-    lines.forEach((l, i) => {
-      if (/^[A-Z][A-Za-z]+=/.test(l)) expect(lines[i - 1], l).toMatch(/^#/);
-    });
+    for (const f of ["mkoverlay-bastion@.service", "mkoverlay-bastion@lo.service.d/40-exec.conf", "mkoverlay-bastion@lo.service.d/50-registry.conf"]) {
+      const lines = readFileSync(join(w.root, "etc/systemd/system", f), "utf8").split("\n");
+      lines.forEach((l, i) => {
+        if (/^[A-Z][A-Za-z]+=/.test(l) && !/^ExecStart=$/.test(l)) expect(lines[i - 1], l).toMatch(/^#/);
+      });
+    }
   });
 
   describe("faults: one message, nothing half installed", () => {
