@@ -2,84 +2,28 @@
  * `mkoverlay bastion install --root DIR` against the real sshd and systemd-analyze: idempotent,
  * checked by sshd before anything is left in place, and all-or-nothing on every fault.
  */
-import { createHash } from "node:crypto";
-import { copyFileSync, lstatSync, mkdirSync, readdirSync, readFileSync, readlinkSync, rmSync, writeFileSync } from "node:fs";
-import { join, relative } from "node:path";
+import { readdirSync, readFileSync, rmSync, writeFileSync } from "node:fs";
+import { join } from "node:path";
 import { afterAll, describe, expect, it } from "vitest";
-import { bastionConfig, buildDevice, cleanup, isRoot, prepareRoot, secureRoot } from "./helpers/bastion.js";
+import { bastionConfig, cleanup, isRoot } from "./helpers/bastion.js";
+import { changed, expectOneError, installInto, installWorkspace, snapshot, type Ws } from "./helpers/install.js";
 import { closedPort } from "./helpers/postgres.js";
-import { ensureUser, freePort, SSHD } from "./helpers/sshd.js";
-import { readPub, run, runCli, tempDir, writeFleet, type Run } from "./helpers/workspace.js";
+import { ensureUser, SSHD } from "./helpers/sshd.js";
+import { run, type Run } from "./helpers/workspace.js";
 
 const TUNNEL_USER = "mko-bastion-i";
-const PORTS = { ssh: "33200-33299", services: "33300-33399" };
 const dirs: string[] = [];
 afterAll(() => cleanup(dirs));
 
-/** Every entry under `root`: path, type, mode, owner, content hash or link target, mtime. */
-function snapshot(root: string): Map<string, string> {
-  const out = new Map<string, string>();
-  const walk = (d: string) => {
-    for (const n of readdirSync(d).sort()) {
-      const p = join(d, n);
-      const st = lstatSync(p);
-      const rel = relative(root, p);
-      if (st.isDirectory()) {
-        out.set(rel, `dir ${(st.mode & 0o7777).toString(8)} ${st.uid}:${st.gid}`);
-        walk(p);
-      } else if (st.isSymbolicLink()) out.set(rel, `link -> ${readlinkSync(p)}`);
-      else out.set(rel, `file ${(st.mode & 0o7777).toString(8)} ${st.uid}:${st.gid} ${createHash("sha256").update(readFileSync(p)).digest("hex")} ${st.mtimeMs}`);
-    }
-  };
-  walk(root);
-  return out;
-}
-
-function changed(a: Map<string, string>, b: Map<string, string>): string[] {
-  return [...new Set([...a.keys(), ...b.keys()])].filter((k) => a.get(k) !== b.get(k)).sort();
-}
-
-interface Ws {
-  ws: string;
-  root: string;
-  cfg: string;
-  port: number;
-}
-
 async function workspace(opts: { bastionUser?: string } = {}): Promise<Ws> {
-  const ws = tempDir("mko-install-");
-  const root = secureRoot();
-  dirs.push(ws, root);
-  const port = await freePort();
-  prepareRoot(root, port);
-  const cfg = writeFleet(ws, { lo: { host: "127.0.0.1", port, user: opts.bastionUser ?? TUNNEL_USER, hostKeys: [readPub(join(root, "etc/ssh/ssh_host_ed25519_key"))] } }, { registry: "./registry.db", ports: PORTS });
-  dirs.push(buildDevice(ws, cfg).root);
-  // mkoverlay as the bastion runs it (--mkoverlay /usr/local/bin/mkoverlay) ...
-  mkdirSync(join(root, "usr/local/bin"), { recursive: true, mode: 0o755 });
-  writeFileSync(join(root, "usr/local/bin/mkoverlay"), "#!/bin/sh\n", { mode: 0o755 });
-  // ... and the registry where the bastion's agent reads it (--registry /var/lib/mkoverlay/registry.db).
-  mkdirSync(join(root, "var/lib/mkoverlay"), { recursive: true, mode: 0o755 });
-  copyFileSync(join(ws, "registry.db"), join(root, "var/lib/mkoverlay/registry.db"));
-  return { ws, root, cfg, port };
+  return installWorkspace(dirs, opts.bastionUser ?? TUNNEL_USER);
 }
 
-/** The agent's executable and registry as the bastion sees them (--root requires both). */
-const TARGET = ["--mkoverlay", "/usr/local/bin/mkoverlay", "--registry", "/var/lib/mkoverlay/registry.db"];
-const install = (w: Ws, extra: string[] = [], bastion = "lo"): Run => runCli(["bastion", "install", "--bastion", bastion, "--root", w.root, "--config", w.cfg, ...TARGET, ...extra], { cwd: w.ws });
+const install = (w: Ws, extra: string[] = [], bastion = "lo"): Run => installInto(w, extra, bastion);
 
 /** Users files compared by content: userdel after useradd leaves the same text with a new mtime. */
 function content(snap: Map<string, string>): Map<string, string> {
   return new Map([...snap].map(([k, v]) => [k, /^etc\/(passwd|group|shadow|gshadow)-?$/.test(k) ? v.replace(/ [\d.]+$/, "") : v]));
-}
-
-/** One error line (and at most a hint), no stack. */
-function expectOneError(r: Run, re: RegExp): void {
-  expect(r.code, r.stderr).toBe(2);
-  const lines = r.stderr.trim().split("\n");
-  expect(lines[0]).toMatch(/^mkoverlay: error: /);
-  expect(lines[0]).toMatch(re);
-  expect(lines.slice(1).every((l) => l.startsWith("mkoverlay: hint: ")), r.stderr).toBe(true);
-  expect(lines.length).toBeLessThanOrEqual(2);
 }
 
 describe.runIf(isRoot)("bastion install --root", () => {

@@ -38,6 +38,18 @@ const logOf = (o: Map<string, string[]>): string | undefined => {
   return e && e.startsWith("/") ? e : undefined;
 };
 
+/**
+ * The listener's argv from /proc/PID/cmdline. sshd retitles its listener as
+ * "sshd: /usr/sbin/sshd -f … -E … [listener] 0 of 10-100 startups" (one string: the words are
+ * split at spaces); session processes ("sshd: user@notty") are not listeners.
+ */
+export function listenerArgv(cmdline: string): string[] | undefined {
+  const title = /^sshd: (.*?) \[listener\]/.exec(cmdline.replace(/\0+$/, ""));
+  if (title) return title[1]!.split(" ").filter(Boolean);
+  if (cmdline.startsWith("sshd: ")) return undefined;
+  return cmdline.replace(/\0$/, "").split("\0");
+}
+
 /** The running sshd listener(s) of this host that read `config`: their -E file, or null when they log elsewhere. */
 export function runningSshdLog(config: string): string | null | undefined {
   let found: string | null | undefined;
@@ -45,7 +57,8 @@ export function runningSshdLog(config: string): string | null | undefined {
     try {
       if (posix.basename(readlinkSync(`/proc/${pid}/exe`)) !== "sshd") continue;
       if (statSync(`/proc/${pid}`).uid !== 0) continue;
-      const argv = readFileSync(`/proc/${pid}/cmdline`, "utf8").split("\0").filter((a, i, all) => a !== "" || i < all.length - 1);
+      const argv = listenerArgv(readFileSync(`/proc/${pid}/cmdline`, "utf8"));
+      if (!argv) continue;
       const o = sshdOptions(argv.slice(1));
       if (o.has("R") || o.has("T") || o.has("t")) continue;
       if ((o.get("f")?.at(-1) ?? "/etc/ssh/sshd_config") !== config) continue;

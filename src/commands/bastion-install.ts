@@ -90,7 +90,7 @@ export async function bastionInstallCommand(opts: InstallOpts): Promise<void> {
     out(
       JSON.stringify({
         bastion: bastion.name, root, dryRun: r.dryRun, createdUsers: r.createdUsers, written: r.written, unchanged: r.unchanged, initialKeys: r.initialKeys ?? null, live: r.live, started,
-        agentCommand: command, ...(r.dryRun ? { diff: r.diff } : {}),
+        agentCommand: command, diff: r.diff,
       }),
     );
   if (r.dryRun) {
@@ -107,7 +107,7 @@ export async function bastionInstallCommand(opts: InstallOpts): Promise<void> {
   if (command !== null) {
     log(`${image ? `${root} has no systemd` : "systemd is not running here"}: start the agent with this command (under your service supervisor), then reload sshd:`);
     logger.info(`  ${command}`);
-    if (command.endsWith("--auth-log none")) log("sshd does not log to a file (-E FILE) here, so the agent cannot see logins: a rotated device's old key then lasts until its grace ends; run sshd with -E FILE and give the agent --auth-log FILE");
+    if (command.endsWith("--auth-log none'")) log("sshd does not log to a file (-E FILE) here, so the agent cannot see logins: a rotated device's old key then lasts until its grace ends; run sshd with -E FILE and give the agent --auth-log FILE");
     report(false);
     return;
   }
