@@ -10,6 +10,7 @@ import { afterAll, describe, expect, it } from "vitest";
 import { runningSshdLog } from "../src/bastion/sshd-log.js";
 import { cleanup, isRoot, startBastion, tryLogin } from "./helpers/bastion.js";
 import { changed, expectOneError, installInto, installWorkspace, snapshot, type Ws } from "./helpers/install.js";
+import { postgresForTests, PW_ROLE } from "./helpers/postgres.js";
 import { ensureUser, startSshd } from "./helpers/sshd.js";
 import { REPO, run, runCli, tempDir } from "./helpers/workspace.js";
 
@@ -289,6 +290,25 @@ describe.runIf(isRoot)("item 10: no station path in an image; per-bastion settin
     expect(j.diff).toMatch(/^- {4}PermitOpen none\n/m);
     expect(j.diff).toMatch(/^\+ {4}PermitOpen localhost:4505\n/m);
     expect(changed(installed, snapshot(w.root))).toEqual([]);
+  });
+});
+
+const { server: pg } = isRoot ? await postgresForTests() : { server: undefined };
+afterAll(async () => pg?.stop());
+
+describe.runIf(isRoot && pg)("--dry-run never prints a registry password", () => {
+  it("agent.env's diff shows the URL with *** for the password, in text and JSON", async () => {
+    const url = await pg!.createDatabase();
+    const db = new URL(url).pathname.slice(1);
+    await pg!.sql("postgres", `ALTER DATABASE ${db} OWNER TO ${PW_ROLE.user}`);
+    const w = await ws();
+    const registry = ["--registry", pg!.url(db, PW_ROLE.user, PW_ROLE.password)];
+    for (const extra of [[], ["--json"]]) {
+      const r = installInto(w, ["--dry-run", ...registry, ...extra]);
+      expect(r.code, r.stderr).toBe(0);
+      expect(r.stdout + r.stderr).not.toContain(PW_ROLE.password);
+      expect(r.stdout).toContain(`MKOVERLAY_REGISTRY='postgres://${PW_ROLE.user}:***@127.0.0.1:`);
+    }
   });
 });
 

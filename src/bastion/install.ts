@@ -442,7 +442,19 @@ function dryRunResult(c: Ctx, plan: Plan, staged: Staged, t: TunnelAccount, entr
     written.push(f.path);
     const old = lstatSync(f.host, { throwIfNoEntry: false });
     if (old && (old.mode & 0o7777) !== f.mode) out.push(`# mode of ${f.path}: ${(old.mode & 0o7777).toString(8)} → ${f.mode.toString(8)}`);
-    const d = spawnSync("diff", ["-u", "--label", old ? f.path : "/dev/null", "--label", f.path, old ? f.host : "/dev/null", tmp], { encoding: "utf8" });
+    let [from, to] = [old ? f.host : "/dev/null", tmp];
+    if (f.mode === 0o600) {
+      // agent.env may hold a registry URL with a password: never printed, on either side.
+      out.push(`# ${f.path}: passwords in URLs shown as ***`);
+      const mask = (text: string) => text.replace(/(:\/\/[^:/@\s']*):[^@\s']*@/g, "$1:***@");
+      [from, to] = [from, to].map((p, k) => {
+        if (p === "/dev/null") return p;
+        const m = join(c.checkDir, `masked-${k}`);
+        writeFileSync(m, mask(readFileSync(p, "utf8")), { mode: 0o600 });
+        return m;
+      }) as [string, string];
+    }
+    const d = spawnSync("diff", ["-u", "--label", old ? f.path : "/dev/null", "--label", f.path, from, to], { encoding: "utf8" });
     if (d.status === 2 || d.error) throw new UserError(`diff failed: ${firstLine(d.stderr || d.error?.message || "")}`, { hint: "--dry-run shows changes with diff -u (GNU diffutils)" });
     out.push(d.stdout.replace(/\n$/, ""));
   }
