@@ -154,6 +154,11 @@ describe.runIf(isRoot)("item 6: every path written under --root stays inside it"
       /\/etc\/mkoverlay\/bastion\/lo\/agent\.env \(in .*\) is a symbolic link \(→ .*\/keep\): mkoverlay writes its own files only as regular files/,
     ],
     [
+      "a users file's backup that is a symlink (/etc/passwd- -> /HOSTDIR/keep: useradd would overwrite it)",
+      (w, host) => symlinkSync(join(host, "keep"), join(w.root, "etc/passwd-")),
+      /\/etc\/passwd- \(in .*\) is a symbolic link \(→ .*\/keep\): useradd --prefix would follow it on this host/,
+    ],
+    [
       "a users file that is a symlink (useradd --prefix would follow it on the host)",
       (w, host) => {
         rmSync(join(w.root, "etc/gshadow"));

@@ -80,7 +80,10 @@ export class RootFs {
    */
   checkUserFiles(): void {
     if (this.live) return;
-    for (const p of ["/etc", "/etc/passwd", "/etc/group", "/etc/shadow", "/etc/gshadow"]) {
+    // The files themselves, and the backups (-), temp (+) and lock files shadow-utils opens
+    // beside them: each opened with O_CREAT, following a link. (A system user gets no mail spool.)
+    const db = ["passwd", "group", "shadow", "gshadow", "subuid", "subgid"].flatMap((f) => [f, `${f}-`, `${f}+`, `${f}.lock`].map((n) => `/etc/${n}`));
+    for (const p of ["/etc", ...db, "/etc/.pwd.lock"]) {
       const st = lstatSync(join(this.root, p), { throwIfNoEntry: false });
       if (st?.isSymbolicLink()) {
         throw new UserError(`${this.name(p)} is a symbolic link (→ ${readlinkSync(join(this.root, p))}): useradd --prefix would follow it on this host`, { hint: "make it a regular file (or directory) in the image; nothing was installed" });
