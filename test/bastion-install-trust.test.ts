@@ -7,6 +7,9 @@ import { spawnSync } from "node:child_process";
 import { appendFileSync, chmodSync, mkdirSync, readFileSync, rmSync, statSync, symlinkSync, writeFileSync } from "node:fs";
 import { join } from "node:path";
 import { afterAll, describe, expect, it } from "vitest";
+import { accessProblems, accountGroups, loginReasons, readAccount } from "../src/bastion/account.js";
+import { RootFs } from "../src/bastion/rootfs.js";
+import { parseEffective } from "../src/bastion/sshd-check.js";
 import { runningSshdLog } from "../src/bastion/sshd-log.js";
 import { cleanup, isRoot, startBastion, tryLogin } from "./helpers/bastion.js";
 import { changed, expectOneError, installInto, installWorkspace, snapshot, type Ws } from "./helpers/install.js";
@@ -102,6 +105,43 @@ describe.runIf(isRoot)("item 2: an existing login account is never taken over si
     // useradd's default '!' (locked): sshd refuses it when UsePAM is no (the image's sshd_config).
     writeFileSync(join(w.root, "etc/shadow"), readFileSync(join(w.root, "etc/shadow"), "utf8").replace(new RegExp(`^${T}:\\*:`, "m"), `${T}:!:`));
     expectOneError(installInto(w), new RegExp(`sshd would refuse every tunnel of bastion 'lo' \\(user '${T}'\\): its password is locked`));
+  });
+});
+
+describe.runIf(isRoot)("item 2 on this host (getent, real accounts, sshd -T)", () => {
+  it("host accounts: a login shell, a password, keys, root are logins; a tunnel account is not", () => {
+    const home = tempDir("mko-home-");
+    dirs.push(home);
+    const mk = (name: string, args: string[]) => {
+      if (spawnSync("id", [name]).status === 0) throw new Error(`${name} exists already`);
+      const r = run("useradd", ["--system", "--no-create-home", ...args, name]);
+      if (r.code !== 0) throw new Error(r.stderr);
+      madeUsers.push(name);
+    };
+    mk("mko-trust-sh", ["--shell", "/bin/bash", "--home-dir", "/nonexistent", "--password", "*"]);
+    mk("mko-trust-pw", ["--shell", "/usr/sbin/nologin", "--home-dir", "/nonexistent", "--password", "$6$salt$" + "a".repeat(86)]);
+    mk("mko-trust-ak", ["--shell", "/usr/sbin/nologin", "--home-dir", home, "--password", "*"]);
+    mk("mko-trust-ok", ["--shell", "/usr/sbin/nologin", "--home-dir", "/nonexistent", "--password", "*"]);
+    mkdirSync(join(home, ".ssh"));
+    writeFileSync(join(home, ".ssh/authorized_keys"), "# admin\nssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIA2b3V2T8yqfK7C0m0m7r0X3n8wK4y0l3j3u2b9qzJ9a admin\n");
+    const fs = new RootFs("/");
+    const reasons = (u: string) => loginReasons(fs, readAccount(fs, u)!, ".ssh/authorized_keys .ssh/authorized_keys2");
+    expect(reasons("root")[0]).toBe("uid 0");
+    expect(reasons("mko-trust-sh")).toEqual(["login shell /bin/bash"]);
+    expect(reasons("mko-trust-pw")).toEqual(["a password"]);
+    expect(reasons("mko-trust-ak")).toEqual([`authorized keys in ${home}/.ssh/authorized_keys`]);
+    expect(reasons("mko-trust-ok")).toEqual([]);
+    // sshd's access rules with this host's groups, values as the real sshd -T reports them.
+    const cfgDir = tempDir("mko-access-");
+    dirs.push(cfgDir);
+    const hk = join(cfgDir, "hk");
+    run("ssh-keygen", ["-q", "-t", "ed25519", "-N", "", "-f", hk]);
+    writeFileSync(join(cfgDir, "c"), `HostKey ${hk}\nUsePAM no\nAllowGroups adm mko-trust-*\nDenyUsers *-pw\n`);
+    const eff = (u: string) => parseEffective(run("/usr/sbin/sshd", ["-T", "-f", join(cfgDir, "c"), "-C", `user=${u},host=x,addr=192.0.2.1`]).stdout);
+    const access = (u: string) => accessProblems(fs, eff(u), u, readAccount(fs, u), accountGroups(fs, readAccount(fs, u), u)).refuse;
+    expect(access("mko-trust-ok")).toEqual([]);
+    expect(access("mko-trust-pw")).toEqual(["DenyUsers *-pw matches 'mko-trust-pw'"]);
+    expect(access("root")[0]).toMatch(/^AllowGroups adm mko-trust-\* lists no group of 'root' \(root\)$/);
   });
 });
 
