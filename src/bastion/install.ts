@@ -4,7 +4,7 @@
  * already right is not touched; a config change replaces only mkoverlay's own files).
  *
  * The steps, in order, so that a fault leaves nothing half installed (`install()` reads as this
- * list; each step is a function of its own):
+ * list; each step is a function of its own; the checks are in install-checks.ts):
  * 1. `checkHost`: sshd present, sshd_config includes the drop-in, the agent's executable and the
  *    keys command's path are ones the target will use and sshd will trust;
  * 2. `checkTunnelAccount`: an existing tunnel user must be a tunnel account, never somebody's
@@ -25,45 +25,21 @@ import { spawnSync } from "node:child_process";
 import { randomBytes } from "node:crypto";
 import { chmodSync, existsSync, linkSync, lstatSync, mkdirSync, readdirSync, readFileSync, readlinkSync, renameSync, rmdirSync, rmSync, statSync, symlinkSync, writeFileSync } from "node:fs";
 import { tmpdir } from "node:os";
-import { basename, dirname, join, posix } from "node:path";
-import type { Bastion, Fleet } from "../config/fleet.js";
+import { basename, dirname, join } from "node:path";
 import { UserError } from "../errors.js";
-import { displayLocation, isPostgresUrl } from "../registry/location.js";
+import { isPostgresUrl } from "../registry/location.js";
 import type { Registry } from "../registry/types.js";
-import { quotedValueProblem } from "../validate.js";
-import { accessProblems, accountGroups, loginReasons, nologinShell, readAccount, type Account } from "./account.js";
+import { nologinShell, readAccount } from "./account.js";
 import { renderDropin } from "./dropin.js";
-import { bastionEntries, type BastionEntry as Entry, type Skipped } from "./export.js";
+import { bastionEntries, type BastionEntry as Entry } from "./export.js";
+import { checkHost, checkSshd, checkTunnelAccount, firstLine, prepareCheck, type Ctx, type InstallInput, type TunnelAccount } from "./install-checks.js";
 import { KEYS_COMMAND } from "./keys-command.js";
 import { KeyStore } from "./keystore.js";
-import { AGENT_TEMPLATE, agentEnv, agentExecDropin, agentUnit, configDir, fleetCopy, KEYS_COMMAND_PATH, KEYS_USER, keysDir, registryDropin, sshdDropin, STATE_ROOT, stateDir } from "./paths.js";
+import { AGENT_TEMPLATE, agentEnv, agentExecDropin, agentUnit, configDir, fleetCopy, KEYS_COMMAND_PATH, KEYS_USER, keysDir, registryDropin, STATE_ROOT, stateDir } from "./paths.js";
 import { RootFs } from "./rootfs.js";
-import { checkConfig, dropinSettings, losingSettings, parseEffective, runSshd } from "./sshd-check.js";
-import { renderAgentUnit, renderExecDropin, renderRegistryDropin, unitPathProblem } from "./unit.js";
+import { renderAgentUnit, renderExecDropin, renderRegistryDropin } from "./unit.js";
 
-export const SSHD = "/usr/sbin/sshd";
-
-export interface InstallInput {
-  fleet: Fleet;
-  bastion: Bastion;
-  /** "/" for this host, or a mounted image. */
-  root: string;
-  /** The registry the agent reads, as the bastion sees it (may differ from the stations': a read-only role). */
-  registry: string;
-  openRegistry: (location: string) => Promise<Registry>;
-  createUser: boolean;
-  /** ExecStart's command: node and mkoverlay's CLI, or one executable, as paths on the bastion. */
-  exec: string[];
-  /** The fleet config's bytes (the agent gets its own copy). */
-  configText: string;
-  /** An existing login account the operator agrees to turn into the tunnel user. */
-  takeOverUser?: string | undefined;
-  /** Check and show, change nothing. */
-  dryRun?: boolean;
-  log: (msg: string) => void;
-  warn?: (msg: string) => void;
-  onSkip?: (s: Skipped) => void;
-}
+export { SSHD, type InstallInput } from "./install-checks.js";
 
 export interface InstallResult {
   written: string[];
@@ -100,24 +76,6 @@ function ownDirs(b: string): [string, number][] {
   ];
 }
 
-function envValueProblem(v: string): string | undefined {
-  return quotedValueProblem(v) ?? (/[\s'$`]/.test(v) ? "contains spaces, quotes or $" : undefined);
-}
-
-/** sshd runs the keys command only if it and every directory above it is root's and not group/other-writable. */
-function securePathProblem(fs: RootFs, path: string): string | undefined {
-  for (let p = dirname(path); ; p = posix.dirname(p)) {
-    const host = fs.resolve(p);
-    if (existsSync(host)) {
-      const st = statSync(host);
-      if (st.uid !== 0 || (st.mode & 0o022) !== 0) {
-        return `${p} is ${(st.mode & 0o7777).toString(8)} owned by uid ${st.uid}: sshd runs an AuthorizedKeysCommand only below root-owned directories that group and others cannot write (chmod go-w ${p})`;
-      }
-    }
-    if (p === "/") return undefined;
-  }
-}
-
 const tmpBeside = (p: string): string => join(dirname(p), `.${basename(p)}.${process.pid}.${randomBytes(4).toString("hex")}.tmp`);
 
 function sameFile(path: string, f: FileSpec): boolean {
@@ -150,19 +108,6 @@ class Undo {
   }
 }
 
-/** What every step shares. */
-interface Ctx {
-  i: InstallInput;
-  b: Bastion;
-  fs: RootFs;
-  mainText: string;
-  dropin: string;
-  /** A private folder: sshd's check configs, a throwaway host key, dry-run staging. */
-  checkDir: string;
-  hostKey: string;
-  withoutCfg: string;
-}
-
 export async function install(i: InstallInput): Promise<InstallResult> {
   if (process.getuid?.() !== 0) throw new UserError("bastion install: run it as root (it creates a system user and writes under /etc, /usr/local and /var/lib)");
   if (!existsSync(i.root) || !statSync(i.root).isDirectory()) throw new UserError(`--root ${i.root}: not a directory`);
@@ -175,89 +120,17 @@ export async function install(i: InstallInput): Promise<InstallResult> {
     const entries = await readRegistry(c);
     const plan = planInstall(c, entries);
     const staged = stage(c, plan);
-    checkSshd(c, plan, staged, account);
+    try {
+      checkSshd(c, plan.files[0]!.content, staged.files.get(c.dropin) ?? plan.files[0]!.host, account);
+    } catch (e) {
+      staged.undo.run();
+      throw e;
+    }
     if (i.dryRun) return dryRunResult(c, plan, staged, account, entries);
     return apply(c, plan, staged, account, entries);
   } finally {
     rmSync(checkDir, { recursive: true, force: true });
   }
-}
-
-/** 1. What can be checked without reading the registry or changing anything. */
-function checkHost(i: InstallInput, fs: RootFs): { mainText: string; dropin: string } {
-  const b = i.bastion;
-  const live = fs.live;
-  if (!existsSync(fs.resolve(SSHD))) throw new UserError(`sshd is not installed${live ? "" : ` in ${fs.root}`} (${join(fs.root, SSHD)} is missing)`, { hint: "install openssh-server first" });
-  if (!existsSync(SSHD)) throw new UserError(`${SSHD} is missing on this host: it is needed to check the configuration`, { hint: "install openssh-server" });
-  const mainPath = fs.resolve("/etc/ssh/sshd_config");
-  if (!existsSync(mainPath)) throw new UserError(`${mainPath} is missing`, { hint: "install openssh-server first" });
-  const mainText = readFileSync(mainPath, "utf8");
-  const dropin = sshdDropin(b.name);
-  if (!checkConfig(mainText, fs, dropin, undefined).covers) {
-    throw new UserError(`${mainPath} does not include ${dropin}`, {
-      hint: "add 'Include /etc/ssh/sshd_config.d/*.conf' at the top of sshd_config (Debian's default); mkoverlay never edits sshd_config itself",
-    });
-  }
-  for (const p of i.exec) {
-    const problem = unitPathProblem(p);
-    if (problem) throw new UserError(`--mkoverlay ${JSON.stringify(p)}: ${problem}`);
-    if (live && !existsSync(p)) throw new UserError(`--mkoverlay ${p}: does not exist`);
-    if (!live && !existsSync(fs.resolve(p))) i.warn?.(`--mkoverlay ${p} is not in ${fs.root} (yet): the agent's unit runs it on the bastion`);
-  }
-  const pathProblem = securePathProblem(fs, KEYS_COMMAND_PATH);
-  if (pathProblem) throw new UserError(`cannot install the keys command: ${pathProblem}`);
-  const envProblem = envValueProblem(i.registry);
-  if (envProblem) throw new UserError(`registry ${displayLocation(i.registry)}: ${envProblem}`, { hint: "the agent's unit passes it in an environment file" });
-  if (!isPostgresUrl(i.registry)) {
-    const problem = unitPathProblem(i.registry);
-    if (problem) throw new UserError(`registry ${i.registry}: ${problem}`, { hint: "give the registry file as the bastion sees it" });
-  }
-  return { mainText, dropin };
-}
-
-/** A throwaway host key and sshd_config without mkoverlay's drop-in (what sshd does today). */
-function prepareCheck(c: Ctx): Ctx {
-  const hostKey = join(c.checkDir, "hostkey");
-  const kg = spawnSync("ssh-keygen", ["-q", "-t", "ed25519", "-N", "", "-f", hostKey], { encoding: "utf8" });
-  if (kg.status !== 0) throw new Error(`ssh-keygen: ${kg.stderr}`);
-  mkdirSync("/run/sshd", { recursive: true, mode: 0o755 }); // sshd -t insists on its privsep directory
-  const withoutCfg = join(c.checkDir, "without.conf");
-  writeFileSync(withoutCfg, checkConfig(c.mainText, c.fs, c.dropin, undefined).text);
-  return { ...c, hostKey, withoutCfg };
-}
-
-const spec = (c: Ctx, user: string): string[] => ["-T", "-C", `user=${user},host=gateway.invalid,addr=192.0.2.1,laddr=127.0.0.1,lport=${c.b.port}`, "-o", `HostKey=${c.hostKey}`];
-
-interface TunnelAccount {
-  /** undefined: it does not exist yet (the install creates it). */
-  account: Account | undefined;
-  groups: string[];
-}
-
-/** 2. The tunnel user: missing (created), a tunnel account, or somebody's login (refused unless taken over by name). */
-function checkTunnelAccount(c: Ctx): TunnelAccount {
-  const { i, b, fs } = c;
-  const account = readAccount(fs, b.user);
-  if (i.takeOverUser !== undefined && i.takeOverUser !== b.user) {
-    throw new UserError(`--take-over-user ${i.takeOverUser}: the tunnel user of bastion '${b.name}' is '${b.user}'`, { hint: "name the account the install would change; nothing was installed" });
-  }
-  if (!account) {
-    if (!i.createUser) throw new UserError(`the tunnel user '${b.user}' of bastion '${b.name}' does not exist${fs.live ? "" : ` in ${fs.root}`}`, { hint: "create it, or run without --no-create-user" });
-    return { account, groups: accountGroups(fs, undefined, b.user) };
-  }
-  const today = runSshd(SSHD, [...spec(c, b.user), "-f", c.withoutCfg]);
-  const keysFile = today.ok ? parseEffective(today.stdout).get("authorizedkeysfile")?.[0] : ".ssh/authorized_keys .ssh/authorized_keys2";
-  const reasons = loginReasons(fs, account, keysFile);
-  if (reasons.length > 0) {
-    if (i.takeOverUser !== b.user) {
-      throw new UserError(
-        `the tunnel user '${b.user}' of bastion '${b.name}' is an existing login account (${reasons.join(", ")}): its Match block (AuthorizedKeysFile none, ForceCommand /sbin/nologin) would lock it out of everything but tunnels`,
-        { hint: `give bastion '${b.name}' a tunnel user of its own (bastions.${b.name}.user; the install creates it), or pass --take-over-user ${b.user} if that account is meant to become one; nothing was installed` },
-      );
-    }
-    i.warn?.(`taking over the login account '${b.user}' (${reasons.join(", ")}): after sshd reloads it logs in only as a tunnel`);
-  }
-  return { account, groups: accountGroups(fs, account, b.user) };
 }
 
 /** 3. The registry, read as the agent will read it: the first key set, and proof the agent can. */
@@ -377,51 +250,6 @@ function mkdirs(host: string, mode: number, undo: Undo): void {
     mkdirSync(d, { mode });
     chmodSync(d, mode);
     undo.push(() => rmdirSync(d));
-  }
-}
-
-/** 6. The real sshd on the real configuration with the staged drop-in: accepted, winning, for the tunnel user only, and letting it in. */
-function checkSshd(c: Ctx, plan: Plan, staged: Staged, t: TunnelAccount): void {
-  const { b, fs, dropin } = c;
-  try {
-    const withCfg = join(c.checkDir, "with.conf");
-    writeFileSync(withCfg, checkConfig(c.mainText, fs, dropin, staged.files.get(dropin) ?? plan.files[0]!.host).text);
-    const base = ["-o", `HostKey=${c.hostKey}`];
-    const tcheck = runSshd(SSHD, ["-t", "-f", withCfg, ...base]);
-    if (!tcheck.ok) {
-      const before = runSshd(SSHD, ["-t", "-f", c.withoutCfg, ...base]);
-      const why = firstLine(tcheck.stderr);
-      throw new UserError(
-        before.ok ? `sshd rejects mkoverlay's drop-in ${dropin}: ${why}` : `sshd rejects the existing configuration of ${fs.live ? "this host" : fs.root} (without mkoverlay's drop-in): ${firstLine(before.stderr)}`,
-        { hint: before.ok ? "nothing was installed; report this with your sshd version (sshd -V)" : "fix sshd_config first (sshd -t shows the problem); nothing was installed" },
-      );
-    }
-    const tunnel = runSshd(SSHD, [...spec(c, b.user), "-f", withCfg]);
-    if (!tunnel.ok) throw new UserError(`sshd -T fails with mkoverlay's drop-in: ${firstLine(tunnel.stderr)}`, { hint: "nothing was installed" });
-    const effective = parseEffective(tunnel.stdout);
-    const losing = losingSettings(dropinSettings(plan.files[0]!.content), effective);
-    if (losing.length > 0) {
-      throw new UserError(
-        `sshd would not use mkoverlay's settings for '${b.user}': ${losing.map(([k, want, got]) => `${k} is '${got}', not '${want}'`).join("; ")}`,
-        { hint: `another Match block read before ${dropin} sets them; remove them there (sshd -T -C user=${b.user},host=x,addr=192.0.2.1 shows what wins). Nothing was installed` },
-      );
-    }
-    const access = accessProblems(fs, effective, b.user, t.account, t.groups);
-    if (access.refuse.length > 0) {
-      throw new UserError(`sshd would refuse every tunnel of bastion '${b.name}' (user '${b.user}'): ${access.refuse.join("; ")}`, {
-        hint: `change that setting so it admits '${b.user}' (sshd -T -C user=${b.user},host=x,addr=192.0.2.1 shows the values that apply); nothing was installed`,
-      });
-    }
-    for (const w of access.warn) c.i.warn?.(w);
-    const other = b.user === "root" ? "nobody" : "root";
-    const withOther = runSshd(SSHD, [...spec(c, other), "-f", withCfg]);
-    const withoutOther = runSshd(SSHD, [...spec(c, other), "-f", c.withoutCfg]);
-    if (!withOther.ok || !withoutOther.ok || withOther.stdout !== withoutOther.stdout) {
-      throw new UserError(`mkoverlay's drop-in would change sshd's settings for users other than '${b.user}'`, { hint: "nothing was installed; report this with your sshd version (sshd -V)" });
-    }
-  } catch (e) {
-    staged.undo.run();
-    throw e;
   }
 }
 
@@ -551,10 +379,6 @@ function apply(c: Ctx, plan: Plan, staged: Staged, t: TunnelAccount, entries: En
 function failed(e: unknown): Error {
   if (e instanceof UserError) return e;
   return new UserError(`bastion install failed: ${(e as Error).message}`, { hint: "everything it had created or replaced was put back" });
-}
-
-function firstLine(s: string): string {
-  return s.trim().split("\n").find((l) => l.trim()) ?? "(no output)";
 }
 
 function mkdtempIn(dir: string, prefix: string): string {
