@@ -145,6 +145,31 @@ describe.runIf(isRoot)("item 2 on this host (getent, real accounts, sshd -T)", (
   });
 });
 
+describe("item 6: RootFs resolves a target path inside the root", () => {
+  it("follows links as the booted image would, refuses what leaves it, loops and final links", () => {
+    const root = tempDir("mko-rootfs-");
+    dirs.push(root);
+    const fs = new RootFs(root);
+    mkdirSync(join(root, "srv/real"), { recursive: true });
+    mkdirSync(join(root, "etc"));
+    symlinkSync("../srv/real", join(root, "etc/rel")); // relative, stays inside
+    symlinkSync("/srv/real", join(root, "etc/abs")); // absolute: from the image's root
+    symlinkSync("../../srv", join(root, "etc/up")); // climbs above the root
+    symlinkSync("loop-b", join(root, "etc/loop-a"));
+    symlinkSync("loop-a", join(root, "etc/loop-b"));
+    symlinkSync("/srv/real/f", join(root, "etc/file-link"));
+    expect(fs.resolve("/etc/rel/x")).toBe(join(root, "srv/real/x"));
+    expect(fs.resolve("/etc/abs/new/dir")).toBe(join(root, "srv/real/new/dir"));
+    expect(fs.resolve("/etc/abs/../real/./x")).toBe(join(root, "srv/real/x"));
+    expect(() => fs.resolve("/etc/up/x")).toThrow(/\/etc\/up\/x \(in .*\): a symbolic link on the way climbs out of .* with '\.\.'/);
+    expect(() => fs.resolve("/etc/loop-a/x")).toThrow(/too many levels of symbolic links/);
+    expect(fs.resolve("/etc/file-link")).toBe(join(root, "srv/real/f"));
+    expect(() => fs.file("/etc/file-link")).toThrow(/\/etc\/file-link \(in .*\) is a symbolic link \(→ \/srv\/real\/f\)/);
+    // On this host "/.." is "/".
+    expect(new RootFs("/").resolve("/../etc/hostname")).toBe("/etc/hostname");
+  });
+});
+
 describe.runIf(isRoot)("item 6: every path written under --root stays inside it", () => {
   /** A folder on the host, outside the root, that must stay as it is. */
   function hostDir(): { dir: string; state: () => string } {
