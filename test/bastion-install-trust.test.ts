@@ -249,7 +249,8 @@ describe.runIf(isRoot)("item 6: every path written under --root stays inside it"
 describe.runIf(isRoot)("item 7: sshd's AllowUsers/DenyUsers/AllowGroups/DenyGroups, as the real sshd decides", () => {
   it("each rule that shuts the tunnel user out is refused by name, and the real sshd does refuse the device", async () => {
     hostUser(T);
-    hostUser("mkoverlay-keys");
+    // Shared with the other bastion test files (which may run at the same time): left in place, as they leave it.
+    ensureUser("mkoverlay-keys");
     const w = await ws();
     expect(installInto(w).code).toBe(0);
     const main = join(w.root, "etc/ssh/sshd_config");
