@@ -140,7 +140,9 @@ export const HELP: Record<string, HelpSpec> = {
   "bastion install": {
     examples: [
       ["mkoverlay bastion install --bastion eu", "as root on the bastion: tunnel user, sshd drop-in, key directory, agent unit"],
-      ["mkoverlay bastion install --bastion eu --root /mnt/image --registry postgres://mkoverlay_bastion@db/fleet --json", "into a mounted image"],
+      ["mkoverlay bastion install --bastion eu --dry-run", "what it would change, as a diff; nothing is written"],
+      ["mkoverlay bastion install --bastion eu --root /mnt/image --mkoverlay /usr/local/bin/mkoverlay --registry postgres://mkoverlay_bastion@db/fleet --json", "into a mounted image: the executable and registry as the bastion sees them"],
+      ["mkoverlay bastion install --bastion eu --take-over-user tunnel", "use the existing login account 'tunnel' as the tunnel user (it then logs in only as a tunnel)"],
     ],
     env: CONFIG,
     exit: "0 installed (or already); 1 installed, but systemd or sshd did not take it; 2 a usage or input error; 70 a bug",

@@ -174,11 +174,13 @@ export function program(only?: string, help?: typeof CliHelp): Command {
       .description("set this host (or --root DIR) up as the bastion: tunnel user, sshd drop-in, key directory, agent unit")
       .requiredOption("--bastion <name>", "the bastion")
       .option("--root <dir>", "install into a mounted image instead of this host (like systemctl --root)")
-      .option("--registry <location>", "the registry the agent reads (default: the config's), e.g. postgres://mkoverlay_bastion@db/fleet")
+      .option("--registry <location>", "the registry the agent reads, as the bastion reaches it (default: the config's; required with --root), e.g. postgres://mkoverlay_bastion@db/fleet")
       .option("--no-create-user", "fail instead of creating a missing tunnel user")
-      .option("--mkoverlay <path>", "mkoverlay's executable on the bastion, for the unit (default: this one)")
+      .option("--mkoverlay <path>", "mkoverlay's executable on the bastion, for the unit (default: this one; required with --root)")
+      .option("--take-over-user <name>", "let an existing login account (a shell, a password or keys) become the tunnel user: it then logs in only as a tunnel")
+      .option("--dry-run", "check everything and print what would change, as a diff; change nothing")
       .option("--config <file>", CFG)
-      .option("--json", "what was installed, as JSON")
+      .option("--json", "what was installed (or would be), as JSON")
       .action(lazy(() => import("./commands/bastion-install.js"), (m, opts) => m.bastionInstallCommand(opts)));
     bastion
       .command("agent")

@@ -53,7 +53,7 @@ async function setUp(registry: string, agentRegistry: string, resync?: number): 
   const cfg = writeFleet(ws, { lo: { host: "127.0.0.1", port, user: TUNNEL_USER, hostKeys: [readPub(join(root, "etc/ssh/ssh_host_ed25519_key"))] } }, { registry, ports: PORTS });
   // The registry exists before the bastion is installed (a first build creates it).
   const first = buildDevice(ws, cfg, ["--hostname", "gw-first"]);
-  const inst = runCli(["bastion", "install", "--bastion", "lo", "--root", root, "--registry", agentRegistry, "--config", cfg], { cwd: ws });
+  const inst = runCli(["bastion", "install", "--bastion", "lo", "--root", root, "--registry", agentRegistry, "--mkoverlay", "/usr/local/bin/mkoverlay", "--config", cfg], { cwd: ws });
   if (inst.code !== 0) throw new Error(`install failed: ${inst.stderr}`);
   const bastion = await startBastion(root, "lo", ws);
   const agent = startAgent(root, "lo", { authLog: bastion.logFile, ...(resync ? { resync } : {}) });

@@ -46,7 +46,7 @@ async function setUp(registry: (ws: string) => Promise<Registries>): Promise<Set
   const reg = await registry(ws);
   const cfg = writeFleet(ws, { lo: { host: "127.0.0.1", port, user: TUNNEL_USER, hostKeys: [readPub(join(root, "etc/ssh/ssh_host_ed25519_key"))] } }, { registry: reg.station, ports });
   const first = buildDevice(ws, cfg, ["--hostname", "gw-first"]);
-  const inst = runCli(["bastion", "install", "--bastion", "lo", "--root", root, "--registry", reg.agent, "--config", cfg], { cwd: ws });
+  const inst = runCli(["bastion", "install", "--bastion", "lo", "--root", root, "--registry", reg.agent, "--mkoverlay", "/usr/local/bin/mkoverlay", "--config", cfg], { cwd: ws });
   if (inst.code !== 0) throw new Error(`install failed: ${inst.stderr}`);
   const bastion = await startBastion(root, "lo", ws);
   const metricsPort = await freePort();

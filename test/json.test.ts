@@ -213,7 +213,7 @@ describe("--json: the fields docs/json.md documents, camelCase", () => {
     const root = secureRoot();
     try {
       prepareRoot(root, 2222);
-      const r = json(["bastion", "install", "--bastion", "eu", "--root", root, "--json"]) as { written: string[]; started: boolean };
+      const r = json(["bastion", "install", "--bastion", "eu", "--root", root, "--mkoverlay", "/usr/local/bin/mkoverlay", "--registry", "/var/lib/mkoverlay/registry.db", "--json"]) as { written: string[]; started: boolean };
       expect(r.written.length).toBeGreaterThan(0);
       expect(r.started).toBe(false);
       expectDocumented("mkoverlay bastion install --bastion NAME --json", r);
