@@ -1,0 +1,219 @@
+/**
+ * Issue 19, items 5, 14 and 15: what the image code trusts.
+ *
+ * 5: a base whose partition table or file system claims more than it has (an ext4 of 32 MiB in
+ *    an 8 MiB partition, a partition past the end of the file, overlapping partitions, a GPT
+ *    partition over its own table, a hybrid MBR that disagrees with the GPT) is refused by
+ *    `image`, `write --image` (and `write --device`, same path) with nothing reserved and
+ *    nothing written; and whatever debugfs writes outside the partition is found in its undo log,
+ *    rolled back and refused.
+ * 14: `verify` of a `.zst` is bounded: decompressed bytes stop at the room left in $TMPDIR.
+ * 15: `write --device` on a partition, through a symlink, on a card with a partition mounted,
+ *    on the station's own disk (real loop devices, root only for the setup).
+ * Bases are made by the real tools (sfdisk, mke2fs -d, mkfs.vfat), without root.
+ */
+import Database from "better-sqlite3";
+import { createHash } from "node:crypto";
+import { chmodSync, closeSync, copyFileSync, existsSync, mkdirSync, openSync, readFileSync, readSync, writeFileSync, writeSync } from "node:fs";
+import { join } from "node:path";
+import { crc32 } from "node:zlib";
+import { afterAll, beforeAll, describe, expect, it } from "vitest";
+import { layTree } from "../src/image/lay.js";
+import { findRoot } from "../src/image/root.js";
+import { fsck, haveDiskTools, makeDisk, makeRootTree, SBIN_PATH, sh, cliOverlay, type Fixture } from "./helpers/disk.js";
+import { readPub, removeDir, type Run, run, runCli, sshKeygen, tempDir, writeFleet } from "./helpers/workspace.js";
+import type { Entry } from "../src/overlay/tree.js";
+
+const inCI = process.env.CI === "true" || process.env.CI === "1";
+const tools = haveDiskTools();
+const isRoot = process.getuid?.() === 0;
+const slow = process.env.MKOVERLAY_SKIP_SLOW !== "1";
+const EPOCH = "1700000000";
+const MiB = 1 << 20;
+
+const dir = tempDir("mko-imgtrust-");
+let rootTree = "";
+let mbr: Fixture;
+let gpt: Fixture;
+let bastionPub = "";
+afterAll(() => removeDir(dir));
+
+const sha = (p: string): string => createHash("sha256").update(readFileSync(p)).digest("hex");
+
+interface Ws {
+  ws: string;
+  cli: (args: string[], env?: Record<string, string>) => Run;
+  reserved: () => number;
+}
+
+function workspace(name: string): Ws {
+  const ws = join(dir, name);
+  mkdirSync(ws);
+  writeFleet(ws, { eu: { hostKeys: [bastionPub] } });
+  return {
+    ws,
+    cli: (args, env = {}) => runCli(args, { cwd: ws, env: { SOURCE_DATE_EPOCH: EPOCH, ...env } }),
+    reserved: () => {
+      if (!existsSync(join(ws, "registry.db"))) return 0;
+      const db = new Database(join(ws, "registry.db"), { readonly: true });
+      try {
+        return (db.prepare("SELECT count(*) AS n FROM devices").get() as { n: number }).n;
+      } finally {
+        db.close();
+      }
+    },
+  };
+}
+
+function patch(file: string, at: number, bytes: Buffer): void {
+  const fd = openSync(file, "r+");
+  try {
+    writeSync(fd, bytes, 0, bytes.length, at);
+  } finally {
+    closeSync(fd);
+  }
+}
+
+function readBytes(file: string, at: number, len: number): Buffer {
+  const fd = openSync(file, "r");
+  try {
+    const b = Buffer.alloc(len);
+    readSync(fd, b, 0, len, at);
+    return b;
+  } finally {
+    closeSync(fd);
+  }
+}
+
+/** An MBR entry (slot 1–4): type, first sector, sectors. */
+function mbrEntry(file: string, slot: number, type: number, lba: number, sectors: number): void {
+  const e = Buffer.alloc(16);
+  e[4] = type;
+  e.writeUInt32LE(lba, 8);
+  e.writeUInt32LE(sectors, 12);
+  patch(file, 446 + (slot - 1) * 16, e);
+}
+
+/**
+ * The issue's case: p1 (8 MiB, "rootfs") holds an ext4 made 32 MiB long, so it runs over p2
+ * (a data partition, filled with a marker) — both made by the real tools.
+ */
+function oversizedRoot(path: string): { p2: number } {
+  sh("truncate", ["-s", String(64 * MiB), path]);
+  sh("sfdisk", ["-q", "--no-reread", "--no-tell-kernel", path], `label: dos\nlabel-id: 0xdeadbeef\nstart=${(4 * MiB) / 512}, size=${(8 * MiB) / 512}, type=83\nstart=${(12 * MiB) / 512}, size=${(48 * MiB) / 512}, type=83\n`);
+  sh("mke2fs", ["-q", "-F", "-t", "ext4", "-L", "rootfs", "-O", "^64bit,^huge_file", "-b", "4096", "-E", `offset=${4 * MiB}`, "-d", rootTree, path, "32M"]);
+  return { p2: 12 * MiB };
+}
+
+/** Rewrites a GPT's first entry's first LBA, with both CRCs made right again (primary only). */
+function gptMoveFirst(file: string, entryIndex: number, firstLba: number): void {
+  const hdr = readBytes(file, 512, 512);
+  const entriesLba = Number(hdr.readBigUInt64LE(72));
+  const n = hdr.readUInt32LE(80);
+  const size = hdr.readUInt32LE(84);
+  const arr = readBytes(file, entriesLba * 512, n * size);
+  arr.writeBigUInt64LE(BigInt(firstLba), entryIndex * size + 32);
+  patch(file, entriesLba * 512, arr);
+  hdr.writeUInt32LE(crc32(arr), 88);
+  const hsize = hdr.readUInt32LE(12);
+  hdr.writeUInt32LE(0, 16);
+  hdr.writeUInt32LE(crc32(hdr.subarray(0, hsize)), 16);
+  patch(file, 512, hdr);
+}
+
+beforeAll(() => {
+  if (!tools) {
+    if (inCI) throw new Error("disk tools missing: run `make test-deps`");
+    return;
+  }
+  rootTree = join(dir, "rootfs");
+  makeRootTree(rootTree);
+  mbr = makeDisk(join(dir, "base-mbr.img"), rootTree);
+  gpt = makeDisk(join(dir, "base-gpt.img"), rootTree, { scheme: "gpt" });
+  bastionPub = readPub(sshKeygen(dir, "bastion"));
+}, 120_000);
+
+describe.runIf(tools || inCI)("item 5: nothing is written outside the root partition", () => {
+  it("image and write --image refuse an ext4 of 32 MiB in an 8 MiB partition: one message, nothing reserved, nothing written", () => {
+    const w = workspace("oversized");
+    const base = join(w.ws, "base.img");
+    const { p2 } = oversizedRoot(base);
+    // The next partition holds data of its own (past the file system's real end in p1).
+    patch(base, p2 + 20 * MiB, Buffer.alloc(MiB, 0x5a));
+    const before = sha(base);
+    const msg = /base\.img partition 1: the ext file system claims 33554432 bytes \(8192 blocks of 4096\), more than the 8388608 bytes of partition 1$/m;
+    const out = join(w.ws, "out");
+    const r = w.cli(["image", "--base", base, "--board", "rpi4", "--bastion", "eu", "--out", out]);
+    expect(r.code, r.stderr).toBe(2);
+    expect(r.stderr).toMatch(msg);
+    expect(r.stderr).not.toMatch(/\n\s+at /);
+    expect(w.reserved()).toBe(0);
+    expect(existsSync(out) ? run("find", [out, "-type", "f"]).stdout : "").toBe("");
+    // write --image: the same message, the image untouched.
+    const a = JSON.parse(w.cli(["--board", "rpi4", "--bastion", "eu", "--out", join(w.ws, "ov"), "--json"]).stdout) as { overlay: string };
+    const wr = w.cli(["write", a.overlay, "--image", base]);
+    expect(wr.code, wr.stderr).toBe(2);
+    expect(wr.stderr).toMatch(msg);
+    expect(sha(base)).toBe(before);
+  }, 60_000);
+
+  it("refuses tables that claim more than the disk has: a partition past the end, overlapping partitions, a GPT partition over its own table, a hybrid MBR that disagrees with the GPT", () => {
+    const w = workspace("tables");
+    const a = JSON.parse(w.cli(["--board", "rpi4", "--bastion", "eu", "--out", join(w.ws, "ov"), "--json"]).stdout) as { overlay: string };
+    const cases: [string, (img: string) => void, RegExp][] = [
+      [
+        "past-end",
+        (img) => mbrEntry(img, 2, 0x83, mbr.rootOffset / 512, (mbr.rootSize + 64 * MiB) / 512),
+        /past-end\.img: partition 2 ends at byte \d+, beyond the end of the \d+-byte MBR disk/,
+      ],
+      // p1 (FAT) grown over the start of p2: writing the root writes the boot partition too.
+      ["overlap", (img) => mbrEntry(img, 1, 0x0c, mbr.bootOffset / 512, (mbr.bootSize + 8 * MiB) / 512), /overlap\.img: partitions 1 \(bytes \d+–\d+\) and 2 \(from byte \d+\) overlap/],
+      [
+        "gpt-over-table",
+        (img) => gptMoveFirst(img, 0, 1),
+        /gpt-over-table\.img: GPT: partition 1 \(LBA 1–\d+\) lies outside the usable area \(LBA \d+–\d+\), over the partition table/,
+      ],
+      // A hybrid MBR whose second entry is a Linux partition the GPT does not have.
+      ["hybrid", (img) => mbrEntry(img, 2, 0x83, 2048, 4096), /hybrid\.img: the MBR's partition 2 \(bytes 1048576–3145728\) is not one of the GPT's partitions: the MBR and the GPT disagree/],
+    ];
+    for (const [name, damage, msg] of cases) {
+      const img = join(w.ws, `${name}.img`);
+      copyFileSync(name.startsWith("gpt") || name === "hybrid" ? gpt.path : mbr.path, img);
+      chmodSync(img, 0o600);
+      damage(img);
+      const before = sha(img);
+      const out = join(w.ws, `out-${name}`);
+      const r = w.cli(["image", "--base", img, "--board", "rpi4", "--bastion", "eu", "--out", out]);
+      expect([name, r.code], r.stderr).toEqual([name, 2]);
+      expect(r.stderr, name).toMatch(msg);
+      expect(w.reserved(), name).toBe(1); // the device of the overlay `a`, no more
+      expect(existsSync(out) ? run("find", [out, "-type", "f"]).stdout : "", name).toBe("");
+      const wr = w.cli(["write", a.overlay, "--image", img]);
+      expect([name, wr.code], wr.stderr).toEqual([name, 2]);
+      expect(wr.stderr, name).toMatch(msg);
+      expect(sha(img), name).toBe(before);
+    }
+  }, 120_000);
+
+  it("a write by debugfs outside the partition is found in its undo log, rolled back and refused (exit 1)", async () => {
+    // An honest 32 MiB root; the writer is told its extent is only the first 6 MiB, as if the
+    // superblock had lied: a 3 MiB file must land past that, and must be rolled back.
+    const img = join(dir, "extent.img");
+    const fx = makeDisk(img, rootTree, { rootMiB: 32 });
+    const root = findRoot(img);
+    const narrowed = { ...root, size: 6 * MiB };
+    const before = sha(img);
+    const big: Entry[] = [{ type: "dir", path: "etc", mode: 0o755 }, { type: "file", path: "etc/big", mode: 0o600, content: Buffer.alloc(3 * MiB, 0x42) }];
+    const e = await layTree(narrowed, big, Number(EPOCH)).then(
+      () => undefined,
+      (x: unknown) => x as Error & { exitCode?: number },
+    );
+    expect(e?.message).toMatch(/extent\.img partition 2: debugfs wrote outside the partition \(bytes \d+–\d+; the partition is bytes \d+–\d+\); changes rolled back with e2undo/);
+    expect(e?.exitCode).toBe(1);
+    expect(sha(img)).toBe(before);
+    expect(fsck(fx).code).toBe(0);
+  }, 60_000);
+});
+
+void SBIN_PATH;
+void cliOverlay;
