@@ -215,5 +215,89 @@ describe.runIf(tools || inCI)("item 5: nothing is written outside the root parti
   }, 60_000);
 });
 
-void SBIN_PATH;
-void cliOverlay;
+/** A loop device over `file` with its partitions (partx: this container's udev makes no nodes by itself). */
+const loops: string[] = [];
+const mounts: string[] = [];
+function attach(file: string): string {
+  const loop = sh("losetup", ["--show", "-f", "-P", file]).trim();
+  loops.push(loop);
+  run("partx", ["-a", loop], { env: { PATH: SBIN_PATH } });
+  for (let i = 0; i < 50 && !existsSync(`${loop}p2`); i++) sh("sleep", ["0.1"]);
+  return loop;
+}
+afterAll(() => {
+  for (const m of mounts.reverse()) run("umount", [m]);
+  for (const l of loops) run("losetup", ["-d", l], { env: { PATH: SBIN_PATH } });
+});
+
+describe.runIf((tools || inCI) && isRoot && slow)("[slow] item 15: write --device on real loop devices (root for the setup)", () => {
+  it("refuses a partition (naming the whole disk), follows a symbolic link and says which device it is, refuses a card with a partition mounted; the card untouched", () => {
+    const w = workspace("device");
+    const a = JSON.parse(w.cli(["--board", "rpi4", "--bastion", "eu", "--out", join(w.ws, "ov"), "--json"]).stdout) as { overlay: string };
+    const card = join(w.ws, "card.img");
+    copyFileSync(mbr.path, card);
+    const loop = attach(card);
+    const name = loop.replace("/dev/", "");
+    expect(existsSync(`${loop}p2`), "partx made the partition devices").toBe(true);
+    const before = sha(card);
+    // A partition: refused, the whole disk named.
+    const p = w.cli(["write", a.overlay, "--device", `${loop}p2`, "--base", mbr.path]);
+    expect(p.code, p.stderr).toBe(2);
+    expect(p.stderr).toMatch(new RegExp(`^mkoverlay: error: --device ${loop}p2: a partition, not a whole disk\nmkoverlay: hint: give the whole disk: --device ${loop}$`, "m"));
+    // A symbolic link to that partition: the same, saying what it points to.
+    const linkP = join(w.ws, "by-id-part");
+    sh("ln", ["-s", `${loop}p2`, linkP]);
+    const lp = w.cli(["write", a.overlay, "--device", linkP]);
+    expect(lp.code, lp.stderr).toBe(2);
+    expect(lp.stderr).toMatch(new RegExp(`--device ${linkP} \\(a symbolic link to ${loop}p2\\): a partition, not a whole disk`));
+    expect(sha(card)).toBe(before);
+    // A partition mounted: the card is refused, with or without --base.
+    const mnt = join(w.ws, "mnt");
+    mkdirSync(mnt);
+    sh("mount", ["-o", "ro", `${loop}p2`, mnt]);
+    mounts.push(mnt);
+    for (const extra of [[], ["--base", mbr.path]]) {
+      const m = w.cli(["write", a.overlay, "--device", loop, ...extra]);
+      expect(m.code, m.stderr).toBe(2);
+      expect(m.stderr).toMatch(new RegExp(`${loop}: in use: mounted at ${mnt} \\(through /dev/${name}p2\\)`));
+    }
+    run("umount", [mnt]);
+    mounts.pop();
+    expect(sha(card)).toBe(before);
+    // A symbolic link to the whole disk: followed, named, written.
+    const link = join(w.ws, "by-id-card");
+    sh("ln", ["-s", loop, link]);
+    const ok = w.cli(["write", a.overlay, "--device", link]);
+    expect(ok.code, ok.stderr).toBe(0);
+    expect(ok.stderr).toMatch(new RegExp(`^mkoverlay: --device ${link}: a symbolic link to ${loop}; writing ${loop}$`, "m"));
+    expect(ok.stderr).toMatch(new RegExp(`laid \\d+ entries into ${link} \\(${loop}\\)`));
+    const js = w.cli(["write", a.overlay, "--device", link, "--json"]);
+    expect(js.code, js.stderr).toBe(0);
+    expect(JSON.parse(js.stdout)).toMatchObject({ device: link, realDevice: loop });
+    expect(run("e2fsck", ["-fn", `${loop}p2`], { env: { PATH: SBIN_PATH } }).code).toBe(0);
+  }, 120_000);
+
+  it("refuses the station's own disk: the disk / is on", async () => {
+    const { checkNotInUse } = await import("../src/image/busy.js");
+    const card = join(dir, "own.img");
+    copyFileSync(mbr.path, card);
+    const loop = attach(card);
+    const name = loop.replace("/dev/", "");
+    const dev = readFileSync(`/sys/class/block/${name}p2/dev`, "utf8").trim();
+    // The station as it would be if its root were this disk's partition 2.
+    const mountinfo = `27 1 ${dev} / / rw,relatime - ext4 /dev/${name}p2 rw\n`;
+    expect(() => checkNotInUse(loop, mountinfo)).toThrow(new RegExp(`^${loop}: the station's own disk \\(/ is on it, through /dev/${name}p2\\)$`));
+    // And this station's real root disk, when / is on a block device here.
+    const root = readFileSync("/proc/self/mountinfo", "utf8").split("\n").find((l) => l.split(" ")[4] === "/");
+    const rootDev = root?.split(" ")[2] ?? "0:0";
+    if (!rootDev.startsWith("0:") && existsSync(`/sys/dev/block/${rootDev}`)) {
+      const { wholeDiskOf } = await import("../src/image/busy.js");
+      const disk = `/dev/${wholeDiskOf(rootDev) ?? run("sh", ["-c", `basename $(readlink -f /sys/dev/block/${rootDev})`]).stdout.trim()}`;
+      const w = workspace("own");
+      const a = JSON.parse(w.cli(["--board", "rpi4", "--bastion", "eu", "--out", join(w.ws, "ov"), "--json"]).stdout) as { overlay: string };
+      const r = w.cli(["write", a.overlay, "--device", disk]);
+      expect(r.code, r.stderr).toBe(2);
+      expect(r.stderr).toMatch(new RegExp(`${disk}: the station's own disk \\(/ is on it`));
+    }
+  }, 60_000);
+});
