@@ -13,15 +13,16 @@
  * Bases are made by the real tools (sfdisk, mke2fs -d, mkfs.vfat), without root.
  */
 import Database from "better-sqlite3";
+import { spawn } from "node:child_process";
 import { createHash } from "node:crypto";
-import { chmodSync, closeSync, copyFileSync, existsSync, mkdirSync, openSync, readFileSync, readSync, writeFileSync, writeSync } from "node:fs";
+import { chmodSync, closeSync, copyFileSync, existsSync, mkdirSync, openSync, readFileSync, readSync, statfsSync, writeFileSync, writeSync } from "node:fs";
 import { join } from "node:path";
 import { crc32 } from "node:zlib";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
 import { layTree } from "../src/image/lay.js";
 import { findRoot } from "../src/image/root.js";
-import { fsck, haveDiskTools, makeDisk, makeRootTree, SBIN_PATH, sh, cliOverlay, type Fixture } from "./helpers/disk.js";
-import { readPub, removeDir, type Run, run, runCli, sshKeygen, tempDir, writeFleet } from "./helpers/workspace.js";
+import { fsck, haveDiskTools, makeDisk, makeRootTree, SBIN_PATH, sh, type Fixture } from "./helpers/disk.js";
+import { CLI, readPub, removeDir, type Run, run, runCli, sshKeygen, tempDir, TEST_CACHE, writeFleet } from "./helpers/workspace.js";
 import type { Entry } from "../src/overlay/tree.js";
 
 const inCI = process.env.CI === "true" || process.env.CI === "1";
@@ -300,4 +301,92 @@ describe.runIf((tools || inCI) && isRoot && slow)("[slow] item 15: write --devic
       expect(r.stderr).toMatch(new RegExp(`${disk}: the station's own disk \\(/ is on it`));
     }
   }, 60_000);
+});
+
+/**
+ * `verify TARGET` in workspace `ws` with TMPDIR=`tmp`: exit code, stderr, the child's peak RSS
+ * (MB) and the peak bytes used on `tmp`'s file system, polled every 5 ms while it runs.
+ */
+async function verifyMeasured(ws: string, target: string, tmp: string): Promise<{ code: number; stderr: string; rssMb: number; peakTmp: number }> {
+  const used = (): number => {
+    const f = statfsSync(tmp);
+    return (f.blocks - f.bfree) * f.bsize;
+  };
+  const base = used();
+  let peak = 0;
+  const rss = join(dir, "rss.py");
+  if (!existsSync(rss)) writeFileSync(rss, "import resource,subprocess,sys\nr=subprocess.run(sys.argv[1:],capture_output=True,text=True)\nsys.stderr.write(r.stderr)\nprint(r.returncode, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)\n");
+  const child = spawn("python3", [rss, process.execPath, CLI, "verify", target], {
+    cwd: ws,
+    env: { ...process.env, NO_COLOR: "1", MKOVERLAY_CONFIG: "", MKOVERLAY_REGISTRY: "", MKOVERLAY_CACHE: TEST_CACHE, TMPDIR: tmp },
+    stdio: ["ignore", "pipe", "pipe"],
+  });
+  let stdout = "";
+  let stderr = "";
+  child.stdout.setEncoding("utf8").on("data", (d: string) => (stdout += d));
+  child.stderr.setEncoding("utf8").on("data", (d: string) => (stderr += d));
+  const timer = setInterval(() => (peak = Math.max(peak, used() - base)), 5);
+  await new Promise<void>((res) => child.once("close", () => res()));
+  clearInterval(timer);
+  const [code = "-1", kb = "0"] = stdout.trim().split("\n").pop()!.split(" ");
+  return { code: Number(code), stderr, rssMb: Number(kb) / 1024, peakTmp: peak };
+}
+
+/** A zstd frame that declares `size` bytes of content (Frame_Content_Size, 8 bytes) and holds one RLE block. */
+function zstdDeclaring(size: bigint): Buffer {
+  const b = Buffer.alloc(4 + 1 + 1 + 8 + 3 + 1);
+  b.writeUInt32LE(0xfd2fb528, 0);
+  b[4] = 3 << 6; // FCS of 8 bytes, not single-segment, no dictionary
+  b[5] = 17 << 3; // window 128 MiB
+  b.writeBigUInt64LE(size, 6);
+  b.writeUIntLE(1 | (1 << 1) | (4096 << 3), 14, 3); // last block, RLE, 4096 bytes
+  b[17] = 0;
+  return b;
+}
+
+describe.runIf(tools || inCI)("item 14: verify of a .zst is bounded", () => {
+  it("refuses a .zst whose header declares 100 GiB, before decompressing anything", () => {
+    const w = workspace("declared");
+    const zst = join(w.ws, "huge.img.zst");
+    writeFileSync(zst, zstdDeclaring(100n * 2n ** 30n));
+    const r = w.cli(["verify", zst]);
+    expect(r.code, r.stderr).toBe(2);
+    expect(r.stderr).toMatch(/^mkoverlay: error: .*huge\.img\.zst: decompresses to 100 GiB \(its zstd header says so\), more than the 64 GiB a disk image may be$/m);
+  });
+});
+
+describe.runIf((tools || inCI) && isRoot && slow)("[slow] item 14: peak disk and memory of verify on a .zst (a tmpfs as $TMPDIR, root for the mount)", () => {
+  let tmp = "";
+  let w: Ws;
+  beforeAll(() => {
+    w = workspace("zst");
+    tmp = join(w.ws, "tmpfs");
+    mkdirSync(tmp);
+    sh("mount", ["-t", "tmpfs", "-o", "size=768m,mode=1777", "tmpfs", tmp]);
+    mounts.push(tmp);
+  });
+
+  it("a device image padded to 4 GiB (a few MB as .zst): verified, holes kept, peak use of $TMPDIR and RSS small", async () => {
+    const out = join(w.ws, "out");
+    const r = w.cli(["image", "--base", mbr.path, "--board", "rpi4", "--bastion", "eu", "--out", out, "--json"]);
+    expect(r.code, r.stderr).toBe(0);
+    const img = (JSON.parse(r.stdout) as { overlay: string }).overlay;
+    sh("truncate", ["-s", "4G", img]);
+    sh("zstd", ["-q", "-T0", "-1", "--rm", img, "-o", `${img}.zst`]);
+    const v = await verifyMeasured(w.ws, `${img}.zst`, tmp);
+    expect(v.code, v.stderr).toBe(0);
+    expect(v.peakTmp).toBeLessThan(64 * MiB);
+    expect(v.rssMb).toBeLessThan(250);
+  }, 120_000);
+
+  it("a .zst of 400 MiB of data (no size in its header) with 768 MiB free: stopped before less than 512 MiB is left, the temp file removed", async () => {
+    const zst = join(w.ws, "data.img.zst");
+    sh("sh", ["-c", `head -c ${400 * MiB} /dev/zero | tr '\\000' '\\001' | zstd -q -T0 -1 > ${zst}`]);
+    const v = await verifyMeasured(w.ws, zst, tmp);
+    expect(v.code, v.stderr).toBe(2);
+    expect(v.stderr).toMatch(/data\.img\.zst: decompressing it would leave less than 0\.50 GiB free in .*mkoverlay-zst-[^ ]+ \(0\.75 GiB were free\); stopped after 0\.25 GiB$/m);
+    expect(v.peakTmp).toBeLessThan(300 * MiB);
+    expect(v.rssMb).toBeLessThan(250);
+    expect(run("find", [tmp, "-mindepth", "1"]).stdout).toBe("");
+  }, 120_000);
 });
