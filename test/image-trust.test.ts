@@ -37,7 +37,14 @@ let rootTree = "";
 let mbr: Fixture;
 let gpt: Fixture;
 let bastionPub = "";
-afterAll(() => removeDir(dir));
+/** Loop devices and mounts the root-only tests made: undone before the folder goes, even on failure. */
+const loops: string[] = [];
+const mounts: string[] = [];
+afterAll(() => {
+  for (const m of mounts.reverse()) run("umount", [m]);
+  for (const l of loops) run("losetup", ["-d", l], { env: { PATH: SBIN_PATH } });
+  removeDir(dir);
+});
 
 const sha = (p: string): string => createHash("sha256").update(readFileSync(p)).digest("hex");
 
@@ -224,8 +231,6 @@ describe.runIf(tools || inCI)("item 5: nothing is written outside the root parti
 });
 
 /** A loop device over `file` with its partitions (partx: this container's udev makes no nodes by itself). */
-const loops: string[] = [];
-const mounts: string[] = [];
 function attach(file: string): string {
   const loop = sh("losetup", ["--show", "-f", "-P", file]).trim();
   loops.push(loop);
@@ -233,11 +238,6 @@ function attach(file: string): string {
   for (let i = 0; i < 50 && !existsSync(`${loop}p2`); i++) sh("sleep", ["0.1"]);
   return loop;
 }
-afterAll(() => {
-  for (const m of mounts.reverse()) run("umount", [m]);
-  for (const l of loops) run("losetup", ["-d", l], { env: { PATH: SBIN_PATH } });
-});
-
 describe.runIf((tools || inCI) && isRoot && slow)("[slow] item 15: write --device on real loop devices (root for the setup)", () => {
   it("refuses a partition (naming the whole disk), follows a symbolic link and says which device it is, refuses a card with a partition mounted; the card untouched", () => {
     const w = workspace("device");
@@ -284,6 +284,24 @@ describe.runIf((tools || inCI) && isRoot && slow)("[slow] item 15: write --devic
     expect(JSON.parse(js.stdout)).toMatchObject({ device: link, realDevice: loop });
     expect(run("e2fsck", ["-fn", `${loop}p2`], { env: { PATH: SBIN_PATH } }).code).toBe(0);
   }, 120_000);
+
+  it("item 5 through write --device: an oversized root is refused on the base and on the card, the card untouched", () => {
+    const w = workspace("device-oversized");
+    const a = JSON.parse(w.cli(["--board", "rpi4", "--bastion", "eu", "--out", join(w.ws, "ov"), "--json"]).stdout) as { overlay: string };
+    const bad = join(w.ws, "bad.img");
+    oversizedRoot(bad);
+    const card = join(w.ws, "card.img");
+    copyFileSync(bad, card);
+    const loop = attach(card);
+    const before = sha(card);
+    const withBase = w.cli(["write", a.overlay, "--device", loop, "--base", bad]);
+    expect(withBase.code, withBase.stderr).toBe(2);
+    expect(withBase.stderr).toMatch(/bad\.img partition 1: the ext file system claims 33554432 bytes \(8192 blocks of 4096\), more than the 8388608 bytes of partition 1$/m);
+    const onCard = w.cli(["write", a.overlay, "--device", loop]);
+    expect(onCard.code, onCard.stderr).toBe(2);
+    expect(onCard.stderr).toMatch(new RegExp(`${loop} partition 1: the ext file system claims 33554432 bytes \\(8192 blocks of 4096\\), more than the 8388608 bytes of partition 1$`, "m"));
+    expect(sha(card)).toBe(before);
+  }, 60_000);
 
   it("refuses the station's own disk: the disk / is on", async () => {
     const { checkNotInUse } = await import("../src/image/busy.js");
