@@ -113,9 +113,13 @@ function oversizedRoot(path: string): { p2: number } {
   return { p2: 12 * MiB };
 }
 
-/** Rewrites a GPT's first entry's first LBA, with both CRCs made right again (primary only). */
-function gptMoveFirst(file: string, entryIndex: number, firstLba: number): void {
+/**
+ * Rewrites a GPT entry's first LBA (and, if given, the header's first usable LBA), with both CRCs
+ * made right again (primary only).
+ */
+function gptMoveFirst(file: string, entryIndex: number, firstLba: number, firstUsable?: number): void {
   const hdr = readBytes(file, 512, 512);
+  if (firstUsable !== undefined) hdr.writeBigUInt64LE(BigInt(firstUsable), 40);
   const entriesLba = Number(hdr.readBigUInt64LE(72));
   const n = hdr.readUInt32LE(80);
   const size = hdr.readUInt32LE(84);
@@ -165,7 +169,7 @@ describe.runIf(tools || inCI)("item 5: nothing is written outside the root parti
     expect(sha(base)).toBe(before);
   }, 60_000);
 
-  it("refuses tables that claim more than the disk has: a partition past the end, overlapping partitions, a GPT partition over its own table, a hybrid MBR that disagrees with the GPT", () => {
+  it("refuses tables that claim more than the disk has: a partition past the end, over the MBR, overlapping partitions, a GPT partition over its own table or outside its usable area, a hybrid MBR that disagrees with the GPT", () => {
     const w = workspace("tables");
     const a = JSON.parse(w.cli(["--board", "rpi4", "--bastion", "eu", "--out", join(w.ws, "ov"), "--json"]).stdout) as { overlay: string };
     const cases: [string, (img: string) => void, RegExp][] = [
@@ -175,12 +179,18 @@ describe.runIf(tools || inCI)("item 5: nothing is written outside the root parti
         /past-end\.img: partition 2 ends at byte \d+, beyond the end of the \d+-byte MBR disk/,
       ],
       // p1 (FAT) grown over the start of p2: writing the root writes the boot partition too.
+      // p1 moved to sector 0: writing it writes the table.
+      ["mbr-at-zero", (img) => mbrEntry(img, 1, 0x0c, 0, (mbr.bootOffset + mbr.bootSize) / 512), /mbr-at-zero\.img: MBR partition 1 starts at sector 0, on the partition table itself/],
       ["overlap", (img) => mbrEntry(img, 1, 0x0c, mbr.bootOffset / 512, (mbr.bootSize + 8 * MiB) / 512), /overlap\.img: partitions 1 \(bytes \d+–\d+\) and 2 \(from byte \d+\) overlap/],
       [
         "gpt-over-table",
         (img) => gptMoveFirst(img, 0, 1),
-        /gpt-over-table\.img: GPT: partition 1 \(LBA 1–\d+\) lies outside the usable area \(LBA \d+–\d+\), over the partition table/,
+        /gpt-over-table\.img: GPT: partition 1 \(LBA 1–\d+\) lies over the partition table \(LBA 0–1 and 2–33\)/,
       ],
+      // The same with the header's usable area widened to match: still over the table.
+      ["gpt-usable-lies", (img) => gptMoveFirst(img, 0, 3, 1), /gpt-usable-lies\.img: GPT: partition 1 \(LBA 3–\d+\) lies over the partition table \(LBA 0–1 and 2–33\)/],
+      // Inside the table's reach but before the usable area sfdisk set (LBA 2048).
+      ["gpt-before-usable", (img) => gptMoveFirst(img, 0, 40), /gpt-before-usable\.img: GPT: partition 1 \(LBA 40–\d+\) lies outside the usable area \(LBA 2048–\d+\)/],
       // A hybrid MBR whose second entry is a Linux partition the GPT does not have.
       ["hybrid", (img) => mbrEntry(img, 2, 0x83, 2048, 4096), /hybrid\.img: the MBR's partition 2 \(bytes 1048576–3145728\) is not one of the GPT's partitions: the MBR and the GPT disagree/],
     ];

@@ -240,8 +240,15 @@ function parseGpt(read: ReadAt, diskSize: number, ss: number): DiskLayout | unde
     const first = u64(arr, at + 32);
     const last = u64(arr, at + 40);
     if (last < first) throw new Error(`GPT: partition ${i + 1} ends (LBA ${last}) before it starts (LBA ${first})`);
+    // The header's usable area is itself data from the disk: the partition must also miss the
+    // protective MBR, the header and the entry array the header points to.
+    const arrFirst = hdr.entriesLba;
+    const arrLast = hdr.entriesLba + Math.ceil((hdr.numEntries * hdr.entrySize) / ss) - 1;
+    if (first < 2 || (first <= arrLast && last >= arrFirst)) {
+      throw new Error(`GPT: partition ${i + 1} (LBA ${first}–${last}) lies over the partition table (LBA 0–1 and ${arrFirst}–${arrLast})`);
+    }
     if (first < hdr.firstUsable || last > hdr.lastUsable) {
-      throw new Error(`GPT: partition ${i + 1} (LBA ${first}–${last}) lies outside the usable area (LBA ${hdr.firstUsable}–${hdr.lastUsable}), over the partition table`);
+      throw new Error(`GPT: partition ${i + 1} (LBA ${first}–${last}) lies outside the usable area (LBA ${hdr.firstUsable}–${hdr.lastUsable})`);
     }
     parts.push({
       number: i + 1,
