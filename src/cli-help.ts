@@ -60,7 +60,7 @@ export const HELP: Record<string, HelpSpec> = {
       ["mkoverlay image --base gpt.img --board arm64 --bastion eu --root-partition 3 --json", "a base whose root partition is not found by type and label"],
     ],
     env: BUILD,
-    exit: `0 built; 2 a usage, input or I/O error, or a base mkoverlay will not write (mounted, not ext, no room, another device's identity: nothing reserved); ${INTERRUPTED}; 70 a bug`,
+    exit: `0 built; 2 a usage, input or I/O error, or a base mkoverlay will not write (mounted, not ext, no room, a file system larger than its partition, a damaged partition table, another device's identity: nothing reserved); ${INTERRUPTED}; 70 a bug`,
   },
   write: {
     examples: [
@@ -69,7 +69,7 @@ export const HELP: Record<string, HelpSpec> = {
       ["mkoverlay write out/gw-0001.overlay.tar.gz --device /dev/sdX", "re-flash the overlay onto a card that already has the base"],
     ],
     env: ["SOURCE_DATE_EPOCH"],
-    exit: "0 written and read back; 1 the write or its read-back failed (rolled back); 2 refused (mounted, not ext, no room, another device's identity) or a usage error; 70 a bug",
+    exit: "0 written and read back; 1 the write or its read-back failed, or debugfs wrote outside the root partition (rolled back); 2 refused (mounted, not ext, no room, a file system larger than its partition, a damaged partition table, another device's identity; --device: a partition instead of the whole disk, the station's own disk) or a usage error; 70 a bug",
   },
   init: {
     examples: [
