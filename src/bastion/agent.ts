@@ -101,6 +101,8 @@ export class Agent {
   private backoffMs = 1000;
   private chain: Promise<void> = Promise.resolve();
   private readonly pending = new Set<string>();
+  /** A re-read for notices is waiting (timer or queue): new notices join it. */
+  private noticeQueued = false;
   private flushTimer: NodeJS.Timeout | undefined;
   private resyncTimer: NodeJS.Timeout | undefined;
   private retryTimer: NodeJS.Timeout | undefined;
@@ -226,16 +228,24 @@ export class Agent {
 
   // --- changes ---
 
+  /**
+   * Notices are coalesced: at most one re-read is ever waiting. A notice that arrives while one
+   * waits joins it; one that arrives while one runs makes (at most) the next. So a NOTIFY flood —
+   * any role that may NOTIFY can send one — costs back-to-back re-reads at worst, never a queue.
+   */
   private onNotice(payload: string): void {
-    this.pending.add(payload);
-    if (this.flushTimer) return;
-    // Coalesce a burst (a batch on a station) into one step.
+    if (this.pending.size <= FULL_SYNC_ABOVE) this.pending.add(payload);
+    if (this.noticeQueued) return;
+    this.noticeQueued = true;
+    // A short wait gathers a burst (a batch on a station) into the one step.
     this.flushTimer = setTimeout(() => {
       this.flushTimer = undefined;
-      const hosts = [...this.pending];
-      this.pending.clear();
-      if (hosts.includes("*") || hosts.length > FULL_SYNC_ABOVE) this.enqueue(() => this.fullSync());
-      else this.enqueue(() => this.syncHosts(hosts));
+      this.enqueue(() => {
+        this.noticeQueued = false;
+        const hosts = [...this.pending];
+        this.pending.clear();
+        return hosts.includes("*") || hosts.length > FULL_SYNC_ABOVE ? this.fullSync() : this.syncHosts(hosts);
+      });
     }, 20);
   }
 

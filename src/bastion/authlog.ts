@@ -3,7 +3,13 @@
  * uses it to retire a rotated device's old key as soon as the new one is seen (`rotate
  * --grace`); issue 13 cross-checks ports with it.
  *
- * sshd writes `Accepted publickey for USER from ADDR port N ssh2: ED25519 SHA256:…` at INFO.
+ * sshd writes `Accepted publickey for USER from ADDR port N ssh2: ED25519 SHA256:…` at INFO, as
+ * the whole line (journal MESSAGE, or a `-E` file line ending in CR LF). Only that exact shape
+ * counts: sshd also logs text a client chose — an unauthenticated client's disconnect reason
+ * goes out verbatim as `Received disconnect from ADDR port N:11: TEXT [preauth]` (OpenSSH 9.2) —
+ * so a pattern found anywhere in a line could be forged by anyone who can reach port 22. Every
+ * line sshd writes begins with its own words, and what a client sends is vis(3)-encoded (no
+ * line breaks), so anchoring on both ends leaves a client nothing to forge.
  * Sources: the journal (`journalctl --follow`, only entries that journald itself saw come from
  * a root-owned sshd process, so another local user cannot forge one with `logger`), or a file
  * sshd writes with `-E FILE` (followed like `tail -F`: from its end, across truncation and
@@ -20,7 +26,7 @@ export interface Accepted {
   fingerprint: string;
 }
 
-const ACCEPTED = /Accepted publickey for (\S+) from (\S+) port (\d+) ssh2: (\S+) (SHA256:[A-Za-z0-9+/]{43})(?:\s|$)/;
+const ACCEPTED = /^Accepted publickey for (\S+) from (\S+) port (\d{1,5}) ssh2: ([A-Z0-9-]+) (SHA256:[A-Za-z0-9+/]{43})\r?$/;
 
 export function parseAccepted(line: string): Accepted | undefined {
   const m = ACCEPTED.exec(line);
