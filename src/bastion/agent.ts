@@ -33,12 +33,12 @@ import { join } from "node:path";
 import type { Bastion, Fleet } from "../config/fleet.js";
 import { writeFileAtomic } from "../fsutil.js";
 import { displayLocation, isPostgresUrl } from "../registry/location.js";
-import type { DeviceRecord, Registry } from "../registry/types.js";
+import type { DeviceRecord, Listener, Registry } from "../registry/types.js";
 import { fleetStatus, type FleetStatus } from "../status.js";
 import { followFile, followJournal, parseAccepted, type Follower } from "./authlog.js";
 import { bastionEntries, type BastionEntry } from "./export.js";
 import { KeyStore, listenPorts } from "./keystore.js";
-import { endSessions, loopbackListeners, peersOf } from "./sessions.js";
+import { endProcesses, endSessions, isTunnelSession, loopbackListeners, peersOf, tunnelSessions, type TunnelSession } from "./sessions.js";
 import { listenPostgres, watchSqlite, type Watch } from "./watch.js";
 
 export type Level = "info" | "warn" | "error";
@@ -338,6 +338,8 @@ export class Agent {
       if (kept.length > 0) this.byHost.set(h, kept);
     }
     const freed: number[] = [];
+    /** Keys that left the accepted set, with the ports they allowed. */
+    const gone = new Map<string, number[]>();
     const events: string[] = [];
     let added = 0;
     let removed = 0;
@@ -355,6 +357,7 @@ export class Agent {
           removed += 1;
           events.push(`${had.trim().split(" ").pop()}: key ${fp} removed`);
           freed.push(...listenPorts(had));
+          gone.set(fp, listenPorts(had));
         }
       }
     }
@@ -362,6 +365,7 @@ export class Agent {
     if (events.length <= 20) for (const ev of events) this.c.log("info", ev);
     else this.c.log("info", `applied: ${added} key(s) written, ${removed} removed; ${this.store.size} in total`);
     await this.endSessionsOn(freed.filter((p) => !this.store.allows(p)), "its key was removed");
+    await this.endSessionsOfKeys(gone);
     this.dirty = false;
     this.scheduleExpiry();
   }
@@ -375,11 +379,59 @@ export class Agent {
     for (const p of r.unowned) this.c.log("warn", `port ${p} is still listening but no session of the tunnel user holds it`);
   }
 
-  /** Tunnel-user listeners in the fleet's ranges that no key allows (e.g. revoked while the agent was down). */
+  private get ranges() {
+    return [this.c.fleet.ports.ssh, this.c.fleet.ports.services];
+  }
+
+  /** The key a tunnel session logged in with, where sshd's log told (its client's login line). */
+  private keyOf(s: TunnelSession): string | undefined {
+    for (const p of s.peers) {
+      const fp = this.accepted.get(p);
+      if (fp !== undefined) return fp;
+    }
+    return undefined;
+  }
+
+  /**
+   * Revocation follows the key, not only the port (issue 19): after a rotation the new key allows
+   * the same port, so a session of the old key must be found by its login. Ends every tunnel
+   * session that logged in with a key in `gone`, and every session on one of their ports whose
+   * login key is unknown (logged in before the agent started, or its line not read yet): a
+   * device whose key is still accepted comes back within seconds, while a session the agent
+   * cannot tell apart from the removed key's must not keep the port.
+   */
+  private async endSessionsOfKeys(gone: Map<string, number[]>): Promise<void> {
+    if (gone.size === 0) return;
+    const ports = new Set([...gone.values()].flat());
+    const hit: { s: TunnelSession; fp: string | undefined }[] = [];
+    for (const s of tunnelSessions(this.ranges, this.c.tunnelUid)) {
+      const fp = this.keyOf(s);
+      if (fp !== undefined ? gone.has(fp) && !this.store.get(fp) : s.ports.some((p) => ports.has(p))) hit.push({ s, fp });
+    }
+    await this.endTunnelSessions(hit, "its key was removed");
+  }
+
+  private async endTunnelSessions(hit: { s: TunnelSession; fp: string | undefined }[], why: string): Promise<void> {
+    if (hit.length === 0) return;
+    const ended = new Set(await endProcesses(hit.map((h) => h.s.pid), this.c.tunnelUid));
+    for (const { s, fp } of hit) {
+      if (ended.has(s.pid)) this.c.log("info", `ended the session on port ${s.ports.join(", ")} (pid ${s.pid}, ${fp === undefined ? "login key unknown" : `key ${fp}`}): ${why}`);
+    }
+  }
+
+  /**
+   * Tunnel-user listeners in the fleet's ranges that no key allows, and sessions whose login key
+   * is no longer accepted (e.g. revoked or rotated while the agent was down).
+   */
   private async sweep(): Promise<void> {
-    const ranges = [this.c.fleet.ports.ssh, this.c.fleet.ports.services];
-    const stray = loopbackListeners(ranges, { uid: this.c.tunnelUid }).filter((l) => !this.store.allows(l.port));
+    const stray = loopbackListeners(this.ranges, { uid: this.c.tunnelUid }).filter((l) => !this.store.allows(l.port));
     await this.endSessionsOn([...new Set(stray.map((l) => l.port))], "no key allows this port");
+    const hit: { s: TunnelSession; fp: string | undefined }[] = [];
+    for (const s of tunnelSessions(this.ranges, this.c.tunnelUid)) {
+      const fp = this.keyOf(s);
+      if (fp !== undefined && !this.store.get(fp)) hit.push({ s, fp });
+    }
+    await this.endTunnelSessions(hit, "its login key is no longer accepted");
   }
 
   // --- what this bastion sees (issue 13) ---
@@ -397,14 +449,21 @@ export class Agent {
   /** Records the tunnel ports listening now (a heartbeat when nothing changed). */
   private async observe(): Promise<void> {
     if (!this.registry) return; // down: the heartbeat stops, and status says this bastion is silent
-    const ranges = [this.c.fleet.ports.ssh, this.c.fleet.ports.services];
-    const listeners = loopbackListeners(ranges, { withPids: true });
-    const peers = peersOf(listeners.flatMap((l) => (l.uid === this.c.tunnelUid && l.pid !== undefined ? [l.pid] : [])));
-    const byPort = new Map<number, { port: number; fingerprint?: string }>();
+    const listeners = loopbackListeners(this.ranges, { withPids: true });
+    // Who holds each listener (issue 19): only the tunnel user's sshd session counts for a
+    // device; any other process on a tunnel port is recorded with its uid, and is an alarm.
+    const tunnel = new Set(listeners.flatMap((l) => (l.uid === this.c.tunnelUid && l.pid !== undefined && isTunnelSession(l.pid, this.c.tunnelUid) ? [l.pid] : [])));
+    const peers = peersOf([...tunnel]);
+    const byPort = new Map<number, Listener>();
     for (const l of listeners) {
-      const fp = l.pid === undefined ? undefined : (peers.get(l.pid) ?? []).map((p) => this.accepted.get(p)).find((x) => x !== undefined);
-      const had = byPort.get(l.port);
-      byPort.set(l.port, fp ? { port: l.port, fingerprint: fp } : (had ?? { port: l.port }));
+      const had = byPort.get(l.port) ?? { port: l.port, tunnel: true };
+      if (l.pid !== undefined && tunnel.has(l.pid)) {
+        const fp = (peers.get(l.pid) ?? []).map((p) => this.accepted.get(p)).find((x) => x !== undefined);
+        byPort.set(l.port, fp && !had.fingerprint ? { ...had, fingerprint: fp } : had);
+      } else if (had.tunnel) {
+        // Another user's listener (or one whose process could not be found) wins: it is the alarm.
+        byPort.set(l.port, { port: l.port, tunnel: false, uid: l.uid });
+      }
     }
     await this.db((r) =>
       r.observe({

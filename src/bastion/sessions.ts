@@ -248,3 +248,88 @@ export function peersOf(pids: number[], opts: ProcOptions = {}): Map<number, str
   }
   return out;
 }
+
+/** The command name of a process (`/proc/PID/comm`), or undefined when it is gone. */
+function commOf(pid: number, proc: string): string | undefined {
+  try {
+    return readFileSync(join(proc, String(pid), "comm"), "utf8").trim();
+  } catch {
+    return undefined;
+  }
+}
+
+/** sshd's per-connection processes: `sshd` on OpenSSH 9.x, `sshd-session` from 9.8 on. */
+const SSHD_COMMS = new Set(["sshd", "sshd-session"]);
+
+/**
+ * Is `pid` the tunnel user's sshd session process? Its effective uid is the tunnel user's (the
+ * owner of /proc/PID, which even a non-dumpable process keeps) and it is sshd. Any other local
+ * user's listener fails the first test; the tunnel user runs nothing but sshd (nologin shell,
+ * ForceCommand), so a listener of its uid that is not sshd fails the second.
+ */
+export function isTunnelSession(pid: number, uid: number, opts: ProcOptions = {}): boolean {
+  const proc = opts.proc ?? "/proc";
+  try {
+    if (statSync(join(proc, String(pid))).uid !== uid) return false;
+  } catch {
+    return false;
+  }
+  return SSHD_COMMS.has(commOf(pid, proc) ?? "");
+}
+
+export interface TunnelSession {
+  pid: number;
+  /** The tunnel-range ports it listens on. */
+  ports: number[];
+  /** Its client connection(s), `address:port` as sshd's log names them. */
+  peers: string[];
+}
+
+/** The tunnel user's sshd sessions listening on ports in `ranges`, with their client ends. */
+export function tunnelSessions(ranges: PortRange[], uid: number, opts: ProcOptions = {}): TunnelSession[] {
+  const byPid = new Map<number, Set<number>>();
+  for (const l of loopbackListeners(ranges, { ...opts, uid, withPids: true })) {
+    if (l.pid === undefined || !isTunnelSession(l.pid, uid, opts)) continue;
+    byPid.set(l.pid, (byPid.get(l.pid) ?? new Set()).add(l.port));
+  }
+  const peers = peersOf([...byPid.keys()], opts);
+  return [...byPid].map(([pid, ports]) => ({ pid, ports: [...ports].sort((a, b) => a - b), peers: peers.get(pid) ?? [] }));
+}
+
+/**
+ * Ends sessions by process: SIGTERM to each pid that is still `uid`'s, SIGKILL to any still
+ * there after `graceMs`. Returns the pids signalled.
+ */
+export async function endProcesses(pids: number[], uid: number, opts: ProcOptions & { graceMs?: number } = {}): Promise<number[]> {
+  const proc = opts.proc ?? "/proc";
+  const ours = (pid: number) => {
+    try {
+      // Not a reused pid of someone else's, and not a zombie its parent has yet to reap.
+      if (statSync(join(proc, String(pid))).uid !== uid) return false;
+      const stat = readFileSync(join(proc, String(pid), "stat"), "utf8");
+      return !/^\S+ \(.*\) [ZX]/s.test(stat);
+    } catch {
+      return false;
+    }
+  };
+  const signalled: number[] = [];
+  for (const pid of new Set(pids)) {
+    if (!ours(pid)) continue;
+    try {
+      process.kill(pid, "SIGTERM");
+      signalled.push(pid);
+    } catch {
+      // gone already
+    }
+  }
+  const deadline = Date.now() + (opts.graceMs ?? 2000);
+  while (signalled.some(ours) && Date.now() < deadline) await new Promise((r) => setTimeout(r, 50));
+  for (const pid of signalled.filter(ours)) {
+    try {
+      process.kill(pid, "SIGKILL");
+    } catch {
+      // ended meanwhile
+    }
+  }
+  return signalled;
+}
