@@ -252,6 +252,28 @@ describe.runIf(isRoot && pgServer)("bastion agent on PostgreSQL (read-only role,
     expect((await tryLogin(d)).ok).toBe(true);
   });
 
+  it("a stale session gives way: the device reconnecting with the same key binds within 5 s while its vanished old session still holds the port (issue 20)", async () => {
+    const d = device(s);
+    const stale = (await up(s, d)).tunnel;
+    await waitFor("the login line", () => readFileSync(s.bastion.logFile, "utf8").includes(`ssh2: ED25519 ${d.fingerprint}`), 5000, 50);
+    // The device loses power: its ssh neither answers nor closes (the bastion's keepalive would
+    // take 45 s to notice).
+    stale.proc.kill("SIGSTOP");
+    try {
+      const t0 = Date.now();
+      // Its reconnect logs in; the forward fails while the old session holds the port…
+      const first = openTunnel(d);
+      s.tunnels.push(first);
+      // …and the agent ends the old session, which logged in with the same key.
+      await s.agent.waitLog(new RegExp(`ended the session on port ${d.port} \\(pid \\d+, key ${re(d.fingerprint)}\\): ${d.hostname} logged in again with the same key`), 5000);
+      const { tunnel } = await up(s, d, 5000);
+      expect(Date.now() - t0).toBeLessThan(5000);
+      expect(tunnel.exited(), tunnel.stderr()).toBe(false);
+    } finally {
+      stale.proc.kill("SIGCONT");
+    }
+  });
+
   it("with PostgreSQL stopped, existing devices still connect; changes made while the agent was cut off apply once it is back", async () => {
     const keep = device(s);
     const gone = device(s);

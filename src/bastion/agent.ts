@@ -492,18 +492,34 @@ export class Agent {
       this.accepted.set(`${a.address}:${a.port}`, a.fingerprint);
       // Bounded: the oldest logins go first (a live tunnel's is looked up within an interval).
       if (this.accepted.size > 100_000) this.accepted.delete(this.accepted.keys().next().value!);
-      this.enqueue(() => this.onAccepted(a.fingerprint));
+      this.enqueue(() => this.onAccepted(a.fingerprint, `${a.address}:${a.port}`));
     };
     const onError = (e: Error) => this.c.log("warn", `sshd log: ${e.message}`);
     if (this.c.authLog === "none") return;
     this.follower = this.c.authLog === "journal" ? followJournal(onLine, { onError }) : followFile(this.c.authLog, onLine, { onError });
   }
 
-  /** A device's new key logged in: its previous key is retired at once (on this bastion). */
-  private async onAccepted(fp: string): Promise<void> {
+  /**
+   * A key logged in (from `peer`). A stale session of the same device gives way (issue 20): after
+   * a power cut the bastion keeps the old session, and its port, until the keepalive gives up,
+   * so the device's reconnects fail ("remote port forwarding failed"). Any other session on
+   * this key's ports that logged in with the same key, or whose login the agent did not see, is
+   * ended, and the device's next try binds. Then, for a rotated device's new key, its previous
+   * key is retired at once (on this bastion).
+   */
+  private async onAccepted(fp: string, peer: string): Promise<void> {
     const h = this.owner.get(fp);
     if (h === undefined) return;
     const entries = this.byHost.get(h) ?? [];
+    const mine = entries.find((e) => e.fingerprint === fp);
+    if (mine) {
+      const ports = new Set(mine.ports);
+      const stale = tunnelSessions(this.ranges, this.c.tunnelUid)
+        .filter((s) => !s.peers.includes(peer) && s.ports.some((p) => ports.has(p)))
+        .map((s) => ({ s, fp: this.keyOf(s) }))
+        .filter((x) => x.fp === undefined || x.fp === fp);
+      await this.endTunnelSessions(stale, `${h} logged in again with the same key (${peer}): the stale session gives way`);
+    }
     if (!entries.some((e) => e.fingerprint === fp && !e.previous)) return;
     const old = entries.filter((e) => e.previous);
     if (old.length === 0) return;
