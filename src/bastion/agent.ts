@@ -5,9 +5,13 @@
  * - Push, not poll: on PostgreSQL a LISTEN connection hears each committed change (payload: the
  *   hostname) and the agent re-reads that one device; on SQLite a file watch triggers a re-read.
  *   A full re-read every `resyncMs` is the safety net (and catches up after an outage).
- * - Revocation is immediate: when a key file goes and no remaining key allows its ports, the
- *   tunnel user's session listening there is ended (sessions.ts). A full re-read also ends any
- *   tunnel-user listener in the fleet's ranges that no key allows.
+ * - Revocation is immediate and follows the key: when a key file goes, every tunnel session that
+ *   logged in with that key (sshd's log line for its client connection) is ended, and so is any
+ *   session on its ports whose login was not seen, and any listener on a port no key allows
+ *   (sessions.ts). A full re-read also ends tunnel-user listeners no key allows and sessions
+ *   whose login key is no longer accepted.
+ * - A stale session gives way: when a key logs in again, its older session on the same ports
+ *   (a device that lost power keeps its port until the keepalive gives up) is ended.
  * - Registry down ≠ bastion down: the directory is the last known good state. A registry error
  *   never changes it; the outage is logged once, retried with backoff, and a full re-read
  *   catches up afterwards. A full read that finds no device at all while keys are authorized is
@@ -110,6 +114,10 @@ export class Agent {
   private observeTimer: NodeJS.Timeout | undefined;
   /** Recent logins of the tunnel user: client `address:port` → the key's fingerprint. */
   private readonly accepted = new Map<string, string>();
+  /** Logins not yet checked for stale sessions: fingerprint → the latest login's client. */
+  private readonly logins = new Map<string, string>();
+  private loginsQueued = false;
+  private loginsTimer: NodeJS.Timeout | undefined;
   private stopped = false;
   private suspectLogged = false;
   /** The last apply failed half-way (e.g. a full disk): the next full re-read redoes everything. */
@@ -139,7 +147,7 @@ export class Agent {
 
   async stop(): Promise<void> {
     this.stopped = true;
-    for (const t of [this.flushTimer, this.resyncTimer, this.retryTimer, this.expiryTimer, this.observeTimer]) if (t) clearTimeout(t);
+    for (const t of [this.flushTimer, this.resyncTimer, this.retryTimer, this.expiryTimer, this.observeTimer, this.loginsTimer]) if (t) clearTimeout(t);
     this.follower?.stop();
     await this.chain.catch(() => undefined);
     await this.disconnect();
@@ -383,6 +391,12 @@ export class Agent {
     return [this.c.fleet.ports.ssh, this.c.fleet.ports.services];
   }
 
+  /** Just these ports, or the whole tunnel ranges when there are many (each range is checked per socket). */
+  private rangesFor(ports: Iterable<number>) {
+    const list = [...ports];
+    return list.length > 64 ? this.ranges : list.map((p) => ({ lo: p, hi: p }));
+  }
+
   /** The key a tunnel session logged in with, where sshd's log told (its client's login line). */
   private keyOf(s: TunnelSession): string | undefined {
     for (const p of s.peers) {
@@ -404,7 +418,8 @@ export class Agent {
     if (gone.size === 0) return;
     const ports = new Set([...gone.values()].flat());
     const hit: { s: TunnelSession; fp: string | undefined }[] = [];
-    for (const s of tunnelSessions(this.ranges, this.c.tunnelUid)) {
+    // A session of a key listens only where that key allowed (permitlisten): look there only.
+    for (const s of tunnelSessions(this.rangesFor(ports), this.c.tunnelUid)) {
       const fp = this.keyOf(s);
       if (fp !== undefined ? gone.has(fp) && !this.store.get(fp) : s.ports.some((p) => ports.has(p))) hit.push({ s, fp });
     }
@@ -492,7 +507,8 @@ export class Agent {
       this.accepted.set(`${a.address}:${a.port}`, a.fingerprint);
       // Bounded: the oldest logins go first (a live tunnel's is looked up within an interval).
       if (this.accepted.size > 100_000) this.accepted.delete(this.accepted.keys().next().value!);
-      this.enqueue(() => this.onAccepted(a.fingerprint, `${a.address}:${a.port}`));
+      this.noteLogin(a.fingerprint, `${a.address}:${a.port}`);
+      this.enqueue(() => this.onAccepted(a.fingerprint));
     };
     const onError = (e: Error) => this.c.log("warn", `sshd log: ${e.message}`);
     if (this.c.authLog === "none") return;
@@ -500,26 +516,58 @@ export class Agent {
   }
 
   /**
-   * A key logged in (from `peer`). A stale session of the same device gives way (issue 20): after
-   * a power cut the bastion keeps the old session, and its port, until the keepalive gives up,
-   * so the device's reconnects fail ("remote port forwarding failed"). Any other session on
-   * this key's ports that logged in with the same key, or whose login the agent did not see, is
-   * ended, and the device's next try binds. Then, for a rotated device's new key, its previous
-   * key is retired at once (on this bastion).
+   * A key logged in from `peer`: its stale sessions give way (issue 20). After a power cut the
+   * bastion keeps the old session, and its port, until the keepalive gives up, so the device's
+   * reconnects fail ("remote port forwarding failed"). Logins are gathered for a moment and
+   * checked together — one look at /proc for a whole reconnect storm, not one per login.
    */
-  private async onAccepted(fp: string, peer: string): Promise<void> {
+  private noteLogin(fp: string, peer: string): void {
+    this.logins.delete(fp);
+    if (this.logins.size < 100_000) this.logins.set(fp, peer); // the latest login of each key
+    if (this.loginsQueued || this.stopped) return;
+    this.loginsQueued = true;
+    this.loginsTimer = setTimeout(() => {
+      this.loginsTimer = undefined;
+      this.enqueue(() => {
+        this.loginsQueued = false;
+        const batch = [...this.logins];
+        this.logins.clear();
+        return this.replaceStale(batch);
+      });
+    }, 200);
+  }
+
+  /**
+   * For each key's latest login, any other session on that key's ports that logged in with the
+   * same key, or whose login the agent did not see, is ended; the device's next try binds. (A
+   * session of the device's other key is not stale: rotation and retirement deal with it.)
+   */
+  private async replaceStale(batch: [string, string][]): Promise<void> {
+    const wanted = new Map<number, { fp: string; peer: string; host: string }>();
+    for (const [fp, peer] of batch) {
+      const h = this.owner.get(fp);
+      const e = h === undefined ? undefined : this.byHost.get(h)?.find((x) => x.fingerprint === fp);
+      for (const p of e?.ports ?? []) wanted.set(p, { fp, peer, host: h! });
+    }
+    if (wanted.size === 0) return;
+    const hit: { s: TunnelSession; fp: string | undefined }[] = [];
+    let why = "";
+    for (const s of tunnelSessions(this.rangesFor(wanted.keys()), this.c.tunnelUid)) {
+      const fp = this.keyOf(s);
+      const login = s.ports.map((p) => wanted.get(p)).find((w) => w !== undefined && !s.peers.includes(w.peer) && (fp === undefined || fp === w.fp));
+      if (!login) continue;
+      hit.push({ s, fp });
+      why = `${login.host} logged in again with the same key (${login.peer}): the stale session gives way`;
+    }
+    if (hit.length === 1) await this.endTunnelSessions(hit, why);
+    else if (hit.length > 1) await this.endTunnelSessions(hit, "their devices logged in again with the same key: stale sessions give way");
+  }
+
+  /** A device's new key logged in: its previous key is retired at once (on this bastion). */
+  private async onAccepted(fp: string): Promise<void> {
     const h = this.owner.get(fp);
     if (h === undefined) return;
     const entries = this.byHost.get(h) ?? [];
-    const mine = entries.find((e) => e.fingerprint === fp);
-    if (mine) {
-      const ports = new Set(mine.ports);
-      const stale = tunnelSessions(this.ranges, this.c.tunnelUid)
-        .filter((s) => !s.peers.includes(peer) && s.ports.some((p) => ports.has(p)))
-        .map((s) => ({ s, fp: this.keyOf(s) }))
-        .filter((x) => x.fp === undefined || x.fp === fp);
-      await this.endTunnelSessions(stale, `${h} logged in again with the same key (${peer}): the stale session gives way`);
-    }
     if (!entries.some((e) => e.fingerprint === fp && !e.previous)) return;
     const old = entries.filter((e) => e.previous);
     if (old.length === 0) return;
