@@ -211,6 +211,23 @@ describe.runIf(isRoot && pgServer)("bastion agent on PostgreSQL (read-only role,
     expect((await up(s, d, 5000, newRoot)).ms).toBeLessThan(5000);
   });
 
+  it("when a rotation's grace period ends, the old key's live session ends within 5 s (issue 19)", async () => {
+    const d = device(s);
+    const old = (await up(s, d)).tunnel;
+    await waitFor("the login line", () => readFileSync(s.bastion.logFile, "utf8").includes(`ssh2: ED25519 ${d.fingerprint}`), 5000, 50);
+    const rot = cli(s, ["rotate", d.hostname, "--grace", "3s", "--json", "--quiet", "--out", join(s.ws, "rotated3s")]);
+    const r = JSON.parse(rot.stdout) as { fingerprint: string };
+    await s.agent.waitLog(new RegExp(`${d.hostname}: previous key ${re(d.fingerprint)} accepted until (\\S+)`));
+    const until = Date.parse(/accepted until (\S+) /.exec(s.agent.lines.find((l) => l.includes(`${d.hostname}: previous key ${d.fingerprint} accepted until`))!)![1]!);
+    await s.agent.waitLog(new RegExp(`${d.hostname}: key ${re(r.fingerprint)} authorized`));
+    // During the grace the old key's tunnel stays up…
+    expect(old.exited()).toBe(false);
+    // …and when it ends, so does the session.
+    await waitFor("the old key's session to end", () => old.exited(), Math.max(0, until - Date.now()) + 5000, 50);
+    expect(Date.now() - until).toBeLessThan(5000);
+    expect(Date.now()).toBeGreaterThanOrEqual(until);
+  });
+
   it("a leaked old key's session gives way: the new key's login retires it and ends its session, and the device binds within 5 s (issue 19)", async () => {
     const d = device(s);
     const leaked = (await up(s, d)).tunnel;
