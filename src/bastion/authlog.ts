@@ -125,8 +125,9 @@ export function followJournal(onLine: (l: string) => void, opts: { onError?: (e:
   let delay = 5000;
   let reported = false;
   const start = () => {
-    // _UID=0 and _COMM=sshd are set by journald from the sending process, not by the sender.
-    child = spawn("journalctl", ["--follow", "--lines=0", "--output=cat", "--no-pager", "_COMM=sshd", "_UID=0"], { stdio: ["ignore", "pipe", "pipe"] });
+    // _UID=0 and _COMM are set by journald from the sending process, not by the sender. From
+    // OpenSSH 9.8 on, the login lines come from `sshd-session` (two values of one field: either).
+    child = spawn("journalctl", ["--follow", "--lines=0", "--output=cat", "--no-pager", "_COMM=sshd", "_COMM=sshd-session", "_UID=0"], { stdio: ["ignore", "pipe", "pipe"] });
     const feed = lineSplitter(onLine);
     const started = Date.now();
     child.stdout!.setEncoding("utf8").on("data", feed);
