@@ -6,12 +6,14 @@
  */
 import { readdirSync, readFileSync, renameSync } from "node:fs";
 import { connect } from "node:net";
+import { spawn } from "node:child_process";
 import { join } from "node:path";
 import pg from "pg";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
 import { fileNameFor } from "../src/bastion/keystore.js";
 import { buildDevice, cleanup, isRoot, openTunnel, prepareRoot, secureRoot, startAgent, startBastion, tryLogin, tunnelUp, type AgentProc, type Bastion, type Device, type Tunnel } from "./helpers/bastion.js";
 import { agentRole } from "./helpers/agent-role.js";
+import { tunnelArgv } from "./helpers/device.js";
 import { postgresForTests, type PgServer } from "./helpers/postgres.js";
 import { canConnect, ensureUser, freePort, waitFor } from "./helpers/sshd.js";
 import { extract, readPub, runCli, sshKeygen, tempDir, writeFleet } from "./helpers/workspace.js";
@@ -193,23 +195,42 @@ describe.runIf(isRoot && pgServer)("bastion agent on PostgreSQL (read-only role,
     expect((await tryLogin(d, newRoot)).ok).toBe(true);
   });
 
-  it("rotate --grace 0 ends the old key's live session within 5 s; the new key then binds the port (issue 19)", async () => {
+  it("rotate --grace 0 ends the old key's live sessions within 5 s, one holding no port included; the new key then binds the port (issue 19)", async () => {
     const d = device(s);
-    const old = (await up(s, d)).tunnel;
-    // The agent knows which key the session logged in with (sshd's log) before the rotation.
-    await waitFor("the login line", () => readFileSync(s.bastion.logFile, "utf8").includes(`ssh2: ED25519 ${d.fingerprint}`), 5000, 50);
-    await new Promise((r) => setTimeout(r, 500));
+    await authorized(s, d);
+    // A session with the old key that holds no port (it could ask for one at any time)…
+    const argv = tunnelArgv(d.root, "lo", d.hostname);
+    argv.splice(argv.indexOf("-R"), 2);
+    const idle = spawn(argv[0]!, argv.slice(1), { stdio: "ignore" });
+    const idleGone = () => idle.exitCode !== null || idle.signalCode !== null;
+    try {
+      await waitFor("its login line", () => readFileSync(s.bastion.logFile, "utf8").includes(`ssh2: ED25519 ${d.fingerprint}`), 5000, 50);
+      // …and then the tunnel (a later login of the same key: the idle session holds no port to give way).
+      const old = (await up(s, d)).tunnel;
+      // The agent knows which key each session logged in with (sshd's log) before the rotation.
+      await waitFor("both login lines", () => readFileSync(s.bastion.logFile, "utf8").split(`ssh2: ED25519 ${d.fingerprint}`).length >= 3, 5000, 50);
+      await new Promise((r) => setTimeout(r, 500));
+      expect(old.exited()).toBe(false);
+      expect(idleGone()).toBe(false);
+      await rotateAway(d, old, idleGone);
+    } finally {
+      idle.kill("SIGKILL");
+    }
+  });
+
+  async function rotateAway(d: Device, old: Tunnel, idleGone: () => boolean): Promise<void> {
     const t0 = Date.now();
     const rot = cli(s, ["rotate", d.hostname, "--grace", "0", "--json", "--quiet", "--out", join(s.ws, "rotated0")]);
     const r = JSON.parse(rot.stdout) as { fingerprint: string; overlay: string };
-    await waitFor("the old key's session to end", () => old.exited(), 5000, 50);
+    await waitFor("the old key's sessions to end", () => old.exited() && idleGone(), 5000, 50);
     expect(Date.now() - t0).toBeLessThan(5000);
+    await s.agent.waitLog(new RegExp(`ended the session holding no port \\(pid \\d+, key ${re(d.fingerprint)}\\): its key was removed`));
     await s.agent.waitLog(new RegExp(`ended the session on port ${d.port} \\(pid \\d+, key ${re(d.fingerprint)}\\): its key was removed`));
     const newRoot = tempDir("mko-dev-rot0-");
     s.dirs.push(newRoot);
     extract(r.overlay, newRoot);
     expect((await up(s, d, 5000, newRoot)).ms).toBeLessThan(5000);
-  });
+  }
 
   it("when a rotation's grace period ends, the old key's live session ends within 5 s (issue 19)", async () => {
     const d = device(s);

@@ -42,7 +42,7 @@ import { fleetStatus, type FleetStatus } from "../status.js";
 import { followFile, followJournal, parseAccepted, type Follower } from "./authlog.js";
 import { bastionEntries, type BastionEntry } from "./export.js";
 import { KeyStore, listenPorts } from "./keystore.js";
-import { endProcesses, endSessions, isTunnelSession, loopbackListeners, peersOf, tunnelSessions, type TunnelSession } from "./sessions.js";
+import { allTunnelSessions, endProcesses, endSessions, isTunnelSession, loopbackListeners, peersOf, tunnelSessions, type TunnelSession } from "./sessions.js";
 import { listenPostgres, watchSqlite, type Watch } from "./watch.js";
 
 export type Level = "info" | "warn" | "error";
@@ -418,8 +418,8 @@ export class Agent {
     if (gone.size === 0) return;
     const ports = new Set([...gone.values()].flat());
     const hit: { s: TunnelSession; fp: string | undefined }[] = [];
-    // A session of a key listens only where that key allowed (permitlisten): look there only.
-    for (const s of tunnelSessions(this.rangesFor(ports), this.c.tunnelUid)) {
+    // Listening or not: an authenticated session may ask for a forward at any time.
+    for (const s of allTunnelSessions(this.ranges, this.c.tunnelUid)) {
       const fp = this.keyOf(s);
       if (fp !== undefined ? gone.has(fp) && !this.store.get(fp) : s.ports.some((p) => ports.has(p))) hit.push({ s, fp });
     }
@@ -430,7 +430,7 @@ export class Agent {
     if (hit.length === 0) return;
     const ended = new Set(await endProcesses(hit.map((h) => h.s.pid), this.c.tunnelUid));
     for (const { s, fp } of hit) {
-      if (ended.has(s.pid)) this.c.log("info", `ended the session on port ${s.ports.join(", ")} (pid ${s.pid}, ${fp === undefined ? "login key unknown" : `key ${fp}`}): ${why}`);
+      if (ended.has(s.pid)) this.c.log("info", `ended the session ${s.ports.length > 0 ? `on port ${s.ports.join(", ")}` : "holding no port"} (pid ${s.pid}, ${fp === undefined ? "login key unknown" : `key ${fp}`}): ${why}`);
     }
   }
 
@@ -442,7 +442,7 @@ export class Agent {
     const stray = loopbackListeners(this.ranges, { uid: this.c.tunnelUid }).filter((l) => !this.store.allows(l.port));
     await this.endSessionsOn([...new Set(stray.map((l) => l.port))], "no key allows this port");
     const hit: { s: TunnelSession; fp: string | undefined }[] = [];
-    for (const s of tunnelSessions(this.ranges, this.c.tunnelUid)) {
+    for (const s of allTunnelSessions(this.ranges, this.c.tunnelUid)) {
       const fp = this.keyOf(s);
       if (fp !== undefined && !this.store.get(fp)) hit.push({ s, fp });
     }

@@ -333,3 +333,59 @@ export async function endProcesses(pids: number[], uid: number, opts: ProcOption
   }
   return signalled;
 }
+
+/**
+ * Every sshd session process of `uid`, listening or not, with the tunnel-range ports (`ranges`)
+ * it listens on and its client connections: one pass over /proc. A session that holds no port
+ * still counts — an authenticated session may ask for a forward at any time.
+ */
+export function allTunnelSessions(ranges: PortRange[], uid: number, opts: ProcOptions = {}): TunnelSession[] {
+  const proc = opts.proc ?? "/proc";
+  const le = endianness() === "LE";
+  const listening = new Map<number, number>();
+  const remote = new Map<number, string>();
+  for (const f of ["tcp", "tcp6"]) {
+    let text: string;
+    try {
+      text = readFileSync(join(proc, "net", f), "utf8");
+    } catch {
+      continue;
+    }
+    for (const l of parseProcNetTcp(text, ranges, le)) listening.set(l.inode, l.port);
+    for (const line of text.split("\n").slice(1)) {
+      const x = line.trim().split(/\s+/);
+      if (x.length < 10 || x[3] !== ESTABLISHED) continue;
+      const name = peerName(x[2]!, le);
+      if (name) remote.set(Number(x[9]), name);
+    }
+  }
+  const out: TunnelSession[] = [];
+  for (const name of readdirSync(proc)) {
+    if (!/^\d+$/.test(name)) continue;
+    const pid = Number(name);
+    try {
+      if (statSync(join(proc, name)).uid !== uid || !SSHD_COMMS.has(commOf(pid, proc) ?? "")) continue;
+      const ports = new Set<number>();
+      const peers: string[] = [];
+      for (const fd of readdirSync(join(proc, name, "fd"))) {
+        let target: string;
+        try {
+          target = readlinkSync(join(proc, name, "fd", fd));
+        } catch {
+          continue;
+        }
+        const m = /^socket:\[(\d+)\]$/.exec(target);
+        if (!m) continue;
+        const inode = Number(m[1]);
+        const port = listening.get(inode);
+        if (port !== undefined) ports.add(port);
+        const peer = remote.get(inode);
+        if (peer) peers.push(peer);
+      }
+      out.push({ pid, ports: [...ports].sort((a, b) => a - b), peers });
+    } catch {
+      // ended while we looked, or not readable (no CAP_SYS_PTRACE)
+    }
+  }
+  return out;
+}
