@@ -14,17 +14,22 @@ import { fileNameFor } from "../src/bastion/keystore.js";
 import { buildDevice, cleanup, isRoot, openTunnel, prepareRoot, secureRoot, startAgent, startBastion, tryLogin, tunnelUp, type AgentProc, type Bastion, type Device, type Tunnel } from "./helpers/bastion.js";
 import { agentRole } from "./helpers/agent-role.js";
 import { tunnelArgv } from "./helpers/device.js";
+import { portBlock } from "./helpers/net.js";
 import { postgresForTests, type PgServer } from "./helpers/postgres.js";
 import { canConnect, ensureUser, freePort, waitFor } from "./helpers/sshd.js";
 import { extract, readPub, runCli, sshKeygen, tempDir, writeFleet } from "./helpers/workspace.js";
 
 const TUNNEL_USER = "mko-bastion-t";
-const PORTS = { ssh: "33000-33099", services: "33100-33199" };
+// A port block of this run's own: the agent ends any tunnel-user listener in its ranges that no
+// key allows, so two runs sharing a range (and the tunnel user) would end each other's tunnels.
+const block = await portBlock(200);
+const PORTS = { ssh: block.range(0, 99), services: block.range(100, 199) };
 const AGENT_ROLE = "mkoverlay_bastion";
 
 const { server: pgServer } = isRoot ? await postgresForTests() : { server: undefined };
 afterAll(async () => {
   await pgServer?.stop();
+  block.release();
 });
 
 const createAgentRole = (server: PgServer, url: string) => agentRole(server, url, AGENT_ROLE);
@@ -294,8 +299,11 @@ describe.runIf(isRoot && pgServer)("bastion agent on PostgreSQL (read-only role,
     const d = device(s);
     const stale = (await up(s, d)).tunnel;
     await waitFor("the login line", () => readFileSync(s.bastion.logFile, "utf8").includes(`ssh2: ED25519 ${d.fingerprint}`), 5000, 50);
-    // The device loses power: its ssh neither answers nor closes (the bastion's keepalive would
-    // take 45 s to notice).
+    // The tunnel has been up a while (a session only seconds older than a login is not taken
+    // for stale)…
+    await new Promise((r) => setTimeout(r, 3000));
+    // …when the device loses power: its ssh neither answers nor closes (the bastion's keepalive
+    // would take 45 s to notice).
     stale.proc.kill("SIGSTOP");
     try {
       const t0 = Date.now();
@@ -352,7 +360,7 @@ describe.runIf(isRoot && pgServer)("bastion agent on PostgreSQL (read-only role,
       ["gw-inject\nssh-ed25519 AAAA", "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIKHPWLIPXfg+vUdZK1KmPkMqDMZInER4VviOhALCClYv", "SHA256:xx"],
       ["gw-fpmismatch", "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIEZmNLjiI/nOsQO43oGVSJWohaqnUKjNP0zxjG1G6ut5", "SHA256:" + "B".repeat(43)],
     ];
-    let port = 33090;
+    let port = block.port(90);
     for (const [h, key, fp] of rows) {
       await pgServer!.sql(
         url,

@@ -76,6 +76,8 @@ const CHANNEL = "mkoverlay_changes";
 /** More changed devices than this at once: one full re-read is cheaper than one query each. */
 const FULL_SYNC_ABOVE = 200;
 const MAX_TIMER_MS = 2 ** 31 - 1;
+/** A session is older than a login when its process started this long before the login's line was read. */
+const STALE_MARGIN_MS = 2500;
 
 class RegistryDown extends Error {}
 
@@ -114,8 +116,8 @@ export class Agent {
   private observeTimer: NodeJS.Timeout | undefined;
   /** Recent logins of the tunnel user: client `address:port` → the key's fingerprint. */
   private readonly accepted = new Map<string, string>();
-  /** Logins not yet checked for stale sessions: fingerprint → the latest login's client. */
-  private readonly logins = new Map<string, string>();
+  /** Logins not yet checked for stale sessions: fingerprint → the latest login's client, and when its line was read. */
+  private readonly logins = new Map<string, { peer: string; readAt: number }>();
   private loginsQueued = false;
   private loginsTimer: NodeJS.Timeout | undefined;
   private stopped = false;
@@ -523,7 +525,7 @@ export class Agent {
    */
   private noteLogin(fp: string, peer: string): void {
     this.logins.delete(fp);
-    if (this.logins.size < 100_000) this.logins.set(fp, peer); // the latest login of each key
+    if (this.logins.size < 100_000) this.logins.set(fp, { peer, readAt: Date.now() }); // the latest login of each key
     if (this.loginsQueued || this.stopped) return;
     this.loginsQueued = true;
     this.loginsTimer = setTimeout(() => {
@@ -538,23 +540,27 @@ export class Agent {
   }
 
   /**
-   * For each key's latest login, any other session on that key's ports that logged in with the
+   * For each key's latest login, any older session on that key's ports that logged in with the
    * same key, or whose login the agent did not see, is ended; the device's next try binds. (A
    * session of the device's other key is not stale: rotation and retirement deal with it.)
+   * Older: its process started well before the login's line was read (STALE_MARGIN_MS: the
+   * log's delay, and /proc's boot time in whole seconds) — a session that logged in after the
+   * login, but whose own line is not read yet, is never taken for stale.
    */
-  private async replaceStale(batch: [string, string][]): Promise<void> {
-    const wanted = new Map<number, { fp: string; peer: string; host: string }>();
-    for (const [fp, peer] of batch) {
+  private async replaceStale(batch: [string, { peer: string; readAt: number }][]): Promise<void> {
+    const wanted = new Map<number, { fp: string; peer: string; readAt: number; host: string }>();
+    for (const [fp, { peer, readAt }] of batch) {
       const h = this.owner.get(fp);
       const e = h === undefined ? undefined : this.byHost.get(h)?.find((x) => x.fingerprint === fp);
-      for (const p of e?.ports ?? []) wanted.set(p, { fp, peer, host: h! });
+      for (const p of e?.ports ?? []) wanted.set(p, { fp, peer, readAt, host: h! });
     }
     if (wanted.size === 0) return;
     const hit: { s: TunnelSession; fp: string | undefined }[] = [];
     let why = "";
     for (const s of tunnelSessions(this.rangesFor(wanted.keys()), this.c.tunnelUid)) {
       const fp = this.keyOf(s);
-      const login = s.ports.map((p) => wanted.get(p)).find((w) => w !== undefined && !s.peers.includes(w.peer) && (fp === undefined || fp === w.fp));
+      const older = (w: { readAt: number }) => s.startedAt !== undefined && s.startedAt < w.readAt - STALE_MARGIN_MS;
+      const login = s.ports.map((p) => wanted.get(p)).find((w) => w !== undefined && !s.peers.includes(w.peer) && (fp === undefined || fp === w.fp) && older(w));
       if (!login) continue;
       hit.push({ s, fp });
       why = `${login.host} logged in again with the same key (${login.peer}): the stale session gives way`;

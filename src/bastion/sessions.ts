@@ -279,6 +279,8 @@ export function isTunnelSession(pid: number, uid: number, opts: ProcOptions = {}
 
 export interface TunnelSession {
   pid: number;
+  /** When the process started (ms since the epoch), when /proc tells. */
+  startedAt?: number;
   /** The tunnel-range ports it listens on. */
   ports: number[];
   /** Its client connection(s), `address:port` as sshd's log names them. */
@@ -293,7 +295,7 @@ export function tunnelSessions(ranges: PortRange[], uid: number, opts: ProcOptio
     byPid.set(l.pid, (byPid.get(l.pid) ?? new Set()).add(l.port));
   }
   const peers = peersOf([...byPid.keys()], opts);
-  return [...byPid].map(([pid, ports]) => ({ pid, ports: [...ports].sort((a, b) => a - b), peers: peers.get(pid) ?? [] }));
+  return [...byPid].map(([pid, ports]) => withStart({ pid, ports: [...ports].sort((a, b) => a - b), peers: peers.get(pid) ?? [] }, procRoot(opts)));
 }
 
 /**
@@ -382,10 +384,44 @@ export function allTunnelSessions(ranges: PortRange[], uid: number, opts: ProcOp
         const peer = remote.get(inode);
         if (peer) peers.push(peer);
       }
-      out.push({ pid, ports: [...ports].sort((a, b) => a - b), peers });
+      out.push(withStart({ pid, ports: [...ports].sort((a, b) => a - b), peers }, proc));
     } catch {
       // ended while we looked, or not readable (no CAP_SYS_PTRACE)
     }
   }
   return out;
+}
+
+const procRoot = (opts: ProcOptions) => opts.proc ?? "/proc";
+
+/** Linux reports process start times in USER_HZ ticks, 100 on every architecture it runs on. */
+const USER_HZ = 100;
+
+function bootTimeMs(procDir: string): number | undefined {
+  try {
+    const m = /^btime (\d+)$/m.exec(readFileSync(join(procDir, "stat"), "utf8"));
+    return m ? Number(m[1]) * 1000 : undefined;
+  } catch {
+    return undefined;
+  }
+}
+
+/** When `pid` started (ms since the epoch): its starttime in /proc/PID/stat after the boot time. */
+export function processStartMs(pid: number, opts: ProcOptions = {}): number | undefined {
+  const boot = bootTimeMs(procRoot(opts));
+  if (boot === undefined) return undefined;
+  try {
+    const stat = readFileSync(join(procRoot(opts), String(pid), "stat"), "utf8");
+    // Fields after the command name (which may hold spaces and parentheses): state is field 3, starttime 22.
+    const rest = stat.slice(stat.lastIndexOf(")") + 2).split(" ");
+    const ticks = Number(rest[19]);
+    return Number.isFinite(ticks) ? boot + (ticks * 1000) / USER_HZ : undefined;
+  } catch {
+    return undefined;
+  }
+}
+
+function withStart(s: TunnelSession, procDir: string): TunnelSession {
+  const t = processStartMs(s.pid, { proc: procDir });
+  return t === undefined ? s : { ...s, startedAt: t };
 }
