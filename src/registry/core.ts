@@ -574,7 +574,7 @@ export class RegistryCore implements Registry {
       // A listener gone since the last look was last seen at that look.
       const prevAt = (await q.get<{ at: string }>("SELECT at FROM heartbeats WHERE bastion = ?", [o.bastion]))?.at ?? at;
       const before = new Map(
-        (await q.all<{ port: number; hostname: string | null; fingerprint: string | null }>("SELECT port, hostname, fingerprint FROM sightings WHERE bastion = ? AND connected = 1", [o.bastion])).map((r) => [
+        (await q.all<{ port: number; hostname: string | null; fingerprint: string | null; tunnel: number | null; uid: number | null }>("SELECT port, hostname, fingerprint, tunnel, uid FROM sightings WHERE bastion = ? AND connected = 1", [o.bastion])).map((r) => [
           Number(r.port),
           r,
         ]),
@@ -582,7 +582,15 @@ export class RegistryCore implements Registry {
       const now = new Map(o.listeners.map((l) => [l.port, l]));
       let written = 0;
       for (const l of now.values()) {
-        const was = before.get(l.port);
+        const tunnel = l.tunnel === undefined ? null : l.tunnel ? 1 : 0;
+        const uid = l.tunnel === false ? (l.uid ?? null) : null;
+        let was = before.get(l.port);
+        // Another holder (a squatter replaced by the tunnel, or the other way round) is another
+        // listener: a sighting of its own, since now; the device's own was last seen before.
+        if (was && ((was.tunnel === null ? null : Number(was.tunnel)) !== tunnel || (was.uid === null ? null : Number(was.uid)) !== uid)) {
+          if (was.hostname && Number(was.tunnel ?? 1) !== 0) await q.run("UPDATE device_history SET last_seen = ? WHERE hostname = ? AND bastion = ?", [prevAt, was.hostname, o.bastion]);
+          was = undefined;
+        }
         if (was) {
           if (l.fingerprint && l.fingerprint !== was.fingerprint) {
             await q.run("UPDATE sightings SET fingerprint = ? WHERE bastion = ? AND port = ?", [l.fingerprint, o.bastion, l.port]);
@@ -592,11 +600,12 @@ export class RegistryCore implements Registry {
         }
         const owner = (await q.get<{ hostname: string }>("SELECT hostname FROM ports WHERE port = ?", [l.port]))?.hostname ?? null;
         await q.run(
-          `INSERT INTO sightings (bastion, port, hostname, fingerprint, since, last_seen, connected) VALUES (?, ?, ?, ?, ?, ?, 1)
-           ON CONFLICT (bastion, port) DO UPDATE SET hostname = excluded.hostname, fingerprint = excluded.fingerprint, since = excluded.since, last_seen = excluded.last_seen, connected = 1`,
-          [o.bastion, l.port, owner, l.fingerprint ?? null, at, at],
+          `INSERT INTO sightings (bastion, port, hostname, fingerprint, since, last_seen, connected, tunnel, uid) VALUES (?, ?, ?, ?, ?, ?, 1, ?, ?)
+           ON CONFLICT (bastion, port) DO UPDATE SET hostname = excluded.hostname, fingerprint = excluded.fingerprint, since = excluded.since, last_seen = excluded.last_seen, connected = 1, tunnel = excluded.tunnel, uid = excluded.uid`,
+          [o.bastion, l.port, owner, l.fingerprint ?? null, at, at, tunnel, uid],
         );
-        if (owner) {
+        // Only the tunnel's own session is the device having been seen.
+        if (owner && tunnel !== 0) {
           await q.run(
             `INSERT INTO device_history (hostname, bastion, first_seen, last_seen) VALUES (?, ?, ?, ?)
              ON CONFLICT (hostname, bastion) DO UPDATE SET last_seen = excluded.last_seen`,
@@ -608,7 +617,7 @@ export class RegistryCore implements Registry {
       for (const [port, was] of before) {
         if (now.has(port)) continue;
         await q.run("UPDATE sightings SET connected = 0, last_seen = ? WHERE bastion = ? AND port = ?", [prevAt, o.bastion, port]);
-        if (was.hostname) await q.run("UPDATE device_history SET last_seen = ? WHERE hostname = ? AND bastion = ?", [prevAt, was.hostname, o.bastion]);
+        if (was.hostname && Number(was.tunnel ?? 1) !== 0) await q.run("UPDATE device_history SET last_seen = ? WHERE hostname = ? AND bastion = ?", [prevAt, was.hostname, o.bastion]);
         written++;
       }
       await q.run(
@@ -622,9 +631,19 @@ export class RegistryCore implements Registry {
 
   observations(): Promise<Observations> {
     return this.db.transaction("read", async (q) => ({
-      sightings: (await q.all<{ bastion: string; port: number; hostname: string | null; fingerprint: string | null; since: string; last_seen: string; connected: number }>(
-        "SELECT bastion, port, hostname, fingerprint, since, last_seen, connected FROM sightings ORDER BY bastion, port",
-      )).map((r) => ({ bastion: r.bastion, port: Number(r.port), hostname: r.hostname, fingerprint: r.fingerprint, since: r.since, lastSeen: r.last_seen, connected: Number(r.connected) === 1 })),
+      sightings: (await q.all<{ bastion: string; port: number; hostname: string | null; fingerprint: string | null; since: string; last_seen: string; connected: number; tunnel: number | null; uid: number | null }>(
+        "SELECT bastion, port, hostname, fingerprint, since, last_seen, connected, tunnel, uid FROM sightings ORDER BY bastion, port",
+      )).map((r) => ({
+        bastion: r.bastion,
+        port: Number(r.port),
+        hostname: r.hostname,
+        fingerprint: r.fingerprint,
+        tunnel: r.tunnel === null ? null : Number(r.tunnel) === 1,
+        uid: r.uid === null ? null : Number(r.uid),
+        since: r.since,
+        lastSeen: r.last_seen,
+        connected: Number(r.connected) === 1,
+      })),
       history: (await q.all<{ hostname: string; bastion: string; first_seen: string; last_seen: string }>("SELECT hostname, bastion, first_seen, last_seen FROM device_history ORDER BY hostname, bastion")).map((r) => ({
         hostname: r.hostname,
         bastion: r.bastion,

@@ -5,7 +5,7 @@
  * PostgreSQL (TEXT, INTEGER, BIGINT, CHECK, foreign keys).
  */
 
-export const SCHEMA_VERSION = 4;
+export const SCHEMA_VERSION = 5;
 
 export const MIGRATIONS: readonly (readonly string[])[] = [
   // 1: devices, their ports, and the name counter.
@@ -86,4 +86,8 @@ export const MIGRATIONS: readonly (readonly string[])[] = [
       agent      TEXT NOT NULL
     )`,
   ],
+  // 5: who holds a tunnel port (issue 19): the tunnel user's sshd session (1), or another
+  // process (0, with its uid) — a squatter, which never counts as the device. NULL: recorded by
+  // an agent from before this version.
+  ["ALTER TABLE sightings ADD COLUMN tunnel INTEGER", "ALTER TABLE sightings ADD COLUMN uid INTEGER"],
 ];

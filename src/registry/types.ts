@@ -147,6 +147,12 @@ export interface Listener {
   port: number;
   /** The key that authenticated the session holding it, where sshd's log tells. */
   fingerprint?: string;
+  /**
+   * Held by the tunnel user's sshd session (the only holder that counts for a device); false:
+   * another process holds it (a squatter), `uid` says whose. Absent: not told (older agents).
+   */
+  tunnel?: boolean;
+  uid?: number;
 }
 
 /** One look by a bastion agent: every tunnel-range port listening there now. */
@@ -166,6 +172,10 @@ export interface Sighting {
   /** The device holding the port when it was first seen listening; null: nobody registered. */
   hostname: string | null;
   fingerprint: string | null;
+  /** Held by the tunnel user's sshd session; null: recorded by an agent that did not tell. */
+  tunnel?: boolean | null;
+  /** The owner of a listener that is not the tunnel user's session. */
+  uid?: number | null;
   /** Since when it listens (this connection). */
   since: string;
   /** While connected: when first seen; after: the last look that still saw it. */
@@ -241,7 +251,7 @@ export interface Snapshot {
 
 /** The observation tables and their columns, in copy order. */
 export const OBSERVATION_COLUMNS = [
-  ["sightings", ["bastion", "port", "hostname", "fingerprint", "since", "last_seen", "connected"]],
+  ["sightings", ["bastion", "port", "hostname", "fingerprint", "since", "last_seen", "connected", "tunnel", "uid"]],
   ["device_history", ["hostname", "bastion", "first_seen", "last_seen"]],
   ["heartbeats", ["bastion", "at", "interval_s", "agent"]],
 ] as const;

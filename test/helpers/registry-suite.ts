@@ -427,7 +427,7 @@ export async function registryTests(which: "sqlite" | "postgres"): Promise<void>
         }); // left pending, as a killed build would
         // What a bastion saw: a tunnel up with its key, another that went away, a stray listener.
         const look = (ports: number[], at: string) =>
-          r.observe({ bastion: "eu", at: new Date(at), intervalS: 15, agent: "test:1", listeners: ports.map((port, i) => (i === 0 ? { port, fingerprint: "SHA256:seen-with-this-key" } : { port })) });
+          r.observe({ bastion: "eu", at: new Date(at), intervalS: 15, agent: "test:1", listeners: ports.map((port, i) => (i === 0 ? { port, fingerprint: "SHA256:seen-with-this-key", tunnel: true } : port === SSH_LO + 900 ? { port, tunnel: false, uid: 65534 } : { port })) });
         await look([SSH_LO, SSH_LO + 3, SSH_LO + 900], "2025-01-02T03:00:00.000Z");
         await look([SSH_LO, SSH_LO + 900], "2025-01-02T03:00:15.000Z");
       });
