@@ -19,6 +19,7 @@ import { randomBytes } from "node:crypto";
 import { chmodSync, existsSync, linkSync, lstatSync, mkdirSync, readdirSync, readFileSync, readlinkSync, renameSync, rmdirSync, rmSync, statSync, symlinkSync, writeFileSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { basename, dirname, join, posix } from "node:path";
+import { bastionLockouts } from "../config/compat.js";
 import type { Bastion, Fleet } from "../config/fleet.js";
 import { UserError } from "../errors.js";
 import { displayLocation, isPostgresUrl } from "../registry/location.js";
@@ -49,6 +50,11 @@ export interface InstallInput {
   configText: string;
   log: (msg: string) => void;
   onSkip?: (s: Skipped) => void;
+  /** Install even though the config would lock out registered devices (config/compat.ts). */
+  forceConfigChange?: boolean;
+  /** The config this bastion was installed with before, if any (what old devices dial). */
+  previousFleet?: Fleet;
+  warn?: (msg: string) => void;
 }
 
 export interface InstallResult {
@@ -205,11 +211,16 @@ export async function install(i: InstallInput): Promise<InstallResult> {
   }
   const { entries, skipped } = bastionEntries(i.fleet, b, devices, new Date());
   for (const s of skipped) i.onSkip?.(s);
+  // --- lockouts (config/compat.ts): refused unless forced; then every tunnel user that
+  // registered devices still dial keeps its Match block (and account) beside the new one. ---
+  const lock = await bastionLockouts(i.fleet, b, devices, i.previousFleet, Boolean(i.forceConfigChange));
+  for (const l of lock.lines) i.warn?.(l);
+  const oldUserBlocks = lock.oldUsers.map((user) => `\n${renderDropin(i.fleet, { ...b, user })}`).join("");
 
   // --- 2. stage ---
   const homeReadOnly = i.exec.some((p) => /^\/(home|root|run\/user)(\/|$)/.test(p));
   const files: FileSpec[] = [
-    { path: dropin, content: renderDropin(i.fleet, b), mode: 0o644 },
+    { path: dropin, content: renderDropin(i.fleet, b) + oldUserBlocks, mode: 0o644 },
     { path: KEYS_COMMAND_PATH, content: KEYS_COMMAND, mode: 0o755 },
     { path: AGENT_TEMPLATE, content: renderAgentUnit({ exec: i.exec, homeReadOnly }), mode: 0o644 },
     { path: fleetCopy(b.name), content: i.configText, mode: 0o644 },
@@ -295,6 +306,12 @@ export async function install(i: InstallInput): Promise<InstallResult> {
     if (!tunnelUser) {
       addUser(root, b.user, ["--password", "*"], undo);
       createdUsers.push(b.user);
+    }
+    for (const user of lock.oldUsers) {
+      if (passwdEntry(root, user)) continue;
+      if (!i.createUser) throw new UserError(`the old tunnel user '${user}' of bastion '${b.name}' does not exist${live ? "" : ` in ${root}`}`, { hint: "create it, or run without --no-create-user" });
+      addUser(root, user, ["--password", "*"], undo);
+      createdUsers.push(user);
     }
     if (!passwdEntry(root, KEYS_USER)) {
       addUser(root, KEYS_USER, [], undo);

@@ -5,22 +5,42 @@
  * filled when sshd starts asking it.
  */
 import { spawnSync } from "node:child_process";
-import { readFileSync, realpathSync } from "node:fs";
-import { resolve } from "node:path";
+import { existsSync, readFileSync, realpathSync } from "node:fs";
+import { join, resolve } from "node:path";
 import { install, systemdRunning } from "../bastion/install.js";
-import { agentUnit } from "../bastion/paths.js";
-import { configPath, loadFleet } from "../config/load.js";
+import { agentUnit, fleetCopy } from "../bastion/paths.js";
+import type { Fleet } from "../config/fleet.js";
+import { configPath, loadFleet, parseFleet } from "../config/load.js";
 import { resolveBastions } from "../device.js";
 import { UserError } from "../errors.js";
 import { out, stderrLog } from "../output.js";
 import { openRegistry } from "../registry/open.js";
+
+/** The config this bastion was installed with last time (what devices from before schema 5 dial), if readable. */
+async function previousFleet(path: string): Promise<Fleet | undefined> {
+  if (!existsSync(path)) return undefined;
+  try {
+    return await parseFleet(readFileSync(path, "utf8"), path);
+  } catch {
+    return undefined;
+  }
+}
 
 function systemctl(args: string[]): { ok: boolean; err: string } {
   const r = spawnSync("systemctl", args, { encoding: "utf8" });
   return { ok: r.status === 0, err: (r.stderr || r.error?.message || "").trim().split("\n")[0] ?? "" };
 }
 
-export async function bastionInstallCommand(opts: { bastion?: string; root?: string; registry?: string; createUser?: boolean; mkoverlay?: string; config?: string; json?: boolean }): Promise<void> {
+export async function bastionInstallCommand(opts: {
+  bastion?: string;
+  root?: string;
+  registry?: string;
+  createUser?: boolean;
+  mkoverlay?: string;
+  config?: string;
+  json?: boolean;
+  forceConfigChange?: boolean;
+}): Promise<void> {
   const file = configPath(opts.config);
   const fleet = await loadFleet(file);
   const bs = resolveBastions(fleet, opts.bastion);
@@ -43,6 +63,9 @@ export async function bastionInstallCommand(opts: { bastion?: string; root?: str
     configText: readFileSync(file, "utf8"),
     log,
     onSkip: (s) => logger.warn(`left out ${JSON.stringify(s.hostname)}: ${s.reason}`),
+    forceConfigChange: Boolean(opts.forceConfigChange),
+    previousFleet: await previousFleet(join(root, fleetCopy(bastion.name))),
+    warn: (m) => logger.warn(m),
   });
   // What --json reports: what was done here, and whether the services were (re)started.
   const report = (started: boolean) =>

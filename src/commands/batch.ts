@@ -306,6 +306,7 @@ export async function runBatch(opts: BatchOptions, hooks: BatchHooks, stop?: Abo
         summary.stopped = st.stopRequested() ?? null;
       },
       stop,
+      { forceConfigChange: Boolean(opts.forceConfigChange) },
     );
   });
   return summary;
