@@ -424,7 +424,7 @@ export async function buildDevice(st: Station, req: DeviceRequest): Promise<Buil
     const r = await renderDevice(contextOf(st, device, req));
     await place(st, hostname, r, !rebuilt, notBuilt);
     placed = true;
-    if (rebuilt) await registry.updateDevice(hostname, { board: board.id, os: os.id, bastions: device.bastions, overlay: r.overlay, dials: dialsJson(st.fleet, bastions) });
+    if (rebuilt) await registry.updateDevice(hostname, { board: board.id, os: os.id, bastions: device.bastions, overlay: r.overlay, dials: dialsJson(st.fleet, bastions, device.dials) });
     else {
       try {
         await registry.activate(hostname);

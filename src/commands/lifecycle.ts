@@ -95,7 +95,7 @@ async function rotate(arg: string, opts: RotateOptions, stop: AbortSignal): Prom
       const publicKey = publicKeyLine(dk.key.pub);
       const stopped = st.stopRequested();
       if (stopped) throw new Interrupted(stopped, `interrupted by ${stopped}: ${hostname} was not rotated`);
-      await registry.beginRotate(hostname, d.fingerprint, publicKey, dk.fingerprint, overlayPath(st.emit, hostname), dialsJson(fleet, bastions));
+      await registry.beginRotate(hostname, d.fingerprint, publicKey, dk.fingerprint, overlayPath(st.emit, hostname), dialsJson(fleet, bastions, d.dials));
       st.leases.add(hostname);
       let placed = false;
       try {

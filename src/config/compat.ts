@@ -54,7 +54,15 @@ export function dialsOf(fleet: Fleet, bastions: readonly Bastion[]): Dials {
   return { ssh: rangeText(fleet.ports.ssh), services: rangeText(fleet.ports.services), bastions: Object.fromEntries(bastions.map((b) => [b.name, bastionDial(b)])) };
 }
 
-export const dialsJson = (fleet: Fleet, bastions: readonly Bastion[]): string => JSON.stringify(dialsOf(fleet, bastions));
+/**
+ * As JSON, for the registry. `was`: the device's recorded dials, for a re-flash or a rotation —
+ * its ports do not move, so the ranges they came from stay recorded.
+ */
+export function dialsJson(fleet: Fleet, bastions: readonly Bastion[], was?: string): string {
+  const d = dialsOf(fleet, bastions);
+  const old = parseDials(was);
+  return JSON.stringify(old ? { ...d, ssh: old.ssh, services: old.services } : d);
+}
 
 /** The stored JSON read back; undefined for anything that is not one (a hostile row is ignored, not trusted). */
 export function parseDials(text: string | null | undefined): Dials | undefined {
