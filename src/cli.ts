@@ -281,6 +281,7 @@ export function program(only?: string, help?: typeof CliHelp): Command {
       .description("the port allocation table, with each device's factory data")
       .option("--format <form>", "table, csv or markdown", "table")
       .option("--json", "a JSON array")
+      .option("--old-settings", "only devices whose overlay still dials a setting the config has changed since (docs/bastion.md)")
       .option("--config <file>", CFG)
       .action(lazy(() => import("./commands/registry-list.js"), (m, opts) => m.registryListCommand(opts)));
     registry

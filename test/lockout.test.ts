@@ -7,14 +7,14 @@
  */
 import { spawnSync } from "node:child_process";
 import { createHash } from "node:crypto";
-import { lstatSync, readdirSync, readFileSync } from "node:fs";
+import { lstatSync, mkdirSync, readdirSync, readFileSync, writeFileSync } from "node:fs";
 import { join, relative } from "node:path";
 import Database from "better-sqlite3";
 import { afterAll, describe, expect, it } from "vitest";
 import { buildDevice, cleanup, isRoot, prepareRoot, secureRoot, startBastion, tunnelUp, type Bastion as SshBastion, type Tunnel } from "./helpers/bastion.js";
 import { postgresForTests, type PgServer } from "./helpers/postgres.js";
 import { ensureUser, freePort } from "./helpers/sshd.js";
-import { readPub, removeDir, runCli, sshKeygen, tempDir, writeFleet, type BastionDef, type Run } from "./helpers/workspace.js";
+import { CLI, readPub, REPO, removeDir, run, runCli, sshKeygen, tempDir, writeFleet, type BastionDef, type Run } from "./helpers/workspace.js";
 
 const PORTS = { ssh: "26000-26999", services: "27000-27999" };
 const FORWARDS = [{ name: "web", type: "remote", local: 80 }];
@@ -170,6 +170,36 @@ describe.each(BACKENDS)("config changes that lock registered devices out (%s)", 
       writeCfg(ws, { user: "tunnel" });
       expect(cli(ws, ["rotate", "gw-0001", "--grace", "7d", "--force-config-change", "--quiet", "--out", join(ws.dir, "out")]).code).toBe(0);
       // gw-0001's old key (its old overlay, in the field until re-flashed) still dials mko-tunnel.
+      expectRefused(build(ws), /bastions\.eu\.user changed from mko-tunnel to tunnel: 3 registered devices/);
+    } finally {
+      removeDir(ws.dir);
+    }
+  });
+});
+
+describe("docs/bastion.md, \"Changing a fleet's settings\": the recipe as written", () => {
+  it("rotates every device that still dials an old setting, and only those", async () => {
+    const text = readFileSync(join(REPO, "docs/bastion.md"), "utf8");
+    const section = text.slice(text.indexOf("## 11. Changing a fleet's settings"));
+    const recipe = /```sh\n([\s\S]*?)```/.exec(section)?.[1];
+    expect(recipe).toMatch(/registry list --old-settings/);
+    const ws = await fleetOf3(BACKENDS[0]![1]);
+    try {
+      writeCfg(ws, { user: "tunnel" });
+      const gw4 = build(ws, ["--force-config-change"]);
+      expect(gw4.code, gw4.stderr).toBe(0);
+      const before = new Map(listed(ws).map((d) => [d.hostname, JSON.stringify(d)]));
+      const bin = join(ws.dir, "bin");
+      mkdirSync(bin);
+      writeFileSync(join(bin, "mkoverlay"), `#!/bin/sh\nexec "${process.execPath}" "${CLI}" "$@"\n`, { mode: 0o755 });
+      const r = run("bash", ["-euo", "pipefail", "-c", recipe!], { cwd: ws.dir, env: { PATH: `${bin}:${process.env.PATH}`, MKOVERLAY_CONFIG: ws.cfg, MKOVERLAY_REGISTRY: "" } });
+      expect(r.code, r.stderr).toBe(0);
+      const after = listed(ws);
+      // The three old devices have new keys and dial the new user; gw-0004 was left alone.
+      for (const d of after) expect(d.oldSettings, d.hostname).toEqual([]);
+      expect(after.filter((d) => before.get(d.hostname) !== JSON.stringify(d)).map((d) => d.hostname)).toEqual(["gw-0001", "gw-0002", "gw-0003"]);
+      expect(readdirSync(join(ws.dir, "out")).filter((f) => f.startsWith("gw-000")).length).toBeGreaterThanOrEqual(4);
+      // Their old keys (the overlays still in the field) keep the old user until the grace ends.
       expectRefused(build(ws), /bastions\.eu\.user changed from mko-tunnel to tunnel: 3 registered devices/);
     } finally {
       removeDir(ws.dir);

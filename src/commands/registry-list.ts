@@ -86,12 +86,13 @@ function oldSettings(fleet: Fleet, d: DeviceRecord): { field: string; from: stri
   return changesFor(fleet, dials, d.bastions, ports).map(({ field, from, to }) => ({ field, from, to }));
 }
 
-export async function registryListCommand(opts: { json?: boolean; format?: string; config?: string }): Promise<void> {
+export async function registryListCommand(opts: { json?: boolean; format?: string; config?: string; oldSettings?: boolean }): Promise<void> {
   const format = opts.format ?? "table";
   // Reject a bad --format before touching the registry.
   if (!opts.json) renderTable([], format);
   const { devices, seen, fleet } = await withFleetRegistry(opts.config, async (fleet, r) => {
-    const [devices, obs] = await Promise.all([r.list(), r.observations()]);
+    const [all, obs] = await Promise.all([r.list(), r.observations()]);
+    const devices = opts.oldSettings ? all.filter((d) => oldSettings(fleet, d).length > 0) : all;
     const s = fleetStatus(devices, obs, { now: new Date(), neverSeenAfterMs: parseAfter("24h"), knownBastions: [...fleet.bastions.keys()] });
     return { fleet, devices, seen: new Map(s.devices.map((v): [string, Seen] => [v.hostname, { state: v.state, connected: v.connected, firstSeen: v.firstSeen, lastSeen: v.lastSeen, seenOn: v.seenOn }])) };
   });
