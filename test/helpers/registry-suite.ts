@@ -388,7 +388,7 @@ export async function registryTests(which: "sqlite" | "postgres"): Promise<void>
         expect(runCli(["--config", ws.cfg, ...BUILD, "--out", ws.out], { cwd: ws.dir }).code).toBe(0);
         await backend.setSchemaVersion(ws.registry, 99);
         const r = runCli(["--config", ws.cfg, ...BUILD, "--out", ws.out], { cwd: ws.dir });
-        expectOneLineError(r, new RegExp(`registry .*: schema version 99 was written by a newer mkoverlay \(this one knows ${SCHEMA_VERSION}\)`));
+        expectOneLineError(r, new RegExp(`registry .*: schema version 99 was written by a newer mkoverlay \\(this one knows ${SCHEMA_VERSION}\\)`));
         expect(r.stdout).toBe("");
         expect(readdirSync(ws.out).filter((n) => n.endsWith(".overlay.tar.gz"))).toHaveLength(1);
       } finally {
