@@ -148,8 +148,9 @@ export interface Change {
 /** What a device with these dials on these bastions would lose under `fleet`. */
 export function changesFor(fleet: Fleet, dials: Dials, bastions: readonly string[], ports: { ssh: boolean; services: boolean }): Change[] {
   const out: Change[] = [];
-  if (ports.ssh) out.push({ field: "ports.ssh", path: ["ports", "ssh"], from: dials.ssh, to: rangeText(fleet.ports.ssh), servable: true });
-  if (ports.services) out.push({ field: "ports.services", path: ["ports", "services"], from: dials.services, to: rangeText(fleet.ports.services), servable: true });
+  // A port outside the range it was recorded with is a corrupt row (export.ts leaves it out), not a config change.
+  if (ports.ssh && dials.ssh !== rangeText(fleet.ports.ssh)) out.push({ field: "ports.ssh", path: ["ports", "ssh"], from: dials.ssh, to: rangeText(fleet.ports.ssh), servable: true });
+  if (ports.services && dials.services !== rangeText(fleet.ports.services)) out.push({ field: "ports.services", path: ["ports", "services"], from: dials.services, to: rangeText(fleet.ports.services), servable: true });
   for (const [name, old] of Object.entries(dials.bastions)) {
     const b = fleet.bastions.get(name);
     // A bastion the device no longer tunnels to, or one gone from the config, is not a lockout
