@@ -174,6 +174,7 @@ export const HELP: Record<string, HelpSpec> = {
       ["mkoverlay registry list", "a table"],
       ["mkoverlay registry list --format csv > fleet.csv", "for a spreadsheet (factory data as columns)"],
       ["mkoverlay registry list --json", "every field"],
+      ["mkoverlay registry list --old-settings", "devices still dialling what the config changed (rotate them)"],
     ],
     env: CONFIG,
   },

@@ -63,6 +63,7 @@ export function program(only?: string, help?: typeof CliHelp): Command {
       .option("--out <dir>", "output directory (created 0700)", "out")
       .option("--format <form>", "tar (default: <out>/<host>.overlay.tar.gz) or dir (<out>/<host>.overlay/)")
       .option("--apply <root>", "lay the overlay directly over a mounted root file system (as root)")
+      .option("--force-config-change", "build even though the config would lock out registered devices (they are served side by side; docs/bastion.md)")
       .option("--config <file>", CFG)
       .option("--json", "print one JSON object on stdout")
       .option("-q, --quiet", "no progress on stderr")
@@ -84,6 +85,7 @@ export function program(only?: string, help?: typeof CliHelp): Command {
       .option("--root-partition <n>", "with --image: the root partition's number")
       .option("--compress <kind>", "with --image: zstd writes <host>.img.zst")
       .option("--force", "with --image: lay overlays even over another device's identity in the base")
+      .option("--force-config-change", "build even though the config would lock out registered devices (they are served side by side; docs/bastion.md)")
       .option("--config <file>", CFG)
       .option("--json", "one JSON object per device on stdout")
       .option("--no-progress", "no progress bar on a terminal: a plain line per device instead")
@@ -104,6 +106,7 @@ export function program(only?: string, help?: typeof CliHelp): Command {
       .option("--root-partition <n>", "the root partition's number (default: found by type, label and file system)")
       .option("--compress <kind>", "zstd: write <host>.img.zst instead of <host>.img")
       .option("--force", "lay the overlay even over another device's mkoverlay identity in the base")
+      .option("--force-config-change", "build even though the config would lock out registered devices (they are served side by side; docs/bastion.md)")
       .option("--config <file>", "fleet config (default $MKOVERLAY_CONFIG or ./mkoverlay.yaml)")
       .option("--json", "print one JSON object on stdout")
       .option("-q, --quiet", "no progress on stderr")
@@ -179,6 +182,7 @@ export function program(only?: string, help?: typeof CliHelp): Command {
       .option("--mkoverlay <path>", "mkoverlay's executable on the bastion, for the unit (default: this one; required with --root)")
       .option("--take-over-user <name>", "let an existing login account (a shell, a password or keys) become the tunnel user: it then logs in only as a tunnel")
       .option("--dry-run", "check everything and print what would change, as a diff; change nothing")
+      .option("--force-config-change", "install even though the config would lock out registered devices: old tunnel users keep their Match block")
       .option("--config <file>", CFG)
       .option("--json", "what was installed (or would be), as JSON")
       .action(lazy(() => import("./commands/bastion-install.js"), (m, opts) => m.bastionInstallCommand(opts)));
@@ -230,6 +234,7 @@ export function program(only?: string, help?: typeof CliHelp): Command {
       .argument("<device>", device)
       .option("--host-key <file>", "use this key instead of a new one")
       .option("--grace <duration>", "bastions keep accepting the old key this long (e.g. 12h, 7d, 2w; 0: drop it now)", "7d")
+      .option("--force-config-change", "build even though the config would lock out registered devices (they are served side by side; docs/bastion.md)")
       .option("--out <dir>", "output directory (created 0700)", "out")
       .option("--format <form>", "tar or dir")
       .option("--apply <root>", "lay the overlay over a mounted root file system")
@@ -278,6 +283,7 @@ export function program(only?: string, help?: typeof CliHelp): Command {
       .description("the port allocation table, with each device's factory data")
       .option("--format <form>", "table, csv or markdown", "table")
       .option("--json", "a JSON array")
+      .option("--old-settings", "only devices whose overlay still dials a setting the config has changed since (docs/bastion.md)")
       .option("--config <file>", CFG)
       .action(lazy(() => import("./commands/registry-list.js"), (m, opts) => m.registryListCommand(opts)));
     registry

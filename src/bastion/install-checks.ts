@@ -41,6 +41,10 @@ export interface InstallInput {
   log: (msg: string) => void;
   warn?: (msg: string) => void;
   onSkip?: (s: Skipped) => void;
+  /** Install even though the config would lock out registered devices (config/compat.ts). */
+  forceConfigChange?: boolean;
+  /** The config this bastion was installed with before, if any (what old devices dial). */
+  previousFleet?: Fleet;
 }
 
 function envValueProblem(v: string): string | undefined {

@@ -27,6 +27,7 @@ import { chmodSync, existsSync, linkSync, lstatSync, mkdirSync, readdirSync, rea
 import { tmpdir } from "node:os";
 import { basename, dirname, join } from "node:path";
 import { UserError } from "../errors.js";
+import { bastionLockouts } from "../config/compat.js";
 import { isPostgresUrl } from "../registry/location.js";
 import type { Registry } from "../registry/types.js";
 import { nologinShell, readAccount } from "./account.js";
@@ -117,8 +118,8 @@ export async function install(i: InstallInput): Promise<InstallResult> {
   try {
     const c = prepareCheck({ i, b: i.bastion, fs, mainText, dropin, checkDir, hostKey: "", withoutCfg: "" });
     const account = checkTunnelAccount(c);
-    const entries = await readRegistry(c);
-    const plan = planInstall(c, entries);
+    const { entries, oldUsers } = await readRegistry(c);
+    const plan = planInstall(c, oldUsers);
     const staged = stage(c, plan);
     try {
       checkSshd(c, plan.files[0]!.content, staged.files.get(c.dropin) ?? plan.files[0]!.host, account);
@@ -126,15 +127,15 @@ export async function install(i: InstallInput): Promise<InstallResult> {
       staged.undo.run();
       throw e;
     }
-    if (i.dryRun) return dryRunResult(c, plan, staged, account, entries);
-    return apply(c, plan, staged, account, entries);
+    if (i.dryRun) return dryRunResult(c, plan, staged, account, entries, oldUsers);
+    return apply(c, plan, staged, account, entries, oldUsers);
   } finally {
     rmSync(checkDir, { recursive: true, force: true });
   }
 }
 
 /** 3. The registry, read as the agent will read it: the first key set, and proof the agent can. */
-async function readRegistry(c: Ctx): Promise<Entry[] | undefined> {
+async function readRegistry(c: Ctx): Promise<{ entries: Entry[] | undefined; oldUsers: string[] }> {
   const { i, fs } = c;
   let location = i.registry;
   if (!isPostgresUrl(i.registry)) {
@@ -142,8 +143,8 @@ async function readRegistry(c: Ctx): Promise<Entry[] | undefined> {
     location = fs.resolve(i.registry);
     if (!existsSync(location)) {
       if (fs.live) throw new UserError(`registry ${i.registry}: does not exist`, { hint: "the agent reads an existing registry; build a device first or point --registry at it" });
-      i.log(`registry ${i.registry} is not in ${fs.root}: not read here; the agent reads it on the bastion`);
-      return undefined;
+      i.log(`registry ${i.registry} is not in ${fs.root}: not read here (nor checked for devices a config change would lock out); the agent reads it on the bastion`);
+      return { entries: undefined, oldUsers: [] };
     }
   }
   let registry: Registry;
@@ -164,7 +165,11 @@ async function readRegistry(c: Ctx): Promise<Entry[] | undefined> {
   }
   const { entries, skipped } = bastionEntries(i.fleet, c.b, devices, new Date());
   for (const s of skipped) i.onSkip?.(s);
-  return entries;
+  // Lockouts (config/compat.ts): refused unless forced; then every tunnel user that registered
+  // devices still dial keeps its Match block (and account) beside the new one.
+  const lock = await bastionLockouts(i.fleet, c.b, devices, i.previousFleet, Boolean(i.forceConfigChange));
+  for (const l of lock.lines) i.warn?.(l);
+  return { entries, oldUsers: lock.oldUsers };
 }
 
 interface Plan {
@@ -177,12 +182,15 @@ interface Plan {
 }
 
 /** 4. Every file, directory and link, resolved inside the root before anything is touched. */
-function planInstall(c: Ctx, _entries: Entry[] | undefined): Plan {
+function planInstall(c: Ctx, oldUsers: string[]): Plan {
   const { i, b, fs } = c;
+  for (const user of oldUsers) {
+    if (!i.createUser && !readAccount(fs, user)) throw new UserError(`the old tunnel user '${user}' of bastion '${b.name}' does not exist${fs.live ? "" : ` in ${fs.root}`}`, { hint: "create it, or run without --no-create-user" });
+  }
   const sqlite = !isPostgresUrl(i.registry);
   const homeReadOnly = i.exec.some((p) => /^\/(home|root|run\/user)(\/|$)/.test(p));
   const files: FileSpec[] = [
-    { path: c.dropin, content: renderDropin(i.fleet, b), mode: 0o644 },
+    { path: c.dropin, content: renderDropin(i.fleet, b) + oldUsers.map((user) => `\n${renderDropin(i.fleet, { ...b, user })}`).join(""), mode: 0o644 },
     { path: KEYS_COMMAND_PATH, content: KEYS_COMMAND, mode: 0o755 },
     { path: AGENT_TEMPLATE, content: renderAgentUnit(), mode: 0o644 },
     { path: agentExecDropin(b.name), content: renderExecDropin({ exec: i.exec, homeReadOnly }), mode: 0o644 },
@@ -254,10 +262,10 @@ function mkdirs(host: string, mode: number, undo: Undo): void {
 }
 
 /** What a dry run reports: a unified diff per file (`diff -u`), `#` lines for users, folders, links and keys. */
-function dryRunResult(c: Ctx, plan: Plan, staged: Staged, t: TunnelAccount, entries: Entry[] | undefined): InstallResult {
+function dryRunResult(c: Ctx, plan: Plan, staged: Staged, t: TunnelAccount, entries: Entry[] | undefined, oldUsers: string[]): InstallResult {
   const { b } = c;
   const out: string[] = [];
-  const createdUsers = [...(t.account ? [] : [b.user]), ...(readAccount(c.fs, KEYS_USER) ? [] : [KEYS_USER])];
+  const createdUsers = [...(t.account ? [] : [b.user]), ...oldUsers.filter((u) => !readAccount(c.fs, u)), ...(readAccount(c.fs, KEYS_USER) ? [] : [KEYS_USER])];
   for (const u of createdUsers) out.push(`# would create system user ${u}`);
   for (const [d, host, mode] of plan.dirs) {
     if (!existsSync(host)) out.push(`# would create directory ${d} (${mode.toString(8)})`);
@@ -311,7 +319,7 @@ const keysDirEmpty = (plan: Plan): boolean => {
 };
 
 /** 7. Users, files, the enablement link and the first key set together; undone on any failure. */
-function apply(c: Ctx, plan: Plan, staged: Staged, t: TunnelAccount, entries: Entry[] | undefined): InstallResult {
+function apply(c: Ctx, plan: Plan, staged: Staged, t: TunnelAccount, entries: Entry[] | undefined, oldUsers: string[]): InstallResult {
   const { b, fs } = c;
   const undo = staged.undo;
   const cleanup: (() => void)[] = [];
@@ -320,10 +328,16 @@ function apply(c: Ctx, plan: Plan, staged: Staged, t: TunnelAccount, entries: En
   let initialKeys: number | undefined;
   try {
     const keysMissing = !readAccount(fs, KEYS_USER);
-    if (!t.account || keysMissing) fs.checkUserFiles();
+    const oldMissing = oldUsers.filter((u) => !readAccount(fs, u));
+    if (!t.account || keysMissing || oldMissing.length > 0) fs.checkUserFiles();
     if (!t.account) {
       addUser(fs, b.user, ["--password", "*"], undo);
       createdUsers.push(b.user);
+    }
+    // Old tunnel users that registered devices still dial (a forced config change).
+    for (const user of oldMissing) {
+      addUser(fs, user, ["--password", "*"], undo);
+      createdUsers.push(user);
     }
     if (keysMissing) {
       addUser(fs, KEYS_USER, [], undo);

@@ -6,18 +6,29 @@
  * `--dry-run` prints what would change, as a diff, and changes nothing.
  */
 import { spawnSync } from "node:child_process";
-import { readFileSync, realpathSync } from "node:fs";
+import { existsSync, readFileSync, realpathSync } from "node:fs";
 import { isAbsolute, resolve } from "node:path";
 import { imageHasSystemd, install, systemdRunning } from "../bastion/install.js";
-import { agentUnit } from "../bastion/paths.js";
+import { agentUnit, fleetCopy } from "../bastion/paths.js";
 import { RootFs } from "../bastion/rootfs.js";
 import { sshdLogFile } from "../bastion/sshd-log.js";
 import { agentCommand, unitPathProblem } from "../bastion/unit.js";
-import { configPath, loadFleet } from "../config/load.js";
+import type { Fleet } from "../config/fleet.js";
+import { configPath, loadFleet, parseFleet } from "../config/load.js";
 import { resolveBastions } from "../device.js";
 import { UserError } from "../errors.js";
 import { out, stderrLog } from "../output.js";
 import { openRegistry } from "../registry/open.js";
+
+/** The config this bastion was installed with last time (what devices from before schema 6 dial), if readable. */
+async function previousFleet(path: string): Promise<Fleet | undefined> {
+  if (!existsSync(path)) return undefined;
+  try {
+    return await parseFleet(readFileSync(path, "utf8"), path);
+  } catch {
+    return undefined;
+  }
+}
 
 function systemctl(args: string[]): { ok: boolean; err: string } {
   const r = spawnSync("systemctl", args, { encoding: "utf8" });
@@ -34,6 +45,7 @@ export interface InstallOpts {
   dryRun?: boolean;
   config?: string;
   json?: boolean;
+  forceConfigChange?: boolean;
 }
 
 const isUrl = (s: string): boolean => /^[a-z][a-z0-9+.-]*:\/\//i.test(s);
@@ -75,6 +87,9 @@ export async function bastionInstallCommand(opts: InstallOpts): Promise<void> {
     log,
     warn: (m) => logger.warn(m),
     onSkip: (s) => logger.warn(`left out ${JSON.stringify(s.hostname)}: ${s.reason}`),
+    forceConfigChange: Boolean(opts.forceConfigChange),
+    // Read inside the root, as every path of an image is (a link may not lead to the host).
+    previousFleet: await previousFleet(new RootFs(root).resolve(fleetCopy(bastion.name))),
   });
   // Without systemd (on this host, or in the image) the agent is the administrator's to start.
   const fs = new RootFs(root);
