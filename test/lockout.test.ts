@@ -270,17 +270,23 @@ describe.runIf(isRoot)("bastion install after a tunnel user rename (real sshd)",
     prepareRoot(root, port);
     const rootKey = readPub(join(root, "etc/ssh/ssh_host_ed25519_key"));
     const lo = (user: string): BastionDef => ({ host: "127.0.0.1", port, user, hostKeys: [rootKey] });
-    const cfg = writeFleet(dir, { lo: lo(OLD_USER) }, { registry: "./registry.db", ports: { ssh: "26500-26599", services: "27500-27599" } });
+    // A SQLite registry on the bastion itself: inside the root, where `--registry` names it.
+    mkdirSync(join(root, "srv"), { mode: 0o755 });
+    const registry = join(root, "srv/registry.db");
+    const cfg = writeFleet(dir, { lo: lo(OLD_USER) }, { registry, ports: { ssh: "26500-26599", services: "27500-27599" } });
     const old = buildDevice(dir, cfg);
     dirs.push(old.root);
 
-    writeFleet(dir, { lo: lo(NEW_USER) }, { registry: "./registry.db", ports: { ssh: "26500-26599", services: "27500-27599" } });
-    const install = (extra: string[] = []) => runCli(["bastion", "install", "--bastion", "lo", "--root", root, "--config", cfg, ...extra], { cwd: dir });
-    const before = snapshot(root);
+    writeFleet(dir, { lo: lo(NEW_USER) }, { registry, ports: { ssh: "26500-26599", services: "27500-27599" } });
+    const install = (extra: string[] = []) =>
+      runCli(["bastion", "install", "--bastion", "lo", "--root", root, "--registry", "/srv/registry.db", "--mkoverlay", "/usr/local/bin/mkoverlay", "--config", cfg, ...extra], { cwd: dir });
+    // What the install may change: everything but the registry it reads.
+    const installed = () => new Map([...snapshot(root)].filter(([k]) => !k.startsWith("srv")));
+    const before = installed();
     const refused = install();
     expect(refused.code, refused.stderr).toBe(2);
     expect(refused.stderr).toMatch(new RegExp(`mkoverlay\\.yaml:\\d+: bastions\\.lo\\.user changed from ${OLD_USER} to ${NEW_USER}: 1 registered device \\(${old.hostname}\\) dials ${OLD_USER}`));
-    expect(snapshot(root)).toEqual(before);
+    expect(installed()).toEqual(before);
 
     // A build for the new user is refused the same way, and goes on when forced.
     expect(runCli(["--board", "rpi4", "--bastion", "lo", "--quiet", "--out", join(dir, "out"), "--config", cfg], { cwd: dir }).code).toBe(2);
