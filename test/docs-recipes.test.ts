@@ -1,0 +1,267 @@
+/**
+ * Every shell recipe in README.md and docs/*.md is run by a test, as written. Each fenced block
+ * is found here: a block in a shell language (sh, bash, shell, console) must follow a
+ * `<!-- tested: NAME -->` marker whose NAME is in RECIPES below, which says which test runs it
+ * (this file, or another named test that reads the block by its marker); a block that is not
+ * meant to run (example output) says so with its language (`text`), and a bare fence is refused.
+ * A new shell block without a marker, a marker missing from the table, or a table entry whose
+ * block is gone fails here.
+ *
+ * Run here: docs/bastion.md §9 end to end, in a sandbox — an operator account with its own
+ * home on this machine (ssh reads ~/.ssh from the password database, not $HOME), the CLI on its
+ * PATH as `mkoverlay`, the fleet config and registry in ~/fleet, a real sshd on 127.0.0.1 as the
+ * bastion `eu` (its host key pinned in the config) and a real sshd holding a gateway's overlay
+ * host key on that gateway's tunnel port on the bastion's loopback. The bastion's administrator
+ * runs the account recipe as root; the operator runs theirs and reaches the gateway through
+ * the bastion with strict host key checking, knowing nothing but what the recipe did.
+ */
+import { spawnSync } from "node:child_process";
+import { chmodSync, mkdirSync, readdirSync, readFileSync, statSync, symlinkSync, writeFileSync } from "node:fs";
+import { dirname, join } from "node:path";
+import { afterAll, beforeAll, describe, expect, it } from "vitest";
+import { freePort, startSshd, type Sshd } from "./helpers/sshd.js";
+import { CLI, extract, readPub, REPO, removeDir, run, runCli, sshKeygen, tempDir, writeFleet } from "./helpers/workspace.js";
+
+interface Block {
+  file: string;
+  line: number;
+  lang: string;
+  name?: string;
+  text: string;
+}
+
+const SHELL = new Set(["sh", "bash", "shell", "console", "zsh"]);
+const FILES = ["README.md", ...readdirSync(join(REPO, "docs")).filter((f) => f.endsWith(".md")).sort().map((f) => `docs/${f}`)];
+
+function blocks(): Block[] {
+  const out: Block[] = [];
+  for (const file of FILES) {
+    const lines = readFileSync(join(REPO, file), "utf8").split("\n");
+    for (let i = 0; i < lines.length; i++) {
+      const open = /^(\s*)```(.*)$/.exec(lines[i]!);
+      if (!open) continue;
+      const end = lines.findIndex((l, j) => j > i && l.trim() === "```");
+      if (end < 0) throw new Error(`${file}:${i + 1}: a fence that is never closed`);
+      let prev = i - 1;
+      while (prev >= 0 && lines[prev]!.trim() === "") prev--;
+      const marker = prev >= 0 ? /^<!-- tested: (.+?) -->$/.exec(lines[prev]!.trim()) : null;
+      out.push({ file, line: i + 1, lang: open[2]!.trim(), ...(marker ? { name: marker[1]! } : {}), text: lines.slice(i + 1, end).join("\n") + "\n" });
+      i = end;
+    }
+  }
+  return out;
+}
+
+/**
+ * Every shell recipe, by its marker: where it is, and which test runs it. `here` names a test
+ * in this file; `by` a test in another file that reads the block by its marker.
+ */
+const RECIPES: Record<string, { file: string } & ({ here: string } | { by: string; test: string } | { todo: string })> = {
+  "build one overlay": { file: "README.md", here: "README: one overlay built in a fleet folder, as written" },
+  "bastion operator account": { file: "docs/bastion.md", here: "the bastion's administrator creates the operator's account, as written" },
+  "operator ssh config": { file: "docs/bastion.md", here: "the operator reaches gw-0001 through the bastion with strict host key checking, as written" },
+  "pi-gen 00-run.sh": { file: "docs/image-builders.md", by: "test/image-builders.test.ts", test: "pi-gen: the stage's 00-run.sh lays the archive over ROOTFS_DIR; verify passes" },
+  "rpi-image-gen layer/mkoverlay.yaml": { file: "docs/image-builders.md", by: "test/image-builders.test.ts", test: "rpi-image-gen: the layer's customize hook lays the archive over $1; verify passes" },
+  "buildroot mkoverlay-fakeroot.sh": {
+    file: "docs/image-builders.md",
+    by: "test/image-builders.test.ts",
+    test: "the post-fakeroot script, then mke2fs -d in the same session: the image's root holds the overlay as root:root; verify passes",
+  },
+  // Not run as written yet: each is listed as a todo below, so the gap shows in every run.
+  "quick start": { file: "README.md", todo: "clones from github.com and scans bastion.example.com: needs the network" },
+  "image and flash": { file: "README.md", todo: "needs a Raspberry Pi OS image and a card at /dev/sdX (bmaptool)" },
+  "batch and write": { file: "README.md", todo: "needs BASE.img, card.img and a card at /dev/sdX" },
+  "lay over a mounted card": { file: "README.md", todo: "mounts a card at /dev/sdX2 with sudo" },
+  "bastion install, README": { file: "README.md", todo: "installs into this machine's sshd, with PostgreSQL at db.factory.lan" },
+  "operator certificates": { file: "README.md", todo: "ssh-keygen asks for a passphrase on a terminal" },
+  "registry migrate": { file: "README.md", todo: "needs PostgreSQL at db.factory.lan" },
+  "bastion install": { file: "docs/bastion.md", todo: "installs into this machine's sshd, with PostgreSQL at db.factory.lan" },
+  "file export": { file: "docs/bastion.md", todo: "adds a user and reloads this machine's sshd (systemctl)" },
+  "troubleshooting": { file: "docs/bastion.md", todo: "reads this machine's journal and a placeholder fingerprint (SHA256:…)" },
+  "prometheus textfile": { file: "docs/bastion.md", todo: "runs the agent until stopped and writes /var/lib/node_exporter" },
+};
+
+const ALL = blocks();
+const shellBlocks = ALL.filter((b) => SHELL.has(b.lang));
+const byName = (name: string): Block => {
+  const b = ALL.find((x) => x.name === name);
+  if (!b) throw new Error(`no block marked <!-- tested: ${name} -->`);
+  return b;
+};
+
+describe("every fenced block in README.md and docs/ is accounted for", () => {
+  it("every fence names its language (example output is `text`, never a bare fence)", () => {
+    expect(ALL.filter((b) => b.lang === "").map((b) => `${b.file}:${b.line}`)).toEqual([]);
+  });
+
+  it("every shell block is marked <!-- tested: NAME --> and NAME is in the table", () => {
+    const unmarked = shellBlocks.filter((b) => b.name === undefined || !(b.name in RECIPES)).map((b) => `${b.file}:${b.line} (${b.name ?? "no marker"})`);
+    expect(unmarked, "add <!-- tested: NAME --> before the block and a row in RECIPES naming the test that runs it").toEqual([]);
+  });
+
+  it("every table row has its block, in the file it names", () => {
+    for (const [name, r] of Object.entries(RECIPES)) expect(byName(name).file, name).toBe(r.file);
+    const names = ALL.flatMap((b) => (b.name ? [b.name] : []));
+    expect(names.filter((n, i) => names.indexOf(n) !== i), "a marker names one block").toEqual([]);
+  });
+
+  it("a block run by another test: that test exists and reads the block by its marker", () => {
+    for (const [name, r] of Object.entries(RECIPES)) {
+      if (!("by" in r)) continue;
+      const src = readFileSync(join(REPO, r.by), "utf8");
+      expect(src, `${r.by} has the test "${r.test}"`).toContain(JSON.stringify(r.test));
+      expect(src, `${r.by} reads ${r.file}`).toContain(r.file);
+      expect(src, `${r.by} reads the block "${name}"`).toContain(JSON.stringify(name));
+    }
+  });
+});
+
+describe("shell recipes not run as written yet (each a todo, visible in every run)", () => {
+  for (const [name, r] of Object.entries(RECIPES)) if ("todo" in r) it.todo(`${r.file} "${name}": ${r.todo}`);
+});
+
+describe("README: the build", () => {
+  it("README: one overlay built in a fleet folder, as written", () => {
+    const dir = tempDir("mko-recipe-build-");
+    try {
+      const bin = join(dir, "bin");
+      mkdirSync(bin);
+      symlinkSync(CLI, join(bin, "mkoverlay"));
+      writeFleet(dir, { eu: { hostKeys: [readPub(sshKeygen(dir, "bastion"))] } });
+      const r = spawnSync("bash", ["-e", "-c", byName("build one overlay").text], {
+        cwd: dir,
+        encoding: "utf8",
+        env: { PATH: `${bin}:${dirname(process.execPath)}:/usr/sbin:/usr/bin:/sbin:/bin`, HOME: dir, LANG: "C.UTF-8" },
+      });
+      expect(r.status, r.stderr).toBe(0);
+      expect(statSync(join(dir, "out/gw-0001.overlay.tar.gz")).mode & 0o777).toBe(0o600);
+      expect(runCli(["registry", "list"], { cwd: dir }).stdout).toMatch(/gw-0001/);
+    } finally {
+      removeDir(dir);
+    }
+  });
+});
+
+const isRoot = process.getuid?.() === 0;
+const inCI = process.env.CI === "true" || process.env.CI === "1";
+/** The operator's account on this machine (their workstation) and on the bastion, as the recipe names it. */
+const WORKSTATION_USER = "mko-recipe-op";
+const BASTION_USER = "alice";
+const exists = (user: string): boolean => spawnSync("id", [user]).status === 0;
+
+// Root: the recipes create accounts (the bastion's administrator's part) and run as another
+// user (the operator's). In CI a machine without root fails here rather than skipping.
+describe.runIf(isRoot || inCI)("docs/bastion.md §9, end to end on real sshds", () => {
+  const dir = tempDir("mko-recipes-");
+  const home = join(dir, "home");
+  const fleet = join(home, "fleet");
+  const bin = join(dir, "bin");
+  const sshds: Sshd[] = [];
+  let device = { hostname: "", port: 0, overlay: "" };
+  let uid = 0;
+  let made: string[] = [];
+
+  /** Runs `script` with bash -e as written: as root (the bastion's administrator) or as the operator. */
+  function sh(script: string, as: "root" | "operator", cwd: string): { code: number; stdout: string; stderr: string } {
+    const env = { PATH: `${bin}:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin`, HOME: as === "root" ? dir : home, LANG: "C.UTF-8" };
+    const argv = ["bash", "-e", "-c", script];
+    const cmd = as === "root" ? argv : ["setpriv", `--reuid=${uid}`, `--regid=${uid}`, "--clear-groups", ...argv];
+    const r = spawnSync(cmd[0]!, cmd.slice(1), { cwd, env, encoding: "utf8", timeout: 60_000, stdio: ["ignore", "pipe", "pipe"] });
+    return { code: r.status ?? -1, stdout: r.stdout, stderr: r.stderr };
+  }
+
+  beforeAll(async () => {
+    for (const u of [WORKSTATION_USER, BASTION_USER]) if (exists(u)) throw new Error(`user ${u} exists on this machine: the recipe test would take it over; remove it or run elsewhere`);
+    // The operator's workstation account: a home of its own, an ed25519 key, nothing else.
+    mkdirSync(join(home, ".ssh"), { recursive: true });
+    for (let d = dir; d !== dirname(d); d = dirname(d)) chmodSync(d, (statSync(d).mode & 0o7777) | 0o001);
+    chmodSync(dir, 0o755);
+    const u = run("useradd", ["--no-create-home", "--home-dir", home, "--shell", "/bin/sh", WORKSTATION_USER]);
+    if (u.code !== 0) throw new Error(`useradd: ${u.stderr}`);
+    made.push(WORKSTATION_USER);
+    uid = Number(run("id", ["-u", WORKSTATION_USER]).stdout.trim());
+    const opKey = sshKeygen(join(home, ".ssh"), "id_ed25519");
+    // `mkoverlay` on the PATH, as npm link puts it; the checkout readable by the operator.
+    mkdirSync(bin);
+    symlinkSync(CLI, join(bin, "mkoverlay"));
+    symlinkSync(process.execPath, join(bin, "node"));
+    for (let d = REPO; d !== dirname(d); d = dirname(d)) chmodSync(d, (statSync(d).mode & 0o7777) | 0o001);
+    // The bastion: a real sshd whose host key the fleet config pins; its accounts use
+    // ~/.ssh/authorized_keys as a stock sshd does.
+    const bastion = await startSshd({ dir: join(dir, "bastion"), authorizedKeys: {}, extraConfig: "Match User *\n    AuthorizedKeysFile .ssh/authorized_keys\n" });
+    sshds.push(bastion);
+    const [sshPort, svcPort] = [await freePort(), await freePort()];
+    mkdirSync(fleet);
+    writeFleet(fleet, { eu: { host: "127.0.0.1", port: bastion.port, hostKeys: [bastion.hostKeyPub], jumpUser: BASTION_USER } }, {
+      ports: { ssh: `${sshPort}-${sshPort}`, services: `${svcPort}-${svcPort}` },
+      operators: { user: "root", authorizedKeys: [readPub(opKey)] },
+    });
+    const b = runCli(["--board", "rpi4", "--bastion", "eu", "--json"], { cwd: fleet });
+    expect(b.code, b.stderr).toBe(0);
+    device = JSON.parse(b.stdout);
+    expect(device.hostname).toBe("gw-0001");
+    // The gateway: its overlay's host key, on its tunnel port on the bastion's loopback (where
+    // its reverse tunnel publishes it), letting in the fleet's operator key for root.
+    const root = join(dir, "gw-root");
+    mkdirSync(root);
+    extract(device.overlay, root);
+    sshds.push(await startSshd({ dir: join(dir, "gw"), port: device.port, hostKey: join(root, "etc/ssh/mkoverlay/ssh_host_ed25519_key"), authorizedKeys: { root: readPub(opKey) + "\n" } }));
+    // The operator's files are theirs; the public key goes to the bastion's administrator.
+    writeFileSync(join(dir, "alice.pub"), readFileSync(`${opKey}.pub`));
+    run("chown", ["-R", `${WORKSTATION_USER}:`, home]);
+  });
+
+  afterAll(async () => {
+    for (const s of sshds) await s.stop();
+    // Only what this test made: the accounts (and alice's home) and the sandbox.
+    if (made.includes(BASTION_USER) || exists(BASTION_USER)) run("userdel", ["-r", BASTION_USER]);
+    if (made.includes(WORKSTATION_USER)) run("userdel", [WORKSTATION_USER]);
+    made = [];
+    removeDir(dir);
+  });
+
+  it("before the recipe the operator cannot reach gw-0001 (nothing is configured by accident)", () => {
+    const r = sh("ssh -o BatchMode=yes gw-0001 hostname", "operator", home);
+    expect(r.code).toBe(255);
+  });
+
+  it("the bastion's administrator creates the operator's account, as written", () => {
+    const r = sh(byName("bastion operator account").text, "root", dir);
+    made.push(BASTION_USER);
+    expect(r.code, r.stderr).toBe(0);
+    // No shell, no password, the operator's key: a jump account only.
+    expect(run("getent", ["passwd", BASTION_USER]).stdout).toMatch(/:\/usr\/sbin\/nologin\n$/);
+    expect(readFileSync(`/home/${BASTION_USER}/.ssh/authorized_keys`, "utf8")).toBe(readFileSync(join(dir, "alice.pub"), "utf8"));
+  });
+
+  it("the operator reaches gw-0001 through the bastion with strict host key checking, as written", () => {
+    const recipe = byName("operator ssh config").text;
+    const r = sh(recipe, "operator", fleet);
+    expect(r.code, r.stderr).toBe(0);
+    // `ssh gw-0001 hostname` ran on the gateway's sshd: its host key was verified (no prompt, no
+    // "Permanently added"), through alice@ the bastion.
+    expect(r.stdout.trim()).toBe(run("hostname", []).stdout.trim());
+    expect(r.stderr).not.toMatch(/Permanently added|Warning/);
+    const log = readFileSync(sshds[1]!.logFile, "utf8");
+    expect(log).toMatch(/Accepted publickey for root from 127\.0\.0\.1/);
+    expect(readFileSync(sshds[0]!.logFile, "utf8")).toMatch(new RegExp(`Accepted publickey for ${BASTION_USER} from 127\\.0\\.0\\.1`));
+    // Again (after a build, say): the Include is there once, and it still works.
+    const again = sh(recipe, "operator", fleet);
+    expect(again.code, again.stderr).toBe(0);
+    expect(readFileSync(join(home, ".ssh/config"), "utf8").match(/^Include config\.d\/gateways$/gm)).toHaveLength(1);
+  });
+
+  it("strictly: a gateway whose key is not the pinned one is refused, with the operator's files as the recipe left them", () => {
+    const kh = join(home, ".ssh/config.d/gateways.known_hosts");
+    const good = readFileSync(kh, "utf8");
+    const other = readPub(sshKeygen(dir, "impostor")).split(" ").slice(0, 2).join(" ");
+    try {
+      writeFileSync(kh, good.replace(/^gw-0001 .*$/m, `gw-0001 ${other}`));
+      const r = sh("ssh gw-0001 hostname", "operator", fleet);
+      expect(r.code).toBe(255);
+      expect(r.stderr).toMatch(/REMOTE HOST IDENTIFICATION HAS CHANGED|Host key verification failed/);
+    } finally {
+      writeFileSync(kh, good);
+    }
+  });
+});
