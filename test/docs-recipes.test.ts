@@ -16,9 +16,10 @@
  * the bastion with strict host key checking, knowing nothing but what the recipe did.
  */
 import { spawnSync } from "node:child_process";
-import { chmodSync, mkdirSync, readdirSync, readFileSync, statSync, symlinkSync, writeFileSync } from "node:fs";
+import { chmodSync, existsSync, mkdirSync, readdirSync, readFileSync, statSync, symlinkSync, writeFileSync } from "node:fs";
 import { dirname, join } from "node:path";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
+import { tunnelArgv } from "./helpers/device.js";
 import { freePort, startSshd, type Sshd } from "./helpers/sshd.js";
 import { CLI, extract, readPub, REPO, removeDir, run, runCli, sshKeygen, tempDir, writeFleet } from "./helpers/workspace.js";
 
@@ -58,6 +59,7 @@ function blocks(): Block[] {
  */
 const RECIPES: Record<string, { file: string } & ({ here: string } | { by: string; test: string } | { todo: string })> = {
   "build one overlay": { file: "README.md", here: "README: one overlay built in a fleet folder, as written" },
+  "file export": { file: "docs/bastion.md", here: "§8: the recipe, as root on a fresh bastion, lets a device's tunnel in" },
   "bastion operator account": { file: "docs/bastion.md", here: "the bastion's administrator creates the operator's account, as written" },
   "operator ssh config": { file: "docs/bastion.md", here: "the operator reaches gw-0001 through the bastion with strict host key checking, as written" },
   "pi-gen 00-run.sh": { file: "docs/image-builders.md", by: "test/image-builders.test.ts", test: "pi-gen: the stage's 00-run.sh lays the archive over ROOTFS_DIR; verify passes" },
@@ -76,7 +78,6 @@ const RECIPES: Record<string, { file: string } & ({ here: string } | { by: strin
   "operator certificates": { file: "README.md", todo: "ssh-keygen asks for a passphrase on a terminal" },
   "registry migrate": { file: "README.md", todo: "needs PostgreSQL at db.factory.lan" },
   "bastion install": { file: "docs/bastion.md", todo: "installs into this machine's sshd, with PostgreSQL at db.factory.lan" },
-  "file export": { file: "docs/bastion.md", todo: "adds a user and reloads this machine's sshd (systemctl)" },
   "troubleshooting": { file: "docs/bastion.md", todo: "reads this machine's journal and a placeholder fingerprint (SHA256:…)" },
   "prometheus textfile": { file: "docs/bastion.md", todo: "runs the agent until stopped and writes /var/lib/node_exporter" },
 };
@@ -262,6 +263,76 @@ describe.runIf(isRoot || inCI)("docs/bastion.md §9, end to end on real sshds", 
       expect(r.stderr).toMatch(/REMOTE HOST IDENTIFICATION HAS CHANGED|Host key verification failed/);
     } finally {
       writeFileSync(kh, good);
+    }
+  });
+});
+
+/**
+ * The driver for §8: a private mount namespace in which /etc (and /var/log) are copies, so the
+ * recipe's useradd, install and sshd_config.d write into the copy and nothing on this machine
+ * changes; the machine's own sshd_config (its Include of sshd_config.d, UsePAM) as a bastion's
+ * is, with a fresh host key; `systemctl reload ssh` is this sshd's SIGHUP (the sandbox's init).
+ */
+const DRIVER = String.raw`set -eu
+cp -a /etc "$T/etc"; mount --bind "$T/etc" /etc
+mkdir "$T/log"; mount --bind "$T/log" /var/log
+# A fresh bastion: no tunnel user, nothing of mkoverlay's, its own host key.
+if id reverse-ssh >/dev/null 2>&1; then userdel reverse-ssh; fi
+rm -rf /etc/ssh/authorized_keys.d /etc/ssh/sshd_config.d/60-mkoverlay-bastion-eu.conf /etc/ssh/ssh_host_*
+install -m 0600 "$T/hk" /etc/ssh/ssh_host_ed25519_key
+install -m 0644 "$T/hk.pub" /etc/ssh/ssh_host_ed25519_key.pub
+mkdir -p /run/sshd
+/usr/sbin/sshd -D -o Port="$P" -o ListenAddress=127.0.0.1 -o PidFile="$T/sshd.pid" -E "$T/sshd.log" &
+spid=$!
+tpid=
+stop() { [ -z "$tpid" ] || kill "$tpid" 2>/dev/null || true; pkill -KILL -P "$spid" 2>/dev/null || true; kill "$spid" 2>/dev/null || true; }
+trap stop EXIT
+up() { for _ in $(seq 100); do if (echo >"/dev/tcp/127.0.0.1/$1") 2>/dev/null; then return 0; fi; sleep 0.1; done; echo "nothing listens on $1" >&2; return 1; }
+up "$P"
+echo "$spid" > "$T/sshd.pid"
+# The recipe, as written, from the fleet folder.
+(cd "$FLEET" && PATH="$T/bin:$PATH" bash -e "$T/recipe.sh")
+sleep 1; up "$P"
+# The device's tunnel, as its unit runs it: up when its port listens on the bastion.
+bash "$T/tunnel.sh" 2>"$T/tunnel.err" & tpid=$!
+up "$DEVPORT"
+echo TUNNEL-UP
+`;
+
+describe.runIf(isRoot || inCI)("docs/bastion.md §8 in a private copy of /etc, on the machine's own sshd_config", () => {
+  it("§8: the recipe, as root on a fresh bastion, lets a device's tunnel in", async () => {
+    const t = tempDir("mko-recipe-export-");
+    try {
+      const fleet = join(t, "fleet");
+      mkdirSync(fleet);
+      const hk = sshKeygen(t, "hk");
+      const [p, sshPort, svcPort] = [await freePort(), await freePort(), await freePort()];
+      writeFleet(fleet, { eu: { host: "127.0.0.1", port: p, hostKeys: [readPub(hk)] } }, { ports: { ssh: `${sshPort}-${sshPort}`, services: `${svcPort}-${svcPort}` } });
+      const b = runCli(["--board", "rpi4", "--bastion", "eu", "--json"], { cwd: fleet });
+      expect(b.code, b.stderr).toBe(0);
+      const dev = JSON.parse(b.stdout) as { hostname: string; port: number; overlay: string };
+      const root = join(t, "gw-root");
+      mkdirSync(root);
+      extract(dev.overlay, root);
+      const q = (a: string) => `'${a.replace(/'/g, `'\\''`)}'`;
+      writeFileSync(join(t, "tunnel.sh"), `exec ${tunnelArgv(root, "eu", dev.hostname).map(q).join(" ")}\n`);
+      writeFileSync(join(t, "recipe.sh"), byName("file export").text);
+      const bin = join(t, "bin");
+      mkdirSync(bin);
+      symlinkSync(CLI, join(bin, "mkoverlay"));
+      symlinkSync(process.execPath, join(bin, "node"));
+      writeFileSync(join(bin, "systemctl"), `#!/bin/sh\n# The sandbox's init: reload ssh is SIGHUP to its sshd.\n[ "$*" = "reload ssh" ] || { echo "systemctl $*: not in this sandbox" >&2; exit 1; }\nkill -HUP "$(cat ${q(join(t, "sshd.pid"))})"\n`, { mode: 0o755 });
+      const r = spawnSync("unshare", ["--mount", "--propagation", "private", "bash", "-c", DRIVER], {
+        encoding: "utf8",
+        timeout: 90_000,
+        env: { ...process.env, T: t, P: String(p), FLEET: fleet, DEVPORT: String(dev.port) },
+      });
+      const log = (f: string) => (existsSync(join(t, f)) ? readFileSync(join(t, f), "utf8") : "");
+      expect(r.status, `${r.stderr}\n${log("tunnel.err")}\n${log("sshd.log")}`).toBe(0);
+      expect(r.stdout).toContain("TUNNEL-UP");
+      expect(log("sshd.log")).toMatch(/Accepted publickey for reverse-ssh from 127\.0\.0\.1/);
+    } finally {
+      removeDir(t);
     }
   });
 });
