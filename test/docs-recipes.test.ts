@@ -59,6 +59,7 @@ function blocks(): Block[] {
  */
 const RECIPES: Record<string, { file: string } & ({ here: string } | { by: string; test: string } | { todo: string })> = {
   "build one overlay": { file: "README.md", here: "README: one overlay built in a fleet folder, as written" },
+  "operator certificates": { file: "README.md", here: "README: an operator certificate, issued as written, logs in to a device built with the userCA" },
   "file export": { file: "docs/bastion.md", here: "§8: the recipe, as root on a fresh bastion, lets a device's tunnel in" },
   "bastion operator account": { file: "docs/bastion.md", here: "the bastion's administrator creates the operator's account, as written" },
   "operator ssh config": { file: "docs/bastion.md", here: "the operator reaches gw-0001 through the bastion with strict host key checking, as written" },
@@ -75,7 +76,6 @@ const RECIPES: Record<string, { file: string } & ({ here: string } | { by: strin
   "batch and write": { file: "README.md", todo: "needs BASE.img, card.img and a card at /dev/sdX" },
   "lay over a mounted card": { file: "README.md", todo: "mounts a card at /dev/sdX2 with sudo" },
   "bastion install, README": { file: "README.md", todo: "installs into this machine's sshd, with PostgreSQL at db.factory.lan" },
-  "operator certificates": { file: "README.md", todo: "ssh-keygen asks for a passphrase on a terminal" },
   "registry migrate": { file: "README.md", todo: "needs PostgreSQL at db.factory.lan" },
   "bastion install": { file: "docs/bastion.md", todo: "installs into this machine's sshd, with PostgreSQL at db.factory.lan" },
   "troubleshooting": { file: "docs/bastion.md", todo: "reads this machine's journal and a placeholder fingerprint (SHA256:…)" },
@@ -139,6 +139,54 @@ describe("README: the build", () => {
       expect(runCli(["registry", "list"], { cwd: dir }).stdout).toMatch(/gw-0001/);
     } finally {
       removeDir(dir);
+    }
+  });
+});
+
+describe("README: operator certificates", () => {
+  it("README: an operator certificate, issued as written, logs in to a device built with the userCA", async () => {
+    const t = tempDir("mko-recipe-cert-");
+    let sshd: Sshd | undefined;
+    try {
+      const home = join(t, "home");
+      const work = join(t, "work");
+      mkdirSync(join(home, ".ssh"), { recursive: true });
+      mkdirSync(work);
+      const opKey = sshKeygen(join(home, ".ssh"), "id_ed25519");
+      // The person typing the passphrases: ssh-keygen asks SSH_ASKPASS when stdin is no terminal.
+      const askpass = join(t, "askpass");
+      writeFileSync(askpass, "#!/bin/sh\necho 'correct horse battery staple'\n", { mode: 0o755 });
+      const r = spawnSync("bash", ["-e", "-c", byName("operator certificates").text], {
+        cwd: work,
+        encoding: "utf8",
+        stdio: ["ignore", "pipe", "pipe"],
+        env: { PATH: "/usr/sbin:/usr/bin:/sbin:/bin", HOME: home, SSH_ASKPASS: askpass, SSH_ASKPASS_REQUIRE: "force", DISPLAY: ":0" },
+      });
+      expect(r.status, r.stderr).toBe(0);
+      const cert = `${opKey}-cert.pub`;
+      const info = run("ssh-keygen", ["-L", "-f", cert]).stdout;
+      expect(info).toMatch(/Key ID: "alice@example\.com"/);
+      expect(info).toMatch(/Principals: *\n\s+fleet-ops\n/);
+      // The CA is kept with a passphrase (it asked): without it, it cannot sign.
+      expect(run("ssh-keygen", ["-y", "-P", "", "-f", join(work, "fleet_ca")]).code).not.toBe(0);
+      // A device built with the CA and the principal lets the certificate in, as root.
+      writeFleet(work, { eu: { hostKeys: [readPub(sshKeygen(t, "bastion"))] } }, { operators: { user: "root", userCA: readFileSync(join(work, "fleet_ca.pub"), "utf8").trim(), principals: ["fleet-ops"] } });
+      const b = runCli(["--board", "rpi4", "--bastion", "eu", "--json"], { cwd: work });
+      expect(b.code, b.stderr).toBe(0);
+      const root = join(t, "root");
+      mkdirSync(root);
+      extract((JSON.parse(b.stdout) as { overlay: string }).overlay, root);
+      const dropins = readdirSync(join(root, "etc/ssh/sshd_config.d"))
+        .map((f) => readFileSync(join(root, "etc/ssh/sshd_config.d", f), "utf8").replace(/\/etc\/ssh\/mkoverlay\//g, `${root}/etc/ssh/mkoverlay/`))
+        .join("\n");
+      sshd = await startSshd({ dir: join(t, "device"), authorizedKeys: {}, extraConfig: dropins.replace(/^HostKey .*$/gm, "") });
+      const login = run("ssh", ["-F", "none", "-p", String(sshd.port), "-i", opKey, "-o", `CertificateFile=${cert}`, "-o", "IdentitiesOnly=yes", "-o", "BatchMode=yes",
+        "-o", "StrictHostKeyChecking=no", "-o", "UserKnownHostsFile=/dev/null", "root@127.0.0.1", "echo", "logged-in"]);
+      expect(login.code, login.stderr).toBe(0);
+      expect(login.stdout.trim()).toBe("logged-in");
+    } finally {
+      await sshd?.stop();
+      removeDir(t);
     }
   });
 });
