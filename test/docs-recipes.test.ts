@@ -20,6 +20,7 @@ import { chmodSync, existsSync, mkdirSync, readdirSync, readFileSync, statSync, 
 import { dirname, join } from "node:path";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
 import { tunnelArgv } from "./helpers/device.js";
+import { postgresForTests } from "./helpers/postgres.js";
 import { freePort, startSshd, type Sshd } from "./helpers/sshd.js";
 import { CLI, extract, readPub, REPO, removeDir, run, runCli, sshKeygen, tempDir, writeFleet } from "./helpers/workspace.js";
 
@@ -60,6 +61,7 @@ function blocks(): Block[] {
 const RECIPES: Record<string, { file: string } & ({ here: string } | { by: string; test: string } | { todo: string })> = {
   "build one overlay": { file: "README.md", here: "README: one overlay built in a fleet folder, as written" },
   "operator certificates": { file: "README.md", here: "README: an operator certificate, issued as written, logs in to a device built with the userCA" },
+  "registry migrate": { file: "README.md", here: "README: the registry moves to PostgreSQL at db.factory.lan, as written" },
   "file export": { file: "docs/bastion.md", here: "§8: the recipe, as root on a fresh bastion, lets a device's tunnel in" },
   "bastion operator account": { file: "docs/bastion.md", here: "the bastion's administrator creates the operator's account, as written" },
   "operator ssh config": { file: "docs/bastion.md", here: "the operator reaches gw-0001 through the bastion with strict host key checking, as written" },
@@ -76,7 +78,6 @@ const RECIPES: Record<string, { file: string } & ({ here: string } | { by: strin
   "batch and write": { file: "README.md", todo: "needs BASE.img, card.img and a card at /dev/sdX" },
   "lay over a mounted card": { file: "README.md", todo: "mounts a card at /dev/sdX2 with sudo" },
   "bastion install, README": { file: "README.md", todo: "installs into this machine's sshd, with PostgreSQL at db.factory.lan" },
-  "registry migrate": { file: "README.md", todo: "needs PostgreSQL at db.factory.lan" },
   "bastion install": { file: "docs/bastion.md", todo: "installs into this machine's sshd, with PostgreSQL at db.factory.lan" },
   "troubleshooting": { file: "docs/bastion.md", todo: "reads this machine's journal and a placeholder fingerprint (SHA256:…)" },
   "prometheus textfile": { file: "docs/bastion.md", todo: "runs the agent until stopped and writes /var/lib/node_exporter" },
@@ -380,6 +381,42 @@ describe.runIf(isRoot || inCI)("docs/bastion.md §8 in a private copy of /etc, o
       expect(r.stdout).toContain("TUNNEL-UP");
       expect(log("sshd.log")).toMatch(/Accepted publickey for reverse-ssh from 127\.0\.0\.1/);
     } finally {
+      removeDir(t);
+    }
+  });
+});
+
+// The recipe names db.factory.lan on PostgreSQL's port: a private /etc/hosts (mount namespace)
+// points the name at 127.0.0.1 and PGPORT at the test server's port (the URL names none).
+describe.runIf(isRoot || inCI)("README: registry migrate to PostgreSQL", () => {
+  it("README: the registry moves to PostgreSQL at db.factory.lan, as written", async () => {
+    const { server } = await postgresForTests();
+    if (!server) throw new Error("PostgreSQL could not be started (see above)");
+    const t = tempDir("mko-recipe-migrate-");
+    try {
+      await server.sql("postgres", "CREATE ROLE mkoverlay LOGIN");
+      await server.sql("postgres", "CREATE DATABASE fleet OWNER mkoverlay");
+      const fleet = join(t, "fleet");
+      mkdirSync(fleet);
+      writeFleet(fleet, { eu: { hostKeys: [readPub(sshKeygen(t, "bastion"))] } });
+      for (let i = 0; i < 2; i++) expect(runCli(["--board", "rpi4", "--bastion", "eu"], { cwd: fleet }).code).toBe(0);
+      const bin = join(t, "bin");
+      mkdirSync(bin);
+      symlinkSync(CLI, join(bin, "mkoverlay"));
+      writeFileSync(join(t, "hosts"), `${readFileSync("/etc/hosts", "utf8")}\n127.0.0.1 db.factory.lan\n`);
+      writeFileSync(join(t, "recipe.sh"), byName("registry migrate").text);
+      const driver = `set -eu\nmount --bind "$T/hosts" /etc/hosts\ncd "$FLEET"\nbash -e "$T/recipe.sh"\n`;
+      const r = spawnSync("unshare", ["--mount", "--propagation", "private", "bash", "-c", driver], {
+        encoding: "utf8",
+        timeout: 60_000,
+        env: { PATH: `${bin}:${dirname(process.execPath)}:/usr/sbin:/usr/bin:/sbin:/bin`, HOME: t, T: t, FLEET: fleet, PGPORT: String(server.port) },
+      });
+      expect(r.status, r.stderr).toBe(0);
+      const list = runCli(["registry", "list", "--json"], { cwd: fleet, env: { MKOVERLAY_REGISTRY: server.url("fleet", "mkoverlay") } });
+      expect(list.code, list.stderr).toBe(0);
+      expect(list.stdout).toMatch(/gw-0001[\s\S]*gw-0002/);
+    } finally {
+      await server.stop();
       removeDir(t);
     }
   });
