@@ -133,7 +133,7 @@ describe("build steps and the verify that walks them", () => {
     expect(await fail("etc/ssh/mkoverlay/ssh_host_ed25519_key", (e) => ({ ...e, mode: 0o644 }))).toEqual(["host key: /etc/ssh/mkoverlay/ssh_host_ed25519_key is mode 0644, not 0600"]);
     expect(await fail("etc/hosts", (e) => ({ ...e, uid: 1000 }))).toEqual(["hostname: /etc/hosts is owned by 1000:0, not root:root"]);
     expect(await fail("etc/systemd/system/regenerate_ssh_host_keys.service", (e) => ({ ...e, target: "/lib/systemd/system/x" }))).toEqual([
-      "first-boot guards: /etc/systemd/system/regenerate_ssh_host_keys.service points to /lib/systemd/system/x, not /dev/null",
+      'first-boot guards: /etc/systemd/system/regenerate_ssh_host_keys.service points to "/lib/systemd/system/x", not /dev/null',
     ]);
   });
 

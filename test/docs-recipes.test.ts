@@ -303,7 +303,7 @@ describe.runIf(isRoot || inCI)("docs/bastion.md §9, end to end on real sshds", 
   });
 
   it("strictly: a gateway whose key is not the pinned one is refused, with the operator's files as the recipe left them", () => {
-    const kh = join(home, ".ssh/config.d/gateways.known_hosts");
+    const kh = join(home, ".ssh/mkoverlay_known_hosts");
     const good = readFileSync(kh, "utf8");
     const other = readPub(sshKeygen(dir, "impostor")).split(" ").slice(0, 2).join(" ");
     try {

@@ -4,7 +4,7 @@
  * the first byte, for modes, owners and link targets both values — in text and in `--json`
  * (`difference`). The private key is never shown: only which key each side holds.
  */
-import { readFileSync, writeFileSync } from "node:fs";
+import { chmodSync, chownSync, readFileSync, rmSync, symlinkSync, writeFileSync } from "node:fs";
 import { join } from "node:path";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
 import { decodePrivateKey } from "../src/keys/ed25519.js";
@@ -31,6 +31,16 @@ describe("what differs inside a file", () => {
     const bin = contentDifferences("/b", Buffer.from([0, 1, 2, 3]), Buffer.from([0, 1, 9])).differences;
     expect(bin).toEqual([{ path: "/b", attribute: "content", byte: 2, expected: "4 bytes", found: "3 bytes" }]);
     expect(say(bin[0]!)).toBe(" differs from byte 2 on: it is 3 bytes, mkoverlay builds 4 bytes");
+  });
+});
+
+describe("what a crafted file cannot do to the terminal", () => {
+  it("control characters, C1 and bidi overrides in a value are escaped; a section name that is not plain is no section", () => {
+    const [d] = texts("/e.env", "A=1\n", "A=\u001b[2J\u009b31m\u202eevil\n");
+    expect(d).toBe('/e.env: A is "\\u001b[2J\\u009b31m\\u202eevil" (line 1), not "1"');
+    expect(d).not.toMatch(/[\u0000-\u001f\u007f-\u009f\u202e]/);
+    const [u] = texts("/u.service", "[Service]\nA=1\n", "[Ser\u001bvice]\nA=1\n");
+    expect(u).toBe('/u.service: line 1 is "[Ser\\u001bvice]", not "[Service]"');
   });
 });
 
@@ -63,6 +73,29 @@ describe("verify, end to end", () => {
     } finally {
       writeFileSync(cfg, original);
     }
+  });
+
+  it("mode, owner and link target: both values in text and in --json's difference", () => {
+    const at = join(dir, "modes");
+    const r0 = runCli(["--board", "rpi4", "--bastion", "eu", "--hostname", "gw-modes", "--format", "dir", "--out", at, "--json"], { cwd: dir });
+    expect(r0.code, r0.stderr).toBe(0);
+    const root = JSON.parse(r0.stdout).overlay as string;
+    chmodSync(join(root, "etc/hostname"), 0o666);
+    chownSync(join(root, "etc/hosts"), 1000, 0);
+    const link = join(root, "etc/systemd/system/regenerate_ssh_host_keys.service");
+    rmSync(link);
+    symlinkSync("/lib/systemd/system/\u001b[31mx", link);
+    const v = runCli(["verify", "--offline", root], { cwd: dir });
+    expect(v.code).toBe(1);
+    expect(v.stdout).toMatch(/^FAIL hostname: \/etc\/hostname is mode 0666, not 0644$/m);
+    expect(v.stdout).toMatch(/^FAIL hostname: \/etc\/hosts is owned by 1000:0, not root:root$/m);
+    expect(v.stdout).toContain('regenerate_ssh_host_keys.service points to "/lib/systemd/system/\\u001b[31mx", not /dev/null');
+    expect(v.stdout).not.toContain("\u001b");
+    const j = JSON.parse(runCli(["verify", "--offline", "--json", root], { cwd: dir }).stdout);
+    const ds = j.checks.filter((c: { ok: boolean }) => !c.ok).map((c: { difference?: unknown }) => c.difference);
+    expect(ds).toContainEqual({ path: "/etc/hostname", attribute: "mode", expected: "0644", found: "0666" });
+    expect(ds).toContainEqual({ path: "/etc/hosts", attribute: "owner", expected: "0:0", found: "1000:0" });
+    expect(ds).toContainEqual({ path: "/etc/systemd/system/regenerate_ssh_host_keys.service", attribute: "target", expected: "/dev/null", found: "/lib/systemd/system/\u001b[31mx" });
   });
 
   it("a private key that differs is named by fingerprint and comment, its material never printed", () => {

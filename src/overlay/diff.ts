@@ -31,7 +31,12 @@ export interface Difference {
 export const MAX_PER_FILE = 5;
 const SHOWN = 120;
 
-const show = (v: string): string => JSON.stringify(v.length > SHOWN ? `${v.slice(0, SHOWN)}…` : v);
+/**
+ * A value found in an overlay, safe to print: quoted, with every control character (C0, DEL,
+ * C1) and bidirectional override escaped, so a crafted file cannot drive the terminal.
+ */
+export const safe = (v: string): string => JSON.stringify(v).replace(/[\u007f-\u009f\u200e\u200f\u2028\u2029\u202a-\u202e\u2066-\u2069]/g, (c) => `\\u${c.charCodeAt(0).toString(16).padStart(4, "0")}`);
+const show = (v: string): string => safe(v.length > SHOWN ? `${v.slice(0, SHOWN)}…` : v);
 
 interface Line {
   n: number;
@@ -43,7 +48,7 @@ interface Line {
 
 const KV = /^\s*([A-Za-z_][A-Za-z0-9_.-]*)\s*=\s*(.*?)\s*$/;
 const KEYWORD = /^\s*([A-Za-z][A-Za-z0-9]*)\s+(\S.*?)\s*$/;
-const SECTION = /^\s*\[([^\]]+)\]\s*$/;
+const SECTION = /^\s*\[([A-Za-z0-9_. -]+)\]\s*$/;
 
 function parse(text: string): Line[] {
   const lines = text.split("\n");

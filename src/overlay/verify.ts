@@ -6,7 +6,7 @@
  * byte; whether that key is the registered one is the caller's question.
  */
 import { decodePrivateKey, type Ed25519Key } from "../keys/ed25519.js";
-import { contentDifferences, describe, type Difference } from "./diff.js";
+import { contentDifferences, describe, safe, type Difference } from "./diff.js";
 import * as P from "./paths.js";
 import { buildOverlay, STEPS, type DeviceSpec } from "./steps.js";
 import type { Entry } from "./tree.js";
@@ -62,7 +62,7 @@ function differences(want: Entry, got: ViewEntry | undefined, isRoot: boolean): 
   } else if (want.type === "dir") {
     if (ownDir && got.mode !== want.mode) out.push(one("mode", `is mode ${oct(got.mode)}, not ${oct(want.mode)}`, oct(want.mode), oct(got.mode)));
   } else if (got.target !== want.target) {
-    out.push(one("target", `points to ${got.target ?? "?"}, not ${want.target}`, want.target, got.target ?? ""));
+    out.push(one("target", `points to ${got.target === undefined ? "?" : safe(got.target)}, not ${want.target}`, want.target, got.target ?? ""));
   }
   return out;
 }
