@@ -108,6 +108,13 @@ describe("every fenced block in README.md and docs/ is accounted for", () => {
     expect(names.filter((n, i) => names.indexOf(n) !== i), "a marker names one block").toEqual([]);
   });
 
+  it("every shell block passes shellcheck (warnings; a person types a failing cd and sees it)", () => {
+    for (const b of shellBlocks) {
+      const r = run("shellcheck", ["-S", "warning", "-s", "bash", "-e", "SC2164", "-"], { input: b.text });
+      expect(r.code, `${b.file}:${b.line} (${b.name ?? "no marker"}): ${r.stdout}${r.stderr}`).toBe(0);
+    }
+  });
+
   it("a block run by another test: that test exists and reads the block by its marker", () => {
     for (const [name, r] of Object.entries(RECIPES)) {
       if (!("by" in r)) continue;
