@@ -16,8 +16,8 @@
  * the bastion with strict host key checking, knowing nothing but what the recipe did.
  */
 import { spawnSync } from "node:child_process";
-import { chmodSync, existsSync, mkdirSync, readdirSync, readFileSync, statSync, symlinkSync, writeFileSync } from "node:fs";
-import { dirname, join } from "node:path";
+import { chmodSync, copyFileSync, existsSync, mkdirSync, readdirSync, readFileSync, statSync, symlinkSync, writeFileSync } from "node:fs";
+import { basename, dirname, join } from "node:path";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
 import { tunnelArgv } from "./helpers/device.js";
 import { makeDisk, makeRootTree } from "./helpers/disk.js";
@@ -65,6 +65,7 @@ const RECIPES: Record<string, { file: string } & ({ here: string } | { by: strin
   "registry migrate": { file: "README.md", here: "README: the registry moves to PostgreSQL at db.factory.lan, as written" },
   "image and flash": { file: "README.md", here: "README: an image from a Raspberry Pi OS base, flashed with bmaptool onto /dev/sdX, as written" },
   "lay over a mounted card": { file: "README.md", here: "README: the archive laid over a card's root mounted from /dev/sdX2, as written" },
+  "batch and write": { file: "README.md", here: "README: 50 images from BASE.img, then the archive written onto /dev/sdX and into card.img, as written" },
   "file export": { file: "docs/bastion.md", here: "§8: the recipe, as root on a fresh bastion, lets a device's tunnel in" },
   "bastion operator account": { file: "docs/bastion.md", here: "the bastion's administrator creates the operator's account, as written" },
   "operator ssh config": { file: "docs/bastion.md", here: "the operator reaches gw-0001 through the bastion with strict host key checking, as written" },
@@ -77,7 +78,6 @@ const RECIPES: Record<string, { file: string } & ({ here: string } | { by: strin
   },
   // Not run as written yet: each is listed as a todo below, so the gap shows in every run.
   "quick start": { file: "README.md", todo: "clones from github.com and scans bastion.example.com: needs the network" },
-  "batch and write": { file: "README.md", todo: "needs BASE.img, card.img and a card at /dev/sdX" },
   "bastion install, README": { file: "README.md", todo: "installs into this machine's sshd, with PostgreSQL at db.factory.lan" },
   "bastion install": { file: "docs/bastion.md", todo: "installs into this machine's sshd, with PostgreSQL at db.factory.lan" },
   "troubleshooting": { file: "docs/bastion.md", todo: "reads this machine's journal and a placeholder fingerprint (SHA256:…)" },
@@ -451,14 +451,14 @@ describe.runIf(isRoot || inCI)("README: images and cards, on loop devices behind
     removeDir(t);
   });
 
-  /** A loop device over `file` (from `offset`, `size` bytes), as "major minor". */
-  function loop(file: string, offset = 0, size?: number): string {
+  /** A loop device over `file` (from `offset`, `size` bytes): its path and "major minor". */
+  function loop(file: string, offset = 0, size?: number): { dev: string; mm: string } {
     const r = run("losetup", ["-f", "--show", "-o", String(offset), ...(size ? ["--sizelimit", String(size)] : []), file]);
     if (r.code !== 0) throw new Error(`losetup: ${r.stderr}`);
     const dev = r.stdout.trim();
     loops.push(dev);
     const st = statSync(dev);
-    return `${Math.floor(st.rdev / 256) & 0xfff} ${(st.rdev & 0xff) | ((st.rdev >> 12) & 0xfff00)}`;
+    return { dev, mm: `${Math.floor(st.rdev / 256) & 0xfff} ${(st.rdev & 0xff) | ((st.rdev >> 12) & 0xfff00)}` };
   }
 
   /** A fleet folder of its own: each recipe starts from gw-0001. */
@@ -469,15 +469,24 @@ describe.runIf(isRoot || inCI)("README: images and cards, on loop devices behind
     return fleet;
   }
 
-  function recipe(name: string, fleet: string, nodes: Record<string, string>): void {
+  /**
+   * Runs the recipe with `nodes` as /dev/NAME; /sys/class/block is a private copy of links too,
+   * NAME linked to its loop device's own sysfs folder (what the kernel would show for a card).
+   */
+  function recipe(name: string, fleet: string, nodes: Record<string, { dev: string; mm: string }>): void {
     writeFileSync(join(t, "recipe.sh"), byName(name).text);
-    const mk = Object.entries(nodes).map(([n, mm]) => `mknod "$T/dev/${n}" b ${mm}`).join("\n");
+    const mk = Object.entries(nodes)
+      .map(([n, { dev, mm }]) => `mknod "$T/dev/${n}" b ${mm}\nln -s "$(readlink -f /sys/class/block/${basename(dev)})" "$T/sysblock/${n}"`)
+      .join("\n");
     const driver = `set -eu
 rm -rf "$T/dev"; mkdir "$T/dev"; mount -t tmpfs -o mode=0755 tmpfs "$T/dev"
 cp -a /dev/null /dev/zero /dev/random /dev/urandom /dev/full "$T/dev/"
+rm -rf "$T/sysblock"; mkdir "$T/sysblock"; mount -t tmpfs tmpfs "$T/sysblock"
+for e in /sys/class/block/*; do ln -s "$(readlink -f "$e")" "$T/sysblock/"; done
 ln -s /proc/self/fd "$T/dev/fd"; ln -s /proc/self/fd/0 "$T/dev/stdin"; ln -s /proc/self/fd/1 "$T/dev/stdout"; ln -s /proc/self/fd/2 "$T/dev/stderr"
 ${mk}
 mount --bind "$T/dev" /dev
+mount --bind "$T/sysblock" /sys/class/block
 mount -t tmpfs tmpfs /mnt; mkdir /mnt/rootfs
 cd "$FLEET"; bash -e "$T/recipe.sh"
 `;
@@ -501,6 +510,24 @@ cd "$FLEET"; bash -e "$T/recipe.sh"
     const v = runCli(["verify", card], { cwd: fleet });
     expect(v.code, v.stdout + v.stderr).toBe(0);
   });
+
+  it("README: 50 images from BASE.img, then the archive written onto /dev/sdX and into card.img, as written", () => {
+    const fleet = newFleet("fleet-batch");
+    const tree = join(t, "rootfs3");
+    makeRootTree(tree);
+    const base = makeDisk(join(fleet, "BASE.img"), tree);
+    // A card flashed with the base earlier, and an image of one.
+    const card = join(t, "card3.raw");
+    copyFileSync(base.path, card);
+    copyFileSync(base.path, join(fleet, "card.img"));
+    recipe("batch and write", fleet, { sdX: loop(card) });
+    expect(readdirSync(join(fleet, "out")).filter((f) => f.endsWith(".img"))).toHaveLength(50);
+    for (const written of [card, join(fleet, "card.img")]) {
+      const v = runCli(["verify", written], { cwd: fleet });
+      expect(v.code, `${written}: ${v.stdout}${v.stderr}`).toBe(0);
+      expect(v.stdout).toMatch(/the key is registered to gw-0051/);
+    }
+  }, 240_000);
 
   it("README: the archive laid over a card's root mounted from /dev/sdX2, as written", () => {
     const fleet = newFleet("fleet-card");
