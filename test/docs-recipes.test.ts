@@ -59,7 +59,7 @@ function blocks(): Block[] {
  * Every shell recipe, by its marker: where it is, and which test runs it. `here` names a test
  * in this file; `by` a test in another file that reads the block by its marker.
  */
-const RECIPES: Record<string, { file: string } & ({ here: string } | { by: string; test: string } | { todo: string })> = {
+const RECIPES: Record<string, { file: string } & ({ here: string } | { by: string; test: string; reads?: string } | { todo: string })> = {
   "build one overlay": { file: "README.md", here: "README: one overlay built in a fleet folder, as written" },
   "operator certificates": { file: "README.md", here: "README: an operator certificate, issued as written, logs in to a device built with the userCA" },
   "registry migrate": { file: "README.md", here: "README: the registry moves to PostgreSQL at db.factory.lan, as written" },
@@ -71,6 +71,16 @@ const RECIPES: Record<string, { file: string } & ({ here: string } | { by: strin
   "operator ssh config": { file: "docs/bastion.md", here: "the operator reaches gw-0001 through the bastion with strict host key checking, as written" },
   "pi-gen 00-run.sh": { file: "docs/image-builders.md", by: "test/image-builders.test.ts", test: "pi-gen: the stage's 00-run.sh lays the archive over ROOTFS_DIR; verify passes" },
   "rpi-image-gen layer/mkoverlay.yaml": { file: "docs/image-builders.md", by: "test/image-builders.test.ts", test: "rpi-image-gen: the layer's customize hook lays the archive over $1; verify passes" },
+  "example base.img": { file: "docs/image-builders.md", by: "test/example-base.test.ts", test: "runs as written, as an ordinary user, and makes a Raspberry Pi OS-shaped disk" },
+  "next host key": { file: "docs/bastion.md", by: "test/rollover.test.ts", test: "switched to the next key: the device built with it reconnects unchanged; the pinned one is refused" },
+  "host certificate": { file: "docs/bastion.md", by: "test/rollover.test.ts", test: "switched to a new key certified by the host CA: the device reconnects unchanged; the pinned one is refused" },
+  // The boot test finds this block by its --registry argument, not by the marker.
+  "bastion install, SQLite": {
+    file: "docs/bastion.md",
+    by: "test/boot/bastion-boot.test.ts",
+    test: "installs as docs/bastion.md says, on the running system: agent active, sshd reloaded",
+    reads: "--registry /var/lib/mkoverlay/fleet.db",
+  },
   "buildroot mkoverlay-fakeroot.sh": {
     file: "docs/image-builders.md",
     by: "test/image-builders.test.ts",
@@ -121,7 +131,9 @@ describe("every fenced block in README.md and docs/ is accounted for", () => {
       const src = readFileSync(join(REPO, r.by), "utf8");
       expect(src, `${r.by} has the test "${r.test}"`).toContain(JSON.stringify(r.test));
       expect(src, `${r.by} reads ${r.file}`).toContain(r.file);
-      expect(src, `${r.by} reads the block "${name}"`).toContain(JSON.stringify(name));
+      const key = r.reads ?? name;
+      expect(src, `${r.by} finds the block "${name}" by ${JSON.stringify(key)}`).toContain(JSON.stringify(key));
+      if (r.reads !== undefined) expect(byName(name).text, `the block "${name}" holds ${JSON.stringify(key)}`).toContain(key);
     }
   });
 });
