@@ -92,9 +92,11 @@ bench-image: build
 	@bash scripts/ensure-tools.sh mkfs.xfs:xfsprogs mkfs.btrfs:btrfs-progs bmaptool:bmap-tools
 	node bench/image.mjs | tee bench/image-results.md
 
-# As root: sshd CPU per login at 10/10,000/40,000 devices, reconnect storm, revocation latency.
+# As root: sshd CPU per login at 10/10,000/40,000 devices, reconnect storm, revocation latency;
+# then the storm of 1,000 clients from one address on OpenSSH 9.2 and 10.x (bench/tunnel-storm.mjs).
 bench-bastion: build
 	node bench/bastion.mjs
+	BENCH_STORM_WRITE=1 node bench/tunnel-storm.mjs
 
 clean:
 	rm -rf dist out bench/work test-artifacts mkoverlay-*.tgz

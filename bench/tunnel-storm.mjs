@@ -17,9 +17,9 @@
 //
 // BENCH_STORM_N (default 1000), BENCH_STORM_REVOKED (10), BENCH_STORM_RETRY (10 s),
 // BENCH_STORM_DOWN (2 s), BENCH_STORM_LIMIT (300 s per storm), BENCH_STORM_LAYOUTS (single,tunnel),
-// BENCH_STORM_VERSIONS (system,10). Prints a Markdown table (bench/bastion-results.md, "tunnel sshd").
+// BENCH_STORM_VERSIONS (system,10), BENCH_STORM_SIZING (JSON, the tunnel sshd's sizing). Prints a Markdown table (bench/bastion-results.md, "tunnel sshd").
 import { spawn, spawnSync } from "node:child_process";
-import { chmodSync, mkdirSync, readFileSync, rmSync, writeFileSync } from "node:fs";
+import { appendFileSync, chmodSync, mkdirSync, readFileSync, rmSync, writeFileSync } from "node:fs";
 import { cpus } from "node:os";
 import { dirname, join } from "node:path";
 import { fileURLToPath, pathToFileURL } from "node:url";
@@ -33,6 +33,8 @@ const DOWN = Number(process.env.BENCH_STORM_DOWN ?? 2) * 1000;
 const LIMIT = Number(process.env.BENCH_STORM_LIMIT ?? 300) * 1000;
 const LAYOUTS = (process.env.BENCH_STORM_LAYOUTS ?? "single,tunnel").split(",");
 const VERSIONS = (process.env.BENCH_STORM_VERSIONS ?? "system,10").split(",");
+// The tunnel sshd's sizing to try instead of the renderer's defaults, e.g. '{"maxStartups":"10:30:100"}'.
+const SIZING = JSON.parse(process.env.BENCH_STORM_SIZING ?? "{}");
 const USER = "mko-storm-t";
 const BASE_PORT = 21000;
 const SECURE = `/run/mko-storm-${process.pid}`;
@@ -178,7 +180,9 @@ function listening() {
   return out;
 }
 
-const SSH_OPTS = ["-F", "/dev/null", "-o", "BatchMode=yes", "-o", "IdentitiesOnly=yes", "-o", "StrictHostKeyChecking=no", "-o", "UserKnownHostsFile=/dev/null", "-o", "LogLevel=ERROR", "-o", "ConnectTimeout=30", "-o", "ServerAliveInterval=15", "-o", "ServerAliveCountMax=3", "-o", "ExitOnForwardFailure=yes"];
+const ADMIN_OPTS = ["-F", "/dev/null", "-o", "BatchMode=yes", "-o", "IdentitiesOnly=yes", "-o", "StrictHostKeyChecking=no", "-o", "UserKnownHostsFile=/dev/null", "-o", "LogLevel=ERROR", "-o", "ConnectTimeout=30"];
+// The device unit's options that matter here.
+const SSH_OPTS = [...ADMIN_OPTS, "-o", "ServerAliveInterval=15", "-o", "ServerAliveCountMax=3", "-o", "ExitOnForwardFailure=yes"];
 
 /** Device units: ssh -N -R, restarted RETRY ms after each exit, until stopped. */
 function runClients(port) {
@@ -208,7 +212,7 @@ function runClients(port) {
 
 function adminLogin(port) {
   return new Promise((resolve) => {
-    const p = spawn("ssh", [...SSH_OPTS.filter((o) => !o.startsWith("ExitOn")), "-i", adminKey, "-p", String(port), "root@127.0.0.1", "true"], { stdio: "ignore" });
+    const p = spawn("ssh", [...ADMIN_OPTS, "-i", adminKey, "-p", String(port), "root@127.0.0.1", "true"], { stdio: "ignore" });
     const t = setTimeout(() => p.kill("SIGKILL"), 30_000);
     p.once("exit", (code) => (clearTimeout(t), resolve(code === 0)));
   });
@@ -221,7 +225,7 @@ function countLog(file) {
   } catch {
     // none yet
   }
-  return { penalty: (text.match(/penalty:/g) ?? []).length, maxStartups: (text.match(/MaxStartups/g) ?? []).length };
+  return { penalty: (text.match(/drop connection .*penalty/g) ?? []).length, maxStartups: (text.match(/drop connection .*past MaxStartups/g) ?? []).length };
 }
 
 async function waitUp(want, t0) {
@@ -244,7 +248,7 @@ async function storm(bin, layout) {
   const tconf = join(SECURE, `${tag}.conf`);
   const tlog = join(SECURE, `${tag}.log`);
   if (layout === "single") writeFileSync(tconf, adminConfigText(tunnelPort, tag, true));
-  else writeFileSync(tconf, M.renderTunnelSshdConfig({ fleet, bastion, version: bin.version, port: tunnelPort, listen: ["127.0.0.1"], hostKeys: [hostKey], pidFile: join(SECURE, `${tag}.pid`), paths }));
+  else writeFileSync(tconf, M.renderTunnelSshdConfig({ fleet, bastion, version: bin.version, port: tunnelPort, listen: ["127.0.0.1"], hostKeys: [hostKey], pidFile: join(SECURE, `${tag}.pid`), paths, sizing: SIZING }));
   let admin;
   if (layout !== "single") {
     const aconf = join(SECURE, `${tag}-admin.conf`);
@@ -290,9 +294,21 @@ const results = [];
 for (const bin of binaries()) for (const layout of LAYOUTS) results.push(await storm(bin, layout));
 
 const s = (ms) => (ms === undefined ? `not within ${LIMIT / 1000} s` : `${(ms / 1000).toFixed(1)} s`);
-console.log(`Measured ${new Date().toISOString().slice(0, 16)}Z on ${cpus().length} × ${cpus()[0]?.model.trim() ?? "?"}, in a network namespace of its own; ${N} tunnel clients + ${REVOKED} revoked from 127.0.0.1, retrying ${RETRY / 1000} s after each exit (today's unit), bastion down ${DOWN / 1000} s.`);
-console.log("");
-console.log("| OpenSSH | bastion | 99 % back | 100 % back | connection attempts | dropped for a penalty | dropped past MaxStartups | admin logins during the storm |");
-console.log("|---|---|---|---|---|---|---|---|");
-for (const r of results)
-  console.log(`| ${r.version} | ${r.layout === "single" ? "one sshd + Match drop-in (today)" : "tunnel sshd + admin sshd"} | ${s(r.t99)} | ${s(r.t100)}${r.t100 === undefined ? ` (${r.up}/${N})` : ""} | ${r.attempts} | ${r.penalty} | ${r.maxStartups} | ${r.adminOk}/${r.adminTries} |`);
+const load = readFileSync("/proc/loadavg", "utf8").split(" ").slice(0, 3).join(" ");
+const out = [
+  `Measured ${new Date().toISOString().slice(0, 16)}Z on ${cpus().length} × ${cpus()[0]?.model.trim() ?? "?"} (load average at the end ${load}), in a network namespace of its own; ${N} tunnel clients + ${REVOKED} revoked from 127.0.0.1, retrying ${RETRY / 1000} s after each exit (today's unit), bastion down ${DOWN / 1000} s; times from the restarted sshd's start (the clients' first retry comes ${(RETRY - DOWN) / 1000} s after it).${Object.keys(SIZING).length ? ` Tunnel sshd sizing: ${JSON.stringify(SIZING)}.` : ""}`,
+  "",
+  "| OpenSSH | bastion | 99 % back | 100 % back | connection attempts | dropped for a penalty | dropped past MaxStartups | admin logins during the storm |",
+  "|---|---|---|---|---|---|---|---|",
+  ...results.map(
+    (r) =>
+      `| ${r.version} | ${r.layout === "single" ? "one sshd + Match drop-in (today)" : "tunnel sshd + admin sshd"} | ${s(r.t99)} | ${s(r.t100)}${r.t100 === undefined ? ` (${r.up}/${N})` : ""} | ${r.attempts} | ${r.penalty} | ${r.maxStartups} | ${r.adminOk}/${r.adminTries} |`,
+  ),
+].join("\n");
+console.log(out);
+// BENCH_STORM_WRITE=1 (make bench-bastion): appended to bench/bastion-results.md, which
+// bench/bastion.mjs has just rewritten.
+if (process.env.BENCH_STORM_WRITE === "1") {
+  const file = join(ROOT, "bench/bastion-results.md");
+  appendFileSync(file, `\n## Tunnel sshd: reconnect storm from one address (bench/tunnel-storm.mjs)\n\n${out}\n`);
+}
