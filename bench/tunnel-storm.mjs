@@ -222,6 +222,14 @@ function adminLogin(port) {
   });
 }
 
+/** The namespace's TcpExt ListenOverflows + ListenDrops: connections the kernel's accept queue could not take (the client's SYN is retransmitted after 1, 2, 4, 8 … s). */
+function listenDrops() {
+  const lines = readFileSync("/proc/net/netstat", "utf8").split("\n").filter((l) => l.startsWith("TcpExt:"));
+  const names = lines[0].split(/\s+/);
+  const values = lines[1].split(/\s+/);
+  return Number(values[names.indexOf("ListenOverflows")]) + Number(values[names.indexOf("ListenDrops")]);
+}
+
 function countLog(file) {
   let text = "";
   try {
@@ -269,6 +277,7 @@ async function storm(bin, layout) {
   await sleep(DOWN);
   const startsBefore = clients.stats.starts;
   const refusedBefore = clients.stats.refused;
+  const dropsBefore = listenDrops();
   const t0 = Date.now();
   sshd = startSshd(bin, tconf, tlog);
   let adminTries = 0;
@@ -287,11 +296,12 @@ async function storm(bin, layout) {
   await adminLoop;
   const attempts = clients.stats.starts - startsBefore;
   const refused = clients.stats.refused - refusedBefore;
+  const listenDropped = listenDrops() - dropsBefore;
   await clients.stop();
   await stopSshd(sshd);
   if (admin) await stopSshd(admin);
   const c = countLog(tlog);
-  const res = { tag, layout, version: bin.label, ...r, attempts, refused, penalty: c.penalty, maxStartups: c.maxStartups, adminTries, adminOk };
+  const res = { tag, layout, version: bin.label, ...r, attempts, refused, listenDropped, penalty: c.penalty, maxStartups: c.maxStartups, adminTries, adminOk };
   log(`${tag}: ${JSON.stringify(res)}`);
   return res;
 }
@@ -304,11 +314,11 @@ const load = readFileSync("/proc/loadavg", "utf8").split(" ").slice(0, 3).join("
 const out = [
   `Measured ${new Date().toISOString().slice(0, 16)}Z on ${cpus().length} × ${cpus()[0]?.model.trim() ?? "?"} (load average at the end ${load}), in a network namespace of its own; ${N} tunnel clients + ${REVOKED} revoked from 127.0.0.1, retrying ${RETRY / 1000} s after each exit (today's unit), bastion down ${DOWN / 1000} s; times from the restarted sshd's start (the clients' first retry comes ${(RETRY - DOWN) / 1000} s after it).${Object.keys(SIZING).length ? ` Tunnel sshd sizing: ${JSON.stringify(SIZING)}.` : ""}`,
   "",
-  "| OpenSSH | bastion | 99 % back | 100 % back | connection attempts | healthy clients' attempts refused before the key exchange | sshd log: dropped for a penalty (rate-limited) | sshd log: dropped past MaxStartups | admin logins during the storm |",
-  "|---|---|---|---|---|---|---|---|---|",
+  "| OpenSSH | bastion | 99 % back | 100 % back | connection attempts | healthy clients' attempts refused before the key exchange | sshd log: dropped for a penalty (rate-limited) | sshd log: dropped past MaxStartups | kernel: accept queue overflows (SYNs retransmitted) | admin logins during the storm |",
+  "|---|---|---|---|---|---|---|---|---|---|",
   ...results.map(
     (r) =>
-      `| ${r.version} | ${r.layout === "single" ? "one sshd + Match drop-in (today)" : "tunnel sshd + admin sshd"} | ${s(r.t99)} | ${s(r.t100)}${r.t100 === undefined ? ` (${r.up}/${N})` : ""} | ${r.attempts} | ${r.refused} | ${r.penalty} | ${r.maxStartups} | ${r.adminOk}/${r.adminTries} |`,
+      `| ${r.version} | ${r.layout === "single" ? "one sshd + Match drop-in (today)" : "tunnel sshd + admin sshd"} | ${s(r.t99)} | ${s(r.t100)}${r.t100 === undefined ? ` (${r.up}/${N})` : ""} | ${r.attempts} | ${r.refused} | ${r.penalty} | ${r.maxStartups} | ${r.listenDropped} | ${r.adminOk}/${r.adminTries} |`,
   ),
 ].join("\n");
 console.log(out);
