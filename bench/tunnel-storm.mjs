@@ -19,7 +19,7 @@
 // BENCH_STORM_DOWN (2 s), BENCH_STORM_LIMIT (300 s per storm), BENCH_STORM_LAYOUTS (single,tunnel),
 // BENCH_STORM_VERSIONS (system,10), BENCH_STORM_SIZING (JSON, the tunnel sshd's sizing). Prints a Markdown table (bench/bastion-results.md, "tunnel sshd").
 import { spawn, spawnSync } from "node:child_process";
-import { appendFileSync, chmodSync, mkdirSync, readFileSync, rmSync, writeFileSync } from "node:fs";
+import { appendFileSync, chmodSync, mkdirSync, readdirSync, readFileSync, rmSync, writeFileSync } from "node:fs";
 import { cpus } from "node:os";
 import { dirname, join } from "node:path";
 import { fileURLToPath, pathToFileURL } from "node:url";
@@ -152,12 +152,34 @@ function startSshd(bin, config, logFile) {
   return spawn(bin.sshd, [...bin.args, "-D", "-e", "-f", config, "-E", logFile], { stdio: "ignore" });
 }
 
+/** Every descendant of `pid`, from one pass over /proc (spawning pgrep per process is far too slow in a storm). */
 function descendants(pid) {
-  const r = spawnSync("pgrep", ["-P", String(pid)], { encoding: "utf8" });
-  const kids = (r.stdout ?? "").split("\n").filter(Boolean).map(Number);
-  return kids.flatMap((k) => [k, ...descendants(k)]);
+  const kids = new Map();
+  for (const e of readdirSync("/proc")) {
+    if (!/^\d+$/.test(e)) continue;
+    let stat;
+    try {
+      stat = readFileSync(`/proc/${e}/stat`, "utf8");
+    } catch {
+      continue;
+    }
+    const ppid = Number(stat.slice(stat.lastIndexOf(")") + 2).split(" ")[1]);
+    if (!kids.has(ppid)) kids.set(ppid, []);
+    kids.get(ppid).push(Number(e));
+  }
+  const out = [];
+  const walk = (p) => {
+    for (const k of kids.get(p) ?? []) {
+      out.push(k);
+      walk(k);
+    }
+  };
+  walk(pid);
+  return out;
 }
+/** A bastion going down at once: the listener stops accepting first, then every session dies, then the listener. */
 async function stopSshd(proc) {
+  if (proc.exitCode === null) process.kill(proc.pid, "SIGSTOP");
   for (const k of descendants(proc.pid)) {
     try {
       process.kill(k, "SIGKILL");
