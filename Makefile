@@ -44,7 +44,8 @@ run: build
 # GNU tar; for images: debugfs/e2fsck/mke2fs/filefrag, mkfs.vfat, mtools, sfdisk, bmaptool, zstd,
 # fakeroot (the Buildroot recipe of docs/image-builders.md), setpriv; promtool (status metrics);
 # tmux (the batch progress bar and init's questions on a real terminal), zsh and fish (completion);
-# strace (--format dir syncs before the rename).
+# strace (--format dir syncs before the rename). OpenSSH 10.x unpacked beside the system's sshd
+# (scripts/ensure-openssh10.sh: bookworm-backports' openssh-server, the system's 9.2 untouched).
 TEST_TOOLS := sshd:openssh-server ssh:openssh-client ssh-keygen:openssh-client ssh-keyscan:openssh-client shellcheck:shellcheck \
               systemd-analyze:systemd systemctl:systemd tar:tar \
               debugfs:e2fsprogs e2fsck:e2fsprogs mke2fs:e2fsprogs filefrag:e2fsprogs mkfs.vfat:dosfstools \
@@ -53,6 +54,7 @@ TEST_TOOLS := sshd:openssh-server ssh:openssh-client ssh-keygen:openssh-client s
 test-deps:
 	@bash scripts/ensure-tools.sh $(TEST_TOOLS)
 	@bash scripts/ensure-postgres.sh >/dev/null
+	@bash scripts/ensure-openssh10.sh >/dev/null
 
 typecheck: node_modules/.install-stamp
 	$(NODE_BIN)/tsc -p tsconfig.json --noEmit
@@ -90,9 +92,11 @@ bench-image: build
 	@bash scripts/ensure-tools.sh mkfs.xfs:xfsprogs mkfs.btrfs:btrfs-progs bmaptool:bmap-tools
 	node bench/image.mjs | tee bench/image-results.md
 
-# As root: sshd CPU per login at 10/10,000/40,000 devices, reconnect storm, revocation latency.
+# As root: sshd CPU per login at 10/10,000/40,000 devices, reconnect storm, revocation latency;
+# then the storm of 1,000 clients from one address on OpenSSH 9.2 and 10.x (bench/tunnel-storm.mjs).
 bench-bastion: build
 	node bench/bastion.mjs
+	BENCH_STORM_WRITE=1 node bench/tunnel-storm.mjs
 
 clean:
 	rm -rf dist out bench/work test-artifacts mkoverlay-*.tgz

@@ -81,7 +81,7 @@ const RECIPES: Record<string, { file: string } & ({ here: string } | { by: strin
     test: "installs as docs/bastion.md says, on the running system: agent active, sshd reloaded",
     reads: "--registry /var/lib/mkoverlay/fleet.db",
   },
-  // The lockout test finds this block as the first sh block of §11, checked by its command.
+  // The lockout test finds this block as the first sh block of §13, checked by its command.
   "rotate old settings": {
     file: "docs/bastion.md",
     by: "test/lockout.test.ts",

@@ -174,7 +174,7 @@ describe.each(BACKENDS)("config changes that lock registered devices out (%s)", 
 describe("docs/bastion.md, \"Changing a fleet's settings\": the recipe as written", () => {
   it("rotates every device that still dials an old setting, and only those", async () => {
     const text = readFileSync(join(REPO, "docs/bastion.md"), "utf8");
-    const section = text.slice(text.indexOf("## 11. Changing a fleet's settings"));
+    const section = text.slice(text.indexOf("## 13. Changing a fleet's settings"));
     const recipe = /```sh\n([\s\S]*?)```/.exec(section)?.[1];
     expect(recipe).toMatch(/registry list --old-settings/);
     const ws = await fleetOf3(BACKENDS[0]![1]);
