@@ -203,8 +203,8 @@ export const HELP: Record<string, HelpSpec> = {
   },
   "provisioner-hook": {
     examples: [
-      ["exec mkoverlay provisioner-hook --board cm4 --bastion eu \"$@\"", "the line in /etc/rpi-sb-provisioner/scripts/naked-provisioner-rootfs-mounted.sh"],
-      ["TARGET_DEVICE_SERIAL=10000000abcdef01 mkoverlay provisioner-hook /mnt/boot /mnt/root --board cm4 --bastion eu", "by hand, as the provisioner runs it"],
+      ["mkoverlay provisioner-hook --board cm4 --bastion eu \"$@\"", "what /etc/rpi-sb-provisioner/scripts/naked-provisioner-rootfs-mounted.sh execs (README: Raspberry Pi provisioner)"],
+      ["mkoverlay provisioner-hook /mnt/boot /mnt/root --board cm4 --bastion eu", "by hand, with TARGET_DEVICE_SERIAL=… set as the provisioner sets it"],
     ],
     env: [...BUILD, "TARGET_DEVICE_SERIAL"],
     exit: `0 laid (the provisioner flashes the image); 2 refused or failed (the provisioner fails the device; nothing pending); ${INTERRUPTED}; 70 a bug`,
