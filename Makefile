@@ -8,7 +8,7 @@ BOARD ?= rpi4
 BASTION ?= eu
 ARCH ?= amd64
 
-.PHONY: help install build run pack test test-fast test-deps typecheck lint schema-check unit test-boot boot-deps bench bench-bastion bench-image clean
+.PHONY: help install build run pack test test-fast test-deps typecheck lint schema-check unit test-boot boot-deps bench bench-bastion bench-image bench-provisioner clean
 
 help:
 	@echo "make run    - install, build, and build one overlay from $(EXAMPLE) into ./$(OUT)"
@@ -84,11 +84,16 @@ test-boot: build boot-deps
 bench: build
 	node bench/run.mjs
 	$(MAKE) --no-print-directory bench-image
+	$(MAKE) --no-print-directory bench-provisioner
 
 # Per-device images (issue 14): a 2.5 GiB base; as root also XFS and btrfs loop file systems.
 bench-image: build
 	@bash scripts/ensure-tools.sh mkfs.xfs:xfsprogs mkfs.btrfs:btrfs-progs bmaptool:bmap-tools
 	node bench/image.mjs | tee bench/image-results.md
+
+# As root: what the rpi-sb-provisioner rootfs-mounted hook adds per device (issue 22).
+bench-provisioner: build
+	node bench/provisioner.mjs | tee bench/provisioner-results.md
 
 # As root: sshd CPU per login at 10/10,000/40,000 devices, reconnect storm, revocation latency.
 bench-bastion: build
