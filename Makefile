@@ -8,7 +8,7 @@ BOARD ?= rpi4
 BASTION ?= eu
 ARCH ?= amd64
 
-.PHONY: help install build run pack test test-fast test-deps typecheck lint schema-check unit test-boot boot-deps bench bench-bastion bench-image clean
+.PHONY: help install build run pack test test-fast test-deps typecheck lint schema-check unit test-boot boot-deps bench bench-bastion bench-image bench-provisioner clean
 
 help:
 	@echo "make run    - install, build, and build one overlay from $(EXAMPLE) into ./$(OUT)"
@@ -86,11 +86,16 @@ test-boot: build boot-deps
 bench: build
 	node bench/run.mjs
 	$(MAKE) --no-print-directory bench-image
+	$(MAKE) --no-print-directory bench-provisioner
 
 # Per-device images (issue 14): a 2.5 GiB base; as root also XFS and btrfs loop file systems.
 bench-image: build
 	@bash scripts/ensure-tools.sh mkfs.xfs:xfsprogs mkfs.btrfs:btrfs-progs bmaptool:bmap-tools
 	node bench/image.mjs | tee bench/image-results.md
+
+# As root: what the rpi-sb-provisioner rootfs-mounted hook adds per device (issue 22).
+bench-provisioner: build
+	node bench/provisioner.mjs | tee bench/provisioner-results.md
 
 # As root: sshd CPU per login at 10/10,000/40,000 devices, reconnect storm, revocation latency;
 # then the storm of 1,000 clients from one address on OpenSSH 9.2 and 10.x (bench/tunnel-storm.mjs).

@@ -16,6 +16,7 @@ export const ENV: Record<string, string> = {
   SOURCE_DATE_EPOCH: "timestamp of every archive entry, in seconds (default 2020-01-01)",
   NO_COLOR: "set (non-empty): no colour in the progress bar (use --no-progress for no bar)",
   PGPASSWORD: "password for a postgres:// registry (or ~/.pgpass); never put it in the config",
+  TARGET_DEVICE_SERIAL: "set by rpi-sb-provisioner for its hooks: the device provisioner-hook lays into the image",
   JOURNAL_STREAM: "set by systemd: the bastion agent then writes log lines with journal priorities",
 };
 
@@ -192,6 +193,21 @@ export const HELP: Record<string, HelpSpec> = {
       ["mkoverlay registry doctor --fix --grace 0", "finish or reclaim them now"],
     ],
     env: [...CONFIG, "MKOVERLAY_LEASE_SECONDS"],
+  },
+  "registry import-manufacturing": {
+    examples: [
+      ["mkoverlay registry import-manufacturing /var/lib/rpi-sb-provisioner/manufacturing.db", "board and MACs onto the devices with those serials"],
+      ["mkoverlay registry import-manufacturing manufacturing.db --json", "matched, updated and unmatched, as JSON"],
+    ],
+    env: CONFIG,
+  },
+  "provisioner-hook": {
+    examples: [
+      ["mkoverlay provisioner-hook --board cm4 --bastion eu \"$@\"", "what /etc/rpi-sb-provisioner/scripts/naked-provisioner-rootfs-mounted.sh execs (README: Raspberry Pi provisioner)"],
+      ["mkoverlay provisioner-hook /mnt/boot /mnt/root --board cm4 --bastion eu", "by hand, with TARGET_DEVICE_SERIAL=… set as the provisioner sets it"],
+    ],
+    env: [...BUILD, "TARGET_DEVICE_SERIAL"],
+    exit: `0 laid (the provisioner flashes the image); 2 refused or failed (the provisioner fails the device; nothing pending); ${INTERRUPTED}; 70 a bug`,
   },
   "registry migrate": {
     examples: [

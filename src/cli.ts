@@ -277,7 +277,7 @@ export function program(only?: string, help?: typeof CliHelp): Command {
   });
 
   def("registry", () => {
-    const registry = p.command("registry").description("the port registry: list, doctor, release, migrate");
+    const registry = p.command("registry").description("the port registry: list, doctor, release, migrate, import-manufacturing");
     registry
       .command("list")
       .description("the port allocation table, with each device's factory data")
@@ -317,6 +317,31 @@ export function program(only?: string, help?: typeof CliHelp): Command {
       .option("--json", "JSON output")
       .option("-q, --quiet", "no reminder on stderr")
       .action(lazy(() => import("./commands/registry-migrate.js"), (m, opts) => m.registryMigrateCommand(opts)));
+
+    registry
+      .command("import-manufacturing")
+      .description("attach rpi-sb-provisioner's manufacturing data (board, MACs) to the devices with those serials")
+      .argument("<db>", "the provisioner's manufacturing database (SQLite; opened read-only)")
+      .option("--serial-attr <name>", "the factory data name the serial is recorded under", "serial")
+      .option("--config <file>", CFG)
+      .option("--json", "JSON output")
+      .action(lazy(() => import("./commands/provisioner-import.js"), (m, db, opts) => m.importManufacturingCommand(db, opts)));
+  });
+
+  def("provisioner-hook", () => {
+    p.command("provisioner-hook")
+      .description("rpi-sb-provisioner's rootfs-mounted hook: lay the device with serial $TARGET_DEVICE_SERIAL into the mounted ROOT")
+      .argument("<boot>", "the image's mounted boot partition ($1 of the hook; not written)")
+      .argument("<root>", "the image's mounted root file system ($2 of the hook)")
+      .requiredOption("--board <id>", "board profile for a new device (e.g. cm4)")
+      .option("--bastion <names>", "bastion(s) for a new device, comma-separated")
+      .option("--os <id>", "OS profile, instead of the board's default")
+      .option("--serial-attr <name>", "the factory data name the serial is recorded under", "serial")
+      .option("--out <dir>", "where the lines files go (default: out/ beside the fleet config)")
+      .option("--grace <duration>", "re-provisioning a device rotates its key: how long the old one stays valid", "0")
+      .option("--config <file>", CFG)
+      .option("-q, --quiet", "no progress on stderr")
+      .action(lazy(() => import("./commands/provisioner-hook.js"), (m, boot, root, opts) => m.provisionerHookCommand(boot, root, opts)));
   });
 
   def("schema", () => {
@@ -342,7 +367,7 @@ export function program(only?: string, help?: typeof CliHelp): Command {
 }
 
 /** The top-level commands, as program() defines them (a test keeps the two equal). */
-export const COMMANDS: readonly string[] = ["build", "batch", "image", "write", "init", "bastion", "ssh-config", "known-hosts", "revoke", "rotate", "verify", "boards", "status", "registry", "schema", "completion"];
+export const COMMANDS: readonly string[] = ["build", "batch", "image", "write", "init", "bastion", "ssh-config", "known-hosts", "revoke", "rotate", "verify", "boards", "status", "registry", "provisioner-hook", "schema", "completion"];
 
 /**
  * The one command this command line runs, when that is plain from its words: a known command

@@ -50,9 +50,9 @@ describe("bash", () => {
   });
 
   it("subcommands", () => {
-    expect(bash("mkoverlay registry ").sort()).toEqual(["doctor", "list", "migrate", "release", "remove-bastion"]);
+    expect(bash("mkoverlay registry ").sort()).toEqual(["doctor", "import-manufacturing", "list", "migrate", "release", "remove-bastion"]);
     expect(bash("mkoverlay registry d")).toEqual(["doctor"]);
-    expect(bash("mkoverlay help registry ").sort()).toEqual(["doctor", "list", "migrate", "release", "remove-bastion"]);
+    expect(bash("mkoverlay help registry ").sort()).toEqual(["doctor", "import-manufacturing", "list", "migrate", "release", "remove-bastion"]);
   });
 
   it("options of the command on the line (build's without a command word)", () => {

@@ -71,6 +71,7 @@ const RECIPES: Record<string, { file: string } & ({ here: string } | { by: strin
   "operator ssh config": { file: "docs/bastion.md", here: "the operator reaches gw-0001 through the bastion with strict host key checking, as written" },
   "pi-gen 00-run.sh": { file: "docs/image-builders.md", by: "test/image-builders.test.ts", test: "pi-gen: the stage's 00-run.sh lays the archive over ROOTFS_DIR; verify passes" },
   "rpi-image-gen layer/mkoverlay.yaml": { file: "docs/image-builders.md", by: "test/image-builders.test.ts", test: "rpi-image-gen: the layer's customize hook lays the archive over $1; verify passes" },
+  "rootfs-mounted hook": { file: "README.md", by: "test/provisioner.test.ts", test: "a new serial: a device is built into the image's root, recorded with its serial; the image verifies" },
   "example base.img": { file: "docs/image-builders.md", by: "test/example-base.test.ts", test: "runs as written, as an ordinary user, and makes a Raspberry Pi OS-shaped disk" },
   "next host key": { file: "docs/bastion.md", by: "test/rollover.test.ts", test: "switched to the next key: the device built with it reconnects unchanged; the pinned one is refused" },
   "host certificate": { file: "docs/bastion.md", by: "test/rollover.test.ts", test: "switched to a new key certified by the host CA: the device reconnects unchanged; the pinned one is refused" },

@@ -135,7 +135,7 @@ describe("mkoverlay help COMMAND [SUBCOMMAND]", () => {
   it("an unknown subcommand is an error naming the known ones", () => {
     const r = cli(["help", "registry", "docter"]);
     expect(r.code).toBe(2);
-    expect(r.stderr).toBe("mkoverlay: error: help: unknown subcommand of 'registry' 'docter'\nmkoverlay: hint: did you mean 'doctor'? known: list, release, remove-bastion, doctor, migrate\n");
+    expect(r.stderr).toBe("mkoverlay: error: help: unknown subcommand of 'registry' 'docter'\nmkoverlay: hint: did you mean 'doctor'? known: list, release, remove-bastion, doctor, migrate, import-manufacturing\n");
     const u = cli(["help", "verfy"]);
     expect(u.code).toBe(2);
     expect(u.stderr).toMatch(/unknown command 'verfy'\nmkoverlay: hint: did you mean 'verify'\?/);

@@ -243,6 +243,16 @@ describe("--json: the fields docs/json.md documents, camelCase", () => {
     expectDocumented("mkoverlay write OVERLAY --image IMG --json", json(["write", archive.overlay, "--image", img.overlay, "--force", "--json"]));
   });
 
+  it("registry import-manufacturing (rpi-sb-provisioner's database)", async () => {
+    const { default: Database } = await import("better-sqlite3");
+    const file = join(dir, "manufacturing.db");
+    const db = new Database(file);
+    db.exec("CREATE TABLE devices(id integer primary key, boardname text, serial text, eth_mac text, wifi_mac text, bt_mac text)");
+    db.prepare("INSERT INTO devices(boardname, serial, eth_mac, wifi_mac, bt_mac) VALUES ('CM4', 'SN0001', 'd8:3a:dd:00:00:01', '', ''), ('CM5', 'f9999999', '', '', '')").run();
+    db.close();
+    expectDocumented("mkoverlay registry import-manufacturing DB --json", json(["registry", "import-manufacturing", file, "--json"]));
+  });
+
   it("every command docs/json.md documents was run above", () => {
     expect(DOC.size).toBeGreaterThanOrEqual(17);
     const skipped = [...(isRoot ? [] : ["mkoverlay bastion install --bastion NAME --json"]), ...(haveDiskTools() ? [] : ["mkoverlay image --base BASE --json", "mkoverlay write OVERLAY --image IMG --json"])];

@@ -75,7 +75,7 @@ export function rotateCommand(arg: string, opts: RotateOptions): Promise<void> {
   });
 }
 
-async function rotate(arg: string, opts: RotateOptions, stop: AbortSignal): Promise<void> {
+export async function rotate(arg: string, opts: RotateOptions, stop: AbortSignal): Promise<void> {
   const log = stderrLog(Boolean(opts.quiet) || Boolean(opts.json));
   const graceMs = parseGrace(opts.grace ?? "7d");
   const dk = loadOrGenerateKey(opts.hostKey);

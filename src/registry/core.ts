@@ -576,6 +576,18 @@ export class RegistryCore implements Registry {
     );
   }
 
+  setAttributes(hostname: string, attributes: Record<string, string>): Promise<boolean> {
+    return this.db.transaction("write", async (q) => {
+      if (!(await q.get("SELECT 1 AS found FROM devices WHERE hostname = ?", [hostname]))) return false;
+      for (const [k, v] of Object.entries(attributes)) {
+        await q.run("DELETE FROM attributes WHERE hostname = ? AND key = ?", [hostname, k]);
+        await q.run("INSERT INTO attributes (hostname, key, value) VALUES (?, ?, ?)", [hostname, k, v]);
+      }
+      // Factory data is in no export: the bastions' agents need no word of it.
+      return true;
+    });
+  }
+
   list(): Promise<DeviceRecord[]> {
     return this.db.transaction("read", async (q) => this.withServices(q, (await q.all<DeviceRow>(`SELECT ${DEVICE_COLUMNS} FROM devices ORDER BY port`)).map(normalizeRow)));
   }

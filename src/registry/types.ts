@@ -133,6 +133,11 @@ export interface Registry {
   getByFingerprint(fp: string): Promise<DeviceRecord | undefined>;
   /** Devices whose factory data has `key` = `value` (e.g. serial = SN0042). */
   findByAttribute(key: string, value: string): Promise<DeviceRecord[]>;
+  /**
+   * Records factory data on a registered device (added or replaced, others kept), in one
+   * transaction; false if there is no such device.
+   */
+  setAttributes(hostname: string, attributes: Record<string, string>): Promise<boolean>;
   list(): Promise<DeviceRecord[]>;
   /**
    * Records what devices dial where nothing is recorded yet (rows from before schema 6); a row

@@ -372,6 +372,12 @@ export async function registryTests(which: "sqlite" | "postgres"): Promise<void>
           expect(await r.get("nope")).toBeUndefined();
           expect((await r.findByAttribute("serial", "SN-6")).map((d) => [d.hostname, d.attributes])).toEqual([["dev-006", { serial: "SN-6", site: "lyon" }]]);
           expect(await r.findByAttribute("serial", "SN-7")).toEqual([]);
+          // Factory data added later (registry import-manufacturing): added or replaced, others kept.
+          expect(await r.setAttributes("dev-006", { eth_mac: "d8:3a:dd:00:00:01", site: "paris" })).toBe(true);
+          expect((await r.get("dev-006"))?.attributes).toEqual({ eth_mac: "d8:3a:dd:00:00:01", serial: "SN-6", site: "paris" });
+          expect((await r.findByAttribute("eth_mac", "d8:3a:dd:00:00:01")).map((d) => d.hostname)).toEqual(["dev-006"]);
+          expect(await r.setAttributes("nope", { eth_mac: "x" })).toBe(false);
+          expect(await r.findByAttribute("eth_mac", "x")).toEqual([]);
           expect((await r.list()).map((d) => `${d.hostname}:${d.port}:${d.status}`)).toEqual([
             "dev-001:26000:active", "dev-006:26001:pending", "dev-003:26002:revoked", "explicit:26003:pending", "dev-005:26004:pending", "dev-007:26005:pending",
           ]);
