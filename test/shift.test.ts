@@ -121,6 +121,16 @@ describe("a factory shift: interrupt, remaining rows, resume", () => {
     expect(lines[0]).toMatchObject({ hostname: "pj-0000", skipped: "already built", overlay: join(out, "pj-0000.overlay.tar.gz") });
   });
 
+  it("the same name with other factory data is another device: refused, not skipped", () => {
+    const other = join(dir, "other.csv");
+    writeFileSync(other, "hostname,serial\npj-0001,SN9999\n");
+    const before = readFileSync(db);
+    const r = run(process.execPath, [CLI, "batch", "--board", "rpi4", "--bastion", "eu", "--out", out, "--hosts", other, "--no-progress"], { cwd: dir, env: env() });
+    expect(r.code).toBe(1);
+    expect(r.stderr).toContain('pj-0001: hostname pj-0001 is already registered (active), with other factory data: serial is "SN1" there, "SN9999" in this row');
+    expect(readFileSync(db).equals(before)).toBe(true);
+  });
+
   it("a row registered whose output is gone is refused with the way out, not rebuilt with another key; the others skip", () => {
     rmSync(join(out, "pj-0007.overlay.tar.gz"));
     const before = readFileSync(db);

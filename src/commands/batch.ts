@@ -351,7 +351,13 @@ async function resumeShift(st: Station, names: { hostname: string | undefined; a
     const name = n.hostname!;
     const item = { wanted: name, attributes: n.attributes, label: name };
     const expected = overlayPath(st.emit, name);
-    if (state.status === "active" && state.overlay === expected && existsSync(expected)) {
+    // The same name with other factory data is another device, not this one built already.
+    const clash = Object.entries(n.attributes).find(([k, v]) => state.attributes[k] !== v);
+    if (clash) {
+      const [k, v] = clash;
+      const had = state.attributes[k];
+      report.fail(item, new UserError(`hostname ${name} is already registered (${state.status}), with other factory data: ${k} is ${had === undefined ? "not set" : JSON.stringify(had)} there, ${JSON.stringify(v)} in this row`));
+    } else if (state.status === "active" && state.overlay === expected && existsSync(expected)) {
       const s = { hostname: name, port: state.port, overlay: state.overlay };
       summary.skipped.push(s);
       hooks.skipped?.(s);

@@ -557,7 +557,12 @@ export class RegistryCore implements Registry {
           `SELECT hostname, status, port, overlay FROM devices WHERE hostname IN (${part.map(() => "?").join(", ")})`,
           part,
         );
-        for (const r of rows) out.set(r.hostname, { status: r.status, port: Number(r.port), overlay: r.overlay });
+        for (const r of rows) out.set(r.hostname, { status: r.status, port: Number(r.port), overlay: r.overlay, attributes: {} });
+        if (rows.length === 0) continue;
+        const found = rows.map((r) => r.hostname);
+        for (const a of await q.all<AttributeRow>(`SELECT hostname, key, value FROM attributes WHERE hostname IN (${found.map(() => "?").join(", ")})`, found)) {
+          out.get(a.hostname)!.attributes[a.key] = a.value;
+        }
       }
       return out;
     });

@@ -39,7 +39,7 @@ export interface DeviceRecord {
 }
 
 /** What a resumed batch needs to know of a registered name. */
-export type DeviceState = Pick<DeviceRecord, "status" | "port" | "overlay">;
+export type DeviceState = Pick<DeviceRecord, "status" | "port" | "overlay" | "attributes">;
 
 export interface ReserveRequest {
   /** Explicit --hostname, or undefined to take the next name from the template. */
