@@ -163,7 +163,8 @@ export function fleetStatus(devices: DeviceRecord[], obs: Observations, o: Statu
     for (const b of d.bastions) {
       const p = o.expiry!.get(b);
       const t = p && only(b) ? keyExpiry(p, new Date(d.created), pub, sighted.get(d.hostname)) : undefined;
-      if (t instanceof Date) out.push({ bastion: b, at: t.toISOString() });
+      // The minute expiry-time holds (the line truncates): when sshd starts refusing.
+      if (t instanceof Date) out.push({ bastion: b, at: new Date(Math.floor(t.getTime() / 60_000) * 60_000).toISOString() });
     }
     return out;
   };
