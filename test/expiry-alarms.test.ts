@@ -14,7 +14,7 @@ import { authorizedKeysLine } from "../src/bastion/line.js";
 import { deviceExpiry, keyExpiry, renewalAnchor } from "../src/config/expiry.js";
 import type { Bastion, Fleet } from "../src/config/fleet.js";
 import { planTunnel } from "../src/forwards.js";
-import { generateEd25519, publicKeyLine } from "../src/keys/ed25519.js";
+import { fingerprint, generateEd25519, publicKeyLine } from "../src/keys/ed25519.js";
 import { prometheusText } from "../src/metrics.js";
 import { openRegistry } from "../src/registry/open.js";
 import type { DeviceRecord, Observations } from "../src/registry/types.js";
@@ -53,7 +53,7 @@ function device(i: number, created: Date, over: Partial<DeviceRecord> = {}): Dev
     port: 21000 + i,
     services: {},
     publicKey: publicKeyLine(keys[i]!.pub, `gw-${i}`),
-    fingerprint: keys[i]!.fingerprint,
+    fingerprint: fingerprint(keys[i]!.pub),
     status: "active",
     overlay: null,
     station: "s",
