@@ -196,6 +196,7 @@ export function program(only?: string, help?: typeof CliHelp): Command {
       .option("--interval <seconds>", "how often to record the tunnels this bastion sees (mkoverlay status)", "15")
       .option("--metrics-listen <host:port>", "serve this bastion's fleet view for Prometheus on a loopback address (GET /metrics)")
       .option("--never-seen-after <duration>", "for the metrics: a device built this long ago and never connected is an alarm", "24h")
+      .option("--expiring-within <duration>", "for the metrics: a key that expires on this bastion within this is an alarm (e.g. 30d, 6w; 0: only expired)", "30d")
       .option("--config <file>", CFG)
       .action(lazy(() => import("./commands/bastion-agent.js"), (m, opts) => m.bastionAgentCommand(opts)));
   });
@@ -272,6 +273,7 @@ export function program(only?: string, help?: typeof CliHelp): Command {
       .option("--json", "same as --format json")
       .option("--check", "exit 1 when there is an alarm (for monitoring)")
       .option("--never-seen-after <duration>", "a device built this long ago and never connected is an alarm (e.g. 24h, 2d; 0: never)", "24h")
+      .option("--expiring-within <duration>", "a key that expires on a bastion within this is an `expiring` alarm (e.g. 30d, 6w, 72h; 0: only expired)", "30d")
       .option("--config <file>", CFG)
       .action(lazy(() => import("./commands/status.js"), (m, dev, opts) => m.statusCommand(dev, opts)));
   });

@@ -4,9 +4,7 @@
  * prometheus`, and the bastion agent's `--metrics-listen` endpoint.
  */
 import { Gauge, Registry } from "prom-client";
-import type { AlarmKind, FleetStatus } from "./status.js";
-
-const ALARM_KINDS: AlarmKind[] = ["revoked-connected", "unknown-listener", "port-squatted", "key-mismatch", "bastion-silent", "never-seen"];
+import { ALARM_KINDS, type FleetStatus } from "./status.js";
 const STATES = ["connected", "offline", "never-seen", "new", "unknown"] as const;
 
 export async function prometheusText(s: FleetStatus): Promise<string> {
@@ -15,12 +13,14 @@ export async function prometheusText(s: FleetStatus): Promise<string> {
   const up = gauge("mkoverlay_device_up", "1 when the device's tunnel listens on the bastion now, else 0 (one series per device and bastion it tunnels to)", ["hostname", "bastion"]);
   const lastSeen = gauge("mkoverlay_device_last_seen_timestamp_seconds", "When a bastion last saw the device's tunnel (Unix time)", ["hostname"]);
   const devices = gauge("mkoverlay_devices", "Devices by bastion and state (connected, offline, never-seen, new, unknown)", ["bastion", "state"]);
-  const alarms = gauge("mkoverlay_alarms", "Alarms by kind (revoked-connected, unknown-listener, port-squatted, key-mismatch, bastion-silent, never-seen)", ["kind"]);
+  const alarms = gauge("mkoverlay_alarms", `Alarms by kind (${ALARM_KINDS.join(", ")})`, ["kind"]);
   const beat = gauge("mkoverlay_bastion_heartbeat_timestamp_seconds", "When the bastion's agent last reported (Unix time)", ["bastion"]);
+  const expiry = gauge("mkoverlay_device_key_expiry_timestamp_seconds", "When the device's key stops working on the bastion (Unix time; expirySpread and expiryRenewal included), for bastions that set an expiry", ["hostname", "bastion"]);
   const bastionUp = gauge("mkoverlay_bastion_up", "1 when the bastion's agent reported within three intervals", ["bastion"]);
   for (const d of s.devices) {
     for (const b of d.bastions) up.set({ hostname: d.hostname, bastion: b }, d.connected.some((c) => c.bastion === b) ? 1 : 0);
     if (d.lastSeen) lastSeen.set({ hostname: d.hostname }, Date.parse(d.lastSeen) / 1000);
+    for (const e of d.expires ?? []) expiry.set({ hostname: d.hostname, bastion: e.bastion }, Date.parse(e.at) / 1000);
   }
   for (const b of s.bastions) {
     for (const state of STATES) devices.set({ bastion: b.name, state }, s.devices.filter((d) => d.bastions.includes(b.name) && (state === "connected" ? d.connected.some((c) => c.bastion === b.name) : d.state === state)).length);

@@ -87,8 +87,8 @@ describe("fleet status (pure)", () => {
       ["bastion-silent", "us", null],
     ]);
     expect(s.bastions).toEqual([
-      { name: "eu", heartbeat: t(0.1), fresh: true, connected: 2, expected: 4 },
-      { name: "us", heartbeat: t(30), fresh: false, connected: 0, expected: 1 },
+      { name: "eu", heartbeat: t(0.1), fresh: true, connected: 2, expected: 4, expiring: 0, expired: 0 },
+      { name: "us", heartbeat: t(30), fresh: false, connected: 0, expected: 1, expiring: 0, expired: 0 },
     ]);
   });
 

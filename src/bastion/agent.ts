@@ -21,6 +21,9 @@
  *   line carries expiry-time, so sshd enforces the end anyway) or until sshd's log shows the new
  *   key logging in (authlog.ts) — then it is retired at once, on this bastion.
  * - Corrupt or hostile rows are skipped with a log line (export.ts), never written.
+ * - Expiry renewal (`expiryRenewal`): each full re-read also reads when every device was last
+ *   seen connected (the agents' own records) and writes the renewed expiry-time into the key
+ *   file of a device seen since its anchor day changed; the device is never touched.
  *
  * - What it sees (issue 13): every `observeMs` it lists the loopback listeners in the fleet's
  *   tunnel ranges (any user's: a stray listener is an alarm too) and records them in the
@@ -38,7 +41,8 @@ import type { Bastion, Fleet } from "../config/fleet.js";
 import { writeFileAtomic } from "../fsutil.js";
 import { displayLocation, isPostgresUrl } from "../registry/location.js";
 import type { DeviceRecord, Listener, Registry } from "../registry/types.js";
-import { fleetStatus, type FleetStatus } from "../status.js";
+import { renewalAnchor } from "../config/expiry.js";
+import { fleetStatus, lastSightings, type FleetStatus } from "../status.js";
 import { followFile, followJournal, parseAccepted, type Follower } from "./authlog.js";
 import { bastionEntries, type BastionEntry } from "./export.js";
 import { KeyStore, listenPorts } from "./keystore.js";
@@ -124,6 +128,8 @@ export class Agent {
   private suspectLogged = false;
   /** The last apply failed half-way (e.g. a full disk): the next full re-read redoes everything. */
   private dirty = false;
+  /** With expiryRenewal: when a bastion last saw each device connected (read at each full re-read). */
+  private sighted = new Map<string, Date>();
 
   constructor(private readonly c: AgentConfig) {}
 
@@ -265,15 +271,24 @@ export class Agent {
     const got: [string, DeviceRecord | undefined][] = [];
     for (const h of hosts) got.push([h, await this.db((r) => r.get(h))]);
     for (const [h, d] of got) {
-      if (d) this.rows.set(h, { sig: signature(d), record: d });
+      if (d) this.rows.set(h, { sig: this.signature(d), record: d });
       else this.rows.delete(h);
     }
     await this.apply(hosts);
   }
 
+  /** A row's signature, with the day its expiry is renewed from (a renewal rewrites the line). */
+  private signature(d: DeviceRecord): string {
+    const seen = this.sighted.get(d.hostname);
+    return seen ? `${signature(d)} ${renewalAnchor(seen).toISOString()}` : signature(d);
+  }
+
   private async fullSync(): Promise<void> {
     if (this.stopped || !this.registry) return;
-    const devices = await this.db((r) => r.list());
+    const [devices, obs] = await this.db((r) => Promise.all([r.list(), this.c.bastion.expiryRenewal ? r.observations() : undefined]));
+    // expiryRenewal: a device seen connected (on any bastion) gets its renewed expiry-time here,
+    // at the latest one re-read after the sighting is recorded; nothing on the device changes.
+    if (obs) this.sighted = lastSightings(devices, obs);
     if (devices.length === 0 && this.store.size > 0) {
       if (!this.suspectLogged) {
         this.c.log("error", `${this.where} holds no device at all while ${this.store.size} key(s) are authorized: not applied (a new or wrong database?); keeping them`);
@@ -285,7 +300,7 @@ export class Agent {
       const changed: string[] = [];
       for (const d of devices) {
         seen.add(d.hostname);
-        const sig = signature(d);
+        const sig = this.signature(d);
         if (this.dirty || this.rows.get(d.hostname)?.sig !== sig) changed.push(d.hostname);
         this.rows.set(d.hostname, { sig, record: d });
       }
@@ -328,7 +343,7 @@ export class Agent {
       this.byHost.delete(h);
       const row = this.rows.get(h)?.record;
       if (!row) continue;
-      const { entries, skipped } = bastionEntries(this.c.fleet, this.c.bastion, [row], now);
+      const { entries, skipped } = bastionEntries(this.c.fleet, this.c.bastion, [row], now, this.sighted);
       const reasons = skipped.map((s) => s.reason).join("; ");
       if (reasons && this.skipLogged.get(h) !== reasons) this.c.log("warn", `skipped ${JSON.stringify(h)}: ${reasons}`);
       if (reasons) this.skipLogged.set(h, reasons);
@@ -494,9 +509,10 @@ export class Agent {
   }
 
   /** This bastion's view of the fleet, for the metrics endpoint. */
-  async status(neverSeenAfterMs: number): Promise<FleetStatus> {
+  async status(neverSeenAfterMs: number, expiringWithinMs?: number): Promise<FleetStatus> {
     const [devices, obs] = await this.db((r) => Promise.all([r.list(), r.observations()]));
-    return fleetStatus(devices, obs, { now: this.now, neverSeenAfterMs, bastion: this.c.bastion.name, knownBastions: [this.c.bastion.name] });
+    const b = this.c.bastion;
+    return fleetStatus(devices, obs, { now: this.now, neverSeenAfterMs, bastion: b.name, knownBastions: [b.name], expiry: new Map([[b.name, b]]), ...(expiringWithinMs === undefined ? {} : { expiringWithinMs }) });
   }
 
   // --- rotation ---

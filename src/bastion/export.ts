@@ -98,8 +98,11 @@ function keyOf(line: string, stored: string): { pub: Buffer; fingerprint: string
   return { pub, fingerprint: fp };
 }
 
-/** Every key the bastion accepts at `now`, in port order (current key before previous). */
-export function bastionEntries(fleet: Fleet, bastion: Bastion, devices: DeviceRecord[], now: Date): { entries: BastionEntry[]; skipped: Skipped[] } {
+/**
+ * Every key the bastion accepts at `now`, in port order (current key before previous). `seen`:
+ * when a bastion last saw each device connected (status.ts lastSightings), for `expiryRenewal`.
+ */
+export function bastionEntries(fleet: Fleet, bastion: Bastion, devices: DeviceRecord[], now: Date, sighted?: ReadonlyMap<string, Date>): { entries: BastionEntry[]; skipped: Skipped[] } {
   const entries: BastionEntry[] = [];
   const skipped: Skipped[] = [];
   const seen = new Set<string>();
@@ -131,7 +134,7 @@ export function bastionEntries(fleet: Fleet, bastion: Bastion, devices: DeviceRe
       }
       try {
         const dialled = asDialled(bastion, k.dials);
-        const line = authorizedKeysLine({ hostname, pub: key.pub, tunnel: dialled === bastion ? tunnel : { ...tunnel, bastion: dialled }, now: new Date(d.created), ...(k.until ? { notAfter: k.until } : {}) });
+        const line = authorizedKeysLine({ hostname, pub: key.pub, tunnel: dialled === bastion ? tunnel : { ...tunnel, bastion: dialled }, now: new Date(d.created), seen: sighted?.get(hostname) ?? null, ...(k.until ? { notAfter: k.until } : {}) });
         seen.add(key.fingerprint);
         entries.push({ hostname, fingerprint: key.fingerprint, line, ports, previous: Boolean(k.until), ...(k.until ? { until: k.until } : {}) });
       } catch (e) {
@@ -147,9 +150,9 @@ export function renderAuthorizedKeys(
   bastion: Bastion,
   devices: DeviceRecord[],
   version: string,
-  opts: { now?: Date; onSkip?: (s: Skipped) => void } = {},
+  opts: { now?: Date; onSkip?: (s: Skipped) => void; seen?: ReadonlyMap<string, Date> } = {},
 ): string {
-  const { entries, skipped } = bastionEntries(fleet, bastion, devices, opts.now ?? new Date());
+  const { entries, skipped } = bastionEntries(fleet, bastion, devices, opts.now ?? new Date(), opts.seen);
   for (const s of skipped) opts.onSkip?.(s);
   const live = new Set(entries.map((e) => e.hostname)).size;
   const out = [

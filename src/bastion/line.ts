@@ -6,7 +6,7 @@
  */
 import type { TunnelPlan } from "../forwards.js";
 import { publicKeyLine } from "../keys/ed25519.js";
-import { deviceExpiry } from "../config/expiry.js";
+import { keyExpiry } from "../config/expiry.js";
 import { expiryTimeOption, quotedValueProblem } from "../validate.js";
 
 export interface LineInput {
@@ -18,6 +18,8 @@ export interface LineInput {
   now: Date;
   /** The key stops working at this instant at the latest (a rotated-out key's grace end). */
   notAfter?: Date;
+  /** When a bastion last saw the device connected: with `expiryRenewal`, the expiry counts on from here. */
+  seen?: Date | null;
 }
 
 function quoted(name: string, value: string): string {
@@ -32,12 +34,11 @@ export function authorizedKeysOptions(i: LineInput): string[] {
   const opts = ["restrict", "port-forwarding", quoted("command", "/sbin/nologin")];
   if (b.from) opts.push(quoted("from", b.from.join(",")));
   let expiry = i.notAfter;
-  if (b.expiry) {
-    // A duration gets this device's share of the spread (never earlier than the config says).
-    const t = deviceExpiry(b.expiry, b.expirySpread, i.now, i.pub);
-    if (typeof t === "string") throw new Error(`expiry ${b.expiry} ${t}`);
-    if (!expiry || t < expiry) expiry = t;
-  }
+  // A duration gets this device's share of the spread (never earlier than the config says),
+  // and with expiryRenewal is renewed from the last sighting (config/expiry.ts).
+  const t = keyExpiry(b, i.now, i.pub, i.seen);
+  if (typeof t === "string") throw new Error(`expiry ${b.expiry} ${t}`);
+  if (t && (!expiry || t < expiry)) expiry = t;
   if (expiry) opts.push(quoted("expiry-time", expiryTimeOption(expiry)));
   // ssh sends "localhost" for `-R PORT:…` and `-R localhost:PORT:…`: only that bind matches,
   // so the device cannot bind 0.0.0.0 or 127.0.0.1 on the bastion.

@@ -15,7 +15,7 @@ import { UserError } from "../errors.js";
 import { isPostgresUrl } from "../registry/location.js";
 import { openRegistry } from "../registry/open.js";
 import type { FleetStatus } from "../status.js";
-import { parseAfter } from "../status-options.js";
+import { parseAfter, parseWithin } from "../status-options.js";
 
 /** uid of a local user, or undefined (getent: the user may come from any NSS source). */
 export function userId(name: string): number | undefined {
@@ -53,6 +53,7 @@ export async function bastionAgentCommand(opts: {
   interval?: string;
   metricsListen?: string;
   neverSeenAfter?: string;
+  expiringWithin?: string;
 }): Promise<void> {
   const fleet = await loadFleet(configPath(opts.config));
   const bs = resolveBastions(fleet, opts.bastion);
@@ -68,6 +69,7 @@ export async function bastionAgentCommand(opts: {
   const interval = seconds("--interval", opts.interval ?? "15");
   const metrics = opts.metricsListen === undefined ? undefined : loopbackEndpoint(opts.metricsListen);
   const neverSeenAfterMs = parseAfter(opts.neverSeenAfter ?? "24h");
+  const expiringWithinMs = parseWithin(opts.expiringWithin ?? "30d");
   const uid = userId(bastion.user);
   if (uid === undefined) {
     throw new UserError(`bastion '${bastion.name}': its tunnel user '${bastion.user}' does not exist on this host`, { hint: `mkoverlay bastion install --bastion ${bastion.name} creates it` });
@@ -78,7 +80,7 @@ export async function bastionAgentCommand(opts: {
   };
   const agent = new Agent({ fleet, bastion, stateDir: dir, registry: fleet.registry, openRegistry, tunnelUid: uid, resyncMs: resync * 1000, authLog, log, observeMs: interval * 1000 });
   await agent.start();
-  const server = metrics ? await serveMetrics(metrics, () => agent.status(neverSeenAfterMs), log) : undefined;
+  const server = metrics ? await serveMetrics(metrics, () => agent.status(neverSeenAfterMs, expiringWithinMs), log) : undefined;
   await new Promise<void>((resolve) => {
     const stop = (sig: string) => {
       log("info", `${sig}: stopping`);

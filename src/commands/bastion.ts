@@ -2,6 +2,7 @@
 import { spawnSync } from "node:child_process";
 import { readFileSync, statSync } from "node:fs";
 import { renderAuthorizedKeys } from "../bastion/export.js";
+import { lastSightings } from "../status.js";
 import { renderMatchBlock } from "../bastion/sshd-config.js";
 import type { Bastion, Fleet } from "../config/fleet.js";
 import { configPath, loadFleet } from "../config/load.js";
@@ -90,7 +91,10 @@ export async function authorizedKeysCommand(opts: { bastion?: string; write?: st
   const { text, bastion } = await withFleetRegistry(opts.config, async (fleet, registry) => {
     const b = oneBastion(fleet, opts.bastion);
     // A corrupt or hostile row is left out, never rendered; say which and why.
-    const text = renderAuthorizedKeys(fleet, b, await registry.list(), VERSION, { onSkip: (s) => log.warn(`left out ${JSON.stringify(s.hostname)}: ${s.reason}`) });
+    const devices = await registry.list();
+    // With expiryRenewal, a device seen connected gets the renewed expiry the agent serves.
+    const seen = b.expiryRenewal ? lastSightings(devices, await registry.observations()) : undefined;
+    const text = renderAuthorizedKeys(fleet, b, devices, VERSION, { onSkip: (s) => log.warn(`left out ${JSON.stringify(s.hostname)}: ${s.reason}`), ...(seen ? { seen } : {}) });
     return { text, bastion: b };
   });
   const report = { bastion: bastion.name, user: bastion.user, file: opts.write ?? null, keys: keyCount(text) };

@@ -8,7 +8,7 @@ import { withFleetRegistry } from "../context.js";
 import { UserError } from "../errors.js";
 import { out } from "../output.js";
 import { fleetStatus, type DeviceView, type FleetStatus } from "../status.js";
-import { parseAfter } from "../status-options.js";
+import { parseAfter, parseWithin } from "../status-options.js";
 import { nameProblem } from "../validate.js";
 import { findDevice } from "../device-arg.js";
 
@@ -18,6 +18,7 @@ export interface StatusOptions {
   format?: string;
   check?: boolean;
   neverSeenAfter?: string;
+  expiringWithin?: string;
   config?: string;
 }
 
@@ -43,7 +44,10 @@ export function renderStatusTable(s: FleetStatus): string {
   const line = (r: string[]) => r.map((v, i) => v.padEnd(widths[i]!)).join("  ").trimEnd();
   const out = [line(head), ...rows.map(line)];
   out.push("");
-  for (const b of s.bastions) out.push(`bastion ${b.name}: ${b.connected} of ${b.expected} connected; agent ${b.heartbeat ? `reported ${when(b.heartbeat, now)}` : "never reported"}${b.fresh ? "" : " (STALE)"}`);
+  for (const b of s.bastions) {
+    const keys = b.expiring + b.expired > 0 ? `; keys: ${b.expiring} expiring, ${b.expired} expired` : "";
+    out.push(`bastion ${b.name}: ${b.connected} of ${b.expected} connected${keys}; agent ${b.heartbeat ? `reported ${when(b.heartbeat, now)}` : "never reported"}${b.fresh ? "" : " (STALE)"}`);
+  }
   for (const a of s.alarms) out.push(`ALARM ${a.kind}: ${a.message}`);
   if (s.alarms.length === 0) out.push("no alarms");
   return out.join("\n") + "\n";
@@ -58,11 +62,12 @@ export async function statusCommand(device: string | undefined, opts: StatusOpti
   if (!["table", "json", "prometheus"].includes(format)) throw new UserError(`--format ${JSON.stringify(format)}: use table, json or prometheus`);
   if (opts.bastion !== undefined && nameProblem(opts.bastion)) throw new UserError(`--bastion ${JSON.stringify(opts.bastion)}: not a bastion name`);
   const neverSeenAfterMs = parseAfter(opts.neverSeenAfter ?? "24h");
+  const expiringWithinMs = parseWithin(opts.expiringWithin ?? "30d");
   const s = await withFleetRegistry(opts.config, async (fleet, registry) => {
     if (opts.bastion !== undefined && !fleet.bastions.has(opts.bastion)) throw new UserError(`--bastion ${opts.bastion}: no such bastion in ${fleet.file}`);
     const one = device === undefined ? undefined : (await findDevice(registry, device, "status")).hostname;
     const [devices, obs] = await Promise.all([registry.list(), registry.observations()]);
-    const all = fleetStatus(devices, obs, { now: new Date(), neverSeenAfterMs, ...(opts.bastion ? { bastion: opts.bastion } : {}), knownBastions: [...fleet.bastions.keys()] });
+    const all = fleetStatus(devices, obs, { now: new Date(), neverSeenAfterMs, ...(opts.bastion ? { bastion: opts.bastion } : {}), knownBastions: [...fleet.bastions.keys()], expiry: fleet.bastions, expiringWithinMs });
     return one === undefined ? all : { ...all, devices: all.devices.filter((d) => d.hostname === one), alarms: all.alarms.filter((a) => a.hostname === one) };
   });
   if (format === "json") out(JSON.stringify(s));

@@ -59,3 +59,37 @@ export function deviceExpiry(expiry: string, spread: string | number | undefined
   const t = new Date(base.getTime() + extra);
   return t > LATEST_EXPIRY ? LATEST_EXPIRY : t;
 }
+
+/** What of a bastion decides a device key's expiry. */
+export interface ExpiryPolicy {
+  expiry?: string | undefined;
+  expirySpread?: string | number | undefined;
+  /** With a duration expiry: a device seen connected keeps its key at least this long after. */
+  expiryRenewal?: string | undefined;
+}
+
+const DAY_MS = DAY;
+
+/** The start (00:00 UTC) of the day of `t`: the renewal anchor, so a line changes at most daily. */
+export function renewalAnchor(t: Date): Date {
+  return new Date(Math.floor(t.getTime() / DAY_MS) * DAY_MS);
+}
+
+/**
+ * When a device's key stops working on a bastion with this policy, or a reason; undefined when
+ * the bastion sets no expiry. Built at `built`, last seen connected (on any bastion) at `seen`.
+ *
+ * `expiryRenewal` (only with a duration expiry) moves the end forward for a device that is seen:
+ * the key then lasts until the renewal duration after the day it was last seen (plus its share
+ * of the spread), if that is later than the build-time expiry. It never shortens, and a device
+ * that is not seen again keeps the expiry it has: a lost or stolen device still dies. A date
+ * expiry is one instant for everyone and is never renewed.
+ */
+export function keyExpiry(p: ExpiryPolicy, built: Date, pub: Buffer, seen?: Date | null): Date | string | undefined {
+  if (p.expiry === undefined) return undefined;
+  const base = deviceExpiry(p.expiry, p.expirySpread, built, pub);
+  if (typeof base === "string" || !p.expiryRenewal || !isDurationExpiry(p.expiry) || !seen || seen <= built) return base;
+  const renewed = deviceExpiry(p.expiryRenewal, p.expirySpread, renewalAnchor(seen), pub);
+  if (typeof renewed === "string") return `expiryRenewal ${renewed}`;
+  return renewed > base ? renewed : base;
+}

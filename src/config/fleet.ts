@@ -20,6 +20,8 @@ export interface Bastion {
   expiry: string | undefined;
   /** Extra time, up to this, per device on a duration expiry (config/expiry.ts); undefined: the default. */
   expirySpread?: string | number | undefined;
+  /** With a duration expiry: how long a device seen connected keeps its key after (config/expiry.ts). */
+  expiryRenewal?: string | undefined;
   jumpUser: string | undefined;
 }
 
@@ -66,7 +68,7 @@ export function toFleet(raw: FleetRaw, file: string, baseDir: string): Fleet {
     // Every key a device trusts for this bastion, in one known_hosts list: the current ones,
     // the next ones, the host CA (rules.ts refuses duplicates).
     const hostKeys = [...b.hostKeys, ...(b.nextHostKeys ?? []), ...(b.hostCA ? [`@cert-authority ${b.hostCA}`] : [])];
-    bastions.set(name, { name, host: b.host.toLowerCase(), port: b.port, user: b.user, hostKeys, from: b.from, expiry: b.expiry, expirySpread: b.expirySpread, jumpUser: b.jumpUser });
+    bastions.set(name, { name, host: b.host.toLowerCase(), port: b.port, user: b.user, hostKeys, from: b.from, expiry: b.expiry, expirySpread: b.expirySpread, expiryRenewal: b.expiryRenewal, jumpUser: b.jumpUser });
   }
   return {
     file,

@@ -80,6 +80,12 @@ export const BastionSchema = z
       .describe(
         "With a duration expiry: each device's key lasts up to this much longer (deterministic per key), so one shift's builds do not all expire in the same minute. 0 (none), or hours/days/weeks (36h, 14d, 2w); default a tenth of the duration, at most 30d. Never shortens the expiry",
       ),
+    expiryRenewal: z
+      .string()
+      .optional()
+      .describe(
+        "With a duration expiry: a device seen connected (by any bastion's agent) keeps its key at least this long after the day it was last seen (plus its share of expirySpread); the agent serves the renewed expiry-time, the device is never touched. A device not seen keeps its build-time expiry. A duration (90d, 12w, 6m, 1y)",
+      ),
     jumpUser: z
       .string()
       .superRefine(check(userProblem))
