@@ -127,6 +127,8 @@ export const HELP: Record<string, HelpSpec> = {
     examples: [
       ["mkoverlay bastion authorized-keys --bastion eu --write /etc/ssh/authorized_keys.d/reverse-ssh", "the tunnel user's file"],
       ["mkoverlay bastion sshd-config --bastion eu", "the Match User block for sshd_config"],
+      ["mkoverlay bastion install --bastion eu", "as root on the bastion: all of it, kept live by the agent"],
+      ["mkoverlay bastion agent --bastion eu", "the agent the installed unit runs"],
     ],
     env: CONFIG,
   },
@@ -164,6 +166,9 @@ export const HELP: Record<string, HelpSpec> = {
     examples: [
       ["mkoverlay registry list", "every device, its ports and factory data"],
       ["mkoverlay registry doctor --fix", "after a station was killed"],
+      ["mkoverlay registry release gw-0042", "a revoked device's ports back to the pool"],
+      ["mkoverlay registry remove-bastion us", "a retired bastion off every device"],
+      ["mkoverlay registry migrate --to postgres://mkoverlay@db.factory.lan/fleet", "into PostgreSQL"],
     ],
     env: CONFIG,
   },

@@ -195,7 +195,7 @@ export function program(only?: string, help?: typeof CliHelp): Command {
   });
 
   def("bastion", () => {
-    const bastion = p.command("bastion").description("what a bastion imports: authorized_keys and its sshd Match block");
+    const bastion = p.command("bastion").description("the bastion's side: authorized-keys, sshd-config, install (as root), agent (the live key follower)");
     bastion
       .command("authorized-keys")
       .description("the tunnel user's complete authorized_keys file, from the registry")
@@ -314,7 +314,7 @@ export function program(only?: string, help?: typeof CliHelp): Command {
   });
 
   def("registry", () => {
-    const registry = p.command("registry").description("the port registry: list, doctor, release, migrate");
+    const registry = p.command("registry").description("the port registry: list, release, remove-bastion, doctor, migrate");
     registry
       .command("list")
       .description("the port allocation table, with each device's factory data")
