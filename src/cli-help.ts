@@ -64,7 +64,7 @@ export const HELP: Record<string, HelpSpec> = {
   },
   write: {
     examples: [
-      ["mkoverlay write out/gw-0001.overlay.tar.gz --image card.img", "lay an overlay into an image, in place (its .bmap is refreshed)"],
+      ["mkoverlay write out/gw-0001.overlay.tar.gz --image card.img", "lay an overlay into an image, in place (its .bmap is refreshed, or made)"],
       ["mkoverlay write out/gw-0001.overlay.tar.gz --device /dev/sdX --base base.img", "write the base's used blocks to a card, then the overlay"],
       ["mkoverlay write out/gw-0001.overlay.tar.gz --device /dev/sdX", "re-flash the overlay onto a card that already has the base"],
     ],
@@ -93,6 +93,7 @@ export const HELP: Record<string, HelpSpec> = {
       ["mkoverlay status", "which gateways are connected, where and since when; alarms"],
       ["mkoverlay status serial=SN0042 --json", "one device, found by its factory data"],
       ["mkoverlay status --check --never-seen-after 2d", "for monitoring: exit 1 on an alarm"],
+      ["mkoverlay status --state offline,never-seen", "only the devices that are not there"],
     ],
     env: CONFIG,
     exit: "0 done (with --check: no alarm); 1 an alarm, with --check; 2 a usage or input error; 70 a bug",
@@ -176,6 +177,7 @@ export const HELP: Record<string, HelpSpec> = {
     examples: [
       ["mkoverlay registry list", "a table"],
       ["mkoverlay registry list --format csv > fleet.csv", "for a spreadsheet (factory data as columns)"],
+      ["mkoverlay registry list --columns hostname,port,serial,fingerprint", "these columns (fixed ones and factory data names)"],
       ["mkoverlay registry list --json", "every field"],
     ],
     env: CONFIG,
