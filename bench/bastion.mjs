@@ -204,7 +204,10 @@ for (const [n, dir] of fleets) {
   prepareRoot(root);
   log(`bastion install --root for ${n} devices…`);
   const t = now();
-  mk(["bastion", "install", "--bastion", "eu", "--root", root, "--config", join(dir, "mkoverlay.yaml")], { cwd: dir });
+  // The registry where the bastion's agent reads it (inside the image: its first key set comes from there).
+  mkdirSync(join(root, "var/lib/mkoverlay"), { recursive: true, mode: 0o755 });
+  copyFileSync(join(dir, "registry.db"), join(root, "var/lib/mkoverlay/registry.db"));
+  mk(["bastion", "install", "--bastion", "eu", "--root", root, "--mkoverlay", "/usr/local/bin/mkoverlay", "--registry", "/var/lib/mkoverlay/registry.db", "--config", join(dir, "mkoverlay.yaml")], { cwd: dir });
   log(`  ${((now() - t) / 1000).toFixed(1)} s; ${readdirSync(join(root, "var/lib/mkoverlay/bastion/eu/keys")).length} key files`);
   // The export as docs/bastion.md installs it: 0600, owned by the tunnel user (sshd reads it as that user).
   const ak = join(SECURE, `authorized_keys-${n}`);

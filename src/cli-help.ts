@@ -60,7 +60,7 @@ export const HELP: Record<string, HelpSpec> = {
       ["mkoverlay image --base gpt.img --board arm64 --bastion eu --root-partition 3 --json", "a base whose root partition is not found by type and label"],
     ],
     env: BUILD,
-    exit: `0 built; 2 a usage, input or I/O error, or a base mkoverlay will not write (mounted, not ext, no room, another device's identity: nothing reserved); ${INTERRUPTED}; 70 a bug`,
+    exit: `0 built; 2 a usage, input or I/O error, or a base mkoverlay will not write (mounted, not ext, no room, a file system larger than its partition, a damaged partition table, another device's identity: nothing reserved); ${INTERRUPTED}; 70 a bug`,
   },
   write: {
     examples: [
@@ -69,7 +69,7 @@ export const HELP: Record<string, HelpSpec> = {
       ["mkoverlay write out/gw-0001.overlay.tar.gz --device /dev/sdX", "re-flash the overlay onto a card that already has the base"],
     ],
     env: ["SOURCE_DATE_EPOCH"],
-    exit: "0 written and read back; 1 the write or its read-back failed (rolled back); 2 refused (mounted, not ext, no room, another device's identity) or a usage error; 70 a bug",
+    exit: "0 written and read back; 1 the write or its read-back failed, or debugfs wrote outside the root partition (rolled back); 2 refused (mounted, not ext, no room, a file system larger than its partition, a damaged partition table, another device's identity; --device: a partition instead of the whole disk, the station's own disk) or a usage error; 70 a bug",
   },
   init: {
     examples: [
@@ -143,7 +143,9 @@ export const HELP: Record<string, HelpSpec> = {
   "bastion install": {
     examples: [
       ["mkoverlay bastion install --bastion eu", "as root on the bastion: tunnel user, sshd drop-in, key directory, agent unit"],
-      ["mkoverlay bastion install --bastion eu --root /mnt/image --registry postgres://mkoverlay_bastion@db/fleet --json", "into a mounted image"],
+      ["mkoverlay bastion install --bastion eu --dry-run", "what it would change, as a diff; nothing is written"],
+      ["mkoverlay bastion install --bastion eu --root /mnt/image --mkoverlay /usr/local/bin/mkoverlay --registry postgres://mkoverlay_bastion@db/fleet --json", "into a mounted image: the executable and registry as the bastion sees them"],
+      ["mkoverlay bastion install --bastion eu --take-over-user tunnel", "use the existing login account 'tunnel' as the tunnel user (it then logs in only as a tunnel)"],
     ],
     env: CONFIG,
     exit: "0 installed (or already); 1 installed, but systemd or sshd did not take it; 2 a usage or input error; 70 a bug",
@@ -179,6 +181,7 @@ export const HELP: Record<string, HelpSpec> = {
       ["mkoverlay registry list --format csv > fleet.csv", "for a spreadsheet (factory data as columns)"],
       ["mkoverlay registry list --columns hostname,port,serial,fingerprint", "these columns (fixed ones and factory data names)"],
       ["mkoverlay registry list --json", "every field"],
+      ["mkoverlay registry list --old-settings", "devices still dialling what the config changed (rotate them)"],
     ],
     env: CONFIG,
   },

@@ -6,7 +6,7 @@
 import { Gauge, Registry } from "prom-client";
 import type { AlarmKind, FleetStatus } from "./status.js";
 
-const ALARM_KINDS: AlarmKind[] = ["revoked-connected", "unknown-listener", "key-mismatch", "bastion-silent", "never-seen"];
+const ALARM_KINDS: AlarmKind[] = ["revoked-connected", "unknown-listener", "port-squatted", "key-mismatch", "bastion-silent", "never-seen"];
 const STATES = ["connected", "offline", "never-seen", "new", "unknown"] as const;
 
 export async function prometheusText(s: FleetStatus): Promise<string> {
@@ -15,7 +15,7 @@ export async function prometheusText(s: FleetStatus): Promise<string> {
   const up = gauge("mkoverlay_device_up", "1 when the device's tunnel listens on the bastion now, else 0 (one series per device and bastion it tunnels to)", ["hostname", "bastion"]);
   const lastSeen = gauge("mkoverlay_device_last_seen_timestamp_seconds", "When a bastion last saw the device's tunnel (Unix time)", ["hostname"]);
   const devices = gauge("mkoverlay_devices", "Devices by bastion and state (connected, offline, never-seen, new, unknown)", ["bastion", "state"]);
-  const alarms = gauge("mkoverlay_alarms", "Alarms by kind (revoked-connected, unknown-listener, key-mismatch, bastion-silent, never-seen)", ["kind"]);
+  const alarms = gauge("mkoverlay_alarms", "Alarms by kind (revoked-connected, unknown-listener, port-squatted, key-mismatch, bastion-silent, never-seen)", ["kind"]);
   const beat = gauge("mkoverlay_bastion_heartbeat_timestamp_seconds", "When the bastion's agent last reported (Unix time)", ["bastion"]);
   const bastionUp = gauge("mkoverlay_bastion_up", "1 when the bastion's agent reported within three intervals", ["bastion"]);
   for (const d of s.devices) {

@@ -7,6 +7,7 @@
  */
 import { rmSync } from "node:fs";
 import { resolve } from "node:path";
+import { dialsJson, fieldWhere, forcedNote, lockoutError, lockoutLines, lockouts } from "./config/compat.js";
 import type { Bastion, Fleet } from "./config/fleet.js";
 import type { DeviceKey } from "./device.js";
 import { UserError } from "./errors.js";
@@ -32,6 +33,8 @@ export interface OutputOptions {
   rootPartition?: string;
   compress?: string;
   force?: boolean;
+  /** Build even though the config would lock out registered devices (compat.ts). */
+  forceConfigChange?: boolean;
 }
 
 /** `--root-partition N`: a partition number as the kernel counts them. */
@@ -126,16 +129,51 @@ export interface Station {
   stopRequested(): string | undefined;
 }
 
-export async function withStation<T>(fleet: Fleet, emit: Emit, log: Log, now: Date, open: () => Promise<Registry>, fn: (st: Station) => Promise<T>, stop?: AbortSignal): Promise<T> {
+export async function withStation<T>(
+  fleet: Fleet,
+  emit: Emit,
+  log: Log,
+  now: Date,
+  open: () => Promise<Registry>,
+  fn: (st: Station) => Promise<T>,
+  stop?: AbortSignal,
+  opts: { forceConfigChange?: boolean } = {},
+): Promise<T> {
   const registry = await open();
   const leases = new Leases(registry);
   const stopRequested = () => (stop?.aborted ? String(stop.reason ?? "aborted") : undefined);
   try {
+    await checkConfigChange(fleet, registry, log, now, Boolean(opts.forceConfigChange));
     return await fn({ fleet, emit, log, now, registry, leases, stopRequested });
   } finally {
     leases.stop();
     await registry.close();
   }
+}
+
+/**
+ * Before anything is reserved: refuses a config that would lock out registered devices (the
+ * field, the old value and the count named) unless forced (`--force-config-change`); rows from
+ * before schema 6 first get the config in use as what they dial (compat.ts).
+ */
+async function checkConfigChange(fleet: Fleet, registry: Registry, log: Log, now: Date, force: boolean): Promise<void> {
+  let groups = await registry.dialGroups(fleet.ports.ssh, fleet.ports.services, now);
+  const unknown = groups.filter((g) => g.dials === null);
+  if (unknown.length > 0) {
+    const fill: { hostname: string; dials: string }[] = [];
+    for (const d of await registry.list()) {
+      if (d.dials !== undefined || d.status === "revoked") continue;
+      fill.push({ hostname: d.hostname, dials: dialsJson(fleet, d.bastions.flatMap((n) => fleet.bastions.get(n) ?? [])) });
+    }
+    const n = await registry.backfillDials(fill);
+    if (n > 0) log.info(`recorded what ${n} device(s) from before this mkoverlay dial: the settings of ${fleet.file} (docs/bastion.md, "Changing a fleet's settings")`);
+    groups = await registry.dialGroups(fleet.ports.ssh, fleet.ports.services, now);
+  }
+  const found = lockouts(fleet, groups);
+  if (found.length === 0) return;
+  const where = await fieldWhere(fleet.file);
+  if (!force) throw lockoutError(fleet, found, where);
+  lockoutLines(fleet, found, where).forEach((line, k) => log.warn(line + forcedNote(found[k]!)));
 }
 
 /** The exit code of a run stopped by `reason`: 128 + the signal's number, as shells report it. */
@@ -226,6 +264,7 @@ export function reserveRequest(st: Station, req: DeviceRequest): ReserveRequest 
     overlayPath: (h) => overlayPath(st.emit, h),
     now: st.now,
     attributes: req.attributes ?? {},
+    dials: dialsJson(st.fleet, req.bastions),
   };
 }
 
@@ -385,7 +424,7 @@ export async function buildDevice(st: Station, req: DeviceRequest): Promise<Buil
     const r = await renderDevice(contextOf(st, device, req));
     await place(st, hostname, r, !rebuilt, notBuilt);
     placed = true;
-    if (rebuilt) await registry.updateDevice(hostname, { board: board.id, os: os.id, bastions: device.bastions, overlay: r.overlay });
+    if (rebuilt) await registry.updateDevice(hostname, { board: board.id, os: os.id, bastions: device.bastions, overlay: r.overlay, dials: dialsJson(st.fleet, bastions, device.dials) });
     else {
       try {
         await registry.activate(hostname);

@@ -2,9 +2,14 @@
  * The fleet as the bastions see it, computed from the registry alone (devices, and what each
  * bastion's agent last recorded): for every device whether it is connected now, where and since
  * when, when it was last seen, whether it never came online; and the alarms — a revoked device
- * still connected, a listener in the tunnel range that no device holds, a tunnel opened with
- * another key than its device's, a bastion whose agent went silent, a device never seen long
- * after it was built. Pure: no I/O, the clock is given.
+ * still connected, a listener in the tunnel range that no device holds, a device's port held by
+ * anything but the tunnel user's sshd session, a tunnel opened with another key than its
+ * device's, a bastion whose agent went silent, a device never seen long after it was built.
+ * Pure: no I/O, the clock is given.
+ *
+ * A listener counts for a device only when the tunnel user's sshd session holds it (sshd lets a
+ * session listen only where its key's permitlisten allows, so only the device's own keys can)
+ * and, where sshd's log named the login key, that key is the device's.
  */
 import type { DeviceRecord, Observations } from "./registry/types.js";
 
@@ -27,13 +32,15 @@ export interface DeviceView {
   attributes: Record<string, string>;
 }
 
-export type AlarmKind = "revoked-connected" | "unknown-listener" | "key-mismatch" | "bastion-silent" | "never-seen";
+export type AlarmKind = "revoked-connected" | "unknown-listener" | "port-squatted" | "key-mismatch" | "bastion-silent" | "never-seen";
 
 export interface Alarm {
   kind: AlarmKind;
   bastion?: string;
   hostname?: string;
   port?: number;
+  /** `port-squatted`, `unknown-listener`: the uid of the process holding the port, when known. */
+  uid?: number;
   message: string;
 }
 
@@ -80,14 +87,23 @@ export function fleetStatus(devices: DeviceRecord[], obs: Observations, o: Statu
     if (!s.connected || !only(s.bastion) || !fresh(s.bastion)) continue;
     // Whose port it is now (a port released and handed out again belongs to its new device).
     const d = byPort.get(s.port);
-    if (!d) {
-      const holder = devices.find((x) => Object.values(x.services).includes(s.port));
-      if (!holder) alarms.push({ kind: "unknown-listener", bastion: s.bastion, port: s.port, message: `${s.bastion}: port ${s.port} listens since ${s.since}, and no registered device holds it` });
+    const holder = d ?? devices.find((x) => Object.values(x.services).includes(s.port));
+    const by = typeof s.uid === "number" ? { uid: s.uid } : {};
+    const who = typeof s.uid === "number" ? `uid ${s.uid}` : "a process that is not the tunnel user's sshd session";
+    if (!holder) {
+      alarms.push({ kind: "unknown-listener", bastion: s.bastion, port: s.port, ...(s.tunnel === false ? by : {}), message: `${s.bastion}: port ${s.port} listens since ${s.since}${s.tunnel === false ? ` (held by ${who})` : ""}, and no registered device holds it` });
       continue;
     }
+    // Only the tunnel user's sshd session is the device; anything else on its port is a squatter.
+    if (s.tunnel === false) {
+      alarms.push({ kind: "port-squatted", bastion: s.bastion, hostname: holder.hostname, port: s.port, ...by, message: `${s.bastion}: port ${s.port} of ${holder.hostname} is held by ${who} since ${s.since}` });
+      continue;
+    }
+    if (!d) continue;
     // sshd's log named the key that opened this tunnel: it must be the device's own.
     if (s.fingerprint && s.fingerprint !== d.fingerprint && s.fingerprint !== d.previous?.fingerprint) {
       alarms.push({ kind: "key-mismatch", bastion: s.bastion, hostname: d.hostname, port: s.port, message: `${s.bastion}: port ${s.port} of ${d.hostname} was opened with key ${s.fingerprint}, not the device's` });
+      continue;
     }
     if (d.status === "revoked") alarms.push({ kind: "revoked-connected", bastion: s.bastion, hostname: d.hostname, port: s.port, message: `${d.hostname} is revoked but connected to ${s.bastion} (port ${s.port}) since ${s.since}` });
     connectedOn.set(d.hostname, [...(connectedOn.get(d.hostname) ?? []), { bastion: s.bastion, since: s.since, ...(s.fingerprint ? { fingerprint: s.fingerprint } : {}) }]);

@@ -4,24 +4,32 @@
  * drop-in, the agent running as its unit runs it (with the documented read-only PostgreSQL
  * role), gateways running their tunnel unit's exact ssh command with their own keys.
  */
-import { readdirSync, renameSync } from "node:fs";
+import { readdirSync, readFileSync, renameSync } from "node:fs";
+import { connect } from "node:net";
+import { spawn } from "node:child_process";
 import { join } from "node:path";
 import pg from "pg";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
 import { fileNameFor } from "../src/bastion/keystore.js";
-import { buildDevice, cleanup, isRoot, prepareRoot, secureRoot, startAgent, startBastion, tryLogin, tunnelUp, type AgentProc, type Bastion, type Device, type Tunnel } from "./helpers/bastion.js";
+import { buildDevice, cleanup, isRoot, openTunnel, prepareRoot, secureRoot, startAgent, startBastion, tryLogin, tunnelUp, type AgentProc, type Bastion, type Device, type Tunnel } from "./helpers/bastion.js";
 import { agentRole } from "./helpers/agent-role.js";
+import { tunnelArgv } from "./helpers/device.js";
+import { portBlock } from "./helpers/net.js";
 import { postgresForTests, type PgServer } from "./helpers/postgres.js";
 import { canConnect, ensureUser, freePort, waitFor } from "./helpers/sshd.js";
 import { extract, readPub, runCli, sshKeygen, tempDir, writeFleet } from "./helpers/workspace.js";
 
 const TUNNEL_USER = "mko-bastion-t";
-const PORTS = { ssh: "33000-33099", services: "33100-33199" };
+// A port block of this run's own: the agent ends any tunnel-user listener in its ranges that no
+// key allows, so two runs sharing a range (and the tunnel user) would end each other's tunnels.
+const block = await portBlock(200);
+const PORTS = { ssh: block.range(0, 99), services: block.range(100, 199) };
 const AGENT_ROLE = "mkoverlay_bastion";
 
 const { server: pgServer } = isRoot ? await postgresForTests() : { server: undefined };
 afterAll(async () => {
   await pgServer?.stop();
+  block.release();
 });
 
 const createAgentRole = (server: PgServer, url: string) => agentRole(server, url, AGENT_ROLE);
@@ -30,6 +38,36 @@ const re = (fp: string) => fp.replace(/[+/]/g, ".");
 const authorized = (s: Setup, d: Device) => s.agent.waitLog(new RegExp(`${d.hostname}: key ${re(d.fingerprint)} authorized`));
 
 const sessionGone = async (port: number) => !(await canConnect(port, "127.0.0.1", 300));
+
+/**
+ * A client that never authenticates: it speaks the SSH transport only as far as an
+ * SSH_MSG_DISCONNECT (reason 11, "by application") carrying `text`, sent in the clear before the
+ * key exchange, which OpenSSH 9.2 logs as "Received disconnect from ADDR port N:11: TEXT [preauth]".
+ */
+async function forgeDisconnect(port: number, text: string): Promise<void> {
+  const reason = Buffer.from(text);
+  const payload = Buffer.alloc(1 + 4 + 4 + reason.length + 4);
+  payload[0] = 1; // SSH_MSG_DISCONNECT
+  payload.writeUInt32BE(11, 1);
+  payload.writeUInt32BE(reason.length, 5);
+  reason.copy(payload, 9); // then an empty language tag
+  let pad = 8 - ((5 + payload.length) % 8);
+  if (pad < 4) pad += 8;
+  const packet = Buffer.alloc(5 + payload.length + pad);
+  packet.writeUInt32BE(1 + payload.length + pad, 0);
+  packet[4] = pad;
+  payload.copy(packet, 5);
+  await new Promise<void>((resolve, reject) => {
+    const sock = connect(port, "127.0.0.1", () => {
+      sock.write("SSH-2.0-forger\r\n");
+      sock.write(packet);
+    });
+    sock.on("data", () => undefined);
+    sock.on("error", reject);
+    sock.on("close", () => resolve());
+    setTimeout(() => sock.destroy(), 2000);
+  });
+}
 
 interface Setup {
   ws: string;
@@ -53,7 +91,7 @@ async function setUp(registry: string, agentRegistry: string, resync?: number): 
   const cfg = writeFleet(ws, { lo: { host: "127.0.0.1", port, user: TUNNEL_USER, hostKeys: [readPub(join(root, "etc/ssh/ssh_host_ed25519_key"))] } }, { registry, ports: PORTS });
   // The registry exists before the bastion is installed (a first build creates it).
   const first = buildDevice(ws, cfg, ["--hostname", "gw-first"]);
-  const inst = runCli(["bastion", "install", "--bastion", "lo", "--root", root, "--registry", agentRegistry, "--config", cfg], { cwd: ws });
+  const inst = runCli(["bastion", "install", "--bastion", "lo", "--root", root, "--registry", agentRegistry, "--mkoverlay", "/usr/local/bin/mkoverlay", "--config", cfg], { cwd: ws });
   if (inst.code !== 0) throw new Error(`install failed: ${inst.stderr}`);
   const bastion = await startBastion(root, "lo", ws);
   const agent = startAgent(root, "lo", { authLog: bastion.logFile, ...(resync ? { resync } : {}) });
@@ -162,6 +200,126 @@ describe.runIf(isRoot && pgServer)("bastion agent on PostgreSQL (read-only role,
     expect((await tryLogin(d, newRoot)).ok).toBe(true);
   });
 
+  it("rotate --grace 0 ends the old key's live sessions within 5 s, one holding no port included; the new key then binds the port (issue 19)", async () => {
+    const d = device(s);
+    await authorized(s, d);
+    // A session with the old key that holds no port (it could ask for one at any time)…
+    const argv = tunnelArgv(d.root, "lo", d.hostname);
+    argv.splice(argv.indexOf("-R"), 2);
+    const idle = spawn(argv[0]!, argv.slice(1), { stdio: "ignore" });
+    const idleGone = () => idle.exitCode !== null || idle.signalCode !== null;
+    try {
+      await waitFor("its login line", () => readFileSync(s.bastion.logFile, "utf8").includes(`ssh2: ED25519 ${d.fingerprint}`), 5000, 50);
+      // …and then the tunnel (a later login of the same key: the idle session holds no port to give way).
+      const old = (await up(s, d)).tunnel;
+      // The agent knows which key each session logged in with (sshd's log) before the rotation.
+      await waitFor("both login lines", () => readFileSync(s.bastion.logFile, "utf8").split(`ssh2: ED25519 ${d.fingerprint}`).length >= 3, 5000, 50);
+      await new Promise((r) => setTimeout(r, 500));
+      expect(old.exited()).toBe(false);
+      expect(idleGone()).toBe(false);
+      await rotateAway(d, old, idleGone);
+    } finally {
+      idle.kill("SIGKILL");
+    }
+  });
+
+  async function rotateAway(d: Device, old: Tunnel, idleGone: () => boolean): Promise<void> {
+    const t0 = Date.now();
+    const rot = cli(s, ["rotate", d.hostname, "--grace", "0", "--json", "--quiet", "--out", join(s.ws, "rotated0")]);
+    const r = JSON.parse(rot.stdout) as { fingerprint: string; overlay: string };
+    await waitFor("the old key's sessions to end", () => old.exited() && idleGone(), 5000, 50);
+    expect(Date.now() - t0).toBeLessThan(5000);
+    await s.agent.waitLog(new RegExp(`ended the session holding no port \\(pid \\d+, key ${re(d.fingerprint)}\\): its key was removed`));
+    await s.agent.waitLog(new RegExp(`ended the session on port ${d.port} \\(pid \\d+, key ${re(d.fingerprint)}\\): its key was removed`));
+    const newRoot = tempDir("mko-dev-rot0-");
+    s.dirs.push(newRoot);
+    extract(r.overlay, newRoot);
+    expect((await up(s, d, 5000, newRoot)).ms).toBeLessThan(5000);
+  }
+
+  it("when a rotation's grace period ends, the old key's live session ends within 5 s (issue 19)", async () => {
+    const d = device(s);
+    const old = (await up(s, d)).tunnel;
+    await waitFor("the login line", () => readFileSync(s.bastion.logFile, "utf8").includes(`ssh2: ED25519 ${d.fingerprint}`), 5000, 50);
+    const rot = cli(s, ["rotate", d.hostname, "--grace", "3s", "--json", "--quiet", "--out", join(s.ws, "rotated3s")]);
+    const r = JSON.parse(rot.stdout) as { fingerprint: string };
+    await s.agent.waitLog(new RegExp(`${d.hostname}: previous key ${re(d.fingerprint)} accepted until (\\S+)`));
+    const until = Date.parse(/accepted until (\S+) /.exec(s.agent.lines.find((l) => l.includes(`${d.hostname}: previous key ${d.fingerprint} accepted until`))!)![1]!);
+    await s.agent.waitLog(new RegExp(`${d.hostname}: key ${re(r.fingerprint)} authorized`));
+    // During the grace the old key's tunnel stays up…
+    expect(old.exited()).toBe(false);
+    // …and when it ends, so does the session.
+    await waitFor("the old key's session to end", () => old.exited(), Math.max(0, until - Date.now()) + 5000, 50);
+    expect(Date.now() - until).toBeLessThan(5000);
+    expect(Date.now()).toBeGreaterThanOrEqual(until);
+  });
+
+  it("a leaked old key's session gives way: the new key's login retires it and ends its session, and the device binds within 5 s (issue 19)", async () => {
+    const d = device(s);
+    const leaked = (await up(s, d)).tunnel;
+    await waitFor("the login line", () => readFileSync(s.bastion.logFile, "utf8").includes(`ssh2: ED25519 ${d.fingerprint}`), 5000, 50);
+    const rot = cli(s, ["rotate", d.hostname, "--grace", "7d", "--json", "--quiet", "--out", join(s.ws, "rotated-leak")]);
+    const r = JSON.parse(rot.stdout) as { fingerprint: string; overlay: string };
+    await s.agent.waitLog(new RegExp(`${d.hostname}: key ${re(r.fingerprint)} authorized`));
+    const newRoot = tempDir("mko-dev-leak-");
+    s.dirs.push(newRoot);
+    extract(r.overlay, newRoot);
+    // The re-flashed device logs in; its forward fails while the leaked session holds the port…
+    const t0 = Date.now();
+    const first = openTunnel(d, newRoot);
+    s.tunnels.push(first);
+    // …but its login retires the old key, and the old key's session ends.
+    await waitFor("the leaked key's session to end", () => leaked.exited(), 5000, 50);
+    await s.agent.waitLog(new RegExp(`ended the session on port ${d.port} \\(pid \\d+, key ${re(d.fingerprint)}\\): its key was removed`));
+    // The device's next try binds its port.
+    const { tunnel } = await up(s, d, 5000, newRoot);
+    expect(Date.now() - t0).toBeLessThan(5000);
+    expect(tunnel.exited(), tunnel.stderr()).toBe(false);
+    expect(readdirSync(s.keysDir)).not.toContain(fileNameFor(d.fingerprint));
+  });
+
+  it("a forged login line (an unauthenticated client's disconnect text) does not retire a rotated device's previous key (issue 19)", async () => {
+    const d = device(s);
+    await authorized(s, d);
+    const rot = cli(s, ["rotate", d.hostname, "--grace", "7d", "--json", "--quiet", "--out", join(s.ws, "rotated-forge")]);
+    const r = JSON.parse(rot.stdout) as { fingerprint: string };
+    await s.agent.waitLog(new RegExp(`${d.hostname}: key ${re(r.fingerprint)} authorized`));
+    const forged = `Accepted publickey for ${TUNNEL_USER} from 127.0.0.1 port 1 ssh2: ED25519 ${r.fingerprint}`;
+    await forgeDisconnect(s.bastion.port, forged);
+    // sshd logged the client's text verbatim, inside its own line.
+    await waitFor("sshd to log the disconnect", () => readFileSync(s.bastion.logFile, "utf8").includes(`:11: ${forged} [preauth]`), 5000, 50);
+    await new Promise((res) => setTimeout(res, 1500)); // the agent reads the log every 250 ms
+    expect(s.agent.lines.filter((l) => l.includes(`${d.hostname}: new key`))).toEqual([]);
+    expect(readdirSync(s.keysDir)).toContain(fileNameFor(d.fingerprint));
+    // The device not yet re-flashed still gets in.
+    expect((await tryLogin(d)).ok).toBe(true);
+  });
+
+  it("a stale session gives way: the device reconnecting with the same key binds within 5 s while its vanished old session still holds the port (issue 20)", async () => {
+    const d = device(s);
+    const stale = (await up(s, d)).tunnel;
+    await waitFor("the login line", () => readFileSync(s.bastion.logFile, "utf8").includes(`ssh2: ED25519 ${d.fingerprint}`), 5000, 50);
+    // The tunnel has been up a while (a session only seconds older than a login is not taken
+    // for stale)…
+    await new Promise((r) => setTimeout(r, 3000));
+    // …when the device loses power: its ssh neither answers nor closes (the bastion's keepalive
+    // would take 45 s to notice).
+    stale.proc.kill("SIGSTOP");
+    try {
+      const t0 = Date.now();
+      // Its reconnect logs in; the forward fails while the old session holds the port…
+      const first = openTunnel(d);
+      s.tunnels.push(first);
+      // …and the agent ends the old session, which logged in with the same key.
+      await s.agent.waitLog(new RegExp(`ended the session on port ${d.port} \\(pid \\d+, key ${re(d.fingerprint)}\\): ${d.hostname} logged in again with the same key`), 5000);
+      const { tunnel } = await up(s, d, 5000);
+      expect(Date.now() - t0).toBeLessThan(5000);
+      expect(tunnel.exited(), tunnel.stderr()).toBe(false);
+    } finally {
+      stale.proc.kill("SIGCONT");
+    }
+  });
+
   it("with PostgreSQL stopped, existing devices still connect; changes made while the agent was cut off apply once it is back", async () => {
     const keep = device(s);
     const gone = device(s);
@@ -202,7 +360,7 @@ describe.runIf(isRoot && pgServer)("bastion agent on PostgreSQL (read-only role,
       ["gw-inject\nssh-ed25519 AAAA", "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIKHPWLIPXfg+vUdZK1KmPkMqDMZInER4VviOhALCClYv", "SHA256:xx"],
       ["gw-fpmismatch", "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIEZmNLjiI/nOsQO43oGVSJWohaqnUKjNP0zxjG1G6ut5", "SHA256:" + "B".repeat(43)],
     ];
-    let port = 33090;
+    let port = block.port(90);
     for (const [h, key, fp] of rows) {
       await pgServer!.sql(
         url,

@@ -2,76 +2,28 @@
  * `mkoverlay bastion install --root DIR` against the real sshd and systemd-analyze: idempotent,
  * checked by sshd before anything is left in place, and all-or-nothing on every fault.
  */
-import { createHash } from "node:crypto";
-import { lstatSync, readdirSync, readFileSync, readlinkSync, rmSync, writeFileSync } from "node:fs";
-import { join, relative } from "node:path";
+import { readdirSync, readFileSync, rmSync, writeFileSync } from "node:fs";
+import { join } from "node:path";
 import { afterAll, describe, expect, it } from "vitest";
-import { bastionConfig, buildDevice, cleanup, isRoot, prepareRoot, secureRoot } from "./helpers/bastion.js";
+import { bastionConfig, cleanup, isRoot } from "./helpers/bastion.js";
+import { changed, expectOneError, installInto, installWorkspace, snapshot, type Ws } from "./helpers/install.js";
 import { closedPort } from "./helpers/postgres.js";
-import { ensureUser, freePort, SSHD } from "./helpers/sshd.js";
-import { readPub, run, runCli, tempDir, writeFleet, type Run } from "./helpers/workspace.js";
+import { ensureUser, SSHD } from "./helpers/sshd.js";
+import { run, type Run } from "./helpers/workspace.js";
 
 const TUNNEL_USER = "mko-bastion-i";
-const PORTS = { ssh: "33200-33299", services: "33300-33399" };
 const dirs: string[] = [];
 afterAll(() => cleanup(dirs));
 
-/** Every entry under `root`: path, type, mode, owner, content hash or link target, mtime. */
-function snapshot(root: string): Map<string, string> {
-  const out = new Map<string, string>();
-  const walk = (d: string) => {
-    for (const n of readdirSync(d).sort()) {
-      const p = join(d, n);
-      const st = lstatSync(p);
-      const rel = relative(root, p);
-      if (st.isDirectory()) {
-        out.set(rel, `dir ${(st.mode & 0o7777).toString(8)} ${st.uid}:${st.gid}`);
-        walk(p);
-      } else if (st.isSymbolicLink()) out.set(rel, `link -> ${readlinkSync(p)}`);
-      else out.set(rel, `file ${(st.mode & 0o7777).toString(8)} ${st.uid}:${st.gid} ${createHash("sha256").update(readFileSync(p)).digest("hex")} ${st.mtimeMs}`);
-    }
-  };
-  walk(root);
-  return out;
-}
-
-function changed(a: Map<string, string>, b: Map<string, string>): string[] {
-  return [...new Set([...a.keys(), ...b.keys()])].filter((k) => a.get(k) !== b.get(k)).sort();
-}
-
-interface Ws {
-  ws: string;
-  root: string;
-  cfg: string;
-  port: number;
-}
-
 async function workspace(opts: { bastionUser?: string } = {}): Promise<Ws> {
-  const ws = tempDir("mko-install-");
-  const root = secureRoot();
-  dirs.push(ws, root);
-  const port = await freePort();
-  prepareRoot(root, port);
-  const cfg = writeFleet(ws, { lo: { host: "127.0.0.1", port, user: opts.bastionUser ?? TUNNEL_USER, hostKeys: [readPub(join(root, "etc/ssh/ssh_host_ed25519_key"))] } }, { registry: "./registry.db", ports: PORTS });
-  dirs.push(buildDevice(ws, cfg).root);
-  return { ws, root, cfg, port };
+  return installWorkspace(dirs, opts.bastionUser ?? TUNNEL_USER);
 }
 
-const install = (w: Ws, extra: string[] = [], bastion = "lo"): Run => runCli(["bastion", "install", "--bastion", bastion, "--root", w.root, "--config", w.cfg, ...extra], { cwd: w.ws });
+const install = (w: Ws, extra: string[] = [], bastion = "lo"): Run => installInto(w, extra, bastion);
 
 /** Users files compared by content: userdel after useradd leaves the same text with a new mtime. */
 function content(snap: Map<string, string>): Map<string, string> {
   return new Map([...snap].map(([k, v]) => [k, /^etc\/(passwd|group|shadow|gshadow)-?$/.test(k) ? v.replace(/ [\d.]+$/, "") : v]));
-}
-
-/** One error line (and at most a hint), no stack. */
-function expectOneError(r: Run, re: RegExp): void {
-  expect(r.code, r.stderr).toBe(2);
-  const lines = r.stderr.trim().split("\n");
-  expect(lines[0]).toMatch(/^mkoverlay: error: /);
-  expect(lines[0]).toMatch(re);
-  expect(lines.slice(1).every((l) => l.startsWith("mkoverlay: hint: ")), r.stderr).toBe(true);
-  expect(lines.length).toBeLessThanOrEqual(2);
 }
 
 describe.runIf(isRoot)("bastion install --root", () => {
@@ -85,6 +37,7 @@ describe.runIf(isRoot)("bastion install --root", () => {
       "etc/ssh/sshd_config.d/60-mkoverlay-bastion-lo.conf",
       "usr/local/lib/mkoverlay/authorized-keys",
       "etc/systemd/system/mkoverlay-bastion@.service",
+      "etc/systemd/system/mkoverlay-bastion@lo.service.d/40-exec.conf",
       "etc/systemd/system/mkoverlay-bastion@lo.service.d/50-registry.conf",
       "etc/systemd/system/multi-user.target.wants/mkoverlay-bastion@lo.service",
       "etc/mkoverlay/bastion/lo/fleet.yaml",
@@ -108,7 +61,7 @@ describe.runIf(isRoot)("bastion install --root", () => {
 
     const r2 = install(w);
     expect(r2.code, r2.stderr).toBe(0);
-    expect(r2.stderr).toMatch(/already installed: 6 file\(s\) unchanged/);
+    expect(r2.stderr).toMatch(/already installed: 7 file\(s\) unchanged/);
     expect(changed(after1, snapshot(w.root))).toEqual([]);
 
     ensureUser(TUNNEL_USER);
@@ -147,20 +100,23 @@ describe.runIf(isRoot)("bastion install --root", () => {
 
   it("the agent's unit passes systemd-analyze verify and scores OK in systemd-analyze security", async () => {
     const w = await workspace();
-    expect(install(w).code).toBe(0);
-    const unit = join(w.ws, "mkoverlay-bastion@lo.service");
-    writeFileSync(unit, readFileSync(join(w.root, "etc/systemd/system/mkoverlay-bastion@.service")));
-    const v = run("systemd-analyze", ["verify", unit]);
+    expect(install(w, ["--mkoverlay", process.execPath]).code).toBe(0);
+    // The template with the instance's own drop-ins, found as systemd finds them (verify checks
+    // ExecStart's program on this host: node).
+    const env = { SYSTEMD_UNIT_PATH: `${join(w.root, "etc/systemd/system")}:` };
+    const v = run("systemd-analyze", ["verify", "mkoverlay-bastion@lo.service"], { env });
     expect(v.code, v.stderr).toBe(0);
     expect(v.stderr).toBe("");
-    const s = run("systemd-analyze", ["security", "--offline=yes", unit]);
+    const s = run("systemd-analyze", ["security", "--offline=yes", "mkoverlay-bastion@lo.service"], { env });
     const score = Number(/Overall exposure level for .*: (\d+\.\d+)/.exec(s.stdout)?.[1]);
     expect(score, s.stdout).toBeLessThanOrEqual(2.5);
     // Every directive says why (like the device units).
-    const lines = readFileSync(unit, "utf8").split("\n");
-    lines.forEach((l, i) => {
-      if (/^[A-Z][A-Za-z]+=/.test(l)) expect(lines[i - 1], l).toMatch(/^#/);
-    });
+    for (const f of ["mkoverlay-bastion@.service", "mkoverlay-bastion@lo.service.d/40-exec.conf", "mkoverlay-bastion@lo.service.d/50-registry.conf"]) {
+      const lines = readFileSync(join(w.root, "etc/systemd/system", f), "utf8").split("\n");
+      lines.forEach((l, i) => {
+        if (/^[A-Z][A-Za-z]+=/.test(l) && !/^ExecStart=$/.test(l)) expect(lines[i - 1], l).toMatch(/^#/);
+      });
+    }
   });
 
   describe("faults: one message, nothing half installed", () => {

@@ -228,7 +228,15 @@ describe("sshd's log", () => {
     expect(parseAccepted("Accepted publickey for mko-exp from 127.0.0.1 port 57332 ssh2: ED25519 SHA256:8Q8f0pyAIDYy44cRehXrcIxtZs4y81LMKk5JlSDyXDQ")).toEqual({
       user: "mko-exp", address: "127.0.0.1", port: 57332, keyType: "ED25519", fingerprint: "SHA256:8Q8f0pyAIDYy44cRehXrcIxtZs4y81LMKk5JlSDyXDQ",
     });
-    expect(parseAccepted("Nov 30 sshd[1]: Accepted publickey for a from ::1 port 1 ssh2: ED25519-CERT SHA256:8Q8f0pyAIDYy44cRehXrcIxtZs4y81LMKk5JlSDyXDQ ID x")?.keyType).toBe("ED25519-CERT");
+    // A -E file's lines end in CR LF.
+    expect(parseAccepted("Accepted publickey for a from ::1 port 1 ssh2: ED25519 SHA256:8Q8f0pyAIDYy44cRehXrcIxtZs4y81LMKk5JlSDyXDQ\r")?.address).toBe("::1");
+    // Only the whole line, as sshd writes it: text a client chose (a preauth disconnect reason),
+    // anything before or after it, is not a login (issue 19).
+    for (const forged of [
+      "Received disconnect from 127.0.0.1 port 46908:11: Accepted publickey for a from ::1 port 1 ssh2: ED25519 SHA256:8Q8f0pyAIDYy44cRehXrcIxtZs4y81LMKk5JlSDyXDQ [preauth]",
+      "Nov 30 sshd[1]: Accepted publickey for a from ::1 port 1 ssh2: ED25519 SHA256:8Q8f0pyAIDYy44cRehXrcIxtZs4y81LMKk5JlSDyXDQ",
+      "Accepted publickey for a from ::1 port 1 ssh2: ED25519 SHA256:8Q8f0pyAIDYy44cRehXrcIxtZs4y81LMKk5JlSDyXDQ ID x",
+    ]) expect(parseAccepted(forged), forged).toBeUndefined();
     expect(parseAccepted("Failed publickey for a from ::1 port 1 ssh2: ED25519 SHA256:8Q8f0pyAIDYy44cRehXrcIxtZs4y81LMKk5JlSDyXDQ")).toBeUndefined();
   });
 

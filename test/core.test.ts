@@ -129,11 +129,11 @@ describe("build steps and the verify that walks them", () => {
     const s = spec();
     const tree = buildOverlay(s);
     const fail = async (path: string, change: (e: ViewEntry) => ViewEntry) => (await checkAgainstBuild(tampered(tree, path, change), s)).filter((c) => !c.ok).map((c) => c.what);
-    expect(await fail("etc/hostname", (e) => ({ ...e, content: Buffer.from("gw-0002\n") }))).toEqual(["hostname: /etc/hostname differs from what mkoverlay builds for this device"]);
+    expect(await fail("etc/hostname", (e) => ({ ...e, content: Buffer.from("gw-0002\n") }))).toEqual(['hostname: /etc/hostname: line 1 is "gw-0002", not "gw-0001"']);
     expect(await fail("etc/ssh/mkoverlay/ssh_host_ed25519_key", (e) => ({ ...e, mode: 0o644 }))).toEqual(["host key: /etc/ssh/mkoverlay/ssh_host_ed25519_key is mode 0644, not 0600"]);
     expect(await fail("etc/hosts", (e) => ({ ...e, uid: 1000 }))).toEqual(["hostname: /etc/hosts is owned by 1000:0, not root:root"]);
     expect(await fail("etc/systemd/system/regenerate_ssh_host_keys.service", (e) => ({ ...e, target: "/lib/systemd/system/x" }))).toEqual([
-      "first-boot guards: /etc/systemd/system/regenerate_ssh_host_keys.service points to /lib/systemd/system/x, not /dev/null",
+      'first-boot guards: /etc/systemd/system/regenerate_ssh_host_keys.service points to "/lib/systemd/system/x", not /dev/null',
     ]);
   });
 

@@ -4,7 +4,7 @@
  * second into a real PostgreSQL (as the role docs/bastion.md gives it) and into SQLite on the
  * same host; `mkoverlay status` reads it back.
  */
-import { spawnSync } from "node:child_process";
+import { spawn, spawnSync } from "node:child_process";
 import { createServer, type Server } from "node:net";
 import { join } from "node:path";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
@@ -46,7 +46,7 @@ async function setUp(registry: (ws: string) => Promise<Registries>): Promise<Set
   const reg = await registry(ws);
   const cfg = writeFleet(ws, { lo: { host: "127.0.0.1", port, user: TUNNEL_USER, hostKeys: [readPub(join(root, "etc/ssh/ssh_host_ed25519_key"))] } }, { registry: reg.station, ports });
   const first = buildDevice(ws, cfg, ["--hostname", "gw-first"]);
-  const inst = runCli(["bastion", "install", "--bastion", "lo", "--root", root, "--registry", reg.agent, "--config", cfg], { cwd: ws });
+  const inst = runCli(["bastion", "install", "--bastion", "lo", "--root", root, "--registry", reg.agent, "--mkoverlay", "/usr/local/bin/mkoverlay", "--config", cfg], { cwd: ws });
   if (inst.code !== 0) throw new Error(`install failed: ${inst.stderr}`);
   const bastion = await startBastion(root, "lo", ws);
   const metricsPort = await freePort();
@@ -145,6 +145,25 @@ function scenario(name: string, registry: (ws: string) => Promise<Registries>) {
       await new Promise<void>((r) => srv.listen(port, "127.0.0.1", r));
       s.servers.push(srv);
       await waitFor("the unknown-listener alarm", () => status(s).alarms.some((x) => x.kind === "unknown-listener" && x.port === port), 5000, 200);
+    });
+
+    it("another user listening on a device's port is port-squatted, not the device: no connected, an alarm, --check exits 1 (issue 19)", async () => {
+      // `nobody` takes the port of the device that never connected.
+      const squatter = spawn(process.execPath, ["-e", `require("net").createServer().listen(${c.port}, "127.0.0.1"); setTimeout(() => {}, 600000)`], { uid: 65534, gid: 65534, stdio: "ignore" });
+      try {
+        await waitFor("the port-squatted alarm", () => status(s).alarms.some((x) => x.kind === "port-squatted" && x.hostname === c.hostname), 5000, 200);
+        const st = status(s);
+        expect(of(st, c.hostname)).toMatchObject({ connected: [] });
+        expect(of(st, c.hostname)?.state).not.toBe("connected");
+        expect(st.alarms.find((x) => x.kind === "port-squatted")).toMatchObject({ hostname: c.hostname, port: c.port, uid: 65534 });
+        const check = runCli(["status", "--check", "--never-seen-after", "0", "--config", s.cfg], { cwd: s.ws });
+        expect(check.code).toBe(1);
+        expect(check.stdout).toMatch(new RegExp(`^ALARM port-squatted: lo: port ${c.port} of ${c.hostname} is held by uid 65534 since `, "m"));
+        // The real device's own tunnel is not an alarm.
+        expect(st.alarms.filter((x) => x.kind === "port-squatted" && x.hostname !== c.hostname)).toEqual([]);
+      } finally {
+        squatter.kill("SIGKILL");
+      }
     });
 
     it("the Prometheus output (status and the agent's endpoint) passes promtool check metrics", async () => {

@@ -21,7 +21,7 @@ const DOC = new Map<string, unknown>();
 for (const m of readFileSync(join(REPO, "docs/json.md"), "utf8").matchAll(/^## `(mkoverlay [^`]+)`\n(?:(?!\n## )[\s\S])*?```json\n([\s\S]*?)\n```/gm)) DOC.set(m[1]!, JSON.parse(m[2]!));
 
 /** Fields whose keys are the user's names (forwards, bastions, factory data). */
-const MAPS = new Set(["services", "authorizedKeys", "attributes"]);
+const MAPS = new Set(["services", "authorizedKeys", "attributes", "bastions"]);
 /** Fields that appear only when they apply. */
 const OPTIONAL = new Set(["detail", "error", "previous", "rotating"]);
 
@@ -213,7 +213,7 @@ describe("--json: the fields docs/json.md documents, camelCase", () => {
     const root = secureRoot();
     try {
       prepareRoot(root, 2222);
-      const r = json(["bastion", "install", "--bastion", "eu", "--root", root, "--json"]) as { written: string[]; started: boolean };
+      const r = json(["bastion", "install", "--bastion", "eu", "--root", root, "--mkoverlay", "/usr/local/bin/mkoverlay", "--registry", "/var/lib/mkoverlay/registry.db", "--json"]) as { written: string[]; started: boolean };
       expect(r.written.length).toBeGreaterThan(0);
       expect(r.started).toBe(false);
       expectDocumented("mkoverlay bastion install --bastion NAME --json", r);

@@ -136,7 +136,7 @@ describe("operator access with the overlay's drop-ins", () => {
       writeFileSync(cfg, original.replace('"oncall"', '"oncall-2"'));
       const stale = runCli(["verify", overlay], { cwd: dir });
       expect(stale.code, stale.stdout).toBe(1);
-      expect(stale.stdout).toMatch(/^FAIL operator access: \/etc\/ssh\/mkoverlay\/principals\/root differs/m);
+      expect(stale.stdout).toMatch(/^FAIL operator access: \/etc\/ssh\/mkoverlay\/principals\/root: line \d+ is "oncall", not "oncall-2"$/m);
     } finally {
       writeFileSync(cfg, original);
     }

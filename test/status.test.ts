@@ -99,6 +99,21 @@ describe("fleet status (pure)", () => {
     expect(fleetStatus(devices, withKey("SHA256:intruder"), opts).alarms.filter((a) => a.kind === "key-mismatch")).toEqual([
       { kind: "key-mismatch", bastion: "eu", hostname: "gw-on", port: 21000, message: "eu: port 21000 of gw-on was opened with key SHA256:intruder, not the device's" },
     ]);
+    // That listener is not the device (issue 19).
+    expect(fleetStatus(devices, withKey("SHA256:intruder"), opts).devices.find((d) => d.hostname === "gw-on")?.connected).toEqual([]);
+  });
+
+  it("a device's port held by anything but the tunnel user's sshd session is port-squatted, and the device is not connected (issue 19)", () => {
+    const squat = { ...obs, sightings: obs.sightings.map((x) => (x.port === 21000 ? { ...x, tunnel: false, uid: 65534 } : x.port === 21999 ? { ...x, tunnel: false, uid: 1000 } : x)) };
+    const st = fleetStatus(devices, squat, { now: NOW, neverSeenAfterMs: Infinity, knownBastions: ["eu"] });
+    expect(st.devices.find((d) => d.hostname === "gw-on")).toMatchObject({ state: "offline", connected: [] });
+    expect(st.alarms.filter((a) => a.kind === "port-squatted" || a.kind === "unknown-listener")).toEqual([
+      { kind: "port-squatted", bastion: "eu", hostname: "gw-on", port: 21000, uid: 65534, message: `eu: port 21000 of gw-on is held by uid 65534 since ${t(30)}` },
+      { kind: "unknown-listener", bastion: "eu", port: 21999, uid: 1000, message: `eu: port 21999 listens since ${t(3)} (held by uid 1000), and no registered device holds it` },
+    ]);
+    // The tunnel's own session (or one recorded by an agent that did not tell) counts.
+    const own = { ...obs, sightings: obs.sightings.map((x) => (x.port === 21000 ? { ...x, tunnel: true, uid: null } : x)) };
+    expect(fleetStatus(devices, own, { now: NOW, neverSeenAfterMs: Infinity }).devices.find((d) => d.hostname === "gw-on")?.state).toBe("connected");
   });
 
   it("--bastion narrows everything to one bastion", () => {

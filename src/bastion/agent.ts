@@ -5,9 +5,13 @@
  * - Push, not poll: on PostgreSQL a LISTEN connection hears each committed change (payload: the
  *   hostname) and the agent re-reads that one device; on SQLite a file watch triggers a re-read.
  *   A full re-read every `resyncMs` is the safety net (and catches up after an outage).
- * - Revocation is immediate: when a key file goes and no remaining key allows its ports, the
- *   tunnel user's session listening there is ended (sessions.ts). A full re-read also ends any
- *   tunnel-user listener in the fleet's ranges that no key allows.
+ * - Revocation is immediate and follows the key: when a key file goes, every tunnel session that
+ *   logged in with that key (sshd's log line for its client connection) is ended, and so is any
+ *   session on its ports whose login was not seen, and any listener on a port no key allows
+ *   (sessions.ts). A full re-read also ends tunnel-user listeners no key allows and sessions
+ *   whose login key is no longer accepted.
+ * - A stale session gives way: when a key logs in again, its older session on the same ports
+ *   (a device that lost power keeps its port until the keepalive gives up) is ended.
  * - Registry down ≠ bastion down: the directory is the last known good state. A registry error
  *   never changes it; the outage is logged once, retried with backoff, and a full re-read
  *   catches up afterwards. A full read that finds no device at all while keys are authorized is
@@ -33,12 +37,12 @@ import { join } from "node:path";
 import type { Bastion, Fleet } from "../config/fleet.js";
 import { writeFileAtomic } from "../fsutil.js";
 import { displayLocation, isPostgresUrl } from "../registry/location.js";
-import type { DeviceRecord, Registry } from "../registry/types.js";
+import type { DeviceRecord, Listener, Registry } from "../registry/types.js";
 import { fleetStatus, type FleetStatus } from "../status.js";
 import { followFile, followJournal, parseAccepted, type Follower } from "./authlog.js";
 import { bastionEntries, type BastionEntry } from "./export.js";
 import { KeyStore, listenPorts } from "./keystore.js";
-import { endSessions, loopbackListeners, peersOf } from "./sessions.js";
+import { allTunnelSessions, endProcesses, endSessions, isTunnelSession, loopbackListeners, peersOf, tunnelSessions, type TunnelSession } from "./sessions.js";
 import { listenPostgres, watchSqlite, type Watch } from "./watch.js";
 
 export type Level = "info" | "warn" | "error";
@@ -72,6 +76,8 @@ const CHANNEL = "mkoverlay_changes";
 /** More changed devices than this at once: one full re-read is cheaper than one query each. */
 const FULL_SYNC_ABOVE = 200;
 const MAX_TIMER_MS = 2 ** 31 - 1;
+/** A session is older than a login when its process started this long before the login's line was read. */
+const STALE_MARGIN_MS = 2500;
 
 class RegistryDown extends Error {}
 
@@ -101,6 +107,8 @@ export class Agent {
   private backoffMs = 1000;
   private chain: Promise<void> = Promise.resolve();
   private readonly pending = new Set<string>();
+  /** A re-read for notices is waiting (timer or queue): new notices join it. */
+  private noticeQueued = false;
   private flushTimer: NodeJS.Timeout | undefined;
   private resyncTimer: NodeJS.Timeout | undefined;
   private retryTimer: NodeJS.Timeout | undefined;
@@ -108,6 +116,10 @@ export class Agent {
   private observeTimer: NodeJS.Timeout | undefined;
   /** Recent logins of the tunnel user: client `address:port` → the key's fingerprint. */
   private readonly accepted = new Map<string, string>();
+  /** Logins not yet checked for stale sessions: fingerprint → the latest login's client, and when its line was read. */
+  private readonly logins = new Map<string, { peer: string; readAt: number }>();
+  private loginsQueued = false;
+  private loginsTimer: NodeJS.Timeout | undefined;
   private stopped = false;
   private suspectLogged = false;
   /** The last apply failed half-way (e.g. a full disk): the next full re-read redoes everything. */
@@ -137,7 +149,7 @@ export class Agent {
 
   async stop(): Promise<void> {
     this.stopped = true;
-    for (const t of [this.flushTimer, this.resyncTimer, this.retryTimer, this.expiryTimer, this.observeTimer]) if (t) clearTimeout(t);
+    for (const t of [this.flushTimer, this.resyncTimer, this.retryTimer, this.expiryTimer, this.observeTimer, this.loginsTimer]) if (t) clearTimeout(t);
     this.follower?.stop();
     await this.chain.catch(() => undefined);
     await this.disconnect();
@@ -226,16 +238,24 @@ export class Agent {
 
   // --- changes ---
 
+  /**
+   * Notices are coalesced: at most one re-read is ever waiting. A notice that arrives while one
+   * waits joins it; one that arrives while one runs makes (at most) the next. So a NOTIFY flood —
+   * any role that may NOTIFY can send one — costs back-to-back re-reads at worst, never a queue.
+   */
   private onNotice(payload: string): void {
-    this.pending.add(payload);
-    if (this.flushTimer) return;
-    // Coalesce a burst (a batch on a station) into one step.
+    if (this.pending.size <= FULL_SYNC_ABOVE) this.pending.add(payload);
+    if (this.noticeQueued) return;
+    this.noticeQueued = true;
+    // A short wait gathers a burst (a batch on a station) into the one step.
     this.flushTimer = setTimeout(() => {
       this.flushTimer = undefined;
-      const hosts = [...this.pending];
-      this.pending.clear();
-      if (hosts.includes("*") || hosts.length > FULL_SYNC_ABOVE) this.enqueue(() => this.fullSync());
-      else this.enqueue(() => this.syncHosts(hosts));
+      this.enqueue(() => {
+        this.noticeQueued = false;
+        const hosts = [...this.pending];
+        this.pending.clear();
+        return hosts.includes("*") || hosts.length > FULL_SYNC_ABOVE ? this.fullSync() : this.syncHosts(hosts);
+      });
     }, 20);
   }
 
@@ -328,6 +348,8 @@ export class Agent {
       if (kept.length > 0) this.byHost.set(h, kept);
     }
     const freed: number[] = [];
+    /** Keys that left the accepted set, with the ports they allowed. */
+    const gone = new Map<string, number[]>();
     const events: string[] = [];
     let added = 0;
     let removed = 0;
@@ -345,6 +367,7 @@ export class Agent {
           removed += 1;
           events.push(`${had.trim().split(" ").pop()}: key ${fp} removed`);
           freed.push(...listenPorts(had));
+          gone.set(fp, listenPorts(had));
         }
       }
     }
@@ -352,6 +375,7 @@ export class Agent {
     if (events.length <= 20) for (const ev of events) this.c.log("info", ev);
     else this.c.log("info", `applied: ${added} key(s) written, ${removed} removed; ${this.store.size} in total`);
     await this.endSessionsOn(freed.filter((p) => !this.store.allows(p)), "its key was removed");
+    await this.endSessionsOfKeys(gone);
     this.dirty = false;
     this.scheduleExpiry();
   }
@@ -365,11 +389,66 @@ export class Agent {
     for (const p of r.unowned) this.c.log("warn", `port ${p} is still listening but no session of the tunnel user holds it`);
   }
 
-  /** Tunnel-user listeners in the fleet's ranges that no key allows (e.g. revoked while the agent was down). */
+  private get ranges() {
+    return [this.c.fleet.ports.ssh, this.c.fleet.ports.services];
+  }
+
+  /** Just these ports, or the whole tunnel ranges when there are many (each range is checked per socket). */
+  private rangesFor(ports: Iterable<number>) {
+    const list = [...ports];
+    return list.length > 64 ? this.ranges : list.map((p) => ({ lo: p, hi: p }));
+  }
+
+  /** The key a tunnel session logged in with, where sshd's log told (its client's login line). */
+  private keyOf(s: TunnelSession): string | undefined {
+    for (const p of s.peers) {
+      const fp = this.accepted.get(p);
+      if (fp !== undefined) return fp;
+    }
+    return undefined;
+  }
+
+  /**
+   * Revocation follows the key, not only the port (issue 19): after a rotation the new key allows
+   * the same port, so a session of the old key must be found by its login. Ends every tunnel
+   * session that logged in with a key in `gone`, and every session on one of their ports whose
+   * login key is unknown (logged in before the agent started, or its line not read yet): a
+   * device whose key is still accepted comes back within seconds, while a session the agent
+   * cannot tell apart from the removed key's must not keep the port.
+   */
+  private async endSessionsOfKeys(gone: Map<string, number[]>): Promise<void> {
+    if (gone.size === 0) return;
+    const ports = new Set([...gone.values()].flat());
+    const hit: { s: TunnelSession; fp: string | undefined }[] = [];
+    // Listening or not: an authenticated session may ask for a forward at any time.
+    for (const s of allTunnelSessions(this.ranges, this.c.tunnelUid)) {
+      const fp = this.keyOf(s);
+      if (fp !== undefined ? gone.has(fp) && !this.store.get(fp) : s.ports.some((p) => ports.has(p))) hit.push({ s, fp });
+    }
+    await this.endTunnelSessions(hit, "its key was removed");
+  }
+
+  private async endTunnelSessions(hit: { s: TunnelSession; fp: string | undefined }[], why: string): Promise<void> {
+    if (hit.length === 0) return;
+    const ended = new Set(await endProcesses(hit.map((h) => h.s.pid), this.c.tunnelUid));
+    for (const { s, fp } of hit) {
+      if (ended.has(s.pid)) this.c.log("info", `ended the session ${s.ports.length > 0 ? `on port ${s.ports.join(", ")}` : "holding no port"} (pid ${s.pid}, ${fp === undefined ? "login key unknown" : `key ${fp}`}): ${why}`);
+    }
+  }
+
+  /**
+   * Tunnel-user listeners in the fleet's ranges that no key allows, and sessions whose login key
+   * is no longer accepted (e.g. revoked or rotated while the agent was down).
+   */
   private async sweep(): Promise<void> {
-    const ranges = [this.c.fleet.ports.ssh, this.c.fleet.ports.services];
-    const stray = loopbackListeners(ranges, { uid: this.c.tunnelUid }).filter((l) => !this.store.allows(l.port));
+    const stray = loopbackListeners(this.ranges, { uid: this.c.tunnelUid }).filter((l) => !this.store.allows(l.port));
     await this.endSessionsOn([...new Set(stray.map((l) => l.port))], "no key allows this port");
+    const hit: { s: TunnelSession; fp: string | undefined }[] = [];
+    for (const s of allTunnelSessions(this.ranges, this.c.tunnelUid)) {
+      const fp = this.keyOf(s);
+      if (fp !== undefined && !this.store.get(fp)) hit.push({ s, fp });
+    }
+    await this.endTunnelSessions(hit, "its login key is no longer accepted");
   }
 
   // --- what this bastion sees (issue 13) ---
@@ -387,14 +466,21 @@ export class Agent {
   /** Records the tunnel ports listening now (a heartbeat when nothing changed). */
   private async observe(): Promise<void> {
     if (!this.registry) return; // down: the heartbeat stops, and status says this bastion is silent
-    const ranges = [this.c.fleet.ports.ssh, this.c.fleet.ports.services];
-    const listeners = loopbackListeners(ranges, { withPids: true });
-    const peers = peersOf(listeners.flatMap((l) => (l.uid === this.c.tunnelUid && l.pid !== undefined ? [l.pid] : [])));
-    const byPort = new Map<number, { port: number; fingerprint?: string }>();
+    const listeners = loopbackListeners(this.ranges, { withPids: true });
+    // Who holds each listener (issue 19): only the tunnel user's sshd session counts for a
+    // device; any other process on a tunnel port is recorded with its uid, and is an alarm.
+    const tunnel = new Set(listeners.flatMap((l) => (l.uid === this.c.tunnelUid && l.pid !== undefined && isTunnelSession(l.pid, this.c.tunnelUid) ? [l.pid] : [])));
+    const peers = peersOf([...tunnel]);
+    const byPort = new Map<number, Listener>();
     for (const l of listeners) {
-      const fp = l.pid === undefined ? undefined : (peers.get(l.pid) ?? []).map((p) => this.accepted.get(p)).find((x) => x !== undefined);
-      const had = byPort.get(l.port);
-      byPort.set(l.port, fp ? { port: l.port, fingerprint: fp } : (had ?? { port: l.port }));
+      const had = byPort.get(l.port) ?? { port: l.port, tunnel: true };
+      if (l.pid !== undefined && tunnel.has(l.pid)) {
+        const fp = (peers.get(l.pid) ?? []).map((p) => this.accepted.get(p)).find((x) => x !== undefined);
+        byPort.set(l.port, fp && !had.fingerprint ? { ...had, fingerprint: fp } : had);
+      } else if (had.tunnel) {
+        // Another user's listener (or one whose process could not be found) wins: it is the alarm.
+        byPort.set(l.port, { port: l.port, tunnel: false, uid: l.uid });
+      }
     }
     await this.db((r) =>
       r.observe({
@@ -423,11 +509,64 @@ export class Agent {
       this.accepted.set(`${a.address}:${a.port}`, a.fingerprint);
       // Bounded: the oldest logins go first (a live tunnel's is looked up within an interval).
       if (this.accepted.size > 100_000) this.accepted.delete(this.accepted.keys().next().value!);
+      this.noteLogin(a.fingerprint, `${a.address}:${a.port}`);
       this.enqueue(() => this.onAccepted(a.fingerprint));
     };
     const onError = (e: Error) => this.c.log("warn", `sshd log: ${e.message}`);
     if (this.c.authLog === "none") return;
     this.follower = this.c.authLog === "journal" ? followJournal(onLine, { onError }) : followFile(this.c.authLog, onLine, { onError });
+  }
+
+  /**
+   * A key logged in from `peer`: its stale sessions give way (issue 20). After a power cut the
+   * bastion keeps the old session, and its port, until the keepalive gives up, so the device's
+   * reconnects fail ("remote port forwarding failed"). Logins are gathered for a moment and
+   * checked together — one look at /proc for a whole reconnect storm, not one per login.
+   */
+  private noteLogin(fp: string, peer: string): void {
+    this.logins.delete(fp);
+    if (this.logins.size < 100_000) this.logins.set(fp, { peer, readAt: Date.now() }); // the latest login of each key
+    if (this.loginsQueued || this.stopped) return;
+    this.loginsQueued = true;
+    this.loginsTimer = setTimeout(() => {
+      this.loginsTimer = undefined;
+      this.enqueue(() => {
+        this.loginsQueued = false;
+        const batch = [...this.logins];
+        this.logins.clear();
+        return this.replaceStale(batch);
+      });
+    }, 200);
+  }
+
+  /**
+   * For each key's latest login, any older session on that key's ports that logged in with the
+   * same key, or whose login the agent did not see, is ended; the device's next try binds. (A
+   * session of the device's other key is not stale: rotation and retirement deal with it.)
+   * Older: its process started well before the login's line was read (STALE_MARGIN_MS: the
+   * log's delay, and /proc's boot time in whole seconds) — a session that logged in after the
+   * login, but whose own line is not read yet, is never taken for stale.
+   */
+  private async replaceStale(batch: [string, { peer: string; readAt: number }][]): Promise<void> {
+    const wanted = new Map<number, { fp: string; peer: string; readAt: number; host: string }>();
+    for (const [fp, { peer, readAt }] of batch) {
+      const h = this.owner.get(fp);
+      const e = h === undefined ? undefined : this.byHost.get(h)?.find((x) => x.fingerprint === fp);
+      for (const p of e?.ports ?? []) wanted.set(p, { fp, peer, readAt, host: h! });
+    }
+    if (wanted.size === 0) return;
+    const hit: { s: TunnelSession; fp: string | undefined }[] = [];
+    let why = "";
+    for (const s of tunnelSessions(this.rangesFor(wanted.keys()), this.c.tunnelUid)) {
+      const fp = this.keyOf(s);
+      const older = (w: { readAt: number }) => s.startedAt !== undefined && s.startedAt < w.readAt - STALE_MARGIN_MS;
+      const login = s.ports.map((p) => wanted.get(p)).find((w) => w !== undefined && !s.peers.includes(w.peer) && (fp === undefined || fp === w.fp) && older(w));
+      if (!login) continue;
+      hit.push({ s, fp });
+      why = `${login.host} logged in again with the same key (${login.peer}): the stale session gives way`;
+    }
+    if (hit.length === 1) await this.endTunnelSessions(hit, why);
+    else if (hit.length > 1) await this.endTunnelSessions(hit, "their devices logged in again with the same key: stale sessions give way");
   }
 
   /** A device's new key logged in: its previous key is retired at once (on this bastion). */

@@ -3,7 +3,13 @@
  * uses it to retire a rotated device's old key as soon as the new one is seen (`rotate
  * --grace`); issue 13 cross-checks ports with it.
  *
- * sshd writes `Accepted publickey for USER from ADDR port N ssh2: ED25519 SHA256:…` at INFO.
+ * sshd writes `Accepted publickey for USER from ADDR port N ssh2: ED25519 SHA256:…` at INFO, as
+ * the whole line (journal MESSAGE, or a `-E` file line ending in CR LF). Only that exact shape
+ * counts: sshd also logs text a client chose — an unauthenticated client's disconnect reason
+ * goes out verbatim as `Received disconnect from ADDR port N:11: TEXT [preauth]` (OpenSSH 9.2) —
+ * so a pattern found anywhere in a line could be forged by anyone who can reach port 22. Every
+ * line sshd writes begins with its own words, and what a client sends is vis(3)-encoded (no
+ * line breaks), so anchoring on both ends leaves a client nothing to forge.
  * Sources: the journal (`journalctl --follow`, only entries that journald itself saw come from
  * a root-owned sshd process, so another local user cannot forge one with `logger`), or a file
  * sshd writes with `-E FILE` (followed like `tail -F`: from its end, across truncation and
@@ -20,7 +26,7 @@ export interface Accepted {
   fingerprint: string;
 }
 
-const ACCEPTED = /Accepted publickey for (\S+) from (\S+) port (\d+) ssh2: (\S+) (SHA256:[A-Za-z0-9+/]{43})(?:\s|$)/;
+const ACCEPTED = /^Accepted publickey for (\S+) from (\S+) port (\d{1,5}) ssh2: ([A-Z0-9-]+) (SHA256:[A-Za-z0-9+/]{43})\r?$/;
 
 export function parseAccepted(line: string): Accepted | undefined {
   const m = ACCEPTED.exec(line);
@@ -119,8 +125,9 @@ export function followJournal(onLine: (l: string) => void, opts: { onError?: (e:
   let delay = 5000;
   let reported = false;
   const start = () => {
-    // _UID=0 and _COMM=sshd are set by journald from the sending process, not by the sender.
-    child = spawn("journalctl", ["--follow", "--lines=0", "--output=cat", "--no-pager", "_COMM=sshd", "_UID=0"], { stdio: ["ignore", "pipe", "pipe"] });
+    // _UID=0 and _COMM are set by journald from the sending process, not by the sender. From
+    // OpenSSH 9.8 on, the login lines come from `sshd-session` (two values of one field: either).
+    child = spawn("journalctl", ["--follow", "--lines=0", "--output=cat", "--no-pager", "_COMM=sshd", "_COMM=sshd-session", "_UID=0"], { stdio: ["ignore", "pipe", "pipe"] });
     const feed = lineSplitter(onLine);
     const started = Date.now();
     child.stdout!.setEncoding("utf8").on("data", feed);

@@ -15,7 +15,8 @@ import { planTunnel } from "../forwards.js";
 import { fingerprint as fingerprintOf } from "../keys/ed25519.js";
 import { WireReader } from "../keys/ssh-wire.js";
 import type { DeviceRecord } from "../registry/types.js";
-import { hostnameProblem } from "../validate.js";
+import { fromNarrowed, parseDials, parseRangeText } from "../config/compat.js";
+import { cidrProblem, hostnameProblem, quotedValueProblem } from "../validate.js";
 import { authorizedKeysLine } from "./line.js";
 
 export interface BastionEntry {
@@ -57,15 +58,35 @@ export function devicesOf(devices: DeviceRecord[], bastion: string): DeviceRecor
 
 const inRange = (p: unknown, r: PortRange): boolean => Number.isInteger(p) && (p as number) >= r.lo && (p as number) <= r.hi;
 
+/**
+ * A range a device's ports may come from: the config's, or (a config change served side by
+ * side, docs/bastion.md "Changing a fleet's settings") the one recorded when its ports were
+ * reserved — never a privileged port.
+ */
+function recordedRange(text: string | undefined): PortRange | undefined {
+  const r = text === undefined ? undefined : parseRangeText(text);
+  return r && r.lo >= 1024 && r.lo <= r.hi && r.hi <= 65535 ? r : undefined;
+}
+
 /** Why a device's row cannot be trusted for this bastion, or undefined. */
 function rowProblem(fleet: Fleet, d: DeviceRecord): string | undefined {
   const h = hostnameProblem(String(d.hostname));
   if (h) return `host name ${JSON.stringify(d.hostname)} ${h}`;
-  if (!inRange(d.port, fleet.ports.ssh)) return `port ${JSON.stringify(d.port)} is not in ports.ssh ${fleet.ports.ssh.lo}-${fleet.ports.ssh.hi}`;
+  const dials = parseDials(d.dials);
+  const ok = (p: unknown, now: PortRange, then: string | undefined) => inRange(p, now) || (then !== undefined && inRange(p, recordedRange(then) ?? now));
+  if (!ok(d.port, fleet.ports.ssh, dials?.ssh)) return `port ${JSON.stringify(d.port)} is not in ports.ssh ${fleet.ports.ssh.lo}-${fleet.ports.ssh.hi}`;
   for (const [name, p] of Object.entries(d.services ?? {})) {
-    if (!inRange(p, fleet.ports.services)) return `service port ${name}=${JSON.stringify(p)} is not in ports.services ${fleet.ports.services.lo}-${fleet.ports.services.hi}`;
+    if (!ok(p, fleet.ports.services, dials?.services)) return `service port ${name}=${JSON.stringify(p)} is not in ports.services ${fleet.ports.services.lo}-${fleet.ports.services.hi}`;
   }
   return undefined;
+}
+
+/** The bastion as a key's overlay dials it: a narrowed `from:` keeps the recorded one until the device is rotated. */
+function asDialled(bastion: Bastion, dials: string | undefined): Bastion {
+  const then = parseDials(dials)?.bastions[bastion.name];
+  if (!then || !fromNarrowed(then.from, bastion.from)) return bastion;
+  if (then.from !== null && then.from.some((f) => cidrProblem(f) !== undefined || quotedValueProblem(f) !== undefined)) return bastion;
+  return { ...bastion, from: then.from ?? undefined };
 }
 
 /** A key of a row: decoded, and its stored fingerprint checked against the key itself. */
@@ -91,11 +112,11 @@ export function bastionEntries(fleet: Fleet, bastion: Bastion, devices: DeviceRe
     }
     const tunnel = planTunnel(fleet, bastion, d.port, d.services);
     const ports = [tunnel.port, ...tunnel.extraListen];
-    const keys: { line: string; fp: string; until?: Date }[] = [{ line: d.publicKey, fp: d.fingerprint }];
+    const keys: { line: string; fp: string; until?: Date; dials?: string }[] = [{ line: d.publicKey, fp: d.fingerprint, ...(d.dials ? { dials: d.dials } : {}) }];
     if (d.previous) {
       const until = new Date(d.previous.until);
       if (Number.isNaN(until.getTime())) skipped.push({ hostname, reason: `previous key's grace end ${JSON.stringify(d.previous.until)} is not a time` });
-      else if (until > now) keys.push({ line: d.previous.publicKey, fp: d.previous.fingerprint, until });
+      else if (until > now) keys.push({ line: d.previous.publicKey, fp: d.previous.fingerprint, until, ...(d.previous.dials ? { dials: d.previous.dials } : {}) });
     }
     for (const k of keys) {
       const what = k.until ? "previous key" : "key";
@@ -109,7 +130,8 @@ export function bastionEntries(fleet: Fleet, bastion: Bastion, devices: DeviceRe
         continue;
       }
       try {
-        const line = authorizedKeysLine({ hostname, pub: key.pub, tunnel, now: new Date(d.created), ...(k.until ? { notAfter: k.until } : {}) });
+        const dialled = asDialled(bastion, k.dials);
+        const line = authorizedKeysLine({ hostname, pub: key.pub, tunnel: dialled === bastion ? tunnel : { ...tunnel, bastion: dialled }, now: new Date(d.created), ...(k.until ? { notAfter: k.until } : {}) });
         seen.add(key.fingerprint);
         entries.push({ hostname, fingerprint: key.fingerprint, line, ports, previous: Boolean(k.until), ...(k.until ? { until: k.until } : {}) });
       } catch (e) {

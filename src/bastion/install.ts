@@ -3,14 +3,21 @@
  * again and again without changing anything (idempotent: a file whose content and mode are
  * already right is not touched; a config change replaces only mkoverlay's own files).
  *
- * Order, so that a fault leaves nothing half installed:
- * 1. check everything that can be checked without changing anything: sshd present, sshd_config
- *    includes sshd_config.d, the keys command's path is one sshd will trust, the tunnel user
- *    (or permission to create it), the registry reachable with the agent's credentials;
- * 2. stage every file under a temp name beside its target;
- * 3. have the real sshd check the staged drop-in in the real configuration (sshd-check.ts);
- * 4. create missing users, rename the staged files into place (keeping the old ones until the
- *    end), enable the unit; any failure puts back what was there and removes what was created.
+ * The steps, in order, so that a fault leaves nothing half installed (`install()` reads as this
+ * list; each step is a function of its own; the checks are in install-checks.ts):
+ * 1. `checkHost`: sshd present, sshd_config includes the drop-in, the agent's executable and the
+ *    keys command's path are ones the target will use and sshd will trust;
+ * 2. `checkTunnelAccount`: an existing tunnel user must be a tunnel account, never somebody's
+ *    login (account.ts), unless `--take-over-user` names it;
+ * 3. `readRegistry`: the registry, read as the agent will read it;
+ * 4. `plan`: every file, directory and link, each path resolved inside the root (rootfs.ts);
+ * 5. `stage`: every file under a temp name beside its target (with `--dry-run`: in a private
+ *    folder, and the install stops after step 6 with a diff);
+ * 6. `checkSshd`: the real sshd checks the staged drop-in in the real configuration
+ *    (sshd-check.ts), and that it would let the tunnel user in at all (account.ts);
+ * 7. `apply`: create missing users, rename the staged files into place (keeping the old ones
+ *    until the end), enable the unit; any failure puts back what was there and removes what was
+ *    created.
  * The key directory gets its first content from the registry when it is new, so the bastion
  * accepts every live device from the moment sshd reloads; afterwards the agent owns it.
  */
@@ -18,46 +25,33 @@ import { spawnSync } from "node:child_process";
 import { randomBytes } from "node:crypto";
 import { chmodSync, existsSync, linkSync, lstatSync, mkdirSync, readdirSync, readFileSync, readlinkSync, renameSync, rmdirSync, rmSync, statSync, symlinkSync, writeFileSync } from "node:fs";
 import { tmpdir } from "node:os";
-import { basename, dirname, join, posix } from "node:path";
-import type { Bastion, Fleet } from "../config/fleet.js";
+import { basename, dirname, join } from "node:path";
 import { UserError } from "../errors.js";
-import { displayLocation, isPostgresUrl } from "../registry/location.js";
+import { bastionLockouts } from "../config/compat.js";
+import { isPostgresUrl } from "../registry/location.js";
 import type { Registry } from "../registry/types.js";
-import { quotedValueProblem } from "../validate.js";
+import { nologinShell, readAccount } from "./account.js";
 import { renderDropin } from "./dropin.js";
-import { bastionEntries, type Skipped } from "./export.js";
+import { bastionEntries, type BastionEntry as Entry } from "./export.js";
+import { checkHost, checkSshd, checkTunnelAccount, firstLine, prepareCheck, type Ctx, type InstallInput, type TunnelAccount } from "./install-checks.js";
 import { KEYS_COMMAND } from "./keys-command.js";
 import { KeyStore } from "./keystore.js";
-import { AGENT_TEMPLATE, agentEnv, agentUnit, configDir, fleetCopy, KEYS_COMMAND_PATH, KEYS_USER, keysDir, sshdDropin, STATE_ROOT, stateDir } from "./paths.js";
-import { checkConfig, dropinSettings, losingSettings, parseEffective, runSshd } from "./sshd-check.js";
-import { renderAgentUnit, renderRegistryDropin } from "./unit.js";
+import { AGENT_TEMPLATE, agentEnv, agentExecDropin, agentUnit, configDir, fleetCopy, KEYS_COMMAND_PATH, KEYS_USER, keysDir, registryDropin, STATE_ROOT, stateDir } from "./paths.js";
+import { RootFs } from "./rootfs.js";
+import { renderAgentUnit, renderExecDropin, renderRegistryDropin } from "./unit.js";
 
-export const SSHD = "/usr/sbin/sshd";
-
-export interface InstallInput {
-  fleet: Fleet;
-  bastion: Bastion;
-  /** "/" for this host, or a mounted image. */
-  root: string;
-  /** The registry the agent reads (may differ from the stations': a read-only role). */
-  registry: string;
-  openRegistry: (location: string) => Promise<Registry>;
-  createUser: boolean;
-  /** ExecStart's command: node and mkoverlay's CLI, or one executable. */
-  exec: string[];
-  /** The fleet config's bytes (the agent gets its own copy). */
-  configText: string;
-  log: (msg: string) => void;
-  onSkip?: (s: Skipped) => void;
-}
+export { SSHD, type InstallInput } from "./install-checks.js";
 
 export interface InstallResult {
   written: string[];
   unchanged: string[];
   createdUsers: string[];
-  /** Keys written into a new key directory (undefined: it existed, the agent owns it). */
+  /** Keys written into a new key directory (undefined: it existed, the agent owns it, or the registry was not read here). */
   initialKeys: number | undefined;
   live: boolean;
+  dryRun: boolean;
+  /** With dryRun: what would change, as a unified diff per file and `#` lines for the rest. */
+  diff: string;
 }
 
 interface FileSpec {
@@ -83,38 +77,6 @@ function ownDirs(b: string): [string, number][] {
   ];
 }
 
-function envValueProblem(v: string): string | undefined {
-  return quotedValueProblem(v) ?? (/[\s'$`]/.test(v) ? "contains spaces, quotes or $" : undefined);
-}
-
-/** A passwd entry of `root`'s system (getent on this host, the file for an image). */
-function passwdEntry(root: string, user: string): string[] | undefined {
-  if (root === "/") {
-    const r = spawnSync("getent", ["passwd", user], { encoding: "utf8" });
-    return r.status === 0 ? r.stdout.trim().split(":") : undefined;
-  }
-  try {
-    for (const line of readFileSync(join(root, "etc/passwd"), "utf8").split("\n")) if (line.split(":")[0] === user) return line.split(":");
-  } catch {
-    return undefined;
-  }
-  return undefined;
-}
-
-/** sshd runs the keys command only if it and every directory above it is root's and not group/other-writable. */
-function securePathProblem(root: string, path: string): string | undefined {
-  for (let p = dirname(path); ; p = posix.dirname(p)) {
-    const host = join(root, p);
-    if (existsSync(host)) {
-      const st = statSync(host);
-      if (st.uid !== 0 || (st.mode & 0o022) !== 0) {
-        return `${p} is ${(st.mode & 0o7777).toString(8)} owned by uid ${st.uid}: sshd runs an AuthorizedKeysCommand only below root-owned directories that group and others cannot write (chmod go-w ${p})`;
-      }
-    }
-    if (p === "/") return undefined;
-  }
-}
-
 const tmpBeside = (p: string): string => join(dirname(p), `.${basename(p)}.${process.pid}.${randomBytes(4).toString("hex")}.tmp`);
 
 function sameFile(path: string, f: FileSpec): boolean {
@@ -124,11 +86,6 @@ function sameFile(path: string, f: FileSpec): boolean {
   } catch {
     return false;
   }
-}
-
-function nologin(root: string): string {
-  for (const s of ["/usr/sbin/nologin", "/sbin/nologin"]) if (existsSync(join(root, s))) return s;
-  return "/bin/false";
 }
 
 /** Undo log: each step registers how to take it back. */
@@ -153,48 +110,51 @@ class Undo {
 }
 
 export async function install(i: InstallInput): Promise<InstallResult> {
-  const { bastion: b, root } = i;
-  const at = (p: string) => join(root, p);
-  const live = root === "/";
   if (process.getuid?.() !== 0) throw new UserError("bastion install: run it as root (it creates a system user and writes under /etc, /usr/local and /var/lib)");
-  if (!existsSync(root) || !statSync(root).isDirectory()) throw new UserError(`--root ${root}: not a directory`);
-
-  // --- 1. checks, nothing changed yet ---
-  if (!existsSync(at(SSHD))) throw new UserError(`sshd is not installed${live ? "" : ` in ${root}`} (${at(SSHD)} is missing)`, { hint: "install openssh-server first" });
-  if (!existsSync(SSHD)) throw new UserError(`${SSHD} is missing on this host: it is needed to check the configuration`, { hint: "install openssh-server" });
-  const mainPath = at("/etc/ssh/sshd_config");
-  if (!existsSync(mainPath)) throw new UserError(`${mainPath} is missing`, { hint: "install openssh-server first" });
-  const mainText = readFileSync(mainPath, "utf8");
-  const dropin = sshdDropin(b.name);
-  if (!checkConfig(mainText, root, dropin, undefined).covers) {
-    throw new UserError(`${mainPath} does not include ${dropin}`, {
-      hint: "add 'Include /etc/ssh/sshd_config.d/*.conf' at the top of sshd_config (Debian's default); mkoverlay never edits sshd_config itself",
-    });
-  }
-  for (const p of i.exec) {
-    const problem = /^\/[A-Za-z0-9._/+@-]+$/.test(p) ? undefined : "must be an absolute path of letters, digits and . _ / + @ -";
-    if (problem) throw new UserError(`--mkoverlay ${JSON.stringify(p)}: ${problem}`);
-    if (live && !existsSync(p)) throw new UserError(`--mkoverlay ${p}: does not exist`);
-  }
-  const pathProblem = securePathProblem(root, KEYS_COMMAND_PATH);
-  if (pathProblem) throw new UserError(`cannot install the keys command: ${pathProblem}`);
-  const sqlite = !isPostgresUrl(i.registry);
-  const envProblem = envValueProblem(i.registry);
-  if (envProblem) throw new UserError(`registry ${displayLocation(i.registry)}: ${envProblem}`, { hint: "the agent's unit passes it in an environment file" });
-  const tunnelUser = passwdEntry(root, b.user);
-  if (!tunnelUser && !i.createUser) {
-    throw new UserError(`the tunnel user '${b.user}' of bastion '${b.name}' does not exist${live ? "" : ` in ${root}`}`, { hint: "create it, or run without --no-create-user" });
-  }
-  if (sqlite && !existsSync(i.registry)) throw new UserError(`registry ${i.registry}: does not exist`, { hint: "the agent reads an existing registry; build a device first or point --registry at it" });
-  // The registry, read as the agent will read it.
-  let registry: Registry;
+  if (!existsSync(i.root) || !statSync(i.root).isDirectory()) throw new UserError(`--root ${i.root}: not a directory`);
+  const fs = new RootFs(i.root);
+  const { mainText, dropin } = checkHost(i, fs);
+  const checkDir = mkdtempIn(tmpdir(), "mko-sshd-check-");
   try {
-    registry = await i.openRegistry(i.registry);
+    const c = prepareCheck({ i, b: i.bastion, fs, mainText, dropin, checkDir, hostKey: "", withoutCfg: "" });
+    const account = checkTunnelAccount(c);
+    const { entries, oldUsers } = await readRegistry(c);
+    const plan = planInstall(c, oldUsers);
+    const staged = stage(c, plan);
+    try {
+      checkSshd(c, plan.files[0]!.content, staged.files.get(c.dropin) ?? plan.files[0]!.host, account);
+    } catch (e) {
+      staged.undo.run();
+      throw e;
+    }
+    if (i.dryRun) return dryRunResult(c, plan, staged, account, entries, oldUsers);
+    return apply(c, plan, staged, account, entries, oldUsers);
+  } finally {
+    rmSync(checkDir, { recursive: true, force: true });
+  }
+}
+
+/** 3. The registry, read as the agent will read it: the first key set, and proof the agent can. */
+async function readRegistry(c: Ctx): Promise<{ entries: Entry[] | undefined; oldUsers: string[] }> {
+  const { i, fs } = c;
+  let location = i.registry;
+  if (!isPostgresUrl(i.registry)) {
+    // A registry file as the bastion sees it: on this host, or inside the image.
+    location = fs.resolve(i.registry);
+    if (!existsSync(location)) {
+      if (fs.live) throw new UserError(`registry ${i.registry}: does not exist`, { hint: "the agent reads an existing registry; build a device first or point --registry at it" });
+      i.log(`registry ${i.registry} is not in ${fs.root}: not read here (nor checked for devices a config change would lock out); the agent reads it on the bastion`);
+      return { entries: undefined, oldUsers: [] };
+    }
+  }
+  let registry: Registry;
+  let devices;
+  try {
+    registry = await i.openRegistry(location);
   } catch (e) {
     if (e instanceof UserError) throw new UserError(`the agent's registry is unusable: ${e.message}`, e.hint ? { hint: e.hint } : {});
     throw e;
   }
-  let devices;
   try {
     devices = await registry.list();
   } catch (e) {
@@ -203,154 +163,236 @@ export async function install(i: InstallInput): Promise<InstallResult> {
   } finally {
     await registry.close();
   }
-  const { entries, skipped } = bastionEntries(i.fleet, b, devices, new Date());
+  const { entries, skipped } = bastionEntries(i.fleet, c.b, devices, new Date());
   for (const s of skipped) i.onSkip?.(s);
+  // Lockouts (config/compat.ts): refused unless forced; then every tunnel user that registered
+  // devices still dial keeps its Match block (and account) beside the new one.
+  const lock = await bastionLockouts(i.fleet, c.b, devices, i.previousFleet, Boolean(i.forceConfigChange));
+  for (const l of lock.lines) i.warn?.(l);
+  return { entries, oldUsers: lock.oldUsers };
+}
 
-  // --- 2. stage ---
+interface Plan {
+  files: (FileSpec & { host: string })[];
+  /** Own directories: target path, host path, mode. */
+  dirs: [string, string, number][];
+  /** A per-instance drop-in that must go (registry no longer a file). */
+  remove: { path: string; host: string } | undefined;
+  link: { path: string; host: string };
+}
+
+/** 4. Every file, directory and link, resolved inside the root before anything is touched. */
+function planInstall(c: Ctx, oldUsers: string[]): Plan {
+  const { i, b, fs } = c;
+  for (const user of oldUsers) {
+    if (!i.createUser && !readAccount(fs, user)) throw new UserError(`the old tunnel user '${user}' of bastion '${b.name}' does not exist${fs.live ? "" : ` in ${fs.root}`}`, { hint: "create it, or run without --no-create-user" });
+  }
+  const sqlite = !isPostgresUrl(i.registry);
   const homeReadOnly = i.exec.some((p) => /^\/(home|root|run\/user)(\/|$)/.test(p));
   const files: FileSpec[] = [
-    { path: dropin, content: renderDropin(i.fleet, b), mode: 0o644 },
+    { path: c.dropin, content: renderDropin(i.fleet, b) + oldUsers.map((user) => `\n${renderDropin(i.fleet, { ...b, user })}`).join(""), mode: 0o644 },
     { path: KEYS_COMMAND_PATH, content: KEYS_COMMAND, mode: 0o755 },
-    { path: AGENT_TEMPLATE, content: renderAgentUnit({ exec: i.exec, homeReadOnly }), mode: 0o644 },
+    { path: AGENT_TEMPLATE, content: renderAgentUnit(), mode: 0o644 },
+    { path: agentExecDropin(b.name), content: renderExecDropin({ exec: i.exec, homeReadOnly }), mode: 0o644 },
     { path: fleetCopy(b.name), content: i.configText, mode: 0o644 },
     {
       path: agentEnv(b.name),
-      content: `# Installed by mkoverlay (bastion install). The registry the agent of bastion '${b.name}' reads.\nMKOVERLAY_REGISTRY=${i.registry}\n# Validated configs are not cached: the unit's file system is read-only.\nMKOVERLAY_CACHE=off\n`,
+      // Single-quoted: systemd's EnvironmentFile= and sh (the command printed without systemd) read it alike.
+      content: `# Installed by mkoverlay (bastion install). The registry the agent of bastion '${b.name}' reads.\nMKOVERLAY_REGISTRY='${i.registry}'\n# Validated configs are not cached: the unit's file system is read-only.\nMKOVERLAY_CACHE='off'\n`,
       mode: 0o600,
     },
   ];
-  const registryDropin = `/etc/systemd/system/${agentUnit(b.name)}.d/50-registry.conf`;
-  if (sqlite) files.push({ path: registryDropin, content: renderRegistryDropin(dirname(i.registry)), mode: 0o644 });
+  if (sqlite) files.push({ path: registryDropin(b.name), content: renderRegistryDropin(dirname(i.registry)), mode: 0o644 });
+  const removeHost = sqlite ? undefined : fs.file(registryDropin(b.name));
+  const wants = `${WANTS}/${agentUnit(b.name)}`;
+  return {
+    files: files.map((f) => ({ ...f, host: fs.file(f.path) })),
+    dirs: ownDirs(b.name).map(([d, mode]) => [d, fs.resolve(d), mode]),
+    remove: removeHost && existsSync(removeHost) ? { path: registryDropin(b.name), host: removeHost } : undefined,
+    link: { path: wants, host: join(fs.resolve(WANTS), basename(wants)) },
+  };
+}
 
+interface Staged {
+  /** target path → staged host path, for files that change. */
+  files: Map<string, string>;
+  unchanged: string[];
+  undo: Undo;
+}
+
+/** 5. Every changed file under a temp name: beside its target, or (dry run) in the private folder. */
+function stage(c: Ctx, plan: Plan): Staged {
   const undo = new Undo();
-  const cleanup: (() => void)[] = [];
-  const staged = new Map<string, string>();
-  const written: string[] = [];
+  const files = new Map<string, string>();
   const unchanged: string[] = [];
-  const createdUsers: string[] = [];
-  let initialKeys: number | undefined;
-  let checkDir: string | undefined;
   try {
-    const mkdirs = (dir: string, mode: number) => {
-      const missing: string[] = [];
-      for (let d = dir; !existsSync(at(d)); d = posix.dirname(d)) missing.unshift(d);
-      for (const d of missing) {
-        mkdirSync(at(d), { mode });
-        chmodSync(at(d), mode);
-        undo.push(() => rmdirSync(at(d)));
-      }
-    };
-    for (const [d, mode] of ownDirs(b.name)) mkdirs(d, mode);
-    for (const f of files) {
-      mkdirs(dirname(f.path), 0o755);
-      if (sameFile(at(f.path), f)) {
+    if (!c.i.dryRun) for (const [, host, mode] of plan.dirs) mkdirs(host, mode, undo);
+    for (const [n, f] of plan.files.entries()) {
+      if (sameFile(f.host, f)) {
         unchanged.push(f.path);
         continue;
       }
-      const tmp = tmpBeside(at(f.path));
+      let tmp: string;
+      if (c.i.dryRun) tmp = join(c.checkDir, `staged-${n}`);
+      else {
+        mkdirs(dirname(f.host), 0o755, undo);
+        tmp = tmpBeside(f.host);
+      }
       writeFileSync(tmp, f.content, { mode: f.mode, flag: "wx" });
       chmodSync(tmp, f.mode);
       undo.push(() => rmSync(tmp, { force: true }));
-      staged.set(f.path, tmp);
+      files.set(f.path, tmp);
     }
+  } catch (e) {
+    undo.run();
+    throw failed(e);
+  }
+  return { files, unchanged, undo };
+}
 
-    // --- 3. the real sshd checks the staged drop-in in the real configuration ---
-    checkDir = mkdtempIn(tmpdir(), "mko-sshd-check-");
-    const hostKey = join(checkDir, "hostkey");
-    const kg = spawnSync("ssh-keygen", ["-q", "-t", "ed25519", "-N", "", "-f", hostKey], { encoding: "utf8" });
-    if (kg.status !== 0) throw new Error(`ssh-keygen: ${kg.stderr}`);
-    mkdirSync("/run/sshd", { recursive: true, mode: 0o755 }); // sshd -t insists on its privsep directory
-    const withCfg = join(checkDir, "with.conf");
-    const withoutCfg = join(checkDir, "without.conf");
-    writeFileSync(withCfg, checkConfig(mainText, root, dropin, staged.get(dropin) ?? at(dropin)).text);
-    writeFileSync(withoutCfg, checkConfig(mainText, root, dropin, undefined).text);
-    const base = ["-o", `HostKey=${hostKey}`];
-    const t = runSshd(SSHD, ["-t", "-f", withCfg, ...base]);
-    if (!t.ok) {
-      const before = runSshd(SSHD, ["-t", "-f", withoutCfg, ...base]);
-      const why = firstLine(t.stderr);
-      throw new UserError(
-        before.ok ? `sshd rejects mkoverlay's drop-in ${dropin}: ${why}` : `sshd rejects the existing configuration of ${root === "/" ? "this host" : root} (without mkoverlay's drop-in): ${firstLine(before.stderr)}`,
-        { hint: before.ok ? "nothing was installed; report this with your sshd version (sshd -V)" : "fix sshd_config first (sshd -t shows the problem); nothing was installed" },
-      );
-    }
-    const spec = (user: string) => ["-T", "-C", `user=${user},host=gateway.invalid,addr=192.0.2.1,laddr=127.0.0.1,lport=${b.port}`];
-    const tunnel = runSshd(SSHD, [...spec(b.user), "-f", withCfg, ...base]);
-    if (!tunnel.ok) throw new UserError(`sshd -T fails with mkoverlay's drop-in: ${firstLine(tunnel.stderr)}`, { hint: "nothing was installed" });
-    const losing = losingSettings(dropinSettings(files[0]!.content), parseEffective(tunnel.stdout));
-    if (losing.length > 0) {
-      throw new UserError(
-        `sshd would not use mkoverlay's settings for '${b.user}': ${losing.map(([k, want, got]) => `${k} is '${got}', not '${want}'`).join("; ")}`,
-        { hint: `another Match block read before ${dropin} sets them; remove them there (sshd -T -C user=${b.user},host=x,addr=192.0.2.1 shows what wins). Nothing was installed` },
-      );
-    }
-    const other = b.user === "root" ? "nobody" : "root";
-    const withOther = runSshd(SSHD, [...spec(other), "-f", withCfg, ...base]);
-    const withoutOther = runSshd(SSHD, [...spec(other), "-f", withoutCfg, ...base]);
-    if (!withOther.ok || !withoutOther.ok || withOther.stdout !== withoutOther.stdout) {
-      throw new UserError(`mkoverlay's drop-in would change sshd's settings for users other than '${b.user}'`, { hint: "nothing was installed; report this with your sshd version (sshd -V)" });
-    }
+/** Creates the missing folders of a (resolved) host path, each with `mode`. */
+function mkdirs(host: string, mode: number, undo: Undo): void {
+  const missing: string[] = [];
+  for (let d = host; !existsSync(d); d = dirname(d)) missing.unshift(d);
+  for (const d of missing) {
+    mkdirSync(d, { mode });
+    chmodSync(d, mode);
+    undo.push(() => rmdirSync(d));
+  }
+}
 
-    // --- 4. users, files, unit ---
-    if (!tunnelUser) {
-      addUser(root, b.user, ["--password", "*"], undo);
+/** What a dry run reports: a unified diff per file (`diff -u`), `#` lines for users, folders, links and keys. */
+function dryRunResult(c: Ctx, plan: Plan, staged: Staged, t: TunnelAccount, entries: Entry[] | undefined, oldUsers: string[]): InstallResult {
+  const { b } = c;
+  const out: string[] = [];
+  const createdUsers = [...(t.account ? [] : [b.user]), ...oldUsers.filter((u) => !readAccount(c.fs, u)), ...(readAccount(c.fs, KEYS_USER) ? [] : [KEYS_USER])];
+  for (const u of createdUsers) out.push(`# would create system user ${u}`);
+  for (const [d, host, mode] of plan.dirs) {
+    if (!existsSync(host)) out.push(`# would create directory ${d} (${mode.toString(8)})`);
+    else if ((statSync(host).mode & 0o7777) !== mode) out.push(`# would chmod ${mode.toString(8)} ${d}`);
+  }
+  const written: string[] = [];
+  for (const f of plan.files) {
+    const tmp = staged.files.get(f.path);
+    if (!tmp) continue;
+    written.push(f.path);
+    const old = lstatSync(f.host, { throwIfNoEntry: false });
+    if (old && (old.mode & 0o7777) !== f.mode) out.push(`# mode of ${f.path}: ${(old.mode & 0o7777).toString(8)} → ${f.mode.toString(8)}`);
+    let [from, to] = [old ? f.host : "/dev/null", tmp];
+    if (f.mode === 0o600) {
+      // agent.env may hold a registry URL with a password: never printed, on either side.
+      out.push(`# ${f.path}: passwords in URLs shown as ***`);
+      const mask = (text: string) => text.replace(/(:\/\/[^:/@\s']*):[^@\s']*@/g, "$1:***@");
+      [from, to] = [from, to].map((p, k) => {
+        if (p === "/dev/null") return p;
+        const m = join(c.checkDir, `masked-${k}`);
+        writeFileSync(m, mask(readFileSync(p, "utf8")), { mode: 0o600 });
+        return m;
+      }) as [string, string];
+    }
+    const d = spawnSync("diff", ["-u", "--label", old ? f.path : "/dev/null", "--label", f.path, from, to], { encoding: "utf8" });
+    if (d.status === 2 || d.error) throw new UserError(`diff failed: ${firstLine(d.stderr || d.error?.message || "")}`, { hint: "--dry-run shows changes with diff -u (GNU diffutils)" });
+    out.push(d.stdout.replace(/\n$/, ""));
+  }
+  if (plan.remove) {
+    written.push(`${plan.remove.path} (removed)`);
+    out.push(`# would remove ${plan.remove.path}`);
+  }
+  if (!linkIsRight(plan)) {
+    written.push(`${plan.link.path} → ${AGENT_TEMPLATE}`);
+    out.push(`# would link ${plan.link.path} → ${AGENT_TEMPLATE}`);
+  }
+  const keys = keysDirEmpty(plan) && entries ? entries.length : undefined;
+  if (keys !== undefined) out.push(`# would fill ${keysDir(b.name)} from the registry: ${keys} key(s)`);
+  staged.undo.run();
+  return { written, unchanged: staged.unchanged, createdUsers, initialKeys: keys, live: c.fs.live, dryRun: true, diff: out.length > 0 ? out.join("\n") + "\n" : "" };
+}
+
+const linkIsRight = (plan: Plan): boolean => {
+  const st = lstatSync(plan.link.host, { throwIfNoEntry: false });
+  return Boolean(st?.isSymbolicLink() && readlinkSync(plan.link.host) === AGENT_TEMPLATE);
+};
+
+const keysDirEmpty = (plan: Plan): boolean => {
+  const host = plan.dirs.find(([d]) => d.endsWith("/keys"))![1];
+  return !existsSync(host) || readdirSync(host).length === 0;
+};
+
+/** 7. Users, files, the enablement link and the first key set together; undone on any failure. */
+function apply(c: Ctx, plan: Plan, staged: Staged, t: TunnelAccount, entries: Entry[] | undefined, oldUsers: string[]): InstallResult {
+  const { b, fs } = c;
+  const undo = staged.undo;
+  const cleanup: (() => void)[] = [];
+  const written: string[] = [];
+  const createdUsers: string[] = [];
+  let initialKeys: number | undefined;
+  try {
+    const keysMissing = !readAccount(fs, KEYS_USER);
+    const oldMissing = oldUsers.filter((u) => !readAccount(fs, u));
+    if (!t.account || keysMissing || oldMissing.length > 0) fs.checkUserFiles();
+    if (!t.account) {
+      addUser(fs, b.user, ["--password", "*"], undo);
       createdUsers.push(b.user);
     }
-    if (!passwdEntry(root, KEYS_USER)) {
-      addUser(root, KEYS_USER, [], undo);
+    // Old tunnel users that registered devices still dial (a forced config change).
+    for (const user of oldMissing) {
+      addUser(fs, user, ["--password", "*"], undo);
+      createdUsers.push(user);
+    }
+    if (keysMissing) {
+      addUser(fs, KEYS_USER, [], undo);
       createdUsers.push(KEYS_USER);
     }
-    for (const [path, tmp] of staged) {
-      const target = at(path);
-      if (existsSync(target)) {
-        const backup = tmpBeside(target);
-        linkSync(target, backup);
-        undo.push(() => renameSync(backup, target));
-        renameSync(tmp, target);
+    for (const f of plan.files) {
+      const tmp = staged.files.get(f.path);
+      if (!tmp) continue;
+      if (existsSync(f.host)) {
+        const backup = tmpBeside(f.host);
+        linkSync(f.host, backup);
+        undo.push(() => renameSync(backup, f.host));
+        renameSync(tmp, f.host);
         cleanup.push(() => rmSync(backup, { force: true }));
       } else {
-        renameSync(tmp, target);
-        undo.push(() => rmSync(target, { force: true }));
+        renameSync(tmp, f.host);
+        undo.push(() => rmSync(f.host, { force: true }));
       }
-      written.push(path);
+      written.push(f.path);
     }
-    if (!sqlite && existsSync(at(registryDropin))) {
-      const backup = tmpBeside(at(registryDropin));
-      renameSync(at(registryDropin), backup);
-      undo.push(() => renameSync(backup, at(registryDropin)));
+    if (plan.remove) {
+      const backup = tmpBeside(plan.remove.host);
+      renameSync(plan.remove.host, backup);
+      undo.push(() => renameSync(backup, plan.remove!.host));
       cleanup.push(() => rmSync(backup, { force: true }));
-      written.push(`${registryDropin} (removed)`);
+      written.push(`${plan.remove.path} (removed)`);
     }
-    for (const [d, mode] of ownDirs(b.name)) if ((statSync(at(d)).mode & 0o7777) !== mode) chmodSync(at(d), mode);
-    const link = at(`${WANTS}/${agentUnit(b.name)}`);
-    if (!(lstatSync(link, { throwIfNoEntry: false })?.isSymbolicLink() && readlinkSync(link) === AGENT_TEMPLATE)) {
-      mkdirs(WANTS, 0o755);
-      rmSync(link, { force: true });
-      symlinkSync(AGENT_TEMPLATE, link);
-      undo.push(() => rmSync(link, { force: true }));
-      written.push(`${WANTS}/${agentUnit(b.name)} → ${AGENT_TEMPLATE}`);
+    for (const [, host, mode] of plan.dirs) if ((statSync(host).mode & 0o7777) !== mode) chmodSync(host, mode);
+    if (!linkIsRight(plan)) {
+      mkdirs(dirname(plan.link.host), 0o755, undo);
+      rmSync(plan.link.host, { force: true });
+      symlinkSync(AGENT_TEMPLATE, plan.link.host);
+      undo.push(() => rmSync(plan.link.host, { force: true }));
+      written.push(`${plan.link.path} → ${AGENT_TEMPLATE}`);
     }
     // First content of a new key directory; an existing one belongs to the running agent.
-    if (readdirSync(at(keysDir(b.name))).length === 0) {
-      const store = KeyStore.open(at(keysDir(b.name)));
+    if (entries && keysDirEmpty(plan)) {
+      const store = KeyStore.open(plan.dirs.find(([d]) => d === keysDir(b.name))![1]);
       for (const e of entries) store.put(e.fingerprint, `${e.line}\n`);
       initialKeys = entries.length;
     }
     undo.forget();
   } catch (e) {
     undo.run();
-    if (e instanceof UserError) throw e;
-    // A file system that refuses a step (a file where a directory should be, no space, …).
-    throw new UserError(`bastion install failed: ${(e as Error).message}`, { hint: "everything it had created or replaced was put back" });
+    throw failed(e);
   } finally {
-    for (const c of cleanup.splice(0)) c();
-    if (checkDir) rmSync(checkDir, { recursive: true, force: true });
+    for (const f of cleanup.splice(0)) f();
   }
-  return { written, unchanged, createdUsers, initialKeys, live };
+  return { written, unchanged: staged.unchanged, createdUsers, initialKeys, live: fs.live, dryRun: false, diff: "" };
 }
 
-function firstLine(s: string): string {
-  return s.trim().split("\n").find((l) => l.trim()) ?? "(no output)";
+/** A file system that refuses a step (a file where a directory should be, no space, …). */
+function failed(e: unknown): Error {
+  if (e instanceof UserError) return e;
+  return new UserError(`bastion install failed: ${(e as Error).message}`, { hint: "everything it had created or replaced was put back" });
 }
 
 function mkdtempIn(dir: string, prefix: string): string {
@@ -360,14 +402,18 @@ function mkdtempIn(dir: string, prefix: string): string {
 }
 
 /** A system user with no login: useradd on this host, useradd --prefix for an image. */
-function addUser(root: string, name: string, extra: string[], undo: Undo): void {
-  const prefix = root === "/" ? [] : ["--prefix", root];
-  const r = spawnSync("useradd", [...prefix, "--system", "--shell", nologin(root), "--home-dir", "/nonexistent", "--no-create-home", ...extra, name], { encoding: "utf8" });
-  if (r.status !== 0) throw new UserError(`useradd ${name}${root === "/" ? "" : ` (in ${root})`} failed: ${firstLine(r.stderr || r.error?.message || "")}`);
+function addUser(fs: RootFs, name: string, extra: string[], undo: Undo): void {
+  const prefix = fs.live ? [] : ["--prefix", fs.root];
+  const r = spawnSync("useradd", [...prefix, "--system", "--shell", nologinShell(fs), "--home-dir", "/nonexistent", "--no-create-home", ...extra, name], { encoding: "utf8" });
+  if (r.status !== 0) throw new UserError(`useradd ${name}${fs.live ? "" : ` (in ${fs.root})`} failed: ${firstLine(r.stderr || r.error?.message || "")}`);
   undo.push(() => spawnSync("userdel", [...prefix, name]));
 }
 
-/** Whether systemd runs this host (then the install reloads it and starts the agent). */
+/** Whether systemd runs this host, or is the image's init (then the install reloads it / enables the agent). */
 export function systemdRunning(): boolean {
   return existsSync("/run/systemd/system");
+}
+
+export function imageHasSystemd(fs: RootFs): boolean {
+  return ["/lib/systemd/systemd", "/usr/lib/systemd/systemd"].some((p) => existsSync(fs.resolve(p)));
 }

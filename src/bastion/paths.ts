@@ -26,5 +26,11 @@ export const SSHD_DROPIN_DIR = "/etc/ssh/sshd_config.d";
 export const sshdDropin = (bastion: string): string => `${SSHD_DROPIN_DIR}/60-mkoverlay-bastion-${bastion}.conf`;
 export const AGENT_TEMPLATE = "/etc/systemd/system/mkoverlay-bastion@.service";
 export const agentUnit = (bastion: string): string => `mkoverlay-bastion@${bastion}.service`;
+/**
+ * Per bastion, never in the shared template: its ExecStart (mkoverlay's executable as this
+ * bastion's install named it), and for a SQLite registry on the host its directory.
+ */
+export const agentExecDropin = (bastion: string): string => `/etc/systemd/system/${agentUnit(bastion)}.d/40-exec.conf`;
+export const registryDropin = (bastion: string): string => `/etc/systemd/system/${agentUnit(bastion)}.d/50-registry.conf`;
 /** sshd runs the keys command as this user: it can read the key files, nothing else. */
 export const KEYS_USER = "mkoverlay-keys";

@@ -248,3 +248,180 @@ export function peersOf(pids: number[], opts: ProcOptions = {}): Map<number, str
   }
   return out;
 }
+
+/** The command name of a process (`/proc/PID/comm`), or undefined when it is gone. */
+function commOf(pid: number, proc: string): string | undefined {
+  try {
+    return readFileSync(join(proc, String(pid), "comm"), "utf8").trim();
+  } catch {
+    return undefined;
+  }
+}
+
+/** sshd's per-connection processes: `sshd` on OpenSSH 9.x, `sshd-session` from 9.8 on. */
+const SSHD_COMMS = new Set(["sshd", "sshd-session"]);
+
+/**
+ * Is `pid` the tunnel user's sshd session process? Its effective uid is the tunnel user's (the
+ * owner of /proc/PID, which even a non-dumpable process keeps) and it is sshd. Any other local
+ * user's listener fails the first test; the tunnel user runs nothing but sshd (nologin shell,
+ * ForceCommand), so a listener of its uid that is not sshd fails the second.
+ */
+export function isTunnelSession(pid: number, uid: number, opts: ProcOptions = {}): boolean {
+  const proc = opts.proc ?? "/proc";
+  try {
+    if (statSync(join(proc, String(pid))).uid !== uid) return false;
+  } catch {
+    return false;
+  }
+  return SSHD_COMMS.has(commOf(pid, proc) ?? "");
+}
+
+export interface TunnelSession {
+  pid: number;
+  /** When the process started (ms since the epoch), when /proc tells. */
+  startedAt?: number;
+  /** The tunnel-range ports it listens on. */
+  ports: number[];
+  /** Its client connection(s), `address:port` as sshd's log names them. */
+  peers: string[];
+}
+
+/** The tunnel user's sshd sessions listening on ports in `ranges`, with their client ends. */
+export function tunnelSessions(ranges: PortRange[], uid: number, opts: ProcOptions = {}): TunnelSession[] {
+  const byPid = new Map<number, Set<number>>();
+  for (const l of loopbackListeners(ranges, { ...opts, uid, withPids: true })) {
+    if (l.pid === undefined || !isTunnelSession(l.pid, uid, opts)) continue;
+    byPid.set(l.pid, (byPid.get(l.pid) ?? new Set()).add(l.port));
+  }
+  const peers = peersOf([...byPid.keys()], opts);
+  return [...byPid].map(([pid, ports]) => withStart({ pid, ports: [...ports].sort((a, b) => a - b), peers: peers.get(pid) ?? [] }, procRoot(opts)));
+}
+
+/**
+ * Ends sessions by process: SIGTERM to each pid that is still `uid`'s, SIGKILL to any still
+ * there after `graceMs`. Returns the pids signalled.
+ */
+export async function endProcesses(pids: number[], uid: number, opts: ProcOptions & { graceMs?: number } = {}): Promise<number[]> {
+  const proc = opts.proc ?? "/proc";
+  const ours = (pid: number) => {
+    try {
+      // Not a reused pid of someone else's, and not a zombie its parent has yet to reap.
+      if (statSync(join(proc, String(pid))).uid !== uid) return false;
+      const stat = readFileSync(join(proc, String(pid), "stat"), "utf8");
+      return !/^\S+ \(.*\) [ZX]/s.test(stat);
+    } catch {
+      return false;
+    }
+  };
+  const signalled: number[] = [];
+  for (const pid of new Set(pids)) {
+    if (!ours(pid)) continue;
+    try {
+      process.kill(pid, "SIGTERM");
+      signalled.push(pid);
+    } catch {
+      // gone already
+    }
+  }
+  const deadline = Date.now() + (opts.graceMs ?? 2000);
+  while (signalled.some(ours) && Date.now() < deadline) await new Promise((r) => setTimeout(r, 50));
+  for (const pid of signalled.filter(ours)) {
+    try {
+      process.kill(pid, "SIGKILL");
+    } catch {
+      // ended meanwhile
+    }
+  }
+  return signalled;
+}
+
+/**
+ * Every sshd session process of `uid`, listening or not, with the tunnel-range ports (`ranges`)
+ * it listens on and its client connections: one pass over /proc. A session that holds no port
+ * still counts — an authenticated session may ask for a forward at any time.
+ */
+export function allTunnelSessions(ranges: PortRange[], uid: number, opts: ProcOptions = {}): TunnelSession[] {
+  const proc = opts.proc ?? "/proc";
+  const le = endianness() === "LE";
+  const listening = new Map<number, number>();
+  const remote = new Map<number, string>();
+  for (const f of ["tcp", "tcp6"]) {
+    let text: string;
+    try {
+      text = readFileSync(join(proc, "net", f), "utf8");
+    } catch {
+      continue;
+    }
+    for (const l of parseProcNetTcp(text, ranges, le)) listening.set(l.inode, l.port);
+    for (const line of text.split("\n").slice(1)) {
+      const x = line.trim().split(/\s+/);
+      if (x.length < 10 || x[3] !== ESTABLISHED) continue;
+      const name = peerName(x[2]!, le);
+      if (name) remote.set(Number(x[9]), name);
+    }
+  }
+  const out: TunnelSession[] = [];
+  for (const name of readdirSync(proc)) {
+    if (!/^\d+$/.test(name)) continue;
+    const pid = Number(name);
+    try {
+      if (statSync(join(proc, name)).uid !== uid || !SSHD_COMMS.has(commOf(pid, proc) ?? "")) continue;
+      const ports = new Set<number>();
+      const peers: string[] = [];
+      for (const fd of readdirSync(join(proc, name, "fd"))) {
+        let target: string;
+        try {
+          target = readlinkSync(join(proc, name, "fd", fd));
+        } catch {
+          continue;
+        }
+        const m = /^socket:\[(\d+)\]$/.exec(target);
+        if (!m) continue;
+        const inode = Number(m[1]);
+        const port = listening.get(inode);
+        if (port !== undefined) ports.add(port);
+        const peer = remote.get(inode);
+        if (peer) peers.push(peer);
+      }
+      out.push(withStart({ pid, ports: [...ports].sort((a, b) => a - b), peers }, proc));
+    } catch {
+      // ended while we looked, or not readable (no CAP_SYS_PTRACE)
+    }
+  }
+  return out;
+}
+
+const procRoot = (opts: ProcOptions) => opts.proc ?? "/proc";
+
+/** Linux reports process start times in USER_HZ ticks, 100 on every architecture it runs on. */
+const USER_HZ = 100;
+
+function bootTimeMs(procDir: string): number | undefined {
+  try {
+    const m = /^btime (\d+)$/m.exec(readFileSync(join(procDir, "stat"), "utf8"));
+    return m ? Number(m[1]) * 1000 : undefined;
+  } catch {
+    return undefined;
+  }
+}
+
+/** When `pid` started (ms since the epoch): its starttime in /proc/PID/stat after the boot time. */
+export function processStartMs(pid: number, opts: ProcOptions = {}): number | undefined {
+  const boot = bootTimeMs(procRoot(opts));
+  if (boot === undefined) return undefined;
+  try {
+    const stat = readFileSync(join(procRoot(opts), String(pid), "stat"), "utf8");
+    // Fields after the command name (which may hold spaces and parentheses): state is field 3, starttime 22.
+    const rest = stat.slice(stat.lastIndexOf(")") + 2).split(" ");
+    const ticks = Number(rest[19]);
+    return Number.isFinite(ticks) ? boot + (ticks * 1000) / USER_HZ : undefined;
+  } catch {
+    return undefined;
+  }
+}
+
+function withStart(s: TunnelSession, procDir: string): TunnelSession {
+  const t = processStartMs(s.pid, { proc: procDir });
+  return t === undefined ? s : { ...s, startedAt: t };
+}

@@ -14,7 +14,8 @@
  */
 import { spawnSync } from "node:child_process";
 import { existsSync, readdirSync } from "node:fs";
-import { dirname, join, posix } from "node:path";
+import { dirname, posix } from "node:path";
+import { RootFs } from "./rootfs.js";
 
 const SSH_DIR = "/etc/ssh";
 
@@ -39,14 +40,14 @@ export function globComponent(pattern: string): RegExp {
 }
 
 /** The files an Include argument names inside `root` (paths as sshd on the target sees them), sorted like glob(3). */
-export function expandInclude(root: string, arg: string): string[] {
+export function expandInclude(fs: RootFs, arg: string): string[] {
   const abs = arg.startsWith("/") ? arg : posix.join(SSH_DIR, arg);
-  if (!/[*?[]/.test(abs)) return existsSync(join(root, abs)) ? [abs] : [];
+  if (!/[*?[]/.test(abs)) return existsSync(fs.resolve(abs)) ? [abs] : [];
   const dir = dirname(abs);
   const re = globComponent(posix.basename(abs));
   let names: string[];
   try {
-    names = readdirSync(join(root, dir));
+    names = readdirSync(fs.resolve(dir));
   } catch {
     return [];
   }
@@ -80,9 +81,11 @@ export interface CheckConfig {
 
 /**
  * sshd_config's text with every top-level Include replaced by the host paths of the files it
- * would include on the target. `staged` stands in for `dropin` (undefined: leave the drop-in out).
+ * would include on the target (symlinks followed inside the root, rootfs.ts). `staged` stands in
+ * for `dropin` (undefined: leave the drop-in out).
  */
-export function checkConfig(mainText: string, root: string, dropin: string, staged: string | undefined): CheckConfig {
+export function checkConfig(mainText: string, root: string | RootFs, dropin: string, staged: string | undefined): CheckConfig {
+  const fs = typeof root === "string" ? new RootFs(root) : root;
   let covers = false;
   const lines = mainText.split("\n").map((line) => {
     const m = /^(\s*)include\s+(.*)$/i.exec(line);
@@ -90,13 +93,13 @@ export function checkConfig(mainText: string, root: string, dropin: string, stag
     // Argument by argument, each in glob(3) order, as sshd reads them.
     const host: string[] = [];
     for (const arg of words(m[2]!)) {
-      const files = expandInclude(root, arg).filter((f) => f !== dropin);
+      const files = expandInclude(fs, arg).filter((f) => f !== dropin);
       if (includeCovers(arg, dropin)) {
         covers = true;
         if (staged !== undefined) files.push(dropin);
       }
       files.sort(byteOrder);
-      host.push(...files.map((f) => (f === dropin ? staged! : join(root, f))));
+      host.push(...files.map((f) => (f === dropin ? staged! : fs.resolve(f))));
     }
     return host.length > 0 ? `${m[1]}Include ${host.map(quote).join(" ")}` : `${m[1]}# (Include ${m[2]} matches nothing)`;
   });

@@ -11,6 +11,11 @@
  *   directory, in a per-instance drop-in);
  * - it needs the network (the registry) and /proc of other users (ProtectProc stays default).
  *
+ * The template is the same for every bastion and every install: what differs per bastion (its
+ * ExecStart, ProtectHome when mkoverlay lives below /home) is in the instance's own drop-in
+ * (`renderExecDropin`), so installing bastion B never changes what A runs. An instance without
+ * its drop-in has no ExecStart, and systemd refuses to start it.
+ *
  * Every directive carries a comment saying why (as the device units do).
  */
 import { agentEnv, fleetCopy, localEnv, stateDir } from "./paths.js";
@@ -29,15 +34,41 @@ export function unitPathProblem(p: string): string | undefined {
   return undefined;
 }
 
-export function renderAgentUnit(u: UnitInput): string {
-  for (const p of u.exec) {
+function checkExec(exec: string[]): void {
+  for (const p of exec) {
     const problem = unitPathProblem(p);
     if (problem) throw new Error(`unit ExecStart path ${JSON.stringify(p)} ${problem}`);
   }
+}
+
+/** The agent's arguments after mkoverlay's executable (`name`: the bastion, or %i in a unit). */
+export const agentArgs = (name: string): string[] => ["bastion", "agent", "--bastion", name, "--config", fleetCopy(name)];
+
+/** The instance's own settings: what it runs. */
+export function renderExecDropin(u: UnitInput): string {
+  checkExec(u.exec);
+  return `# Installed by mkoverlay (bastion install) for this bastion only; the template is shared.
+[Service]
+# The config is mkoverlay's own copy (re-run the install after changing the fleet config).
+ExecStart=${u.exec.join(" ")} ${agentArgs("%i").join(" ")} $MKOVERLAY_AGENT_ARGS
+${u.homeReadOnly ? "# mkoverlay is installed below /home, /root or /run/user: readable, not writable.\nProtectHome=read-only\n" : ""}`;
+}
+
+/**
+ * Without systemd: the agent as the unit runs it, one sh command line. agent.env's values are
+ * single-quoted, which systemd's EnvironmentFile= and sh read alike; nothing secret is printed.
+ */
+export function agentCommand(exec: string[], name: string, authLog: string): string {
+  checkExec([...exec, ...(authLog === "none" ? [] : [authLog])]);
+  return `sh -c 'set -a; . ${agentEnv(name)}; if [ -f ${localEnv(name)} ]; then . ${localEnv(name)}; fi; set +a; exec ${exec.join(" ")} ${agentArgs(name).join(" ")} --auth-log ${authLog}'`;
+}
+
+export function renderAgentUnit(): string {
   // %i is the bastion's name (a-z, 0-9, '-', '_': nothing to escape).
   const i = "%i";
   return `# Installed by mkoverlay (bastion install). One template for every bastion this host serves:
-# the instance name (%i) is the bastion's name, e.g. mkoverlay-bastion@eu.service.
+# the instance name (%i) is the bastion's name, e.g. mkoverlay-bastion@eu.service; what an
+# instance runs is in its own drop-in, mkoverlay-bastion@%i.service.d/40-exec.conf.
 # Do not edit: re-run 'mkoverlay bastion install'. Hardening: docs/bastion.md.
 
 [Unit]
@@ -60,8 +91,7 @@ EnvironmentFile=${agentEnv(i)}
 # Optional, the administrator's own (never written by mkoverlay): PGPASSWORD, PGSSLMODE, and
 # MKOVERLAY_AGENT_ARGS for more agent options (e.g. --metrics-listen 127.0.0.1:9273 --interval 30).
 EnvironmentFile=-${localEnv(i)}
-# The config is mkoverlay's own copy (re-run the install after changing the fleet config).
-ExecStart=${u.exec.join(" ")} bastion agent --bastion %i --config ${fleetCopy(i)} $MKOVERLAY_AGENT_ARGS
+# ExecStart= is per bastion (40-exec.conf in the instance's drop-in directory).
 # Whatever stopped it (a crash, the registry's client library), start again.
 Restart=always
 # Soon, but not in a tight loop.
@@ -78,8 +108,8 @@ NoNewPrivileges=yes
 ProtectSystem=strict
 # ... except the key directory and the agent's state.
 ReadWritePaths=${stateDir(i)}
-# /home, /root and /run/user: ${u.homeReadOnly ? "read-only (mkoverlay is installed below one of them)" : "invisible"}.
-ProtectHome=${u.homeReadOnly ? "read-only" : "yes"}
+# /home, /root and /run/user: invisible (an instance whose mkoverlay lives there reads them).
+ProtectHome=yes
 # A private /tmp and /var/tmp.
 PrivateTmp=yes
 # Only pseudo devices.

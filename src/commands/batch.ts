@@ -323,6 +323,7 @@ export async function runBatch(opts: BatchOptions, hooks: BatchHooks, stop?: Abo
         summary.stopped = st.stopRequested() ?? null;
       },
       stop,
+      { forceConfigChange: Boolean(opts.forceConfigChange) },
     );
     const hosts = opts.hosts;
     if (hosts !== undefined) writeRemaining(hosts, outDir, rows, builtNames, summary);

@@ -46,7 +46,7 @@ export async function runBuild(opts: BuildOptions, log: Log = stderrLog(Boolean(
     withStation(fleet, { outDir, form, epoch }, log, now, () => openRegistry(fleet.registry), async (st) => {
       if (byAttribute) hostname = (await findDevice(st.registry, opts.hostname!, "--hostname", ["active"])).hostname;
       return buildDevice(st, { board, os, bastions, hostname, dk, attributes });
-    }, stop),
+    }, stop, { forceConfigChange: Boolean(opts.forceConfigChange) }),
   );
 }
 

@@ -47,7 +47,7 @@ async function runImage(opts: ImageOptions, stop: AbortSignal): Promise<string> 
     async (outDir, form) => {
       const emit = { outDir, form, epoch };
       await preflightImageForm(form, provisionalEntries(fleet, req, now), publicKeyLine(dk.key.pub), hostname ? [overlayPath(emit, hostname)] : [], outDir);
-      return withStation(fleet, emit, log, now, () => openRegistry(fleet.registry), (st) => buildDevice(st, req), stop);
+      return withStation(fleet, emit, log, now, () => openRegistry(fleet.registry), (st) => buildDevice(st, req), stop, { forceConfigChange: Boolean(opts.forceConfigChange) });
     },
     "--base",
   );

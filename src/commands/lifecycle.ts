@@ -12,6 +12,7 @@ import { out, stderrLog } from "../output.js";
 import { archiveEpoch } from "../overlay/archive.js";
 import { deviceBastions, deviceProfiles, overlayPath, renderDevice } from "../pipeline.js";
 import { loadProfiles } from "../profiles.js";
+import { dialsJson } from "../config/compat.js";
 import { contextOf, interruptible, Interrupted, place, unplace, withOutDir, withStation, type OutputOptions } from "../station.js";
 import { openRegistry } from "../registry/open.js";
 import { configPath, loadFleet } from "../config/load.js";
@@ -94,7 +95,7 @@ async function rotate(arg: string, opts: RotateOptions, stop: AbortSignal): Prom
       const publicKey = publicKeyLine(dk.key.pub);
       const stopped = st.stopRequested();
       if (stopped) throw new Interrupted(stopped, `interrupted by ${stopped}: ${hostname} was not rotated`);
-      await registry.beginRotate(hostname, d.fingerprint, publicKey, dk.fingerprint, overlayPath(st.emit, hostname));
+      await registry.beginRotate(hostname, d.fingerprint, publicKey, dk.fingerprint, overlayPath(st.emit, hostname), dialsJson(fleet, bastions, d.dials));
       st.leases.add(hostname);
       let placed = false;
       try {
@@ -130,7 +131,7 @@ async function rotate(arg: string, opts: RotateOptions, stop: AbortSignal): Prom
       } finally {
         st.leases.delete(hostname);
       }
-    }, stop),
+    }, stop, { forceConfigChange: Boolean(opts.forceConfigChange) }),
   );
   const { text, ...json } = result;
   out(opts.json ? JSON.stringify(json) : text);

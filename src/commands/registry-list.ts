@@ -5,6 +5,8 @@
  * goes back into the spreadsheet it came from. The table fits 80 columns by default (the few
  * columns a person scans, then factory data while it fits); `--columns a,b,c` picks them.
  */
+import { changesFor, parseDials, type Dials } from "../config/compat.js";
+import type { Fleet } from "../config/fleet.js";
 import { withFleetRegistry } from "../context.js";
 import { UserError } from "../errors.js";
 import { out } from "../output.js";
@@ -113,24 +115,39 @@ export function renderTable(devices: DeviceRecord[], format: string, seen: Reado
   }
 }
 
-/** A device as `--json` shows it: no station id or overlay path (they are the station's own). */
-export function deviceJson({ station: _s, overlay: _o, ...d }: DeviceRecord): Omit<DeviceRecord, "station" | "overlay"> {
-  return d;
+/** A device as `--json` shows it: no station id or overlay path (they are the station's own); what it dials as an object. */
+export function deviceJson({ station: _s, overlay: _o, dials, ...d }: DeviceRecord): Omit<DeviceRecord, "station" | "overlay" | "dials"> & { dials: Dials | null } {
+  const strip = <T extends { dials?: string }>(k: T | undefined) => {
+    if (!k) return undefined;
+    const { dials: _d, ...rest } = k;
+    return rest;
+  };
+  return { ...d, ...(d.previous ? { previous: strip(d.previous) as NonNullable<DeviceRecord["previous"]> } : {}), ...(d.rotating ? { rotating: strip(d.rotating) as NonNullable<DeviceRecord["rotating"]> } : {}), dials: parseDials(dials) ?? null };
 }
 
-export async function registryListCommand(opts: { json?: boolean; format?: string; columns?: string; config?: string }): Promise<void> {
+/** The config fields whose old value the device's overlay still dials (compat.ts): empty when it is up to date. */
+function oldSettings(fleet: Fleet, d: DeviceRecord): { field: string; from: string; to: string }[] {
+  const dials = parseDials(d.dials);
+  if (!dials || d.status === "revoked") return [];
+  const inRange = (p: number, r: { lo: number; hi: number }) => p >= r.lo && p <= r.hi;
+  const ports = { ssh: !inRange(d.port, fleet.ports.ssh), services: Object.values(d.services).some((p) => !inRange(p, fleet.ports.services)) };
+  return changesFor(fleet, dials, d.bastions, ports).map(({ field, from, to }) => ({ field, from, to }));
+}
+
+export async function registryListCommand(opts: { json?: boolean; format?: string; columns?: string; config?: string; oldSettings?: boolean }): Promise<void> {
   const format = opts.format ?? "table";
   if (opts.json && opts.columns !== undefined) throw new UserError("--columns chooses the columns of a table, CSV or Markdown; --json has every field", { hint: "pick fields from the JSON (e.g. with jq), or use --format csv --columns …" });
   // Reject a bad --format before touching the registry.
   if (!opts.json) renderTable([], format);
-  const { devices, seen } = await withFleetRegistry(opts.config, async (fleet, r) => {
-    const [devices, obs] = await Promise.all([r.list(), r.observations()]);
+  const { devices, seen, fleet } = await withFleetRegistry(opts.config, async (fleet, r) => {
+    const [all, obs] = await Promise.all([r.list(), r.observations()]);
+    const devices = opts.oldSettings ? all.filter((d) => oldSettings(fleet, d).length > 0) : all;
     const s = fleetStatus(devices, obs, { now: new Date(), neverSeenAfterMs: parseAfter("24h"), knownBastions: [...fleet.bastions.keys()] });
-    return { devices, seen: new Map(s.devices.map((v): [string, Seen] => [v.hostname, { state: v.state, connected: v.connected, firstSeen: v.firstSeen, lastSeen: v.lastSeen, seenOn: v.seenOn }])) };
+    return { fleet, devices, seen: new Map(s.devices.map((v): [string, Seen] => [v.hostname, { state: v.state, connected: v.connected, firstSeen: v.firstSeen, lastSeen: v.lastSeen, seenOn: v.seenOn }])) };
   });
   out(
     opts.json
-      ? JSON.stringify(devices.map((d) => ({ ...deviceJson(d), seen: seen.get(d.hostname) ?? null })))
+      ? JSON.stringify(devices.map((d) => ({ ...deviceJson(d), oldSettings: oldSettings(fleet, d), seen: seen.get(d.hostname) ?? null })))
       : devices.length === 0 && format === "table"
         ? "(no devices registered)"
         : renderTable(devices, format, seen, opts.columns),

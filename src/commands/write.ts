@@ -73,9 +73,13 @@ export async function writeCommand(overlay: string, opts: WriteOptions): Promise
     return;
   }
   if (opts.base !== undefined) refuseCompressed(opts.base, "--base");
-  const { writeDevice } = await import("../image/device.js");
+  const { resolveDevice, writeDevice } = await import("../image/device.js");
+  // A symbolic link (/dev/disk/by-id/…) is followed; say which device that is before writing it.
+  const real = resolveDevice(opts.device!);
+  if (real !== opts.device) log.info(`--device ${opts.device}: a symbolic link to ${real}; writing ${real}`);
   const r = await writeDevice({ device: opts.device!, entries, epoch, ...rp, ...(opts.base === undefined ? {} : { base: opts.base }), check });
   const ms = Math.round(performance.now() - t0);
-  log.info(`${opts.base ? `wrote ${r.baseBytes} bytes of ${opts.base}, then ` : ""}laid ${entries.length} entries into ${opts.device} (${ms} ms)`);
-  if (opts.json) out(JSON.stringify({ overlay, device: opts.device, baseBytes: r.baseBytes, created: r.created, replaced: r.replaced, kept: r.kept }));
+  const shown = r.device === opts.device ? r.device : `${opts.device} (${r.device})`;
+  log.info(`${opts.base ? `wrote ${r.baseBytes} bytes of ${opts.base}, then ` : ""}laid ${entries.length} entries into ${shown} (${ms} ms)`);
+  if (opts.json) out(JSON.stringify({ overlay, device: opts.device, realDevice: r.device, baseBytes: r.baseBytes, created: r.created, replaced: r.replaced, kept: r.kept }));
 }

@@ -13,7 +13,7 @@
  * brought up to date.
  */
 import { createHash } from "node:crypto";
-import { closeSync, existsSync, fsyncSync, mkdirSync, openSync, readFileSync, readSync, renameSync, rmSync, statSync, writeSync } from "node:fs";
+import { closeSync, existsSync, fsyncSync, mkdirSync, openSync, readFileSync, readSync, renameSync, rmSync, statSync } from "node:fs";
 import { dirname, join } from "node:path";
 import { UserError } from "../errors.js";
 import { fsyncDir, pathError, tempNameFor, writeFileAtomic } from "../fsutil.js";
@@ -22,13 +22,12 @@ import { parseBmap, renderBmap, scanBmap, updateBmap, type Bmap } from "./bmap.j
 import { checkNotInUse } from "./busy.js";
 import { compressZstd } from "./compress.js";
 import { copyImage, type CopyMethod } from "./copy.js";
-import { findTool, runTool } from "./debugfs.js";
 import { blocksOfBytes } from "./extents.js";
-import { layTree, preflight, type LayResult, type Listing } from "./lay.js";
+import { layTree, OutsideExtent, preflight, type LayResult, type Listing } from "./lay.js";
 import { findRoot, type RootFs } from "./root.js";
 import { SUPERBLOCK_OFFSET } from "./superblock.js";
 import { privateDir, track } from "./temps.js";
-import { readUndoSpans } from "./undo.js";
+import { readUndoSpans, rollBack } from "./undo.js";
 
 export interface ImageJob {
   base: string;
@@ -218,14 +217,9 @@ export async function writeIntoImage(opts: { image: string; entries: readonly En
     } catch (e) {
       // Refusals happen before debugfs writes (no undo log then); anything later may have left
       // half a tree.
-      if (!existsSync(undo) || statSync(undo).size === 0) throw e;
-      // e2undo reads the offset from the log's header; it does not take `IMG?offset=`.
-      const r = await runTool(findTool("e2undo"), [undo, root.path]).catch(() => undefined);
-      let rolled = false;
-      if (r?.code === 0) {
-        writeBytes(opts.image, sbAt, savedSb);
-        rolled = true;
-      }
+      // layTree rolled an out-of-partition write back itself.
+      if (e instanceof OutsideExtent || !existsSync(undo) || statSync(undo).size === 0) throw e;
+      const rolled = await rollBack(root.path, undo, sbAt, savedSb);
       const note = rolled ? " (changes rolled back with e2undo)" : " (the image may be half-written: restore it from the base)";
       if (e instanceof UserError) throw new UserError(e.message + note, { exitCode: e.exitCode, ...(e.hint ? { hint: e.hint } : {}) });
       throw e;
@@ -263,16 +257,6 @@ function readBytes(path: string, pos: number, len: number): Buffer {
     const b = Buffer.alloc(len);
     readSync(fd, b, 0, len, pos);
     return b;
-  } finally {
-    closeSync(fd);
-  }
-}
-
-function writeBytes(path: string, pos: number, data: Buffer): void {
-  const fd = openSync(path, "r+");
-  try {
-    writeSync(fd, data, 0, data.length, pos);
-    fsyncSync(fd);
   } finally {
     closeSync(fd);
   }

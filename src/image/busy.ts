@@ -97,6 +97,8 @@ export function checkNotInUse(target: string, mountinfo = read("/proc/self/mount
     const dev = read(`/sys/block/${l}/dev`);
     if (dev) for (const [k, v] of deviceAndPartitions(dev)) devs.set(k, v);
   }
+  const own = stationDiskMount(devs, mountinfo);
+  if (own) throw new UserError(`${target}: the station's own disk (${own.mountPoint} is on it, through /dev/${devs.get(own.dev)})`, { hint: "name the card: `lsblk -o NAME,SIZE,MODEL,TRAN,MOUNTPOINTS` lists the disks; a card reader is usually usb or mmc" });
   const mounted = parseMountinfo(mountinfo).find((m) => devs.has(m.dev));
   if (mounted) throw inUse(target, `mounted at ${mounted.mountPoint} (through /dev/${devs.get(mounted.dev)})`);
   if (loops.length) throw inUse(target, `attached to /dev/${loops.join(", /dev/")}`, `detach it first: losetup -d /dev/${loops[0]}`);
@@ -108,4 +110,44 @@ export function checkNotInUse(target: string, mountinfo = read("/proc/self/mount
 
 function inUse(target: string, why: string, hint = "unmount it first (umount), and make sure nothing else is using it"): UserError {
   return new UserError(`${target}: in use: ${why}`, { hint });
+}
+
+/** Where the station itself lives: a disk under one of these is never a card. */
+const SYSTEM_MOUNTS = new Set(["/", "/boot", "/boot/efi", "/boot/firmware", "/usr", "/var", "/home"]);
+
+/** Block devices under `majMin` through device mapper, RAID or LVM (sysfs `slaves`), and itself. */
+function underlying(majMin: string, seen = new Set<string>()): Set<string> {
+  if (seen.has(majMin)) return seen;
+  seen.add(majMin);
+  for (const s of safeList(`/sys/dev/block/${majMin}/slaves`)) {
+    const dev = read(`/sys/class/block/${s}/dev`);
+    if (dev) underlying(dev, seen);
+  }
+  return seen;
+}
+
+/** The mount of the station's own system (/, /usr, …) that lies on one of `devs`, if any. */
+function stationDiskMount(devs: ReadonlyMap<string, string>, mountinfo: string): Mount | undefined {
+  return parseMountinfo(mountinfo)
+    .filter((m) => SYSTEM_MOUNTS.has(m.mountPoint))
+    .find((m) => [...underlying(m.dev)].some((d) => devs.has(d)));
+}
+
+/** The whole disk a partition belongs to ("sdb" for sdb1), or undefined for a whole disk. */
+export function wholeDiskOf(majMin: string): string | undefined {
+  let dir: string;
+  try {
+    dir = realpathSync(`/sys/dev/block/${majMin}`);
+  } catch {
+    return undefined;
+  }
+  if (!existsSync(join(dir, "partition"))) return undefined;
+  return dir.split("/").slice(-2, -1)[0];
+}
+
+/** "8:17" of a block device's st_rdev. */
+export function majMinOf(rdev: number): string {
+  const major = Math.floor(rdev / 256) & 0xfff;
+  const minor = (rdev & 0xff) | ((rdev >> 12) & 0xfff00);
+  return `${major}:${minor}`;
 }

@@ -5,14 +5,45 @@
  * ranges are written (what its bmap would map), then the overlay is laid with debugfs on the
  * device at the root partition's offset, and read back.
  */
-import { closeSync, constants, fstatSync, fsyncSync, openSync, readSync, writeSync } from "node:fs";
+import { closeSync, constants, fstatSync, fsyncSync, lstatSync, openSync, readSync, realpathSync, statSync, writeSync } from "node:fs";
 import { errnoCode, UserError } from "../errors.js";
 import type { Entry } from "../overlay/tree.js";
-import { checkNotInUse } from "./busy.js";
+import { checkNotInUse, majMinOf, wholeDiskOf } from "./busy.js";
 import { BLOCK, dataRanges } from "./extents.js";
 import { layTree, preflight, type LayResult } from "./lay.js";
 import { diskSize } from "./partitions.js";
 import { findRoot, type RootFs } from "./root.js";
+
+/**
+ * What `--device` names, checked before anything else: a symbolic link (/dev/disk/by-id/…) is
+ * followed to the real device, which every later step and message uses; it must be a block
+ * device and a whole disk (a card's table and its root partition's offset are those of the
+ * disk: laying a base on a partition would put a partition table inside a partition).
+ */
+export function resolveDevice(device: string): string {
+  let real: string;
+  try {
+    real = realpathSync(device);
+  } catch (e) {
+    const code = errnoCode(e);
+    throw new UserError(`--device ${device}: ${code === "ENOENT" ? "no such device" : (e as Error).message}`, code === "ENOENT" && lstatOk(device) ? { hint: "it is a symbolic link to nothing" } : {});
+  }
+  const via = real === device ? "" : ` (a symbolic link to ${real})`;
+  const st = statSync(real);
+  if (!st.isBlockDevice()) throw new UserError(`--device ${device}${via}: not a block device`, { hint: "for an image file use --image" });
+  const disk = wholeDiskOf(majMinOf(st.rdev));
+  if (disk) throw new UserError(`--device ${device}${via}: a partition, not a whole disk`, { hint: `give the whole disk: --device /dev/${disk}` });
+  return real;
+}
+
+function lstatOk(p: string): boolean {
+  try {
+    lstatSync(p);
+    return true;
+  } catch {
+    return false;
+  }
+}
 
 /** O_EXCL on a block device: EBUSY when mounted, or opened exclusively by someone else. */
 export function openExclusive(device: string): number {
@@ -63,13 +94,16 @@ export async function writeBase(base: string, fd: number, device: string): Promi
 
 export interface DeviceResult extends LayResult {
   baseBytes: number;
+  /** The device written: `--device` with symbolic links followed. */
+  device: string;
 }
 
 /**
  * `check` runs on the root the overlay will be laid over (the base's, or the card's when there
  * is no base) before anything is written: the identity rule (identity.ts).
  */
-export async function writeDevice(opts: { device: string; base?: string; entries: readonly Entry[]; epoch: number; rootPartition?: number; check?: (root: RootFs) => Promise<void> }): Promise<DeviceResult> {
+export async function writeDevice(options: { device: string; base?: string; entries: readonly Entry[]; epoch: number; rootPartition?: number; check?: (root: RootFs) => Promise<void> }): Promise<DeviceResult> {
+  const opts = { ...options, device: resolveDevice(options.device) };
   // The base is checked before the card is touched: a bad base must not cost the card.
   if (opts.base) {
     const baseRoot = findRoot(opts.base, rootOpt(opts.rootPartition));
@@ -97,7 +131,7 @@ export async function writeDevice(opts: { device: string; base?: string; entries
     }
     const root = findRoot(opts.device, rootOpt(opts.rootPartition));
     const laid = await layTree(root, opts.entries, opts.epoch);
-    return { ...laid, baseBytes };
+    return { ...laid, baseBytes, device: opts.device };
   } finally {
     closeSync(fd);
   }

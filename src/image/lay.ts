@@ -18,7 +18,10 @@ import type { Entry } from "../overlay/tree.js";
 import { debugfs, debugfsSafe } from "./debugfs.js";
 import { ImageTreeView, kindOf, TYPE_BITS } from "./reader.js";
 import { e2Spec, type RootFs } from "./root.js";
-import { checkWritable, roomFor } from "./superblock.js";
+import { checkWritable, roomFor, SUPERBLOCK_OFFSET } from "./superblock.js";
+import { readUndoSpans, rollBack } from "./undo.js";
+import { readAt } from "../fsutil.js";
+import { closeSync, existsSync, openSync } from "node:fs";
 import { privateDir } from "./temps.js";
 
 export interface LayResult {
@@ -156,7 +159,12 @@ export async function layTree(root: RootFs, entries: readonly Entry[], epoch: nu
     }
     if (conflicts.length) throw conflictError(root, conflicts);
     if (/\s/.test(dir)) throw new UserError(`temp dir ${dir} has a blank in its path; set TMPDIR to a path without one`);
-    const r = await debugfs(e2Spec(root), cmds, { write: true, fakeTime: epoch, dir, ...(opts.undo ? { undo: opts.undo } : {}) });
+    // The undo log is also the guard on the partition's extent: every block debugfs wrote is in
+    // it. A write outside the partition is rolled back and refused (guardExtent).
+    const undo = opts.undo ?? join(dir, "undo.e2undo");
+    const guard = extentGuard(root);
+    const r = await debugfs(e2Spec(root), cmds, { write: true, fakeTime: epoch, dir, undo });
+    await guard.check(undo);
     if (r.errors.length) {
       throw new UserError(`${root.where}: debugfs failed while laying the overlay: ${r.errors.slice(0, 3).join("; ")}`, { exitCode: 1 });
     }
@@ -238,4 +246,54 @@ export async function entriesOf(view: TreeView, source: string): Promise<Entry[]
     }
   }
   return out.sort((a, b) => (a.path < b.path ? -1 : a.path > b.path ? 1 : 0));
+}
+
+/** debugfs wrote outside the root partition (found in its undo log); already rolled back. */
+export class OutsideExtent extends UserError {}
+
+/**
+ * e2fsprogs can be given the partition's offset but not its end (`?offset=` has no size limit,
+ * and a loop device with a size limit needs root), so debugfs believes the superblock about where
+ * the file system ends. findRoot refuses a superblock that claims more than its partition; this
+ * checks the result: every span in the undo log must lie inside the partition. e2fsprogs 1.47.0
+ * logs the primary superblock at the file system's offset added twice (undo.ts): that one key
+ * is an outside write only if the bytes there changed, so they are saved first.
+ */
+function extentGuard(root: RootFs): { check(undo: string): Promise<void> } {
+  const start = root.offset;
+  const end = root.offset + root.size;
+  const bs = root.sb!.blockSize;
+  const misplaced = root.offset > 0 ? root.offset + Math.floor((root.offset + SUPERBLOCK_OFFSET) / bs) * bs : -1;
+  const fd = openSync(root.path, "r");
+  let savedMisplaced: Buffer;
+  let savedSb: Buffer;
+  try {
+    savedMisplaced = misplaced >= 0 ? readAt(fd, misplaced, bs) : Buffer.alloc(0);
+    savedSb = readAt(fd, root.offset + SUPERBLOCK_OFFSET, 1024);
+  } finally {
+    closeSync(fd);
+  }
+  const unchangedAt = (at: number, old: Buffer): boolean => {
+    const f = openSync(root.path, "r");
+    try {
+      return readAt(f, at, old.length).equals(old);
+    } finally {
+      closeSync(f);
+    }
+  };
+  return {
+    async check(undo: string): Promise<void> {
+      // No log: debugfs never opened the file system for writing (its error says why).
+      if (!existsSync(undo)) return;
+      const spans = readUndoSpans(undo);
+      const outside = spans === undefined ? [{ start: -1, end: -1 }] : spans.filter((s) => (s.start < start || s.end > end) && !(s.start === misplaced && unchangedAt(misplaced, savedMisplaced)));
+      if (outside.length === 0) return;
+      const rolled = await rollBack(root.path, undo, root.offset + SUPERBLOCK_OFFSET, savedSb);
+      const what = spans === undefined ? "its undo log could not be read, so its writes cannot be checked against the partition" : `debugfs wrote outside the partition (bytes ${outside[0]!.start}–${outside[0]!.end}; the partition is bytes ${start}–${end})`;
+      throw new OutsideExtent(`${root.where}: ${what}; ${rolled ? "changes rolled back with e2undo" : "the roll-back with e2undo failed: restore it from the base"}`, {
+        exitCode: 1,
+        hint: "the file system's metadata points outside its partition: check it with e2fsck -fn, or use another base",
+      });
+    },
+  };
 }

@@ -121,9 +121,16 @@ export function parseDiskLayout(read: ReadAt, diskSize: number): DiskLayout {
   if (entries.some((e) => e.type === 0xee)) {
     for (const ss of [SECTOR, 4096]) {
       const layout = parseGpt(read, diskSize, ss);
-      if (layout) return layout;
+      if (layout) {
+        checkHybrid(entries, layout);
+        return layout;
+      }
     }
     throw new Error("protective MBR (type 0xEE) but no GPT header (\"EFI PART\") at LBA 1");
+  }
+  for (const e of entries) {
+    // LBA 0 is the MBR itself: a partition there would be written over the table.
+    if (e.lbaStart === 0 && e.sectors > 0) throw new Error(`MBR partition ${e.slot} starts at sector 0, on the partition table itself`);
   }
   const diskId = s0.readUInt32LE(440).toString(16).padStart(8, "0");
   const parts: Partition[] = [];
@@ -140,6 +147,22 @@ export function parseDiskLayout(read: ReadAt, diskSize: number): DiskLayout {
     else parts.push(mk(e.slot, e.type, e.lbaStart, e.sectors));
   }
   return { scheme: "mbr", diskId, sectorSize: SECTOR, partitions: parts.sort((a, b) => a.number - b.number) };
+}
+
+/**
+ * A GPT disk's MBR should hold only the protective 0xEE entry. A hybrid MBR also lists some
+ * partitions (old boot firmware reads only the MBR): each must be exactly one of the GPT's, or
+ * the firmware and mkoverlay would not see the same disk.
+ */
+function checkHybrid(entries: readonly MbrEntry[], gpt: DiskLayout): void {
+  for (const e of entries) {
+    if (e.type === 0xee) continue;
+    const off = e.lbaStart * SECTOR;
+    const size = e.sectors * SECTOR;
+    if (!gpt.partitions.some((p) => p.offset === off && p.size === size)) {
+      throw new Error(`the MBR's partition ${e.slot} (bytes ${off}–${off + size}) is not one of the GPT's partitions: the MBR and the GPT disagree`);
+    }
+  }
 }
 
 /** Logical partitions: a chain of EBRs, each with one partition and a link to the next. */
@@ -217,6 +240,16 @@ function parseGpt(read: ReadAt, diskSize: number, ss: number): DiskLayout | unde
     const first = u64(arr, at + 32);
     const last = u64(arr, at + 40);
     if (last < first) throw new Error(`GPT: partition ${i + 1} ends (LBA ${last}) before it starts (LBA ${first})`);
+    // The header's usable area is itself data from the disk: the partition must also miss the
+    // protective MBR, the header and the entry array the header points to.
+    const arrFirst = hdr.entriesLba;
+    const arrLast = hdr.entriesLba + Math.ceil((hdr.numEntries * hdr.entrySize) / ss) - 1;
+    if (first < 2 || (first <= arrLast && last >= arrFirst)) {
+      throw new Error(`GPT: partition ${i + 1} (LBA ${first}–${last}) lies over the partition table (LBA 0–1 and ${arrFirst}–${arrLast})`);
+    }
+    if (first < hdr.firstUsable || last > hdr.lastUsable) {
+      throw new Error(`GPT: partition ${i + 1} (LBA ${first}–${last}) lies outside the usable area (LBA ${hdr.firstUsable}–${hdr.lastUsable})`);
+    }
     parts.push({
       number: i + 1,
       offset: first * ss,

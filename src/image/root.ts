@@ -54,6 +54,7 @@ export function findRoot(path: string, opts: { rootPartition?: number } = {}): R
     if (layout instanceof NotADiskImage) {
       const sb = sbAt(0);
       if (sb && opts.rootPartition === undefined) {
+        checkFits(sb, path, "the file", size);
         return { path, layout: { scheme: "none", diskId: "", sectorSize: 512, partitions: [] }, partition: undefined, offset: 0, size, sb, where: path };
       }
       throw new UserError(`${path}: not a disk image (${layout.message})`, {
@@ -67,8 +68,12 @@ export function findRoot(path: string, opts: { rootPartition?: number } = {}): R
         });
       }
     }
+    checkOverlaps(path, layout);
     const part = choose(path, layout, sbAt, opts.rootPartition);
-    return { path, layout, partition: part, offset: part.offset, size: part.size, sb: sbAt(part.offset), where: `${path} partition ${part.number}` };
+    const where = `${path} partition ${part.number}`;
+    const sb = sbAt(part.offset);
+    checkFits(sb, where, `partition ${part.number}`, part.size);
+    return { path, layout, partition: part, offset: part.offset, size: part.size, sb, where };
   } finally {
     closeSync(fd);
   }
@@ -96,4 +101,36 @@ function choose(path: string, layout: DiskLayout, sbAt: (o: number) => Superbloc
   const last = withExt[withExt.length - 1];
   if (last) return last;
   throw new UserError(`${path}: no Linux partition holding an ext2/3/4 file system`, { hint: `its partitions: ${list || "none"}; choose one with --root-partition N` });
+}
+
+/**
+ * Two partitions that share bytes: writing one writes the other (the overlay, private key
+ * included, would land in both). Real tables never overlap; sfdisk refuses to make one that does.
+ */
+function checkOverlaps(path: string, layout: DiskLayout): void {
+  const parts = [...layout.partitions].sort((a, b) => a.offset - b.offset);
+  for (let i = 1; i < parts.length; i++) {
+    const a = parts[i - 1]!;
+    const b = parts[i]!;
+    if (a.offset + a.size > b.offset) {
+      throw new UserError(`${path}: partitions ${a.number} (bytes ${a.offset}–${a.offset + a.size}) and ${b.number} (from byte ${b.offset}) overlap`, {
+        hint: "the partition table is damaged; check it with `sfdisk --verify`",
+      });
+    }
+  }
+}
+
+/**
+ * A file system that says it is larger than the partition holding it: e2fsprogs believes the
+ * superblock, so debugfs would allocate (and write the overlay into) blocks of the next
+ * partition, or past the end of the disk. Refused for reading and writing alike.
+ */
+function checkFits(sb: Superblock | undefined, where: string, what: string, room: number): void {
+  if (!sb || sb.blockSize === 0) return; // checkWritable names these
+  const claims = sb.blocksCount * sb.blockSize;
+  if (claims > room) {
+    throw new UserError(`${where}: the ext file system claims ${claims} bytes (${sb.blocksCount} blocks of ${sb.blockSize}), more than the ${room} bytes of ${what}`, {
+      hint: "the partition table or the file system is wrong: grow the partition, or shrink the file system to fit it (resize2fs)",
+    });
+  }
 }

@@ -8,8 +8,9 @@
  * Anything unexpected in the log returns undefined and the caller falls back to hashing the
  * whole image: slower, never wrong.
  */
-import { closeSync, fstatSync, openSync } from "node:fs";
+import { closeSync, fstatSync, fsyncSync, openSync, writeSync } from "node:fs";
 import { readAt } from "../fsutil.js";
+import { findTool, runTool } from "./debugfs.js";
 
 const MAGIC = "E2UNDO02";
 const KEYBLOCK_MAGIC = 0xcadecade;
@@ -68,4 +69,22 @@ export function readUndoSpans(path: string): Span[] | undefined {
   } finally {
     closeSync(fd);
   }
+}
+
+/**
+ * Replays the undo log with e2undo onto `target` (it reads the offset from the log's header; it
+ * does not take `IMG?offset=`), then puts back the primary superblock saved before the write
+ * (`savedSb` at `sbAt`), which e2fsprogs 1.47.0 logs at the wrong place. True when it worked.
+ */
+export async function rollBack(target: string, undo: string, sbAt: number, savedSb: Buffer): Promise<boolean> {
+  const r = await runTool(findTool("e2undo"), [undo, target]).catch(() => undefined);
+  if (r?.code !== 0) return false;
+  const fd = openSync(target, "r+");
+  try {
+    writeSync(fd, savedSb, 0, savedSb.length, sbAt);
+    fsyncSync(fd);
+  } finally {
+    closeSync(fd);
+  }
+  return true;
 }

@@ -82,16 +82,17 @@ async function imageView(path: string, where: string, opts: OpenOptions): Promis
 /**
  * openOverlay, for the length of `fn`, including `.img.zst` images: those are decompressed into
  * a private temp dir (0700, in $TMPDIR) that is removed afterwards, also on SIGINT/SIGTERM,
- * since the image holds a private key.
+ * since the image holds a private key. The decompression is bounded (image/compress.ts): at most
+ * 64 GiB, holes kept, and stopped before it leaves less than 512 MiB free in $TMPDIR.
  */
 export async function withOverlay<T>(path: string, opts: OpenOptions, fn: (view: TreeView) => Promise<T>): Promise<T> {
   if (!lstatOrFail(path).isFile() || sniff(path) !== "zstd") return fn(await openOverlay(path, opts));
-  const [{ findTool, runTool }, { privateDir }] = await Promise.all([import("../image/debugfs.js"), import("../image/temps.js")]);
+  const [{ decompressZstdBounded }, { privateDir }] = await Promise.all([import("../image/compress.js"), import("../image/temps.js")]);
   const priv = privateDir("mkoverlay-zst-");
   try {
     const img = join(priv.path, "image");
-    const r = await runTool(findTool("zstd", "zstd"), ["-d", "-q", "-f", "-o", img, "--", path]);
-    if (r.code !== 0) throw new UserError(`${path}: zstd could not decompress it: ${r.stderr.trim().split("\n")[0] ?? `exit ${r.code}`}`);
+    // Bounded (compress.ts): a small .zst can say, or turn out, to be terabytes.
+    await decompressZstdBounded(path, img);
     if (sniff(img) !== "image") throw notAnOverlay(path, "a zstd-compressed file that holds no disk image");
     return await fn(await imageView(img, path, opts));
   } finally {

@@ -6,6 +6,7 @@
  * byte; whether that key is the registered one is the caller's question.
  */
 import { decodePrivateKey, type Ed25519Key } from "../keys/ed25519.js";
+import { contentDifferences, describe, safe, type Difference } from "./diff.js";
 import * as P from "./paths.js";
 import { buildOverlay, STEPS, type DeviceSpec } from "./steps.js";
 import type { Entry } from "./tree.js";
@@ -16,6 +17,8 @@ export interface Check {
   ok: boolean;
   what: string;
   detail?: string;
+  /** For an entry that is not as built: which file, what about it, and both values. */
+  difference?: Difference;
 }
 
 const rel = (abs: string): string => abs.replace(/^\//, "");
@@ -33,24 +36,33 @@ export async function overlayKey(view: TreeView): Promise<{ key: Ed25519Key } | 
   }
 }
 
-/** What is wrong with `got` as the overlay's `want`, or nothing. */
-function differences(want: Entry, got: ViewEntry | undefined, isRoot: boolean): string[] {
+interface Problem {
+  what: string;
+  difference?: Difference;
+}
+
+/** What is wrong with `got` as the overlay's `want`, or nothing: each problem said, and structured. */
+function differences(want: Entry, got: ViewEntry | undefined, isRoot: boolean): Problem[] {
   const at = `/${want.path}`;
-  if (!got) return [`${at} is missing`];
+  const one = (attribute: Difference["attribute"], what: string, expected: string, found: string): Problem => ({ what: `${at} ${what}`, difference: { path: at, attribute, expected, found } });
+  if (!got) return [{ what: `${at} is missing`, difference: { path: at, attribute: "presence", expected: want.type } }];
   const wantType = want.type;
-  if (got.type !== wantType) return [`${at} is a ${got.type}, not a ${wantType}`];
-  const out: string[] = [];
+  if (got.type !== wantType) return [one("type", `is a ${got.type}, not a ${wantType}`, wantType, got.type)];
+  const out: Problem[] = [];
   // On a root file system an existing directory keeps its owner and mode (the overlay adds to
   // the OS); everything the overlay itself writes is root:root.
   const ownDir = wantType !== "dir" || !isRoot;
-  if (ownDir && (got.uid !== 0 || got.gid !== 0)) out.push(`${at} is owned by ${got.uid}:${got.gid}, not root:root`);
+  if (ownDir && (got.uid !== 0 || got.gid !== 0)) out.push(one("owner", `is owned by ${got.uid}:${got.gid}, not root:root`, "0:0", `${got.uid}:${got.gid}`));
   if (want.type === "file") {
-    if (got.mode !== want.mode) out.push(`${at} is mode ${oct(got.mode)}, not ${oct(want.mode)}`);
-    if (!got.content || !got.content.equals(want.content)) out.push(`${at} differs from what mkoverlay builds for this device`);
+    if (got.mode !== want.mode) out.push(one("mode", `is mode ${oct(got.mode)}, not ${oct(want.mode)}`, oct(want.mode), oct(got.mode)));
+    const found = got.content ?? Buffer.alloc(0);
+    const { differences: ds, more } = contentDifferences(at, want.content, found, { secret: at === P.HOST_KEY });
+    for (const d of ds) out.push({ what: `${at}${describe(d)}`, difference: d });
+    if (more > 0) out.push({ what: `${at}: ${more} more difference(s) from what mkoverlay builds for this device` });
   } else if (want.type === "dir") {
-    if (ownDir && got.mode !== want.mode) out.push(`${at} is mode ${oct(got.mode)}, not ${oct(want.mode)}`);
+    if (ownDir && got.mode !== want.mode) out.push(one("mode", `is mode ${oct(got.mode)}, not ${oct(want.mode)}`, oct(want.mode), oct(got.mode)));
   } else if (got.target !== want.target) {
-    out.push(`${at} points to ${got.target ?? "?"}, not ${want.target}`);
+    out.push(one("target", `points to ${got.target === undefined ? "?" : safe(got.target)}, not ${want.target}`, want.target, got.target ?? ""));
   }
   return out;
 }
@@ -73,11 +85,16 @@ export async function checkAgainstBuild(view: TreeView, spec: DeviceSpec): Promi
   // One read for every path (an image answers them in one debugfs run).
   const got = await getMany(view, [...built]);
   for (const { step, entries } of steps) {
-    const problems: string[] = [];
+    const problems: Problem[] = [];
     for (const e of entries) problems.push(...differences(e, got.get(e.path), view.isRoot));
-    problems.push(...(step.check?.(whole, spec) ?? []));
+    problems.push(...(step.check?.(whole, spec) ?? []).map((what) => ({ what })));
     if (problems.length === 0) checks.push({ ok: true, what: `${step.name}: ${entries.length} entries as built` });
-    for (const p of [...new Set(problems)]) checks.push({ ok: false, what: `${step.name}: ${p}` });
+    const said = new Set<string>();
+    for (const p of problems) {
+      if (said.has(p.what)) continue;
+      said.add(p.what);
+      checks.push({ ok: false, what: `${step.name}: ${p.what}`, ...(p.difference ? { difference: p.difference } : {}) });
+    }
   }
   if (view.list) {
     const extra = (await view.list()).filter((e) => !built.has(e.path)).map((e) => `/${e.path}`);

@@ -20,6 +20,7 @@ import { readFileSync } from "node:fs";
 import { hostname as osHostname } from "node:os";
 import { renderHostname } from "../config/rules.js";
 import type { PortRange } from "../config/fleet.js";
+import type { DialGroup } from "../config/compat.js";
 import { UserError } from "../errors.js";
 import { DEVICE_COLUMNS, DEVICE_KEYS, hostnameTaken, keyTaken, noFreePort, normalizeRow, ReservationLost, toRecord } from "./rows.js";
 import { MIGRATIONS, SCHEMA_VERSION } from "./schema.js";
@@ -181,6 +182,9 @@ export class RegistryCore implements Registry {
       prev_public_key: null,
       prev_fingerprint: null,
       prev_until: null,
+      dials: req.dials ?? null,
+      pending_dials: null,
+      prev_dials: null,
     };
     const cols = DEVICE_KEYS.filter((k) => k !== "lease_until");
     await q.run(`INSERT INTO devices (${cols.join(", ")}, lease_until) VALUES (${marks(cols.length)}, ${this.db.nowMs} + ?)`, [...cols.map((k) => row[k]), leaseMs()]);
@@ -354,16 +358,25 @@ export class RegistryCore implements Registry {
     await this.db.notify(q, hostname);
   }
 
-  updateDevice(hostname: string, f: { board: string; os: string; bastions: string[]; overlay: string }): Promise<void> {
+  updateDevice(hostname: string, f: { board: string; os: string; bastions: string[]; overlay: string; dials?: string }): Promise<void> {
     return this.db.transaction("write", async (q) => {
-      await q.run("UPDATE devices SET board = ?, os = ?, bastions = ?, overlay = ?, updated = ? WHERE hostname = ?", [f.board, f.os, f.bastions.join(","), f.overlay, iso(), hostname]);
+      // The fresh overlay dials what the config says now.
+      await q.run("UPDATE devices SET board = ?, os = ?, bastions = ?, overlay = ?, dials = COALESCE(?, dials), updated = ? WHERE hostname = ?", [
+        f.board,
+        f.os,
+        f.bastions.join(","),
+        f.overlay,
+        f.dials ?? null,
+        iso(),
+        hostname,
+      ]);
       await this.db.notify(q, hostname);
     });
   }
 
   // --- rotation ---
 
-  beginRotate(hostname: string, expectFingerprint: string, publicKey: string, fingerprint: string, overlay: string): Promise<void> {
+  beginRotate(hostname: string, expectFingerprint: string, publicKey: string, fingerprint: string, overlay: string, dials?: string): Promise<void> {
     return this.db.transaction("write", async (q) => {
       const row = await this.row(q, hostname);
       if (!row) throw new UserError(`rotate ${hostname}: no such device in the registry`);
@@ -377,8 +390,8 @@ export class RegistryCore implements Registry {
       }
       await this.checkKeyFree(q, fingerprint);
       await q.run(
-        `UPDATE devices SET pending_public_key = ?, pending_fingerprint = ?, overlay = ?, station = ?, lease_until = ${this.db.nowMs} + ?, updated = ? WHERE hostname = ?`,
-        [publicKey, fingerprint, overlay, this.station, leaseMs(), iso(), hostname],
+        `UPDATE devices SET pending_public_key = ?, pending_fingerprint = ?, pending_dials = ?, overlay = ?, station = ?, lease_until = ${this.db.nowMs} + ?, updated = ? WHERE hostname = ?`,
+        [publicKey, fingerprint, dials ?? null, overlay, this.station, leaseMs(), iso(), hostname],
       );
     });
   }
@@ -390,10 +403,11 @@ export class RegistryCore implements Registry {
          prev_public_key = CASE WHEN CAST(? AS TEXT) IS NULL THEN NULL ELSE public_key END,
          prev_fingerprint = CASE WHEN CAST(? AS TEXT) IS NULL THEN NULL ELSE fingerprint END,
          prev_until = ?,
-         public_key = pending_public_key, fingerprint = pending_fingerprint,
-         pending_public_key = NULL, pending_fingerprint = NULL, lease_until = NULL, updated = ?
+         prev_dials = CASE WHEN CAST(? AS TEXT) IS NULL THEN NULL ELSE dials END,
+         public_key = pending_public_key, fingerprint = pending_fingerprint, dials = COALESCE(pending_dials, dials),
+         pending_public_key = NULL, pending_fingerprint = NULL, pending_dials = NULL, lease_until = NULL, updated = ?
        WHERE hostname = ? AND pending_fingerprint = ? AND station = ?${lease === undefined ? "" : " AND COALESCE(lease_until, -1) = ?"}`,
-      [until, until, until, iso(), hostname, fingerprint, station, ...(lease === undefined ? [] : [lease ?? -1])],
+      [until, until, until, until, iso(), hostname, fingerprint, station, ...(lease === undefined ? [] : [lease ?? -1])],
     );
     if (n > 0) await this.db.notify(q, hostname);
     return n > 0;
@@ -406,7 +420,7 @@ export class RegistryCore implements Registry {
 
   abortRotate(hostname: string, fingerprint: string): Promise<void> {
     return this.db.transaction("write", async (q) => {
-      await q.run("UPDATE devices SET pending_public_key = NULL, pending_fingerprint = NULL, lease_until = NULL WHERE hostname = ? AND pending_fingerprint = ? AND station = ?", [
+      await q.run("UPDATE devices SET pending_public_key = NULL, pending_fingerprint = NULL, pending_dials = NULL, lease_until = NULL WHERE hostname = ? AND pending_fingerprint = ? AND station = ?", [
         hostname,
         fingerprint,
         this.station,
@@ -420,8 +434,8 @@ export class RegistryCore implements Registry {
     // Both keys go at once: a rotation's old key in its grace period is revoked too.
     return this.db.transaction("write", async (q) => {
       await q.run(
-        `UPDATE devices SET status = 'revoked', prev_public_key = NULL, prev_fingerprint = NULL, prev_until = NULL,
-           pending_public_key = NULL, pending_fingerprint = NULL, lease_until = NULL, updated = ? WHERE hostname = ?`,
+        `UPDATE devices SET status = 'revoked', prev_public_key = NULL, prev_fingerprint = NULL, prev_until = NULL, prev_dials = NULL,
+           pending_public_key = NULL, pending_fingerprint = NULL, pending_dials = NULL, lease_until = NULL, updated = ? WHERE hostname = ?`,
         [iso(), hostname],
       );
       await this.db.notify(q, hostname);
@@ -486,7 +500,7 @@ export class RegistryCore implements Registry {
       const same = "station = ? AND COALESCE(lease_until, -1) = ?";
       const args = [d.station, u.leaseUntil ?? -1];
       if (u.kind === "rotate") {
-        return (await q.run(`UPDATE devices SET pending_public_key = NULL, pending_fingerprint = NULL, lease_until = NULL WHERE hostname = ? AND pending_fingerprint = ? AND ${same}`, [d.hostname, d.rotating?.fingerprint ?? "", ...args])) > 0;
+        return (await q.run(`UPDATE devices SET pending_public_key = NULL, pending_fingerprint = NULL, pending_dials = NULL, lease_until = NULL WHERE hostname = ? AND pending_fingerprint = ? AND ${same}`, [d.hostname, d.rotating?.fingerprint ?? "", ...args])) > 0;
       }
       if (!(await q.get(`SELECT 1 AS still FROM devices WHERE hostname = ? AND status = 'pending' AND ${same}`, [d.hostname, ...args]))) return false;
       await this.forget(q, d.hostname);
@@ -566,6 +580,57 @@ export class RegistryCore implements Registry {
     return this.db.transaction("read", async (q) => this.withServices(q, (await q.all<DeviceRow>(`SELECT ${DEVICE_COLUMNS} FROM devices ORDER BY port`)).map(normalizeRow)));
   }
 
+  backfillDials(dials: { hostname: string; dials: string }[]): Promise<number> {
+    if (dials.length === 0) return Promise.resolve(0);
+    return this.db.transaction("write", async (q) => {
+      let n = 0;
+      for (const d of dials) n += await q.run("UPDATE devices SET dials = ? WHERE hostname = ? AND dials IS NULL", [d.dials, d.hostname]);
+      return n;
+    });
+  }
+
+  dialGroups(ssh: PortRange, services: PortRange, now: Date): Promise<DialGroup[]> {
+    return this.db.transaction("read", async (q) => {
+      const groups = new Map<string, DialGroup>();
+      const key = (dials: string | null, bastions: string) => `${dials}\0${bastions}`;
+      const live = "status <> 'revoked'";
+      const grace = `${live} AND prev_dials IS NOT NULL AND prev_until > ?`;
+      for (const [col, where, args] of [
+        ["dials", live, []],
+        ["prev_dials", grace, [iso(now)]],
+      ] as const) {
+        for (const r of await q.all<{ dials: string | null; bastions: string; n: number; sample: string }>(
+          `SELECT ${col} AS dials, bastions, count(*) AS n, min(hostname) AS sample FROM devices WHERE ${where} GROUP BY ${col}, bastions`,
+          [...args],
+        )) {
+          const k = key(r.dials, r.bastions);
+          const g = groups.get(k);
+          if (g) {
+            g.devices += Number(r.n);
+            if (r.sample < g.sample) g.sample = r.sample;
+          } else groups.set(k, { dials: r.dials, bastions: r.bastions, devices: Number(r.n), outsideSsh: 0, outsideServices: 0, sample: r.sample });
+        }
+        // Ports outside the ranges: two range scans of a unique index, usually empty.
+        const outside = [
+          [`SELECT d.${col} AS dials, d.bastions AS bastions, count(*) AS n FROM devices d WHERE ${where.replace(/(status|prev_dials|prev_until)/g, "d.$1")} AND (d.port < ? OR d.port > ?) GROUP BY d.${col}, d.bastions`, ssh, "outsideSsh"],
+          [
+            `SELECT d.${col} AS dials, d.bastions AS bastions, count(DISTINCT d.hostname) AS n FROM ports p JOIN devices d ON d.hostname = p.hostname
+             WHERE ${where.replace(/(status|prev_dials|prev_until)/g, "d.$1")} AND p.purpose LIKE 'service:%' AND (p.port < ? OR p.port > ?) GROUP BY d.${col}, d.bastions`,
+            services,
+            "outsideServices",
+          ],
+        ] as const;
+        for (const [sql, r, field] of outside) {
+          for (const o of await q.all<{ dials: string | null; bastions: string; n: number }>(sql, [...args, r.lo, r.hi])) {
+            const g = groups.get(key(o.dials, o.bastions));
+            if (g) g[field] += Number(o.n);
+          }
+        }
+      }
+      return [...groups.values()];
+    });
+  }
+
   // --- what the bastions see ---
 
   observe(o: Observation): Promise<number> {
@@ -574,7 +639,7 @@ export class RegistryCore implements Registry {
       // A listener gone since the last look was last seen at that look.
       const prevAt = (await q.get<{ at: string }>("SELECT at FROM heartbeats WHERE bastion = ?", [o.bastion]))?.at ?? at;
       const before = new Map(
-        (await q.all<{ port: number; hostname: string | null; fingerprint: string | null }>("SELECT port, hostname, fingerprint FROM sightings WHERE bastion = ? AND connected = 1", [o.bastion])).map((r) => [
+        (await q.all<{ port: number; hostname: string | null; fingerprint: string | null; tunnel: number | null; uid: number | null }>("SELECT port, hostname, fingerprint, tunnel, uid FROM sightings WHERE bastion = ? AND connected = 1", [o.bastion])).map((r) => [
           Number(r.port),
           r,
         ]),
@@ -582,7 +647,15 @@ export class RegistryCore implements Registry {
       const now = new Map(o.listeners.map((l) => [l.port, l]));
       let written = 0;
       for (const l of now.values()) {
-        const was = before.get(l.port);
+        const tunnel = l.tunnel === undefined ? null : l.tunnel ? 1 : 0;
+        const uid = l.tunnel === false ? (l.uid ?? null) : null;
+        let was = before.get(l.port);
+        // Another holder (a squatter replaced by the tunnel, or the other way round) is another
+        // listener: a sighting of its own, since now; the device's own was last seen before.
+        if (was && ((was.tunnel === null ? null : Number(was.tunnel)) !== tunnel || (was.uid === null ? null : Number(was.uid)) !== uid)) {
+          if (was.hostname && Number(was.tunnel ?? 1) !== 0) await q.run("UPDATE device_history SET last_seen = ? WHERE hostname = ? AND bastion = ?", [prevAt, was.hostname, o.bastion]);
+          was = undefined;
+        }
         if (was) {
           if (l.fingerprint && l.fingerprint !== was.fingerprint) {
             await q.run("UPDATE sightings SET fingerprint = ? WHERE bastion = ? AND port = ?", [l.fingerprint, o.bastion, l.port]);
@@ -592,11 +665,12 @@ export class RegistryCore implements Registry {
         }
         const owner = (await q.get<{ hostname: string }>("SELECT hostname FROM ports WHERE port = ?", [l.port]))?.hostname ?? null;
         await q.run(
-          `INSERT INTO sightings (bastion, port, hostname, fingerprint, since, last_seen, connected) VALUES (?, ?, ?, ?, ?, ?, 1)
-           ON CONFLICT (bastion, port) DO UPDATE SET hostname = excluded.hostname, fingerprint = excluded.fingerprint, since = excluded.since, last_seen = excluded.last_seen, connected = 1`,
-          [o.bastion, l.port, owner, l.fingerprint ?? null, at, at],
+          `INSERT INTO sightings (bastion, port, hostname, fingerprint, since, last_seen, connected, tunnel, uid) VALUES (?, ?, ?, ?, ?, ?, 1, ?, ?)
+           ON CONFLICT (bastion, port) DO UPDATE SET hostname = excluded.hostname, fingerprint = excluded.fingerprint, since = excluded.since, last_seen = excluded.last_seen, connected = 1, tunnel = excluded.tunnel, uid = excluded.uid`,
+          [o.bastion, l.port, owner, l.fingerprint ?? null, at, at, tunnel, uid],
         );
-        if (owner) {
+        // Only the tunnel's own session is the device having been seen.
+        if (owner && tunnel !== 0) {
           await q.run(
             `INSERT INTO device_history (hostname, bastion, first_seen, last_seen) VALUES (?, ?, ?, ?)
              ON CONFLICT (hostname, bastion) DO UPDATE SET last_seen = excluded.last_seen`,
@@ -608,7 +682,7 @@ export class RegistryCore implements Registry {
       for (const [port, was] of before) {
         if (now.has(port)) continue;
         await q.run("UPDATE sightings SET connected = 0, last_seen = ? WHERE bastion = ? AND port = ?", [prevAt, o.bastion, port]);
-        if (was.hostname) await q.run("UPDATE device_history SET last_seen = ? WHERE hostname = ? AND bastion = ?", [prevAt, was.hostname, o.bastion]);
+        if (was.hostname && Number(was.tunnel ?? 1) !== 0) await q.run("UPDATE device_history SET last_seen = ? WHERE hostname = ? AND bastion = ?", [prevAt, was.hostname, o.bastion]);
         written++;
       }
       await q.run(
@@ -622,9 +696,19 @@ export class RegistryCore implements Registry {
 
   observations(): Promise<Observations> {
     return this.db.transaction("read", async (q) => ({
-      sightings: (await q.all<{ bastion: string; port: number; hostname: string | null; fingerprint: string | null; since: string; last_seen: string; connected: number }>(
-        "SELECT bastion, port, hostname, fingerprint, since, last_seen, connected FROM sightings ORDER BY bastion, port",
-      )).map((r) => ({ bastion: r.bastion, port: Number(r.port), hostname: r.hostname, fingerprint: r.fingerprint, since: r.since, lastSeen: r.last_seen, connected: Number(r.connected) === 1 })),
+      sightings: (await q.all<{ bastion: string; port: number; hostname: string | null; fingerprint: string | null; since: string; last_seen: string; connected: number; tunnel: number | null; uid: number | null }>(
+        "SELECT bastion, port, hostname, fingerprint, since, last_seen, connected, tunnel, uid FROM sightings ORDER BY bastion, port",
+      )).map((r) => ({
+        bastion: r.bastion,
+        port: Number(r.port),
+        hostname: r.hostname,
+        fingerprint: r.fingerprint,
+        tunnel: r.tunnel === null ? null : Number(r.tunnel) === 1,
+        uid: r.uid === null ? null : Number(r.uid),
+        since: r.since,
+        lastSeen: r.last_seen,
+        connected: Number(r.connected) === 1,
+      })),
       history: (await q.all<{ hostname: string; bastion: string; first_seen: string; last_seen: string }>("SELECT hostname, bastion, first_seen, last_seen FROM device_history ORDER BY hostname, bastion")).map((r) => ({
         hostname: r.hostname,
         bastion: r.bastion,

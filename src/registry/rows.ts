@@ -25,6 +25,9 @@ export const DEVICE_KEYS = [
   "prev_public_key",
   "prev_fingerprint",
   "prev_until",
+  "dials",
+  "pending_dials",
+  "prev_dials",
 ] as const satisfies readonly (keyof DeviceRow)[];
 
 export const DEVICE_COLUMNS = DEVICE_KEYS.join(", ");
@@ -51,8 +54,11 @@ export function toRecord(r: DeviceRow, services: Record<string, number> = {}, at
     updated: r.updated,
     attributes,
   };
-  if (r.prev_public_key && r.prev_fingerprint && r.prev_until) rec.previous = { publicKey: r.prev_public_key, fingerprint: r.prev_fingerprint, until: r.prev_until };
-  if (r.pending_public_key && r.pending_fingerprint) rec.rotating = { publicKey: r.pending_public_key, fingerprint: r.pending_fingerprint };
+  if (r.dials) rec.dials = r.dials;
+  if (r.prev_public_key && r.prev_fingerprint && r.prev_until) {
+    rec.previous = { publicKey: r.prev_public_key, fingerprint: r.prev_fingerprint, until: r.prev_until, ...(r.prev_dials ? { dials: r.prev_dials } : {}) };
+  }
+  if (r.pending_public_key && r.pending_fingerprint) rec.rotating = { publicKey: r.pending_public_key, fingerprint: r.pending_fingerprint, ...(r.pending_dials ? { dials: r.pending_dials } : {}) };
   return rec;
 }
 

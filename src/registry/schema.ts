@@ -5,7 +5,7 @@
  * PostgreSQL (TEXT, INTEGER, BIGINT, CHECK, foreign keys).
  */
 
-export const SCHEMA_VERSION = 4;
+export const SCHEMA_VERSION = 6;
 
 export const MIGRATIONS: readonly (readonly string[])[] = [
   // 1: devices, their ports, and the name counter.
@@ -85,5 +85,21 @@ export const MIGRATIONS: readonly (readonly string[])[] = [
       interval_s INTEGER NOT NULL,
       agent      TEXT NOT NULL
     )`,
+  ],
+  // 5: who holds a tunnel port (issue 19): the tunnel user's sshd session (1), or another
+  // process (0, with its uid) — a squatter, which never counts as the device. NULL: recorded by
+  // an agent from before this version.
+  ["ALTER TABLE sightings ADD COLUMN tunnel INTEGER", "ALTER TABLE sightings ADD COLUMN uid INTEGER"],
+  // 6: what each device dials (src/config/compat.ts): per bastion the tunnel user, host, port,
+  // pinned host key fingerprints and `from:`, and the port ranges its ports came from, as JSON —
+  // for its current key, a rotation's pending key, and a rotated-out key in its grace. A config
+  // change that would lock devices out is refused against these. Rows from before this version
+  // hold NULL: a build records the config then in use for them at its first run (backfill).
+  [
+    "ALTER TABLE devices ADD COLUMN dials TEXT",
+    "ALTER TABLE devices ADD COLUMN pending_dials TEXT",
+    "ALTER TABLE devices ADD COLUMN prev_dials TEXT",
+    // Devices built with one config share one value: a build's check reads the groups, not the rows.
+    "CREATE INDEX devices_by_dials ON devices(dials, bastions)",
   ],
 ];

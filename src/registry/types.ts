@@ -3,6 +3,7 @@
  * a private key. One core (core.ts) implements this interface over either database.
  */
 import type { PortRange } from "../config/fleet.js";
+import type { DialGroup } from "../config/compat.js";
 import type { UserError } from "../errors.js";
 
 export type DeviceStatus = "pending" | "active" | "revoked";
@@ -25,11 +26,16 @@ export interface DeviceRecord {
   created: string;
   updated: string;
   /** The key a rotation replaced, still accepted by bastions until `until` (rotate --grace). */
-  previous?: { publicKey: string; fingerprint: string; until: string };
+  previous?: { publicKey: string; fingerprint: string; until: string; dials?: string };
   /** A rotation in progress: the new key, not yet in any export. */
-  rotating?: { publicKey: string; fingerprint: string };
+  rotating?: { publicKey: string; fingerprint: string; dials?: string };
   /** Factory data (serial number, MAC, site…), from the extra columns of a --hosts CSV. */
   attributes: Record<string, string>;
+  /**
+   * What the device's overlay dials (src/config/compat.ts `Dials`, as stored JSON): undefined for
+   * a row from before schema 6 not yet backfilled. `previous` and `rotating` carry their own.
+   */
+  dials?: string;
 }
 
 /** What a resumed batch needs to know of a registered name. */
@@ -54,6 +60,8 @@ export interface ReserveRequest {
   overlayPath: (hostname: string) => string;
   /** Factory data to record with the device (names: lower-case words). */
   attributes?: Record<string, string>;
+  /** What the overlay dials (compat.ts `Dials` as JSON). */
+  dials?: string;
 }
 
 /**
@@ -97,12 +105,12 @@ export interface Registry {
   /** The build failed after reserving: forget this station's pending device and free its port. */
   abandon(hostname: string): Promise<void>;
   /** Re-flash of a registered device: update board/os/bastions/overlay, keep name, key, port. */
-  updateDevice(hostname: string, fields: { board: string; os: string; bastions: string[]; overlay: string }): Promise<void>;
+  updateDevice(hostname: string, fields: { board: string; os: string; bastions: string[]; overlay: string; dials?: string }): Promise<void>;
   /**
    * Starts a key rotation: records the new key as pending (refused while another rotation of
    * the device is under way, or when the device's key is no longer `expectFingerprint`).
    */
-  beginRotate(hostname: string, expectFingerprint: string, publicKey: string, fingerprint: string, overlay: string): Promise<void>;
+  beginRotate(hostname: string, expectFingerprint: string, publicKey: string, fingerprint: string, overlay: string, dials?: string): Promise<void>;
   /** The new overlay exists: the new key becomes the device's, the old one stays valid until `graceUntil`. */
   commitRotate(hostname: string, fingerprint: string, graceUntil: Date | undefined): Promise<void>;
   /** The rotation failed before its overlay was written: forget the pending key. */
@@ -126,6 +134,16 @@ export interface Registry {
   /** Devices whose factory data has `key` = `value` (e.g. serial = SN0042). */
   findByAttribute(key: string, value: string): Promise<DeviceRecord[]>;
   list(): Promise<DeviceRecord[]>;
+  /**
+   * Records what devices dial where nothing is recorded yet (rows from before schema 6); a row
+   * that has its dials is left alone. Returns the number of rows written.
+   */
+  backfillDials(dials: { hostname: string; dials: string }[]): Promise<number>;
+  /**
+   * Live and pending devices grouped by what they dial and their bastions (a rotated-out key in
+   * its grace counts with its own dials), with how many hold a port outside `ssh` / `services`.
+   */
+  dialGroups(ssh: PortRange, services: PortRange, now: Date): Promise<DialGroup[]>;
   /** Everything, consistently (registry migrate). */
   snapshot(): Promise<Snapshot>;
   /** A consistent copy of everything while no station can write; `fn` runs before writes resume. */
@@ -147,6 +165,12 @@ export interface Listener {
   port: number;
   /** The key that authenticated the session holding it, where sshd's log tells. */
   fingerprint?: string;
+  /**
+   * Held by the tunnel user's sshd session (the only holder that counts for a device); false:
+   * another process holds it (a squatter), `uid` says whose. Absent: not told (older agents).
+   */
+  tunnel?: boolean;
+  uid?: number;
 }
 
 /** One look by a bastion agent: every tunnel-range port listening there now. */
@@ -166,6 +190,10 @@ export interface Sighting {
   /** The device holding the port when it was first seen listening; null: nobody registered. */
   hostname: string | null;
   fingerprint: string | null;
+  /** Held by the tunnel user's sshd session; null: recorded by an agent that did not tell. */
+  tunnel?: boolean | null;
+  /** The owner of a listener that is not the tunnel user's session. */
+  uid?: number | null;
   /** Since when it listens (this connection). */
   since: string;
   /** While connected: when first seen; after: the last look that still saw it. */
@@ -213,6 +241,9 @@ export interface DeviceRow {
   prev_public_key: string | null;
   prev_fingerprint: string | null;
   prev_until: string | null;
+  dials: string | null;
+  pending_dials: string | null;
+  prev_dials: string | null;
 }
 
 export interface PortRow {
@@ -241,7 +272,7 @@ export interface Snapshot {
 
 /** The observation tables and their columns, in copy order. */
 export const OBSERVATION_COLUMNS = [
-  ["sightings", ["bastion", "port", "hostname", "fingerprint", "since", "last_seen", "connected"]],
+  ["sightings", ["bastion", "port", "hostname", "fingerprint", "since", "last_seen", "connected", "tunnel", "uid"]],
   ["device_history", ["hostname", "bastion", "first_seen", "last_seen"]],
   ["heartbeats", ["bastion", "at", "interval_s", "agent"]],
 ] as const;

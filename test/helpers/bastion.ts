@@ -111,7 +111,8 @@ export function startAgent(root: string, name: string, opts: { authLog: string; 
   const env: Record<string, string> = {};
   for (const l of readFileSync(join(root, `etc/mkoverlay/bastion/${name}/agent.env`), "utf8").split("\n")) {
     const i = l.indexOf("=");
-    if (i > 0 && !l.startsWith("#")) env[l.slice(0, i)] = l.slice(i + 1);
+    // Values are single-quoted (read alike by systemd's EnvironmentFile= and sh).
+    if (i > 0 && !l.startsWith("#")) env[l.slice(0, i)] = l.slice(i + 1).replace(/^'(.*)'$/, "$1");
   }
   const args = [CLI, "bastion", "agent", "--bastion", name, "--config", join(root, `etc/mkoverlay/bastion/${name}/fleet.yaml`), "--state-dir", join(root, `var/lib/mkoverlay/bastion/${name}`), "--auth-log", opts.authLog];
   if (opts.resync) args.push("--resync", String(opts.resync));

@@ -14,6 +14,7 @@ import Database from "better-sqlite3";
 import { afterAll, describe, expect, it } from "vitest";
 import { HOST_KEY_PUB } from "../../src/overlay/paths.js";
 import { openRegistry } from "../../src/registry/open.js";
+import { SCHEMA_VERSION } from "../../src/registry/schema.js";
 import type { DeviceRecord, Registry } from "../../src/registry/types.js";
 import { closedPort, postgresForTests, PW_ROLE, type PgServer } from "./postgres.js";
 import { CLI, readPub, removeDir, runCli, sshKeygen, tempDir, writeFleet, type Run } from "./workspace.js";
@@ -387,7 +388,7 @@ export async function registryTests(which: "sqlite" | "postgres"): Promise<void>
         expect(runCli(["--config", ws.cfg, ...BUILD, "--out", ws.out], { cwd: ws.dir }).code).toBe(0);
         await backend.setSchemaVersion(ws.registry, 99);
         const r = runCli(["--config", ws.cfg, ...BUILD, "--out", ws.out], { cwd: ws.dir });
-        expectOneLineError(r, /registry .*: schema version 99 was written by a newer mkoverlay \(this one knows 4\)/);
+        expectOneLineError(r, new RegExp(`registry .*: schema version 99 was written by a newer mkoverlay \\(this one knows ${SCHEMA_VERSION}\\)`));
         expect(r.stdout).toBe("");
         expect(readdirSync(ws.out).filter((n) => n.endsWith(".overlay.tar.gz"))).toHaveLength(1);
       } finally {
@@ -427,7 +428,7 @@ export async function registryTests(which: "sqlite" | "postgres"): Promise<void>
         }); // left pending, as a killed build would
         // What a bastion saw: a tunnel up with its key, another that went away, a stray listener.
         const look = (ports: number[], at: string) =>
-          r.observe({ bastion: "eu", at: new Date(at), intervalS: 15, agent: "test:1", listeners: ports.map((port, i) => (i === 0 ? { port, fingerprint: "SHA256:seen-with-this-key" } : { port })) });
+          r.observe({ bastion: "eu", at: new Date(at), intervalS: 15, agent: "test:1", listeners: ports.map((port, i) => (i === 0 ? { port, fingerprint: "SHA256:seen-with-this-key", tunnel: true } : port === SSH_LO + 900 ? { port, tunnel: false, uid: 65534 } : { port })) });
         await look([SSH_LO, SSH_LO + 3, SSH_LO + 900], "2025-01-02T03:00:00.000Z");
         await look([SSH_LO, SSH_LO + 900], "2025-01-02T03:00:15.000Z");
       });
