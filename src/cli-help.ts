@@ -65,7 +65,7 @@ export const HELP: Record<string, HelpSpec> = {
   },
   write: {
     examples: [
-      ["mkoverlay write out/gw-0001.overlay.tar.gz --image card.img", "lay an overlay into an image, in place (its .bmap is refreshed)"],
+      ["mkoverlay write out/gw-0001.overlay.tar.gz --image card.img", "lay an overlay into an image, in place (its .bmap is refreshed, or made)"],
       ["mkoverlay write out/gw-0001.overlay.tar.gz --device /dev/sdX --base base.img", "write the base's used blocks to a card, then the overlay"],
       ["mkoverlay write out/gw-0001.overlay.tar.gz --device /dev/sdX", "re-flash the overlay onto a card that already has the base"],
     ],
@@ -94,6 +94,7 @@ export const HELP: Record<string, HelpSpec> = {
       ["mkoverlay status", "which gateways are connected, where and since when; alarms"],
       ["mkoverlay status serial=SN0042 --json", "one device, found by its factory data"],
       ["mkoverlay status --check --never-seen-after 2d", "for monitoring: exit 1 on an alarm"],
+      ["mkoverlay status --state offline,never-seen", "only the devices that are not there"],
     ],
     env: CONFIG,
     exit: "0 done (with --check: no alarm); 1 an alarm, with --check; 2 a usage or input error; 70 a bug",
@@ -128,6 +129,8 @@ export const HELP: Record<string, HelpSpec> = {
     examples: [
       ["mkoverlay bastion authorized-keys --bastion eu --write /etc/ssh/authorized_keys.d/reverse-ssh", "the tunnel user's file"],
       ["mkoverlay bastion sshd-config --bastion eu", "the Match User block for sshd_config"],
+      ["mkoverlay bastion install --bastion eu", "as root on the bastion: all of it, kept live by the agent"],
+      ["mkoverlay bastion agent --bastion eu", "the agent the installed unit runs"],
     ],
     env: CONFIG,
   },
@@ -167,6 +170,9 @@ export const HELP: Record<string, HelpSpec> = {
     examples: [
       ["mkoverlay registry list", "every device, its ports and factory data"],
       ["mkoverlay registry doctor --fix", "after a station was killed"],
+      ["mkoverlay registry release gw-0042", "a revoked device's ports back to the pool"],
+      ["mkoverlay registry remove-bastion us", "a retired bastion off every device"],
+      ["mkoverlay registry migrate --to postgres://mkoverlay@db.factory.lan/fleet", "into PostgreSQL"],
     ],
     env: CONFIG,
   },
@@ -174,6 +180,7 @@ export const HELP: Record<string, HelpSpec> = {
     examples: [
       ["mkoverlay registry list", "a table"],
       ["mkoverlay registry list --format csv > fleet.csv", "for a spreadsheet (factory data as columns)"],
+      ["mkoverlay registry list --columns hostname,port,serial,fingerprint", "these columns (fixed ones and factory data names)"],
       ["mkoverlay registry list --json", "every field"],
       ["mkoverlay registry list --old-settings", "devices still dialling what the config changed (rotate them)"],
     ],

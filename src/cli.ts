@@ -17,11 +17,47 @@ function lazy<M>(load: () => Promise<M>, run: (m: M, ...args: any[]) => unknown)
     // commander passes (...positionals, options, command): merge in the program-level options,
     // so `mkoverlay --config F batch …` means the same as `mkoverlay batch --config F …`.
     const cmd = args[args.length - 1] as Command;
+    checkRequired(cmd);
     const merged = [...args.slice(0, -2), { ...cmd.optsWithGlobals() }, cmd];
     await run(await load(), ...merged);
   };
 }
 /* eslint-enable @typescript-eslint/no-explicit-any */
+
+/**
+ * Options declared with requiredOption(). commander checks them before unknown options, so a
+ * typo (`--bord rpi4`) was reported as the option it failed to spell; they are checked here
+ * instead, in the action, which commander runs only after its unknown-option check.
+ */
+const REQUIRED = new WeakSet<Option>();
+
+function checkRequired(cmd: Command): void {
+  for (const o of cmd.options) {
+    if (REQUIRED.has(o) && cmd.getOptionValue(o.attributeName()) === undefined) {
+      throw new UserError(`required option '${o.flags}' not specified`, { hint: `${o.long ?? o.flags}: ${o.description}` });
+    }
+  }
+}
+
+/** What to say after commander's own errors, by its code: where the user finds the right words. */
+const AFTER: Record<string, string> = {
+  "commander.unknownCommand": "lists the commands",
+  "commander.unknownOption": "lists the options",
+  "commander.optionMissingArgument": "lists the options",
+  "commander.conflictingOption": "lists the options",
+};
+
+/**
+ * commander's own errors (unknown option or subcommand, missing argument…) as UserErrors, so
+ * they print in mkoverlay's one style (or as JSON with --json), commander's suggestion as the
+ * hint. Help and version are not errors and go through as they are.
+ */
+function usageError(e: CommanderError, c: Command): UserError | CommanderError {
+  const m = /^error: ([\s\S]*?)(?:\n\(Did you mean (.+)\?\))?$/.exec(e.message);
+  if (e.exitCode === 0 || !m) return e;
+  const help = `'${["mkoverlay", commandPath(c), "--help"].filter(Boolean).join(" ")}' ${AFTER[e.code] ?? "shows the usage"}`;
+  return new UserError(m[1]!, { hint: m[2] ? `did you mean '${m[2]}'? (${help})` : help });
+}
 
 const CFG = "fleet config (default $MKOVERLAY_CONFIG or ./mkoverlay.yaml)";
 
@@ -35,13 +71,20 @@ const collect = (v: string, prev: string[] = []): string[] => [...prev, v];
 export function program(only?: string, help?: typeof CliHelp): Command {
   const p = new Command("mkoverlay")
     .description("Build rootfs overlays for gateways that keep reverse SSH tunnels to bastions")
-    .version(VERSION)
+    .version(VERSION, "-v, --version")
+    // -V, commander's default, still works (hidden: one spelling in the help).
+    .addOption(new Option("-V").hideHelp())
+    .on("option:V", () => {
+      process.stdout.write(`${VERSION}\n`);
+      throw new CommanderError(0, "commander.version", VERSION);
+    })
     .option("--debug", "print stack traces for errors")
     .option("--config <file>", CFG)
-    .showHelpAfterError("(run with --help for usage)")
     .showSuggestionAfterError(true)
     .addHelpText("after", () => help?.programHelpAfter() ?? "")
-    // Set before the subcommands are added so they inherit it: one exit path for every error.
+    // Set before the subcommands are added so they inherit them: commander prints no error of
+    // its own (report() prints them all, in one style), and one exit path for every error.
+    .configureOutput({ outputError: () => undefined })
     .exitOverride();
   const device = "HOST, or KEY=VALUE of its factory data (e.g. serial=SN0042)";
 
@@ -155,7 +198,7 @@ export function program(only?: string, help?: typeof CliHelp): Command {
   });
 
   def("bastion", () => {
-    const bastion = p.command("bastion").description("what a bastion imports: authorized_keys and its sshd Match block");
+    const bastion = p.command("bastion").description("the bastion's side: authorized-keys, sshd-config, install (as root), agent (the live key follower)");
     bastion
       .command("authorized-keys")
       .description("the tunnel user's complete authorized_keys file, from the registry")
@@ -271,6 +314,7 @@ export function program(only?: string, help?: typeof CliHelp): Command {
       .option("--bastion <name>", "only this bastion")
       .option("--format <form>", "table, json or prometheus", "table")
       .option("--json", "same as --format json")
+      .option("--state <states>", "only devices in these states, comma-separated: connected, offline, never-seen, new, unknown")
       .option("--check", "exit 1 when there is an alarm (for monitoring)")
       .option("--never-seen-after <duration>", "a device built this long ago and never connected is an alarm (e.g. 24h, 2d; 0: never)", "24h")
       .option("--expiring-within <duration>", "a key that expires on a bastion within this is an `expiring` alarm (e.g. 30d, 6w, 72h; 0: only expired)", "30d")
@@ -279,11 +323,12 @@ export function program(only?: string, help?: typeof CliHelp): Command {
   });
 
   def("registry", () => {
-    const registry = p.command("registry").description("the port registry: list, doctor, release, migrate, import-manufacturing");
+    const registry = p.command("registry").description("the port registry: list, release, remove-bastion, doctor, migrate, import-manufacturing");
     registry
       .command("list")
       .description("the port allocation table, with each device's factory data")
       .option("--format <form>", "table, csv or markdown", "table")
+      .option("--columns <names>", "these columns, comma-separated (fixed ones and factory data names); default: a table that fits 80 columns, every column in CSV and Markdown")
       .option("--json", "a JSON array")
       .option("--old-settings", "only devices whose overlay still dials a setting the config has changed since (docs/bastion.md)")
       .option("--config <file>", CFG)
@@ -360,6 +405,16 @@ export function program(only?: string, help?: typeof CliHelp): Command {
       .action(lazy(() => import("./completion.js"), (m, shell) => m.completionCommand(shell)));
   });
 
+  for (const c of [p, ...allCommands(p)]) {
+    c.exitOverride((e) => {
+      throw usageError(e, c);
+    });
+    for (const o of c.options) {
+      if (!o.mandatory) continue;
+      REQUIRED.add(o);
+      o.mandatory = false;
+    }
+  }
   for (const c of help ? allCommands(p) : []) {
     const spec = help!.HELP[commandPath(c)];
     // Rendered only when help is shown.
@@ -385,7 +440,7 @@ export function onlyCommand(args: readonly string[]): string | undefined {
       i++;
       continue;
     }
-    if (a === "-h" || a === "--help" || a === "-V" || a === "--version") return undefined;
+    if (a === "-h" || a === "--help" || a === "-v" || a === "-V" || a === "--version") return undefined;
     if (a.startsWith("-")) {
       sawOption = true;
       continue;
@@ -460,8 +515,19 @@ async function helpArgs(p: Command, argv: string[]): Promise<string[]> {
   return [...argv.slice(0, 2), ...argv.slice(2, 2 + i), ...words, "--help"];
 }
 
+/**
+ * `--json` anywhere on the line (or `--format json`): a script reads the outcome, so an error is
+ * one JSON object too. Words after `--` are values, not options.
+ */
+export function wantsJson(args: readonly string[]): boolean {
+  const end = args.indexOf("--");
+  const opts = end < 0 ? args : args.slice(0, end);
+  return opts.some((a, i) => a === "--json" || a === "--format=json" || (a === "--format" && opts[i + 1] === "json"));
+}
+
 export async function main(argv: string[]): Promise<void> {
   const debug = argv.includes("--debug");
+  const json = wantsJson(argv.slice(2));
   // `mkoverlay registry list | head`: a reader that stops early is not an error.
   process.stdout.on("error", (e: NodeJS.ErrnoException) => {
     if (e.code === "EPIPE") process.exit(0);
@@ -489,27 +555,50 @@ export async function main(argv: string[]): Promise<void> {
     }
     await p.parseAsync(argv);
   } catch (e) {
-    process.exitCode = await report(e, debug);
+    process.exitCode = await report(e, { debug, json });
   }
 }
 
-async function report(e: unknown, debug: boolean): Promise<number> {
+const BUG = "this is a bug in mkoverlay; please report it with the command you ran";
+
+/**
+ * The one place errors are printed. A user error: `mkoverlay: error: …` and `mkoverlay: hint: …`
+ * (a run stopped on purpose, by SIGINT or SIGTERM, says `mkoverlay: interrupted by …`: it is not
+ * a failure of anything); a bug: its stack. With --json: one JSON object on stderr instead,
+ * `{"error", "hint", "exitCode"}` (docs/json.md), plus `signal` for an interrupted run and
+ * `stack` for a bug or with --debug.
+ */
+async function report(e: unknown, o: { debug: boolean; json: boolean }): Promise<number> {
   if (e instanceof CommanderError) {
-    // commander already printed its message (unknown option, missing argument, --help…).
+    // Help and version (printed already), or a group named without its subcommand (its help was
+    // printed on stderr). commander's errors arrive here as UserErrors (usageError).
     return e.exitCode === 0 ? 0 : 2;
   }
   // A full disk, a read-only mount, a missing permission: the station's to fix, not a bug.
   const io = isUserError(e) ? undefined : ioUserError(e);
   const user = io ?? (isUserError(e) ? e : undefined);
+  const log = stderrLog(false);
   if (user) {
-    const log = stderrLog(false);
-    log.error(user.message, user.hint);
-    const stack = (io ? (e as Error) : user).stack;
-    if (debug && stack) log.progress(`${await readable(stack)}\n`);
+    const raw = (io ? (e as Error) : user).stack;
+    const stack = o.debug && raw ? await readable(raw) : undefined;
+    // By name: station.ts (and what it loads) stays out of every start.
+    const signal = user.name === "Interrupted" ? String((user as UserError & { reason: unknown }).reason) : undefined;
+    if (o.json) {
+      process.stderr.write(`${JSON.stringify({ error: user.message, hint: user.hint ?? null, exitCode: user.exitCode, ...(signal ? { signal } : {}), ...(stack ? { stack } : {}) })}\n`);
+      return user.exitCode;
+    }
+    if (signal) {
+      for (const line of user.message.split("\n")) log.info(line);
+      if (user.hint) log.progress(`mkoverlay: hint: ${user.hint}\n`);
+    } else log.error(user.message, user.hint);
+    if (stack) log.progress(`${stack}\n`);
     return user.exitCode;
   }
   const err = e as Error;
-  stderrLog(false).progress(`mkoverlay: internal error: ${err?.message ?? String(e)}\n${await readable(err?.stack ?? "")}\nThis is a bug in mkoverlay; please report it with the command you ran.\n`);
+  const stack = await readable(err?.stack ?? "");
+  const message = `internal error: ${err?.message ?? String(e)}`;
+  if (o.json) process.stderr.write(`${JSON.stringify({ error: message, hint: BUG, exitCode: 70, stack })}\n`);
+  else log.progress(`mkoverlay: ${message}\n${stack}\n${BUG[0]!.toUpperCase()}${BUG.slice(1)}.\n`);
   return 70;
 }
 

@@ -134,6 +134,8 @@ async function optionValues(cmd: Command, long: string, words: string[], word: s
     }
     case "--format":
       return cmd.name() === "list" ? ["table", "csv", "markdown"] : cmd.name() === "status" ? ["table", "json", "prometheus"] : ["tar", "dir"];
+    case "--state":
+      return [...(await import("./status-options.js")).STATES];
     case "--auth-log":
       return ["journal", "none"];
     case "--out":

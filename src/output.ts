@@ -73,6 +73,8 @@ export class Progress {
   private done = 0;
   private worked = 0;
   private label = "starting";
+  /** The device the work count has reached (rendered, not yet finished). */
+  private workLabel = "";
   private lastDraw = -Infinity;
   private drawn = false;
   private readonly started: number;
@@ -98,9 +100,14 @@ export class Progress {
     this.timer.unref();
   }
 
-  /** A device's work is done (rendered): the bar moves before its chunk is written. */
-  work(): void {
+  /**
+   * A device's work is done (rendered): the bar moves before its chunk is written, and names
+   * this device, so the name shown is the one the count has reached, not the last of the
+   * previous chunk.
+   */
+  work(label?: string): void {
     this.worked++;
+    if (label !== undefined) this.workLabel = label;
     if (this.live) this.draw(false);
   }
 
@@ -141,6 +148,9 @@ export class Progress {
   render(width: number): string {
     const total = this.o.total;
     const n = Math.min(total, Math.max(this.done, this.worked));
+    // The device the count stands at: the last rendered while rendering runs ahead of the
+    // results, the last finished once they have caught up.
+    const label = this.worked > this.done && this.workLabel ? this.workLabel : this.label;
     const elapsed = (this.now() - this.started) / 1000;
     const rate = n > 0 && elapsed > 0.2 ? n / elapsed : NaN;
     const counts = `${n}/${total}`;
@@ -149,7 +159,7 @@ export class Progress {
     const eta = `ETA ${n >= total ? "0:00" : Number.isFinite(rate) ? clock((total - n) / rate) : "--:--"}`;
     // The last column is never written: some terminals wrap as soon as it is.
     const room = Math.max(1, width - 1);
-    const optional = [pct, eta, rateText, clock(elapsed), this.label];
+    const optional = [pct, eta, rateText, clock(elapsed), label];
     const MIN_BAR = 10;
     let parts = [counts];
     for (const p of optional) {
@@ -157,7 +167,7 @@ export class Progress {
       if (2 + MIN_BAR + 1 + next.join(" ").length <= room) parts = next;
     }
     // Shown in a fixed order whatever was dropped.
-    const order = [counts, pct, rateText, clock(elapsed), eta, this.label];
+    const order = [counts, pct, rateText, clock(elapsed), eta, label];
     const text = order.filter((p) => parts.includes(p)).join(" ");
     const barWidth = Math.min(40, room - 3 - text.length);
     if (barWidth < MIN_BAR) return text.slice(0, room);

@@ -88,6 +88,7 @@ describe("bash", () => {
     expect(bash("mkoverlay --format ").sort()).toEqual(["dir", "tar"]);
     expect(bash("mkoverlay registry list --format ").sort()).toEqual(["csv", "markdown", "table"]);
     expect(bash("mkoverlay status --format ").sort()).toEqual(["json", "prometheus", "table"]);
+    expect(bash("mkoverlay status --state ").sort()).toEqual(["connected", "never-seen", "new", "offline", "unknown"]);
     expect(bash("mkoverlay schema ").sort()).toEqual(["board", "fleet", "os"]);
     expect(bash("mkoverlay completion ").sort()).toEqual(["bash", "fish", "zsh"]);
   });

@@ -128,9 +128,12 @@ describe("expirySpread in the config", () => {
   ])("%j is refused with the key and the fix, nothing built", (b, message) => {
     const r = build(b);
     expect(r.code).not.toBe(0);
-    expect(r.stderr).toMatch(message);
-    expect(r.stderr).toMatch(/mkoverlay\.yaml/);
-    expect(r.stderr).not.toMatch(/\n\s+at /);
+    // build runs with --json: the error is one JSON object on stderr (docs/json.md).
+    const e = JSON.parse(r.stderr) as { error: string; exitCode: number; stack?: string };
+    expect(e.exitCode).toBe(r.code);
+    expect(e.error).toMatch(message);
+    expect(e.error).toMatch(/mkoverlay\.yaml/);
+    expect(e.stack).toBeUndefined();
     expect(r.stdout).toBe("");
   });
 

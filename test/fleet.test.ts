@@ -280,7 +280,7 @@ describe("registry list", () => {
   it.each([
     ["csv", /^hostname,bastions,port,services,fingerprint,board,os,status,created[,\n]/], // then any factory data columns
     ["markdown", /^\| hostname \| bastions \| port /],
-    ["table", /^hostname\s+bastions\s+port/],
+    ["table", /^hostname\s+port\s+bastions\s+board\s+os\s+status\s+seen/], // fits 80 columns (conventions.test.ts)
   ])("--format %s", (format, head) => {
     const r = cli(["registry", "list", "--format", format]);
     expect(r.code).toBe(0);

@@ -112,6 +112,22 @@ describe("--help of every command", () => {
     expect(cli(["batch", "--help"]).stdout).toMatch(/1 some devices failed .*130\/143 interrupted/s);
   });
 
+  it.each(commands.filter((c) => c.commands.length > 0).map((c) => [commandPath(c), c] as const))("every subcommand of '%s' is in its help, its line in the parent's help, and its examples", (path, c) => {
+    const subs = c.commands.map((s) => s.name());
+    expect(subs.length).toBeGreaterThan(1);
+    const own = cli([...path.split(" "), "--help"]).stdout;
+    const listed = /\nCommands:\n([\s\S]*?)\n\n/.exec(own)?.[1] ?? "";
+    const examples = own.slice(own.indexOf("\nExamples:\n"));
+    // The parent's line for this group (`mkoverlay --help`) is its description, wrapped.
+    const line = c.description();
+    expect(cli([...path.split(" ").slice(0, -1), "--help"]).stdout.replace(/\s+/g, " "), `'${path}' in its parent's help`).toContain(` ${path.split(" ").at(-1)} ${line} `);
+    for (const s of subs) {
+      expect(listed, `${path} --help lists ${s}`).toMatch(new RegExp(`^  ${s} `, "m"));
+      expect(line, `the parent's line for '${path}' names ${s}`).toMatch(new RegExp(`\\b${s}\\b`));
+      expect(examples, `${path} --help has an example of ${s}`).toMatch(new RegExp(`\\$ mkoverlay ${path} ${s}[ \\n]`));
+    }
+  });
+
   it("init's help says it never fetches a host key", () => {
     expect(cli(["init", "--help"]).stdout.replace(/\n/g, " ")).toMatch(/never fetches a host key itself: pinning a bastion's key is your decision/);
   });

@@ -119,7 +119,15 @@ describe("batch --hosts end to end", () => {
     const f = file('serial,hostname\n"SN,0001",gw-lab-b\n2,Bad Name\n3,gw-lab-b\n');
     const r = batch(f);
     expect(r.code).toBe(2);
-    expect(r.stderr).toBe(
+    // batch runs with --json here: the error is one JSON object on stderr, a line per row in it.
+    expect(JSON.parse(r.stderr)).toEqual({
+      error: `${f}:3: hostname "Bad Name" contains spaces, control or non-ASCII characters\n${f}:4: hostname gw-lab-b is already on line 2`,
+      hint: "fix these rows and run again; nothing was reserved",
+      exitCode: 2,
+    });
+    // Without --json: a line each, in mkoverlay's style.
+    const text = cli(["batch", "--board", "rpi4", "--bastion", "eu", "--hosts", f, "--out", join(dir, "out")]);
+    expect(text.stderr).toBe(
       `mkoverlay: error: ${f}:3: hostname "Bad Name" contains spaces, control or non-ASCII characters\n` +
         `mkoverlay: error: ${f}:4: hostname gw-lab-b is already on line 2\n` +
         "mkoverlay: hint: fix these rows and run again; nothing was reserved\n",

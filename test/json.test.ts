@@ -253,6 +253,21 @@ describe("--json: the fields docs/json.md documents, camelCase", () => {
     expectDocumented("mkoverlay registry import-manufacturing DB --json", json(["registry", "import-manufacturing", file, "--json"]));
   });
 
+  it("errors: one JSON object on stderr, as the page's Errors section shows", () => {
+    const doc = /^## Errors\n[\s\S]*?```json\n([\s\S]*?)\n```/m.exec(readFileSync(join(REPO, "docs/json.md"), "utf8"));
+    expect(doc, "docs/json.md has an Errors section with a json example").not.toBeNull();
+    const example = JSON.parse(doc![1]!) as Record<string, unknown>;
+    for (const args of [["--bord", "rpi4", "--json"], ["registry", "list", "--json", "--config", "missing.yaml"], ["verfy", "--json"]]) {
+      const r = cli(args);
+      expect(r.code).toBe(2);
+      const e = JSON.parse(r.stderr) as Record<string, unknown>;
+      camelCase(e);
+      expect(shape(e), args.join(" ")).toEqual(shape(example));
+      expect(e.exitCode).toBe(r.code);
+    }
+    expect(JSON.parse(cli(["--bord", "rpi4", "--json"]).stderr)).toEqual(example);
+  });
+
   it("every command docs/json.md documents was run above", () => {
     expect(DOC.size).toBeGreaterThanOrEqual(17);
     const skipped = [...(isRoot ? [] : ["mkoverlay bastion install --bastion NAME --json"]), ...(haveDiskTools() ? [] : ["mkoverlay image --base BASE --json", "mkoverlay write OVERLAY --image IMG --json"])];

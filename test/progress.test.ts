@@ -84,6 +84,21 @@ describe("the bar (fake terminal and clock)", () => {
     expect(visible(draws.at(-1)!)).toMatch(/ 5000\/5000 100% /);
   });
 
+  it("names the device its count has reached, not the last of the previous chunk", () => {
+    const p = new Progress({ total: 200, bar: true, color: false, silent: false, term: fakeTerm(120), now: () => 0 });
+    const name = (i: number) => `gw-${String(i).padStart(4, "0")}`;
+    // A chunk of 64 rendered (the bar moves), then its results arrive at once, then the next chunk.
+    for (let i = 1; i <= 64; i++) p.work(name(i));
+    expect(visible(p.render(120))).toMatch(/ 64\/200 .* gw-0064$/);
+    for (let i = 1; i <= 64; i++) p.result(`${name(i)} port ${21000 + i}`);
+    expect(visible(p.render(120))).toMatch(/ 64\/200 .* gw-0064 port 21064$/);
+    for (let i = 65; i <= 100; i++) p.work(name(i));
+    expect(visible(p.render(120))).toMatch(/ 100\/200 .* gw-0100$/);
+    // Stopped mid-chunk: what is finished, with its name.
+    p.stop();
+    expect(visible(p.render(120))).toMatch(/ 64\/200 .* gw-0064 port 21064$/);
+  });
+
   it("NO_COLOR takes the colour away, not the bar", () => {
     const plain = new Progress({ total: 10, bar: true, color: false, silent: false, term: fakeTerm(60), now: () => 0 }).render(60);
     const coloured = new Progress({ total: 10, bar: true, color: true, silent: false, term: fakeTerm(60), now: () => 0 }).render(60);
@@ -157,6 +172,26 @@ describe.runIf(hasTmux || inCI)("the bar in a terminal (tmux)", () => {
     }
   });
 
+  it("the name on the bar is the device its count stands at", async () => {
+    const hosts = join(dir, "counted.txt");
+    writeFileSync(hosts, Array.from({ length: 1500 }, (_, i) => `cnt-${String(i + 1).padStart(4, "0")}`).join("\n") + "\n");
+    const pane = tmux(120, envPrefix(`${process.execPath} ${CLI} batch --board rpi4 --bastion eu --hosts ${hosts} --out ${join(dir, "counted")} > /dev/null`));
+    try {
+      const seen = new Set<string>();
+      const final = await until("the batch to end", () => {
+        const text = pane.read();
+        for (const l of text.split("\n")) if (/\d+\/1500 .* cnt-\d{4}/.test(l)) seen.add(l);
+        return /EXIT=\d+/.test(text) ? text : undefined;
+      });
+      expect(final).toMatch(/EXIT=0/);
+      const pairs = [...seen].map((l) => [Number(/ (\d+)\/1500 /.exec(l)![1]), Number(/ cnt-(\d{4})/.exec(l)![1])]);
+      expect(pairs.filter(([n]) => n! > 0 && n! < 1500).length, [...seen].join("\n")).toBeGreaterThanOrEqual(2);
+      for (const [n, named] of pairs) expect(named, [...seen].join("\n")).toBe(n);
+    } finally {
+      pane.stop();
+    }
+  });
+
   it("colour unless NO_COLOR, which leaves the bar; --no-progress gives plain lines", async () => {
     const coloured = tmux(80, envPrefix(`${process.execPath} ${CLI} batch --board rpi4 --bastion eu --count 100 --out ${join(dir, "c1")} > /dev/null`));
     const plain = tmux(80, envPrefix(`NO_COLOR=1 ${process.execPath} ${CLI} batch --board rpi4 --bastion eu --count 100 --out ${join(dir, "c2")} > /dev/null`));
@@ -193,10 +228,10 @@ function registryRows(db: string): Row[] {
 }
 
 /** Starts a batch, sends `signal` once `afterLines` devices are out, returns what happened. */
-async function interrupted(name: string, signal: NodeJS.Signals, args: string[], afterLines: number) {
+async function interrupted(name: string, signal: NodeJS.Signals, args: string[], afterLines: number, json = true) {
   const ws = join(dir, name);
   const db = join(ws, "registry.db");
-  const child = spawn(process.execPath, [CLI, "batch", "--board", "rpi4", "--bastion", "eu", "--json", "--out", join(ws, "out"), ...args], {
+  const child = spawn(process.execPath, [CLI, "batch", "--board", "rpi4", "--bastion", "eu", ...(json ? ["--json"] : []), "--out", join(ws, "out"), ...args], {
     cwd: dir,
     env: { ...process.env, NO_COLOR: "1", MKOVERLAY_CONFIG: fleet, MKOVERLAY_REGISTRY: db, MKOVERLAY_CACHE: TEST_CACHE },
     stdio: ["ignore", "pipe", "pipe"],
@@ -215,7 +250,7 @@ async function interrupted(name: string, signal: NodeJS.Signals, args: string[],
     });
     child.on("exit", (c) => resolve(c));
   });
-  const devices = stdout.split("\n").filter(Boolean).map((l) => JSON.parse(l) as { hostname: string; overlay?: string; error?: string });
+  const devices = json ? stdout.split("\n").filter(Boolean).map((l) => JSON.parse(l) as { hostname: string; overlay?: string; error?: string }) : [];
   return { code, stdout, stderr, devices, rows: registryRows(db), outDir: join(ws, "out"), sent };
 }
 
@@ -236,21 +271,27 @@ describe("interrupting a batch", () => {
     const files = readdirSync(r.outDir);
     expect(files.filter((f) => f.endsWith(".overlay.tar.gz")).length).toBe(built.length);
     expect(files.filter((f) => f.includes(".tmp"))).toEqual([]);
-    expect(r.stderr).toMatch(new RegExp(`mkoverlay: error: interrupted by ${signal}: ${built.length} of 20000 device\\(s\\) built and registered \\(${built[0]!.hostname} … ${built.at(-1)!.hostname}\\)\\n`));
-    expect(r.stderr).toMatch(new RegExp(`mkoverlay: error: ${20000 - built.length} not built, nothing reserved for them\\n`));
+    // With --json the error is one JSON object on stderr (docs/json.md), its signal named.
+    const err = JSON.parse(r.stderr.trim().split("\n").at(-1)!) as { error: string; hint: string | null; exitCode: number; signal: string };
+    expect(err).toMatchObject({ exitCode, signal, hint: null });
+    expect(err.error).toMatch(new RegExp(`^interrupted by ${signal}: ${built.length} of 20000 device\\(s\\) built and registered \\(${built[0]!.hostname} … ${built.at(-1)!.hostname}\\)\\n`));
+    expect(err.error).toMatch(new RegExp(`\\n${20000 - built.length} not built, nothing reserved for them\\n`));
     // Nothing for the doctor to do.
     const doctor = run(process.execPath, [CLI, "registry", "doctor", "--json", "--config", fleet], { env: { MKOVERLAY_REGISTRY: join(dir, signal, "registry.db"), MKOVERLAY_CACHE: TEST_CACHE } });
     expect(JSON.parse(doctor.stdout)).toEqual([]);
   });
 
-  it("names the devices of a --hosts file that were not built", async () => {
+  it("names the devices of a --hosts file that were not built; a Ctrl-C is 'interrupted', not an error", async () => {
     const hosts = join(dir, "shift.csv");
     writeFileSync(hosts, ["hostname,serial", ...Array.from({ length: 5000 }, (_, i) => `line-${i},SN${i}`)].join("\n") + "\n");
-    const r = await interrupted("hosts", "SIGINT", ["--hosts", hosts], 64);
+    // Without --json: the summary in text, every line of it as mkoverlay's, none as an error.
+    const r = await interrupted("hosts", "SIGINT", ["--hosts", hosts], 64, false);
     expect(r.code, r.stderr).toBe(130);
-    const built = r.devices.filter((d) => d.overlay).length;
+    const built = r.rows.filter((x) => x.status === "active").length;
     expect(r.rows.filter((x) => x.status === "pending")).toEqual([]);
-    expect(r.stderr).toMatch(new RegExp(`${5000 - built} not built, nothing reserved for them: line-${built}, line-${built + 1}, .*, … \\(${5000 - built}\\)`));
+    expect(r.stderr).toMatch(new RegExp(`^mkoverlay: interrupted by SIGINT: ${built} of 5000 device\\(s\\) built and registered \\(line-0 … line-${built - 1}\\)$`, "m"));
+    expect(r.stderr).toMatch(new RegExp(`^mkoverlay: ${5000 - built} not built, nothing reserved for them: line-${built}, line-${built + 1}, .*, … \\(${5000 - built}\\)$`, "m"));
+    expect(r.stderr).not.toMatch(/error/);
   });
 
   it("--format dir (device by device) stops between devices too", async () => {

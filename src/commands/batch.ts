@@ -61,7 +61,7 @@ interface Outcomes {
   /** Not built because the run was asked to stop (nothing is reserved for it). */
   notBuilt(item: ChunkItem): void;
   /** A device's overlay is rendered (progress moves before its chunk is written). */
-  work(): void;
+  work(hostname: string): void;
 }
 
 /** In place of an outcome: the run stopped before this device was finished. */
@@ -126,7 +126,7 @@ async function chunked(st: Station, chunk: ChunkItem[], common: Omit<DeviceReque
       }
       try {
         ready.push({ i, device: res, req, r: await renderDevice(contextOf(st, res, req)) });
-        report.work();
+        report.work(res.hostname);
         if (ready.length % 16 === 0) await turn();
       } catch (e) {
         await registry.abandon(res.hostname);
@@ -212,8 +212,8 @@ export interface BatchHooks {
   failed(f: BatchSummary["failed"][number]): void;
   /** A row already built by an earlier run of the shift (its output in place): not built again. */
   skipped?(s: BatchSummary["skipped"][number]): void;
-  /** A device was rendered: progress. */
-  work?(): void;
+  /** A device was rendered: progress (the bar names the device its count has reached). */
+  work?(hostname: string): void;
   /** Called once the inputs are checked, before anything is reserved. */
   starting?(total: number): void;
   /** Where the device flow's notes go (default: stderr, quiet). */
@@ -266,7 +266,7 @@ export async function runBatch(opts: BatchOptions, hooks: BatchHooks, stop?: Abo
       hooks.failed(f);
     },
     notBuilt: (item) => notBuilt(item.wanted),
-    work: () => hooks.work?.(),
+    work: (h) => hooks.work?.(h),
   };
   await withOutDir(opts, async (outDir, form) => {
     // --image: the base is checked (and its bmap computed, once for the batch) before anything
@@ -435,7 +435,7 @@ export async function batchCommand(opts: BatchOptions): Promise<void> {
           progress = new Progress({ total, bar: tty && opts.progress !== false, color: !process.env.NO_COLOR, silent: Boolean(opts.quiet) });
           progress.start();
         },
-        work: () => progress?.work(),
+        work: (h) => progress?.work(h),
         built(r) {
           first ??= r.hostname;
           last = r.hostname;

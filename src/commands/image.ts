@@ -53,6 +53,7 @@ async function runImage(opts: ImageOptions, stop: AbortSignal): Promise<string> 
   );
   const { authorizedKeysText, ...json } = r;
   const bmap = `${r.overlay.replace(/\.zst$/, "")}.bmap`;
-  out(opts.json ? JSON.stringify({ ...json, bmap }) : authorizedKeysText);
+  // `image` names what this command makes; `overlay` (the same path) keeps build's shape.
+  out(opts.json ? JSON.stringify({ ...json, image: r.overlay, bmap }) : authorizedKeysText);
   return `${r.hostname} was built and registered`;
 }

@@ -2,7 +2,8 @@
  * `mkoverlay registry list`: the port allocation table, with what the bastions saw of each
  * device (its state now, first and last seen, the bastions it used: status.ts), then factory data
  * (the extra columns of a `batch --hosts` CSV, or `--attr`) as one column per name, so the list
- * goes back into the spreadsheet it came from.
+ * goes back into the spreadsheet it came from. The table fits 80 columns by default (the few
+ * columns a person scans, then factory data while it fits); `--columns a,b,c` picks them.
  */
 import { changesFor, parseDials, type Dials } from "../config/compat.js";
 import type { Fleet } from "../config/fleet.js";
@@ -12,6 +13,7 @@ import { out } from "../output.js";
 import type { DeviceRecord } from "../registry/types.js";
 import { fleetStatus, type DeviceView } from "../status.js";
 import { parseAfter } from "../status-options.js";
+import { didYouMean } from "../validate.js";
 
 const COLUMNS = ["hostname", "bastions", "port", "services", "fingerprint", "board", "os", "status", "created", "seen", "first_seen", "last_seen", "seen_on"] as const;
 type Column = (typeof COLUMNS)[number];
@@ -48,10 +50,56 @@ export function attributeColumns(devices: DeviceRecord[]): { key: string; header
   return keys.map((key) => ({ key, header: (COLUMNS as readonly string[]).includes(key) ? `attr:${key}` : key }));
 }
 
-export function renderTable(devices: DeviceRecord[], format: string, seen: ReadonlyMap<string, Seen> = new Map()): string {
+/**
+ * The table's columns when --columns is not given: what a person scans for on an 80-column
+ * terminal (the fingerprint and the timestamps alone are ~100 columns; `--format csv` and
+ * `--json` carry everything). Then each factory data name, in order, whose column still fits.
+ */
+const TABLE_COLUMNS: readonly Column[] = ["hostname", "port", "bastions", "board", "os", "status", "seen"];
+export const TABLE_WIDTH = 80;
+
+type Picked = { header: string; value: (d: DeviceRecord, seen: Seen | undefined) => string };
+
+const fixed = (c: Column): Picked => ({ header: c, value: (d, s) => cell(d, c, s) });
+const attr = (e: { key: string; header: string }): Picked => ({ header: e.header, value: (d) => d.attributes[e.key] ?? "" });
+
+/** `--columns a,b,c`: fixed column names and factory data names (as the header spells them). */
+export function pickColumns(spec: string, devices: DeviceRecord[]): Picked[] {
   const extra = attributeColumns(devices);
-  const header = [...COLUMNS, ...extra.map((e) => e.header)];
-  const rows = devices.map((d) => [...COLUMNS.map((c) => cell(d, c, seen.get(d.hostname))), ...extra.map((e) => d.attributes[e.key] ?? "")]);
+  const known = [...COLUMNS, ...extra.map((e) => e.header)];
+  return spec.split(",").map((raw) => {
+    const name = raw.trim();
+    if ((COLUMNS as readonly string[]).includes(name)) return fixed(name as Column);
+    const e = extra.find((x) => x.header === name || x.key === name);
+    if (e) return attr(e);
+    const guess = didYouMean(name, known);
+    throw new UserError(`--columns: no column ${JSON.stringify(name)}${guess ? ` (did you mean '${guess}'?)` : ""}`, { hint: `columns: ${known.join(", ")}` });
+  });
+}
+
+const widthOf = (cols: readonly string[][]): number => cols.reduce((n, c) => n + Math.max(...c.map((v) => v.length)), 0) + 2 * (cols.length - 1);
+
+/** The default table's columns: the fixed few, then each factory data column that still fits. */
+function tableColumns(devices: DeviceRecord[], seen: ReadonlyMap<string, Seen>): Picked[] {
+  const cols = TABLE_COLUMNS.map(fixed);
+  const cells = (p: Picked) => [p.header, ...devices.map((d) => p.value(d, seen.get(d.hostname)))];
+  const shown = cols.map(cells);
+  for (const e of attributeColumns(devices)) {
+    const p = attr(e);
+    const c = cells(p);
+    if (widthOf([...shown, c]) > TABLE_WIDTH) continue;
+    cols.push(p);
+    shown.push(c);
+  }
+  return cols;
+}
+
+export function renderTable(devices: DeviceRecord[], format: string, seen: ReadonlyMap<string, Seen> = new Map(), columns?: string): string {
+  if (!["csv", "markdown", "table"].includes(format)) throw new UserError(`--format ${JSON.stringify(format)}: use table, csv or markdown (or --json)`);
+  const extra = attributeColumns(devices);
+  const picked = columns !== undefined ? pickColumns(columns, devices) : format === "table" ? tableColumns(devices, seen) : [...COLUMNS.map(fixed), ...extra.map(attr)];
+  const header = picked.map((p) => p.header);
+  const rows = devices.map((d) => picked.map((p) => p.value(d, seen.get(d.hostname))));
   switch (format) {
     case "csv":
       return [header.map(csvField).join(","), ...rows.map((r) => r.map(csvField).join(","))].join("\n") + "\n";
@@ -86,8 +134,9 @@ function oldSettings(fleet: Fleet, d: DeviceRecord): { field: string; from: stri
   return changesFor(fleet, dials, d.bastions, ports).map(({ field, from, to }) => ({ field, from, to }));
 }
 
-export async function registryListCommand(opts: { json?: boolean; format?: string; config?: string; oldSettings?: boolean }): Promise<void> {
+export async function registryListCommand(opts: { json?: boolean; format?: string; columns?: string; config?: string; oldSettings?: boolean }): Promise<void> {
   const format = opts.format ?? "table";
+  if (opts.json && opts.columns !== undefined) throw new UserError("--columns chooses the columns of a table, CSV or Markdown; --json has every field", { hint: "pick fields from the JSON (e.g. with jq), or use --format csv --columns …" });
   // Reject a bad --format before touching the registry.
   if (!opts.json) renderTable([], format);
   const { devices, seen, fleet } = await withFleetRegistry(opts.config, async (fleet, r) => {
@@ -101,6 +150,6 @@ export async function registryListCommand(opts: { json?: boolean; format?: strin
       ? JSON.stringify(devices.map((d) => ({ ...deviceJson(d), oldSettings: oldSettings(fleet, d), seen: seen.get(d.hostname) ?? null })))
       : devices.length === 0 && format === "table"
         ? "(no devices registered)"
-        : renderTable(devices, format, seen),
+        : renderTable(devices, format, seen, opts.columns),
   );
 }

@@ -8,7 +8,7 @@ import { withFleetRegistry } from "../context.js";
 import { UserError } from "../errors.js";
 import { out } from "../output.js";
 import { fleetStatus, type DeviceView, type FleetStatus } from "../status.js";
-import { parseAfter, parseWithin } from "../status-options.js";
+import { parseAfter, parseStates, parseWithin } from "../status-options.js";
 import { nameProblem } from "../validate.js";
 import { findDevice } from "../device-arg.js";
 
@@ -19,6 +19,8 @@ export interface StatusOptions {
   check?: boolean;
   neverSeenAfter?: string;
   expiringWithin?: string;
+  /** Only devices in these states (comma-separated): connected, offline, never-seen, new, unknown. */
+  state?: string;
   config?: string;
 }
 
@@ -63,13 +65,16 @@ export async function statusCommand(device: string | undefined, opts: StatusOpti
   if (opts.bastion !== undefined && nameProblem(opts.bastion)) throw new UserError(`--bastion ${JSON.stringify(opts.bastion)}: not a bastion name`);
   const neverSeenAfterMs = parseAfter(opts.neverSeenAfter ?? "24h");
   const expiringWithinMs = parseWithin(opts.expiringWithin ?? "30d");
+  const states = opts.state === undefined ? undefined : parseStates(opts.state);
+  // Metrics count the whole fleet: a filtered set of gauges would read as a fleet that shrank.
+  if (states && format === "prometheus") throw new UserError("--state filters the table and JSON, not --format prometheus", { hint: "the metrics carry every state as a label: filter in the query" });
   const s = await withFleetRegistry(opts.config, async (fleet, registry) => {
     if (opts.bastion !== undefined && !fleet.bastions.has(opts.bastion)) throw new UserError(`--bastion ${opts.bastion}: no such bastion in ${fleet.file}`);
     const one = device === undefined ? undefined : (await findDevice(registry, device, "status")).hostname;
     const [devices, obs] = await Promise.all([registry.list(), registry.observations()]);
     const all = fleetStatus(devices, obs, { now: new Date(), neverSeenAfterMs, ...(opts.bastion ? { bastion: opts.bastion } : {}), knownBastions: [...fleet.bastions.keys()], expiry: fleet.bastions, expiringWithinMs });
     return one === undefined ? all : { ...all, devices: all.devices.filter((d) => d.hostname === one), alarms: all.alarms.filter((a) => a.hostname === one) };
-  });
+  }).then((all) => (states ? { ...all, devices: all.devices.filter((d) => states.includes(d.state)) } : all));
   if (format === "json") out(JSON.stringify(s));
   else if (format === "prometheus") out(await (await import("../metrics.js")).prometheusText(s));
   else out(renderStatusTable(s));

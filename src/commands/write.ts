@@ -64,9 +64,11 @@ export async function writeCommand(overlay: string, opts: WriteOptions): Promise
   if (opts.image !== undefined) {
     refuseCompressed(opts.image, "--image");
     const { writeIntoImage } = await import("../image/build.js");
+    // The image's bmap is updated, or made when it has none (bmaptool copy then writes only the used blocks).
+    const hadBmap = existsSync(`${opts.image}.bmap`);
     const r = await writeIntoImage({ image: opts.image, entries, epoch, ...rp, check });
     const ms = Math.round(performance.now() - t0);
-    log.info(`laid ${entries.length} entries into ${opts.image} (${r.created} created, ${r.replaced} replaced, ${r.kept} directories kept; ${ms} ms)${r.bmap ? `; refreshed ${r.bmap}` : ""}`);
+    log.info(`laid ${entries.length} entries into ${opts.image} (${r.created} created, ${r.replaced} replaced, ${r.kept} directories kept; ${ms} ms)${r.bmap ? `; ${hadBmap ? "refreshed" : "made"} ${r.bmap}` : ""}`);
     if (opts.json) out(JSON.stringify({ overlay, image: opts.image, created: r.created, replaced: r.replaced, kept: r.kept, bmap: r.bmap ?? null }));
     return;
   }

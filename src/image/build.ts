@@ -15,7 +15,7 @@
 import { createHash } from "node:crypto";
 import { closeSync, existsSync, fsyncSync, mkdirSync, openSync, readFileSync, readSync, renameSync, rmSync, statSync } from "node:fs";
 import { dirname, join } from "node:path";
-import { errnoCode, UserError } from "../errors.js";
+import { UserError } from "../errors.js";
 import { fsyncDir, pathError, tempNameFor, writeFileAtomic } from "../fsutil.js";
 import type { Entry } from "../overlay/tree.js";
 import { parseBmap, renderBmap, scanBmap, updateBmap, type Bmap } from "./bmap.js";
@@ -233,15 +233,16 @@ export async function writeIntoImage(opts: { image: string; entries: readonly En
 /**
  * An image's existing bmap (IMG.bmap) no longer matches once the overlay is laid in place:
  * it is derived again, re-hashing only the chunks the undo log names (a bmap of another
- * layout, e.g. from `bmaptool create`, is rebuilt from scratch). No bmap, nothing to do.
+ * layout, e.g. from `bmaptool create`, is rebuilt from scratch). No bmap: one is made.
  */
 async function refreshBmap(image: string, undo: string): Promise<{ bmap?: string }> {
   const path = `${image}.bmap`;
   let old: Bmap | undefined;
   try {
     old = parseBmap(readFileSync(path, "utf8"));
-  } catch (e) {
-    if (errnoCode(e) === "ENOENT") return {};
+  } catch {
+    // None yet (or unreadable): one is made from scratch; bmaptool needs it to write only the
+    // used blocks.
   }
   const spans = old ? readUndoSpans(undo) : undefined;
   const size = statSync(image).size;
