@@ -173,6 +173,7 @@ export const HELP: Record<string, HelpSpec> = {
       ["mkoverlay registry release gw-0042", "a revoked device's ports back to the pool"],
       ["mkoverlay registry remove-bastion us", "a retired bastion off every device"],
       ["mkoverlay registry migrate --to postgres://mkoverlay@db.factory.lan/fleet", "into PostgreSQL"],
+      ["mkoverlay registry import-manufacturing /var/lib/rpi-sb-provisioner/manufacturing.db", "serial, MACs and board from rpi-sb-provisioner"],
     ],
     env: CONFIG,
   },

@@ -258,7 +258,8 @@ describe("mkoverlay status: expiring, expired, renewed (real registry)", () => {
       writeFleet(d, { eu: { hostKeys: [PIN], ...b } as never });
       const r = runCli(["--board", "rpi4", "--bastion", "eu", "--json"], { cwd: d });
       expect(r.code).not.toBe(0);
-      expect(r.stderr).toMatch(message);
+      // With --json the error is one JSON object on stderr (docs/json.md, Errors).
+      expect((JSON.parse(r.stderr) as { error: string }).error).toMatch(message);
       expect(r.stderr).toMatch(/mkoverlay\.yaml/);
       expect(r.stderr).not.toMatch(/\n\s+at /);
       expect(r.stdout).toBe("");
