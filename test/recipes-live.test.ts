@@ -278,3 +278,87 @@ describe.runIf(isRoot || inCI)("README.md and docs/bastion.md: bastion install w
     expect(troubleshootingProblems(broken)).not.toEqual([]);
   });
 });
+
+/**
+ * The quick start, as written, in a network namespace of its own (nothing leaves it): a real sshd
+ * is bastion.example.com on 127.0.0.1:22 there; `git clone https://github.com/…` clones this
+ * checkout's committed HEAD (git's own url.<base>.insteadOf, from the environment); `make run`'s
+ * `npm ci` installs from npm's cache on this machine, offline (npm_config_offline), with
+ * better-sqlite3's prebuilt addon where prebuild-install looks first, its cache (the addon this
+ * checkout's `npm ci` built from the same version: what it would download); `npm link` links
+ * into a prefix of the sandbox whose bin is on the PATH (no mkoverlay on it before). The reader's
+ * ~/.ssh/id_ed25519.pub is the sandbox's.
+ */
+describe.runIf(isRoot || inCI)("README.md quick start: clone, make run, npm link, init against a real bastion, build, verify", () => {
+  let t = "";
+  let hostKey = "";
+  beforeAll(() => {
+    t = tempDir("mko-recipe-quick-");
+    mkdirSync(join(t, "home/.ssh"), { recursive: true });
+    sshKeygen(join(t, "home/.ssh"), "id_ed25519");
+    hostKey = readPub(sshKeygen(t, "hk"));
+    mkdirSync(join(t, "work"));
+    mkdirSync(join(t, "prefix/bin"), { recursive: true });
+    // npm's cache, shared; the prebuilt addon in the sandbox's view of it.
+    const cache = join(t, "npm-cache");
+    mkdirSync(join(cache, "_prebuilds"), { recursive: true });
+    symlinkSync(join(spawnSync("npm", ["config", "get", "cache"], { encoding: "utf8" }).stdout.trim(), "_cacache"), join(cache, "_cacache"));
+    const addonDir = join(REPO, "node_modules/better-sqlite3");
+    const where = spawnSync(process.execPath, ["-e", 'const pkg=require("./package.json");const rc=require("prebuild-install/rc")(pkg);const u=require("prebuild-install/util");process.stdout.write(u.cachedPrebuild(u.getDownloadUrl(Object.assign(rc,{pkg}))))'], {
+      cwd: addonDir,
+      encoding: "utf8",
+      env: { ...process.env, npm_config_cache: cache },
+    });
+    expect(where.status, where.stderr).toBe(0);
+    expect(dirname(where.stdout)).toBe(join(cache, "_prebuilds"));
+    const tar = run("tar", ["-czf", where.stdout, "-C", addonDir, "build/Release/better_sqlite3.node"]);
+    expect(tar.code, tar.stderr).toBe(0);
+  });
+  afterAll(() => removeDir(t));
+
+  const QUICK = String.raw`
+ip link set lo up
+/usr/sbin/sshd -D -f /dev/null -o HostKey="$T/hk" -o ListenAddress=127.0.0.1 -o Port=22 -o PidFile="$T/sshd.pid" -E "$T/sshd.log" &
+spid=$!
+trap 'kill "$spid" 2>/dev/null || true' EXIT
+for _ in $(seq 100); do if (echo >/dev/tcp/127.0.0.1/22) 2>/dev/null; then break; fi; sleep 0.1; done
+if command -v mkoverlay; then echo "mkoverlay is on the PATH before npm link" >&2; exit 99; fi
+cd "$T/work"; bash -e "$T/recipe.sh"
+`;
+
+  function quickStart(script: string) {
+    writeFileSync(join(t, "recipe.sh"), script);
+    removeDir(join(t, "work/mkoverlay"));
+    removeDir(join(t, "home/fleet"));
+    for (const d of ["etc", "log", "private"]) removeDir(join(t, d));
+    return sandbox(QUICK, {
+      T: t,
+      HOME: join(t, "home"),
+      PATH: `${join(t, "prefix/bin")}:${dirname(process.execPath)}:/usr/sbin:/usr/bin:/sbin:/bin`,
+      GIT_CONFIG_COUNT: "1",
+      GIT_CONFIG_KEY_0: `url.${REPO}.insteadOf`,
+      GIT_CONFIG_VALUE_0: "https://github.com/mkoverlay/mkoverlay.git",
+      npm_config_prefix: join(t, "prefix"),
+      npm_config_cache: join(t, "npm-cache"),
+      npm_config_offline: "true",
+      npm_config_update_notifier: "false",
+    }, { net: true, timeout: 600_000 });
+  }
+
+  it("README.md: from a fresh clone to a verified overlay, the bastion's key pinned from its sshd", () => {
+    const r = quickStart(recipe("README.md", "quick start"));
+    expect(r.code, `${r.stdout}\n${r.stderr}`).toBe(0);
+    const home = join(t, "home");
+    expect(existsSync(join(home, "fleet/out/gw-0001.overlay.tar.gz"))).toBe(true);
+    // init pinned the key bastion.example.com's sshd served (it was scanned, not made up) ...
+    expect(readFileSync(join(home, "fleet/mkoverlay.yaml"), "utf8")).toContain(hostKey.split(" ")[1]);
+    // ... and the mkoverlay that did it is the clone, linked onto the PATH.
+    expect(run("readlink", ["-f", join(t, "prefix/bin/mkoverlay")]).stdout.trim().startsWith(join(t, "work/mkoverlay/"))).toBe(true);
+    expect(existsSync(join(t, "work/mkoverlay/out/gw-0001.overlay.tar.gz")), "make run's demo overlay").toBe(true);
+  }, 600_000);
+
+  it("the check fails on a broken copy (a repository that is not mkoverlay's)", () => {
+    const r = quickStart(recipe("README.md", "quick start").replace("mkoverlay/mkoverlay.git", "mkoverlay/mkoverlay-nothing.git"));
+    expect(r.code).not.toBe(0);
+  }, 120_000);
+});
