@@ -14,6 +14,7 @@ const SLOW = [
   "test/bastion-agent.test.ts",
   "test/fleet-status.test.ts",
   "test/packed.test.ts",
+  "test/recipes-live.test.ts",
 ];
 
 export default defineConfig({

@@ -5,7 +5,7 @@
  * (this file, or another named test that reads the block by its marker); a block that is not
  * meant to run (example output) says so with its language (`text`), and a bare fence is refused.
  * A new shell block without a marker, a marker missing from the table, or a table entry whose
- * block is gone fails here.
+ * block is gone fails here. There is no "to do" row: a recipe no test runs fails here.
  *
  * Run here: docs/bastion.md §9 end to end, in a sandbox — an operator account with its own
  * home on this machine (ssh reads ~/.ssh from the password database, not $HOME), the CLI on its
@@ -59,7 +59,7 @@ function blocks(): Block[] {
  * Every shell recipe, by its marker: where it is, and which test runs it. `here` names a test
  * in this file; `by` a test in another file that reads the block by its marker.
  */
-const RECIPES: Record<string, { file: string } & ({ here: string } | { by: string; test: string; reads?: string } | { todo: string })> = {
+const RECIPES: Record<string, { file: string } & ({ here: string } | { by: string; test: string; reads?: string })> = {
   "build one overlay": { file: "README.md", here: "README: one overlay built in a fleet folder, as written" },
   "operator certificates": { file: "README.md", here: "README: an operator certificate, issued as written, logs in to a device built with the userCA" },
   "registry migrate": { file: "README.md", here: "README: the registry moves to PostgreSQL at db.factory.lan, as written" },
@@ -94,12 +94,12 @@ const RECIPES: Record<string, { file: string } & ({ here: string } | { by: strin
     by: "test/image-builders.test.ts",
     test: "the post-fakeroot script, then mke2fs -d in the same session: the image's root holds the overlay as root:root; verify passes",
   },
-  // Not run as written yet: each is listed as a todo below, so the gap shows in every run.
-  "quick start": { file: "README.md", todo: "clones from github.com and scans bastion.example.com: needs the network" },
-  "bastion install, README": { file: "README.md", todo: "installs into this machine's sshd, with PostgreSQL at db.factory.lan" },
-  "bastion install": { file: "docs/bastion.md", todo: "installs into this machine's sshd, with PostgreSQL at db.factory.lan" },
-  "troubleshooting": { file: "docs/bastion.md", todo: "reads this machine's journal and a placeholder fingerprint (SHA256:…)" },
-  "prometheus textfile": { file: "docs/bastion.md", todo: "runs the agent until stopped and writes /var/lib/node_exporter" },
+  // Recipes that act on a whole machine: run in sandboxes of their own (mount and network namespaces).
+  "quick start": { file: "README.md", by: "test/recipes-live.test.ts", test: "README.md: from a fresh clone to a verified overlay, the bastion's key pinned from its sshd" },
+  "bastion install, README": { file: "README.md", by: "test/recipes-live.test.ts", test: "README.md: installs from ./mkoverlay.yaml with the agent's PostgreSQL role; a device's tunnel logs in" },
+  "bastion install": { file: "docs/bastion.md", by: "test/recipes-live.test.ts", test: "docs/bastion.md: installs from fleet.yaml with the agent's PostgreSQL role; a device's tunnel logs in" },
+  "troubleshooting": { file: "docs/bastion.md", by: "test/recipes-live.test.ts", test: "docs/bastion.md troubleshooting: the tunnel's port, the registry, the keys command for gw-0001's key, sshd's settings" },
+  "prometheus textfile": { file: "docs/bastion.md", by: "test/recipes-live.test.ts", test: "docs/bastion.md: the status of every device, written whole into node_exporter's textfile folder" },
 };
 
 const ALL = blocks();
@@ -144,10 +144,6 @@ describe("every fenced block in README.md and docs/ is accounted for", () => {
       if (r.reads !== undefined) expect(byName(name).text, `the block "${name}" holds ${JSON.stringify(key)}`).toContain(key);
     }
   });
-});
-
-describe("shell recipes not run as written yet (each a todo, visible in every run)", () => {
-  for (const [name, r] of Object.entries(RECIPES)) if ("todo" in r) it.todo(`${r.file} "${name}": ${r.todo}`);
 });
 
 describe("README: the build", () => {

@@ -318,6 +318,8 @@ describe.runIf(isRoot || inCI)("README.md quick start: clone, make run, npm link
 
   const QUICK = String.raw`
 ip link set lo up
+# No name server in this network: a name the hosts file does not hold fails at once.
+rm -f /etc/resolv.conf; echo 'nameserver 127.0.0.1' > /etc/resolv.conf
 /usr/sbin/sshd -D -f /dev/null -o HostKey="$T/hk" -o ListenAddress=127.0.0.1 -o Port=22 -o PidFile="$T/sshd.pid" -E "$T/sshd.log" &
 spid=$!
 trap 'kill "$spid" 2>/dev/null || true' EXIT
