@@ -5,7 +5,7 @@
  * in which /etc and /var/log are copies and /var/lib, /usr/local/lib and /run are folders of the
  * sandbox (what was there still seen), /etc/hosts pointing the recipe's names (db.factory.lan,
  * bastion.example.com) at 127.0.0.1; the quick start runs in a network namespace of its own too,
- * so its bastion listens on port 22. The programs are the real ones: sshd, PostgreSQL, git, npm,
+ * so its bastion listens on port 22. Each sandbox is a PID namespace: nothing it started outlives it. The programs are the real ones: sshd, PostgreSQL, git, npm,
  * jq, ss, promtool; a stand-in only for `sudo`, which this machine does not have (setpriv as the
  * named user).
  *
@@ -84,9 +84,13 @@ exec setpriv --reuid="$u" --regid="$(id -g "$u")" --init-groups "$@"
 `;
 
 function sandbox(script: string, env: Record<string, string>, opts: { net?: boolean; timeout?: number } = {}) {
-  const r = spawnSync("unshare", ["--mount", "--propagation", "private", ...(opts.net ? ["--net"] : []), "bash", "-c", SANDBOX + script], {
+  // A PID namespace too: whatever the recipe started (an agent that runs until stopped) ends with it, even on a timeout.
+  const ns = ["--mount", "--propagation", "private", "--pid", "--fork", "--kill-child", "--mount-proc", ...(opts.net ? ["--net"] : [])];
+  const r = spawnSync("unshare", [...ns, "bash", "-c", SANDBOX + script], {
     encoding: "utf8",
     timeout: opts.timeout ?? 120_000,
+    // unshare --fork ignores SIGTERM while it waits; SIGKILL ends it, and --kill-child its namespace.
+    killSignal: "SIGKILL",
     stdio: ["ignore", "pipe", "pipe"],
     env: { PATH: `${env.T}/bin:${dirname(process.execPath)}:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin`, LANG: "C.UTF-8", HOME: env.T!, ...env },
   });
@@ -120,7 +124,7 @@ describe.runIf(isRoot || inCI)("docs/bastion.md: the textfile collector's recipe
   function textfile(script: string): { code: number; stderr: string; files: string[]; prom: string } {
     writeFileSync(join(t, "recipe.sh"), script);
     removeDir(join(t, "ne"));
-    const r = sandbox(`mkdir /var/lib/node_exporter\ncd "$T/fleet"\nset +e; bash -e "$T/recipe.sh"; rc=$?; set -e\ncp -a /var/lib/node_exporter "$T/ne"\nexit $rc\n`, { T: t });
+    const r = sandbox(`mkdir /var/lib/node_exporter\ncd "$T/fleet"\nset +e; bash -e "$T/recipe.sh"; rc=$?; set -e\ncp -a /var/lib/node_exporter "$T/ne"\nexit $rc\n`, { T: t }, { timeout: 30_000 });
     const files = existsSync(join(t, "ne")) ? readdirSync(join(t, "ne")) : [];
     return { code: r.code, stderr: r.stderr, files, prom: files.includes("mkoverlay.prom") ? readFileSync(join(t, "ne/mkoverlay.prom"), "utf8") : "" };
   }
