@@ -44,13 +44,13 @@ run: build
 # GNU tar; for images: debugfs/e2fsck/mke2fs/filefrag, mkfs.vfat, mtools, sfdisk, bmaptool, zstd,
 # fakeroot (the Buildroot recipe of docs/image-builders.md), setpriv; promtool (status metrics);
 # tmux (the batch progress bar and init's questions on a real terminal), zsh and fish (completion);
-# strace (--format dir syncs before the rename). OpenSSH 10.x unpacked beside the system's sshd
+# strace (--format dir syncs before the rename); jq and ss (docs/bastion.md's troubleshooting recipe). OpenSSH 10.x unpacked beside the system's sshd
 # (scripts/ensure-openssh10.sh: bookworm-backports' openssh-server, the system's 9.2 untouched).
 TEST_TOOLS := sshd:openssh-server ssh:openssh-client ssh-keygen:openssh-client ssh-keyscan:openssh-client shellcheck:shellcheck \
               systemd-analyze:systemd systemctl:systemd tar:tar \
               debugfs:e2fsprogs e2fsck:e2fsprogs mke2fs:e2fsprogs filefrag:e2fsprogs mkfs.vfat:dosfstools \
               mcopy:mtools sfdisk:fdisk bmaptool:bmap-tools zstd:zstd promtool:prometheus \
-              fakeroot:fakeroot setpriv:util-linux tmux:tmux zsh:zsh fish:fish strace:strace
+              fakeroot:fakeroot setpriv:util-linux tmux:tmux zsh:zsh fish:fish strace:strace jq:jq ss:iproute2
 test-deps:
 	@bash scripts/ensure-tools.sh $(TEST_TOOLS)
 	@bash scripts/ensure-postgres.sh >/dev/null
