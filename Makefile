@@ -87,6 +87,11 @@ bench: build
 	node bench/run.mjs
 	$(MAKE) --no-print-directory bench-image
 	$(MAKE) --no-print-directory bench-provisioner
+	$(MAKE) --no-print-directory bench-shift
+
+# A resumed shift (issue 22): 1,000 rows left of 10,000 against a fresh 1,000 (target ≤ 1.2×).
+bench-shift: build
+	node bench/shift.mjs | tee bench/shift-results.md
 
 # Per-device images (issue 14): a 2.5 GiB base; as root also XFS and btrfs loop file systems.
 bench-image: build
