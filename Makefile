@@ -8,7 +8,7 @@ BOARD ?= rpi4
 BASTION ?= eu
 ARCH ?= amd64
 
-.PHONY: help install build run pack test test-fast test-deps typecheck lint schema-check unit test-boot boot-deps bench bench-bastion bench-image bench-provisioner clean
+.PHONY: help install build run pack test test-fast test-deps typecheck lint schema-check unit test-boot boot-deps bench bench-bastion bench-image bench-provisioner bench-shift clean
 
 help:
 	@echo "make run    - install, build, and build one overlay from $(EXAMPLE) into ./$(OUT)"
