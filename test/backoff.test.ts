@@ -5,15 +5,19 @@
  * written, with the overlay's key and known_hosts. Each ExecStart + ExecStopPost is one start
  * of the unit; the test plays systemd's Restart=always by running them again. The times are shrunk through the wrapper's environment,
  * and in the schedule tests BACKOFF_SLEEP records the wait instead of sleeping it; the
- * "accepted again" test sleeps for real.
+ * "accepted again" test sleeps for real. The tests that meet the bastion run on every sshd version
+ * the bastions run (the system's 9.2 and 10.x: helpers/sshd10.ts), one after the other on the
+ * same port (the device pins [127.0.0.1]:PORT).
  */
 import { spawn, spawnSync, type ChildProcess } from "node:child_process";
 import { chmodSync, mkdirSync, readFileSync, writeFileSync } from "node:fs";
 import { join, resolve } from "node:path";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
+import { DEFAULT_TUNNEL_SIZING } from "../src/bastion/tunnel-sshd.js";
 import { BACKOFF, tunnelCommand } from "./helpers/device.js";
 import { portBlock, type PortBlock } from "./helpers/net.js";
 import { canConnect, ensureUser, killSessions, startSshd, waitFor, type Sshd } from "./helpers/sshd.js";
+import { expectSshdVersion, sshdVersions, type SshdBinary } from "./helpers/sshd10.js";
 import { extract, readPub, removeDir, run, runCli, sshKeygen, tempDir, writeFleet } from "./helpers/workspace.js";
 
 const TUNNEL_USER = "mko-tunnel";
@@ -23,6 +27,8 @@ let ports: PortBlock;
 let bastion: Sshd;
 let build: { hostname: string; port: number; authorizedKeys: Record<string, string> };
 let sleeper = "";
+let hostKey = "";
+const versions = sshdVersions();
 const procs: ChildProcess[] = [];
 
 /** Ends a started unit the way systemd stops one: the wrapper, its sleep and its ssh. */
@@ -38,7 +44,7 @@ beforeAll(async () => {
   ensureUser(TUNNEL_USER);
   // 0 bastion, 1 a port nobody listens on, 2 impostor, 4-7 the fleet's ranges.
   ports = await portBlock(8);
-  const hostKey = sshKeygen(dir, "bastion_host_key");
+  hostKey = sshKeygen(dir, "bastion_host_key");
   writeFleet(
     dir,
     { lo: { host: "127.0.0.1", port: ports.port(0), user: TUNNEL_USER, hostKeys: [readPub(hostKey)] } },
@@ -49,8 +55,6 @@ beforeAll(async () => {
   build = JSON.parse(r.stdout);
   mkdirSync(root);
   extract((JSON.parse(r.stdout) as { overlay: string }).overlay, root);
-  // The bastion starts out refusing the device: its tunnel user has no line for it.
-  bastion = await startSshd({ dir: join(dir, "bastion"), hostKey, port: ports.port(0), authorizedKeys: { [TUNNEL_USER]: "" } });
   // Records each wait ("$1") in $WAITS instead of sleeping it.
   sleeper = join(dir, "record-wait");
   writeFileSync(sleeper, '#!/bin/sh\necho "$1" >> "$WAITS"\n');
@@ -124,9 +128,32 @@ function windows(stderr: string): number[] {
   return [...stderr.matchAll(/waiting (\d+) s \(window (\d+) s/g)].map((m) => Number(m[2]));
 }
 
-describe("reverse-ssh-backoff on real ssh exits", () => {
+/**
+ * The bastion stands in for mkoverlay's tunnel sshd, which on OpenSSH >= 9.8 sets no
+ * authentication penalties (src/bastion/tunnel-sshd.ts): with 10.x's defaults, the refused
+ * device's own failures would get 127.0.0.1 dropped before the key exchange
+ * ("kex_exchange_identification: Connection closed") and the refusal would never be seen.
+ */
+function penalties(bin: SshdBinary): string {
+  return bin.major > 9 || (bin.major === 9 && bin.minor >= 8) ? `PerSourcePenalties ${DEFAULT_TUNNEL_SIZING.perSourcePenalties}` : "";
+}
+
+describe.each(versions.map((b) => [b.version, b] as const))("reverse-ssh-backoff on real ssh exits, bastion on OpenSSH %s", (version, bin) => {
+  beforeAll(async () => {
+    // The bastion starts out refusing the device: its tunnel user has no line for it.
+    bastion = await startSshd({ dir: join(dir, `bastion-${version}`), hostKey, port: ports.port(0), authorizedKeys: { [TUNNEL_USER]: "" }, sshd: bin, extraConfig: penalties(bin) });
+  }, 30_000);
+  afterAll(async () => {
+    for (const p of procs) killGroup(p);
+    await bastion?.stop();
+  });
+
+  it(`the bastion is OpenSSH ${version}`, async () => {
+    await expectSshdVersion(ports.port(0), bin);
+  });
+
   it("ExecStart becomes ssh itself (exec): the unit's main process is ssh, with its sandbox", async () => {
-    const d = device("exec");
+    const d = device(`exec-${version}`);
     const [cmd, ...args] = command();
     const p = spawn(cmd!, args, { env: { ...process.env, ...SCHEDULE, RUNTIME_DIRECTORY: d.state }, stdio: "ignore", detached: true });
     procs.push(p);
@@ -143,7 +170,7 @@ describe("reverse-ssh-backoff on real ssh exits", () => {
 
   it("a refused key backs off to the long interval, not every 10 s", () => {
     accept(false);
-    const d = device("refused");
+    const d = device(`refused-${version}`);
     const seen: number[] = [];
     const states: string[] = [];
     for (let i = 0; i < 5; i++) {
@@ -165,9 +192,9 @@ describe("reverse-ssh-backoff on real ssh exits", () => {
   }, 60_000);
 
   it("a changed bastion host key counts as refused (Host key verification failed)", async () => {
-    const impostor = await startSshd({ dir: join(dir, "impostor"), port: ports.port(2), authorizedKeys: { [TUNNEL_USER]: build.authorizedKeys.lo + "\n" } });
+    const impostor = await startSshd({ dir: join(dir, `impostor-${version}`), port: ports.port(2), authorizedKeys: { [TUNNEL_USER]: build.authorizedKeys.lo + "\n" }, sshd: bin, extraConfig: penalties(bin) });
     try {
-      const d = device("impostor");
+      const d = device(`impostor-${version}`);
       const r1 = startOnce(d, command(impostor.port));
       expect(r1.code).toBe(255);
       expect(r1.stderr).toContain("Host key verification failed");
@@ -177,32 +204,9 @@ describe("reverse-ssh-backoff on real ssh exits", () => {
     }
   }, 30_000);
 
-  it("network down: jittered exponential waits up to the cap, and they differ between devices", () => {
-    const a = device("net-a");
-    const b = device("net-b");
-    for (const d of [a, b]) {
-      const seen: number[] = [];
-      for (let i = 0; i < 6; i++) {
-        const r = startOnce(d, command(ports.port(1)));
-        expect(r.code).toBe(255);
-        expect(r.stderr).toMatch(/Connection refused/);
-        expect(r.state).toBe(`network ${i + 1}`);
-        seen.push(...windows(r.stderr));
-      }
-      expect(seen).toEqual([10, 20, 40, 40, 40]);
-      const w = waits(d);
-      [10, 20, 40, 40, 40].forEach((win, i) => {
-        expect(w[i]).toBeGreaterThanOrEqual(1);
-        expect(w[i]).toBeLessThanOrEqual(win);
-      });
-    }
-    // Five draws from [1,10], [1,20], [1,40]…: two devices agreeing on all is ~1 in 10^7.
-    expect(waits(a)).not.toEqual(waits(b));
-  }, 60_000);
-
   it("a port still held by a stale session is a network failure, not a refusal", () => {
     accept(true);
-    const d = device("held");
+    const d = device(`held-${version}`);
     const argv = command();
     // A port the line does not permit: sshd refuses the forward like a held one.
     argv[argv.indexOf("-R") + 1] = `localhost:${ports.port(3)}:localhost:${ports.port(1)}`;
@@ -214,7 +218,7 @@ describe("reverse-ssh-backoff on real ssh exits", () => {
 
   it("a device refused by mistake comes back within its cap once the bastion accepts it again", async () => {
     accept(false);
-    const d = device("mistake");
+    const d = device(`mistake-${version}`);
     // Real sleeps, small times: refusals wait [W/2, W] with W = 2, then 3 (the cap).
     const env = { BACKOFF_FIRST: "1", BACKOFF_CAP: "2", BACKOFF_REFUSED_FIRST: "2", BACKOFF_REFUSED_CAP: "3", BACKOFF_RESET_AFTER: "2", RUNTIME_DIRECTORY: d.state };
     const CAP_MS = 3_000;
@@ -254,6 +258,31 @@ describe("reverse-ssh-backoff on real ssh exits", () => {
       await loop;
     }
   }, 90_000);
+});
+
+describe("reverse-ssh-backoff with the network down (no sshd answers)", () => {
+  it("network down: jittered exponential waits up to the cap, and they differ between devices", () => {
+    const a = device("net-a");
+    const b = device("net-b");
+    for (const d of [a, b]) {
+      const seen: number[] = [];
+      for (let i = 0; i < 6; i++) {
+        const r = startOnce(d, command(ports.port(1)));
+        expect(r.code).toBe(255);
+        expect(r.stderr).toMatch(/Connection refused/);
+        expect(r.state).toBe(`network ${i + 1}`);
+        seen.push(...windows(r.stderr));
+      }
+      expect(seen).toEqual([10, 20, 40, 40, 40]);
+      const w = waits(d);
+      [10, 20, 40, 40, 40].forEach((win, i) => {
+        expect(w[i]).toBeGreaterThanOrEqual(1);
+        expect(w[i]).toBeLessThanOrEqual(win);
+      });
+    }
+    // Five draws from [1,10], [1,20], [1,40]…: two devices agreeing on all is ~1 in 10^7.
+    expect(waits(a)).not.toEqual(waits(b));
+  }, 60_000);
 });
 
 describe("reverse-ssh-backoff lint", () => {

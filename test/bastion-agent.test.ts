@@ -2,7 +2,8 @@
  * The bastion following the registry live (issue 12), end to end with the real programs: a
  * bastion set up by `bastion install --root`, the system's sshd on 127.0.0.1 reading its
  * drop-in, the agent running as its unit runs it (with the documented read-only PostgreSQL
- * role), gateways running their tunnel unit's exact ssh command with their own keys.
+ * role), gateways running their tunnel unit's exact ssh command with their own keys. The stale
+ * session test also runs on OpenSSH 10.x (helpers/sshd10.ts), on a SQLite registry.
  */
 import { readdirSync, readFileSync, renameSync } from "node:fs";
 import { connect } from "node:net";
@@ -17,6 +18,7 @@ import { tunnelArgv } from "./helpers/device.js";
 import { portBlock } from "./helpers/net.js";
 import { postgresForTests, type PgServer } from "./helpers/postgres.js";
 import { canConnect, ensureUser, freePort, waitFor } from "./helpers/sshd.js";
+import { expectSshdVersion, openssh10, type SshdBinary } from "./helpers/sshd10.js";
 import { extract, readPub, runCli, sshKeygen, tempDir, writeFleet } from "./helpers/workspace.js";
 
 const TUNNEL_USER = "mko-bastion-t";
@@ -80,8 +82,8 @@ interface Setup {
   keysDir: string;
 }
 
-/** Fleet config + registry + install --root + sshd + agent. */
-async function setUp(registry: string, agentRegistry: string, resync?: number): Promise<Setup> {
+/** Fleet config + registry + install --root + sshd (the system's, or `sshd`) + agent. */
+async function setUp(registry: string, agentRegistry: string, resync?: number, sshd?: SshdBinary): Promise<Setup> {
   ensureUser(TUNNEL_USER);
   ensureUser("mkoverlay-keys");
   const ws = tempDir("mko-bastion-ws-");
@@ -93,7 +95,8 @@ async function setUp(registry: string, agentRegistry: string, resync?: number): 
   const first = buildDevice(ws, cfg, ["--hostname", "gw-first"]);
   const inst = runCli(["bastion", "install", "--bastion", "lo", "--root", root, "--registry", agentRegistry, "--mkoverlay", "/usr/local/bin/mkoverlay", "--config", cfg], { cwd: ws });
   if (inst.code !== 0) throw new Error(`install failed: ${inst.stderr}`);
-  const bastion = await startBastion(root, "lo", ws);
+  const bastion = await startBastion(root, "lo", ws, sshd);
+  if (sshd) await expectSshdVersion(port, sshd);
   const agent = startAgent(root, "lo", { authLog: bastion.logFile, ...(resync ? { resync } : {}) });
   await agent.waitLog(/in sync: \d+ key/);
   return { ws, root, cfg, bastion, agent, dirs: [ws, root, first.root], tunnels: [], keysDir: join(root, "var/lib/mkoverlay/bastion/lo/keys") };
@@ -124,6 +127,35 @@ async function up(s: Setup, d: Device, timeoutMs = 5000, overlayRoot?: string): 
   const r = await tunnelUp(d, timeoutMs, overlayRoot);
   s.tunnels.push(r.tunnel);
   return r;
+}
+
+/**
+ * A stale session gives way (issue 20): the device reconnecting with the same key binds within
+ * 5 s while its vanished old session still holds the port.
+ */
+async function staleSessionGivesWay(s: Setup): Promise<void> {
+  const d = device(s);
+  const stale = (await up(s, d)).tunnel;
+  await waitFor("the login line", () => readFileSync(s.bastion.logFile, "utf8").includes(`ssh2: ED25519 ${d.fingerprint}`), 5000, 50);
+  // The tunnel has been up a while (a session only seconds older than a login is not taken
+  // for stale)…
+  await new Promise((r) => setTimeout(r, 3000));
+  // …when the device loses power: its ssh neither answers nor closes (the bastion's keepalive
+  // would take 45 s to notice).
+  stale.proc.kill("SIGSTOP");
+  try {
+    const t0 = Date.now();
+    // Its reconnect logs in; the forward fails while the old session holds the port…
+    const first = openTunnel(d);
+    s.tunnels.push(first);
+    // …and the agent ends the old session, which logged in with the same key.
+    await s.agent.waitLog(new RegExp(`ended the session on port ${d.port} \\(pid \\d+, key ${re(d.fingerprint)}\\): ${d.hostname} logged in again with the same key`), 5000);
+    const { tunnel } = await up(s, d, 5000);
+    expect(Date.now() - t0).toBeLessThan(5000);
+    expect(tunnel.exited(), tunnel.stderr()).toBe(false);
+  } finally {
+    stale.proc.kill("SIGCONT");
+  }
 }
 
 describe.runIf(isRoot && pgServer)("bastion agent on PostgreSQL (read-only role, LISTEN/NOTIFY)", () => {
@@ -296,28 +328,7 @@ describe.runIf(isRoot && pgServer)("bastion agent on PostgreSQL (read-only role,
   });
 
   it("a stale session gives way: the device reconnecting with the same key binds within 5 s while its vanished old session still holds the port (issue 20)", async () => {
-    const d = device(s);
-    const stale = (await up(s, d)).tunnel;
-    await waitFor("the login line", () => readFileSync(s.bastion.logFile, "utf8").includes(`ssh2: ED25519 ${d.fingerprint}`), 5000, 50);
-    // The tunnel has been up a while (a session only seconds older than a login is not taken
-    // for stale)…
-    await new Promise((r) => setTimeout(r, 3000));
-    // …when the device loses power: its ssh neither answers nor closes (the bastion's keepalive
-    // would take 45 s to notice).
-    stale.proc.kill("SIGSTOP");
-    try {
-      const t0 = Date.now();
-      // Its reconnect logs in; the forward fails while the old session holds the port…
-      const first = openTunnel(d);
-      s.tunnels.push(first);
-      // …and the agent ends the old session, which logged in with the same key.
-      await s.agent.waitLog(new RegExp(`ended the session on port ${d.port} \\(pid \\d+, key ${re(d.fingerprint)}\\): ${d.hostname} logged in again with the same key`), 5000);
-      const { tunnel } = await up(s, d, 5000);
-      expect(Date.now() - t0).toBeLessThan(5000);
-      expect(tunnel.exited(), tunnel.stderr()).toBe(false);
-    } finally {
-      stale.proc.kill("SIGCONT");
-    }
+    await staleSessionGivesWay(s);
   });
 
   it("with PostgreSQL stopped, existing devices still connect; changes made while the agent was cut off apply once it is back", async () => {
@@ -472,5 +483,21 @@ describe.runIf(isRoot)("bastion agent on a SQLite registry on the same host (fil
     renameSync(`${reg}.away`, reg);
     await s.agent.waitLog(/reachable again after \d+s; caught up/, 20_000);
     expect(readdirSync(s.keysDir).sort()).toEqual(before);
+  });
+});
+
+const ten = isRoot ? openssh10() : undefined;
+describe.runIf(isRoot && ten)(`bastion agent with the bastion on OpenSSH ${ten?.version ?? "10.x"} (SQLite registry)`, () => {
+  let s: Setup;
+  beforeAll(async () => {
+    const ws = tempDir("mko-bastion-10-");
+    const reg = join(ws, "registry.db");
+    s = await setUp(reg, reg, undefined, ten);
+    s.dirs.push(ws);
+  }, 120_000);
+  afterAll(() => tearDown(s));
+
+  it("a stale session gives way: the device reconnecting with the same key binds within 5 s while its vanished old session still holds the port (issue 20)", async () => {
+    await staleSessionGivesWay(s);
   });
 });

@@ -5,7 +5,8 @@
  * 365d` and `expiryRenewal: 90d`, a device the agent saw connected gets a renewed expiry-time in
  * its key file at the agent's next full re-read (no restart, no change to its row), and sshd
  * still accepts it after its build-time expiry has passed; a device never seen is refused by
- * sshd once its key expires.
+ * sshd once its key expires. Run on every sshd version the bastions run (the system's 9.2 and
+ * 10.x: helpers/sshd10.ts).
  */
 import { readFileSync } from "node:fs";
 import { join } from "node:path";
@@ -16,6 +17,7 @@ import { openRegistry } from "../src/registry/open.js";
 import { buildDevice, cleanup, isRoot, prepareRoot, secureRoot, startAgent, startBastion, tryLogin, tunnelUp, type AgentProc, type Bastion, type Device } from "./helpers/bastion.js";
 import { portBlock } from "./helpers/net.js";
 import { ensureUser, freePort, waitFor } from "./helpers/sshd.js";
+import { expectSshdVersion, sshdVersions, systemSshd } from "./helpers/sshd10.js";
 import { readPub, runCli, tempDir, writeFleet } from "./helpers/workspace.js";
 
 const TUNNEL_USER = "mko-bastion-t";
@@ -33,7 +35,8 @@ function expiryOf(line: string): number {
   return Date.UTC(+m[1]!, +m[2]! - 1, +m[3]!, +m[4]!, +m[5]!);
 }
 
-describe.runIf(isRoot)("expiry renewal served by the agent to a real sshd", () => {
+const versions = isRoot ? sshdVersions() : [systemSshd()];
+describe.runIf(isRoot).each(versions.map((b) => [b.version, b] as const))("expiry renewal served by the agent to a real sshd (OpenSSH %s)", (version, bin) => {
   let ws: string;
   let root: string;
   let cfg: string;
@@ -45,7 +48,7 @@ describe.runIf(isRoot)("expiry renewal served by the agent to a real sshd", () =
   beforeAll(async () => {
     ensureUser(TUNNEL_USER);
     ensureUser("mkoverlay-keys");
-    ws = tempDir("mko-renew-ws-");
+    ws = tempDir(`mko-renew-ws-${version}-`);
     root = secureRoot();
     dirs.push(ws, root);
     const port = await freePort();
@@ -57,7 +60,8 @@ describe.runIf(isRoot)("expiry renewal served by the agent to a real sshd", () =
     dirs.push(first.root);
     const inst = runCli(["bastion", "install", "--bastion", "lo", "--root", root, "--registry", reg, "--mkoverlay", "/usr/local/bin/mkoverlay", "--config", cfg], { cwd: ws });
     if (inst.code !== 0) throw new Error(`install failed: ${inst.stderr}`);
-    bastion = await startBastion(root, "lo", ws);
+    bastion = await startBastion(root, "lo", ws, bin);
+    await expectSshdVersion(port, bin);
     // A full re-read every 2 s, a look at the tunnels every second.
     agent = startAgent(root, "lo", { authLog: bastion.logFile, resync: 2, args: ["--interval", "1"] });
     await agent.waitLog(/in sync: \d+ key/);

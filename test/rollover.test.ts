@@ -3,7 +3,8 @@
  * with `nextHostKeys` and `hostCA` keeps reconnecting, overlay untouched, while the bastion
  * switches to its next key and then to a new key certified by the CA — each made with the
  * recipe docs/bastion.md gives, run as written. A device pinned to the old key alone is refused
- * (the control). `known-hosts` and `verify` carry the same keys.
+ * (the control). `known-hosts` and `verify` carry the same keys. The rollover runs on every sshd
+ * version the bastions run (the system's 9.2 and 10.x: helpers/sshd10.ts).
  */
 import { readFileSync, writeFileSync } from "node:fs";
 import { join } from "node:path";
@@ -11,6 +12,7 @@ import { afterAll, beforeAll, describe, expect, it } from "vitest";
 import { tunnelArgv } from "./helpers/device.js";
 import { portBlock, type PortBlock } from "./helpers/net.js";
 import { ensureUser, startSshd, type Sshd } from "./helpers/sshd.js";
+import { expectSshdVersion, sshdVersions, type SshdBinary } from "./helpers/sshd10.js";
 import { extract, readPub, removeDir, REPO, run, runCli, sshKeygen, tempDir, writeFleet } from "./helpers/workspace.js";
 
 const TUNNEL_USER = "mko-tunnel";
@@ -79,11 +81,12 @@ afterAll(async () => {
   if (!process.env.KEEP) removeDir(dir);
 });
 
-/** (Re)starts the bastion on its port with this host key (and extra config). */
-async function serve(hostKey: string, extraConfig = ""): Promise<void> {
+/** (Re)starts the bastion on its port with this sshd, this host key (and extra config). */
+async function serve(bin: SshdBinary, hostKey: string, extraConfig = ""): Promise<void> {
   await bastion?.stop();
   const lines = Object.values(dev).map((d) => d.build.authorizedKeys.lo).join("\n") + "\n";
-  bastion = await startSshd({ dir: join(dir, `bastion-${Date.now()}`), hostKey, port: ports.port(0), authorizedKeys: { [TUNNEL_USER]: lines }, extraConfig });
+  bastion = await startSshd({ dir: join(dir, `bastion-${bin.version}-${Date.now()}`), hostKey, port: ports.port(0), authorizedKeys: { [TUNNEL_USER]: lines }, extraConfig, sshd: bin });
+  await expectSshdVersion(ports.port(0), bin);
 }
 
 /** One round trip of the device's own tunnel command (its key, its known_hosts), then exit. */
@@ -99,7 +102,12 @@ function untouched(): void {
   for (const d of Object.values(dev)) expect(readFileSync(join(d.root, "etc/ssh/mkoverlay/known_hosts"), "utf8")).toBe(d.knownHosts);
 }
 
-describe("bastion host key rollover on a real sshd", () => {
+describe.each(sshdVersions().map((b) => [b.version, b] as const))("bastion host key rollover on a real sshd (OpenSSH %s)", (version, bin) => {
+  afterAll(async () => {
+    await bastion?.stop();
+    bastion = undefined;
+  });
+
   it("the device's known_hosts pins the current key, the next key and the host CA for the bastion", () => {
     const pattern = `[${HOST}]:${ports.port(0)}`;
     const lines = dev.rolling.knownHosts.split("\n").filter((l) => l && !l.startsWith("#"));
@@ -111,13 +119,13 @@ describe("bastion host key rollover on a real sshd", () => {
   });
 
   it("on the current key both devices connect", async () => {
-    await serve(current);
+    await serve(bin, current);
     expect(connect("rolling")).toMatchObject({ ok: true });
     expect(connect("pinned")).toMatchObject({ ok: true });
   }, 30_000);
 
   it("switched to the next key: the device built with it reconnects unchanged; the pinned one is refused", async () => {
-    await serve(next);
+    await serve(bin, next);
     expect(connect("rolling")).toMatchObject({ ok: true });
     const p = connect("pinned");
     expect(p.ok).toBe(false);
@@ -126,11 +134,11 @@ describe("bastion host key rollover on a real sshd", () => {
   }, 30_000);
 
   it("switched to a new key certified by the host CA: the device reconnects unchanged; the pinned one is refused", async () => {
-    const fresh = sshKeygen(dir, "bastion_fresh");
+    const fresh = sshKeygen(dir, `bastion_fresh-${version}`);
     recipe("host certificate", { CA: ca, KEY: fresh, BASTION_NAME: HOST });
     const cert = `${fresh}-cert.pub`;
     expect(run("ssh-keygen", ["-L", "-f", cert]).stdout).toMatch(/host certificate/);
-    await serve(fresh, `HostCertificate ${cert}`);
+    await serve(bin, fresh, `HostCertificate ${cert}`);
     expect(connect("rolling")).toMatchObject({ ok: true });
     const p = connect("pinned");
     expect(p.ok).toBe(false);
@@ -139,9 +147,9 @@ describe("bastion host key rollover on a real sshd", () => {
   }, 30_000);
 
   it("a certificate for another name is refused: the CA vouches for the bastion's host name only", async () => {
-    const other = sshKeygen(dir, "bastion_other");
+    const other = sshKeygen(dir, `bastion_other-${version}`);
     recipe("host certificate", { CA: ca, KEY: other, BASTION_NAME: "bastion-elsewhere.example.com" });
-    await serve(other, `HostCertificate ${other}-cert.pub`);
+    await serve(bin, other, `HostCertificate ${other}-cert.pub`);
     const r = connect("rolling");
     expect(r.ok).toBe(false);
     expect(r.stderr).toContain("Host key verification failed");

@@ -13,6 +13,7 @@ import { randomBytes } from "node:crypto";
 import { join } from "node:path";
 import { tunnelArgv } from "./device.js";
 import { canConnect, runSshd, SSHD, waitFor } from "./sshd.js";
+import type { SshdBinary } from "./sshd10.js";
 import { CLI, extract, removeDir, run, runCli, sshKeygen, tempDir } from "./workspace.js";
 
 export const isRoot = process.getuid?.() === 0;
@@ -89,13 +90,16 @@ export function bastionConfig(root: string, name: string, dir: string): { config
   return { config, port: Number(/^Port (\d+)$/m.exec(main)![1]) };
 }
 
-/** The system's sshd on the root's configuration (generated files verbatim, paths rooted). */
-export async function startBastion(root: string, name: string, dir: string): Promise<Bastion> {
+/**
+ * The system's sshd (or `sshd`, e.g. sshd10.ts's 10.x with its session/auth paths) on the root's
+ * configuration (generated files verbatim, paths rooted).
+ */
+export async function startBastion(root: string, name: string, dir: string, sshd?: SshdBinary): Promise<Bastion> {
   const { config, port } = bastionConfig(root, name, dir);
   const logFile = join(dir, `sshd-${name}.log`);
-  const t = run(SSHD, ["-t", "-f", config]);
+  const t = run(sshd?.sshd ?? SSHD, [...(sshd?.args ?? []), "-t", "-f", config]);
   if (t.code !== 0) throw new Error(`sshd -t: ${t.stderr}`);
-  const { proc, stop } = await runSshd(config, logFile, port);
+  const { proc, stop } = await runSshd(config, logFile, port, sshd);
   return { port, logFile, config, proc, stop };
 }
 

@@ -9,6 +9,7 @@ import { chmodSync, mkdirSync, writeFileSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { canConnect, freePort } from "./net.js";
 import { dirname, join } from "node:path";
+import type { SshdBinary } from "./sshd10.js";
 import { readPub, run, sshKeygen } from "./workspace.js";
 
 export const SSHD = "/usr/sbin/sshd";
@@ -56,6 +57,8 @@ export interface SshdOptions {
   /** Use this host key instead of generating one. */
   hostKey?: string;
   port?: number;
+  /** Run this sshd (sshd10.ts: the system's or 10.x, with its session/auth paths) instead of the system's. */
+  sshd?: SshdBinary;
 }
 
 export async function startSshd(o: SshdOptions): Promise<Sshd> {
@@ -89,19 +92,22 @@ export async function startSshd(o: SshdOptions): Promise<Sshd> {
       "",
     ].join("\n"),
   );
-  const t = run(SSHD, ["-t", "-f", config]);
+  const t = run(o.sshd?.sshd ?? SSHD, [...(o.sshd?.args ?? []), "-t", "-f", config]);
   if (t.code !== 0) throw new Error(`sshd -t rejected the test config: ${t.stderr}`);
-  const { proc, stop } = await runSshd(config, logFile, port);
+  const { proc, stop } = await runSshd(config, logFile, port, o.sshd);
   return { port, dir: o.dir, hostKeyPub: readPub(hostKey), logFile, proc, stop };
 }
 
 /**
- * Runs the system's sshd on `config` (listening on 127.0.0.1:`port`, logging to `logFile`) until
- * stop(), which also ends every session process it spawned.
+ * Runs the system's sshd (or `bin`: sshd10.ts) on `config` (listening on 127.0.0.1:`port`,
+ * logging to `logFile`) until stop(), which also ends every session process it spawned.
  */
-export async function runSshd(config: string, logFile: string, port: number): Promise<{ proc: ChildProcess; stop(): Promise<void> }> {
-  const proc = spawn(SSHD, ["-D", "-e", "-f", config, "-E", logFile], { stdio: "ignore" });
-  await waitFor(`sshd on 127.0.0.1:${port}`, () => canConnect(port));
+export async function runSshd(config: string, logFile: string, port: number, bin?: SshdBinary): Promise<{ proc: ChildProcess; stop(): Promise<void> }> {
+  const proc = spawn(bin?.sshd ?? SSHD, [...(bin?.args ?? []), "-D", "-e", "-f", config, "-E", logFile], { stdio: "ignore" });
+  await waitFor(`sshd ${bin?.version ?? ""} on 127.0.0.1:${port}`, () => {
+    if (proc.exitCode !== null) throw new Error(`sshd exited ${proc.exitCode} (log: ${logFile})`);
+    return canConnect(port);
+  });
   let stopped = false;
   return {
     proc,

@@ -9,6 +9,7 @@
  */
 import { spawn, spawnSync, type ChildProcess } from "node:child_process";
 import { existsSync } from "node:fs";
+import { connect } from "node:net";
 import { join } from "node:path";
 import { ciMode } from "./postgres.js";
 import { canConnect, killSessions, SSHD, waitFor } from "./sshd.js";
@@ -100,4 +101,35 @@ export async function runSshdVersion(bin: SshdBinary, config: string, logFile: s
       await new Promise<void>((r) => (proc.exitCode !== null ? r() : proc.once("exit", () => r())));
     },
   };
+}
+
+/** The identification line the sshd on 127.0.0.1:`port` sends ("SSH-2.0-OpenSSH_10.0p2 …"): which sshd really answers. */
+export function sshdBanner(port: number): Promise<string> {
+  return new Promise((resolve, reject) => {
+    let got = "";
+    const sock = connect(port, "127.0.0.1");
+    const timer = setTimeout(() => {
+      sock.destroy();
+      reject(new Error(`no SSH banner from 127.0.0.1:${port} within 5 s (got ${JSON.stringify(got)})`));
+    }, 5000);
+    sock.setEncoding("utf8");
+    sock.on("data", (d: string) => {
+      got += d;
+      const i = got.indexOf("\n");
+      if (i < 0) return;
+      clearTimeout(timer);
+      sock.destroy();
+      resolve(got.slice(0, i).replace(/\r$/, ""));
+    });
+    sock.on("error", (e) => {
+      clearTimeout(timer);
+      reject(e);
+    });
+  });
+}
+
+/** Fails unless the sshd on `port` is `bin`'s version (its banner names OpenSSH_MAJOR.MINOR). */
+export async function expectSshdVersion(port: number, bin: SshdBinary): Promise<void> {
+  const banner = await sshdBanner(port);
+  if (!banner.startsWith(`SSH-2.0-OpenSSH_${bin.version}`)) throw new Error(`127.0.0.1:${port} answers ${JSON.stringify(banner)}, not OpenSSH ${bin.version}`);
 }
