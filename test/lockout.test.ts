@@ -81,8 +81,11 @@ async function fleetOf3(backend: (dir: string) => Promise<string>): Promise<Ws> 
 /** Refused: exit 2, the field on its config line, the count, the way out; no stack. */
 function expectRefused(r: Run, field: RegExp): void {
   expect(r.code, r.stderr).toBe(2);
-  expect(r.stderr).toMatch(new RegExp(`mkoverlay: error: \\S*mkoverlay\\.yaml:\\d+: ${field.source}`));
-  expect(r.stderr).toMatch(/--force-config-change/);
+  // With --json the error is one JSON object on stderr (docs/json.md, Errors): read it as text.
+  const e = r.stderr.startsWith("{") ? (JSON.parse(r.stderr) as { error: string; hint: string | null }) : undefined;
+  const text = e ? `${e.error.split("\n").map((l) => `mkoverlay: error: ${l}\n`).join("")}mkoverlay: hint: ${e.hint ?? ""}\n` : r.stderr;
+  expect(text).toMatch(new RegExp(`mkoverlay: error: \\S*mkoverlay\\.yaml:\\d+: ${field.source}`));
+  expect(text).toMatch(/--force-config-change/);
   expect(r.stderr).not.toMatch(/\n\s+at /);
 }
 
