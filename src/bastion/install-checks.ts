@@ -231,7 +231,7 @@ const versionText = (v: SshdVersion): string => `${v.major}.${v.minor}`;
 export function planTunnel(c: Ctx): TunnelPlan {
   const { i, b, fs } = c;
   const today = runSshd(SSHD, ["-T", "-f", c.withoutCfg, "-o", `HostKey=${c.hostKey}`]);
-  if (!today.ok) throw new UserError(`sshd -T rejects the existing configuration of ${fs.live ? "this host" : fs.root}: ${firstLine(today.stderr)}`, { hint: "fix sshd_config first (sshd -t shows the problem); nothing was installed" });
+  if (!today.ok) throw new UserError(`sshd rejects the existing configuration of ${fs.live ? "this host" : fs.root} (without mkoverlay's drop-in): ${firstLine(today.stderr)}`, { hint: "fix sshd_config first (sshd -t shows the problem); nothing was installed" });
   const eff = parseEffective(today.stdout);
   const adminPorts = (eff.get("port") ?? ["22"]).map(Number);
   const hostKeys = (eff.get("hostkey") ?? []).filter((k) => k !== c.hostKey);

@@ -80,6 +80,15 @@ function ownDirs(b: string): [string, number][] {
   ];
 }
 
+/** lstat finds something there (a file where a folder should be is the apply step's to report). */
+const exists = (p: string): boolean => {
+  try {
+    return Boolean(lstatSync(p, { throwIfNoEntry: false }));
+  } catch {
+    return false;
+  }
+};
+
 const tmpBeside = (p: string): string => join(dirname(p), `.${basename(p)}.${process.pid}.${randomBytes(4).toString("hex")}.tmp`);
 
 function sameFile(path: string, f: FileSpec): boolean {
@@ -221,7 +230,7 @@ function planInstall(c: Ctx, oldUsers: string[], t: TunnelPlan): Plan {
       { path: TUNNEL_SSHD_TEMPLATE, content: renderTunnelSshdUnit({ sshd: SSHD }), mode: 0o644 },
     );
     links.push(tunnelLink);
-  } else if (lstatSync(tunnelLink.host, { throwIfNoEntry: false })) remove.push(tunnelLink);
+  } else if (exists(tunnelLink.host)) remove.push(tunnelLink);
   const removeHost = sqlite ? undefined : fs.file(registryDropin(b.name));
   if (removeHost && existsSync(removeHost)) remove.push({ path: registryDropin(b.name), host: removeHost });
   return {
