@@ -233,7 +233,9 @@ export function planTunnel(c: Ctx): TunnelPlan {
   const today = runSshd(SSHD, ["-T", "-f", c.withoutCfg, "-o", `HostKey=${c.hostKey}`]);
   if (!today.ok) throw new UserError(`sshd rejects the existing configuration of ${fs.live ? "this host" : fs.root} (without mkoverlay's drop-in): ${firstLine(today.stderr)}`, { hint: "fix sshd_config first (sshd -t shows the problem); nothing was installed" });
   const eff = parseEffective(today.stdout);
-  const adminPorts = (eff.get("port") ?? ["22"]).map(Number);
+  // Port lines, and ListenAddress lines with a port of their own ("0.0.0.0:2200", "[::]:22").
+  const listenPorts = (eff.get("listenaddress") ?? []).map((a) => /:(\d+)$/.exec(a)?.[1]).filter((p): p is string => p !== undefined);
+  const adminPorts = [...new Set([...(eff.get("port") ?? ["22"]), ...listenPorts].map(Number))];
   const hostKeys = (eff.get("hostkey") ?? []).filter((k) => k !== c.hostKey);
   // The version of the sshd the target runs: the target's binary, or --sshd-version when it cannot run here.
   const target = fs.resolve(SSHD);
@@ -260,13 +262,14 @@ export function planTunnel(c: Ctx): TunnelPlan {
     }
     version = given;
   }
-  const mode = adminPorts.includes(b.port) ? "dropin" : "tunnel";
+  // Port 22 is never the tunnel sshd's (tunnel-sshd.ts): devices that dial it are the admin sshd's, as before.
+  const mode = adminPorts.includes(b.port) || b.port === ADMIN_PORT ? "dropin" : "tunnel";
   if (!version) {
     if (mode === "dropin") version = { major: 0, minor: 0 };
     else throw new UserError(`${fs.name(SSHD)} does not run here (${firstLine(v.stderr || v.error?.message || "")}): the tunnel sshd's config depends on its version`, { hint: "name it: --sshd-version MAJOR.MINOR (what sshd -V prints on the bastion, e.g. 9.2 or 10.0); nothing was installed" });
   }
-  if (mode === "tunnel" && b.port === ADMIN_PORT) {
-    throw new UserError(`bastion '${b.name}': devices dial port ${ADMIN_PORT}, but the administrators' sshd listens on ${adminPorts.join(", ")}`, { hint: `the tunnel sshd never takes port ${ADMIN_PORT}: set bastions.${b.name}.port to a port of its own (e.g. 2222); nothing was installed` });
+  if (mode === "dropin" && !adminPorts.includes(b.port)) {
+    i.warn?.(`bastion '${b.name}': devices dial port ${ADMIN_PORT}, but the administrators' sshd listens on ${adminPorts.join(", ")}: the drop-in is installed for it as before; give the tunnels a port of their own (bastions.${b.name}.port, e.g. 2222) for a tunnel sshd`);
   }
   if (mode === "dropin" && (version.major > 9 || (version.major === 9 && version.minor >= 8))) {
     i.warn?.(
