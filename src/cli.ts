@@ -226,6 +226,7 @@ export function program(only?: string, help?: typeof CliHelp): Command {
       .option("--take-over-user <name>", "let an existing login account (a shell, a password or keys) become the tunnel user: it then logs in only as a tunnel")
       .option("--dry-run", "check everything and print what would change, as a diff; change nothing")
       .option("--force-config-change", "install even though the config would lock out registered devices: old tunnel users keep their Match block")
+      .option("--sshd-version <major.minor>", "the bastion's OpenSSH version (e.g. 10.0), when its sshd cannot run here (--root of another architecture)")
       .option("--config <file>", CFG)
       .option("--json", "what was installed (or would be), as JSON")
       .action(lazy(() => import("./commands/bastion-install.js"), (m, opts) => m.bastionInstallCommand(opts)));

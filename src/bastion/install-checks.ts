@@ -17,6 +17,7 @@ import type { Skipped } from "./export.js";
 import { KEYS_COMMAND_PATH, sshdDropin } from "./paths.js";
 import type { RootFs } from "./rootfs.js";
 import { checkConfig, dropinSettings, losingSettings, parseEffective, runSshd } from "./sshd-check.js";
+import { ADMIN_PORT, parseSshdVersion, renderTunnelSshdConfig, type SshdVersion } from "./tunnel-sshd.js";
 import { unitPathProblem } from "./unit.js";
 
 export const SSHD = "/usr/sbin/sshd";
@@ -45,6 +46,8 @@ export interface InstallInput {
   forceConfigChange?: boolean;
   /** The config this bastion was installed with before, if any (what old devices dial). */
   previousFleet?: Fleet;
+  /** The target's OpenSSH version ("10.0") when its sshd cannot be run here (an image of another architecture). */
+  sshdVersion?: string | undefined;
 }
 
 function envValueProblem(v: string): string | undefined {
@@ -201,3 +204,90 @@ export function firstLine(s: string): string {
   return s.trim().split("\n").find((l) => l.trim()) ?? "(no output)";
 }
 
+
+/**
+ * How the bastion carries its tunnels (docs/bastion.md §12):
+ * - "tunnel": the devices' port is not one the administrators' sshd listens on, so a dedicated
+ *   sshd (tunnel-sshd.ts) listens there with fleet-sized global settings, in a unit of its own;
+ * - "dropin": devices dial the administrators' sshd (fleets flashed to dial 22): only the Match
+ *   drop-in, and on OpenSSH >= 9.8 a warning that its per-source penalties count the tunnels'
+ *   failures against the administrators too.
+ */
+export interface TunnelPlan {
+  mode: "tunnel" | "dropin";
+  /** The target's sshd version: what the tunnel sshd's config is written for. */
+  version: SshdVersion;
+  /** The ports the administrators' sshd listens on (`sshd -T` of the real configuration). */
+  adminPorts: number[];
+  /** The administrators' sshd's host keys (the ones devices pin): the tunnel sshd presents the same. */
+  hostKeys: string[];
+  /** The sshd that checks the tunnel sshd's config (`sshd -t`): the target's own when it runs here. */
+  checker: string | undefined;
+}
+
+const versionText = (v: SshdVersion): string => `${v.major}.${v.minor}`;
+
+/** 1b. The administrators' sshd as it runs today (ports, host keys) and the target sshd's version. */
+export function planTunnel(c: Ctx): TunnelPlan {
+  const { i, b, fs } = c;
+  const today = runSshd(SSHD, ["-T", "-f", c.withoutCfg, "-o", `HostKey=${c.hostKey}`]);
+  if (!today.ok) throw new UserError(`sshd rejects the existing configuration of ${fs.live ? "this host" : fs.root} (without mkoverlay's drop-in): ${firstLine(today.stderr)}`, { hint: "fix sshd_config first (sshd -t shows the problem); nothing was installed" });
+  const eff = parseEffective(today.stdout);
+  // Port lines, and ListenAddress lines with a port of their own ("0.0.0.0:2200", "[::]:22").
+  const listenPorts = (eff.get("listenaddress") ?? []).map((a) => /:(\d+)$/.exec(a)?.[1]).filter((p): p is string => p !== undefined);
+  const adminPorts = [...new Set([...(eff.get("port") ?? ["22"]), ...listenPorts].map(Number))];
+  const hostKeys = (eff.get("hostkey") ?? []).filter((k) => k !== c.hostKey);
+  // The version of the sshd the target runs: the target's binary, or --sshd-version when it cannot run here.
+  const target = fs.resolve(SSHD);
+  const v = spawnSync(target, ["-V"], { encoding: "utf8" });
+  let version: SshdVersion | undefined;
+  try {
+    version = v.error ? undefined : parseSshdVersion(`${v.stderr}${v.stdout}`);
+  } catch {
+    version = undefined;
+  }
+  let checker: string | undefined = version ? target : undefined;
+  if (i.sshdVersion !== undefined) {
+    const m = /^(\d+)\.(\d+)$/.exec(i.sshdVersion);
+    if (!m) throw new UserError(`--sshd-version ${i.sshdVersion}: give OpenSSH's version as MAJOR.MINOR (e.g. 9.2 or 10.0)`);
+    const given = { major: Number(m[1]), minor: Number(m[2]) };
+    if (version && versionText(version) !== versionText(given)) {
+      throw new UserError(`--sshd-version ${i.sshdVersion}: ${fs.name(SSHD)} is OpenSSH ${versionText(version)}`, { hint: "leave --sshd-version out when the target's sshd runs here" });
+    }
+    if (!version) {
+      // The target's sshd does not run here: this host's sshd checks the config if it is the same version.
+      const host = spawnSync(SSHD, ["-V"], { encoding: "utf8" });
+      const hostV = /OpenSSH_(\d+\.\d+)/.exec(`${host.stderr}`)?.[1];
+      checker = hostV === versionText(given) ? SSHD : undefined;
+    }
+    version = given;
+  }
+  // Port 22 is never the tunnel sshd's (tunnel-sshd.ts): devices that dial it are the admin sshd's, as before.
+  const mode = adminPorts.includes(b.port) || b.port === ADMIN_PORT ? "dropin" : "tunnel";
+  if (!version) {
+    if (mode === "dropin") version = { major: 0, minor: 0 };
+    else throw new UserError(`${fs.name(SSHD)} does not run here (${firstLine(v.stderr || v.error?.message || "")}): the tunnel sshd's config depends on its version`, { hint: "name it: --sshd-version MAJOR.MINOR (what sshd -V prints on the bastion, e.g. 9.2 or 10.0); nothing was installed" });
+  }
+  if (mode === "dropin" && !adminPorts.includes(b.port)) {
+    i.warn?.(`bastion '${b.name}': devices dial port ${ADMIN_PORT}, but the administrators' sshd listens on ${adminPorts.join(", ")}: the drop-in is installed for it as before; give the tunnels a port of their own (bastions.${b.name}.port, e.g. 2222) for a tunnel sshd`);
+  }
+  if (mode === "dropin" && (version.major > 9 || (version.major === 9 && version.minor >= 8))) {
+    i.warn?.(
+      `bastion '${b.name}': devices dial port ${b.port}, the administrators' sshd's (OpenSSH ${versionText(version)}): its PerSourcePenalties count every failed tunnel login (a revoked or expired device retrying) against the source address, so devices and administrators behind the same NAT address get refused; give the tunnels a port of their own (bastions.${b.name}.port, e.g. 2222: the install then runs a dedicated tunnel sshd, docs/bastion.md §12)`,
+    );
+  }
+  return { mode, version, adminPorts, hostKeys, checker };
+}
+
+/** 6b. The tunnel sshd's staged config, checked by the real sshd (`sshd -t`) with a throwaway host key. */
+export function checkTunnelSshd(c: Ctx, t: TunnelPlan): void {
+  const { i, b } = c;
+  if (!t.checker) {
+    i.warn?.(`no sshd of OpenSSH ${versionText(t.version)} runs here: the tunnel sshd's config was not checked by sshd -t (its unit checks it before each start)`);
+    return;
+  }
+  const file = join(c.checkDir, "tunnel-sshd.conf");
+  writeFileSync(file, renderTunnelSshdConfig({ fleet: i.fleet, bastion: b, version: t.version, hostKeys: [c.hostKey] }));
+  const r = runSshd(t.checker, ["-t", "-f", file]);
+  if (!r.ok) throw new UserError(`sshd rejects the tunnel sshd's config of bastion '${b.name}': ${firstLine(r.stderr)}`, { hint: "nothing was installed; report this with your sshd version (sshd -V)" });
+}

@@ -33,11 +33,12 @@ import type { Registry } from "../registry/types.js";
 import { nologinShell, readAccount } from "./account.js";
 import { renderDropin } from "./dropin.js";
 import { bastionEntries, type BastionEntry as Entry } from "./export.js";
-import { checkHost, checkSshd, checkTunnelAccount, firstLine, prepareCheck, type Ctx, type InstallInput, type TunnelAccount } from "./install-checks.js";
+import { checkHost, checkSshd, checkTunnelAccount, checkTunnelSshd, firstLine, planTunnel, prepareCheck, SSHD, type Ctx, type InstallInput, type TunnelAccount, type TunnelPlan } from "./install-checks.js";
 import { KEYS_COMMAND } from "./keys-command.js";
 import { KeyStore } from "./keystore.js";
 import { AGENT_TEMPLATE, agentEnv, agentExecDropin, agentUnit, configDir, fleetCopy, KEYS_COMMAND_PATH, KEYS_USER, keysDir, registryDropin, STATE_ROOT, stateDir } from "./paths.js";
 import { RootFs } from "./rootfs.js";
+import { renderTunnelSshdConfig, renderTunnelSshdUnit, TUNNEL_SSHD_TEMPLATE, tunnelSshdConfigPath, tunnelSshdUnit } from "./tunnel-sshd.js";
 import { renderAgentUnit, renderExecDropin, renderRegistryDropin } from "./unit.js";
 
 export { SSHD, type InstallInput } from "./install-checks.js";
@@ -50,6 +51,8 @@ export interface InstallResult {
   initialKeys: number | undefined;
   live: boolean;
   dryRun: boolean;
+  /** "tunnel": a dedicated sshd for the tunnels (its unit installed and enabled); "dropin": the admin sshd carries them. */
+  mode: "tunnel" | "dropin";
   /** With dryRun: what would change, as a unified diff per file and `#` lines for the rest. */
   diff: string;
 }
@@ -76,6 +79,15 @@ function ownDirs(b: string): [string, number][] {
     [keysDir(b), 0o711],
   ];
 }
+
+/** lstat finds something there (a file where a folder should be is the apply step's to report). */
+const exists = (p: string): boolean => {
+  try {
+    return Boolean(lstatSync(p, { throwIfNoEntry: false }));
+  } catch {
+    return false;
+  }
+};
 
 const tmpBeside = (p: string): string => join(dirname(p), `.${basename(p)}.${process.pid}.${randomBytes(4).toString("hex")}.tmp`);
 
@@ -118,11 +130,13 @@ export async function install(i: InstallInput): Promise<InstallResult> {
   try {
     const c = prepareCheck({ i, b: i.bastion, fs, mainText, dropin, checkDir, hostKey: "", withoutCfg: "" });
     const account = checkTunnelAccount(c);
+    const tunnel = planTunnel(c);
     const { entries, oldUsers } = await readRegistry(c);
-    const plan = planInstall(c, oldUsers);
+    const plan = planInstall(c, oldUsers, tunnel);
     const staged = stage(c, plan);
     try {
       checkSshd(c, plan.files[0]!.content, staged.files.get(c.dropin) ?? plan.files[0]!.host, account);
+      if (tunnel.mode === "tunnel") checkTunnelSshd(c, tunnel);
     } catch (e) {
       staged.undo.run();
       throw e;
@@ -176,13 +190,15 @@ interface Plan {
   files: (FileSpec & { host: string })[];
   /** Own directories: target path, host path, mode. */
   dirs: [string, string, number][];
-  /** A per-instance drop-in that must go (registry no longer a file). */
-  remove: { path: string; host: string } | undefined;
-  link: { path: string; host: string };
+  /** Files that must go: the registry drop-in (registry no longer a file), the tunnel sshd's enablement (back to drop-in mode). */
+  remove: { path: string; host: string }[];
+  /** Enablement links: the agent's, and in tunnel mode the tunnel sshd's. */
+  links: { path: string; host: string; target: string }[];
+  mode: "tunnel" | "dropin";
 }
 
 /** 4. Every file, directory and link, resolved inside the root before anything is touched. */
-function planInstall(c: Ctx, oldUsers: string[]): Plan {
+function planInstall(c: Ctx, oldUsers: string[], t: TunnelPlan): Plan {
   const { i, b, fs } = c;
   for (const user of oldUsers) {
     if (!i.createUser && !readAccount(fs, user)) throw new UserError(`the old tunnel user '${user}' of bastion '${b.name}' does not exist${fs.live ? "" : ` in ${fs.root}`}`, { hint: "create it, or run without --no-create-user" });
@@ -203,13 +219,26 @@ function planInstall(c: Ctx, oldUsers: string[]): Plan {
     },
   ];
   if (sqlite) files.push({ path: registryDropin(b.name), content: renderRegistryDropin(dirname(i.registry)), mode: 0o644 });
+  const link = (unit: string, target: string) => ({ path: `${WANTS}/${unit}`, host: join(fs.resolve(WANTS), unit), target });
+  const links = [link(agentUnit(b.name), AGENT_TEMPLATE)];
+  const tunnelLink = link(tunnelSshdUnit(b.name), TUNNEL_SSHD_TEMPLATE);
+  const remove: { path: string; host: string }[] = [];
+  if (t.mode === "tunnel") {
+    // The tunnel sshd (tunnel-sshd.ts): its whole config, the shared template, enabled for this bastion.
+    files.push(
+      { path: tunnelSshdConfigPath(b.name), content: renderTunnelSshdConfig({ fleet: i.fleet, bastion: b, version: t.version, ...(t.hostKeys.length > 0 ? { hostKeys: t.hostKeys } : {}) }), mode: 0o644 },
+      { path: TUNNEL_SSHD_TEMPLATE, content: renderTunnelSshdUnit({ sshd: SSHD }), mode: 0o644 },
+    );
+    links.push(tunnelLink);
+  } else if (exists(tunnelLink.host)) remove.push(tunnelLink);
   const removeHost = sqlite ? undefined : fs.file(registryDropin(b.name));
-  const wants = `${WANTS}/${agentUnit(b.name)}`;
+  if (removeHost && existsSync(removeHost)) remove.push({ path: registryDropin(b.name), host: removeHost });
   return {
     files: files.map((f) => ({ ...f, host: fs.file(f.path) })),
     dirs: ownDirs(b.name).map(([d, mode]) => [d, fs.resolve(d), mode]),
-    remove: removeHost && existsSync(removeHost) ? { path: registryDropin(b.name), host: removeHost } : undefined,
-    link: { path: wants, host: join(fs.resolve(WANTS), basename(wants)) },
+    remove,
+    links,
+    mode: t.mode,
   };
 }
 
@@ -294,23 +323,24 @@ function dryRunResult(c: Ctx, plan: Plan, staged: Staged, t: TunnelAccount, entr
     if (d.status === 2 || d.error) throw new UserError(`diff failed: ${firstLine(d.stderr || d.error?.message || "")}`, { hint: "--dry-run shows changes with diff -u (GNU diffutils)" });
     out.push(d.stdout.replace(/\n$/, ""));
   }
-  if (plan.remove) {
-    written.push(`${plan.remove.path} (removed)`);
-    out.push(`# would remove ${plan.remove.path}`);
+  for (const r of plan.remove) {
+    written.push(`${r.path} (removed)`);
+    out.push(`# would remove ${r.path}`);
   }
-  if (!linkIsRight(plan)) {
-    written.push(`${plan.link.path} → ${AGENT_TEMPLATE}`);
-    out.push(`# would link ${plan.link.path} → ${AGENT_TEMPLATE}`);
+  for (const l of plan.links) {
+    if (linkIsRight(l)) continue;
+    written.push(`${l.path} → ${l.target}`);
+    out.push(`# would link ${l.path} → ${l.target}`);
   }
   const keys = keysDirEmpty(plan) && entries ? entries.length : undefined;
   if (keys !== undefined) out.push(`# would fill ${keysDir(b.name)} from the registry: ${keys} key(s)`);
   staged.undo.run();
-  return { written, unchanged: staged.unchanged, createdUsers, initialKeys: keys, live: c.fs.live, dryRun: true, diff: out.length > 0 ? out.join("\n") + "\n" : "" };
+  return { written, unchanged: staged.unchanged, createdUsers, initialKeys: keys, live: c.fs.live, dryRun: true, mode: plan.mode, diff: out.length > 0 ? out.join("\n") + "\n" : "" };
 }
 
-const linkIsRight = (plan: Plan): boolean => {
-  const st = lstatSync(plan.link.host, { throwIfNoEntry: false });
-  return Boolean(st?.isSymbolicLink() && readlinkSync(plan.link.host) === AGENT_TEMPLATE);
+const linkIsRight = (l: Plan["links"][number]): boolean => {
+  const st = lstatSync(l.host, { throwIfNoEntry: false });
+  return Boolean(st?.isSymbolicLink() && readlinkSync(l.host) === l.target);
 };
 
 const keysDirEmpty = (plan: Plan): boolean => {
@@ -358,20 +388,27 @@ function apply(c: Ctx, plan: Plan, staged: Staged, t: TunnelAccount, entries: En
       }
       written.push(f.path);
     }
-    if (plan.remove) {
-      const backup = tmpBeside(plan.remove.host);
-      renameSync(plan.remove.host, backup);
-      undo.push(() => renameSync(backup, plan.remove!.host));
+    for (const r of plan.remove) {
+      const backup = tmpBeside(r.host);
+      renameSync(r.host, backup);
+      undo.push(() => renameSync(backup, r.host));
       cleanup.push(() => rmSync(backup, { force: true }));
-      written.push(`${plan.remove.path} (removed)`);
+      written.push(`${r.path} (removed)`);
     }
     for (const [, host, mode] of plan.dirs) if ((statSync(host).mode & 0o7777) !== mode) chmodSync(host, mode);
-    if (!linkIsRight(plan)) {
-      mkdirs(dirname(plan.link.host), 0o755, undo);
-      rmSync(plan.link.host, { force: true });
-      symlinkSync(AGENT_TEMPLATE, plan.link.host);
-      undo.push(() => rmSync(plan.link.host, { force: true }));
-      written.push(`${plan.link.path} → ${AGENT_TEMPLATE}`);
+    for (const l of plan.links) {
+      if (linkIsRight(l)) continue;
+      mkdirs(dirname(l.host), 0o755, undo);
+      const old = lstatSync(l.host, { throwIfNoEntry: false });
+      if (old) {
+        const backup = tmpBeside(l.host);
+        renameSync(l.host, backup);
+        undo.push(() => renameSync(backup, l.host));
+        cleanup.push(() => rmSync(backup, { force: true }));
+      }
+      symlinkSync(l.target, l.host);
+      undo.push(() => rmSync(l.host, { force: true }));
+      written.push(`${l.path} → ${l.target}`);
     }
     // First content of a new key directory; an existing one belongs to the running agent.
     if (entries && keysDirEmpty(plan)) {
@@ -386,7 +423,7 @@ function apply(c: Ctx, plan: Plan, staged: Staged, t: TunnelAccount, entries: En
   } finally {
     for (const f of cleanup.splice(0)) f();
   }
-  return { written, unchanged: staged.unchanged, createdUsers, initialKeys, live: fs.live, dryRun: false, diff: "" };
+  return { written, unchanged: staged.unchanged, createdUsers, initialKeys, live: fs.live, dryRun: false, mode: plan.mode, diff: "" };
 }
 
 /** A file system that refuses a step (a file where a directory should be, no space, …). */

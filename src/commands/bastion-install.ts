@@ -12,6 +12,7 @@ import { imageHasSystemd, install, systemdRunning } from "../bastion/install.js"
 import { agentUnit, fleetCopy } from "../bastion/paths.js";
 import { RootFs } from "../bastion/rootfs.js";
 import { sshdLogFile } from "../bastion/sshd-log.js";
+import { tunnelSshdConfigPath, tunnelSshdUnit } from "../bastion/tunnel-sshd.js";
 import { agentCommand, unitPathProblem } from "../bastion/unit.js";
 import type { Fleet } from "../config/fleet.js";
 import { configPath, loadFleet, parseFleet } from "../config/load.js";
@@ -46,6 +47,7 @@ export interface InstallOpts {
   config?: string;
   json?: boolean;
   forceConfigChange?: boolean;
+  sshdVersion?: string;
 }
 
 const isUrl = (s: string): boolean => /^[a-z][a-z0-9+.-]*:\/\//i.test(s);
@@ -88,6 +90,7 @@ export async function bastionInstallCommand(opts: InstallOpts): Promise<void> {
     warn: (m) => logger.warn(m),
     onSkip: (s) => logger.warn(`left out ${JSON.stringify(s.hostname)}: ${s.reason}`),
     forceConfigChange: Boolean(opts.forceConfigChange),
+    sshdVersion: opts.sshdVersion,
     // Read inside the root, as every path of an image is (a link may not lead to the host).
     previousFleet: await previousFleet(new RootFs(root).resolve(fleetCopy(bastion.name))),
   });
@@ -104,7 +107,7 @@ export async function bastionInstallCommand(opts: InstallOpts): Promise<void> {
     opts.json &&
     out(
       JSON.stringify({
-        bastion: bastion.name, root, dryRun: r.dryRun, createdUsers: r.createdUsers, written: r.written, unchanged: r.unchanged, initialKeys: r.initialKeys ?? null, live: r.live, started,
+        bastion: bastion.name, root, dryRun: r.dryRun, createdUsers: r.createdUsers, written: r.written, unchanged: r.unchanged, initialKeys: r.initialKeys ?? null, live: r.live, mode: r.mode, started,
         agentCommand: command, diff: r.diff,
       }),
     );
@@ -122,18 +125,23 @@ export async function bastionInstallCommand(opts: InstallOpts): Promise<void> {
   if (command !== null) {
     log(`${image ? `${root} has no systemd` : "systemd is not running here"}: start the agent with this command (under your service supervisor), then reload sshd:`);
     logger.info(`  ${command}`);
+    if (r.mode === "tunnel") log(`and the tunnels' sshd after the agent: /usr/sbin/sshd -D -f ${tunnelSshdConfigPath(bastion.name)}`);
     if (command.endsWith("--auth-log none'")) log("sshd does not log to a file (-E FILE) here, so the agent cannot see logins: a rotated device's old key then lasts until its grace ends; run sshd with -E FILE and give the agent --auth-log FILE");
     report(false);
     return;
   }
   if (image) {
-    log(`installed into ${root}; on first boot systemd starts ${unit} (enabled) and sshd reads the drop-in`);
+    log(`installed into ${root}; on first boot systemd starts ${unit} (enabled)${r.mode === "tunnel" ? `, then ${tunnelSshdUnit(bastion.name)} (enabled)` : ""} and sshd reads the drop-in`);
     report(false);
     return;
   }
+  // The agent first (its key directory is what the tunnels' sshd asks), then the tunnels' sshd:
+  // reload-or-restart starts it the first time and re-reads a changed config without ending sessions.
+  const tunnelUnit = tunnelSshdUnit(bastion.name);
   const steps: [string[], string][] = [
     [["daemon-reload"], "systemctl daemon-reload"],
     [["restart", unit], `systemctl restart ${unit}`],
+    ...(r.mode === "tunnel" ? ([[["reload-or-restart", tunnelUnit], `systemctl reload-or-restart ${tunnelUnit}`]] as [string[], string][]) : []),
   ];
   for (const [args, what] of steps) {
     const s = systemctl(args);
@@ -142,6 +150,6 @@ export async function bastionInstallCommand(opts: InstallOpts): Promise<void> {
   const sshUnit = systemctl(["cat", "ssh.service"]).ok ? "ssh.service" : "sshd.service";
   const reload = systemctl(["reload-or-restart", sshUnit]);
   if (!reload.ok) throw new UserError(`systemctl reload-or-restart ${sshUnit} failed: ${reload.err}`, { hint: "the files are in place and sshd -t accepted them", exitCode: 1 });
-  log(`started ${unit}; reloaded ${sshUnit}`);
+  log(`started ${unit}; ${r.mode === "tunnel" ? `started ${tunnelUnit} (the tunnels' sshd on port ${bastion.port}); ` : ""}reloaded ${sshUnit}`);
   report(true);
 }

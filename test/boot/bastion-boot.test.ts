@@ -12,7 +12,10 @@
  *    /var/lib/mkoverlay. Only 127.0.0.1:<port> -> its port 22 reaches it (restricted user
  *    networking, hostfwd); the test logs in as root with the base's test operator key and a pinned
  *    host key.
- *  - The device VM reaches 10.0.2.100:22 -> 127.0.0.1:<port> -> the bastion VM, nothing else.
+ *  - The bastion's tunnel port is 2222 (docs/bastion.md §12): devices dial a dedicated tunnel sshd
+ *    (mkoverlay-tunnel-sshd@eu.service) the install sets up; the admins' sshd on 22 is untouched.
+ *    The device VM reaches 10.0.2.100:2222 -> 127.0.0.1:<tunnelPort> -> the bastion VM's 2222
+ *    (a second hostfwd), nothing else.
  *
  * Skips and failures follow overlay-boot.test.ts (CI: never skipped).
  */
@@ -27,7 +30,6 @@ import {
   type BaseImage,
   type BootedVm,
   GUEST_BASTION_ADDR,
-  GUEST_BASTION_PORT,
   bootArchExplicit,
   bootDisk,
   bootWithOverlay,
@@ -57,6 +59,9 @@ if (!canRun) log(`${mustRun ? "CANNOT RUN (failing)" : "skipped"}: ${prereq.prob
 
 const BASTION = "eu";
 const TUNNEL_USER = "mko-tunnel";
+/** What devices dial on the bastion: the tunnel sshd's port, not the admins' 22. */
+const TUNNEL_PORT = 2222;
+const TUNNEL_UNIT = `mkoverlay-tunnel-sshd@${BASTION}.service`;
 const BASE_BUILD_MS = 20 * 60_000;
 const UP_MS = 180_000;
 const TEST_MS = 15 * 60_000;
@@ -75,6 +80,7 @@ describe.runIf(canRun || mustRun)("a bastion on a booted system: bastion install
   let base: BaseImage | undefined;
   let work = "";
   let adminPort = 0;
+  let tunnelHostPort = 0;
   let bastionVm: BootedVm | undefined;
   let deviceVm: BootedVm | undefined;
   let device: { hostname: string; port: number; publicKey: string; overlay: string } | undefined;
@@ -113,6 +119,7 @@ describe.runIf(canRun || mustRun)("a bastion on a booted system: bastion install
     base = await ensureBaseImage({ log, arch: ARCH });
     work = await mkdtemp(join(tmpdir(), "mkoverlay-bastion-boot-"));
     adminPort = await freePort();
+    tunnelHostPort = await freePort();
 
     // The bastion's host key: the fleet config pins it, the bastion VM's sshd presents it.
     const hostKey = join(work, "ssh_host_ed25519_key");
@@ -122,7 +129,7 @@ describe.runIf(canRun || mustRun)("a bastion on a booted system: bastion install
     await writeFile(knownHosts, `bastion-vm ${hostPub}\n`);
 
     // The fleet: one bastion as the device sees it; the registry made here, copied to the bastion.
-    const config = writeFleet(work, { [BASTION]: { host: GUEST_BASTION_ADDR, port: GUEST_BASTION_PORT, user: TUNNEL_USER, hostKeys: [hostPub] } }, { registry: "./fleet.db", ports: { ssh: "21000-21099", services: "22000-22099" } });
+    const config = writeFleet(work, { [BASTION]: { host: GUEST_BASTION_ADDR, port: TUNNEL_PORT, user: TUNNEL_USER, hostKeys: [hostPub] } }, { registry: "./fleet.db", ports: { ssh: "21000-21099", services: "22000-22099" } });
     const b = runCli(["--config", config, "--board", "rpi4", "--bastion", BASTION, "--json", "--out", join(work, "out")], { cwd: work });
     device = JSON.parse(must("mkoverlay build", b)) as typeof device;
 
@@ -159,7 +166,7 @@ describe.runIf(canRun || mustRun)("a bastion on a booted system: bastion install
     const image = join(work, "bastion.ext4");
     must("cp", await run("cp", ["--sparse=always", base.rootfs, image]));
     await layOverlay(image, tar, join(work, "bastion-staging"));
-    bastionVm = await bootDisk(image, { bastionPort: 0, hostfwd: [{ host: adminPort, guest: 22 }], allowReboot: true, workDir: join(work, "vm-bastion"), base, timeoutMs: TEST_MS });
+    bastionVm = await bootDisk(image, { bastionPort: 0, hostfwd: [{ host: adminPort, guest: 22 }, { host: tunnelHostPort, guest: TUNNEL_PORT }], allowReboot: true, workDir: join(work, "vm-bastion"), base, timeoutMs: TEST_MS });
     await waitFor("the bastion VM's sshd", UP_MS, async () => {
       if (!bastionVm!.running()) throw new Error(`the bastion VM exited (${await bastionVm!.exited})`);
       return (await onBastion("true", 30_000)).code === 0;
@@ -181,21 +188,38 @@ describe.runIf(canRun || mustRun)("a bastion on a booted system: bastion install
     expect(r.code, `${r.stderr}\n${r.stdout}`).toBe(0);
     // The install reloaded sshd: a login in that instant is reset (slirp answers for the guest).
     const s = await waitFor("a login after the install", 60_000, async () => {
-      const x = await onBastion(`systemctl is-active mkoverlay-bastion@${BASTION}.service ssh.service; systemctl is-enabled mkoverlay-bastion@${BASTION}.service`);
+      const x = await onBastion(`systemctl is-active mkoverlay-bastion@${BASTION}.service ssh.service ${TUNNEL_UNIT}; systemctl is-enabled mkoverlay-bastion@${BASTION}.service ${TUNNEL_UNIT}`);
       return x.code === 255 ? undefined : x;
     }, 2000);
-    expect(s.stdout.trim().split("\n"), s.stderr).toEqual(["active", "active", "enabled"]);
+    expect(s.stdout.trim().split("\n"), s.stderr).toEqual(["active", "active", "active", "enabled", "enabled"]);
+    // The tunnel sshd listens on 2222, the admins' sshd is still on 22 alone.
+    const l = await onBastion("ss -Htlnp");
+    expect(l.stdout).toMatch(/:2222\s.*"sshd"/);
+    expect(l.stdout).not.toMatch(/:22\s.*mkoverlay-tunnel/);
+    // Ordered after the agent whose key directory it reads.
+    const after = await onBastion(`systemctl show -p After --value ${TUNNEL_UNIT}`);
+    expect(after.stdout).toContain(`mkoverlay-bastion@${BASTION}.service`);
   }, TEST_MS);
 
   it("a booted device's tunnel comes up through it, presenting the registered key", async () => {
     if (!canRun || !bastionVm) throw new Error("setup did not complete");
-    deviceVm = await bootWithOverlay({ overlayTar: device!.overlay, bastionPort: adminPort, workDir: join(work, "vm-device"), base, timeoutMs: TEST_MS });
+    deviceVm = await bootWithOverlay({ overlayTar: device!.overlay, bastionPort: tunnelHostPort, guestBastionPort: TUNNEL_PORT, workDir: join(work, "vm-device"), base, timeoutMs: TEST_MS });
     const key = await waitFor(`${device!.hostname}'s tunnel on the bastion's port ${device!.port}`, UP_MS, async () => {
       if (!deviceVm!.running()) throw new Error(`the device VM exited (${await deviceVm!.exited})`);
       return tunnelKey();
     }, 3000);
     expect(key).toBe(device!.publicKey.trim().split(/\s+/).slice(0, 2).join(" "));
+    await expectThroughTunnelSshd();
   }, TEST_MS);
+
+  /** The device's forwarded port is held by a session process whose parent is the tunnel sshd's main pid. */
+  const expectThroughTunnelSshd = async () => {
+    const r = await onBastion(
+      `main=$(systemctl show -p MainPID --value ${TUNNEL_UNIT}); pid=$(ss -Htlnp "sport = :${device!.port}" | grep -o 'pid=[0-9]*' | head -1 | cut -d= -f2); ` +
+        `echo "main=$main pid=$pid"; p=$pid; while [ -n "$p" ] && [ "$p" -gt 1 ]; do [ "$p" = "$main" ] && { echo through-tunnel-sshd; exit 0; }; p=$(ps -o ppid= -p "$p" | tr -d ' '); done; ps -ef; exit 1`,
+    );
+    expect(r.stdout, r.stderr).toContain("through-tunnel-sshd");
+  };
 
   it("after a bastion reboot, sshd, the agent and the device's tunnel come back by themselves", async () => {
     if (!canRun || !bastionVm || !deviceVm) throw new Error("setup did not complete");
@@ -207,10 +231,14 @@ describe.runIf(canRun || mustRun)("a bastion on a booted system: bastion install
       const r = await onBastion("cat /proc/sys/kernel/random/boot_id", 20_000);
       return r.code === 0 && r.stdout.trim() !== bootId && r.stdout.trim() !== "";
     }, 3000);
-    const s = await onBastion(`systemctl is-active mkoverlay-bastion@${BASTION}.service ssh.service`);
-    expect(s.stdout.trim().split("\n"), s.stderr).toEqual(["active", "active"]);
+    const s = await waitFor("the agent and the tunnel sshd after the reboot", 60_000, async () => {
+      const x = await onBastion(`systemctl is-active mkoverlay-bastion@${BASTION}.service ssh.service ${TUNNEL_UNIT}`);
+      return x.stdout.trim() === "active\nactive\nactive" ? x : undefined;
+    }, 2000);
+    expect(s.stdout.trim().split("\n"), s.stderr).toEqual(["active", "active", "active"]);
     const key = await waitFor(`${device!.hostname}'s tunnel back after the bastion's reboot`, UP_MS * 2, async () => tunnelKey(), 3000);
     expect(key).toBe(device!.publicKey.trim().split(/\s+/).slice(0, 2).join(" "));
+    await expectThroughTunnelSshd();
     log(`after the reboot: tunnel back ${Date.now() - t} ms after 'systemctl reboot'`);
     expect(await sshBanner(adminPort, "127.0.0.1", 5000)).toMatch(/^SSH-2\.0-OpenSSH_9\.2/);
   }, TEST_MS);

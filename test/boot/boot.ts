@@ -476,6 +476,8 @@ export interface BootOptions {
    * guest reaches nothing at all (a bastion VM, reached only through `hostfwd`).
    */
   bastionPort: number;
+  /** The guest port of 10.0.2.100 that leads to `bastionPort` (default 22; a bastion's tunnel port, e.g. 2222). */
+  guestBastionPort?: number;
   /** Host ports on 127.0.0.1 forwarded to the guest's ports (a bastion VM's sshd). */
   hostfwd?: { host: number; guest: number }[];
   /** A reboot in the guest reboots it (default: qemu exits, -no-reboot). */
@@ -606,7 +608,7 @@ export async function bootDisk(image: string, opts: DiskBootOptions): Promise<Bo
 
   const profile = bootArchProfile(base.arch);
   const forwards = [
-    ...(opts.bastionPort > 0 ? [`guestfwd=tcp:${GUEST_BASTION_ADDR}:${GUEST_BASTION_PORT}-cmd:socat - TCP:127.0.0.1:${opts.bastionPort}`] : []),
+    ...(opts.bastionPort > 0 ? [`guestfwd=tcp:${GUEST_BASTION_ADDR}:${opts.guestBastionPort ?? GUEST_BASTION_PORT}-cmd:socat - TCP:127.0.0.1:${opts.bastionPort}`] : []),
     ...(opts.hostfwd ?? []).map((f) => `hostfwd=tcp:127.0.0.1:${f.host}-:${f.guest}`),
   ];
   const args = [

@@ -56,7 +56,8 @@ export interface Ws {
 export const TARGET = ["--mkoverlay", "/usr/local/bin/mkoverlay", "--registry", "/var/lib/mkoverlay/registry.db"];
 
 /** `user`: the tunnel user of bastion "lo"; `more`: other bastions (name → tunnel user) on the same sshd. */
-export async function installWorkspace(dirs: string[], user: string, opts: { extraMain?: string; more?: Record<string, string> } = {}): Promise<Ws> {
+/** `tunnelPort`: devices dial this port, not the admin sshd's (`port`): the install runs a tunnel sshd there. */
+export async function installWorkspace(dirs: string[], user: string, opts: { extraMain?: string; more?: Record<string, string>; tunnelPort?: number } = {}): Promise<Ws> {
   const ws = tempDir("mko-install-");
   const root = secureRoot();
   dirs.push(ws, root);
@@ -64,7 +65,7 @@ export async function installWorkspace(dirs: string[], user: string, opts: { ext
   prepareRoot(root, port, opts.extraMain);
   const hostKeys = [readPub(join(root, "etc/ssh/ssh_host_ed25519_key"))];
   const users: Record<string, string> = { lo: user, ...opts.more };
-  const cfg = writeFleet(ws, Object.fromEntries(Object.entries(users).map(([n, u]) => [n, { host: "127.0.0.1", port, user: u, hostKeys }])), { registry: "./registry.db", ports: { ssh: "33200-33299", services: "33300-33399" } });
+  const cfg = writeFleet(ws, Object.fromEntries(Object.entries(users).map(([n, u]) => [n, { host: "127.0.0.1", port: opts.tunnelPort ?? port, user: u, hostKeys }])), { registry: "./registry.db", ports: { ssh: "33200-33299", services: "33300-33399" } });
   const device = buildDevice(ws, cfg);
   dirs.push(device.root);
   // mkoverlay as the bastion runs it (--mkoverlay /usr/local/bin/mkoverlay) ...
