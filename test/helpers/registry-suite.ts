@@ -155,7 +155,10 @@ export async function registryTests(which: "sqlite" | "postgres"): Promise<void>
   function expectOneLineError(r: Run, message: RegExp): void {
     expect(r.code, r.stderr).not.toBe(0);
     expect(r.code, r.stderr).not.toBe(70);
-    const lines = r.stderr.split("\n").filter(Boolean);
+    // With --json the error is one JSON object on stderr (docs/json.md, Errors): read it as text.
+    const e = r.stderr.startsWith("{") ? (JSON.parse(r.stderr) as { error: string; hint: string | null }) : undefined;
+    if (e) expect(r.stderr.trim().split("\n"), r.stderr).toHaveLength(1);
+    const lines = e ? [`mkoverlay: error: ${e.error}`, ...(e.hint ? [`mkoverlay: hint: ${e.hint}`] : [])] : r.stderr.split("\n").filter(Boolean);
     expect(lines.filter((l) => l.startsWith("mkoverlay: error:")), r.stderr).toHaveLength(1);
     expect(lines.every((l) => /^mkoverlay: (error|hint): /.test(l)), r.stderr).toBe(true);
     expect(r.stderr, r.stderr).not.toMatch(/\n\s+at |internal error|Error:/);
