@@ -207,10 +207,23 @@ function plainConfigText(port, name, extra = "", authorizedKeysFile = `${adminKe
 const tunnelConfigText = (bin, port, name, keysDir) =>
   M.renderTunnelSshdConfig({ fleet, bastion, version: bin.version, port, listen: ["127.0.0.1"], hostKeys: [hostKey], pidFile: join(SECURE, `${name}.pid`), paths: pathsFor(keysDir), sizing: SIZING });
 
+// A cgroup v2 of its own per storm sshd: cgroup.kill ends the listener and every session in one
+// step, as a reboot does (killing 2,000 session processes one by one took 10 s on a loaded machine).
+const V2 = existsSync("/sys/fs/cgroup/cgroup.controllers") ? "/sys/fs/cgroup" : existsSync("/sys/fs/cgroup/unified/cgroup.procs") ? "/sys/fs/cgroup/unified" : undefined;
+let killGroups = 0;
+
 function startSshd(bin, config, logFile) {
   const t = spawnSync(bin.sshd, [...bin.args, "-t", "-f", config], { encoding: "utf8" });
   if (t.status !== 0) throw new Error(`sshd -t ${config}: ${t.stderr}`);
-  const p = spawn(bin.sshd, [...bin.args, "-D", "-e", "-f", config, "-E", logFile], { stdio: "ignore" });
+  let p;
+  if (V2) {
+    const cg = join(V2, `mko-fleet-${process.pid}-${killGroups++}`);
+    mkdirSync(cg);
+    cleanups.push(() => spawnSync("rmdir", [cg]));
+    // The shell moves itself into the cgroup before it becomes sshd: no session can start outside it.
+    p = spawn("sh", ["-c", 'echo $$ >"$0/cgroup.procs" && exec "$@"', cg, bin.sshd, ...bin.args, "-D", "-e", "-f", config, "-E", logFile], { stdio: "ignore" });
+    p.killGroup = cg;
+  } else p = spawn(bin.sshd, [...bin.args, "-D", "-e", "-f", config, "-E", logFile], { stdio: "ignore" });
   cleanups.push(() => p.exitCode === null && stopTree(p.pid));
   return p;
 }
@@ -259,7 +272,10 @@ function stopTree(pid) {
 async function stopSshd(proc) {
   if (proc.exitCode !== null) return;
   const gone = new Promise((r) => proc.once("exit", r));
-  stopTree(proc.pid);
+  if (proc.killGroup) {
+    writeFileSync(join(proc.killGroup, "cgroup.kill"), "1");
+    while (readFileSync(join(proc.killGroup, "cgroup.procs"), "utf8").trim() !== "") await sleep(20);
+  } else stopTree(proc.pid);
   await gone;
 }
 
