@@ -7,7 +7,8 @@
 # Each ended attempt appends one line to $RUNTIME_DIRECTORY/events:
 #   STARTED ENDED EXIT-CODE CLASS   (seconds since the epoch; STARTED = when ssh began, 0 if never)
 # CLASS, from ssh's own messages: refused (key refused), dropped (closed before the key exchange:
-# a penalty or MaxStartups), down (connection refused), forward (the port still held),
+# a penalty or MaxStartups), closed (closed during the key exchange or authentication, e.g.
+# LoginGraceTime on a loaded machine), down (connection refused), forward (the port still held),
 # timeout, ended (anything else: the tunnel ran and ended).
 set -u
 rd=$RUNTIME_DIRECTORY
@@ -38,8 +39,10 @@ while :; do
     if [ -r "$rd/ssh.log" ]; then
         if grep -q 'Permission denied' "$rd/ssh.log"; then
             class=refused
-        elif grep -q -e kex_exchange_identification -e 'Connection closed by 127.0.0.1' -e 'Connection reset by 127.0.0.1' "$rd/ssh.log"; then
+        elif grep -q kex_exchange_identification "$rd/ssh.log"; then
             class=dropped
+        elif grep -q -e 'Connection closed by 127.0.0.1' -e 'Connection reset by 127.0.0.1' "$rd/ssh.log"; then
+            class=closed
         elif grep -q 'Connection refused' "$rd/ssh.log"; then
             class=down
         elif grep -q -i 'remote port forwarding failed' "$rd/ssh.log"; then
