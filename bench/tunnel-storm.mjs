@@ -212,8 +212,8 @@ const tunnelConfigText = (bin, port, name, keysDir) =>
 const V2 = existsSync("/sys/fs/cgroup/cgroup.controllers") ? "/sys/fs/cgroup" : existsSync("/sys/fs/cgroup/unified/cgroup.procs") ? "/sys/fs/cgroup/unified" : undefined;
 let killGroups = 0;
 
-function startSshd(bin, config, logFile) {
-  const t = spawnSync(bin.sshd, [...bin.args, "-t", "-f", config], { encoding: "utf8" });
+function startSshd(bin, config, logFile, extra = []) {
+  const t = spawnSync(bin.sshd, [...bin.args, ...extra, "-t", "-f", config], { encoding: "utf8" });
   if (t.status !== 0) throw new Error(`sshd -t ${config}: ${t.stderr}`);
   let p;
   if (V2) {
@@ -221,9 +221,9 @@ function startSshd(bin, config, logFile) {
     mkdirSync(cg);
     cleanups.push(() => spawnSync("rmdir", [cg]));
     // The shell moves itself into the cgroup before it becomes sshd: no session can start outside it.
-    p = spawn("sh", ["-c", 'echo $$ >"$0/cgroup.procs" && exec "$@"', cg, bin.sshd, ...bin.args, "-D", "-e", "-f", config, "-E", logFile], { stdio: "ignore" });
+    p = spawn("sh", ["-c", 'echo $$ >"$0/cgroup.procs" && exec "$@"', cg, bin.sshd, ...bin.args, ...extra, "-D", "-e", "-f", config, "-E", logFile], { stdio: "ignore" });
     p.killGroup = cg;
-  } else p = spawn(bin.sshd, [...bin.args, "-D", "-e", "-f", config, "-E", logFile], { stdio: "ignore" });
+  } else p = spawn(bin.sshd, [...bin.args, ...extra, "-D", "-e", "-f", config, "-E", logFile], { stdio: "ignore" });
   cleanups.push(() => p.exitCode === null && stopTree(p.pid));
   return p;
 }
@@ -419,7 +419,9 @@ async function storm(bin, layout, devices) {
     writeFileSync(aconf, plainConfigText(adminPort, `${tag}-admin`));
     admin = startSshd(bin, aconf, join(SECURE, `${tag}-admin.log`));
   }
-  let sshd = startSshd(bin, tconf, join(SECURE, `${tag}-warmup.log`));
+  // LogLevel VERBOSE: sshd logs its MaxStartups and penalty drops at VERBOSE (the rendered INFO hides them).
+  const verbose = ["-o", "LogLevel=VERBOSE"];
+  let sshd = startSshd(bin, tconf, join(SECURE, `${tag}-warmup.log`), verbose);
   await sleep(500);
   log(`${tag}: starting ${N} device loops (+${REVOKED} revoked), load ${loadStart}…`);
   const tw = Date.now();
@@ -433,7 +435,7 @@ async function storm(bin, layout, devices) {
   await stopSshd(sshd);
   await sleep(DOWN);
   const t0 = Date.now();
-  sshd = startSshd(bin, tconf, tlog);
+  sshd = startSshd(bin, tconf, tlog, verbose);
   const admins = adminLoop(adminPort, 2000);
   const r = await waitUp(devices, t0, LIMIT);
   const adm = await admins.stop();
@@ -477,13 +479,13 @@ if (PARTS.has("storm")) {
     [
       `### Reconnect storm: ${N.toLocaleString("en")} devices (+${REVOKED} revoked) from one address`,
       "",
-      `Measured ${new Date().toISOString().slice(0, 16)}Z on ${machine}, shared with other work, in a network namespace of its own. Each device is its own \`sh\` loop (bench/device-loop.sh): the real reverse-ssh-backoff (default schedule, real time, no compression) around a real \`ssh -N -R\` with the unit's options, RUNTIME_DIRECTORY of its own, RestartSec=2. All connected first (cold start), their back-off state cleared (as for tunnels up ≥ 60 s), then the listener and every session killed and sshd started again ${DOWN / 1000} s later; times from that start, limit ${LIMIT / 1000} s. An admin login every 2 s during the storm. "Refused" = a healthy device's attempt that ended before the key exchange (\`kex_exchange_identification\`: penalty or MaxStartups) or with its key refused. Healthy attempts = the failed attempts begun after the kill (classes: down = connection refused, sshd not yet back; dropped = closed before the key exchange; closed = closed during the key exchange or authentication; forward = the port still held by the old session; timeout; ended = any other exit) + the tunnels up at the end.`,
+      `Measured ${new Date().toISOString().slice(0, 16)}Z on ${machine}, shared with other work, in a network namespace of its own. Each device is its own \`sh\` loop (bench/device-loop.sh): the real reverse-ssh-backoff (default schedule, real time, no compression) around a real \`ssh -N -R\` with the unit's options, RUNTIME_DIRECTORY of its own, RestartSec=2. All connected first (cold start), their back-off state cleared (as for tunnels up ≥ 60 s), then the listener and every session killed at once (cgroup.kill; on this loaded machine the kernel took a few seconds to end ~2,000 processes) and sshd started again ${DOWN / 1000} s after they were gone; sshd at LogLevel VERBOSE (where it logs its drops); times from that start, limit ${LIMIT / 1000} s. An admin login every 2 s during the storm. "Refused" = a healthy device's attempt that ended before the key exchange (\`kex_exchange_identification\`: penalty or MaxStartups) or with its key refused. Healthy attempts = the failed attempts begun after the kill (classes: down = connection refused, sshd not yet back; dropped = closed before the key exchange; closed = closed during the key exchange or authentication; forward = the port still held by the old session; timeout; ended = any other exit) + the tunnels up at the end.`,
       "",
-      "| OpenSSH | bastion | cold start (all up) | 99 % back | 100 % back | healthy attempts (classes) | healthy refused (dropped before the key exchange, or key refused) | sshd log: penalty drops | sshd log: MaxStartups drops | sshd log: LoginGraceTime expired | revoked attempts | admin logins in | load average (start → end; samples) |",
-      "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+      "| OpenSSH | bastion | cold start (all up) | bastion down (kill → start) | 99 % back | 100 % back | healthy attempts (classes) | healthy refused (dropped before the key exchange, or key refused) | sshd log: penalty drops | sshd log: MaxStartups drops | sshd log: LoginGraceTime expired | revoked attempts | admin logins in | load average (start → end; samples) |",
+      "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
       ...results.map(
         (r) =>
-          `| ${r.version} | ${r.layout === "single" ? "one sshd + Match drop-in (today)" : "tunnel sshd + admin sshd"} | ${r.coldStart === undefined ? `${r.coldUp}/${N} in ${(LIMIT * 2) / 1000} s` : s(r.coldStart)} | ${s(r.t99)} | ${s(r.t100)}${r.t100 === undefined ? ` (${r.up}/${N})` : ""} | ${r.attempts} (${cls(r.healthyClasses)}) | ${r.refusedHealthy} | ${r.penalty} | ${r.maxStartups} | ${r.grace} | ${r.revokedAttempts} | ${r.adminOk}/${r.adminTries} | ${r.load} |`,
+          `| ${r.version} | ${r.layout === "single" ? "one sshd + Match drop-in (today)" : "tunnel sshd + admin sshd"} | ${r.coldStart === undefined ? `${r.coldUp}/${N} in ${(LIMIT * 2) / 1000} s` : s(r.coldStart)} | ${s(r.downFromKill)} | ${s(r.t99)} | ${s(r.t100)}${r.t100 === undefined ? ` (${r.up}/${N})` : ""} | ${r.attempts} (${cls(r.healthyClasses)}) | ${r.refusedHealthy} | ${r.penalty} | ${r.maxStartups} | ${r.grace} | ${r.revokedAttempts} | ${r.adminOk}/${r.adminTries} | ${r.load} |`,
       ),
     ].join("\n"),
   );
