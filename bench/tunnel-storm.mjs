@@ -390,7 +390,8 @@ function countLog(file) {
   }
   return {
     penalty: (text.match(/drop connection .*penalty/g) ?? []).length,
-    maxStartups: (text.match(/drop connection .*past MaxStartups/g) ?? []).length,
+    // 9.2 logs "… past MaxStartups", 10.0 "… Maxstartups" (both at VERBOSE).
+    maxStartups: (text.match(/drop connection .*(past MaxStartups|Maxstartups)/gi) ?? []).length,
     grace: (text.match(/Timeout before authentication/g) ?? []).length,
   };
 }
