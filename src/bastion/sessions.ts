@@ -208,6 +208,16 @@ function peerName(hex: string, littleEndian: boolean): string | undefined {
   return `${zeros ? full.replace(zeros, "::") : full}:${port}`;
 }
 
+/** Each established connection of a /proc/net/tcp{,6} text: socket inode → the client's "addr port". */
+function establishedPeers(text: string, le: boolean, into: Map<number, string>): void {
+  for (const line of text.split("\n").slice(1)) {
+    const x = line.trim().split(/\s+/);
+    if (x.length < 10 || x[3] !== ESTABLISHED) continue;
+    const name = peerName(x[2]!, le);
+    if (name) into.set(Number(x[9]), name);
+  }
+}
+
 /**
  * The client end (`address:port`, as sshd's "Accepted publickey … from ADDRESS port PORT" line
  * names it) of the connection each of `pids` holds: a tunnel's session process holds both its
@@ -225,12 +235,7 @@ export function peersOf(pids: number[], opts: ProcOptions = {}): Map<number, str
     } catch {
       continue;
     }
-    for (const line of text.split("\n").slice(1)) {
-      const x = line.trim().split(/\s+/);
-      if (x.length < 10 || x[3] !== ESTABLISHED) continue;
-      const name = peerName(x[2]!, le);
-      if (name) remote.set(Number(x[9]), name);
-    }
+    establishedPeers(text, le, remote);
   }
   const out = new Map<number, string[]>();
   for (const pid of new Set(pids)) {
@@ -354,12 +359,7 @@ export function allTunnelSessions(ranges: PortRange[], uid: number, opts: ProcOp
       continue;
     }
     for (const l of parseProcNetTcp(text, ranges, le)) listening.set(l.inode, l.port);
-    for (const line of text.split("\n").slice(1)) {
-      const x = line.trim().split(/\s+/);
-      if (x.length < 10 || x[3] !== ESTABLISHED) continue;
-      const name = peerName(x[2]!, le);
-      if (name) remote.set(Number(x[9]), name);
-    }
+    establishedPeers(text, le, remote);
   }
   const out: TunnelSession[] = [];
   for (const name of readdirSync(proc)) {
