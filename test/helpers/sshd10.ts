@@ -7,12 +7,12 @@
  * openssh10() is the capability gate: undefined (with a loud warning) when the 10.x sshd cannot
  * be had outside CI; in CI (CI=true) it throws, so the tests that need it fail.
  */
-import { spawn, spawnSync, type ChildProcess } from "node:child_process";
+import { spawnSync, type ChildProcess } from "node:child_process";
 import { existsSync } from "node:fs";
 import { connect } from "node:net";
 import { join } from "node:path";
 import { ciMode } from "./postgres.js";
-import { canConnect, killSessions, SSHD, waitFor } from "./sshd.js";
+import { runSshd, SSHD } from "./sshd.js";
 import { REPO } from "./workspace.js";
 
 export interface SshdBinary {
@@ -84,23 +84,8 @@ export function sshdTest(bin: SshdBinary, config: string, extra: string[] = []):
  * `logFile`) until stop(), which ends every session process it spawned too — sshd.ts's runSshd
  * for any version.
  */
-export async function runSshdVersion(bin: SshdBinary, config: string, logFile: string, port: number): Promise<{ proc: ChildProcess; stop(): Promise<void> }> {
-  const proc = spawn(bin.sshd, [...bin.args, "-D", "-e", "-f", config, "-E", logFile], { stdio: "ignore" });
-  await waitFor(`sshd ${bin.version} on 127.0.0.1:${port}`, () => {
-    if (proc.exitCode !== null) throw new Error(`sshd ${bin.version} exited ${proc.exitCode} (log: ${logFile})`);
-    return canConnect(port);
-  });
-  let stopped = false;
-  return {
-    proc,
-    async stop() {
-      if (stopped) return;
-      stopped = true;
-      killSessions(proc.pid);
-      proc.kill("SIGTERM");
-      await new Promise<void>((r) => (proc.exitCode !== null ? r() : proc.once("exit", () => r())));
-    },
-  };
+export function runSshdVersion(bin: SshdBinary, config: string, logFile: string, port: number): Promise<{ proc: ChildProcess; stop(): Promise<void> }> {
+  return runSshd(config, logFile, port, bin);
 }
 
 /** The identification line the sshd on 127.0.0.1:`port` sends ("SSH-2.0-OpenSSH_10.0p2 …"): which sshd really answers. */
