@@ -18,7 +18,8 @@ import { runBuild } from "./commands/build.js";
 import { runVerify } from "./commands/verify.js";
 import { UserError } from "./errors.js";
 import { quietLog } from "./output.js";
-import type { BuildResult as InternalBuildResult } from "./station.js";
+import { bastionNames } from "./device.js";
+import type { BuildResult as InternalBuildResult } from "./device/flow.js";
 
 export { UserError } from "./errors.js";
 
@@ -144,8 +145,8 @@ export interface VerifyResult {
   error?: string;
 }
 
-const bastionFlag = (b: string | string[]): string => (Array.isArray(b) ? b.join(",") : b);
-const attrFlags = (a: Record<string, string> | undefined): string[] => Object.entries(a ?? {}).map(([k, v]) => `${k}=${v}`);
+/** Where the output goes, as the device flow's typed request takes it (device/requests.ts). */
+const outputOf = (o: OutputOptions) => ({ out: o.out, format: o.format, apply: o.apply });
 
 function publicResult(r: InternalBuildResult): BuildResult {
   return {
@@ -175,19 +176,16 @@ export async function build(options: BuildOptions): Promise<BuildResult> {
   need(options?.bastion, "build: bastion");
   const r = await runBuild(
     {
+      config: options.config,
       board: options.board,
-      bastion: bastionFlag(options.bastion),
-      ...(options.os !== undefined ? { os: options.os } : {}),
-      ...(options.hostname !== undefined ? { hostname: options.hostname } : {}),
-      ...(options.hostKey !== undefined ? { hostKey: options.hostKey } : {}),
-      attr: attrFlags(options.attributes),
-      ...(options.out !== undefined ? { out: options.out } : {}),
-      ...(options.format !== undefined ? { format: options.format } : {}),
-      ...(options.apply !== undefined ? { apply: options.apply } : {}),
-      ...(options.config !== undefined ? { config: options.config } : {}),
+      os: options.os,
+      bastions: bastionNames(options.bastion),
+      hostname: options.hostname,
+      hostKey: options.hostKey,
+      attributes: options.attributes,
+      output: outputOf(options),
     },
-    quietLog(options.onWarning),
-    options.signal,
+    { log: quietLog(options.onWarning), stop: options.signal },
   );
   return publicResult(r);
 }
@@ -199,15 +197,14 @@ export async function batch(options: BatchOptions): Promise<BatchResult> {
   const built: BuildResult[] = [];
   const s = await runBatch(
     {
+      config: options.config,
       board: options.board,
-      bastion: bastionFlag(options.bastion),
-      ...(options.os !== undefined ? { os: options.os } : {}),
-      ...(options.count !== undefined ? { count: String(options.count) } : {}),
-      ...(options.hosts !== undefined ? { hosts: options.hosts } : {}),
-      attr: attrFlags(options.attributes),
-      ...(options.out !== undefined ? { out: options.out } : {}),
-      ...(options.format !== undefined ? { format: options.format } : {}),
-      ...(options.config !== undefined ? { config: options.config } : {}),
+      os: options.os,
+      bastions: bastionNames(options.bastion),
+      count: options.count,
+      hosts: options.hosts,
+      attributes: options.attributes,
+      output: outputOf(options),
     },
     {
       built(r) {

@@ -68,9 +68,25 @@ export function parseAttrFlags(flags: string[] | undefined): Record<string, stri
   for (const f of flags ?? []) {
     const q = attributeQuery(f, "--attr", true);
     if (!q) throw new UserError(`--attr ${JSON.stringify(f)}: write KEY=VALUE (e.g. serial=SN0042)`);
-    if (q.key === "hostname") throw new UserError("--attr hostname=…: the hostname is the device's name, not factory data", { hint: "use --hostname" });
     if (q.key in attrs && attrs[q.key] !== q.value) throw new UserError(`--attr ${q.key} is given twice`);
     attrs[q.key] = q.value;
   }
-  return attrs;
+  return checkAttributes(attrs);
+}
+
+/**
+ * Factory data as a typed request carries it (the API's `attributes`, or `--attr` parsed):
+ * names normalised and checked, values checked, `hostname` refused (it is the device's name).
+ */
+export function checkAttributes(attrs: Record<string, string> | undefined): Record<string, string> {
+  const out: Record<string, string> = {};
+  for (const [given, value] of Object.entries(attrs ?? {})) {
+    const key = attributeName(given);
+    const bad = attributeNameProblem(key) ?? (value === "" ? "has no value" : attributeProblem(key, value));
+    if (bad) throw new UserError(`--attr ${JSON.stringify(`${given}=${value}`)}: ${attributeNameProblem(key) ? `'${given}' ` : ""}${bad}`, { hint: "factory data is KEY=VALUE, e.g. serial=SN0042" });
+    if (key === "hostname") throw new UserError("--attr hostname=…: the hostname is the device's name, not factory data", { hint: "use --hostname" });
+    if (key in out && out[key] !== value) throw new UserError(`--attr ${key} is given twice`);
+    out[key] = value;
+  }
+  return out;
 }

@@ -15,8 +15,9 @@ import { stderrLog } from "./output.js";
  * be dead on arrival. Without it (exports, ssh-config: existing devices, whose lines carry
  * their own expiry and which sshd refuses by itself once expired) it is only a warning.
  */
-export function resolveBastions(fleet: Fleet, flag: string | undefined, newLinesAt?: Date): Bastion[] {
-  const names = (flag ?? "").split(",").map((s) => s.trim()).filter(Boolean);
+export function resolveBastions(fleet: Fleet, given: string | string[] | undefined, newLinesAt?: Date): Bastion[] {
+  const names = bastionNames(given);
+  const flag = names.join(",");
   if (names.length === 0) {
     throw new UserError("--bastion is required", { hint: `name one or more of: ${[...fleet.bastions.keys()].join(", ")} (e.g. --bastion eu,us)` });
   }
@@ -40,6 +41,11 @@ export function resolveBastions(fleet: Fleet, flag: string | undefined, newLines
     if (passed) stderrLog(false).warn(`${fleet.file} bastions.${n}.expiry: ${passed}: the lines of its devices are expired and sshd refuses them`);
     return b;
   });
+}
+
+/** `--bastion eu,us` (or the API's list) → the names, in order. */
+export function bastionNames(given: string | string[] | undefined): string[] {
+  return (Array.isArray(given) ? given : (given ?? "").split(",")).map((s) => s.trim()).filter(Boolean);
 }
 
 /** Why a bastion's `expiry:` is over at `at` (a date that has passed), or undefined. */

@@ -9,20 +9,23 @@ import { existsSync, unlinkSync } from "node:fs";
 import { basename, extname, join } from "node:path";
 import { setFlagsFromString } from "node:v8";
 import { configPath, loadFleet } from "../config/load.js";
-import { loadOrGenerateKey, resolveBastions } from "../device.js";
+import { checkAttributes, parseAttrFlags } from "../device-arg.js";
+import { bastionNames, loadOrGenerateKey, resolveBastions } from "../device.js";
+import { buildDevice, buildResult, contextOf, preflightImageForm, provisionalEntries, reservedClaim, reserveRequest, settle, type BuildResult, type Claim, type DeviceRequest } from "../device/flow.js";
+import { outputOf } from "../device/outputs/index.js";
+import { pendingFiles } from "../device/outputs/tar.js";
+import type { BatchRequest } from "../device/requests.js";
 import { isUserError, UserError } from "../errors.js";
 import { StagedGroups, writeFileAtomic } from "../fsutil.js";
 import { readHostRows, type HostRow } from "../hosts-file.js";
 import { out, Progress, stderrLog, type Log } from "../output.js";
 import { archiveEpoch } from "../overlay/archive.js";
-import { overlayPath, pendingFiles, renderDevice, type Rendered } from "../pipeline.js";
+import { overlayPath, renderDevice, type Rendered } from "../pipeline.js";
 import { loadProfiles, resolveBoardOs } from "../profiles.js";
-import { openRegistry } from "../registry/open.js";
-import { ReservationLost } from "../registry/rows.js";
-import type { DeviceRecord, DeviceState } from "../registry/types.js";
-import { buildDevice, buildResult, contextOf, Interrupted, preflightImageForm, provisionalEntries, reserveRequest, unplace, watchSignals, withOutDir, withStation, type BuildResult, type DeviceRequest, type OutputOptions, type Station } from "../station.js";
+import { PortsExhausted, ReservationLost } from "../registry/rows.js";
+import type { DeviceState } from "../registry/types.js";
+import { Interrupted, watchSignals, withOutDir, withStation, type OutputOptions, type Station } from "../station.js";
 import { hostnameProblem } from "../validate.js";
-import { parseAttrFlags } from "../device-arg.js";
 
 export interface BatchOptions extends OutputOptions {
   board: string;
@@ -37,6 +40,30 @@ export interface BatchOptions extends OutputOptions {
   quiet?: boolean;
   /** false with --no-progress. */
   progress?: boolean;
+}
+
+/** The most devices one batch builds. */
+const MAX_COUNT = 100_000;
+
+/** batch's flags → the typed request the API takes too. */
+export function batchRequest(opts: BatchOptions): BatchRequest {
+  let count: number | undefined;
+  if (opts.count !== undefined) {
+    if (!/^\d+$/.test(opts.count)) throw new UserError(`--count ${opts.count}: a whole number from 1 to ${MAX_COUNT}`);
+    count = Number(opts.count);
+  }
+  const { out: o, format, apply, image, rootPartition, compress, force } = opts;
+  return {
+    config: opts.config,
+    board: opts.board,
+    os: opts.os,
+    bastions: bastionNames(opts.bastion),
+    count,
+    hosts: opts.hosts,
+    attributes: parseAttrFlags(opts.attr),
+    output: { out: o, format, apply, image, rootPartition, compress, force },
+    forceConfigChange: Boolean(opts.forceConfigChange),
+  };
 }
 
 /** Devices reserved, written and activated together: one sync of each kind per chunk. */
@@ -77,17 +104,21 @@ const turn = (): Promise<void> => new Promise((resolve) => setImmediate(resolve)
 /**
  * One chunk of a tar-form batch: reserve all (one transaction, a savepoint each), render all,
  * write all archives under temp names (synced together), confirm the reservations are still
- * this station's, rename device by device, activate all. A device that fails at any step gives
- * its reservation back and is reported; the others stand. Asked to stop (SIGINT, SIGTERM)
- * before the first rename, the chunk gives every reservation back (its devices are "not
- * built"); from the first rename on it is finished. Killed midway (SIGKILL), the pending
- * devices are finished or reclaimed by `registry doctor`. Returns whether the run stopped.
+ * this station's, rename device by device, activate all. Each device is a claim of the device
+ * flow (device/flow.ts) and a device that fails at any step is settled by its rule (`settle`:
+ * before its rename, the reservation is given back) and reported; the others stand. Asked to
+ * stop (SIGINT, SIGTERM) before the first rename, the chunk gives every reservation back (its
+ * devices are "not built"); from the first rename on it is finished. Killed midway (SIGKILL),
+ * the pending devices are finished or reclaimed by `registry doctor`. Returns why the run
+ * stops: asked to, or a port range is full (every later device would fail the same way).
  */
-async function chunked(st: Station, chunk: ChunkItem[], common: Omit<DeviceRequest, "hostname" | "dk">, report: Outcomes): Promise<boolean> {
+async function chunked(st: Station, chunk: ChunkItem[], common: Omit<DeviceRequest, "hostname" | "dk">, report: Outcomes): Promise<"stopped" | PortsExhausted | undefined> {
   const { registry } = st;
+  const output = outputOf(st.emit);
   const outcome: (BuildResult | UserError | typeof NOT_BUILT)[] = new Array(chunk.length);
   await turn();
   let stopped = st.stopRequested() !== undefined;
+  let full: PortsExhausted | undefined;
   const asked: { i: number; req: DeviceRequest }[] = [];
   chunk.forEach(({ wanted, attributes }, i) => {
     if (stopped) {
@@ -103,89 +134,116 @@ async function chunked(st: Station, chunk: ChunkItem[], common: Omit<DeviceReque
     }
   });
   const reserved = asked.length > 0 ? await registry.reserveMany(asked.map((a) => reserveRequest(st, a.req))) : [];
-  const ready: { i: number; device: DeviceRecord; req: DeviceRequest; r: Rendered }[] = [];
-  /** Gives the reservations of `xs` back: the run stopped before they were written. */
-  const giveBack = async (xs: { i: number; device: DeviceRecord }[]) => {
-    for (const x of xs) {
-      await registry.abandon(x.device.hostname);
-      outcome[x.i] = NOT_BUILT;
-    }
+  type Flying = { i: number; claim: Claim; req: DeviceRequest };
+  const flying: Flying[] = [];
+  const ready: (Flying & { r: Rendered })[] = [];
+  /** The device-flow rule for a device of the chunk that failed (or was stopped) before its rename. */
+  const fail = async (x: Flying, e: unknown) => {
+    const err = await settle(st, x.claim, e, false);
+    if (err instanceof Interrupted) outcome[x.i] = NOT_BUILT;
+    else if (isUserError(err)) outcome[x.i] = err;
+    else throw err;
   };
+  const stopNow = (): boolean => (stopped ||= st.stopRequested() !== undefined);
+  const notDone = (x: Flying) => x.claim.notDone(st.stopRequested() ?? "stop");
   try {
     for (const [k, res] of reserved.entries()) {
       const { i, req } = asked[k]!;
       if (res instanceof UserError) {
-        outcome[i] = res;
+        // The first device that finds a range full fails with it; the rest of the chunk is not built.
+        if (res instanceof PortsExhausted) full ??= res;
+        outcome[i] = full && full !== res ? NOT_BUILT : res;
         continue;
       }
+      const x = { i, req, claim: reservedClaim(st, res) };
+      flying.push(x);
       st.leases.add(res.hostname);
-      if (stopped || st.stopRequested()) {
-        stopped = true;
-        await giveBack([{ i, device: res }]);
+      if (stopNow()) {
+        await fail(x, notDone(x));
         continue;
       }
       try {
-        ready.push({ i, device: res, req, r: await renderDevice(contextOf(st, res, req)) });
+        ready.push({ ...x, r: await renderDevice(contextOf(st, res, req)) });
         report.work(res.hostname);
         if (ready.length % 16 === 0) await turn();
       } catch (e) {
-        await registry.abandon(res.hostname);
-        if (!isUserError(e)) throw e;
-        outcome[i] = e;
+        await fail(x, e);
       }
     }
-    if (stopped || st.stopRequested()) {
-      stopped = true;
-      await giveBack(ready.splice(0));
-    }
+    if (stopNow()) for (const x of ready.splice(0)) await fail(x, notDone(x));
     let staged: StagedGroups;
     try {
       staged = new StagedGroups(ready.map((x) => pendingFiles(x.r)));
     } catch (e) {
       // Nothing of the chunk reached a final name (a full disk, say): give every port back.
-      for (const x of ready) await registry.abandon(x.device.hostname);
+      for (const x of ready) await settle(st, x.claim, e, false);
       throw e;
     }
     const placed: typeof ready = [];
     try {
       // The point of no return is the first rename: stopping before it leaves nothing behind.
       await turn();
-      if (ready.length > 0 && st.stopRequested()) {
-        stopped = true;
-        await giveBack(ready.splice(0));
-      }
-      const held = await registry.confirm(ready.map((x) => x.device.hostname));
+      if (ready.length > 0 && stopNow()) for (const x of ready.splice(0)) await fail(x, notDone(x));
+      const held = await registry.confirm(ready.map((x) => x.claim.device.hostname));
       for (const [k, x] of ready.entries()) {
-        if (!held.has(x.device.hostname)) {
+        const hostname = x.claim.device.hostname;
+        if (!held.has(hostname)) {
           staged.discard(k);
-          outcome[x.i] = new ReservationLost(x.device.hostname);
+          await fail(x, new ReservationLost(hostname));
           continue;
         }
         const err = staged.commit(k);
         if (err === undefined) placed.push(x);
-        else {
-          if (!isUserError(err)) throw err;
-          outcome[x.i] = err;
-          await registry.abandon(x.device.hostname);
-        }
+        else await fail(x, err);
       }
       // One directory sync for the chunk's new names (before they count as activated).
       staged.finish();
     } finally {
       staged.discardRest();
     }
-    const lost = new Set(await registry.activateMany(placed.map((x) => x.device.hostname)));
+    const lost = new Set(await registry.activateMany(placed.map((x) => x.claim.device.hostname)));
     for (const x of placed) {
-      if (lost.has(x.device.hostname)) {
-        unplace(x.r, st.emit.form);
-        outcome[x.i] = new ReservationLost(x.device.hostname);
-      } else outcome[x.i] = buildResult(x.device, x.req.dk, x.r, false);
+      const hostname = x.claim.device.hostname;
+      if (lost.has(hostname)) {
+        output.remove(x.r);
+        outcome[x.i] = new ReservationLost(hostname);
+      } else outcome[x.i] = buildResult(x.claim.device, x.req.dk, x.r, false);
     }
   } finally {
-    for (const x of reserved) if (!(x instanceof UserError)) st.leases.delete(x.hostname);
+    for (const x of flying) st.leases.delete(x.claim.device.hostname);
   }
   outcome.forEach((o, i) => (o === NOT_BUILT ? report.notBuilt(chunk[i]!) : o instanceof UserError ? report.fail(chunk[i]!, o) : report.succeed(o)));
-  return stopped || st.stopRequested() !== undefined;
+  return stopped || st.stopRequested() !== undefined ? "stopped" : full;
+}
+
+/**
+ * A chunk of a batch in the image or folder form: device after device through the device
+ * flow's `buildDevice`. Returns why the run stops, as `chunked` does.
+ */
+async function oneByOne(st: Station, chunk: ChunkItem[], common: Omit<DeviceRequest, "hostname" | "dk">, report: Outcomes): Promise<"stopped" | PortsExhausted | undefined> {
+  let why: "stopped" | PortsExhausted | undefined;
+  for (const item of chunk) {
+    await turn();
+    if (why !== undefined || st.stopRequested()) {
+      why ??= "stopped";
+      report.notBuilt(item);
+      continue;
+    }
+    try {
+      checkName(item.wanted);
+      report.succeed(await buildDevice(st, { ...common, hostname: item.wanted, dk: loadOrGenerateKey(undefined), attributes: item.attributes }));
+    } catch (e) {
+      if (e instanceof Interrupted) {
+        why = "stopped";
+        report.notBuilt(item);
+        continue;
+      }
+      if (!isUserError(e)) throw e;
+      if (e instanceof PortsExhausted) why = e;
+      report.fail(item, e);
+    }
+  }
+  return why;
 }
 
 export interface BatchSummary {
@@ -198,6 +256,8 @@ export interface BatchSummary {
   notBuilt: { count: number; hostnames: string[] };
   /** Why the run stopped early (SIGINT, SIGTERM, an abort), or null. */
   stopped: string | null;
+  /** A port range ran full: the batch stopped at once (the rest not built), or null. */
+  full: UserError | null;
   /**
    * --hosts: the rows not built (stopped or failed), written next to the outputs with the same
    * columns, to be fed back as --hosts; null when every row is built.
@@ -224,31 +284,30 @@ export interface BatchHooks {
  * The batch without printing (the CLI and the API): inputs checked before anything is
  * reserved, then chunk after chunk until done or asked to stop (`stop`).
  */
-export async function runBatch(opts: BatchOptions, hooks: BatchHooks, stop?: AbortSignal): Promise<BatchSummary> {
-  if ((opts.count === undefined) === (opts.hosts === undefined)) throw new UserError("batch needs exactly one of --count N or --hosts FILE");
+export async function runBatch(req: BatchRequest, hooks: BatchHooks, stop?: AbortSignal): Promise<BatchSummary> {
+  if ((req.count === undefined) === (req.hosts === undefined)) throw new UserError("batch needs exactly one of --count N or --hosts FILE");
+  if (req.count !== undefined && !(Number.isInteger(req.count) && req.count >= 1 && req.count <= MAX_COUNT)) throw new UserError(`--count ${req.count}: a whole number from 1 to ${MAX_COUNT}`);
   const now = new Date();
-  const fleet = await loadFleet(configPath(opts.config), now);
-  const { board, os } = resolveBoardOs(await loadProfiles(), opts.board, opts.os);
-  const bastions = resolveBastions(fleet, opts.bastion, now);
-  const common = parseAttrFlags(opts.attr);
+  const fleet = await loadFleet(configPath(req.config), now);
+  const { board, os } = resolveBoardOs(await loadProfiles(), req.board, req.os);
+  const bastions = resolveBastions(fleet, req.bastions, now);
+  const common = checkAttributes(req.attributes);
   let names: { hostname: string | undefined; attributes: Record<string, string> }[];
   let rows: HostRow[] = [];
-  if (opts.count !== undefined) {
-    const n = Number(opts.count);
-    if (!/^\d+$/.test(String(opts.count)) || n < 1 || n > 100_000) throw new UserError(`--count ${opts.count}: a whole number from 1 to 100000`);
-    names = Array.from({ length: n }, () => ({ hostname: undefined, attributes: common }));
+  if (req.count !== undefined) {
+    names = Array.from({ length: req.count }, () => ({ hostname: undefined, attributes: common }));
   } else {
-    rows = readHostRows(opts.hosts!);
+    rows = readHostRows(req.hosts!);
     const clash = rows.find((r) => Object.keys(common).some((k) => k in r.fields && r.fields[k] !== common[k]));
     if (clash) {
       const k = Object.keys(common).find((x) => x in clash.fields)!;
-      throw new UserError(`--attr ${k}=${common[k]}: ${opts.hosts}:${clash.line} gives ${k} = ${JSON.stringify(clash.fields[k])}`, { hint: `drop --attr ${k}, or the '${k}' column` });
+      throw new UserError(`--attr ${k}=${common[k]}: ${req.hosts}:${clash.line} gives ${k} = ${JSON.stringify(clash.fields[k])}`, { hint: `drop --attr ${k}, or the '${k}' column` });
     }
     names = rows.map((r) => ({ hostname: r.hostname, attributes: { ...common, ...r.fields } }));
-    if (names.length === 0) throw new UserError(`--hosts ${opts.hosts}: no hostnames in it`);
+    if (names.length === 0) throw new UserError(`--hosts ${req.hosts}: no hostnames in it`);
   }
   const epoch = archiveEpoch();
-  const summary: BatchSummary = { total: names.length, built: 0, skipped: [], failed: [], notBuilt: { count: 0, hostnames: [] }, stopped: null, remaining: null, completed: null };
+  const summary: BatchSummary = { total: names.length, built: 0, skipped: [], failed: [], notBuilt: { count: 0, hostnames: [] }, stopped: null, full: null, remaining: null, completed: null };
   const builtNames = new Set<string>();
   const notBuilt = (wanted: string | undefined) => {
     summary.notBuilt.count++;
@@ -268,64 +327,29 @@ export async function runBatch(opts: BatchOptions, hooks: BatchHooks, stop?: Abo
     notBuilt: (item) => notBuilt(item.wanted),
     work: (h) => hooks.work?.(h),
   };
-  await withOutDir(opts, async (outDir, form) => {
+  await withOutDir(req.output, async (outDir, form) => {
     // --image: the base is checked (and its bmap computed, once for the batch) before anything
     // is reserved; every device brings a new key, so any identity in the base is another's.
     if (form.kind === "image") await preflightImageForm(form, provisionalEntries(fleet, { board, os, bastions, hostname: undefined, dk: loadOrGenerateKey(undefined) }, now), undefined, [], outDir);
-    await withStation(
-      fleet,
-      { outDir, form, epoch },
-      hooks.log ?? stderrLog(true),
-      now,
-      () => openRegistry(fleet.registry),
-      async (st) => {
-        if (opts.hosts !== undefined) names = await resumeShift(st, names, summary, report, hooks);
-        hooks.starting?.(names.length);
-        for (let start = 0; start < names.length; start += CHUNK) {
-          if (st.stopRequested()) {
-            for (const n of names.slice(start)) notBuilt(n.hostname);
-            break;
-          }
-          const chunk = names.slice(start, start + CHUNK).map((n, j) => ({ wanted: n.hostname, attributes: n.attributes, label: n.hostname ?? `device ${start + j + 1}` }));
-          if (form.kind === "tar") {
-            if (await chunked(st, chunk, { board, os, bastions }, report)) {
-              for (const n of names.slice(start + CHUNK)) notBuilt(n.hostname);
-              break;
-            }
-            continue;
-          }
-          let stopped = false;
-          for (const item of chunk) {
-            await turn();
-            if (stopped || st.stopRequested()) {
-              stopped = true;
-              report.notBuilt(item);
-              continue;
-            }
-            try {
-              checkName(item.wanted);
-              report.succeed(await buildDevice(st, { board, os, bastions, hostname: item.wanted, dk: loadOrGenerateKey(undefined), attributes: item.attributes }));
-            } catch (e) {
-              if (e instanceof Interrupted) {
-                stopped = true;
-                report.notBuilt(item);
-                continue;
-              }
-              if (!isUserError(e)) throw e;
-              report.fail(item, e);
-            }
-          }
-          if (stopped) {
-            for (const n of names.slice(start + CHUNK)) notBuilt(n.hostname);
-            break;
-          }
+    await withStation({ fleet, emit: { outDir, form, epoch }, log: hooks.log ?? stderrLog(true), now, stop, forceConfigChange: req.forceConfigChange }, async (st) => {
+      if (req.hosts !== undefined) names = await resumeShift(st, names, summary, report, hooks);
+      hooks.starting?.(names.length);
+      for (let start = 0; start < names.length; start += CHUNK) {
+        if (st.stopRequested()) {
+          for (const n of names.slice(start)) notBuilt(n.hostname);
+          break;
         }
-        summary.stopped = st.stopRequested() ?? null;
-      },
-      stop,
-      { forceConfigChange: Boolean(opts.forceConfigChange) },
-    );
-    const hosts = opts.hosts;
+        const chunk = names.slice(start, start + CHUNK).map((n, j) => ({ wanted: n.hostname, attributes: n.attributes, label: n.hostname ?? `device ${start + j + 1}` }));
+        const why = form.kind === "tar" ? await chunked(st, chunk, { board, os, bastions }, report) : await oneByOne(st, chunk, { board, os, bastions }, report);
+        if (why === undefined) continue;
+        // Stopped, or a port range is full: the rest is not built (nothing reserved for it).
+        if (why instanceof PortsExhausted) summary.full = why;
+        for (const n of names.slice(start + CHUNK)) notBuilt(n.hostname);
+        break;
+      }
+      summary.stopped = st.stopRequested() ?? null;
+    });
+    const hosts = req.hosts;
     if (hosts !== undefined) writeRemaining(hosts, outDir, rows, builtNames, summary);
   });
   return summary;
@@ -428,7 +452,7 @@ export async function batchCommand(opts: BatchOptions): Promise<void> {
   let summary: BatchSummary;
   try {
     summary = await runBatch(
-      opts,
+      batchRequest(opts),
       {
         starting(total) {
           const tty = Boolean(process.stderr.isTTY);
@@ -474,5 +498,12 @@ export async function batchCommand(opts: BatchOptions): Promise<void> {
     throw new Interrupted(stopped, lines.join("\n"));
   }
   log.info(`batch done: ${built} built${already}, ${failed.length} failed${summary.completed ? `; shift complete (removed ${summary.completed})` : ""}`);
-  if (failed.length > 0) throw new UserError(`${failed.length} of ${total} device(s) failed (see above); the others are built and registered${resume ? `; ${resume}` : ""}`, { exitCode: 1 });
+  const builtOf = `${built} of ${total} device(s) built and registered${built > 0 ? ` (${first}${built > 1 ? ` … ${last}` : ""})` : ""}`;
+  if (summary.full) {
+    const rest = notBuilt.count > 0 ? `, ${notBuilt.count} not built (nothing reserved for them)` : "";
+    const more = failed.length > 1 ? `, ${failed.length - 1} other(s) failed (see above)` : "";
+    throw new UserError(`${summary.full.message}: the batch stopped there; ${builtOf}${already}${rest}${more}${resume ? `; ${resume}` : ""}`, { exitCode: 1, ...(summary.full.hint ? { hint: summary.full.hint } : {}) });
+  }
+  const others = built === 0 ? "none was built" : built + failed.length + skipped.length === total ? "the others are built and registered" : builtOf;
+  if (failed.length > 0) throw new UserError(`${failed.length} of ${total} device(s) failed (see above); ${others}${resume ? `; ${resume}` : ""}`, { exitCode: 1 });
 }

@@ -1,17 +1,22 @@
 /**
- * `mkoverlay [build] --board B --bastion eu[,us]`: one device end to end. Everything the user
- * can get wrong is checked first; then the station's device flow (station.ts) reserves the
- * port, writes the overlay atomically and activates the device.
+ * `mkoverlay [build] --board B --bastion eu[,us]`: one device end to end. The flags are parsed
+ * into the typed request the API takes too (device/requests.ts); `runBuild` checks everything
+ * the user can get wrong first, then the device flow (device/flow.ts) reserves the port (or
+ * finds the device, for a re-flash), writes the output atomically and registers it. `image`
+ * is the same build with an image output.
  */
 import { configPath, loadFleet } from "../config/load.js";
-import { checkHostnameFlag, loadOrGenerateKey, resolveBastions } from "../device.js";
+import { attributeQuery, checkAttributes, findDevice, parseAttrFlags } from "../device-arg.js";
+import { bastionNames, checkHostnameFlag, loadOrGenerateKey, resolveBastions } from "../device.js";
+import { buildDevice, preflightImageForm, provisionalEntries, type BuildResult } from "../device/flow.js";
+import type { BuildRequest } from "../device/requests.js";
 import { UserError } from "../errors.js";
+import { publicKeyLine } from "../keys/ed25519.js";
 import { out, stderrLog, type Log } from "../output.js";
 import { archiveEpoch } from "../overlay/archive.js";
+import { overlayPath } from "../pipeline.js";
 import { loadProfiles, resolveBoardOs } from "../profiles.js";
-import { openRegistry } from "../registry/open.js";
-import { buildDevice, interruptible, withOutDir, withStation, type BuildResult, type OutputOptions } from "../station.js";
-import { attributeQuery, findDevice, parseAttrFlags } from "../device-arg.js";
+import { interruptible, withOutDir, withStation, type OutputOptions } from "../station.js";
 
 export interface BuildOptions extends OutputOptions {
   board: string;
@@ -26,33 +31,63 @@ export interface BuildOptions extends OutputOptions {
   quiet?: boolean;
 }
 
-export async function runBuild(opts: BuildOptions, log: Log = stderrLog(Boolean(opts.quiet) || Boolean(opts.json)), stop?: AbortSignal): Promise<BuildResult> {
+/** build's (and image's) flags → the typed request. */
+export function buildRequest(opts: BuildOptions, output: OutputOptions = opts): BuildRequest {
+  return {
+    config: opts.config,
+    board: opts.board,
+    os: opts.os,
+    bastions: bastionNames(opts.bastion),
+    hostname: opts.hostname,
+    hostKey: opts.hostKey,
+    attributes: parseAttrFlags(opts.attr),
+    output,
+    forceConfigChange: Boolean(opts.forceConfigChange),
+  };
+}
+
+export interface RunOptions {
+  log?: Log;
+  stop?: AbortSignal | undefined;
+  /** How the output's image option is spelt in messages (`--base` for `mkoverlay image`). */
+  imageFlag?: string;
+}
+
+export async function runBuild(req: BuildRequest, run: RunOptions = {}): Promise<BuildResult> {
+  const log = run.log ?? stderrLog(true);
   const now = new Date();
-  const fleet = await loadFleet(configPath(opts.config), now);
-  const { board, os } = resolveBoardOs(await loadProfiles(), opts.board, opts.os);
-  const bastions = resolveBastions(fleet, opts.bastion, now);
+  const fleet = await loadFleet(configPath(req.config), now);
+  const { board, os } = resolveBoardOs(await loadProfiles(), req.board, req.os);
+  const bastions = resolveBastions(fleet, req.bastions, now);
   // `--hostname serial=SN0042` names a registered device (a re-flash), looked up below.
-  const byAttribute = opts.hostname !== undefined && attributeQuery(opts.hostname, "--hostname") !== undefined;
-  let hostname = byAttribute ? undefined : checkHostnameFlag(opts.hostname);
-  const attributes = parseAttrFlags(opts.attr);
-  const dk = loadOrGenerateKey(opts.hostKey);
+  const byAttribute = req.hostname !== undefined && attributeQuery(req.hostname, "--hostname") !== undefined;
+  const hostname = byAttribute ? undefined : checkHostnameFlag(req.hostname);
+  const attributes = checkAttributes(req.attributes);
+  const dk = loadOrGenerateKey(req.hostKey);
   if (byAttribute && !dk.imported) {
-    throw new UserError(`--hostname ${opts.hostname}: names a registered device, and a new build needs a new name`, {
-      hint: "re-flash it with its key (--host-key FILE), or give it a new key with 'mkoverlay rotate " + opts.hostname + "'",
+    throw new UserError(`--hostname ${req.hostname}: names a registered device, and a new build needs a new name`, {
+      hint: "re-flash it with its key (--host-key FILE), or give it a new key with 'mkoverlay rotate " + req.hostname + "'",
     });
   }
   const epoch = archiveEpoch();
-  return withOutDir(opts, (outDir, form) =>
-    withStation(fleet, { outDir, form, epoch }, log, now, () => openRegistry(fleet.registry), async (st) => {
-      if (byAttribute) hostname = (await findDevice(st.registry, opts.hostname!, "--hostname", ["active"])).hostname;
-      return buildDevice(st, { board, os, bastions, hostname, dk, attributes });
-    }, stop, { forceConfigChange: Boolean(opts.forceConfigChange) }),
+  return withOutDir(
+    req.output,
+    async (outDir, form) => {
+      const emit = { outDir, form, epoch };
+      // An image: everything its base can be refused for is checked before a port is reserved.
+      if (form.kind === "image") await preflightImageForm(form, provisionalEntries(fleet, { board, os, bastions, hostname, dk, attributes }, now), publicKeyLine(dk.key.pub), hostname ? [overlayPath(emit, hostname)] : [], outDir);
+      return withStation({ fleet, emit, log, now, stop: run.stop, forceConfigChange: req.forceConfigChange }, async (st) => {
+        const name = byAttribute ? (await findDevice(st.registry, req.hostname!, "--hostname", ["active"])).hostname : hostname;
+        return buildDevice(st, { board, os, bastions, hostname: name, dk, attributes });
+      });
+    },
+    run.imageFlag,
   );
 }
 
 export function buildCommand(opts: BuildOptions): Promise<void> {
   return interruptible(async (stop) => {
-    const r = await runBuild(opts, undefined, stop);
+    const r = await runBuild(buildRequest(opts), { log: stderrLog(Boolean(opts.quiet) || Boolean(opts.json)), stop });
     const { authorizedKeysText, ...json } = r;
     out(opts.json ? JSON.stringify(json) : authorizedKeysText);
     return `${r.hostname} was built and registered`;

@@ -6,17 +6,15 @@
  */
 import { withFleetRegistry } from "../context.js";
 import { loadOrGenerateKey } from "../device.js";
+import { rotateDevice, type RotateResult } from "../device/flow.js";
+import type { RotateRequest } from "../device/requests.js";
 import { UserError } from "../errors.js";
-import { publicKeyLine } from "../keys/ed25519.js";
-import { out, stderrLog } from "../output.js";
+import { out, stderrLog, type Log } from "../output.js";
 import { archiveEpoch } from "../overlay/archive.js";
-import { deviceBastions, deviceProfiles, overlayPath, renderDevice } from "../pipeline.js";
+import { deviceBastions, deviceProfiles } from "../pipeline.js";
 import { loadProfiles } from "../profiles.js";
-import { dialsJson } from "../config/compat.js";
-import { contextOf, interruptible, Interrupted, place, unplace, withOutDir, withStation, type OutputOptions } from "../station.js";
-import { openRegistry } from "../registry/open.js";
+import { interruptible, withOutDir, withStation, type OutputOptions } from "../station.js";
 import { configPath, loadFleet } from "../config/load.js";
-import { ReservationLost } from "../registry/rows.js";
 import { nameProblem } from "../validate.js";
 import { findDevice } from "../device-arg.js";
 
@@ -63,78 +61,34 @@ export interface RotateOptions extends OutputOptions {
 }
 
 /**
- * A rotation in two phases, like a build: the new key is recorded as pending (a second
- * rotation of the same device is refused meanwhile), the new overlay is written, and only
- * then does the registry — and so every export — switch keys, keeping the old one valid for
- * the grace period so the device in the field is not locked out before its new overlay lands.
+ * `rotate DEVICE`: the flags parsed into the typed request; the rotation itself is the device
+ * flow's (device/flow.ts `rotateDevice`): the new key pending, the new overlay placed, then the
+ * registry switches keys, keeping the old one valid for the grace period so the device in the
+ * field is not locked out before its new overlay lands.
  */
 export function rotateCommand(arg: string, opts: RotateOptions): Promise<void> {
   return interruptible(async (stop) => {
-    await rotate(arg, opts, stop);
+    const req: RotateRequest = { config: opts.config, device: arg, hostKey: opts.hostKey, graceMs: parseGrace(opts.grace ?? "7d"), output: opts, forceConfigChange: Boolean(opts.forceConfigChange) };
+    const { text, ...json } = await runRotate(req, stderrLog(Boolean(opts.quiet) || Boolean(opts.json)), stop);
+    out(opts.json ? JSON.stringify(json) : text);
     return "the rotation was complete";
   });
 }
 
-export async function rotate(arg: string, opts: RotateOptions, stop: AbortSignal): Promise<void> {
-  const log = stderrLog(Boolean(opts.quiet) || Boolean(opts.json));
-  const graceMs = parseGrace(opts.grace ?? "7d");
-  const dk = loadOrGenerateKey(opts.hostKey);
+export async function runRotate(req: RotateRequest, log: Log, stop?: AbortSignal): Promise<RotateResult> {
+  const dk = loadOrGenerateKey(req.hostKey);
   const epoch = archiveEpoch();
   const profiles = await loadProfiles();
   const now = new Date();
-  const fleet = await loadFleet(configPath(opts.config), now);
-  const result = await withOutDir(opts, (outDir, form) =>
-    withStation(fleet, { outDir, form, epoch }, log, now, () => openRegistry(fleet.registry), async (st) => {
-      const { registry } = st;
-      const d = await findDevice(registry, arg, "rotate", ["active"]);
-      const hostname = d.hostname;
-      if (d.status !== "active") throw new UserError(`rotate ${hostname}: the device is ${d.status}`);
-      if (dk.fingerprint === d.fingerprint) throw new UserError(`rotate ${hostname}: that is already its key`);
-      const { board, os } = deviceProfiles(profiles, d);
-      const bastions = deviceBastions(fleet, d);
-      const publicKey = publicKeyLine(dk.key.pub);
-      const stopped = st.stopRequested();
-      if (stopped) throw new Interrupted(stopped, `interrupted by ${stopped}: ${hostname} was not rotated`);
-      await registry.beginRotate(hostname, d.fingerprint, publicKey, dk.fingerprint, overlayPath(st.emit, hostname), dialsJson(fleet, bastions, d.dials));
-      st.leases.add(hostname);
-      let placed = false;
-      try {
-        const r = await renderDevice(contextOf(st, { ...d, publicKey, fingerprint: dk.fingerprint }, { board, os, bastions, dk }));
-        // Stopping before the new overlay is in place leaves the device as it was.
-        await place(st, hostname, r, true, (why) => new Interrupted(why, `interrupted by ${why}: ${hostname} was not rotated (it keeps its key)`));
-        placed = true;
-        const graceUntil = graceMs > 0 ? new Date(Date.now() + graceMs) : undefined;
-        try {
-          await registry.commitRotate(hostname, dk.fingerprint, graceUntil);
-        } catch (e) {
-          if (e instanceof ReservationLost) unplace(r, st.emit.form);
-          throw e;
-        }
-        log.info(`rotated ${hostname}: new key ${dk.fingerprint}, port ${d.port} kept; wrote ${r.overlay}`);
-        log.info(graceUntil ? `the old key stays valid until ${graceUntil.toISOString()} (or until a bastion agent sees the new one)` : "the old key is no longer valid");
-        return {
-          hostname,
-          port: d.port,
-          fingerprint: dk.fingerprint,
-          previousFingerprint: d.fingerprint,
-          graceUntil: graceUntil?.toISOString() ?? null,
-          overlay: r.overlay,
-          authorizedKeys: r.lines,
-          text: r.text,
-        };
-      } catch (e) {
-        // The new overlay in place replaced the old one: dropping the new key now would lock the
-        // device out. The rotation stays pending; the doctor finishes it once its lease runs out.
-        if (placed && !(e instanceof ReservationLost)) log.warn(`${hostname}: the new overlay was written but the rotation not recorded; 'mkoverlay registry doctor --fix' finishes it`);
-        else await registry.abortRotate(hostname, dk.fingerprint).catch(() => undefined);
-        throw e;
-      } finally {
-        st.leases.delete(hostname);
-      }
-    }, stop, { forceConfigChange: Boolean(opts.forceConfigChange) }),
+  const fleet = await loadFleet(configPath(req.config), now);
+  return withOutDir(req.output, (outDir, form) =>
+    withStation({ fleet, emit: { outDir, form, epoch }, log, now, stop, forceConfigChange: req.forceConfigChange }, async (st) => {
+      const d = await findDevice(st.registry, req.device, "rotate", ["active"]);
+      if (d.status !== "active") throw new UserError(`rotate ${d.hostname}: the device is ${d.status}`);
+      if (dk.fingerprint === d.fingerprint) throw new UserError(`rotate ${d.hostname}: that is already its key`);
+      return rotateDevice(st, d, { ...deviceProfiles(profiles, d), bastions: deviceBastions(fleet, d), dk }, req.graceMs);
+    }),
   );
-  const { text, ...json } = result;
-  out(opts.json ? JSON.stringify(json) : text);
 }
 
 /** `registry remove-bastion NAME`: a retired bastion comes off every registered device. */

@@ -21,6 +21,7 @@ import { existsSync, realpathSync, statSync } from "node:fs";
 import { dirname, join, resolve } from "node:path";
 import { attributeName, attributeNameProblem } from "../attributes.js";
 import { configPath, loadFleet } from "../config/load.js";
+import { bastionNames } from "../device.js";
 import { UserError } from "../errors.js";
 import { out, stderrLog } from "../output.js";
 import { openRegistry } from "../registry/open.js";
@@ -110,11 +111,12 @@ export async function runProvisionerHook(_boot: string, rootArg: string, opts: P
       hint: `revoke all but one ('mkoverlay revoke HOST'), then provision the device again`,
     });
   }
-  const common = { config, out: outDir, quiet: opts.quiet };
+  const output = { out: outDir, apply: root };
+  const flowLog = stderrLog(Boolean(opts.quiet));
   const d = live[0];
   if (!d) {
     const { runBuild } = await import("./build.js");
-    const b = await runBuild({ ...common, board: opts.board, bastion: opts.bastion, os: opts.os, attr: [`${key}=${serial}`], apply: root }, undefined, stop);
+    const b = await runBuild({ config, board: opts.board, bastions: bastionNames(opts.bastion), os: opts.os, attributes: { [key]: serial }, output }, { log: flowLog, stop });
     out(b.authorizedKeysText);
     log.info(`${serial}: built ${b.hostname} (port ${b.port}) into ${root}`);
     return { action: "built", hostname: b.hostname };
@@ -124,9 +126,9 @@ export async function runProvisionerHook(_boot: string, rootArg: string, opts: P
     log.info(`${serial}: laid ${d.hostname}'s overlay ${d.overlay} into ${root}`);
     return { action: "laid", hostname: d.hostname };
   }
-  const { rotate } = await import("./lifecycle.js");
-  // rotate prints the new lines itself.
-  await rotate(`${key}=${serial}`, { ...common, apply: root, grace: opts.grace ?? "0", quiet: true }, stop ?? new AbortController().signal);
+  const { parseGrace, runRotate } = await import("./lifecycle.js");
+  const r = await runRotate({ config, device: `${key}=${serial}`, graceMs: parseGrace(opts.grace ?? "0"), output }, stderrLog(true), stop);
+  out(r.text);
   log.info(`${serial}: ${d.hostname} was provisioned before; rotated it onto ${root} (same name and port ${d.port}, a new key)`);
   return { action: "rotated", hostname: d.hostname };
 }

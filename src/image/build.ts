@@ -22,6 +22,7 @@ import { parseBmap, renderBmap, scanBmap, updateBmap, type Bmap } from "./bmap.j
 import { checkNotInUse } from "./busy.js";
 import { compressZstd } from "./compress.js";
 import { copyImage, type CopyMethod } from "./copy.js";
+import { imageFiles } from "./names.js";
 import { blocksOfBytes } from "./extents.js";
 import { layTree, OutsideExtent, preflight, type LayResult, type Listing } from "./lay.js";
 import { findRoot, type RootFs } from "./root.js";
@@ -85,8 +86,7 @@ export async function stageImage(job: ImageJob): Promise<StagedImage> {
     ms[k] = Math.round(now - t);
     t = now;
   };
-  const final = job.compress === "zstd" ? `${job.image}.zst` : job.image;
-  const bmapPath = `${job.image}.bmap`;
+  const { file: final, bmap: bmapPath } = imageFiles(job.image, job.compress);
   const tmpFinal = job.compress === "zstd" ? tempNameFor(final) : tmp;
   const tmpBmap = tempNameFor(bmapPath);
   const temps = [tmp, tmpFinal, tmpBmap];
@@ -236,7 +236,7 @@ export async function writeIntoImage(opts: { image: string; entries: readonly En
  * layout, e.g. from `bmaptool create`, is rebuilt from scratch). No bmap: one is made.
  */
 async function refreshBmap(image: string, undo: string): Promise<{ bmap?: string }> {
-  const path = `${image}.bmap`;
+  const path = imageFiles(image).bmap;
   let old: Bmap | undefined;
   try {
     old = parseBmap(readFileSync(path, "utf8"));

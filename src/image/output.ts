@@ -21,6 +21,7 @@ import { checkNotInUse } from "./busy.js";
 import { checkIdentity, identityOf } from "./identity.js";
 import { checkConflicts, preflight, type Listing } from "./lay.js";
 import { ImageTreeView } from "./reader.js";
+import type { ImageFiles } from "./names.js";
 import { findRoot } from "./root.js";
 
 /**
@@ -70,12 +71,12 @@ function checkOutputRoom(base: string, outDir: string): void {
   throw new UserError(`--out ${outDir}: ${GB(free)} free, but an image of ${base} needs about ${GB(need)}`, { hint: "free space there, or write the images elsewhere (--out); a file system with reflinks (XFS, btrfs) needs almost none" });
 }
 
-export async function stageDeviceImage(form: ImageForm, finalPath: string, entries: readonly Entry[], epoch: number): Promise<StagedImage> {
+export async function stageDeviceImage(form: ImageForm, files: ImageFiles, entries: readonly Entry[], epoch: number): Promise<StagedImage> {
   // A previous image of this device may be under that name: refuse to replace one in use.
-  if (existsSync(finalPath)) checkNotInUse(finalPath);
+  if (existsSync(files.file)) checkNotInUse(files.file);
   return stageImage({
     base: form.base,
-    image: finalPath.replace(/\.zst$/, ""),
+    image: files.raw,
     entries,
     epoch,
     ...(form.rootPartition === undefined ? {} : { rootPartition: form.rootPartition }),

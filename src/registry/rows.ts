@@ -70,14 +70,20 @@ export const hostnameTaken = (name: string, status: string): UserError =>
 export const keyTaken = (hostname: string, how = "already registered to"): UserError =>
   new UserError(`this key is ${how} ${hostname}`, { hint: "each device needs its own key" });
 
-export const noFreePort = (range: PortRange, service?: string): UserError =>
+/**
+ * A port range has no free port left: every later reservation in it would fail the same way,
+ * so a batch stops at once on it (commands/batch.ts) instead of failing device by device.
+ */
+export class PortsExhausted extends UserError {
+  constructor(message: string, hint: string) {
+    super(message, { hint });
+  }
+}
+
+export const noFreePort = (range: PortRange, service?: string): PortsExhausted =>
   service === undefined
-    ? new UserError(`no free tunnel port left in ports.ssh ${range.lo}-${range.hi}`, {
-        hint: "widen ports.ssh in the config, or release quarantined ports of revoked devices",
-      })
-    : new UserError(`no free service port left in ports.services ${range.lo}-${range.hi} (for forward '${service}')`, {
-        hint: "widen ports.services in the config, or release quarantined ports of revoked devices",
-      });
+    ? new PortsExhausted(`no free tunnel port left in ports.ssh ${range.lo}-${range.hi}`, "widen ports.ssh in the config, or release quarantined ports of revoked devices")
+    : new PortsExhausted(`no free service port left in ports.services ${range.lo}-${range.hi} (for forward '${service}')`, "widen ports.services in the config, or release quarantined ports of revoked devices");
 
 /**
  * A station's reservation is gone: its lease ran out and `registry doctor` reclaimed it while

@@ -1,0 +1,58 @@
+/**
+ * The output forms a device can be written as, and what a rendered device holds: the types the
+ * output modules (tar.ts, dir.ts, apply.ts, image.ts) and the pipeline share.
+ */
+import type { Bmap } from "../../image/bmap.js";
+import type { Tree } from "../../overlay/tree.js";
+
+/**
+ * A per-device disk image: the base with the overlay laid into its root partition
+ * (`mkoverlay image`, `batch --image`). `baseMap` is the base's bmap, computed once per run
+ * (and cached per base) before anything is reserved.
+ */
+export interface ImageForm {
+  kind: "image";
+  base: string;
+  rootPartition: number | undefined;
+  compress: "zstd" | undefined;
+  /** --force: lay the overlay even over another device's mkoverlay identity. */
+  force: boolean;
+  baseMap?: Bmap;
+  /** The base's listing of the overlay's directories (image/lay.ts), made by the preflight. */
+  baseListing?: Map<string, Map<string, { mode: number }>>;
+}
+
+export type OutputForm = { kind: "tar" } | { kind: "dir" } | { kind: "apply"; root: string } | ImageForm;
+
+export interface Emit {
+  outDir: string;
+  form: OutputForm;
+  epoch: number;
+}
+
+export interface Emitted {
+  overlay: string;
+  authorizedKeysFile: string;
+  lines: Record<string, string>;
+  text: string;
+}
+
+/** Everything a device's outputs hold, rendered in memory (nothing written yet). */
+export interface Rendered extends Emitted {
+  tree: Tree;
+  archive: Buffer | undefined;
+}
+
+/** What the device flow sees of an output form (device/outputs/index.ts picks one). */
+export interface DeviceOutput {
+  /** The overlay's final name for a device (what the registry records, and the doctor checks). */
+  path(hostname: string): string;
+  /**
+   * Writes the device under temp names, awaits `ready()` (which throws when the device must not
+   * be placed: a stop asked for, the reservation lost), then gives it its final names; on any
+   * failure nothing stays under a final name.
+   */
+  place(r: Rendered, ready: () => Promise<void>): Promise<void>;
+  /** Removes what `place` put in place (the reservation was lost after it). */
+  remove(r: Rendered): void;
+}
