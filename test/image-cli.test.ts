@@ -190,6 +190,18 @@ describe.runIf(tools || inCI)("mkoverlay image", () => {
     expect(fsck({ path: flashed, rootOffset: gpt.rootOffset }).code).toBe(0);
   });
 
+  it("takes build's set-up: --attr is recorded, and --hostname serial=… with its key re-flashes the device as an image (issue 23)", () => {
+    const w = workspace("attr");
+    const out = join(w.ws, "out");
+    const first = JSON.parse(ok(w.cli(["image", "--base", mbr.path, "--board", "rpi4", "--bastion", "eu", "--host-key", hostKey, "--attr", "serial=SN0099", "--out", out, "--json"]))) as { hostname: string; port: number; attributes: Record<string, string>; rebuilt: boolean };
+    expect(first).toMatchObject({ attributes: { serial: "SN0099" }, rebuilt: false });
+    const again = JSON.parse(ok(w.cli(["image", "--base", mbr.path, "--board", "rpi4", "--bastion", "eu", "--host-key", hostKey, "--hostname", "serial=SN0099", "--out", out, "--json"]))) as typeof first & { image: string; bmap: string };
+    expect(again).toMatchObject({ hostname: first.hostname, port: first.port, attributes: { serial: "SN0099" }, rebuilt: true });
+    expect(again.bmap).toBe(`${again.image}.bmap`);
+    expect(existsSync(again.bmap)).toBe(true);
+    expect(w.devices()).toEqual([expect.objectContaining({ hostname: first.hostname, status: "active", port: first.port })]);
+  });
+
   it("verify of an image whose overlay was tampered with fails (exit 1), naming the file", () => {
     const w = workspace("tamper");
     const r = JSON.parse(ok(w.cli(["image", "--base", mbr.path, "--board", "rpi4", "--bastion", "eu", "--out", join(w.ws, "out"), "--json"]))) as { overlay: string };
