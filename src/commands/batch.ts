@@ -11,7 +11,7 @@ import { setFlagsFromString } from "node:v8";
 import { configPath, loadFleet } from "../config/load.js";
 import { checkAttributes, parseAttrFlags } from "../device-arg.js";
 import { bastionNames, loadOrGenerateKey, resolveBastions } from "../device.js";
-import { buildDevice, buildResult, contextOf, preflightImageForm, provisionalEntries, reservedClaim, reserveRequest, settle, type BuildResult, type Claim, type DeviceRequest } from "../device/flow.js";
+import { buildDevice, buildResult, contextOf, lostAfterPlacing, preflightImageForm, provisionalEntries, reservedClaim, reserveRequest, settle, type BuildResult, type Claim, type DeviceRequest } from "../device/flow.js";
 import { outputOf } from "../device/outputs/index.js";
 import { pendingFiles } from "../device/outputs/tar.js";
 import type { BatchRequest } from "../device/requests.js";
@@ -204,10 +204,8 @@ async function chunked(st: Station, chunk: ChunkItem[], common: Omit<DeviceReque
     const lost = new Set(await registry.activateMany(placed.map((x) => x.claim.device.hostname)));
     for (const x of placed) {
       const hostname = x.claim.device.hostname;
-      if (lost.has(hostname)) {
-        output.remove(x.r);
-        outcome[x.i] = new ReservationLost(hostname);
-      } else outcome[x.i] = buildResult(x.claim.device, x.req.dk, x.r, false);
+      if (lost.has(hostname)) outcome[x.i] = lostAfterPlacing(output, x.r, new ReservationLost(hostname));
+      else outcome[x.i] = buildResult(x.claim.device, x.req.dk, x.r, false);
     }
   } finally {
     for (const x of flying) st.leases.delete(x.claim.device.hostname);

@@ -63,9 +63,9 @@ export async function writeCommand(overlay: string, opts: WriteOptions): Promise
   const t0 = performance.now();
   if (opts.image !== undefined) {
     refuseCompressed(opts.image, "--image");
-    const { writeIntoImage } = await import("../image/build.js");
+    const [{ writeIntoImage }, { imageFiles }] = await Promise.all([import("../image/build.js"), import("../image/names.js")]);
     // The image's bmap is updated, or made when it has none (bmaptool copy then writes only the used blocks).
-    const hadBmap = existsSync(`${opts.image}.bmap`);
+    const hadBmap = existsSync(imageFiles(opts.image).bmap);
     const r = await writeIntoImage({ image: opts.image, entries, epoch, ...rp, check });
     const ms = Math.round(performance.now() - t0);
     log.info(`laid ${entries.length} entries into ${opts.image} (${r.created} created, ${r.replaced} replaced, ${r.kept} directories kept; ${ms} ms)${r.bmap ? `; ${hadBmap ? "refreshed" : "made"} ${r.bmap}` : ""}`);

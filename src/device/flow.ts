@@ -171,13 +171,21 @@ export async function settle(st: Station, claim: Claim, err: unknown, placed: bo
   return err;
 }
 
-/** Commits a placed device; a reservation lost meanwhile takes its output away again. */
+/**
+ * A placed device whose reservation was lost before it was committed (the doctor reclaimed it):
+ * its port may be another's by now, so its output is taken away again. Returns the error.
+ */
+export function lostAfterPlacing(output: DeviceOutput, r: Rendered, e: ReservationLost): ReservationLost {
+  output.remove(r);
+  return e;
+}
+
+/** Commits a placed device (`lostAfterPlacing` if the reservation was lost meanwhile). */
 export async function commitPlaced(claim: Claim, r: Rendered, output: DeviceOutput): Promise<void> {
   try {
     await claim.commit(r);
   } catch (e) {
-    if (e instanceof ReservationLost) output.remove(r);
-    throw e;
+    throw e instanceof ReservationLost ? lostAfterPlacing(output, r, e) : e;
   }
 }
 
