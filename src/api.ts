@@ -113,7 +113,7 @@ export interface BatchResult {
   failed: BatchFailure[];
   /** Rows of `hosts` already built by an earlier run of the shift (their output in place): not built again. */
   skipped: { hostname: string; port: number; overlay: string }[];
-  /** Devices not built because the batch was stopped (nothing is reserved for them). */
+  /** Devices not built because the batch was stopped, or a port range ran full (then `failed` names the device that met it); nothing is reserved for them. */
   notBuilt: { count: number; hostnames: string[] };
   /** `hosts`: the file of rows not built (stopped or failed), next to the outputs; feed it back to finish. */
   remaining: string | null;
