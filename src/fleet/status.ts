@@ -116,18 +116,25 @@ export function lastSightings(devices: DeviceRecord[], obs: Observations): Map<s
 
 const ago = (now: Date, iso: string): number => now.getTime() - Date.parse(iso);
 
-export function fleetStatus(devices: DeviceRecord[], obs: Observations, o: StatusOptions): FleetStatus {
-  const only = (b: string) => o.bastion === undefined || o.bastion === b;
-  const beats = new Map(obs.heartbeats.map((h) => [h.bastion, h]));
-  const fresh = (b: string): boolean => {
-    const h = beats.get(b);
-    return h !== undefined && ago(o.now, h.at) <= 3 * h.intervalS * 1000;
-  };
+/** What every part of one status computation shares: the options, the agents' heartbeats, which bastions count. */
+interface Ctx {
+  o: StatusOptions;
+  only: (bastion: string) => boolean;
+  beats: Map<string, Observations["heartbeats"][number]>;
+  /** The bastion's agent reported within three of its intervals: what it says holds now. */
+  fresh: (bastion: string) => boolean;
+}
+
+/**
+ * The agents' live listeners → which device is connected where. Only the tunnel user's sshd
+ * session that logged in with the device's own key counts; anything else on a device's port is
+ * an alarm (port-squatted, unknown-listener, key-mismatch), as is a revoked device connected.
+ */
+function connections(devices: DeviceRecord[], obs: Observations, c: Ctx, alarms: Alarm[]): Map<string, DeviceView["connected"]> {
   const byPort = new Map(devices.map((d) => [d.port, d]));
   const connectedOn = new Map<string, DeviceView["connected"]>();
-  const alarms: Alarm[] = [];
   for (const s of obs.sightings) {
-    if (!s.connected || !only(s.bastion) || !fresh(s.bastion)) continue;
+    if (!s.connected || !c.only(s.bastion) || !c.fresh(s.bastion)) continue;
     // Whose port it is now (a port released and handed out again belongs to its new device).
     const d = byPort.get(s.port);
     const holder = d ?? devices.find((x) => Object.values(x.services).includes(s.port));
@@ -151,30 +158,55 @@ export function fleetStatus(devices: DeviceRecord[], obs: Observations, o: Statu
     if (d.status === "revoked") alarms.push({ kind: "revoked-connected", bastion: s.bastion, hostname: d.hostname, port: s.port, message: `${d.hostname} is revoked but connected to ${s.bastion} (port ${s.port}) since ${s.since}` });
     connectedOn.set(d.hostname, [...(connectedOn.get(d.hostname) ?? []), { bastion: s.bastion, since: s.since, ...(s.fingerprint ? { fingerprint: s.fingerprint } : {}) }]);
   }
+  return connectedOn;
+}
+
+/** When each bastion stops accepting a device's key (the minute its expiry-time holds), for an active device. */
+function expiriesOf(d: DeviceRecord, c: Ctx, sighted: Map<string, Date>): DeviceView["expires"] {
+  // Only an active device's key is served by the bastions.
+  const pub = c.o.expiry && d.status === "active" ? ed25519Key(d.publicKey) : "";
+  if (typeof pub === "string") return [];
+  const out: DeviceView["expires"] = [];
+  for (const b of d.bastions) {
+    const p = c.o.expiry!.get(b);
+    const t = p && c.only(b) ? keyExpiry(p, new Date(d.created), pub, sighted.get(d.hostname)) : undefined;
+    // The minute expiry-time holds (the line truncates): when sshd starts refusing.
+    if (t instanceof Date) out.push({ bastion: b, at: new Date(Math.floor(t.getTime() / 60_000) * 60_000).toISOString() });
+  }
+  return out;
+}
+
+/** `expired` after a bastion's expiry, `expiring` within `--expiring-within` of it. */
+function expiryAlarms(d: DeviceRecord, expires: DeviceView["expires"], c: Ctx, alarms: Alarm[]): void {
+  if (d.status !== "active") return;
+  const within = c.o.expiringWithinMs ?? DEFAULT_EXPIRING_WITHIN_MS;
+  for (const e of expires) {
+    const left = Date.parse(e.at) - c.o.now.getTime();
+    if (left <= 0) alarms.push({ kind: "expired", bastion: e.bastion, hostname: d.hostname, message: `${d.hostname}: its key expired on ${e.bastion} at ${e.at}` });
+    else if (left <= within) alarms.push({ kind: "expiring", bastion: e.bastion, hostname: d.hostname, message: `${d.hostname}: its key expires on ${e.bastion} at ${e.at} (in ${left < 172_800_000 ? `${Math.ceil(left / 3600_000)}h` : `${Math.floor(left / 86400_000)}d`})` });
+  }
+}
+
+export function fleetStatus(devices: DeviceRecord[], obs: Observations, o: StatusOptions): FleetStatus {
+  const only = (b: string) => o.bastion === undefined || o.bastion === b;
+  const beats = new Map(obs.heartbeats.map((h) => [h.bastion, h]));
+  const fresh = (b: string): boolean => {
+    const h = beats.get(b);
+    return h !== undefined && ago(o.now, h.at) <= 3 * h.intervalS * 1000;
+  };
+  const c: Ctx = { o, only, beats, fresh };
+  const alarms: Alarm[] = [];
+  const connectedOn = connections(devices, obs, c, alarms);
   const history = new Map<string, Observations["history"]>();
   for (const h of obs.history) if (only(h.bastion)) history.set(h.hostname, [...(history.get(h.hostname) ?? []), h]);
-  const within = o.expiringWithinMs ?? DEFAULT_EXPIRING_WITHIN_MS;
   const sighted = o.expiry && o.expiry.size > 0 ? lastSightings(devices, obs) : new Map<string, Date>();
-  const expiresOf = (d: DeviceRecord): DeviceView["expires"] => {
-    // Only an active device's key is served by the bastions.
-    const pub = o.expiry && d.status === "active" ? ed25519Key(d.publicKey) : "";
-    if (typeof pub === "string") return [];
-    const out: DeviceView["expires"] = [];
-    for (const b of d.bastions) {
-      const p = o.expiry!.get(b);
-      const t = p && only(b) ? keyExpiry(p, new Date(d.created), pub, sighted.get(d.hostname)) : undefined;
-      // The minute expiry-time holds (the line truncates): when sshd starts refusing.
-      if (t instanceof Date) out.push({ bastion: b, at: new Date(Math.floor(t.getTime() / 60_000) * 60_000).toISOString() });
-    }
-    return out;
-  };
   const views: DeviceView[] = [];
   for (const d of devices) {
     if (d.status === "pending") continue;
     if (o.bastion !== undefined && !d.bastions.includes(o.bastion) && !connectedOn.has(d.hostname)) continue;
     const hist = history.get(d.hostname) ?? [];
     const conn = connectedOn.get(d.hostname) ?? [];
-    const lastSeen = conn.length > 0 ? (conn.map((c) => beats.get(c.bastion)!.at).sort().at(-1) ?? null) : (hist.map((h) => h.lastSeen).sort().at(-1) ?? null);
+    const lastSeen = conn.length > 0 ? (conn.map((x) => beats.get(x.bastion)!.at).sort().at(-1) ?? null) : (hist.map((h) => h.lastSeen).sort().at(-1) ?? null);
     const firstSeen = hist.map((h) => h.firstSeen).sort()[0] ?? null;
     const anyFresh = d.bastions.some((b) => only(b) && fresh(b));
     let state: DeviceState;
@@ -185,29 +217,27 @@ export function fleetStatus(devices: DeviceRecord[], obs: Observations, o: Statu
     if (state === "never-seen" && d.status === "active") {
       alarms.push({ kind: "never-seen", hostname: d.hostname, message: `${d.hostname} was built ${d.created} and has never connected` });
     }
-    const expires = expiresOf(d);
-    if (d.status === "active") {
-      for (const e of expires) {
-        const left = Date.parse(e.at) - o.now.getTime();
-        if (left <= 0) alarms.push({ kind: "expired", bastion: e.bastion, hostname: d.hostname, message: `${d.hostname}: its key expired on ${e.bastion} at ${e.at}` });
-        else if (left <= within) alarms.push({ kind: "expiring", bastion: e.bastion, hostname: d.hostname, message: `${d.hostname}: its key expires on ${e.bastion} at ${e.at} (in ${left < 172_800_000 ? `${Math.ceil(left / 3600_000)}h` : `${Math.floor(left / 86400_000)}d`})` });
-      }
-    }
+    const expires = expiriesOf(d, c, sighted);
+    expiryAlarms(d, expires, c, alarms);
     views.push({ hostname: d.hostname, status: d.status, bastions: d.bastions, port: d.port, state, connected: conn, firstSeen, lastSeen, seenOn: [...new Set(hist.map((h) => h.bastion))], created: d.created, expires, attributes: d.attributes });
   }
-  const names = [...new Set([...(o.knownBastions ?? []), ...obs.heartbeats.map((h) => h.bastion)])].filter(only).sort();
-  const bastions = names.map((name): BastionView => {
-    const h = beats.get(name);
-    if (!fresh(name)) alarms.push({ kind: "bastion-silent", bastion: name, message: h ? `${name}: no report from its agent since ${h.at}` : `${name}: its agent has never reported` });
+  return { at: o.now.toISOString(), devices: views, bastions: bastionViews(devices, views, obs, c, alarms), alarms };
+}
+
+/** Per bastion: its agent's last report (a silent one is an alarm), devices connected and expected, keys expiring. */
+function bastionViews(devices: DeviceRecord[], views: DeviceView[], obs: Observations, c: Ctx, alarms: Alarm[]): BastionView[] {
+  const names = [...new Set([...(c.o.knownBastions ?? []), ...obs.heartbeats.map((h) => h.bastion)])].filter(c.only).sort();
+  return names.map((name): BastionView => {
+    const h = c.beats.get(name);
+    if (!c.fresh(name)) alarms.push({ kind: "bastion-silent", bastion: name, message: h ? `${name}: no report from its agent since ${h.at}` : `${name}: its agent has never reported` });
     return {
       name,
       heartbeat: h?.at ?? null,
-      fresh: fresh(name),
-      connected: views.filter((v) => v.connected.some((c) => c.bastion === name)).length,
+      fresh: c.fresh(name),
+      connected: views.filter((v) => v.connected.some((x) => x.bastion === name)).length,
       expected: devices.filter((d) => d.status === "active" && d.bastions.includes(name)).length,
       expiring: alarms.filter((a) => a.kind === "expiring" && a.bastion === name).length,
       expired: alarms.filter((a) => a.kind === "expired" && a.bastion === name).length,
     };
   });
-  return { at: o.now.toISOString(), devices: views, bastions, alarms };
 }

@@ -17,6 +17,7 @@ import { agentCommand, unitPathProblem } from "../../bastion/unit.js";
 import type { Fleet } from "../../config/fleet.js";
 import { configPath, loadFleet, parseFleet } from "../../config/load.js";
 import { resolveBastions } from "../../device/inputs.js";
+import { isRegistryUrl } from "../../config/registry-location.js";
 import { UserError } from "../../util/errors.js";
 import { out, stderrLog } from "../../util/log.js";
 import { openRegistry } from "../../registry/open.js";
@@ -50,14 +51,18 @@ export interface InstallOpts {
   sshdVersion?: string;
 }
 
-const isUrl = (s: string): boolean => /^[a-z][a-z0-9+.-]*:\/\//i.test(s);
+/** Where the install goes and what the bastion will run: checked before anything is read or written. */
+interface Target {
+  root: string;
+  /** Installing into a mounted image (`--root`), not this host. */
+  image: boolean;
+  /** The registry location the agent will use: on this host a relative file path is taken from here. */
+  registry: string;
+  /** mkoverlay's command as the bastion will run it. */
+  exec: string[];
+}
 
-export async function bastionInstallCommand(opts: InstallOpts): Promise<void> {
-  const file = configPath(opts.config);
-  const fleet = await loadFleet(file);
-  const bs = resolveBastions(fleet, opts.bastion);
-  if (bs.length !== 1) throw new UserError(`--bastion ${opts.bastion}: name exactly one bastion`);
-  const bastion = bs[0]!;
+function targetOf(opts: InstallOpts, fleet: Fleet): Target {
   const root = resolve(opts.root ?? "/");
   const image = root !== "/";
   // Into an image, nothing of this station may be written: what the bastion will see must be said.
@@ -67,19 +72,29 @@ export async function bastionInstallCommand(opts: InstallOpts): Promise<void> {
   if (image && opts.registry === undefined) {
     throw new UserError("--root: give --registry LOCATION, the registry as the bastion's agent will reach it (e.g. postgres://mkoverlay_bastion@db/fleet)", { hint: "the config's registry is this station's" });
   }
-  if (image && !isUrl(opts.registry!) && !isAbsolute(opts.registry!)) {
+  if (image && !isRegistryUrl(opts.registry!) && !isAbsolute(opts.registry!)) {
     throw new UserError(`--registry ${opts.registry}: with --root, give the registry file's absolute path on the bastion`);
   }
-  // The registry location the agent will use: on this host a relative file path is taken from here.
-  const registry = opts.registry === undefined ? fleet.registry : isUrl(opts.registry) || image ? opts.registry : resolve(opts.registry);
+  const registry = opts.registry === undefined ? fleet.registry : isRegistryUrl(opts.registry) || image ? opts.registry : resolve(opts.registry);
   const exec = opts.mkoverlay ? [opts.mkoverlay] : [process.execPath, realpathSync(process.argv[1]!)];
+  return { root, image, registry, exec };
+}
+
+export async function bastionInstallCommand(opts: InstallOpts): Promise<void> {
+  const file = configPath(opts.config);
+  const fleet = await loadFleet(file);
+  const bs = resolveBastions(fleet, opts.bastion);
+  if (bs.length !== 1) throw new UserError(`--bastion ${opts.bastion}: name exactly one bastion`);
+  const bastion = bs[0]!;
+  const target = targetOf(opts, fleet);
+  const { root, image, exec } = target;
   const logger = stderrLog(Boolean(opts.json));
   const log = (m: string) => logger.info(m);
   const r = await install({
     fleet,
     bastion,
     root,
-    registry,
+    registry: target.registry,
     openRegistry,
     createUser: opts.createUser !== false,
     exec,
@@ -121,7 +136,6 @@ export async function bastionInstallCommand(opts: InstallOpts): Promise<void> {
   for (const f of r.written) log(`installed ${f}`);
   if (r.written.length === 0) log(`already installed: ${r.unchanged.length} file(s) unchanged`);
   if (r.initialKeys !== undefined) log(`key directory filled from the registry: ${r.initialKeys} key(s)`);
-  const unit = agentUnit(bastion.name);
   if (command !== null) {
     log(`${image ? `${root} has no systemd` : "systemd is not running here"}: start the agent with this command (under your service supervisor), then reload sshd:`);
     logger.info(`  ${command}`);
@@ -131,17 +145,26 @@ export async function bastionInstallCommand(opts: InstallOpts): Promise<void> {
     return;
   }
   if (image) {
-    log(`installed into ${root}; on first boot systemd starts ${unit} (enabled)${r.mode === "tunnel" ? `, then ${tunnelSshdUnit(bastion.name)} (enabled)` : ""} and sshd reads the drop-in`);
+    log(`installed into ${root}; on first boot systemd starts ${agentUnit(bastion.name)} (enabled)${r.mode === "tunnel" ? `, then ${tunnelSshdUnit(bastion.name)} (enabled)` : ""} and sshd reads the drop-in`);
     report(false);
     return;
   }
-  // The agent first (its key directory is what the tunnels' sshd asks), then the tunnels' sshd:
-  // reload-or-restart starts it the first time and re-reads a changed config without ending sessions.
-  const tunnelUnit = tunnelSshdUnit(bastion.name);
+  startServices(bastion.name, r.mode, bastion.port, log);
+  report(true);
+}
+
+/**
+ * On a running systemd host: the agent first (its key directory is what the tunnels' sshd
+ * asks), then the tunnels' sshd (reload-or-restart starts it the first time and re-reads a
+ * changed config without ending sessions), then the administrators' sshd reads the drop-in.
+ */
+function startServices(name: string, mode: string, port: number, log: (m: string) => void): void {
+  const unit = agentUnit(name);
+  const tunnelUnit = tunnelSshdUnit(name);
   const steps: [string[], string][] = [
     [["daemon-reload"], "systemctl daemon-reload"],
     [["restart", unit], `systemctl restart ${unit}`],
-    ...(r.mode === "tunnel" ? ([[["reload-or-restart", tunnelUnit], `systemctl reload-or-restart ${tunnelUnit}`]] as [string[], string][]) : []),
+    ...(mode === "tunnel" ? ([[["reload-or-restart", tunnelUnit], `systemctl reload-or-restart ${tunnelUnit}`]] as [string[], string][]) : []),
   ];
   for (const [args, what] of steps) {
     const s = systemctl(args);
@@ -150,6 +173,5 @@ export async function bastionInstallCommand(opts: InstallOpts): Promise<void> {
   const sshUnit = systemctl(["cat", "ssh.service"]).ok ? "ssh.service" : "sshd.service";
   const reload = systemctl(["reload-or-restart", sshUnit]);
   if (!reload.ok) throw new UserError(`systemctl reload-or-restart ${sshUnit} failed: ${reload.err}`, { hint: "the files are in place and sshd -t accepted them", exitCode: 1 });
-  log(`started ${unit}; ${r.mode === "tunnel" ? `started ${tunnelUnit} (the tunnels' sshd on port ${bastion.port}); ` : ""}reloaded ${sshUnit}`);
-  report(true);
+  log(`started ${unit}; ${mode === "tunnel" ? `started ${tunnelUnit} (the tunnels' sshd on port ${port}); ` : ""}reloaded ${sshUnit}`);
 }
