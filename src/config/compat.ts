@@ -14,7 +14,7 @@
  */
 import { createHash } from "node:crypto";
 import { isIP } from "node:net";
-import { UserError } from "../errors.js";
+import { UserError } from "../util/errors.js";
 import type { Bastion, Fleet, PortRange } from "./fleet.js";
 
 export interface BastionDial {

@@ -7,7 +7,7 @@
  * Default spread: a tenth of the duration, at most 30 days (`expirySpread: 0` turns it off).
  */
 import { createHash } from "node:crypto";
-import { LATEST_EXPIRY, parseExpiry } from "../validate.js";
+import { LATEST_EXPIRY, parseExpiry } from "../util/validate.js";
 
 const MINUTE = 60_000;
 const DAY = 24 * 60 * MINUTE;

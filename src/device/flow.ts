@@ -9,17 +9,17 @@
  */
 import { dialsJson } from "../config/compat.js";
 import type { Bastion, Fleet } from "../config/fleet.js";
-import type { DeviceKey } from "../device.js";
-import { UserError } from "../errors.js";
-import { serviceNames } from "../forwards.js";
+import type { DeviceKey } from "./inputs.js";
+import { UserError } from "../util/errors.js";
+import { serviceNames } from "../config/forwards.js";
 import { publicKeyLine } from "../keys/ed25519.js";
 import { buildOverlay } from "../overlay/steps.js";
 import type { Entry } from "../overlay/tree.js";
-import { deviceSpec, overlayPath, renderDevice, type DeviceContext, type Emitted, type OutputForm, type Rendered } from "../pipeline.js";
-import type { Board, OsProfile } from "../profiles.js";
+import { deviceSpec, overlayPath, renderDevice, type DeviceContext, type Emitted, type OutputForm, type Rendered } from "./pipeline.js";
+import type { Board, OsProfile } from "../config/profiles.js";
 import { ReservationLost } from "../registry/rows.js";
 import type { DeviceRecord, ReserveRequest } from "../registry/types.js";
-import { Interrupted, type Station } from "../station.js";
+import { Interrupted, type Station } from "./station.js";
 import { outputOf, type DeviceOutput } from "./outputs/index.js";
 
 /** One device to build, its inputs resolved (board, OS, bastions, key). */

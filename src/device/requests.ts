@@ -3,7 +3,7 @@
  * CLI parsed them from flags (commands/*.ts) or the API was handed them (api.ts). No flag
  * strings past this point: bastions are a list, factory data a record, a count a number.
  */
-import type { OutputOptions } from "../station.js";
+import type { OutputOptions } from "./station.js";
 
 /** What every device-building request has: the config, where the output goes, the override. */
 export interface StationRequest {

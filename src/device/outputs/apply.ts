@@ -3,7 +3,7 @@
  * file under temp names (overlay/apply.ts); the lines file goes to `--out`. What it replaced
  * in ROOT cannot be taken back, so removal leaves ROOT as it is.
  */
-import { writeFileAtomic } from "../../fsutil.js";
+import { writeFileAtomic } from "../../util/fsutil.js";
 import { writeTreeTo } from "../../overlay/apply.js";
 import type { DeviceOutput } from "./form.js";
 

@@ -4,7 +4,7 @@
  */
 import { rmSync } from "node:fs";
 import { join } from "node:path";
-import { removeFiles, writeFileAtomic } from "../../fsutil.js";
+import { removeFiles, writeFileAtomic } from "../../util/fsutil.js";
 import { writeTreeTo } from "../../overlay/apply.js";
 import type { DeviceOutput } from "./form.js";
 

@@ -2,25 +2,10 @@
  * The output forms a device can be written as, and what a rendered device holds: the types the
  * output modules (tar.ts, dir.ts, apply.ts, image.ts) and the pipeline share.
  */
-import type { Bmap } from "../../image/bmap.js";
+import type { ImageForm } from "../../image/output.js";
 import type { Tree } from "../../overlay/tree.js";
 
-/**
- * A per-device disk image: the base with the overlay laid into its root partition
- * (`mkoverlay image`, `batch --image`). `baseMap` is the base's bmap, computed once per run
- * (and cached per base) before anything is reserved.
- */
-export interface ImageForm {
-  kind: "image";
-  base: string;
-  rootPartition: number | undefined;
-  compress: "zstd" | undefined;
-  /** --force: lay the overlay even over another device's mkoverlay identity. */
-  force: boolean;
-  baseMap?: Bmap;
-  /** The base's listing of the overlay's directories (image/lay.ts), made by the preflight. */
-  baseListing?: Map<string, Map<string, { mode: number }>>;
-}
+export type { ImageForm };
 
 export type OutputForm = { kind: "tar" } | { kind: "dir" } | { kind: "apply"; root: string } | ImageForm;
 

@@ -5,7 +5,7 @@
  * pay for the image code), renamed once the caller says the device is still its own.
  */
 import { join } from "node:path";
-import { removeFiles, writeFileAtomic } from "../../fsutil.js";
+import { removeFiles, writeFileAtomic } from "../../util/fsutil.js";
 import { imageFiles, imageFilesOf, type ImageFiles } from "../../image/names.js";
 import type { DeviceOutput, ImageForm } from "./form.js";
 

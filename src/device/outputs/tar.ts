@@ -4,7 +4,7 @@
  * StagedGroups), so a batch chunk can stage many devices and sync them together.
  */
 import { join } from "node:path";
-import { removeFiles, StagedGroups, type PendingFile } from "../../fsutil.js";
+import { removeFiles, StagedGroups, type PendingFile } from "../../util/fsutil.js";
 import type { DeviceOutput, Rendered } from "./form.js";
 
 /** The files of a rendered tar-form device, to be staged and renamed together. */
