@@ -16,6 +16,7 @@ import { isPostgresUrl } from "../registry/location.js";
 import { openRegistry } from "../registry/open.js";
 import type { FleetStatus } from "../status.js";
 import { parseAfter, parseWithin } from "../status-options.js";
+import { durationFlag } from "../util/duration.js";
 
 /** uid of a local user, or undefined (getent: the user may come from any NSS source). */
 export function userId(name: string): number | undefined {
@@ -25,9 +26,11 @@ export function userId(name: string): number | undefined {
   return Number.isInteger(uid) ? uid : undefined;
 }
 
+/** `--resync`, `--interval`: whole seconds, at least 1, as a duration (a bare number is seconds). */
 export function seconds(flag: string, value: string): number {
-  if (!/^\d{1,6}$/.test(value) || Number(value) < 1) throw new UserError(`${flag} ${JSON.stringify(value)}: a whole number of seconds (at least 1)`);
-  return Number(value);
+  const ms = durationFlag(flag, value, { bareSeconds: true, maxMs: 7 * 86400_000, examples: "15, 30s, 2min" });
+  if (ms < 1000 || ms % 1000 !== 0) throw new UserError(`${flag} ${JSON.stringify(value)}: a whole number of seconds (at least 1)`, { hint: "e.g. 15, 30s or 2min" });
+  return ms / 1000;
 }
 
 const PRIORITY: Record<Level, number> = { error: 3, warn: 4, info: 6 };

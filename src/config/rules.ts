@@ -118,7 +118,7 @@ function bastionsRule(raw: FleetRaw, now: Date): Problem[] {
     }
     if (b.expiryRenewal !== undefined) {
       const at: Path = ["bastions", name, "expiryRenewal"];
-      const r = isDurationExpiry(b.expiryRenewal) ? parseExpiry(b.expiryRenewal, now) : "is not a duration (e.g. 90d, 12w, 6m, 1y)";
+      const r = isDurationExpiry(b.expiryRenewal) ? parseExpiry(b.expiryRenewal, now) : "is not a duration (e.g. 90d, 12w, 3months, 1y; README.md, Durations)";
       if (typeof r === "string") out.push({ path: at, message: `${JSON.stringify(b.expiryRenewal)} ${r}` });
       else if (b.expiry === undefined) out.push({ path: at, message: "needs a duration `expiry` (e.g. 365d) to renew" });
       else if (!isDurationExpiry(b.expiry)) out.push({ path: at, message: `only renews a duration expiry; ${JSON.stringify(b.expiry)} is a date, the same instant for every device (remove expiryRenewal, or use a duration)` });
