@@ -17,6 +17,7 @@ import { openRegistry } from "../registry/open.js";
 import type { FleetStatus } from "../status.js";
 import { parseAfter, parseWithin } from "../status-options.js";
 import { durationFlag } from "../util/duration.js";
+import { formatHostPort, parseHostPort } from "../util/hostport.js";
 
 /** uid of a local user, or undefined (getent: the user may come from any NSS source). */
 export function userId(name: string): number | undefined {
@@ -37,14 +38,14 @@ const PRIORITY: Record<Level, number> = { error: 3, warn: 4, info: 6 };
 
 /** `--metrics-listen`: a loopback address and port (the endpoint is for a node on the bastion). */
 export function loopbackEndpoint(v: string): { host: string; port: number } {
-  const m = /^(?:\[([0-9a-fA-F:.]+)\]|([0-9.]+|localhost)):(\d{1,5})$/.exec(v);
-  const host = m?.[1] ?? m?.[2];
-  const port = Number(m?.[3]);
+  const hp = parseHostPort(v);
+  // An IPv6 address only in brackets (`::1:9273` is not read as one).
+  const host = typeof hp === "string" || (isIP(hp.host) === 6 && !v.startsWith("[")) ? undefined : hp.host;
   const loopback = host === "localhost" || host === "::1" || (host !== undefined && isIP(host) === 4 && host.startsWith("127."));
-  if (!m || !loopback || port < 1 || port > 65535) {
+  if (typeof hp === "string" || !loopback) {
     throw new UserError(`--metrics-listen ${JSON.stringify(v)}: a loopback address and port, e.g. 127.0.0.1:9273 or [::1]:9273`, { hint: "the metrics stay on the bastion; a Prometheus node there scrapes them" });
   }
-  return { host, port };
+  return { host, port: hp.port };
 }
 
 export async function bastionAgentCommand(opts: {
@@ -111,9 +112,9 @@ async function serveMetrics(at: { host: string; port: number }, status: () => Pr
       );
   });
   await new Promise<void>((resolve, reject) => {
-    server.once("error", (e) => reject(new UserError(`--metrics-listen ${at.host}:${at.port}: ${(e as Error).message}`)));
+    server.once("error", (e) => reject(new UserError(`--metrics-listen ${formatHostPort(at.host, at.port)}: ${(e as Error).message}`)));
     server.listen(at.port, at.host, resolve);
   });
-  log("info", `metrics on http://${at.host.includes(":") ? `[${at.host}]` : at.host}:${at.port}/metrics`);
+  log("info", `metrics on http://${formatHostPort(at.host, at.port)}/metrics`);
   return server;
 }

@@ -152,6 +152,13 @@ export const FleetSchema = z
       .strictObject({
         ssh: portRange.default("21000-21999").describe("Tunnel ports for the device's sshd (-R), one per device"),
         services: portRange.default("22000-22999").describe("Ports for extra service tunnels"),
+        allowPrivileged: z
+          .string()
+          .min(1)
+          .optional()
+          .describe(
+            "Allow ports below 1024 in ssh/services, with your reason as the value (e.g. \"the bastions set net.ipv4.ip_unprivileged_port_start=0\"): the tunnel user is not root and cannot bind them otherwise",
+          ),
       })
       .default({ ssh: "21000-21999", services: "22000-22999" }),
     bastions: z
