@@ -121,8 +121,9 @@ export function durationFlag(flag: string, value: string, rules: FlagRules): num
   const ms = durationMs(value, rules);
   if (typeof ms === "number") return ms;
   const why = ms.startsWith("is not a duration (") ? "not a duration" : ms.replace(/^is /, "");
-  const alternatives = [rules.zero && rules.zeroMeans, rules.bareSeconds && (rules.bareMeans ?? "a bare number is seconds")].filter(Boolean).join(", ");
+  const zero = rules.zero && rules.zeroMeans ? `, or ${rules.zeroMeans}` : "";
+  const bare = rules.bareSeconds ? `; ${rules.bareMeans ?? "a bare number is seconds"}` : "";
   throw new UserError(`${flag} ${JSON.stringify(value)}: ${why}`, {
-    hint: `use e.g. ${rules.examples}${alternatives ? `, or ${alternatives}` : ""}; a duration is ${DURATION_GRAMMAR} (${DURATION_DOCS})`,
+    hint: `use e.g. ${rules.examples}${zero}${bare}; units: s, min (or m), h, d, w (${DURATION_DOCS})`,
   });
 }
