@@ -54,7 +54,7 @@ writeFileSync(
   [
     `export { buildImage, baseBmap, writeIntoImage } from ${JSON.stringify(join(ROOT, "src/image/build.ts"))};`,
     `export { entriesOf } from ${JSON.stringify(join(ROOT, "src/image/lay.ts"))};`,
-    `export { openOverlay } from ${JSON.stringify(join(ROOT, "src/overlay/read.ts"))};`,
+    `export { openOverlay } from ${JSON.stringify(join(ROOT, "src/image/open.ts"))};`,
   ].join("\n"),
 );
 await build({

@@ -13,14 +13,14 @@
  * internals), so the published declarations stay small and stable; the API test compiles a
  * separate package against them.
  */
-import { runBatch } from "./commands/batch.js";
-import { runBuild } from "./commands/build.js";
-import { runVerify } from "./commands/verify.js";
-import { UserError } from "./errors.js";
-import { quietLog } from "./output.js";
-import type { BuildResult as InternalBuildResult } from "./station.js";
+import { runBatch } from "./cli/commands/batch.js";
+import { runBuild } from "./cli/commands/build.js";
+import { runVerify } from "./cli/commands/verify.js";
+import { UserError } from "./util/errors.js";
+import { quietLog } from "./util/log.js";
+import type { BuildResult as InternalBuildResult } from "./device/station.js";
 
-export { UserError } from "./errors.js";
+export { UserError } from "./util/errors.js";
 
 /** Where the fleet config is: this file, else $MKOVERLAY_CONFIG, else ./mkoverlay.yaml. */
 export interface ConfigOption {

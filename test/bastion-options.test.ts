@@ -8,7 +8,7 @@
 import { writeFileSync } from "node:fs";
 import { join } from "node:path";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
-import { expiryTimeOption, LATEST_EXPIRY, cidrProblem, parseExpiry } from "../src/validate.js";
+import { expiryTimeOption, LATEST_EXPIRY, cidrProblem, parseExpiry } from "../src/util/validate.js";
 import { startSshd, type Sshd } from "./helpers/sshd.js";
 import { readPub, removeDir, run, sshKeygen, tempDir } from "./helpers/workspace.js";
 

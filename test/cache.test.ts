@@ -7,7 +7,7 @@
 import { appendFileSync, cpSync, existsSync, mkdirSync, readdirSync, readFileSync, rmSync, symlinkSync, utimesSync, writeFileSync } from "node:fs";
 import { join } from "node:path";
 import { afterAll, describe, expect, it } from "vitest";
-import { pruneCache } from "../src/cache.js";
+import { pruneCache } from "../src/util/cache.js";
 import { readPub, REPO, removeDir, run, runCli, sshKeygen, tempDir, TEST_CACHE, writeFleet } from "./helpers/workspace.js";
 
 const dir = tempDir("mko-cache-test-");
@@ -62,7 +62,7 @@ describe("the cache is keyed on the build", () => {
     writeFileSync(join(cache, entry!), JSON.stringify(data));
     expect(build()).toContain('from="127.0.0.1/8"'); // the same build trusts its own entry
     // "Build B": the validators' source changed.
-    appendFileSync(join(inst, "src/validate.ts"), "\n// a change in the validators\n");
+    appendFileSync(join(inst, "src/util/validate.ts"), "\n// a change in the validators\n");
     bundle();
     expect(build()).toContain('from="198.51.100.0/24"');
   });

@@ -1,19 +1,19 @@
 /**
  * Commander does the bookkeeping (issue 23): options several commands share are defined once
- * (src/cli.ts OPTIONS and its groups), fixed values are commander `.choices()` — refused while the
+ * (src/cli/main.ts OPTIONS and its groups), fixed values are commander `.choices()` — refused while the
  * line is parsed, in the words each command always used, and read by completion from the
  * definitions — and options that exclude each other are `.conflicts()`.
  */
 import { readFileSync } from "node:fs";
 import { join } from "node:path";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
-import { allCommands, commandPath, program } from "../src/cli.js";
-import { candidates } from "../src/completion.js";
+import { allCommands, commandPath, program } from "../src/cli/main.js";
+import { candidates } from "../src/cli/completion.js";
 import { removeDir, runCli, tempDir } from "./helpers/workspace.js";
 
 describe("the definitions", () => {
-  it("each shared option is written once in cli.ts; --config once besides the program's", () => {
-    const src = readFileSync(join(import.meta.dirname, "../src/cli.ts"), "utf8");
+  it("each shared option is written once in cli/main.ts; --config once besides the program's", () => {
+    const src = readFileSync(join(import.meta.dirname, "../src/cli/main.ts"), "utf8");
     const defs = (flag: string) => src.split(new RegExp(`(?:option|Option|choice)\\(\\s*"${flag.replace(/[-]/g, "\\-")}[ ",]`)).length - 1;
     expect(defs("--config <file>")).toBe(2); // the program's (before a command word) and OPTIONS.config
     // build's and rotate's --format once; status and registry list have their own formats.

@@ -3,7 +3,7 @@
  * a typo must not turn into a build), and the exit-code contract in --help.
  */
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
-import { VERSION } from "../src/version.js";
+import { VERSION } from "../src/util/version.js";
 import { readPub, removeDir, runCli, sshKeygen, tempDir, writeFleet } from "./helpers/workspace.js";
 
 const dir = tempDir("mko-cli-");
@@ -132,7 +132,7 @@ describe("conventions: unknown words, the version, one error style", () => {
 });
 
 describe("start-up: only the command that runs is defined", async () => {
-  const { COMMANDS, onlyCommand, program } = await import("../src/cli.js");
+  const { COMMANDS, onlyCommand, program } = await import("../src/cli/main.js");
   it("COMMANDS lists every top-level command program() defines", () => {
     expect(program().commands.map((c) => c.name())).toEqual([...COMMANDS]);
   });

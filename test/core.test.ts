@@ -11,7 +11,7 @@ import type { Bastion, Fleet } from "../src/config/fleet.js";
 import { formatPath, positionOf } from "../src/config/positions.js";
 import { crossCheck, renderHostname } from "../src/config/rules.js";
 import type { FleetRaw } from "../src/config/schema.js";
-import { planTunnel, planTunnels, serviceNames } from "../src/forwards.js";
+import { planTunnel, planTunnels, serviceNames } from "../src/config/forwards.js";
 import { generateEd25519 } from "../src/keys/ed25519.js";
 import { archiveEpoch, FIXED_EPOCH, tarball } from "../src/overlay/archive.js";
 import { COMMON, loadLayers, type Layers } from "../src/overlay/layers.js";
@@ -20,7 +20,7 @@ import { enableUnit, installSection, maskUnit } from "../src/overlay/systemd.js"
 import { Tree } from "../src/overlay/tree.js";
 import { checkAgainstBuild } from "../src/overlay/verify.js";
 import { treeView, type TreeView, type ViewEntry } from "../src/overlay/view.js";
-import { loadProfiles } from "../src/profiles.js";
+import { loadProfiles } from "../src/config/profiles.js";
 
 const profiles = await loadProfiles();
 const key = generateEd25519();

@@ -7,12 +7,12 @@
  */
 import { join } from "node:path";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
-import { bastionAgentCommand, seconds } from "../src/commands/bastion-agent.js";
+import { bastionAgentCommand, seconds } from "../src/cli/commands/bastion-agent.js";
 import { parseSpread } from "../src/config/expiry.js";
 import { parseFleet } from "../src/config/load.js";
-import { parseAfter, parseWithin } from "../src/status-options.js";
+import { parseAfter, parseWithin } from "../src/fleet/status-options.js";
 import { addDuration, durationMs, readDuration } from "../src/util/duration.js";
-import { parseExpiry } from "../src/validate.js";
+import { parseExpiry } from "../src/util/validate.js";
 import { readPub, removeDir, runCli, sshKeygen, tempDir, writeFleet } from "./helpers/workspace.js";
 
 const S = 1000;

@@ -13,13 +13,13 @@ import { afterAll, describe, expect, it } from "vitest";
 import { authorizedKeysLine } from "../src/bastion/line.js";
 import { deviceExpiry, keyExpiry, renewalAnchor } from "../src/config/expiry.js";
 import type { Bastion, Fleet } from "../src/config/fleet.js";
-import { planTunnel } from "../src/forwards.js";
+import { planTunnel } from "../src/config/forwards.js";
 import { fingerprint, generateEd25519, publicKeyLine } from "../src/keys/ed25519.js";
-import { prometheusText } from "../src/metrics.js";
+import { prometheusText } from "../src/fleet/metrics.js";
 import { openRegistry } from "../src/registry/open.js";
 import type { DeviceRecord, Observations } from "../src/registry/types.js";
-import { fleetStatus, lastSightings } from "../src/status.js";
-import { expiryTimeOption, parseExpiry } from "../src/validate.js";
+import { fleetStatus, lastSightings } from "../src/fleet/status.js";
+import { expiryTimeOption, parseExpiry } from "../src/util/validate.js";
 import { readPub, removeDir, runCli, sshKeygen, tempDir, writeFleet } from "./helpers/workspace.js";
 
 const DAY = 86_400_000;

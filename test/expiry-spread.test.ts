@@ -8,9 +8,9 @@ import { describe, expect, it } from "vitest";
 import { deviceLines } from "../src/bastion/line.js";
 import { deviceExpiry, parseSpread } from "../src/config/expiry.js";
 import type { Bastion, Fleet } from "../src/config/fleet.js";
-import { planTunnels } from "../src/forwards.js";
+import { planTunnels } from "../src/config/forwards.js";
 import { generateEd25519 } from "../src/keys/ed25519.js";
-import { expiryTimeOption, LATEST_EXPIRY, parseExpiry } from "../src/validate.js";
+import { expiryTimeOption, LATEST_EXPIRY, parseExpiry } from "../src/util/validate.js";
 import { removeDir, runCli, tempDir, writeFleet } from "./helpers/workspace.js";
 
 const PIN = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIEC06vAZeDFFKzcpTx7u6nyv/CTDxHp9/HINRB55mZJB bastion";

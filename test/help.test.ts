@@ -6,8 +6,8 @@ import { readdirSync, readFileSync } from "node:fs";
 import { join } from "node:path";
 import type { Command } from "commander";
 import { afterAll, describe, expect, it } from "vitest";
-import { ENV, HELP } from "../src/cli-help.js";
-import { allCommands, commandPath, program } from "../src/cli.js";
+import { ENV, HELP } from "../src/cli/help.js";
+import { allCommands, commandPath, program } from "../src/cli/main.js";
 import { REPO, removeDir, runCli, tempDir } from "./helpers/workspace.js";
 
 const dir = tempDir("mko-help-");
@@ -89,7 +89,7 @@ describe("--help of every command", () => {
     // What the code sets for a child, not what it reads, is excluded by the pattern; PATH is no setting.
     found.delete("PATH");
     expect(found.size).toBeGreaterThan(5);
-    for (const v of found) expect(Object.keys(ENV), `${v} is read in src/ and must be in ENV (src/cli-help.ts)`).toContain(v);
+    for (const v of found) expect(Object.keys(ENV), `${v} is read in src/ and must be in ENV (src/cli/help.ts)`).toContain(v);
   });
 
   it.each(commands.map((c) => [commandPath(c)]))("mkoverlay %s --help prints examples, environment and exit codes", (path) => {

@@ -7,12 +7,12 @@
 import { readFileSync } from "node:fs";
 import { join } from "node:path";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
-import { parseBastionFlag, keyFingerprint } from "../src/commands/init.js";
-import { loopbackEndpoint } from "../src/commands/bastion-agent.js";
+import { parseBastionFlag, keyFingerprint } from "../src/cli/commands/init-answers.js";
+import { loopbackEndpoint } from "../src/cli/commands/bastion-agent.js";
 import { hostKeyFingerprint } from "../src/config/compat.js";
 import { fingerprint, generateEd25519, publicKeyLine } from "../src/keys/ed25519.js";
 import { blobFingerprint, lineFingerprint } from "../src/keys/fingerprint.js";
-import { jumpHost } from "../src/operator.js";
+import { jumpHost } from "../src/fleet/operator.js";
 import { knownHostsPattern } from "../src/overlay/steps.js";
 import { formatHostPort, knownHostsName, parseHostPort } from "../src/util/hostport.js";
 import { removeDir, run, sshKeygen, tempDir } from "./helpers/workspace.js";

@@ -5,8 +5,8 @@
 import { writeFileSync } from "node:fs";
 import { join } from "node:path";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
-import { UserError, UserErrors } from "../src/errors.js";
-import { readHostRows } from "../src/hosts-file.js";
+import { UserError, UserErrors } from "../src/util/errors.js";
+import { readHostRows } from "../src/device/hosts-file.js";
 import { readPub, removeDir, runCli, sshKeygen, tempDir, writeFleet } from "./helpers/workspace.js";
 
 const dir = tempDir("mko-hosts-");

@@ -12,7 +12,7 @@ import { createHash } from "node:crypto";
 import { chmodSync, chownSync, copyFileSync, existsSync, mkdirSync, readdirSync, readFileSync, statSync, writeFileSync } from "node:fs";
 import { join } from "node:path";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
-import { UserError } from "../src/errors.js";
+import { UserError } from "../src/util/errors.js";
 import { parseBmap, renderBmap, scanBmap, updateBmap } from "../src/image/bmap.js";
 import { checkNotInUse, parseMountinfo } from "../src/image/busy.js";
 import { baseBmap, buildImage, writeIntoImage } from "../src/image/build.js";
@@ -344,7 +344,7 @@ describe.runIf((tools || inCI) && isRoot && slow)("[slow] loop devices (root onl
         entry,
         `import { buildImage, baseBmap } from ${JSON.stringify(join(REPO, "src/image/build.ts"))};
 import { entriesOf } from ${JSON.stringify(join(REPO, "src/image/lay.ts"))};
-import { openOverlay } from ${JSON.stringify(join(REPO, "src/overlay/read.ts"))};
+import { openOverlay } from ${JSON.stringify(join(REPO, "src/image/open.ts"))};
 const [base, archive, out] = process.argv.slice(2);
 const entries = await entriesOf(await openOverlay(archive), archive);
 const r = await buildImage({ base, image: out, entries, epoch: ${EPOCH}, baseMap: await baseBmap(base) });

@@ -20,7 +20,7 @@ import { afterAll, beforeAll, describe, expect, it } from "vitest";
 import { entriesOf } from "../src/image/lay.js";
 import { ImageTreeView } from "../src/image/reader.js";
 import { findRoot } from "../src/image/root.js";
-import { openOverlay } from "../src/overlay/read.js";
+import { openOverlay } from "../src/image/open.js";
 import type { Entry } from "../src/overlay/tree.js";
 import { baseDisks, fsck, haveDiskTools, makeDisk, SBIN_PATH, sh, type Fixture } from "./helpers/disk.js";
 import { CLI, readPub, removeDir, type Run, run, runCli, runCliAsNobody, sshKeygen, tempDir, writeFleet } from "./helpers/workspace.js";

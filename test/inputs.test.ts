@@ -12,9 +12,9 @@ import { afterAll, describe, expect, it } from "vitest";
 import { authorizedKeysLine } from "../src/bastion/line.js";
 import { parseFleet } from "../src/config/load.js";
 import { MAX_SEQ, renderHostname } from "../src/config/rules.js";
-import { UserError } from "../src/errors.js";
+import { UserError } from "../src/util/errors.js";
 import { generateEd25519 } from "../src/keys/ed25519.js";
-import { cidrProblem, expiryTimeOption, hostnameProblem, LATEST_EXPIRY, parseExpiry } from "../src/validate.js";
+import { cidrProblem, expiryTimeOption, hostnameProblem, LATEST_EXPIRY, parseExpiry } from "../src/util/validate.js";
 import { readPub, removeDir, runCli, sshKeygen, tempDir } from "./helpers/workspace.js";
 
 const dir = tempDir("mko-inputs-");

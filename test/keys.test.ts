@@ -2,7 +2,7 @@
 import { readFileSync, writeFileSync } from "node:fs";
 import { join } from "node:path";
 import { afterAll, describe, expect, it } from "vitest";
-import { UserError } from "../src/errors.js";
+import { UserError } from "../src/util/errors.js";
 import {
   decodePrivateKey,
   deterministicCheckInt,

@@ -73,7 +73,7 @@ afterAll(async () => {
 describe.runIf(slow)("[slow] the packed tarball", () => {
   it("holds the CLI, the API and its types, data, docs, examples and the licence; no sources or tests", () => {
     const files = run("tar", ["-tzf", tarball]).stdout.split("\n");
-    for (const f of ["LICENSE", "README.md", "package.json", "bin/mkoverlay", "dist/cli.js", "dist/api.js", "dist/api.d.ts", "dist/errors.d.ts", "boards/rpi4.yaml", "boards/os/raspios.yaml", "overlays/common/etc/systemd/system/reverse-ssh@.service", "schema/mkoverlay.schema.json", "docs/json.md", "docs/ARCHITECTURE.md", "examples/fleet.yaml"]) {
+    for (const f of ["LICENSE", "README.md", "package.json", "bin/mkoverlay", "dist/cli.js", "dist/api.js", "dist/api.d.ts", "dist/util/errors.d.ts", "boards/rpi4.yaml", "boards/os/raspios.yaml", "overlays/common/etc/systemd/system/reverse-ssh@.service", "schema/mkoverlay.schema.json", "docs/json.md", "docs/ARCHITECTURE.md", "examples/fleet.yaml"]) {
       expect(files, f).toContain(`package/${f}`);
     }
     expect(files.filter((f) => /^package\/(src|test|bench|node_modules)\//.test(f))).toEqual([]);

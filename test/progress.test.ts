@@ -9,7 +9,7 @@ import { readdirSync, writeFileSync } from "node:fs";
 import { join } from "node:path";
 import Database from "better-sqlite3";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
-import { Progress, type Terminal } from "../src/output.js";
+import { Progress, type Terminal } from "../src/util/log.js";
 import { CLI, readPub, removeDir, run, sshKeygen, TEST_CACHE, tempDir, writeFleet } from "./helpers/workspace.js";
 
 const dir = tempDir("mko-progress-");

@@ -7,10 +7,10 @@
 import { spawnSync } from "node:child_process";
 import { join } from "node:path";
 import { afterAll, describe, expect, it } from "vitest";
-import { prometheusText } from "../src/metrics.js";
+import { prometheusText } from "../src/fleet/metrics.js";
 import { openRegistry } from "../src/registry/open.js";
 import type { DeviceRecord, Observations } from "../src/registry/types.js";
-import { fleetStatus } from "../src/status.js";
+import { fleetStatus } from "../src/fleet/status.js";
 import { readPub, removeDir, runCli, sshKeygen, tempDir, writeFleet } from "./helpers/workspace.js";
 
 const dir = tempDir("mko-status-");

@@ -11,12 +11,12 @@
  * valid by construction.
  */
 import type { Bastion, Fleet, PortRange } from "../config/fleet.js";
-import { planTunnel } from "../forwards.js";
+import { planTunnel } from "../config/forwards.js";
 import { fingerprint as fingerprintOf } from "../keys/ed25519.js";
-import { WireReader } from "../keys/ssh-wire.js";
+import { ed25519Key } from "../keys/pubkey.js";
 import type { DeviceRecord } from "../registry/types.js";
 import { fromNarrowed, parseDials, parseRangeText } from "../config/compat.js";
-import { cidrProblem, hostnameProblem, quotedValueProblem } from "../validate.js";
+import { cidrProblem, hostnameProblem, quotedValueProblem } from "../util/validate.js";
 import { authorizedKeysLine } from "./line.js";
 
 export interface BastionEntry {
@@ -37,20 +37,6 @@ export interface Skipped {
   reason: string;
 }
 
-/** The 32-byte ed25519 key of an `ssh-ed25519 AAAA… [comment]` line, or a reason. */
-export function ed25519Key(line: string): Buffer | string {
-  const m = /^ssh-ed25519 ([A-Za-z0-9+/]{68})(?: [^\r\n]*)?$/.exec(line);
-  if (!m) return "is not an ssh-ed25519 public key line";
-  try {
-    const r = new WireReader(Buffer.from(m[1]!, "base64"));
-    if (r.string().toString("latin1") !== "ssh-ed25519") return "does not decode as ssh-ed25519";
-    const pub = Buffer.from(r.string());
-    if (pub.length !== 32 || r.remaining !== 0) return "does not decode as ssh-ed25519";
-    return pub;
-  } catch {
-    return "does not decode";
-  }
-}
 
 export function devicesOf(devices: DeviceRecord[], bastion: string): DeviceRecord[] {
   return devices.filter((d) => d.status === "active" && d.bastions.includes(bastion)).sort((a, b) => a.port - b.port);

@@ -8,10 +8,10 @@ import { spawnSync } from "node:child_process";
 import { existsSync, mkdirSync, readFileSync, statSync, writeFileSync } from "node:fs";
 import { dirname, join, posix } from "node:path";
 import type { Bastion, Fleet } from "../config/fleet.js";
-import { UserError } from "../errors.js";
-import { displayLocation, isPostgresUrl } from "../registry/location.js";
+import { UserError } from "../util/errors.js";
+import { displayLocation, isPostgresUrl } from "../config/registry-location.js";
 import type { Registry } from "../registry/types.js";
-import { quotedValueProblem } from "../validate.js";
+import { quotedValueProblem } from "../util/validate.js";
 import { accessProblems, accountGroups, loginReasons, readAccount, type Account } from "./account.js";
 import type { Skipped } from "./export.js";
 import { KEYS_COMMAND_PATH, sshdDropin } from "./paths.js";
@@ -290,4 +290,47 @@ export function checkTunnelSshd(c: Ctx, t: TunnelPlan): void {
   writeFileSync(file, renderTunnelSshdConfig({ fleet: i.fleet, bastion: b, version: t.version, hostKeys: [c.hostKey] }));
   const r = runSshd(t.checker, ["-t", "-f", file]);
   if (!r.ok) throw new UserError(`sshd rejects the tunnel sshd's config of bastion '${b.name}': ${firstLine(r.stderr)}`, { hint: "nothing was installed; report this with your sshd version (sshd -V)" });
+}
+
+/**
+ * What a bastion needs per live tunnel, measured (bench/bastion-results.md: 1,000 tunnels on
+ * OpenSSH 9.2 and 10.0, linear from 200): two sshd processes (the session and its unprivileged
+ * child) and about 1.9 MB of memory (PSS).
+ */
+export const PER_TUNNEL = { processes: 2, memoryKiB: 1_900 };
+
+export interface HostLimits {
+  /** kernel.pid_max */
+  pidMax: number;
+  /** kernel.threads-max */
+  threadsMax: number;
+  /** MemTotal, KiB */
+  memTotalKiB: number;
+}
+
+/** This host's limits from /proc, or undefined where /proc does not say. */
+export function hostLimits(proc = "/proc"): HostLimits | undefined {
+  try {
+    const num = (f: string): number => Number(readFileSync(join(proc, f), "utf8").trim());
+    const mem = /^MemTotal:\s+(\d+) kB$/m.exec(readFileSync(join(proc, "meminfo"), "utf8"));
+    const l = { pidMax: num("sys/kernel/pid_max"), threadsMax: num("sys/kernel/threads-max"), memTotalKiB: Number(mem?.[1]) };
+    return Object.values(l).every((v) => Number.isFinite(v) && v > 0) ? l : undefined;
+  } catch {
+    return undefined;
+  }
+}
+
+/**
+ * Whether a host can carry `tunnels` live tunnels at once, with room: twice the processes
+ * (the rest of the system, and a reconnect storm in which old and new sessions overlap), and
+ * the memory with a quarter to spare. Each problem names the setting and the size it needs.
+ */
+export function capacityProblems(l: HostLimits, tunnels: number): string[] {
+  const problems: string[] = [];
+  const processes = 2 * PER_TUNNEL.processes * tunnels;
+  if (l.pidMax < processes) problems.push(`kernel.pid_max is ${l.pidMax}: ${tunnels} tunnels need ${PER_TUNNEL.processes * tunnels} processes, twice that with room; set kernel.pid_max = ${Math.max(processes, 4_194_304)} in /etc/sysctl.d/`);
+  if (l.threadsMax < processes) problems.push(`kernel.threads-max is ${l.threadsMax}: ${tunnels} tunnels need ${PER_TUNNEL.processes * tunnels} processes, twice that with room; raise it in /etc/sysctl.d/ (or add memory: the kernel sizes it from RAM)`);
+  const needKiB = Math.ceil(tunnels * PER_TUNNEL.memoryKiB * 1.25);
+  if (l.memTotalKiB < needKiB) problems.push(`memory is ${Math.round(l.memTotalKiB / 1024)} MiB: ${tunnels} tunnels take about ${Math.round((tunnels * PER_TUNNEL.memoryKiB) / 1024)} MiB, ${Math.round(needKiB / 1024)} MiB with room`);
+  return problems;
 }

@@ -26,14 +26,14 @@ import { randomBytes } from "node:crypto";
 import { chmodSync, existsSync, linkSync, lstatSync, mkdirSync, readdirSync, readFileSync, readlinkSync, renameSync, rmdirSync, rmSync, statSync, symlinkSync, writeFileSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { basename, dirname, join } from "node:path";
-import { UserError } from "../errors.js";
+import { UserError } from "../util/errors.js";
 import { bastionLockouts } from "../config/compat.js";
-import { isPostgresUrl } from "../registry/location.js";
+import { isPostgresUrl } from "../config/registry-location.js";
 import type { Registry } from "../registry/types.js";
 import { nologinShell, readAccount } from "./account.js";
 import { renderDropin } from "./dropin.js";
 import { bastionEntries, type BastionEntry as Entry } from "./export.js";
-import { checkHost, checkSshd, checkTunnelAccount, checkTunnelSshd, firstLine, planTunnel, prepareCheck, SSHD, type Ctx, type InstallInput, type TunnelAccount, type TunnelPlan } from "./install-checks.js";
+import { capacityProblems, checkHost, checkSshd, checkTunnelAccount, checkTunnelSshd, firstLine, hostLimits, planTunnel, prepareCheck, SSHD, type Ctx, type InstallInput, type TunnelAccount, type TunnelPlan } from "./install-checks.js";
 import { KEYS_COMMAND } from "./keys-command.js";
 import { KeyStore } from "./keystore.js";
 import { AGENT_TEMPLATE, agentEnv, agentExecDropin, agentUnit, configDir, fleetCopy, KEYS_COMMAND_PATH, KEYS_USER, keysDir, registryDropin, STATE_ROOT, stateDir } from "./paths.js";
@@ -132,6 +132,7 @@ export async function install(i: InstallInput): Promise<InstallResult> {
     const account = checkTunnelAccount(c);
     const tunnel = planTunnel(c);
     const { entries, oldUsers } = await readRegistry(c);
+    checkCapacity(c, entries);
     const plan = planInstall(c, oldUsers, tunnel);
     const staged = stage(c, plan);
     try {
@@ -146,6 +147,18 @@ export async function install(i: InstallInput): Promise<InstallResult> {
   } finally {
     rmSync(checkDir, { recursive: true, force: true });
   }
+}
+
+/**
+ * 3b. This host against the bastion's share (every active device that dials it, all connected at
+ * once): warnings, never a refusal — a bastion is installed before its fleet is built. Only on
+ * the host itself: an image's kernel and memory are not this station's.
+ */
+function checkCapacity(c: Ctx, entries: Entry[] | undefined): void {
+  if (!c.fs.live || !entries) return;
+  const limits = hostLimits();
+  if (!limits) return;
+  for (const p of capacityProblems(limits, entries.length)) c.i.warn?.(`bastion ${c.b.name} carries ${entries.length} devices: ${p}`);
 }
 
 /** 3. The registry, read as the agent will read it: the first key set, and proof the agent can. */

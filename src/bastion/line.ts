@@ -4,10 +4,10 @@
  * every quoted value was validated (no quote, backslash or control character), there is no
  * permitopen="none", and expiry-time has no trailing Z (OpenSSH < 9.1 rejects it).
  */
-import type { TunnelPlan } from "../forwards.js";
+import type { TunnelPlan } from "../config/forwards.js";
 import { publicKeyLine } from "../keys/ed25519.js";
 import { keyExpiry } from "../config/expiry.js";
-import { expiryTimeOption, quotedValueProblem } from "../validate.js";
+import { expiryTimeOption, quotedValueProblem } from "../util/validate.js";
 
 export interface LineInput {
   hostname: string;

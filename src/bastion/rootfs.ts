@@ -8,7 +8,7 @@
  */
 import { lstatSync, readlinkSync } from "node:fs";
 import { join, posix } from "node:path";
-import { UserError } from "../errors.js";
+import { UserError } from "../util/errors.js";
 
 const MAX_LINKS = 40; // as the kernel's ELOOP limit
 

@@ -191,6 +191,11 @@ ExecReload=${sshd} -t -f ${cfg}
 ExecReload=/bin/kill -HUP $MAINPID
 # Stopping or restarting the listener leaves the tunnels' sessions running (like ssh.service).
 KillMode=process
+# Every tunnel is two processes in this unit's cgroup (UsePAM no: no logind session takes them),
+# and systemd's DefaultTasksMax (15 % of the smaller of pid_max and threads-max) would cap the
+# bastion at a few thousand tunnels without a word. The kernel's limits are the real ones:
+# bastion install warns when they are too small for the bastion's share (docs/bastion.md, sizing).
+TasksMax=infinity
 Restart=always
 RestartSec=2
 # sshd's privilege-separation directory. Shared with ssh.service: never removed when this unit stops.

@@ -63,6 +63,8 @@ export function agentCommand(exec: string[], name: string, authLog: string): str
   return `sh -c 'set -a; . ${agentEnv(name)}; if [ -f ${localEnv(name)} ]; then . ${localEnv(name)}; fi; set +a; exec ${exec.join(" ")} ${agentArgs(name).join(" ")} --auth-log ${authLog}'`;
 }
 
+// One template literal, the unit file as it lands, commented line by line: it is long because the
+// unit is, and splitting it would only scatter one file's text over functions.
 export function renderAgentUnit(): string {
   // %i is the bastion's name (a-z, 0-9, '-', '_': nothing to escape).
   const i = "%i";

@@ -13,7 +13,7 @@
  * Pure: no registry, no yaml (the position of a field is looked up only when refusing).
  */
 import { isIP } from "node:net";
-import { UserError } from "../errors.js";
+import { UserError } from "../util/errors.js";
 import { lineFingerprint } from "../keys/fingerprint.js";
 import type { Bastion, Fleet, PortRange } from "./fleet.js";
 

@@ -8,7 +8,7 @@
  */
 import { createHash } from "node:crypto";
 import { durationMs } from "../util/duration.js";
-import { LATEST_EXPIRY, looksLikeDuration, parseExpiry } from "../validate.js";
+import { LATEST_EXPIRY, looksLikeDuration, parseExpiry } from "../util/validate.js";
 
 const MINUTE = 60_000;
 const DAY = 24 * 60 * MINUTE;

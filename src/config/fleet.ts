@@ -1,7 +1,7 @@
 /** The validated fleet config as the rest of mkoverlay sees it: resolved paths, parsed ranges. */
 import { isAbsolute, resolve } from "node:path";
-import { isRegistryUrl } from "../registry/location.js";
-import { PORT_RANGE } from "../validate.js";
+import { isRegistryUrl } from "./registry-location.js";
+import { PORT_RANGE } from "../util/validate.js";
 import type { FleetRaw } from "./schema.js";
 
 export interface PortRange {

@@ -5,9 +5,9 @@
  */
 import { readFileSync, statSync } from "node:fs";
 import { dirname, resolve } from "node:path";
-import { cached } from "../cache.js";
-import { resourceDir } from "../resources.js";
-import { errnoCode, UserError } from "../errors.js";
+import { cached } from "../util/cache.js";
+import { resourceDir } from "../util/resources.js";
+import { errnoCode, UserError } from "../util/errors.js";
 import { toFleet, type Fleet } from "./fleet.js";
 import { configWarnings, crossCheck } from "./rules.js";
 import type { FleetRaw } from "./schema.js";

@@ -2,8 +2,8 @@
  * Cross-field rules the schema cannot express. Each rule returns problems with the path they
  * belong to; all are collected so the user fixes everything in one pass.
  */
-import { UserError } from "../errors.js";
-import { hostnameProblem, hostProblem, parseExpiry, quotedValueProblem } from "../validate.js";
+import { UserError } from "../util/errors.js";
+import { hostnameProblem, hostProblem, parseExpiry, quotedValueProblem } from "../util/validate.js";
 import { isDurationExpiry, parseSpread } from "./expiry.js";
 import { parseRange } from "./fleet.js";
 import type { Path } from "./positions.js";

@@ -6,7 +6,7 @@
  */
 import { z } from "zod";
 import { canonicalHostKeyEntry, canonicalKeyLine, parseHostKeyEntry, parsePublicKey } from "../keys/pubkey.js";
-import { cidrProblem, hostProblem, nameProblem, PORT_RANGE, quotedValueProblem, userProblem } from "../validate.js";
+import { cidrProblem, hostProblem, nameProblem, PORT_RANGE, quotedValueProblem, userProblem } from "../util/validate.js";
 
 function check(problem: (v: string) => string | undefined) {
   return (v: string, ctx: z.RefinementCtx) => {

@@ -6,8 +6,8 @@
  */
 import { isAlias, isCollection, LineCounter, parseDocument, visit, type Alias, type Document, type Node } from "yaml";
 import type { z } from "zod";
-import { UserError, UserErrors } from "../errors.js";
-import { didYouMean } from "../validate.js";
+import { UserError, UserErrors } from "../util/errors.js";
+import { didYouMean } from "../util/validate.js";
 import { formatPath, positionOf, type Path } from "./positions.js";
 
 type Def = { type: string; shape?: Record<string, unknown>; valueType?: unknown; element?: unknown; innerType?: unknown; in?: unknown; options?: unknown[] };

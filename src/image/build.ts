@@ -15,8 +15,8 @@
 import { createHash } from "node:crypto";
 import { closeSync, existsSync, fsyncSync, mkdirSync, openSync, readFileSync, readSync, renameSync, rmSync, statSync } from "node:fs";
 import { dirname, join } from "node:path";
-import { UserError } from "../errors.js";
-import { fsyncDir, pathError, tempNameFor, writeFileAtomic } from "../fsutil.js";
+import { UserError } from "../util/errors.js";
+import { fsyncDir, pathError, tempNameFor, writeFileAtomic } from "../util/fsutil.js";
 import type { Entry } from "../overlay/tree.js";
 import { parseBmap, renderBmap, scanBmap, updateBmap, type Bmap } from "./bmap.js";
 import { checkNotInUse } from "./busy.js";

@@ -8,7 +8,7 @@
  */
 import { existsSync, readdirSync, readFileSync, realpathSync, statSync } from "node:fs";
 import { join } from "node:path";
-import { errnoCode, UserError } from "../errors.js";
+import { errnoCode, UserError } from "../util/errors.js";
 
 function read(p: string): string | undefined {
   try {

@@ -7,8 +7,8 @@
 import { spawn } from "node:child_process";
 import { closeSync, fsyncSync, ftruncateSync, openSync, readSync, renameSync, rmSync, statfsSync, writeSync } from "node:fs";
 import { dirname } from "node:path";
-import { tempNameFor } from "../fsutil.js";
-import { UserError } from "../errors.js";
+import { tempNameFor } from "../util/fsutil.js";
+import { UserError } from "../util/errors.js";
 import { findTool } from "./debugfs.js";
 import { track } from "./temps.js";
 

@@ -11,7 +11,7 @@
  * renamed by the caller once the image is complete; removed on failure.
  */
 import { chmodSync, constants, copyFileSync, rmSync } from "node:fs";
-import { errnoCode, UserError } from "../errors.js";
+import { errnoCode, UserError } from "../util/errors.js";
 import { findTool, runTool } from "./debugfs.js";
 
 export type CopyMethod = "reflink" | "sparse-copy";

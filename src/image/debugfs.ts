@@ -7,7 +7,7 @@
 import { spawn } from "node:child_process";
 import { accessSync, constants, writeFileSync } from "node:fs";
 import { delimiter, join } from "node:path";
-import { UserError } from "../errors.js";
+import { UserError } from "../util/errors.js";
 import { privateDir } from "./temps.js";
 
 const SBIN = ["/usr/sbin", "/sbin", "/usr/local/sbin"];

@@ -6,7 +6,7 @@
  * device at the root partition's offset, and read back.
  */
 import { closeSync, constants, fstatSync, fsyncSync, lstatSync, openSync, readSync, realpathSync, statSync, writeSync } from "node:fs";
-import { errnoCode, UserError } from "../errors.js";
+import { errnoCode, UserError } from "../util/errors.js";
 import type { Entry } from "../overlay/tree.js";
 import { checkNotInUse, majMinOf, wholeDiskOf } from "./busy.js";
 import { BLOCK, dataRanges } from "./extents.js";

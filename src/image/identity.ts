@@ -4,7 +4,7 @@
  * device's identity is how two devices end up with one key (a personalised card re-flashed with
  * the wrong overlay, a golden image cut from a device), so it is refused unless --force.
  */
-import { UserError } from "../errors.js";
+import { UserError } from "../util/errors.js";
 import { HOST_KEY_PUB } from "../overlay/paths.js";
 import type { TreeView } from "../overlay/view.js";
 import { ImageTreeView } from "./reader.js";

@@ -12,7 +12,7 @@
 import { createHash } from "node:crypto";
 import { writeFileSync } from "node:fs";
 import { join, posix } from "node:path";
-import { UserError } from "../errors.js";
+import { UserError } from "../util/errors.js";
 import type { TreeView } from "../overlay/view.js";
 import type { Entry } from "../overlay/tree.js";
 import { debugfs, debugfsSafe } from "./debugfs.js";
@@ -20,7 +20,7 @@ import { ImageTreeView, kindOf, TYPE_BITS } from "./reader.js";
 import { e2Spec, type RootFs } from "./root.js";
 import { checkWritable, roomFor, SUPERBLOCK_OFFSET } from "./superblock.js";
 import { readUndoSpans, rollBack } from "./undo.js";
-import { readAt } from "../fsutil.js";
+import { readAt } from "../util/fsutil.js";
 import { closeSync, existsSync, openSync } from "node:fs";
 import { privateDir } from "./temps.js";
 
@@ -221,7 +221,7 @@ export async function verifyLaid(view: ImageTreeView, root: RootFs, entries: rea
 }
 
 /**
- * An overlay read back from an archive or folder (overlay/read.ts `openOverlay`) as tree
+ * An overlay read back from an archive or folder (image/open.ts `openOverlay`) as tree
  * entries, for laying it into an image (`write OVERLAY --image`). Owners are not carried:
  * everything lands root:root. Anything but files, directories and symlinks is refused.
  */

@@ -10,18 +10,35 @@
  *   by the station once the registry confirmed the reservation.
  */
 import { constants, copyFileSync, existsSync, rmSync, statfsSync, statSync } from "node:fs";
-import { UserError } from "../errors.js";
-import { tempNameFor } from "../fsutil.js";
+import { UserError } from "../util/errors.js";
+import { tempNameFor } from "../util/fsutil.js";
 import { join } from "node:path";
-import { cacheDir } from "../cache.js";
+import { cacheDir } from "../util/cache.js";
 import type { Entry } from "../overlay/tree.js";
-import type { ImageForm } from "../pipeline.js";
+import type { Bmap } from "./bmap.js";
 import { baseBmap, stageImage, type StagedImage } from "./build.js";
 import { checkNotInUse } from "./busy.js";
 import { checkIdentity, identityOf } from "./identity.js";
 import { checkConflicts, preflight, type Listing } from "./lay.js";
 import { ImageTreeView } from "./reader.js";
 import { findRoot } from "./root.js";
+
+/**
+ * A per-device disk image: the base with the overlay laid into its root partition
+ * (`mkoverlay image`, `batch --image`). `baseMap` is the base's bmap, computed once per run
+ * (and cached per base) before anything is reserved.
+ */
+export interface ImageForm {
+  kind: "image";
+  base: string;
+  rootPartition: number | undefined;
+  compress: "zstd" | undefined;
+  /** --force: lay the overlay even over another device's mkoverlay identity. */
+  force: boolean;
+  baseMap?: Bmap;
+  /** The base's listing of the overlay's directories (image/lay.ts), made by the preflight. */
+  baseListing?: Map<string, Map<string, { mode: number }>>;
+}
 
 /**
  * `mine`: the device's public key line (a single build), or undefined when every device brings

@@ -7,7 +7,7 @@
  */
 import { closeSync, fstatSync, openSync, readFileSync, readSync, realpathSync } from "node:fs";
 import { crc32 } from "node:zlib";
-import { UserError } from "../errors.js";
+import { UserError } from "../util/errors.js";
 
 export const SECTOR = 512;
 

@@ -6,7 +6,7 @@
  */
 import { readFileSync } from "node:fs";
 import { join, posix } from "node:path";
-import { errnoCode, UserError } from "../errors.js";
+import { errnoCode, UserError } from "../util/errors.js";
 import { debugfs, debugfsSafe } from "./debugfs.js";
 import { e2Spec, type RootFs } from "./root.js";
 import { privateDir } from "./temps.js";

@@ -8,10 +8,10 @@
  * produce those, and refusing them would buy nothing. Anything else is "not a disk image".
  */
 import { closeSync, openSync } from "node:fs";
-import { errnoCode, UserError } from "../errors.js";
+import { errnoCode, UserError } from "../util/errors.js";
 import { isLinuxType, isRootType, NotADiskImage, readDiskLayout, type DiskLayout, type Partition } from "./partitions.js";
 import { parseSuperblock, SUPERBLOCK_OFFSET, type Superblock } from "./superblock.js";
-import { readAt } from "../fsutil.js";
+import { readAt } from "../util/fsutil.js";
 
 export interface RootFs {
   /** The image file or block device. */

@@ -4,7 +4,7 @@
  * (debugfs ignores the journal, so replaying it later would undo or corrupt our writes), errors
  * recorded by the kernel, features e2fsprogs 1.47 cannot write, and too little room.
  */
-import { UserError } from "../errors.js";
+import { UserError } from "../util/errors.js";
 
 export const EXT_MAGIC = 0xef53;
 export const SUPERBLOCK_OFFSET = 1024;

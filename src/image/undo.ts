@@ -9,7 +9,7 @@
  * whole image: slower, never wrong.
  */
 import { closeSync, fstatSync, fsyncSync, openSync, writeSync } from "node:fs";
-import { readAt } from "../fsutil.js";
+import { readAt } from "../util/fsutil.js";
 import { findTool, runTool } from "./debugfs.js";
 
 const MAGIC = "E2UNDO02";

@@ -4,7 +4,7 @@
  * Formats per OpenSSH PROTOCOL.key and docs/facts.md.
  */
 import { createHash, createPrivateKey, createPublicKey, generateKeyPairSync, randomBytes } from "node:crypto";
-import { UserError } from "../errors.js";
+import { UserError } from "../util/errors.js";
 import { blobFingerprint } from "./fingerprint.js";
 import { sshString, u32, WireReader } from "./ssh-wire.js";
 

@@ -173,3 +173,18 @@ export function canonicalHostKeyEntry(entry: string): string {
   if (typeof e === "string") throw new Error(`canonicalHostKeyEntry: an unvalidated key slipped through: it ${e}`);
   return `${e.ca ? "@cert-authority " : ""}${e.key.canonical}`;
 }
+
+/** The 32-byte ed25519 key of an `ssh-ed25519 AAAA… [comment]` line, or a reason. */
+export function ed25519Key(line: string): Buffer | string {
+  const m = /^ssh-ed25519 ([A-Za-z0-9+/]{68})(?: [^\r\n]*)?$/.exec(line);
+  if (!m) return "is not an ssh-ed25519 public key line";
+  try {
+    const r = new WireReader(Buffer.from(m[1]!, "base64"));
+    if (r.string().toString("latin1") !== "ssh-ed25519") return "does not decode as ssh-ed25519";
+    const pub = Buffer.from(r.string());
+    if (pub.length !== 32 || r.remaining !== 0) return "does not decode as ssh-ed25519";
+    return pub;
+  } catch {
+    return "does not decode";
+  }
+}

@@ -8,8 +8,8 @@
  */
 import { chmodSync, chownSync, closeSync, existsSync, lchownSync, lstatSync, lutimesSync, mkdirSync, renameSync, rmSync, symlinkSync, unlinkSync } from "node:fs";
 import { dirname, join } from "node:path";
-import { UserError } from "../errors.js";
-import { createFile, fsyncDir, pathError, syncAll, tempNameFor, writeFileAtomic } from "../fsutil.js";
+import { UserError } from "../util/errors.js";
+import { createFile, fsyncDir, pathError, syncAll, tempNameFor, writeFileAtomic } from "../util/fsutil.js";
 import type { Tree } from "./tree.js";
 
 const isRoot = (): boolean => process.getuid?.() === 0;

@@ -5,7 +5,7 @@
  */
 import { gzipSync } from "node:zlib";
 import { pack } from "tar-stream";
-import { UserError } from "../errors.js";
+import { UserError } from "../util/errors.js";
 import type { Tree } from "./tree.js";
 
 /** 2020-01-01T00:00:00Z: used when SOURCE_DATE_EPOCH is unset. */

@@ -9,12 +9,12 @@
  * device's reserved ports and bastions, are the pins the fleet's current keys) is not checked.
  */
 import type { Bastion, Operators } from "../config/fleet.js";
-import { UserError } from "../errors.js";
-import type { TunnelPlan } from "../forwards.js";
+import { UserError } from "../util/errors.js";
+import type { TunnelPlan } from "../config/forwards.js";
 import { fingerprint, type Ed25519Key } from "../keys/ed25519.js";
+import type { Profiles } from "../config/profiles.js";
+import { hostnameProblem, hostProblem, nameProblem, userProblem } from "../util/validate.js";
 import { knownHostsName } from "../util/hostport.js";
-import type { Profiles } from "../profiles.js";
-import { hostnameProblem, hostProblem, nameProblem, userProblem } from "../validate.js";
 import { loadLayers } from "./layers.js";
 import * as P from "./paths.js";
 import type { DeviceSpec } from "./steps.js";

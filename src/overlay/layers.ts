@@ -9,7 +9,7 @@
  */
 import { readdirSync, readFileSync, statSync } from "node:fs";
 import { join } from "node:path";
-import { resourceDir } from "../resources.js";
+import { resourceDir } from "../util/resources.js";
 
 export interface LayerFile {
   /** Relative to the target root, e.g. `etc/ssh/sshd_config.d/50-mkoverlay.conf`. */

@@ -5,9 +5,9 @@
  * A step may add a `check` for what "the entries are as built" does not say.
  */
 import type { Bastion, Operators } from "../config/fleet.js";
-import type { TunnelPlan } from "../forwards.js";
+import type { TunnelPlan } from "../config/forwards.js";
 import { deterministicCheckInt, encodePrivateKey, publicKeyLine, type Ed25519Key } from "../keys/ed25519.js";
-import type { Board, OsProfile } from "../profiles.js";
+import type { Board, OsProfile } from "../config/profiles.js";
 import { COMMON, layerText, type Layers } from "./layers.js";
 import * as P from "./paths.js";
 import { enableUnit, installSection, maskUnit } from "./systemd.js";

@@ -6,9 +6,9 @@
  * again if the copy fails.
  */
 import { existsSync, realpathSync, rmSync, statSync } from "node:fs";
-import { UserError } from "../errors.js";
+import { UserError } from "../util/errors.js";
 import { DEVICE_KEYS } from "./rows.js";
-import { displayLocation, isRegistryUrl } from "./location.js";
+import { displayLocation, isRegistryUrl } from "../config/registry-location.js";
 import { openRegistry } from "./open.js";
 import { OBSERVATION_COLUMNS, type DeviceStatus, type Registry, type Snapshot } from "./types.js";
 

@@ -21,7 +21,7 @@ import { hostname as osHostname } from "node:os";
 import { renderHostname } from "../config/rules.js";
 import type { PortRange } from "../config/fleet.js";
 import type { DialGroup } from "../config/compat.js";
-import { UserError } from "../errors.js";
+import { UserError } from "../util/errors.js";
 import { DEVICE_COLUMNS, DEVICE_KEYS, hostnameTaken, keyTaken, noFreePort, normalizeRow, ReservationLost, toRecord } from "./rows.js";
 import { MIGRATIONS, SCHEMA_VERSION } from "./schema.js";
 import { savepoint, type Queryable, type SqlDriver } from "./sql.js";

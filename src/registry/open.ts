@@ -4,9 +4,9 @@
  * Each adapter (and its driver) is imported only when it is the one in use; both run the one
  * registry core.
  */
-import { UserError } from "../errors.js";
+import { UserError } from "../util/errors.js";
 import { RegistryCore } from "./core.js";
-import { displayLocation, isPostgresUrl, isRegistryUrl } from "./location.js";
+import { displayLocation, isPostgresUrl, isRegistryUrl } from "../config/registry-location.js";
 
 export async function openRegistry(location: string): Promise<RegistryCore> {
   if (isPostgresUrl(location)) {

@@ -17,8 +17,8 @@
  * `mkoverlay_changes` (payload: the host name) in the same transaction, for bastion agents.
  */
 import pg from "pg";
-import { UserError } from "../errors.js";
-import { displayLocation } from "./location.js";
+import { UserError } from "../util/errors.js";
+import { displayLocation } from "../config/registry-location.js";
 import { QueuedDriver, type Queryable, type SqlDriver, type TxMode, type TxOptions } from "./sql.js";
 
 export const PG_NAMESPACE = "mkoverlay";

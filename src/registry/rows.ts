@@ -3,7 +3,7 @@
  * same words whichever database runs). A leaf module of the registry.
  */
 import type { PortRange } from "../config/fleet.js";
-import { UserError } from "../errors.js";
+import { UserError } from "../util/errors.js";
 import type { DeviceRecord, DeviceRow } from "./types.js";
 
 export const DEVICE_KEYS = [

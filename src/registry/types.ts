@@ -4,7 +4,7 @@
  */
 import type { PortRange } from "../config/fleet.js";
 import type { DialGroup } from "../config/compat.js";
-import type { UserError } from "../errors.js";
+import type { UserError } from "../util/errors.js";
 
 export type DeviceStatus = "pending" | "active" | "revoked";
 

@@ -17,7 +17,7 @@
  * number only where a flag has always taken seconds (`registry doctor --grace`, the agent's
  * `--interval` and `--resync`).
  */
-import { UserError } from "../errors.js";
+import { UserError } from "./errors.js";
 
 export type Unit = "s" | "min" | "h" | "d" | "w" | "month" | "y";
 

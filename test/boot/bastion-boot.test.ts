@@ -35,6 +35,7 @@ import {
   bootWithOverlay,
   checkBootPrerequisites,
   ensureBaseImage,
+  holdVmLock,
   layOverlay,
   requestedBootArch,
   run,
@@ -113,6 +114,13 @@ describe.runIf(canRun || mustRun)("a bastion on a booted system: bastion install
     const line = r.stdout.split("\n").find((l) => l.includes("ssh-ed25519"));
     return line?.split(/\s+/).slice(1, 3).join(" ");
   };
+
+  // One booted-system file at a time (holdVmLock says why); registered first, so released last.
+  let releaseVms: (() => void) | undefined;
+  beforeAll(async () => {
+    if (canRun) releaseVms = await holdVmLock(log);
+  }, 31 * 60_000);
+  afterAll(() => releaseVms?.());
 
   beforeAll(async () => {
     if (!canRun) return;

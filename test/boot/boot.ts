@@ -1008,3 +1008,55 @@ export function descendantsOf(pid: number): number[] {
   }
   return out;
 }
+
+/**
+ * One booted-system test file at a time on this machine. Each boot test runs TCG guests (the
+ * bastion test two at once); on two cores, a second file's guests beside them slowed every
+ * guest several times over and pushed a device's first tunnel past its bound (CI, Dec 2026:
+ * 120 s). The lock is a file naming its holder's PID, taken with O_EXCL; a holder that is gone
+ * is taken over. Returns the release function; waits up to `maxWaitMs`.
+ */
+export async function holdVmLock(log: (line: string) => void, maxWaitMs = 30 * 60_000): Promise<() => void> {
+  const { writeFileSync, rmSync } = await import("node:fs");
+  const { tmpdir } = await import("node:os");
+  const lock = join(tmpdir(), "mkoverlay-test-vms.lock");
+  const alive = (pid: number): boolean => {
+    try {
+      process.kill(pid, 0);
+      return true;
+    } catch (e) {
+      return (e as NodeJS.ErrnoException).code === "EPERM";
+    }
+  };
+  const t0 = Date.now();
+  let said = false;
+  for (;;) {
+    try {
+      writeFileSync(lock, String(process.pid), { flag: "wx" });
+      if (said) log(`VM lock taken after ${Date.now() - t0} ms`);
+      return () => {
+        try {
+          if (Number(readFileSync(lock, "utf8")) === process.pid) rmSync(lock);
+        } catch {
+          // already gone
+        }
+      };
+    } catch (e) {
+      if ((e as NodeJS.ErrnoException).code !== "EEXIST") throw e;
+    }
+    let holder = 0;
+    try {
+      holder = Number(readFileSync(lock, "utf8"));
+    } catch {
+      continue; // released meanwhile
+    }
+    if (holder !== 0 && !alive(holder)) {
+      rmSync(lock, { force: true });
+      continue;
+    }
+    if (Date.now() - t0 > maxWaitMs) throw new Error(`another boot test (pid ${holder}) held ${lock} for over ${maxWaitMs / 60_000} minutes`);
+    if (!said) log(`waiting for the VM lock held by pid ${holder} (one booted-system test at a time)`);
+    said = true;
+    await new Promise((r) => setTimeout(r, 1000));
+  }
+}

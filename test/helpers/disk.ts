@@ -7,7 +7,7 @@
 import { chmodSync, mkdirSync, symlinkSync, writeFileSync } from "node:fs";
 import { dirname, join } from "node:path";
 import { entriesOf } from "../../src/image/lay.js";
-import { openOverlay } from "../../src/overlay/read.js";
+import { openOverlay } from "../../src/image/open.js";
 import type { Entry } from "../../src/overlay/tree.js";
 import { readPub, run, runCli, sshKeygen, writeFleet } from "./workspace.js";
 

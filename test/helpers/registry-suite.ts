@@ -449,7 +449,7 @@ export async function registryTests(which: "sqlite" | "postgres"): Promise<void>
 
     it("is wired in the CLI", () => {
       const r = runCli(["registry", "migrate", "--help"], { cwd: keys });
-      expect(r.stdout, `'mkoverlay registry migrate' is not in src/cli.ts yet:\n${r.stdout}${r.stderr}`).toMatch(/Usage: mkoverlay registry migrate .*\n[^]*--to <registry>[^]*--force/);
+      expect(r.stdout, `'mkoverlay registry migrate' is not in src/cli/main.ts yet:\n${r.stdout}${r.stderr}`).toMatch(/Usage: mkoverlay registry migrate .*\n[^]*--to <registry>[^]*--force/);
     });
 
     it("round-trips sqlite → postgres → new sqlite, keeping ports, keys, statuses and the name counter", async () => {
