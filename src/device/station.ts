@@ -139,6 +139,8 @@ export async function withStation<T>(
   stop?: AbortSignal,
   opts: { forceConfigChange?: boolean } = {},
 ): Promise<T> {
+  // Before a port is handed out: what the config allows but will likely hurt (config/rules.ts).
+  for (const w of fleet.warnings ?? []) log.warn(w);
   const registry = await open();
   const leases = new Leases(registry);
   const stopRequested = () => (stop?.aborted ? String(stop.reason ?? "aborted") : undefined);
