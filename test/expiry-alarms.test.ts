@@ -216,7 +216,7 @@ describe("mkoverlay status: expiring, expired, renewed (real registry)", () => {
     expect(cli(["status", "--check", "--never-seen-after", "0", "--expiring-within", "7d"]).code).toBe(0);
     const bad = cli(["status", "--expiring-within", "soon"]);
     expect(bad.code).toBe(2);
-    expect(bad.stderr).toMatch(/--expiring-within "soon": a duration such as 30d/);
+    expect(bad.stderr).toMatch(/--expiring-within "soon": not a duration\nmkoverlay: hint: use e\.g\. 30d, 6w, 72h/);
 
     setCreated(a.hostname, new Date(Date.now() - 400 * DAY));
     const j = JSON.parse(cli(["status", "--json", "--never-seen-after", "0"]).stdout) as { alarms: { kind: string; hostname: string; bastion: string }[]; devices: { expires: { bastion: string; at: string }[] }[] };

@@ -105,7 +105,7 @@ describe("expiry spread", () => {
     expect(parseSpread(v)).toBe(ms);
   });
 
-  it.each(["5", "1y", "6m", "-1d", "soon", "99999d"])("refuses %s with the reason", (v) => {
+  it.each(["5", "1y", "6months", "-1d", "soon", "99999d"])("refuses %s with the reason", (v) => {
     expect(typeof parseSpread(v)).toBe("string");
   });
 });

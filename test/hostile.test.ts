@@ -84,6 +84,8 @@ const CASES: Case[] = [
   { name: "bastion host with ;", config: configText().replace("host: bastion-eu.example.com", "host: 'evil;reboot'"), message: /bastions\.eu\.host: "evil;reboot" may only use/ },
   { name: "port range reversed", config: configText().replace("ssh: 21000-21002", "ssh: 21999-21000"), message: /mkoverlay\.yaml:4:8 ports\.ssh: "21999-21000" is reversed/ },
   { name: "port range beyond 65535", config: configText().replace("ssh: 21000-21002", "ssh: 65000-70000"), message: /ports\.ssh: "65000-70000": ports must be 1-65535/ },
+  { name: "tunnel ports below 1024", config: configText().replace("ssh: 21000-21002", "ssh: 500-600"), message: /mkoverlay\.yaml:4:8 ports\.ssh: 500-600 reaches below 1024: the tunnel user is not root and cannot bind those ports .*ports\.allowPrivileged/ },
+  { name: "service ports below 1024", config: configText().replace("services: 22000-22999", "services: 1000-1099"), message: /mkoverlay\.yaml:5:13 ports\.services: 1000-1099 reaches below 1024/ },
   { name: "port ranges overlap", config: configText().replace("services: 22000-22999", "services: 21001-21500"), message: /ports\.services: 21001-21500 overlaps ports\.ssh/ },
   { name: "pinned key not a key", config: configText().replace(`- ${"ssh-ed25519"}`, "- ssh-ed25519 notbase64!"), message: /mkoverlay\.yaml:10:9 bastions\.eu\.hostKeys\[0\]: is not a public key/ },
   { name: "no pinned key", config: configText().replace(/ {4}hostKeys:\n.*\n/, ""), message: /bastions\.eu\.hostKeys: is required/ },

@@ -134,10 +134,10 @@ describe.each(cases.map((c) => [c.name, c] as const))("registry v2 on %s", (_n, 
     try {
       const location = await c.v1(dir);
       const cfg = writeFleet(dir, { eu: { hostKeys: [bastionKey] } }, { registry: location, ports: PORTS });
-      for (const bad of ["7", "7m", "-1d", "1y", "soon"]) {
+      for (const bad of ["7", "7x", "-1d", "1y", "soon"]) {
         const r = runCli(["rotate", "gw-0001", "--grace", bad, "--config", cfg, "--out", join(dir, "never")], { cwd: dir });
         expect(r.code, bad).toBe(2);
-        expect(r.stderr).toMatch(/^mkoverlay: error: --grace "[^"]*": not a duration\nmkoverlay: hint: use e\.g\. 12h, 7d, 2w, or 0/);
+        expect(r.stderr).toMatch(/^mkoverlay: error: --grace "[^"]*": not a duration[^\n]*\nmkoverlay: hint: use e\.g\. 12h, 7d, 2w, or 0/);
       }
       expect(await c.version(location)).toBe(1); // the registry was not even opened (no migration)
     } finally {

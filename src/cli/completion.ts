@@ -118,9 +118,23 @@ function findOption(cmd: Command, name: string): Option | undefined {
   return undefined;
 }
 
-/** The values an option takes, for the command it is on. */
-async function optionValues(cmd: Command, long: string, words: string[], word: string): Promise<string[]> {
-  switch (long) {
+/**
+ * What a value placeholder in the command definitions (`--config <file>`, `<overlay...>`) is
+ * completed with: the shell's file or folder completion.
+ */
+const PLACEHOLDER: Record<string, string> = { file: FILES, "[name=]file": FILES, path: FILES, registry: FILES, overlay: FILES, db: FILES, dir: DIRS, root: DIRS };
+
+/** The placeholder of an option's value: `dir` of `--out <dir>`, `[name=]file` of `--host-key-file <[name=]file>`. */
+const placeholder = (flags: string): string => flags.slice(flags.lastIndexOf(" ") + 1).replace(/^[<[]/, "").replace(/(\.\.\.)?[>\]]$/, "");
+
+/**
+ * The values an option takes: its choices in the command definitions (cli.ts), else what only
+ * the installation knows (profiles, the config's bastions, device states), else files or folders
+ * by the option's placeholder.
+ */
+async function optionValues(cmd: Command, o: Option, words: string[], word: string): Promise<string[]> {
+  if (o.argChoices) return [...o.argChoices];
+  switch (o.long) {
     case "--board":
       return profileIds("");
     case "--os":
@@ -132,45 +146,26 @@ async function optionValues(cmd: Command, long: string, words: string[], word: s
       const given = head.split(",").filter(Boolean);
       return (await bastionNames(words)).filter((n) => !given.includes(n)).map((n) => head + n);
     }
-    case "--format":
-      return cmd.name() === "list" ? ["table", "csv", "markdown"] : cmd.name() === "status" ? ["table", "json", "prometheus"] : ["tar", "dir"];
     case "--state":
       return [...(await import("../fleet/status-options.js")).STATES];
     case "--auth-log":
+      // A file is possible too, but these are the usual answers.
       return ["journal", "none"];
-    case "--out":
-      return cmd.name() === "schema" ? [FILES] : [DIRS];
-    case "--apply":
-    case "--state-dir":
-    case "--root":
-      return [DIRS];
-    case "--config":
-    case "--hosts":
-    case "--host-key":
-    case "--host-key-file":
-    case "--operator-key":
-    case "--operator-ca":
-    case "--write":
-    case "--to":
-    case "--authorized-keys-file":
-    case "--known-hosts":
-      return [FILES];
-    default:
-      return [];
+    default: {
+      const kind = PLACEHOLDER[placeholder(o.flags)];
+      return kind ? [kind] : [];
+    }
   }
 }
 
-function positionalValues(cmd: Command): string[] {
-  switch (cmd.name()) {
-    case "schema":
-      return ["fleet", "board", "os"];
-    case "completion":
-      return ["bash", "zsh", "fish"];
-    case "verify":
-      return [FILES];
-    default:
-      return [];
-  }
+/** The values of the positional argument the cursor is on: its choices, or files/folders by its name. */
+function positionalValues(cmd: Command, index: number): string[] {
+  const args = cmd.registeredArguments;
+  const a = args[index] ?? (args.at(-1)?.variadic ? args.at(-1) : undefined);
+  if (!a) return [];
+  if (a.argChoices) return [...a.argChoices];
+  const kind = PLACEHOLDER[a.name()];
+  return kind ? [kind] : [];
 }
 
 const visible = (cmd: Command): Command[] => cmd.commands.filter((c) => !(c as unknown as { _hidden?: boolean })._hidden);
@@ -246,15 +241,16 @@ export async function candidates(p: Command, words: string[], cword: number): Pr
   }
   let list: string[];
   let prefix = "";
-  if (pending?.long) list = await optionValues(cmd, pending.long, words, word);
+  if (pending) list = await optionValues(cmd, pending, words, word);
   else if (word.startsWith("--") && word.includes("=")) {
     const long = word.slice(0, word.indexOf("="));
     prefix = `${long}=`;
-    list = await optionValues(cmd, long, words, word.slice(prefix.length));
+    const o = findOption(cmd, long);
+    list = o ? await optionValues(cmd, o, words, word.slice(prefix.length)) : [];
   } else if (word.startsWith("-")) list = optionNames(cmd, used);
   else if (visible(cmd).length > 0 && positionals === 0) list = [...visible(cmd).map((c) => c.name()), ...(cmd === p && !help ? ["help"] : [])];
   else if (help) list = [];
-  else list = positionalValues(cmd);
+  else list = positionalValues(cmd, positionals);
   if (list[0] === FILES || list[0] === DIRS) return [list[0]];
   return list.map((v) => prefix + v).filter((v) => v.startsWith(word));
 }

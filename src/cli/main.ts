@@ -3,7 +3,7 @@
  * runs (start-up cost matters when a flashing script calls mkoverlay once per device), and
  * owns the single top-level error handler.
  */
-import { Command, CommanderError, Option } from "commander";
+import { Argument, Command, CommanderError, Option } from "commander";
 import type * as CliHelp from "./help.js";
 import { ioUserError, isUserError, UserError } from "../util/errors.js";
 import { stderrLog } from "../util/log.js";
@@ -65,6 +65,74 @@ const CFG = "fleet config (default $MKOVERLAY_CONFIG or ./mkoverlay.yaml)";
 const collect = (v: string, prev: string[] = []): string[] => [...prev, v];
 
 /**
+ * An option with fixed values: commander lists them (`--help`, and completion.ts reads them from
+ * here), and a value outside them is refused while the line is parsed with `message`, the words
+ * each command has always used.
+ */
+function choice(flags: string, description: string, values: readonly string[], message: (v: string) => string): Option {
+  return new Option(flags, description).choices(values).argParser((v: string) => {
+    if (!values.includes(v)) throw new UserError(message(v));
+    return v;
+  });
+}
+
+/** A positional argument with fixed values, checked the same way. */
+function choiceArgument(name: string, description: string, values: readonly string[], message: (v: string) => string): Argument {
+  return new Argument(name, description).choices(values).argParser((v: string) => {
+    if (!values.includes(v)) throw new UserError(message(v));
+    return v;
+  });
+}
+
+const mandatory = (o: Option): Option => o.makeOptionMandatory();
+
+/**
+ * Options several commands share, defined once; a command adds them by name with `add()` (the
+ * description may be the command's own). Groups below add the runs build, batch, image, rotate
+ * and provisioner-hook all had.
+ */
+const OPTIONS = {
+  config: (d = CFG) => new Option("--config <file>", d),
+  json: (d = "JSON output") => new Option("--json", d),
+  quiet: (d = "no progress on stderr") => new Option("-q, --quiet", d),
+  board: (d = "board profile (see 'mkoverlay boards')") => mandatory(new Option("--board <id>", d)),
+  bastions: (d = "bastion(s) from the config, comma-separated (e.g. eu,us)") => new Option("--bastion <names>", d),
+  bastion: (d = "the bastion") => new Option("--bastion <name>", d),
+  os: () => new Option("--os <id>", "OS profile, instead of the board's default"),
+  hostname: (d = "device name (default: the config's hostname template)") => new Option("--hostname <name>", d),
+  hostKey: (d = "use this unencrypted ed25519 OpenSSH private key instead of a new one") => new Option("--host-key <file>", d),
+  attr: (d: string) => new Option("--attr <key=value>", d).argParser(collect),
+  out: (d = "output directory (created 0700)") => new Option("--out <dir>", d).default("out"),
+  format: (d = "tar (default: <out>/<host>.overlay.tar.gz) or dir (<out>/<host>.overlay/)") =>
+    choice("--format <form>", d, ["tar", "dir"], (v) => `--format ${JSON.stringify(v)}: use tar (a .overlay.tar.gz) or dir (a folder); --apply ROOT lays it over a root file system`),
+  apply: (d = "lay the overlay directly over a mounted root file system (as root)") => new Option("--apply <root>", d),
+  rootPartition: (d = "the root partition's number (default: found by type, label and file system)") => new Option("--root-partition <n>", d),
+  compress: (d = "zstd: write <host>.img.zst instead of <host>.img") => choice("--compress <kind>", d, ["zstd"], (v) => `--compress ${JSON.stringify(v)}: only zstd is supported`),
+  force: (d: string) => new Option("--force", d),
+  forceConfigChange: (d = "build even though the config would lock out registered devices (they are served side by side; docs/bastion.md)") => new Option("--force-config-change", d),
+  grace: (d: string, def: string) => new Option("--grace <duration>", d).default(def),
+  serialAttr: () => new Option("--serial-attr <name>", "the factory data name the serial is recorded under").default("serial"),
+  registry: (d: string, def?: string) => new Option("--registry <location>", d).default(def),
+  neverSeenAfter: (d: string) => new Option("--never-seen-after <duration>", d).default("24h"),
+  expiringWithin: (d: string) => new Option("--expiring-within <duration>", d).default("30d"),
+} satisfies Record<string, (...a: never[]) => Option>;
+
+function add(c: Command, ...options: Option[]): Command {
+  for (const o of options) c.addOption(o);
+  return c;
+}
+
+/** What a new device is built from: --board, --bastion, --os. */
+const deviceOptions = (c: Command, board?: string, bastions?: string): Command => add(c, OPTIONS.board(board), OPTIONS.bastions(bastions), OPTIONS.os());
+/** Into a base image: --root-partition, --compress, --force. */
+const imageOptions = (c: Command, force = "lay the overlay even over another device's mkoverlay identity in the base", rootPartition?: string, compress?: string): Command =>
+  add(c, OPTIONS.rootPartition(rootPartition), OPTIONS.compress(compress), OPTIONS.force(force));
+/** What a station's run ends with: --force-config-change, --config, --json, -q. */
+const stationOptions = (c: Command, json = "print one JSON object on stdout"): Command => add(c, OPTIONS.forceConfigChange(), OPTIONS.config(), OPTIONS.json(json), OPTIONS.quiet());
+/** A fleet command that reports: --config, --json. */
+const reportOptions = (c: Command, json?: string): Command => add(c, OPTIONS.config(), OPTIONS.json(json));
+
+/**
  * The command line. `only`: define just that command (main() knows which one runs); `help`:
  * the examples, environment and exit codes for --help (loaded only when help may be shown).
  */
@@ -95,83 +163,67 @@ export function program(only?: string, help?: typeof CliHelp): Command {
   };
 
   def("build", () => {
-    p.command("build", { isDefault: true })
-      .description("build one device's overlay, reserve its port, print its bastion authorized_keys line(s)")
-      .requiredOption("--board <id>", "board profile (see 'mkoverlay boards')")
-      .option("--bastion <names>", "bastion(s) from the config, comma-separated (e.g. eu,us)")
-      .option("--os <id>", "OS profile, instead of the board's default")
-      .option("--hostname <name>", "device name (default: the config's hostname template); KEY=VALUE names a registered device by its factory data (with --host-key)")
-      .option("--host-key <file>", "use this unencrypted ed25519 OpenSSH private key instead of a new one")
-      .option("--attr <key=value>", "factory data to record with the device (repeatable), e.g. serial=SN0042", collect)
-      .option("--out <dir>", "output directory (created 0700)", "out")
-      .option("--format <form>", "tar (default: <out>/<host>.overlay.tar.gz) or dir (<out>/<host>.overlay/)")
-      .option("--apply <root>", "lay the overlay directly over a mounted root file system (as root)")
-      .option("--force-config-change", "build even though the config would lock out registered devices (they are served side by side; docs/bastion.md)")
-      .option("--config <file>", CFG)
-      .option("--json", "print one JSON object on stdout")
-      .option("-q, --quiet", "no progress on stderr")
-      .action(lazy(() => import("./commands/build.js"), (m, opts) => m.buildCommand(opts)));
+    const c = p.command("build", { isDefault: true }).description("build one device's overlay, reserve its port, print its bastion authorized_keys line(s)");
+    deviceOptions(c);
+    add(
+      c,
+      OPTIONS.hostname("device name (default: the config's hostname template); KEY=VALUE names a registered device by its factory data (with --host-key)"),
+      OPTIONS.hostKey(),
+      OPTIONS.attr("factory data to record with the device (repeatable), e.g. serial=SN0042"),
+      OPTIONS.out(),
+      OPTIONS.format(),
+      OPTIONS.apply().conflicts("format"),
+    );
+    stationOptions(c).action(lazy(() => import("./commands/build.js"), (m, opts) => m.buildCommand(opts)));
   });
 
   def("batch", () => {
-    p.command("batch")
-      .description("build many devices: --count N (names from the template) or --hosts FILE")
-      .requiredOption("--board <id>", "board profile")
-      .option("--bastion <names>", "bastion(s), comma-separated")
-      .option("--os <id>", "OS profile, instead of the board's default")
-      .option("--count <n>", "this many devices, named by the hostname template")
-      .option("--hosts <file>", "one hostname a line, or CSV with a hostname column (other columns are kept as factory data)")
-      .option("--attr <key=value>", "factory data recorded with every device of the batch (repeatable)", collect)
-      .option("--out <dir>", "output directory (created 0700)", "out")
-      .option("--format <form>", "tar or dir")
-      .option("--image <base>", "one disk image per device from this base image (<out>/<host>.img + .bmap)")
-      .option("--root-partition <n>", "with --image: the root partition's number")
-      .option("--compress <kind>", "with --image: zstd writes <host>.img.zst")
-      .option("--force", "with --image: lay overlays even over another device's identity in the base")
-      .option("--force-config-change", "build even though the config would lock out registered devices (they are served side by side; docs/bastion.md)")
-      .option("--config <file>", CFG)
-      .option("--json", "one JSON object per device on stdout")
-      .option("--no-progress", "no progress bar on a terminal: a plain line per device instead")
-      .option("-q, --quiet", "no progress on stderr")
-      .action(lazy(() => import("./commands/batch.js"), (m, opts) => m.batchCommand(opts)));
+    const c = p.command("batch").description("build many devices: --count N (names from the template) or --hosts FILE");
+    deviceOptions(c, "board profile", "bastion(s), comma-separated");
+    add(
+      c,
+      new Option("--count <n>", "this many devices, named by the hostname template").conflicts("hosts"),
+      new Option("--hosts <file>", "one hostname a line, or CSV with a hostname column (other columns are kept as factory data)"),
+      OPTIONS.attr("factory data recorded with every device of the batch (repeatable)"),
+      OPTIONS.out(),
+      OPTIONS.format("tar or dir"),
+      new Option("--image <base>", "one disk image per device from this base image (<out>/<host>.img + .bmap)").conflicts("format"),
+    );
+    imageOptions(c, "with --image: lay overlays even over another device's identity in the base", "with --image: the root partition's number", "with --image: zstd writes <host>.img.zst");
+    stationOptions(c, "one JSON object per device on stdout");
+    c.addOption(new Option("--no-progress", "no progress bar on a terminal: a plain line per device instead"));
+    c.action(lazy(() => import("./commands/batch.js"), (m, opts) => m.batchCommand(opts)));
   });
 
   def("image", () => {
-    p.command("image")
-      .description("build one device as a disk image: the base with its overlay laid into the root partition (+ a bmap)")
-      .requiredOption("--base <image>", "the OS image to start from (e.g. a Raspberry Pi OS .img; MBR or GPT)")
-      .requiredOption("--board <id>", "board profile (see 'mkoverlay boards')")
-      .option("--bastion <names>", "bastion(s) from the config, comma-separated (e.g. eu,us)")
-      .option("--os <id>", "OS profile, instead of the board's default")
-      .option("--hostname <name>", "device name (default: the config's hostname template); KEY=VALUE names a registered device by its factory data (with --host-key)")
-      .option("--host-key <file>", "use this unencrypted ed25519 OpenSSH private key instead of a new one")
-      .option("--attr <key=value>", "factory data to record with the device (repeatable), e.g. serial=SN0042", collect)
-      .option("--out <dir>", "output directory (created 0700): <out>/<host>.img and .img.bmap", "out")
-      .option("--root-partition <n>", "the root partition's number (default: found by type, label and file system)")
-      .option("--compress <kind>", "zstd: write <host>.img.zst instead of <host>.img")
-      .option("--force", "lay the overlay even over another device's mkoverlay identity in the base")
-      .option("--force-config-change", "build even though the config would lock out registered devices (they are served side by side; docs/bastion.md)")
-      .option("--config <file>", "fleet config (default $MKOVERLAY_CONFIG or ./mkoverlay.yaml)")
-      .option("--json", "print one JSON object on stdout")
-      .option("-q, --quiet", "no progress on stderr")
-      .action(lazy(() => import("./commands/image.js"), (m, opts) => m.imageCommand(opts)));
+    const c = p.command("image").description("build one device as a disk image: the base with its overlay laid into the root partition (+ a bmap)");
+    c.addOption(mandatory(new Option("--base <image>", "the OS image to start from (e.g. a Raspberry Pi OS .img; MBR or GPT)")));
+    deviceOptions(c);
+    add(
+      c,
+      OPTIONS.hostname("device name (default: the config's hostname template); KEY=VALUE names a registered device by its factory data (with --host-key)"),
+      OPTIONS.hostKey(),
+      OPTIONS.attr("factory data to record with the device (repeatable), e.g. serial=SN0042"),
+      OPTIONS.out("output directory (created 0700): <out>/<host>.img and .img.bmap"),
+    );
+    imageOptions(c);
+    stationOptions(c).action(lazy(() => import("./commands/image.js"), (m, opts) => m.imageCommand(opts)));
   });
 
   def("write", () => {
-    p.command("write <overlay>")
+    const c = p
+      .command("write <overlay>")
       .description("lay an existing overlay (archive or folder) into a disk image or an already-flashed card")
-      .option("--image <file>", "the image to write into, in place")
+      .addOption(new Option("--image <file>", "the image to write into, in place").conflicts("device"))
       .option("--device <dev>", "the card (block device) to write, e.g. /dev/sdX")
-      .option("--base <image>", "with --device: write this base image's used blocks first")
-      .option("--root-partition <n>", "the root partition's number (default: found by type, label and file system)")
-      .option("--force", "lay the overlay even over another device's mkoverlay identity")
-      .option("--json", "print one JSON object on stdout")
-      .option("-q, --quiet", "no progress on stderr")
-      .action(lazy(() => import("./commands/write.js"), (m, overlay, opts) => m.writeCommand(overlay, opts)));
+      .option("--base <image>", "with --device: write this base image's used blocks first");
+    add(c, OPTIONS.rootPartition(), OPTIONS.force("lay the overlay even over another device's mkoverlay identity"), OPTIONS.json("print one JSON object on stdout"), OPTIONS.quiet());
+    c.action(lazy(() => import("./commands/write.js"), (m, overlay, opts) => m.writeCommand(overlay, opts)));
   });
 
   def("init", () => {
-    p.command("init")
+    const c = p
+      .command("init")
       .description("write a commented fleet config (./mkoverlay.yaml, or --config FILE) from flags or answers")
       .option("--bastion <name=host[:port]>", "a bastion the gateways tunnel to (repeatable)", collect)
       .option("--host-key-file <[name=]file>", "pin the bastion host key(s) in FILE: ssh-keyscan output, known_hosts lines, or a .pub (NAME= when several bastions) (repeatable)", collect)
@@ -181,221 +233,195 @@ export function program(only?: string, help?: typeof CliHelp): Command {
       .option("--operator-ca <file>", "an SSH user CA's public key: certificates it signs for --principal may log in")
       .option("--principal <name>", "a certificate principal for --operator-ca (repeatable)", collect)
       .option("--operator-user <user>", "the account operators log in as", "root")
-      .option("--no-operators", "add no login access (the OS image brings its own)")
-      .option("--registry <location>", "registry file (relative to the config) or postgres://user@host/db", "./mkoverlay.db")
-      .option("--hostname <template>", "device names: {seq} or {seq:0N} is the sequence number", "gw-{seq:04}")
-      .option("--ssh-ports <range>", "one tunnel port per device from this range", "21000-21999")
-      .option("--service-ports <range>", "ports for service tunnels", "22000-22999")
-      .option("--force", "replace an existing file")
-      .option("--config <file>", "where to write it (default $MKOVERLAY_CONFIG or ./mkoverlay.yaml)")
-      .option("--json", "print what was written as JSON")
-      .addHelpText(
-        "after",
-        "\nmkoverlay init never fetches a host key itself: pinning a bastion's key is your decision. Get it\n" +
-          "from the bastion (its /etc/ssh/ssh_host_ed25519_key.pub) or from ssh-keyscan, and compare the\n" +
-          "fingerprint init prints with 'ssh-keygen -lf /etc/ssh/ssh_host_ed25519_key.pub' run on the bastion.\n",
-      )
-      .action(lazy(() => import("./commands/init.js"), (m, opts) => m.initCommand(opts)));
+      .option("--no-operators", "add no login access (the OS image brings its own)");
+    add(
+      c,
+      OPTIONS.registry("registry file (relative to the config) or postgres://user@host/db", "./mkoverlay.db"),
+      new Option("--hostname <template>", "device names: {seq} or {seq:0N} is the sequence number").default("gw-{seq:04}"),
+      new Option("--ssh-ports <range>", "one tunnel port per device from this range").default("21000-21999"),
+      new Option("--service-ports <range>", "ports for service tunnels").default("22000-22999"),
+      OPTIONS.force("replace an existing file"),
+      OPTIONS.config("where to write it (default $MKOVERLAY_CONFIG or ./mkoverlay.yaml)"),
+      OPTIONS.json("print what was written as JSON"),
+    );
+    c.addHelpText(
+      "after",
+      "\nmkoverlay init never fetches a host key itself: pinning a bastion's key is your decision. Get it\n" +
+        "from the bastion (its /etc/ssh/ssh_host_ed25519_key.pub) or from ssh-keyscan, and compare the\n" +
+        "fingerprint init prints with 'ssh-keygen -lf /etc/ssh/ssh_host_ed25519_key.pub' run on the bastion.\n",
+    ).action(lazy(() => import("./commands/init.js"), (m, opts) => m.initCommand(opts)));
   });
 
   def("bastion", () => {
     const bastion = p.command("bastion").description("the bastion's side: authorized-keys, sshd-config, install (as root), agent (the live key follower)");
-    bastion
-      .command("authorized-keys")
-      .description("the tunnel user's complete authorized_keys file, from the registry")
-      .requiredOption("--bastion <name>", "the bastion")
-      .option("--write <file>", "replace FILE atomically instead of printing (0600, the tunnel user's; a new file is created for it)")
-      .option("--config <file>", CFG)
-      .option("--json", "JSON output")
-      .action(lazy(() => import("./commands/bastion.js"), (m, opts) => m.authorizedKeysCommand(opts)));
-    bastion
-      .command("sshd-config")
-      .description("the Match User block the bastion's sshd_config needs")
-      .requiredOption("--bastion <name>", "the bastion")
-      .option("--authorized-keys-file <path>", "add an AuthorizedKeysFile line (e.g. /etc/ssh/authorized_keys.d/%u)")
-      .option("--config <file>", CFG)
-      .option("--json", "JSON output")
-      .action(lazy(() => import("./commands/bastion.js"), (m, opts) => m.sshdConfigCommand(opts)));
-    bastion
-      .command("install")
-      .description("set this host (or --root DIR) up as the bastion: tunnel user, sshd drop-in, key directory, agent unit")
-      .requiredOption("--bastion <name>", "the bastion")
-      .option("--root <dir>", "install into a mounted image instead of this host (like systemctl --root)")
-      .option("--registry <location>", "the registry the agent reads, as the bastion reaches it (default: the config's; required with --root), e.g. postgres://mkoverlay_bastion@db/fleet")
-      .option("--no-create-user", "fail instead of creating a missing tunnel user")
-      .option("--mkoverlay <path>", "mkoverlay's executable on the bastion, for the unit (default: this one; required with --root)")
-      .option("--take-over-user <name>", "let an existing login account (a shell, a password or keys) become the tunnel user: it then logs in only as a tunnel")
-      .option("--dry-run", "check everything and print what would change, as a diff; change nothing")
-      .option("--force-config-change", "install even though the config would lock out registered devices: old tunnel users keep their Match block")
-      .option("--sshd-version <major.minor>", "the bastion's OpenSSH version (e.g. 10.0), when its sshd cannot run here (--root of another architecture)")
-      .option("--config <file>", CFG)
-      .option("--json", "what was installed (or would be), as JSON")
-      .action(lazy(() => import("./commands/bastion-install.js"), (m, opts) => m.bastionInstallCommand(opts)));
-    bastion
-      .command("agent")
-      .description("keep sshd's tunnel keys equal to the registry, live (runs in mkoverlay-bastion@NAME.service)")
-      .requiredOption("--bastion <name>", "the bastion")
-      .option("--state-dir <dir>", "key directory and state (default /var/lib/mkoverlay/bastion/NAME)")
-      .option("--auth-log <source>", "where sshd logs logins: journal, a file (sshd -E), or none", "journal")
-      .option("--resync <seconds>", "full re-read period (default 60 on PostgreSQL, 10 on SQLite)")
-      .option("--interval <seconds>", "how often to record the tunnels this bastion sees (mkoverlay status)", "15")
-      .option("--metrics-listen <host:port>", "serve this bastion's fleet view for Prometheus on a loopback address (GET /metrics)")
-      .option("--never-seen-after <duration>", "for the metrics: a device built this long ago and never connected is an alarm", "24h")
-      .option("--expiring-within <duration>", "for the metrics: a key that expires on this bastion within this is an alarm (e.g. 30d, 6w; 0: only expired)", "30d")
-      .option("--config <file>", CFG)
-      .action(lazy(() => import("./commands/bastion-agent.js"), (m, opts) => m.bastionAgentCommand(opts)));
+    const keys = bastion.command("authorized-keys").description("the tunnel user's complete authorized_keys file, from the registry");
+    add(keys, mandatory(OPTIONS.bastion()), new Option("--write <file>", "replace FILE atomically instead of printing (0600, the tunnel user's; a new file is created for it)"));
+    reportOptions(keys).action(lazy(() => import("./commands/bastion.js"), (m, opts) => m.authorizedKeysCommand(opts)));
+    const sshd = bastion.command("sshd-config").description("the Match User block the bastion's sshd_config needs");
+    add(sshd, mandatory(OPTIONS.bastion()), new Option("--authorized-keys-file <path>", "add an AuthorizedKeysFile line (e.g. /etc/ssh/authorized_keys.d/%u)"));
+    reportOptions(sshd).action(lazy(() => import("./commands/bastion.js"), (m, opts) => m.sshdConfigCommand(opts)));
+    const install = bastion.command("install").description("set this host (or --root DIR) up as the bastion: tunnel user, sshd drop-in, key directory, agent unit");
+    add(
+      install,
+      mandatory(OPTIONS.bastion()),
+      new Option("--root <dir>", "install into a mounted image instead of this host (like systemctl --root)"),
+      OPTIONS.registry("the registry the agent reads, as the bastion reaches it (default: the config's; required with --root), e.g. postgres://mkoverlay_bastion@db/fleet"),
+      new Option("--no-create-user", "fail instead of creating a missing tunnel user"),
+      new Option("--mkoverlay <path>", "mkoverlay's executable on the bastion, for the unit (default: this one; required with --root)"),
+      new Option("--take-over-user <name>", "let an existing login account (a shell, a password or keys) become the tunnel user: it then logs in only as a tunnel"),
+      new Option("--dry-run", "check everything and print what would change, as a diff; change nothing"),
+      OPTIONS.forceConfigChange("install even though the config would lock out registered devices: old tunnel users keep their Match block"),
+      new Option("--sshd-version <major.minor>", "the bastion's OpenSSH version (e.g. 10.0), when its sshd cannot run here (--root of another architecture)"),
+    );
+    reportOptions(install, "what was installed (or would be), as JSON").action(lazy(() => import("./commands/bastion-install.js"), (m, opts) => m.bastionInstallCommand(opts)));
+    const agent = bastion.command("agent").description("keep sshd's tunnel keys equal to the registry, live (runs in mkoverlay-bastion@NAME.service)");
+    add(
+      agent,
+      mandatory(OPTIONS.bastion()),
+      new Option("--state-dir <dir>", "key directory and state (default /var/lib/mkoverlay/bastion/NAME)"),
+      new Option("--auth-log <source>", "where sshd logs logins: journal, a file (sshd -E), or none").default("journal"),
+      new Option("--resync <duration>", "full re-read period (seconds or a duration; default 60 on PostgreSQL, 10 on SQLite)"),
+      new Option("--interval <duration>", "how often to record the tunnels this bastion sees (mkoverlay status; seconds or a duration)").default("15"),
+      new Option("--metrics-listen <host:port>", "serve this bastion's fleet view for Prometheus on a loopback address (GET /metrics)"),
+      OPTIONS.neverSeenAfter("for the metrics: a device built this long ago and never connected is an alarm"),
+      OPTIONS.expiringWithin("for the metrics: a key that expires on this bastion within this is an alarm (e.g. 30d, 6w; 0: only expired)"),
+      OPTIONS.config(),
+    );
+    agent.action(lazy(() => import("./commands/bastion-agent.js"), (m, opts) => m.bastionAgentCommand(opts)));
   });
 
   def("ssh-config", () => {
-    p.command("ssh-config")
+    const c = p
+      .command("ssh-config")
       .description("~/.ssh/config entries that reach every live device by name through its bastion")
-      .option("--bastion <name>", "route through this bastion (default: each device's first)")
+      .addOption(OPTIONS.bastion("route through this bastion (default: each device's first)"))
       .option("--user <name>", "login user on the devices", "root")
-      .option("--known-hosts <file>", "add UserKnownHostsFile FILE (e.g. where you saved 'mkoverlay known-hosts')")
-      .option("--config <file>", CFG)
-      .option("--json", "JSON output")
-      .action(lazy(() => import("./commands/operator.js"), (m, opts) => m.sshConfigCommand(opts)));
+      .option("--known-hosts <file>", "add UserKnownHostsFile FILE (e.g. where you saved 'mkoverlay known-hosts')");
+    reportOptions(c).action(lazy(() => import("./commands/operator.js"), (m, opts) => m.sshConfigCommand(opts)));
   });
 
   def("known-hosts", () => {
-    p.command("known-hosts")
-      .description("known_hosts lines for every live device (matching ssh-config's HostKeyAlias)")
-      .option("--config <file>", CFG)
-      .option("--json", "JSON output")
-      .action(lazy(() => import("./commands/operator.js"), (m, opts) => m.knownHostsCommand(opts)));
+    const c = p.command("known-hosts").description("known_hosts lines for every live device (matching ssh-config's HostKeyAlias)");
+    reportOptions(c).action(lazy(() => import("./commands/operator.js"), (m, opts) => m.knownHostsCommand(opts)));
   });
 
   def("revoke", () => {
-    p.command("revoke")
-      .description("take a device out of every export; its ports stay quarantined")
-      .argument("<device>", device)
-      .option("--config <file>", CFG)
-      .option("--json", "JSON output")
-      .action(lazy(() => import("./commands/lifecycle.js"), (m, host, opts) => m.revokeCommand(host, opts)));
+    const c = p.command("revoke").description("take a device out of every export; its ports stay quarantined").argument("<device>", device);
+    reportOptions(c).action(lazy(() => import("./commands/lifecycle.js"), (m, host, opts) => m.revokeCommand(host, opts)));
   });
 
   def("rotate", () => {
-    p.command("rotate")
-      .description("a new key for a device (same name and ports) and a new overlay")
-      .argument("<device>", device)
-      .option("--host-key <file>", "use this key instead of a new one")
-      .option("--grace <duration>", "bastions keep accepting the old key this long (e.g. 12h, 7d, 2w; 0: drop it now)", "7d")
-      .option("--force-config-change", "build even though the config would lock out registered devices (they are served side by side; docs/bastion.md)")
-      .option("--out <dir>", "output directory (created 0700)", "out")
-      .option("--format <form>", "tar or dir")
-      .option("--apply <root>", "lay the overlay over a mounted root file system")
-      .option("--config <file>", CFG)
-      .option("--json", "JSON output")
-      .option("-q, --quiet", "no progress on stderr")
-      .action(lazy(() => import("./commands/lifecycle.js"), (m, host, opts) => m.rotateCommand(host, opts)));
+    const c = p.command("rotate").description("a new key for a device (same name and ports) and a new overlay").argument("<device>", device);
+    add(
+      c,
+      OPTIONS.hostKey("use this key instead of a new one"),
+      OPTIONS.grace("bastions keep accepting the old key this long (a duration: 30min, 12h, 7d, 2w; 0: drop it now)", "7d"),
+      OPTIONS.out(),
+      OPTIONS.format("tar or dir"),
+      OPTIONS.apply("lay the overlay over a mounted root file system").conflicts("format"),
+    );
+    stationOptions(c, "JSON output").action(lazy(() => import("./commands/lifecycle.js"), (m, host, opts) => m.rotateCommand(host, opts)));
   });
 
   def("verify", () => {
-    p.command("verify")
+    const c = p
+      .command("verify")
       .description("check overlays (archives, folders, disk images, .img.zst, cards) against themselves, the fleet config and the registry")
-      .argument("<overlay...>", "overlay archives, folders, images or cards")
-      .option("--root-partition <n>", "for an image: the root partition's number")
-      .option("--offline", "no config or registry: check each overlay against itself and what this mkoverlay builds for it")
-      .option("--config <file>", CFG)
-      .option("--json", "one JSON object per overlay")
-      .option("-q, --quiet", "print only failures (the exit code says the rest)")
-      .action(lazy(() => import("./commands/verify.js"), (m, paths, opts) => m.verifyCommand(paths, opts)));
+      .argument("<overlay...>", "overlay archives, folders, images or cards");
+    add(
+      c,
+      OPTIONS.rootPartition("for an image: the root partition's number"),
+      new Option("--offline", "no config or registry: check each overlay against itself and what this mkoverlay builds for it"),
+      OPTIONS.config(),
+      OPTIONS.json("one JSON object per overlay"),
+      OPTIONS.quiet("print only failures (the exit code says the rest)"),
+    );
+    c.action(lazy(() => import("./commands/verify.js"), (m, paths, opts) => m.verifyCommand(paths, opts)));
   });
 
   def("boards", () => {
     p.command("boards")
       .description("list board and OS profiles")
-      .option("--json", "JSON output")
+      .addOption(OPTIONS.json())
       .action(lazy(() => import("./commands/boards.js"), (m, opts) => m.boardsCommand(opts)));
   });
 
   def("status", () => {
-    p.command("status")
+    const c = p
+      .command("status")
       .description("which gateways are connected, where and since when; which never came online; alarms")
-      .argument("[device]", "only this device: HOST, or KEY=VALUE of its factory data (e.g. serial=SN0042)")
-      .option("--bastion <name>", "only this bastion")
-      .option("--format <form>", "table, json or prometheus", "table")
-      .option("--json", "same as --format json")
-      .option("--state <states>", "only devices in these states, comma-separated: connected, offline, never-seen, new, unknown")
-      .option("--check", "exit 1 when there is an alarm (for monitoring)")
-      .option("--never-seen-after <duration>", "a device built this long ago and never connected is an alarm (e.g. 24h, 2d; 0: never)", "24h")
-      .option("--expiring-within <duration>", "a key that expires on a bastion within this is an `expiring` alarm (e.g. 30d, 6w, 72h; 0: only expired)", "30d")
-      .option("--config <file>", CFG)
-      .action(lazy(() => import("./commands/status.js"), (m, dev, opts) => m.statusCommand(dev, opts)));
+      .argument("[device]", "only this device: HOST, or KEY=VALUE of its factory data (e.g. serial=SN0042)");
+    add(
+      c,
+      OPTIONS.bastion("only this bastion"),
+      choice("--format <form>", "table, json or prometheus", ["table", "json", "prometheus"], (v) => `--format ${JSON.stringify(v)}: use table, json or prometheus`).default("table"),
+      OPTIONS.json("same as --format json"),
+      new Option("--state <states>", "only devices in these states, comma-separated: connected, offline, never-seen, new, unknown"),
+      new Option("--check", "exit 1 when there is an alarm (for monitoring)"),
+      OPTIONS.neverSeenAfter("a device built this long ago and never connected is an alarm (a duration: 90min, 24h, 2d; 0: never)"),
+      OPTIONS.expiringWithin("a key that expires on a bastion within this is an `expiring` alarm (a duration: 30d, 6w, 72h; 0: only expired)"),
+      OPTIONS.config(),
+    );
+    c.action(lazy(() => import("./commands/status.js"), (m, dev, opts) => m.statusCommand(dev, opts)));
   });
 
   def("registry", () => {
     const registry = p.command("registry").description("the port registry: list, release, remove-bastion, doctor, migrate, import-manufacturing");
-    registry
-      .command("list")
-      .description("the port allocation table, with each device's factory data")
-      .option("--format <form>", "table, csv or markdown", "table")
-      .option("--columns <names>", "these columns, comma-separated (fixed ones and factory data names); default: a table that fits 80 columns, every column in CSV and Markdown")
-      .option("--json", "a JSON array")
-      .option("--old-settings", "only devices whose overlay still dials a setting the config has changed since (docs/bastion.md)")
-      .option("--config <file>", CFG)
-      .action(lazy(() => import("./commands/registry-list.js"), (m, opts) => m.registryListCommand(opts)));
-    registry
-      .command("release")
-      .description("give a revoked device's quarantined ports back")
-      .argument("<device>", device)
-      .option("--config <file>", CFG)
-      .option("--json", "JSON output")
-      .action(lazy(() => import("./commands/lifecycle.js"), (m, host, opts) => m.releaseCommand(host, opts)));
-    registry
-      .command("remove-bastion <name>")
-      .description("take a retired bastion off every registered device (exports and lists stop naming it)")
-      .option("--config <file>", CFG)
-      .option("--json", "JSON output")
-      .action(lazy(() => import("./commands/lifecycle.js"), (m, name, opts) => m.removeBastionCommand(name, opts)));
-    registry
-      .command("doctor")
-      .description("finish or reclaim devices left pending by killed builds")
-      .option("--fix", "apply (default: report only)")
-      .option("--grace <seconds>", "wait this long after a lease ran out before acting (a dead station of this host: at once)", "60")
-      .option("--config <file>", CFG)
-      .option("--json", "JSON output")
-      .action(lazy(() => import("./commands/doctor.js"), (m, opts) => m.doctorCommand(opts)));
+    const list = registry.command("list").description("the port allocation table, with each device's factory data");
+    add(
+      list,
+      choice("--format <form>", "table, csv or markdown", ["table", "csv", "markdown"], (v) => `--format ${JSON.stringify(v)}: use table, csv or markdown (or --json)`).default("table"),
+      new Option("--columns <names>", "these columns, comma-separated (fixed ones and factory data names); default: a table that fits 80 columns, every column in CSV and Markdown"),
+      OPTIONS.json("a JSON array"),
+      new Option("--old-settings", "only devices whose overlay still dials a setting the config has changed since (docs/bastion.md)"),
+      OPTIONS.config(),
+    );
+    list.action(lazy(() => import("./commands/registry-list.js"), (m, opts) => m.registryListCommand(opts)));
+    const release = registry.command("release").description("give a revoked device's quarantined ports back").argument("<device>", device);
+    reportOptions(release).action(lazy(() => import("./commands/lifecycle.js"), (m, host, opts) => m.releaseCommand(host, opts)));
+    const remove = registry.command("remove-bastion <name>").description("take a retired bastion off every registered device (exports and lists stop naming it)");
+    reportOptions(remove).action(lazy(() => import("./commands/lifecycle.js"), (m, name, opts) => m.removeBastionCommand(name, opts)));
+    const doctor = registry.command("doctor").description("finish or reclaim devices left pending by killed builds").option("--fix", "apply (default: report only)");
+    doctor.addOption(OPTIONS.grace("wait this long after a lease ran out before acting (a duration, or seconds: 60, 5min; a dead station of this host: at once)", "60"));
+    reportOptions(doctor).action(lazy(() => import("./commands/doctor.js"), (m, opts) => m.doctorCommand(opts)));
 
-    registry
+    const migrate = registry
       .command("migrate")
       .description("copy the registry in use into another backend (keeps ports, keys, statuses, name counter)")
-      .requiredOption("--to <registry>", "target: postgres://user@host:5432/db, or a registry file")
-      .option("--force", "replace a target that already holds devices")
-      .option("--config <file>", CFG)
-      .option("--json", "JSON output")
-      .option("-q, --quiet", "no reminder on stderr")
-      .action(lazy(() => import("./commands/registry-migrate.js"), (m, opts) => m.registryMigrateCommand(opts)));
+      .addOption(mandatory(new Option("--to <registry>", "target: postgres://user@host:5432/db, or a registry file")))
+      .addOption(OPTIONS.force("replace a target that already holds devices"));
+    add(reportOptions(migrate), OPTIONS.quiet("no reminder on stderr")).action(lazy(() => import("./commands/registry-migrate.js"), (m, opts) => m.registryMigrateCommand(opts)));
 
-    registry
+    const importing = registry
       .command("import-manufacturing")
       .description("attach rpi-sb-provisioner's manufacturing data (board, MACs) to the devices with those serials")
       .argument("<db>", "the provisioner's manufacturing database (SQLite; opened read-only)")
-      .option("--serial-attr <name>", "the factory data name the serial is recorded under", "serial")
-      .option("--config <file>", CFG)
-      .option("--json", "JSON output")
-      .action(lazy(() => import("./commands/provisioner-import.js"), (m, db, opts) => m.importManufacturingCommand(db, opts)));
+      .addOption(OPTIONS.serialAttr());
+    reportOptions(importing).action(lazy(() => import("./commands/provisioner-import.js"), (m, db, opts) => m.importManufacturingCommand(db, opts)));
   });
 
   def("provisioner-hook", () => {
-    p.command("provisioner-hook")
+    const c = p
+      .command("provisioner-hook")
       .description("rpi-sb-provisioner's rootfs-mounted hook: lay the device with serial $TARGET_DEVICE_SERIAL into the mounted ROOT")
       .argument("<boot>", "the image's mounted boot partition ($1 of the hook; not written)")
-      .argument("<root>", "the image's mounted root file system ($2 of the hook)")
-      .requiredOption("--board <id>", "board profile for a new device (e.g. cm4)")
-      .option("--bastion <names>", "bastion(s) for a new device, comma-separated")
-      .option("--os <id>", "OS profile, instead of the board's default")
-      .option("--serial-attr <name>", "the factory data name the serial is recorded under", "serial")
-      .option("--out <dir>", "where the lines files go (default: out/ beside the fleet config)")
-      .option("--grace <duration>", "re-provisioning a device rotates its key: how long the old one stays valid", "0")
-      .option("--config <file>", CFG)
-      .option("-q, --quiet", "no progress on stderr")
-      .action(lazy(() => import("./commands/provisioner-hook.js"), (m, boot, root, opts) => m.provisionerHookCommand(boot, root, opts)));
+      .argument("<root>", "the image's mounted root file system ($2 of the hook)");
+    deviceOptions(c, "board profile for a new device (e.g. cm4)", "bastion(s) for a new device, comma-separated");
+    add(
+      c,
+      OPTIONS.serialAttr(),
+      new Option("--out <dir>", "where the lines files go (default: out/ beside the fleet config)"),
+      OPTIONS.grace("re-provisioning a device rotates its key: how long the old one stays valid", "0"),
+      OPTIONS.config(),
+      OPTIONS.quiet(),
+    );
+    c.action(lazy(() => import("./commands/provisioner-hook.js"), (m, boot, root, opts) => m.provisionerHookCommand(boot, root, opts)));
   });
 
   def("schema", () => {
-    p.command("schema [kind]")
+    p.command("schema")
       .description("print a JSON Schema for editors: fleet (default), board or os")
+      .addArgument(choiceArgument("[kind]", "", ["fleet", "board", "os"], (v) => `schema ${JSON.stringify(v)}: use fleet, board or os`))
       .addOption(new Option("--out <file>", "write it to a file instead"))
       .action(lazy(() => import("./commands/schema.js"), (m, kind, opts) => m.schemaCommand(kind, opts)));
   });
@@ -403,7 +429,7 @@ export function program(only?: string, help?: typeof CliHelp): Command {
   def("completion", () => {
     p.command("completion")
       .description("print a shell completion script: bash, zsh or fish")
-      .argument("<shell>", "bash, zsh or fish")
+      .addArgument(choiceArgument("<shell>", "bash, zsh or fish", ["bash", "zsh", "fish"], (v) => `completion ${JSON.stringify(v)}: use bash, zsh or fish`))
       .action(lazy(() => import("./completion.js"), (m, shell) => m.completionCommand(shell)));
   });
 

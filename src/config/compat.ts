@@ -12,9 +12,9 @@
  *
  * Pure: no registry, no yaml (the position of a field is looked up only when refusing).
  */
-import { createHash } from "node:crypto";
 import { isIP } from "node:net";
 import { UserError } from "../util/errors.js";
+import { lineFingerprint } from "../keys/fingerprint.js";
 import type { Bastion, Fleet, PortRange } from "./fleet.js";
 
 export interface BastionDial {
@@ -39,10 +39,7 @@ export const rangeText = (r: PortRange): string => `${r.lo}-${r.hi}`;
 
 /** `SHA256:…` of a canonical host key entry (`[@cert-authority ]TYPE BASE64`). */
 export function hostKeyFingerprint(entry: string): string {
-  const ca = entry.startsWith("@cert-authority ");
-  const blob = (ca ? entry.slice("@cert-authority ".length) : entry).split(" ")[1] ?? "";
-  const fp = `SHA256:${createHash("sha256").update(Buffer.from(blob, "base64")).digest("base64").replace(/=+$/, "")}`;
-  return ca ? `@cert-authority ${fp}` : fp;
+  return lineFingerprint(entry, { keepCA: true });
 }
 
 export function bastionDial(b: Bastion): BastionDial {

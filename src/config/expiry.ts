@@ -7,7 +7,8 @@
  * Default spread: a tenth of the duration, at most 30 days (`expirySpread: 0` turns it off).
  */
 import { createHash } from "node:crypto";
-import { LATEST_EXPIRY, parseExpiry } from "../util/validate.js";
+import { durationMs } from "../util/duration.js";
+import { LATEST_EXPIRY, looksLikeDuration, parseExpiry } from "../util/validate.js";
 
 const MINUTE = 60_000;
 const DAY = 24 * 60 * MINUTE;
@@ -16,22 +17,22 @@ const DEFAULT_SHARE = 10;
 /** ... and at most this long. */
 const DEFAULT_MAX_MS = 30 * DAY;
 
-const SPREAD = /^(\d+)([hdw])$/;
+/** A spread is a fixed length (no calendar): at most ten years. */
+const MAX_SPREAD_MS = 3650 * DAY;
 
-/** `expirySpread:` in milliseconds (`0`, `36h`, `14d`, `2w`), or why it is not one. */
+/** `expirySpread:` in milliseconds (`0`, `36h`, `14d`, `2w`: src/util/duration.ts), or why it is not one. */
 export function parseSpread(value: string | number): number | string {
-  if (value === 0 || value === "0") return 0;
-  const m = typeof value === "string" ? SPREAD.exec(value) : null;
-  if (!m) return "is not a spread: write 0 (none) or hours, days or weeks (36h, 14d, 2w)";
-  const n = Number(m[1]);
-  const unit = m[2] === "h" ? 60 * MINUTE : m[2] === "d" ? DAY : 7 * DAY;
-  if (n * unit > 3650 * DAY) return "is longer than ten years";
-  return n * unit;
+  if (value === 0) return 0;
+  const ms = typeof value === "string" ? durationMs(value, { zero: true, maxMs: MAX_SPREAD_MS }) : "is not a duration";
+  if (typeof ms !== "string") return ms;
+  if (ms.startsWith("is not a duration here: ")) return `is not a spread: ${ms.slice("is not a duration here: ".length)}`;
+  if (ms.startsWith("is not a duration")) return "is not a spread: write 0 (none) or a duration (36h, 14d, 2w; README.md, Durations)";
+  return ms;
 }
 
 /** Whether `expiry:` is a duration from the build (which is spread) rather than a date. */
 export function isDurationExpiry(value: string): boolean {
-  return /^\d+[dwmy]$/.test(value);
+  return looksLikeDuration(value);
 }
 
 /** The fraction of the spread this device gets, in [0, 1): the same key always gets the same. */

@@ -46,6 +46,8 @@ export interface Fleet {
   bastions: Map<string, Bastion>;
   forwards: Forward[];
   operators: Operators | undefined;
+  /** What the config allows but is likely to hurt, as `file:line:col key: …` (rules.ts configWarnings). */
+  warnings?: string[];
 }
 
 export function parseRange(v: string): PortRange {
@@ -60,7 +62,7 @@ function resolveRegistry(value: string, baseDir: string): string {
   return isAbsolute(value) ? value : resolve(baseDir, value);
 }
 
-export function toFleet(raw: FleetRaw, file: string, baseDir: string): Fleet {
+export function toFleet(raw: FleetRaw, file: string, baseDir: string, warnings: string[] = []): Fleet {
   const bastions = new Map<string, Bastion>();
   // Names are plain ASCII words: a byte-order sort (localeCompare would load ICU's collation,
   // ~8 ms of every single build).
@@ -75,6 +77,7 @@ export function toFleet(raw: FleetRaw, file: string, baseDir: string): Fleet {
     // $MKOVERLAY_REGISTRY (relative to the working directory) overrides the file's value.
     registry: process.env.MKOVERLAY_REGISTRY ? resolveRegistry(process.env.MKOVERLAY_REGISTRY, process.cwd()) : resolveRegistry(raw.registry, baseDir),
     hostnameTemplate: raw.hostname,
+    warnings,
     ports: { ssh: parseRange(raw.ports.ssh), services: parseRange(raw.ports.services) },
     bastions,
     operators:

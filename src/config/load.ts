@@ -9,7 +9,7 @@ import { cached } from "../util/cache.js";
 import { resourceDir } from "../util/resources.js";
 import { errnoCode, UserError } from "../util/errors.js";
 import { toFleet, type Fleet } from "./fleet.js";
-import { crossCheck } from "./rules.js";
+import { configWarnings, crossCheck } from "./rules.js";
 import type { FleetRaw } from "./schema.js";
 
 export const DEFAULT_CONFIG = "mkoverlay.yaml";
@@ -37,12 +37,21 @@ export function readConfigText(file: string): string {
 
 /** Full validation: YAML + schema + rules, with positions in every message. */
 export async function parseFleet(text: string, file: string, now: Date = new Date()): Promise<Fleet> {
-  return toFleet(await validateFleet(text, file, now), file, resolve(dirname(file)));
+  const v = await validateFleet(text, file, now);
+  return toFleet(v.raw, file, resolve(dirname(file)), v.warnings);
 }
 
-async function validateFleet(text: string, file: string, now: Date): Promise<FleetRaw> {
+/** The validated config, and its warnings (`file:line:col key: …`: rules.ts configWarnings). */
+interface Validated {
+  raw: FleetRaw;
+  warnings: string[];
+}
+
+async function validateFleet(text: string, file: string, now: Date): Promise<Validated> {
   const [{ parseYamlWith }, { FleetSchema }] = await Promise.all([import("./yaml-schema.js"), import("./schema.js")]);
-  return parseYamlWith(FleetSchema, text, file, (data) => crossCheck(data, now));
+  const warnings: string[] = [];
+  const raw = parseYamlWith(FleetSchema, text, file, (data) => crossCheck(data, now), { rules: configWarnings, to: warnings });
+  return { raw, warnings };
 }
 
 /**
@@ -54,10 +63,10 @@ async function validateFleet(text: string, file: string, now: Date): Promise<Fle
 export async function loadFleet(file: string, now: Date = new Date()): Promise<Fleet> {
   const text = readConfigText(file);
   let validatedNow = false;
-  const raw = await cached<FleetRaw>("fleet", [file, text], async () => {
+  const v = await cached<Validated>("fleet", [file, text], async () => {
     validatedNow = true;
     return validateFleet(text, file, now);
   });
-  if (!validatedNow && crossCheck(raw, now).length > 0) return parseFleet(text, file, now);
-  return toFleet(raw, file, resolve(dirname(file)));
+  if (!validatedNow && crossCheck(v.raw, now).length > 0) return parseFleet(text, file, now);
+  return toFleet(v.raw, file, resolve(dirname(file)), v.warnings);
 }

@@ -74,13 +74,51 @@ function hostnameTemplateRule(raw: FleetRaw): Problem[] {
   return [];
 }
 
+/** The first port an unprivileged user may bind (Linux's net.ipv4.ip_unprivileged_port_start default). */
+export const FIRST_UNPRIVILEGED_PORT = 1024;
+/** Linux's default ephemeral port range (net.ipv4.ip_local_port_range). */
+export const EPHEMERAL = { lo: 32768, hi: 60999 };
+
 function portRangesRule(raw: FleetRaw): Problem[] {
+  const out: Problem[] = [];
   const ssh = parseRange(raw.ports.ssh);
   const svc = parseRange(raw.ports.services);
   if (ssh.lo <= svc.hi && svc.lo <= ssh.hi) {
-    return [{ path: ["ports", "services"], message: `${raw.ports.services} overlaps ports.ssh ${raw.ports.ssh}` }];
+    out.push({ path: ["ports", "services"], message: `${raw.ports.services} overlaps ports.ssh ${raw.ports.ssh}` });
   }
-  return [];
+  // The bastion's sshd binds a device's -R port as the tunnel user, who is not root: below 1024
+  // sshd logs "remote port forwarding failed for listen port 500" and the device never connects.
+  for (const key of ["ssh", "services"] as const) {
+    if (parseRange(raw.ports[key]).lo >= FIRST_UNPRIVILEGED_PORT || raw.ports.allowPrivileged !== undefined) continue;
+    out.push({
+      path: ["ports", key],
+      message:
+        `${raw.ports[key]} reaches below ${FIRST_UNPRIVILEGED_PORT}: the tunnel user is not root and cannot bind those ports on the bastion ` +
+        `(its sshd says "remote port forwarding failed for listen port …"); use ports from ${FIRST_UNPRIVILEGED_PORT} up (e.g. 21000-21999), ` +
+        `or, if your bastions let unprivileged users bind them, say why in ports.allowPrivileged: "…"`,
+    });
+  }
+  return out;
+}
+
+/**
+ * What is allowed but likely to hurt, with the path it belongs to: printed as warnings by the
+ * commands that hand out ports (build, batch, image, rotate) and by init, never refused.
+ */
+export function configWarnings(raw: FleetRaw): Problem[] {
+  const out: Problem[] = [];
+  for (const key of ["ssh", "services"] as const) {
+    const r = parseRange(raw.ports[key]);
+    if (r.lo > EPHEMERAL.hi || r.hi < EPHEMERAL.lo) continue;
+    out.push({
+      path: ["ports", key],
+      message:
+        `${raw.ports[key]} overlaps Linux's default ephemeral ports ${EPHEMERAL.lo}-${EPHEMERAL.hi} (net.ipv4.ip_local_port_range): ` +
+        `an outgoing connection of the bastion can hold a device's port, and that device's tunnel then fails to bind it; ` +
+        `move the range below ${EPHEMERAL.lo} (e.g. 21000-21999), or narrow the bastions' ip_local_port_range`,
+    });
+  }
+  return out;
 }
 
 function bastionsRule(raw: FleetRaw, now: Date): Problem[] {
@@ -118,7 +156,7 @@ function bastionsRule(raw: FleetRaw, now: Date): Problem[] {
     }
     if (b.expiryRenewal !== undefined) {
       const at: Path = ["bastions", name, "expiryRenewal"];
-      const r = isDurationExpiry(b.expiryRenewal) ? parseExpiry(b.expiryRenewal, now) : "is not a duration (e.g. 90d, 12w, 6m, 1y)";
+      const r = isDurationExpiry(b.expiryRenewal) ? parseExpiry(b.expiryRenewal, now) : "is not a duration (e.g. 90d, 12w, 3months, 1y; README.md, Durations)";
       if (typeof r === "string") out.push({ path: at, message: `${JSON.stringify(b.expiryRenewal)} ${r}` });
       else if (b.expiry === undefined) out.push({ path: at, message: "needs a duration `expiry` (e.g. 365d) to renew" });
       else if (!isDurationExpiry(b.expiry)) out.push({ path: at, message: `only renews a duration expiry; ${JSON.stringify(b.expiry)} is a date, the same instant for every device (remove expiryRenewal, or use a duration)` });

@@ -73,18 +73,18 @@ export const BastionSchema = z
     expiry: z
       .string()
       .optional()
-      .describe("When the device key stops working on this bastion: a date (2027-12-31) or a duration from build time (365d, 12w, 6m, 1y)"),
+      .describe("When the device key stops working on this bastion: a date (2027-12-31) or a duration from build time (365d, 12w, 12months, 1y; `m` is a minute and is refused here: README.md, Durations)"),
     expirySpread: z
       .union([z.literal(0), z.string()])
       .optional()
       .describe(
-        "With a duration expiry: each device's key lasts up to this much longer (deterministic per key), so one shift's builds do not all expire in the same minute. 0 (none), or hours/days/weeks (36h, 14d, 2w); default a tenth of the duration, at most 30d. Never shortens the expiry",
+        "With a duration expiry: each device's key lasts up to this much longer (deterministic per key), so one shift's builds do not all expire in the same minute. 0 (none), or a duration (36h, 14d, 2w; README.md, Durations); default a tenth of the duration, at most 30d. Never shortens the expiry",
       ),
     expiryRenewal: z
       .string()
       .optional()
       .describe(
-        "With a duration expiry: a device seen connected (by any bastion's agent) keeps its key at least this long after the day it was last seen (plus its share of expirySpread); the agent serves the renewed expiry-time, the device is never touched. A device not seen keeps its build-time expiry. A duration (90d, 12w, 6m, 1y)",
+        "With a duration expiry: a device seen connected (by any bastion's agent) keeps its key at least this long after the day it was last seen (plus its share of expirySpread); the agent serves the renewed expiry-time, the device is never touched. A device not seen keeps its build-time expiry. A duration (90d, 12w, 3months, 1y; README.md, Durations)",
       ),
     jumpUser: z
       .string()
@@ -152,6 +152,13 @@ export const FleetSchema = z
       .strictObject({
         ssh: portRange.default("21000-21999").describe("Tunnel ports for the device's sshd (-R), one per device"),
         services: portRange.default("22000-22999").describe("Ports for extra service tunnels"),
+        allowPrivileged: z
+          .string()
+          .min(1)
+          .optional()
+          .describe(
+            "Allow ports below 1024 in ssh/services, with your reason as the value (e.g. \"the bastions set net.ipv4.ip_unprivileged_port_start=0\"): the tunnel user is not root and cannot bind them otherwise",
+          ),
       })
       .default({ ssh: "21000-21999", services: "22000-22999" }),
     bastions: z

@@ -136,6 +136,7 @@ export function parseYamlWith<T extends z.ZodType>(
   text: string,
   file: string,
   rules?: (data: z.output<T>) => { path: Path; message: string }[],
+  warnings?: { rules: (data: z.output<T>) => { path: Path; message: string }[]; to: string[] },
 ): z.output<T> {
   const lc = new LineCounter();
   const doc = parseDocument(text, { lineCounter: lc, prettyErrors: false, uniqueKeys: true });
@@ -174,6 +175,9 @@ export function parseYamlWith<T extends z.ZodType>(
     problems.push(`${file}:${positionOf(doc, lc, p.path)} ${formatPath(p.path)}: ${p.message}`);
   }
   if (problems.length > 0) throw new UserErrors(problems);
+  for (const p of warnings?.rules(parsed.data) ?? []) {
+    warnings!.to.push(`${file}:${positionOf(doc, lc, p.path)} ${formatPath(p.path)}: ${p.message}`);
+  }
   return parsed.data;
 }
 

@@ -137,6 +137,8 @@ export interface StationSpec {
 /** Opens the station (registry, leases, the config-change check), runs `fn`, always closes. */
 export async function withStation<T>(spec: StationSpec, fn: (st: Station) => Promise<T>): Promise<T> {
   const { fleet, emit, log, now, stop } = spec;
+  // Before a port is handed out: what the config allows but will likely hurt (config/rules.ts).
+  for (const w of fleet.warnings ?? []) log.warn(w);
   const registry = await (spec.open ? spec.open() : openRegistry(fleet.registry));
   const leases = new Leases(registry);
   const stopRequested = () => (stop?.aborted ? String(stop.reason ?? "aborted") : undefined);

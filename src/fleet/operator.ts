@@ -4,10 +4,10 @@
  * operator verifies a gateway on first contact instead of trusting it blindly; HostKeyAlias
  * keys those lines by device name rather than by `localhost:PORT` on the bastion.
  */
-import { isIPv6 } from "node:net";
 import type { Bastion, Fleet } from "../config/fleet.js";
 import { bastionKnownHosts } from "../overlay/steps.js";
 import type { DeviceRecord } from "../registry/types.js";
+import { formatHostPort } from "../util/hostport.js";
 
 export interface Route {
   device: DeviceRecord;
@@ -34,8 +34,7 @@ export function routes(fleet: Fleet, devices: DeviceRecord[], bastion: string | 
  */
 export function jumpHost(b: Bastion): string {
   const user = b.jumpUser ? `${b.jumpUser}@` : "";
-  const host = isIPv6(b.host) ? `[${b.host}]` : b.host;
-  return b.port === 22 ? `${user}${host}` : `${user}${host}:${b.port}`;
+  return `${user}${formatHostPort(b.host, b.port, { omitPort: 22 })}`;
 }
 
 export function renderSshConfig(rs: Route[], loginUser: string, knownHostsFile: string | undefined): string {

@@ -5,6 +5,7 @@
  */
 import { createHash, createPrivateKey, createPublicKey, generateKeyPairSync, randomBytes } from "node:crypto";
 import { UserError } from "../util/errors.js";
+import { blobFingerprint } from "./fingerprint.js";
 import { sshString, u32, WireReader } from "./ssh-wire.js";
 
 export interface Ed25519Key {
@@ -47,7 +48,7 @@ export function publicKeyLine(pub: Buffer, comment?: string): string {
 
 /** `SHA256:…` exactly as `ssh-keygen -lf` prints it (unpadded base64). */
 export function fingerprint(pub: Buffer): string {
-  return "SHA256:" + createHash("sha256").update(publicBlob(pub)).digest("base64").replace(/=+$/, "");
+  return blobFingerprint(publicBlob(pub));
 }
 
 /**

@@ -14,6 +14,7 @@ import type { TunnelPlan } from "../config/forwards.js";
 import { fingerprint, type Ed25519Key } from "../keys/ed25519.js";
 import type { Profiles } from "../config/profiles.js";
 import { hostnameProblem, hostProblem, nameProblem, userProblem } from "../util/validate.js";
+import { knownHostsName } from "../util/hostport.js";
 import { loadLayers } from "./layers.js";
 import * as P from "./paths.js";
 import type { DeviceSpec } from "./steps.js";
@@ -106,7 +107,7 @@ async function infer(view: TreeView, entries: ViewEntry[]): Promise<Inferred | C
       checks.push(...bad.map((b) => failed(`${at}: ${b}`)));
       continue;
     }
-    const pattern = port === 22 ? host : `[${host}]:${port}`;
+    const pattern = knownHostsName(host, port);
     const hostKeys = pins.get(pattern) ?? [];
     if (hostKeys.length === 0) checks.push(failed(`bastion '${name}' (${pattern}) has a pinned host key in ${P.KNOWN_HOSTS}`, "none: the tunnel would refuse to connect"));
     const bastion: Bastion = { name, host, port, user, hostKeys, from: undefined, expiry: undefined, jumpUser: undefined };
@@ -115,7 +116,7 @@ async function infer(view: TreeView, entries: ViewEntry[]): Promise<Inferred | C
   if (envs.length === 0) checks.push(failed(`a tunnel in ${P.TUNNEL_ENV_DIR}/`, "none: the device would keep no tunnel"));
   // The known_hosts lines follow the order the bastions were given in; so do the tunnels here.
   const rank = (t: TunnelPlan): number => {
-    const i = order.indexOf(t.bastion.port === 22 ? t.bastion.host : `[${t.bastion.host}]:${t.bastion.port}`);
+    const i = order.indexOf(knownHostsName(t.bastion.host, t.bastion.port));
     return i < 0 ? order.length : i;
   };
   tunnels.sort((a, b) => rank(a) - rank(b) || a.bastion.name.localeCompare(b.bastion.name));

@@ -12,6 +12,7 @@ import { COMMON, layerText, type Layers } from "./layers.js";
 import * as P from "./paths.js";
 import { enableUnit, installSection, maskUnit } from "./systemd.js";
 import { Tree } from "./tree.js";
+import { knownHostsName } from "../util/hostport.js";
 
 export interface DeviceSpec {
   hostname: string;
@@ -110,7 +111,7 @@ export function monitorStep(tree: Tree, d: DeviceSpec): void {
 
 /** `host` or `[host]:port`, as ssh looks a bastion up in known_hosts. */
 export function knownHostsPattern(b: Bastion): string {
-  return b.port === 22 ? b.host : `[${b.host}]:${b.port}`;
+  return knownHostsName(b.host, b.port);
 }
 
 /** A bastion's pinned keys as known_hosts lines (`@cert-authority` kept); the operators' file has the same. */

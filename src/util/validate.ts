@@ -4,6 +4,7 @@
  * that could break out of their quotes or lines are rejected, never escaped.
  */
 import { isIP } from "node:net";
+import { addDuration, readDuration } from "./duration.js";
 
 /** `21000-21999` */
 export const PORT_RANGE = /^(\d{1,5})\s*-\s*(\d{1,5})$/;
@@ -105,7 +106,10 @@ export function nameProblem(name: string): string | undefined {
   return /^[a-z0-9][a-z0-9_-]{0,31}$/.test(name) ? undefined : "must be 1-32 of a-z, 0-9, '-' and '_', starting with a letter or digit";
 }
 
-const DURATION = /^(\d+)([dwmy])$/;
+/** A number and letters (`365d`, `12m`): meant as a duration, so read (or refused) as one. */
+export function looksLikeDuration(value: string): boolean {
+  return /^\d+[a-z]+$/.test(value);
+}
 
 /**
  * The last instant `expiry-time="YYYYMMDDHHMM"` can name: its year has four digits, and sshd
@@ -117,26 +121,21 @@ export const LATEST_EXPIRY = new Date(Date.UTC(9999, 11, 31, 23, 59, 59, 999));
 const TOO_LATE = "lands after 9999-12-31 23:59 UTC, the last time authorized_keys expiry-time can hold (a four-digit year): use a nearer date or a shorter duration";
 
 /**
- * `expiry:` as a date (`2027-12-31`, `2027-12-31T18:00`) or a duration from now (`365d`, `12w`,
- * `6m`, `2y`). Returns the instant, or a reason. A date in the past is returned as it is: only a
- * new authorized_keys line needs a future one (resolveBastions checks it there).
+ * `expiry:` as a date (`2027-12-31`, `2027-12-31T18:00`) or a duration from now in the one
+ * grammar (src/util/duration.ts, calendar lengths allowed: `365d`, `12w`, `12months`, `1y`).
+ * Returns the instant, or a reason. A date in the past is returned as it is: only a new
+ * authorized_keys line needs a future one (resolveBastions checks it there).
  */
 export function parseExpiry(value: string, now: Date): Date | string {
-  const d = DURATION.exec(value);
-  if (d) {
-    const n = Number(d[1]);
-    if (n <= 0) return "is not a positive duration";
-    const t = new Date(now.getTime());
-    switch (d[2]) {
-      case "d": t.setUTCDate(t.getUTCDate() + n); break;
-      case "w": t.setUTCDate(t.getUTCDate() + 7 * n); break;
-      case "m": t.setUTCMonth(t.getUTCMonth() + n); break;
-      default: t.setUTCFullYear(t.getUTCFullYear() + n);
-    }
+  if (looksLikeDuration(value)) {
+    const d = readDuration(value, { calendar: true });
+    if (typeof d === "string") return d;
+    if (d.n <= 0) return "is not a positive duration";
+    const t = addDuration(now, d);
     return Number.isNaN(t.getTime()) || t > LATEST_EXPIRY ? TOO_LATE : t;
   }
   const m = /^(\d{4})-(\d{2})-(\d{2})(?:[T ](\d{2}):(\d{2})(?::(\d{2}))?)?$/.exec(value);
-  if (!m) return "is neither a date (YYYY-MM-DD[THH:MM]) nor a duration (e.g. 365d, 12w, 6m, 1y)";
+  if (!m) return "is neither a date (YYYY-MM-DD[THH:MM]) nor a duration (e.g. 365d, 12w, 12months, 1y; README.md, Durations)";
   const [, y, mo, da, h = "00", mi = "00", s = "00"] = m;
   const t = new Date(Date.UTC(2000, Number(mo) - 1, Number(da), Number(h), Number(mi), Number(s)));
   // setUTCFullYear, not Date.UTC(y, …): Date.UTC reads years 0-99 as 1900-1999.

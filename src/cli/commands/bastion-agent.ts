@@ -16,6 +16,8 @@ import { isPostgresUrl } from "../../config/registry-location.js";
 import { openRegistry } from "../../registry/open.js";
 import type { FleetStatus } from "../../fleet/status.js";
 import { parseAfter, parseWithin } from "../../fleet/status-options.js";
+import { durationFlag } from "../../util/duration.js";
+import { formatHostPort, parseHostPort } from "../../util/hostport.js";
 
 /** uid of a local user, or undefined (getent: the user may come from any NSS source). */
 export function userId(name: string): number | undefined {
@@ -25,23 +27,25 @@ export function userId(name: string): number | undefined {
   return Number.isInteger(uid) ? uid : undefined;
 }
 
+/** `--resync`, `--interval`: whole seconds, at least 1, as a duration (a bare number is seconds). */
 export function seconds(flag: string, value: string): number {
-  if (!/^\d{1,6}$/.test(value) || Number(value) < 1) throw new UserError(`${flag} ${JSON.stringify(value)}: a whole number of seconds (at least 1)`);
-  return Number(value);
+  const ms = durationFlag(flag, value, { bareSeconds: true, maxMs: 7 * 86400_000, examples: "15, 30s, 2min" });
+  if (ms < 1000 || ms % 1000 !== 0) throw new UserError(`${flag} ${JSON.stringify(value)}: a whole number of seconds (at least 1)`, { hint: "e.g. 15, 30s or 2min" });
+  return ms / 1000;
 }
 
 const PRIORITY: Record<Level, number> = { error: 3, warn: 4, info: 6 };
 
 /** `--metrics-listen`: a loopback address and port (the endpoint is for a node on the bastion). */
 export function loopbackEndpoint(v: string): { host: string; port: number } {
-  const m = /^(?:\[([0-9a-fA-F:.]+)\]|([0-9.]+|localhost)):(\d{1,5})$/.exec(v);
-  const host = m?.[1] ?? m?.[2];
-  const port = Number(m?.[3]);
+  const hp = parseHostPort(v);
+  // An IPv6 address only in brackets (`::1:9273` is not read as one).
+  const host = typeof hp === "string" || (isIP(hp.host) === 6 && !v.startsWith("[")) ? undefined : hp.host;
   const loopback = host === "localhost" || host === "::1" || (host !== undefined && isIP(host) === 4 && host.startsWith("127."));
-  if (!m || !loopback || port < 1 || port > 65535) {
+  if (typeof hp === "string" || !loopback) {
     throw new UserError(`--metrics-listen ${JSON.stringify(v)}: a loopback address and port, e.g. 127.0.0.1:9273 or [::1]:9273`, { hint: "the metrics stay on the bastion; a Prometheus node there scrapes them" });
   }
-  return { host, port };
+  return { host, port: hp.port };
 }
 
 export async function bastionAgentCommand(opts: {
@@ -108,9 +112,9 @@ async function serveMetrics(at: { host: string; port: number }, status: () => Pr
       );
   });
   await new Promise<void>((resolve, reject) => {
-    server.once("error", (e) => reject(new UserError(`--metrics-listen ${at.host}:${at.port}: ${(e as Error).message}`)));
+    server.once("error", (e) => reject(new UserError(`--metrics-listen ${formatHostPort(at.host, at.port)}: ${(e as Error).message}`)));
     server.listen(at.port, at.host, resolve);
   });
-  log("info", `metrics on http://${at.host.includes(":") ? `[${at.host}]` : at.host}:${at.port}/metrics`);
+  log("info", `metrics on http://${formatHostPort(at.host, at.port)}/metrics`);
   return server;
 }

@@ -9,7 +9,7 @@
  * only reports.
  */
 import { configPath, loadFleet } from "../../config/load.js";
-import { UserError } from "../../util/errors.js";
+import { durationFlag } from "../../util/duration.js";
 import { overlayComplete } from "../../device/inspect.js";
 import { out } from "../../util/log.js";
 import { withOverlay } from "../../image/open.js";
@@ -35,8 +35,8 @@ function abandoned(u: Unfinished, graceMs: number): boolean {
 }
 
 export async function doctorCommand(opts: DoctorOptions): Promise<void> {
-  const grace = Number(opts.grace ?? "60");
-  if (!/^\d+(\.\d+)?$/.test(opts.grace ?? "60") || !Number.isFinite(grace)) throw new UserError(`--grace ${opts.grace}: not a number of seconds`);
+  // A bare number is seconds, as this flag has always taken (src/util/duration.ts).
+  const graceMs = durationFlag("--grace", opts.grace ?? "60", { zero: true, bareSeconds: true, examples: "60, 90s, 5min, 1h", zeroMeans: "0 to act as soon as a lease runs out" });
   const fleet = await loadFleet(configPath(opts.config));
   const profiles = await loadProfiles();
   const registry = await openRegistry(fleet.registry);
@@ -45,7 +45,7 @@ export async function doctorCommand(opts: DoctorOptions): Promise<void> {
     for (const u of await registry.unfinished()) {
       const d = u.device;
       let action: Action = "waiting";
-      if (abandoned(u, grace * 1000)) {
+      if (abandoned(u, graceMs)) {
         const fp = u.kind === "build" ? d.fingerprint : (d.rotating?.fingerprint ?? "");
         let complete = false;
         try {

@@ -4,14 +4,14 @@
  * operator keys, and the fleet's defaults. Every value is checked where it is given (a flag, a
  * file and its line). Shared by the flag path (init.ts) and the questions (init-ask.ts).
  */
-import { createHash } from "node:crypto";
 import { readFileSync } from "node:fs";
-import { isIP } from "node:net";
 import { homedir } from "node:os";
 import { errnoCode, UserError, UserErrors } from "../../util/errors.js";
+import { lineFingerprint } from "../../keys/fingerprint.js";
 import { parseHostKeyEntry, parsePublicKey } from "../../keys/pubkey.js";
 import { isRegistryUrl } from "../../config/registry-location.js";
 import { hostProblem, nameProblem, userProblem } from "../../util/validate.js";
+import { knownHostsName, parseHostPort } from "../../util/hostport.js";
 
 export interface InitOptions {
   bastion?: string[];
@@ -60,31 +60,20 @@ export function parseBastionFlag(v: string): Omit<InitBastion, "hostKeys"> {
   const rest = v.slice(eq + 1);
   const np = nameProblem(name);
   if (np) throw new UserError(`${flag}: the name ${JSON.stringify(name)} ${np}`);
-  let host = rest;
-  let port = 22;
-  const bracket = /^\[([^\]]+)\](?::(\d+))?$/.exec(rest);
-  if (bracket) {
-    host = bracket[1]!;
-    if (bracket[2] !== undefined) port = Number(bracket[2]);
-  } else if (!isIP(rest) && rest.includes(":")) {
-    const i = rest.lastIndexOf(":");
-    host = rest.slice(0, i);
-    if (!/^\d{1,5}$/.test(rest.slice(i + 1))) throw new UserError(`${flag}: ${JSON.stringify(rest.slice(i + 1))} is not a port`);
-    port = Number(rest.slice(i + 1));
-  }
-  if (port < 1 || port > 65535) throw new UserError(`${flag}: port ${port} is not 1-65535`);
+  const hostPort = parseHostPort(rest, { defaultPort: 22 });
+  if (typeof hostPort === "string") throw new UserError(`${flag}: ${hostPort}`, { hint: "NAME=HOST[:PORT], IPv6 with a port as [2001:db8::1]:2222" });
+  const { host, port } = hostPort;
   const hp = hostProblem(host);
   if (hp) throw new UserError(`${flag}: the host ${JSON.stringify(host)} ${hp}`, { hint: "a DNS name or an IP address (IPv6 with a port: [2001:db8::1]:2222)" });
   return { name, host: host.toLowerCase(), port };
 }
 
 /** How ssh-keyscan and known_hosts name a host: `host`, or `[host]:port` off port 22. */
-const pattern = (b: { host: string; port: number }): string => (b.port === 22 ? b.host : `[${b.host}]:${b.port}`);
+const pattern = (b: { host: string; port: number }): string => knownHostsName(b.host, b.port);
 
 /** SHA256 fingerprint of a key line, as `ssh-keygen -l` prints it. */
 export function keyFingerprint(entry: string): string {
-  const b64 = entry.replace(/^@cert-authority\s+/, "").split(/\s+/)[1] ?? "";
-  return `SHA256:${createHash("sha256").update(Buffer.from(b64, "base64")).digest("base64").replace(/=+$/, "")}`;
+  return lineFingerprint(entry);
 }
 
 /**

@@ -54,8 +54,9 @@ export interface InitResult {
 /** Checks, renders, validates like every command would, writes. */
 export async function writeInit(file: string, a: InitAnswers, force: boolean, now = new Date()): Promise<InitResult> {
   const text = renderConfig(a, now);
+  let warnings: string[] = [];
   try {
-    await parseFleet(text, file, now);
+    warnings = (await parseFleet(text, file, now)).warnings ?? [];
   } catch (e) {
     if (!(e instanceof UserError)) throw e;
     const lines = (e instanceof UserErrors ? e.problems : [e.message]).map((p) => {
@@ -73,6 +74,8 @@ export async function writeInit(file: string, a: InitAnswers, force: boolean, no
       throw pathError(e, file);
     }
   } else writeNew(file, text);
+  // Allowed, but likely to hurt (a port range among the bastions' ephemeral ports): said once, here.
+  for (const w of warnings) stderrLog(false).warn(w);
   return {
     file,
     bastions: a.bastions.map((b) => ({ name: b.name, host: b.host, port: b.port, hostKeys: b.hostKeys.map((k) => ({ key: k, fingerprint: keyFingerprint(k) })) })),

@@ -17,6 +17,7 @@ import { interruptible, withOutDir, withStation, type OutputOptions } from "../.
 import { configPath, loadFleet } from "../../config/load.js";
 import { nameProblem } from "../../util/validate.js";
 import { findDevice } from "../../device/lookup.js";
+import { durationFlag } from "../../util/duration.js";
 
 export async function revokeCommand(arg: string, opts: { config?: string; json?: boolean }): Promise<void> {
   const log = stderrLog(Boolean(opts.json));
@@ -44,12 +45,9 @@ export async function releaseCommand(arg: string, opts: { config?: string; json?
   });
 }
 
-/** `--grace`: how long a rotated-out key stays valid: 0, or N followed by s, h, d or w. */
+/** `--grace`: how long a rotated-out key stays valid: a duration (src/util/duration.ts), or 0. */
 export function parseGrace(v: string): number {
-  const m = /^(\d{1,6})([shdw])$/.exec(v);
-  if (v === "0") return 0;
-  if (!m) throw new UserError(`--grace ${JSON.stringify(v)}: not a duration`, { hint: "use e.g. 12h, 7d, 2w, or 0 to stop accepting the old key at once" });
-  return Number(m[1]) * { s: 1000, h: 3600_000, d: 86400_000, w: 7 * 86400_000 }[m[2] as "s" | "h" | "d" | "w"];
+  return durationFlag("--grace", v, { zero: true, examples: "12h, 7d, 2w", zeroMeans: "0 to stop accepting the old key at once" });
 }
 
 export interface RotateOptions extends OutputOptions {
