@@ -169,6 +169,25 @@ export function program(only?: string, help?: typeof CliHelp): Command {
       .action(lazy(() => import("./commands/write.js"), (m, overlay, opts) => m.writeCommand(overlay, opts)));
   });
 
+  def("flash", () => {
+    p.command("flash <cards...>")
+      .description("flash many cards at once, each a different device of the shift: base, overlay, read back, then registered")
+      .requiredOption("--base <image>", "the OS image whose used blocks (its bmap) go on every card")
+      .requiredOption("--board <id>", "board profile")
+      .option("--bastion <names>", "bastion(s), comma-separated")
+      .option("--os <id>", "OS profile, instead of the board's default")
+      .option("--hosts <file>", "the shift's CSV: a card takes the row its WHO@ names, else the next row not built")
+      .option("--attr <key=value>", "factory data recorded with every device (repeatable)", collect)
+      .option("--out <dir>", "output directory (created 0700): each device's overlay archive", "out")
+      .option("--root-partition <n>", "the root partition's number (default: found by type, label and file system)")
+      .option("--force-config-change", "build even though the config would lock out registered devices (they are served side by side; docs/bastion.md)")
+      .option("--config <file>", CFG)
+      .option("--json", "one JSON object per card on stdout")
+      .option("--no-progress", "no redrawn lines on a terminal: a plain line per card instead")
+      .option("-q, --quiet", "no progress on stderr")
+      .action(lazy(() => import("./commands/flash.js"), (m, cards, opts) => m.flashCommand(cards, opts)));
+  });
+
   def("init", () => {
     p.command("init")
       .description("write a commented fleet config (./mkoverlay.yaml, or --config FILE) from flags or answers")
@@ -425,7 +444,7 @@ export function program(only?: string, help?: typeof CliHelp): Command {
 }
 
 /** The top-level commands, as program() defines them (a test keeps the two equal). */
-export const COMMANDS: readonly string[] = ["build", "batch", "image", "write", "init", "bastion", "ssh-config", "known-hosts", "revoke", "rotate", "verify", "boards", "status", "registry", "provisioner-hook", "schema", "completion"];
+export const COMMANDS: readonly string[] = ["build", "batch", "image", "write", "flash", "init", "bastion", "ssh-config", "known-hosts", "revoke", "rotate", "verify", "boards", "status", "registry", "provisioner-hook", "schema", "completion"];
 
 /**
  * The one command this command line runs, when that is plain from its words: a known command

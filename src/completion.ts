@@ -146,6 +146,7 @@ async function optionValues(cmd: Command, long: string, words: string[], word: s
       return [DIRS];
     case "--config":
     case "--hosts":
+    case "--base":
     case "--host-key":
     case "--host-key-file":
     case "--operator-key":
@@ -167,6 +168,7 @@ function positionalValues(cmd: Command): string[] {
     case "completion":
       return ["bash", "zsh", "fish"];
     case "verify":
+    case "flash":
       return [FILES];
     default:
       return [];

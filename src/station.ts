@@ -395,8 +395,12 @@ export async function place(st: Station, hostname: string, r: Rendered, leased: 
   writeFileAtomic(r.authorizedKeysFile, r.text, { mode: 0o644, durable: false });
 }
 
-/** Reserve (or find, for a re-flash), write, activate. */
-export async function buildDevice(st: Station, req: DeviceRequest): Promise<BuildResult> {
+/**
+ * Reserve (or find, for a re-flash), write, activate. `beforePlace` runs once the device is
+ * rendered, before its output takes its name (`flash` writes and verifies the card there): if
+ * it throws, the reservation is given back and nothing is placed.
+ */
+export async function buildDevice(st: Station, req: DeviceRequest, opts: { beforePlace?: (r: Rendered, device: DeviceRecord) => Promise<void> } = {}): Promise<BuildResult> {
   const { registry, log } = st;
   const { board, os, bastions, dk } = req;
   // A registered key means a re-flash: same device, same name and ports, a fresh overlay.
@@ -422,6 +426,7 @@ export async function buildDevice(st: Station, req: DeviceRequest): Promise<Buil
   let placed = false;
   try {
     const r = await renderDevice(contextOf(st, device, req));
+    await opts.beforePlace?.(r, device);
     await place(st, hostname, r, !rebuilt, notBuilt);
     placed = true;
     if (rebuilt) await registry.updateDevice(hostname, { board: board.id, os: os.id, bastions: device.bastions, overlay: r.overlay, dials: dialsJson(st.fleet, bastions, device.dials) });
