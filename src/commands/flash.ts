@@ -20,7 +20,7 @@ import { isUserError, UserError } from "../errors.js";
 import { readHostRows } from "../hosts-file.js";
 import { checkNotInUse } from "../image/busy.js";
 import { resolveDevice } from "../image/device.js";
-import { CardFailed, flashCard, mappedBytes, type CardPlan, type CardProgress } from "../image/flash.js";
+import { CardFailed, flashCard, mappedBytes, type CardPlan, type CardProgress, type CardResult } from "../image/flash.js";
 import { diskSize } from "../image/partitions.js";
 import { out, stderrLog } from "../output.js";
 import { archiveEpoch } from "../overlay/archive.js";
@@ -183,6 +183,8 @@ export interface CardOutcome {
   attributes?: Record<string, string>;
   baseBytes?: number;
   ms?: number;
+  /** Milliseconds of each phase on the card: base written, read back, overlay laid, read back. */
+  phases?: CardResult["ms"];
   /** Where it failed: base, check, overlay, verify (the card), or reserve/place (the registry). */
   phase?: string;
   error?: string;
@@ -231,6 +233,7 @@ export async function flashCommand(cards: string[], opts: FlashOptions): Promise
     const t0 = performance.now();
     let phase = "reserve";
     let hostname: string | null = a.hostname ?? null;
+    let phases: CardResult["ms"] | undefined;
     const stoppedNow = () => {
       const why = st.stopRequested();
       return why ? new Interrupted(why, `interrupted by ${why}`) : undefined;
@@ -240,14 +243,14 @@ export async function flashCommand(cards: string[], opts: FlashOptions): Promise
         beforePlace: async (rendered, device) => {
           hostname = device.hostname;
           lines.name(k, device.hostname);
-          await flashCard(a.real, plan, rendered.tree.list(), (p: CardProgress) => {
+          ({ ms: phases } = await flashCard(a.real, plan, rendered.tree.list(), (p: CardProgress) => {
             phase = p.phase;
             lines.update(k, p);
-          }, stoppedNow);
+          }, stoppedNow));
           phase = "place";
         },
       });
-      const o: CardOutcome = { card: a.card, realDevice: a.real, hostname: r.hostname, ok: true, port: r.port, overlay: r.overlay, fingerprint: r.fingerprint, attributes: r.attributes, baseBytes: mappedBytes(plan.map), ms: Math.round(performance.now() - t0) };
+      const o: CardOutcome = { card: a.card, realDevice: a.real, hostname: r.hostname, ok: true, port: r.port, overlay: r.overlay, fingerprint: r.fingerprint, attributes: r.attributes, baseBytes: mappedBytes(plan.map), ms: Math.round(performance.now() - t0), ...(phases ? { phases } : {}) };
       lines.finish(k, `verified: ${r.hostname} port ${r.port} (${(o.ms! / 1000).toFixed(1)} s)`, true);
       if (opts.json) out(JSON.stringify(o));
       return o;
