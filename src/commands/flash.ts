@@ -251,7 +251,7 @@ export async function flashCommand(cards: string[], opts: FlashOptions): Promise
         },
       });
       const o: CardOutcome = { card: a.card, realDevice: a.real, hostname: r.hostname, ok: true, port: r.port, overlay: r.overlay, fingerprint: r.fingerprint, attributes: r.attributes, baseBytes: mappedBytes(plan.map), ms: Math.round(performance.now() - t0), ...(phases ? { phases } : {}) };
-      lines.finish(k, `verified: ${r.hostname} port ${r.port} (${(o.ms! / 1000).toFixed(1)} s)`, true);
+      lines.finish(k, `verified, registered with port ${r.port} (${(o.ms! / 1000).toFixed(1)} s)`, true);
       if (opts.json) out(JSON.stringify(o));
       return o;
     } catch (e) {
