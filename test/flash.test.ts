@@ -15,9 +15,10 @@ import { entriesOf } from "../src/image/lay.js";
 import { ImageTreeView } from "../src/image/reader.js";
 import { findRoot } from "../src/image/root.js";
 import { openOverlay } from "../src/overlay/read.js";
+import { CardLines } from "../src/commands/flash-progress.js";
 import { Cards, throttleKind, type Card } from "./helpers/cards.js";
 import { baseDisks, haveDiskTools, SBIN_PATH, type Fixture } from "./helpers/disk.js";
-import { CLI, readPub, removeDir, run, sshKeygen, tempDir, writeFleet, type Run } from "./helpers/workspace.js";
+import { CLI, readPub, removeDir, REPO, run, sshKeygen, tempDir, writeFleet, type Run } from "./helpers/workspace.js";
 
 const inCI = process.env.CI === "true" || process.env.CI === "1";
 const isRoot = process.getuid?.() === 0;
@@ -114,9 +115,15 @@ describe.runIf(able || inCI)("mkoverlay flash: loop devices as cards", () => {
     const pulled = out.find((o) => o.card === four[2]!.loop)!;
     expect(pulled).toMatchObject({ ok: false, hostname: "pj-0003", phase: "base" });
     expect(pulled.error).toMatch(/writing the base failed: .*(EIO|i\/o error)/i);
+    // Pulled mid-write: the start of the base (its partition table) reached the card, the rest did not.
+    expect(firstMiB(four[2]!.loop).readUInt16LE(510)).toBe(0xaa55);
     expect(r.stderr).toMatch(/flash: 3 of 4 card\(s\) verified and registered, 1 failed \(\/dev\/loop\d+;/);
     // One line per card on stderr (not a terminal: when it is done), naming card and device.
     for (const [k, name] of ["pj-0001", "pj-0002", "pj-0003", "pj-0004"].entries()) expect(r.stderr).toMatch(new RegExp(`${four[k]!.loop} ${name}: ${k === 2 ? "FAILED \\(base\\)" : "verified"}`));
+    // The objects have the fields docs/json.md shows for a card verified and a card failed.
+    const doc = [...readFileSync(join(REPO, "docs/json.md"), "utf8").split("## `mkoverlay flash --json`")[1]!.split("\n## ")[0]!.matchAll(/```json\n(.*)\n```/g)].map((m) => Object.keys(JSON.parse(m[1]!) as object).sort());
+    expect(Object.keys(out.find((o) => o.ok)!).sort()).toEqual(doc[0]);
+    expect(Object.keys(pulled).sort()).toEqual(doc[1]);
     const good = out.filter((o) => o.ok);
     expect(good.map((o) => o.hostname).sort()).toEqual(["pj-0001", "pj-0002", "pj-0004"]);
     const reg = registry();
@@ -222,5 +229,45 @@ describe.runIf(able || inCI)("mkoverlay flash: loop devices as cards", () => {
       refused([`pj-0001@${card.loop}`], new RegExp(`error: target pj-0001@${card.loop}: pj-0001 is already registered \\(active\\)`), ["--hosts", "shift.csv"]);
       refused([card.loop], /error: --hosts shift.csv: 0 row\(s\) left to build, for 1 card/, ["--hosts", "shift.csv"]);
     });
+  });
+});
+
+describe("flash's progress: one line per card, cut to the terminal's width", () => {
+  it("redraws the block of lines in place, each line at most the width", () => {
+    let width = 60;
+    let text = "";
+    const lines = new CardLines({ tty: true, silent: false, color: false, write: (s) => (text += s), columns: () => width });
+    lines.start(["/dev/disk/by-id/usb-Generic_STORAGE_DEVICE_000000000208-0:0", "/dev/sdc"], 1_650_000_000);
+    lines.name(0, "pj-0001");
+    lines.update(0, { phase: "base", done: 412_000_000, total: 1_650_000_000 });
+    lines.update(1, { phase: "overlay", done: 0, total: 0 });
+    width = 40;
+    lines.finish(1, "FAILED (base): writing the base failed: EIO: i/o error, fsync; pj-0002 given back", false);
+    lines.stop();
+    const drawn = text.split("\n").filter(Boolean).map((l) => l.replace(new RegExp(`${String.fromCharCode(27)}\\[\\d*[A-Za-z]`, "g"), "").replace(/^\r/, ""));
+    expect(drawn.length).toBeGreaterThanOrEqual(4);
+    for (const l of drawn.slice(0, 2)) expect(l.length, l).toBeLessThanOrEqual(59);
+    for (const l of drawn.slice(-2)) expect(l.length, l).toBeLessThanOrEqual(39);
+    expect(drawn[0]).toMatch(/^\/dev\/disk\/by-id\/usb-Generic_STORAGE_DEVICE_000000000208-0:…$/);
+    expect(drawn.at(-2)).toMatch(/^\/dev\/disk\/by-id\/usb-Generic_STOR[A-Z_]*…$/);
+    width = 200;
+    text = "";
+    lines.stop();
+    expect(text).toMatch(/\/dev\/disk\/by-id\/usb-Generic_STORAGE_DEVICE_000000000208-0:0 pj-0001: writing {2}24% 412\.0\/1650\.0 MB/);
+    expect(drawn.at(-1)).toMatch(/^\/dev\/sdc: FAILED .*…$/);
+    expect(drawn.at(-1)!.length).toBe(39);
+    // Moved up over the block before each redraw, never scrolling a new block per tick.
+    expect(text).toContain("\x1b[2A");
+  });
+
+  it("not a terminal: a plain line per card when it is done", () => {
+    let text = "";
+    const lines = new CardLines({ tty: false, silent: false, color: false, write: (s) => (text += s) });
+    lines.start(["/dev/sdb", "/dev/sdc"], 8_000_000);
+    lines.name(0, "pj-0001");
+    lines.update(0, { phase: "base", done: 4_000_000, total: 8_000_000 });
+    lines.finish(0, "verified, registered with port 21000 (3.1 s)", true);
+    lines.stop();
+    expect(text).toBe("mkoverlay: flashing 2 card(s), 8.0 MB of the base each\nmkoverlay: /dev/sdb pj-0001: verified, registered with port 21000 (3.1 s)\n");
   });
 });
