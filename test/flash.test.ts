@@ -7,7 +7,7 @@
  * card as the shift's next row. Refusals (mounted, a partition, the station's own disk, a card
  * or device given twice, a device already built) name the target, write nothing, reserve nothing.
  */
-import { spawnSync } from "node:child_process";
+import { spawn, spawnSync } from "node:child_process";
 import { existsSync, mkdirSync, openSync, readFileSync, readSync, closeSync, realpathSync, symlinkSync, writeFileSync } from "node:fs";
 import { join } from "node:path";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
@@ -161,6 +161,35 @@ describe.runIf(able || inCI)("mkoverlay flash: loop devices as cards", () => {
     expect(got.find((o) => o.card === b!.loop)).toMatchObject({ ok: true, hostname: "lab-7" });
     expect(registry().find((d) => d.hostname === got.find((o) => o.card === c!.loop)!.hostname)?.attributes).toEqual({ serial: "SN9999" });
   }, 120_000);
+
+  it("Ctrl-C mid-write: the cards in flight stop, their devices are given back, exit 130", async () => {
+    const size = readFileSync(base.path).length;
+    const slow = ["i1", "i2"].map((n) => cards.make(n, size + (1 << 20)));
+    for (const c of slow) cards.throttle(c, 1 << 20);
+    const before = registry().length;
+    const [cmd, argv] = cards.wrap(process.execPath, [CLI, "flash", "--base", base.path, "--board", "rpi4", "--bastion", "eu", "--json", ...slow.map((c) => `stop-${c.loop.slice(9)}@${c.loop}`)]);
+    const child = spawn(cmd, argv, { cwd: ws, env: { ...process.env, NO_COLOR: "1", MKOVERLAY_CONFIG: "", MKOVERLAY_REGISTRY: "", MKOVERLAY_CACHE: "off", PATH: SBIN_PATH } });
+    let stdout = "";
+    let stderr = "";
+    child.stdout.on("data", (d: Buffer) => (stdout += d.toString()));
+    child.stderr.on("data", (d: Buffer) => (stderr += d.toString()));
+    const t0 = Date.now();
+    // Once both cards are being written (their base has begun to land), Ctrl-C.
+    while (!slow.every((c) => firstMiB(c.loop).readUInt16LE(510) === 0xaa55) && Date.now() - t0 < 20_000) await new Promise((r) => setTimeout(r, 100));
+    child.kill("SIGINT");
+    const t1 = Date.now();
+    const code = await new Promise<number | null>((res) => child.on("close", res));
+    expect(code, stderr).toBe(130);
+    expect(Date.now() - t1, "stopped promptly").toBeLessThan(6_000);
+    expect(stderr).toMatch(/interrupted by SIGINT: 0 of 2 card\(s\) verified and registered, 2 failed/);
+    // Stopped while the base was being written, not after it.
+    expect(stdout.trim().split("\n").map((l) => [(JSON.parse(l) as Outcome).ok, (JSON.parse(l) as Outcome).phase])).toEqual([
+      [false, "base"],
+      [false, "base"],
+    ]);
+    expect(registry()).toHaveLength(before);
+    expect(cli(["registry", "doctor"]).code).toBe(0);
+  }, 60_000);
 
   describe("refusals: one message naming the target, nothing written, nothing reserved", () => {
     let card: Card;

@@ -203,7 +203,7 @@ export async function flashCommand(cards: string[], opts: FlashOptions): Promise
   // The base first (its bmap computed once, cached), then the cards: nothing is reserved yet.
   await preflightImageForm(form, provisionalEntries(fleet, { board, os, bastions, hostname: undefined, dk: loadOrGenerateKey(undefined) }, now), undefined);
   const targets = checkCards(cards, form.baseMap!.imageSize);
-  const plan: CardPlan = { base: form.base, map: form.baseMap!, epoch: archiveEpoch(), ...(rootPartition === undefined ? {} : { rootPartition }) };
+  const plan: CardPlan = { base: form.base, map: form.baseMap!, epoch: archiveEpoch(), ...(form.baseListing ? { listed: form.baseListing } : {}), ...(rootPartition === undefined ? {} : { rootPartition }) };
   const lines = new CardLines({ tty: Boolean(process.stderr.isTTY) && opts.progress !== false, silent: Boolean(opts.quiet), color: !process.env.NO_COLOR });
   const signals = watchSignals((sig) => lines.note(`${sig}: cards past their read-back are finished, the others are stopped and their devices given back (${sig === "SIGINT" ? "Ctrl-C" : sig} again stops at once)`));
   const outcomes: CardOutcome[] = [];

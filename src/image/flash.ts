@@ -15,7 +15,7 @@
  * into memory. Dirty pages cannot be dropped: the copy ends with an fsync.
  *
  * A card that is pulled (or fails) mid-write surfaces as EIO/ENODEV/ENXIO from a write or an
- * fsync (the copy syncs every SYNC_EVERY bytes, so a failure is seen while writing, not at the
+ * fsync (the copy syncs every SYNC_EVERY bytes, 4 MiB, so a failure is seen while writing, not at the
  * end); `CardFailed` carries the phase and the errno for the caller's message.
  */
 import { closeSync } from "node:fs";
@@ -26,13 +26,13 @@ import { BLOCK } from "./extents.js";
 import type { Bmap } from "./bmap.js";
 import { findTool, runTool } from "./debugfs.js";
 import { openExclusive } from "./device.js";
-import { layTree, verifyLaid } from "./lay.js";
+import { layTree, verifyLaid, type Listing } from "./lay.js";
 import { diskSize } from "./partitions.js";
 import { ImageTreeView } from "./reader.js";
 import { findRoot } from "./root.js";
 
 /** fsync after this many bytes: progress that is the card's, and a pulled card seen at once. */
-const SYNC_EVERY = 8 << 20;
+const SYNC_EVERY = 4 << 20;
 const IO_CHUNK = 1 << 20;
 
 export type CardPhase = "base" | "check" | "overlay" | "verify" | "done";
@@ -47,6 +47,8 @@ export interface CardProgress {
 export interface CardPlan {
   base: string;
   map: Bmap;
+  /** The base's listing of the overlay's directories (the image preflight's): the card's, once written. */
+  listed?: Listing;
   rootPartition?: number;
   epoch: number;
 }
@@ -128,7 +130,7 @@ interface WorkerOutcome {
   mismatch?: [number, number];
 }
 
-function runLoop(op: "copy" | "hash", device: string, fd: number, base: string, ranges: [number, number, string][], progress: (done: number) => void): Promise<WorkerOutcome> {
+function runLoop(op: "copy" | "hash", device: string, fd: number, base: string, ranges: [number, number, string][], progress: (done: number) => void, stopped: () => Error | undefined): Promise<WorkerOutcome> {
   return new Promise((resolve, reject) => {
     const w = new Worker(WORKER, { eval: true, workerData: { op, fd, base, ranges, chunk: IO_CHUNK, syncEvery: SYNC_EVERY } });
     let settled = false;
@@ -138,7 +140,12 @@ function runLoop(op: "copy" | "hash", device: string, fd: number, base: string, 
       f();
     };
     w.on("message", (m: { done?: number; finished?: number; mismatch?: [number, number]; error?: string; code?: string }) => {
-      if (m.done !== undefined) progress(m.done);
+      if (m.done !== undefined) {
+        progress(m.done);
+        const stop = stopped();
+        // Asked to stop: the card is left half-written (a write in flight finishes first).
+        if (stop) settle(() => void w.terminate().finally(() => reject(stop)));
+      }
       else if (m.finished !== undefined) settle(() => resolve({ bytes: m.finished! }));
       else if (m.mismatch) settle(() => resolve({ bytes: 0, mismatch: m.mismatch }));
       else if (m.error !== undefined) {
@@ -189,19 +196,19 @@ export async function flashCard(device: string, plan: CardPlan, entries: readonl
     const room = diskSize(fd, device);
     if (plan.map.imageSize > room) throw new UserError(`${device}: ${plan.map.imageSize} bytes of ${plan.base} do not fit (the card has ${room})`, { hint: "use a larger card" });
     on({ phase: "base", done: 0, total });
-    const wrote = await timed("base", () => runLoop("copy", device, fd, plan.base, ranges, (done) => on({ phase: "base", done, total })));
+    const wrote = await timed("base", () => runLoop("copy", device, fd, plan.base, ranges, (done) => on({ phase: "base", done, total }), stopped));
     between();
     on({ phase: "check", done: 0, total });
     await timed("check", async () => {
       await dropCached(device);
-      const r = await runLoop("hash", device, fd, plan.base, ranges, (done) => on({ phase: "check", done, total }));
+      const r = await runLoop("hash", device, fd, plan.base, ranges, (done) => on({ phase: "check", done, total }), stopped);
       if (r.mismatch) throw new CardFailed(device, "check", `read-back: bytes ${r.mismatch[0]}–${r.mismatch[1]} differ from ${plan.base}`, undefined);
     });
     between();
     on({ phase: "overlay", done: 0, total: 0 });
     const laid = await timed("overlay", async () => {
       const root = findRoot(device, rp);
-      return { root, r: await layTree(root, entries, plan.epoch) };
+      return { root, r: await layTree(root, entries, plan.epoch, plan.listed ? { listed: plan.listed } : {}) };
     });
     between();
     on({ phase: "verify", done: 0, total: 0 });
