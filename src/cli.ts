@@ -170,8 +170,9 @@ export function program(only?: string, help?: typeof CliHelp): Command {
   });
 
   def("flash", () => {
-    p.command("flash <cards...>")
+    p.command("flash")
       .description("flash many cards at once, each a different device of the shift: base, overlay, read back, then registered")
+      .argument("<cards...>", "each card as /dev/sdX, or WHO@/dev/sdX for the device WHO (a hostname, or serial=… of its factory data)")
       .requiredOption("--base <image>", "the OS image whose used blocks (its bmap) go on every card")
       .requiredOption("--board <id>", "board profile")
       .option("--bastion <names>", "bastion(s), comma-separated")
