@@ -156,7 +156,7 @@ print("");
 print(`${new Date().toISOString().slice(0, 10)}, ${sh("nproc", []).trim()} cores, load ${loadavg().map((x) => x.toFixed(2)).join(" ")} at the end; Node ${process.version}; cgroup ${CGROUP ? "v2 io.max" : "v1 blkio"} throttling`);
 print(`Base: ${(baseSize / 2 ** 20).toFixed(0)} MiB image, ${(data / 1e6).toFixed(1)} MB of data (its bmap's mapped blocks);`);
 print(`each card a loop device on a tmpfs, writes throttled to ${MBPS} MB/s. Each run: \`mkoverlay flash\` start to exit,`);
-print("fresh registry, base written, read back against the bmap, overlay laid and read back, device registered.");
+print("fresh registry, base written by its bmap, read back and compared with the base, overlay laid and read back, device registered.");
 print("");
 print("| cards | alone: fastest / slowest (s) | all at once (s) | ratio (target <= 1.15) | CPU per card, all at once (target < 10 % of a core) | CPU, one card alone |");
 print("|---|---|---|---|---|---|");

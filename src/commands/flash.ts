@@ -207,6 +207,7 @@ export async function flashCommand(cards: string[], opts: FlashOptions): Promise
   const lines = new CardLines({ tty: Boolean(process.stderr.isTTY) && opts.progress !== false, silent: Boolean(opts.quiet), color: !process.env.NO_COLOR });
   const signals = watchSignals((sig) => lines.note(`${sig}: cards past their read-back are finished, the others are stopped and their devices given back (${sig === "SIGINT" ? "Ctrl-C" : sig} again stops at once)`));
   const outcomes: CardOutcome[] = [];
+  const bugs: unknown[] = [];
   try {
     await withOutDir({ ...(opts.out === undefined ? {} : { out: opts.out }) }, (outDir, tarForm) =>
       withStation(
@@ -255,7 +256,15 @@ export async function flashCommand(cards: string[], opts: FlashOptions): Promise
       if (opts.json) out(JSON.stringify(o));
       return o;
     } catch (e) {
-      if (!isUserError(e)) throw e;
+      if (!isUserError(e)) {
+        // A bug: the other cards are finished first (their devices registered or given back),
+        // then it is reported as one (exit 70). This card's device was given back.
+        bugs.push(e);
+        lines.finish(k, `FAILED (${phase}): a bug in mkoverlay (reported below)${hostname ? `; ${hostname} given back` : ""}`, false);
+        const o: CardOutcome = { card: a.card, realDevice: a.real, hostname, ok: false, phase, error: String((e as Error).message ?? e) };
+        if (opts.json) out(JSON.stringify(o));
+        return o;
+      }
       const msg = e instanceof CardFailed ? e.message.slice(a.real.length + 2) : e.message;
       const o: CardOutcome = { card: a.card, realDevice: a.real, hostname, ok: false, phase, error: msg };
       lines.finish(k, `FAILED (${phase}): ${msg.split("\n")[0]}${hostname ? `; ${hostname} given back` : ""}`, false);
@@ -264,6 +273,7 @@ export async function flashCommand(cards: string[], opts: FlashOptions): Promise
     }
   }
 
+  if (bugs.length > 0) throw bugs[0];
   const ok = outcomes.filter((o) => o.ok);
   const failed = outcomes.filter((o) => !o.ok);
   const stopped = signals.signal.aborted ? String(signals.signal.reason) : undefined;
