@@ -255,8 +255,16 @@ describe.runIf(able || inCI)("mkoverlay flash: loop devices as cards", () => {
       symlinkSync(card.loop, link);
       refused([card.loop, link], new RegExp(`error: card ${link}: given twice \\(as ${card.loop} and ${link}, both ${card.loop}\\)`));
       refused([`lab-9@${card.loop}`, `lab-9@${other.loop}`], new RegExp(`error: target lab-9@${other.loop}: lab-9 is named twice \\(also lab-9@${card.loop}\\)`));
-      refused([`pj-0001@${card.loop}`], new RegExp(`error: target pj-0001@${card.loop}: pj-0001 is already registered \\(active\\)`), ["--hosts", "shift.csv"]);
-      refused([card.loop], /error: --hosts shift.csv: 0 row\(s\) left to build, for 1 card/, ["--hosts", "shift.csv"]);
+      // A device built already (here without a card), by name and as the only row of a CSV.
+      const built = cli(["--board", "rpi4", "--bastion", "eu", "--hostname", "lab-built", "-q"]);
+      expect(built.code, built.stderr).toBe(0);
+      before = JSON.stringify(registry());
+      writeFileSync(join(ws, "done.csv"), "hostname\nlab-built\n");
+      refused([`lab-built@${card.loop}`], new RegExp(`error: target lab-built@${card.loop}: lab-built is already registered \\(active\\)`));
+      refused([`lab-built@${card.loop}`], new RegExp(`error: target lab-built@${card.loop}: lab-built is already registered \\(active\\)`), ["--hosts", "done.csv"]);
+      refused([card.loop], /error: --hosts done.csv: 0 row\(s\) left to build, for 1 card/, ["--hosts", "done.csv"]);
+      const small = cards.make("small", 8 << 20);
+      refused([card.loop, small.loop], new RegExp(`error: card ${small.loop}: ${8 << 20} bytes, but the base is ${readFileSync(base.path).length}`));
     });
   });
 });

@@ -16,7 +16,7 @@ import { closeSync, openSync } from "node:fs";
 import { configPath, loadFleet } from "../config/load.js";
 import { attributeQuery, parseAttrFlags } from "../device-arg.js";
 import { loadOrGenerateKey, resolveBastions } from "../device.js";
-import { isUserError, UserError } from "../errors.js";
+import { errnoCode, isUserError, UserError } from "../errors.js";
 import { readHostRows } from "../hosts-file.js";
 import { checkNotInUse } from "../image/busy.js";
 import { resolveDevice } from "../image/device.js";
@@ -90,7 +90,14 @@ function checkCards(args: string[], imageSize: number): Target[] {
     const twice = seen.get(real);
     if (twice !== undefined) throw new UserError(`card ${t.card}: given twice (${twice === t.card ? "" : `as ${twice} and `}${t.card}${real === t.card ? "" : `, both ${real}`})`, { hint: "each card once; each card gets its own device" });
     seen.set(real, t.card);
-    const fd = openSync(real, "r");
+    let fd: number;
+    try {
+      fd = openSync(real, "r");
+    } catch (e) {
+      const code = errnoCode(e);
+      if (code === "EACCES" || code === "EPERM") throw new UserError(`card ${t.card}: permission denied`, { hint: "add yourself to group `disk` (then log in again), or run as root" });
+      throw new UserError(`card ${t.card}: ${(e as Error).message}`);
+    }
     try {
       const size = diskSize(fd, real);
       if (size < imageSize) throw new UserError(`card ${t.card}: ${size} bytes, but the base is ${imageSize}`, { hint: "use a larger card" });
