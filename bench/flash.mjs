@@ -26,6 +26,8 @@ const CLI = join(ROOT, "bin/mkoverlay");
 const WORK = process.env.BENCH_WORK ?? join(tmpdir(), "mkoverlay-bench-flash");
 const SIZES = (process.env.BENCH_SIZES ?? "4,16").split(",").map(Number);
 const MBPS = Number(process.env.BENCH_CARD_MBPS ?? 10);
+/** Reads too: a card reads at a few times its write speed, not at memory speed (0: unthrottled). */
+const READ_MBPS = Number(process.env.BENCH_CARD_READ_MBPS ?? 40);
 const DATA_MB = Number(process.env.BENCH_DATA_MB ?? 64);
 const TARGET = 1.15;
 const CPU_TARGET = 0.1;
@@ -38,6 +40,7 @@ if (process.getuid?.() !== 0) {
   process.exit(2);
 }
 const V1 = "/sys/fs/cgroup/blkio/blkio.throttle.write_bps_device";
+const V1R = "/sys/fs/cgroup/blkio/blkio.throttle.read_bps_device";
 const v2 = !existsSync(V1) && readFileSync("/sys/fs/cgroup/cgroup.controllers", "utf8").includes("io");
 if (!existsSync(V1) && !v2) {
   log("no cgroup blkio (v1) or io controller (v2) to throttle the loop devices with");
@@ -49,7 +52,7 @@ const loops = [];
 const mounts = [];
 function cleanup() {
   for (const l of loops.splice(0)) {
-    if (!v2) spawnSync("sh", ["-c", `echo '${l.mm} 0' > ${V1}`]);
+    if (!v2) spawnSync("sh", ["-c", `echo '${l.mm} 0' > ${V1}; echo '${l.mm} 0' > ${V1R}`]);
     spawnSync("losetup", ["-d", l.dev], { env: { ...process.env, PATH } });
   }
   if (CGROUP && existsSync(CGROUP)) rmdirSync(CGROUP);
@@ -105,8 +108,12 @@ function card(k) {
   const mm = readFileSync(`/sys/block/${dev.slice(5)}/dev`, "utf8").trim();
   loops.push({ dev, mm });
   const bps = Math.round(MBPS * 1e6);
-  if (CGROUP) writeFileSync(join(CGROUP, "io.max"), `${mm} wbps=${bps}`);
-  else writeFileSync(V1, `${mm} ${bps}`);
+  const rbps = Math.round(READ_MBPS * 1e6);
+  if (CGROUP) writeFileSync(join(CGROUP, "io.max"), `${mm} wbps=${bps}${rbps > 0 ? ` rbps=${rbps}` : ""}`);
+  else {
+    writeFileSync(V1, `${mm} ${bps}`);
+    if (rbps > 0) writeFileSync(V1R, `${mm} ${rbps}`);
+  }
   return dev;
 }
 
@@ -155,7 +162,7 @@ print("# mkoverlay flash: many cards at once (bench/flash.mjs)");
 print("");
 print(`${new Date().toISOString().slice(0, 10)}, ${sh("nproc", []).trim()} cores, load ${loadavg().map((x) => x.toFixed(2)).join(" ")} at the end; Node ${process.version}; cgroup ${CGROUP ? "v2 io.max" : "v1 blkio"} throttling`);
 print(`Base: ${(baseSize / 2 ** 20).toFixed(0)} MiB image, ${(data / 1e6).toFixed(1)} MB of data (its bmap's mapped blocks);`);
-print(`each card a loop device on a tmpfs, writes throttled to ${MBPS} MB/s. Each run: \`mkoverlay flash\` start to exit,`);
+print(`each card a loop device on a tmpfs, writes throttled to ${MBPS} MB/s, reads ${READ_MBPS > 0 ? `to ${READ_MBPS} MB/s` : "not"}. Each run: \`mkoverlay flash\` start to exit,`);
 print("fresh registry, base written by its bmap, read back and compared with the base, overlay laid and read back, device registered.");
 print("");
 print("| cards | alone: fastest / slowest (s) | all at once (s) | ratio (target <= 1.15) | CPU per card, all at once (target < 10 % of a core) | CPU, one card alone |");

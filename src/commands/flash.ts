@@ -212,7 +212,7 @@ export async function flashCommand(cards: string[], opts: FlashOptions): Promise
   const targets = checkCards(cards, form.baseMap!.imageSize);
   const plan: CardPlan = { base: form.base, map: form.baseMap!, epoch: archiveEpoch(), ...(form.baseListing ? { listed: form.baseListing } : {}), ...(rootPartition === undefined ? {} : { rootPartition }) };
   const lines = new CardLines({ tty: Boolean(process.stderr.isTTY) && opts.progress !== false, silent: Boolean(opts.quiet), color: !process.env.NO_COLOR });
-  const signals = watchSignals((sig) => lines.note(`${sig}: cards past their read-back are finished, the others are stopped and their devices given back (${sig === "SIGINT" ? "Ctrl-C" : sig} again stops at once)`));
+  const signals = watchSignals((sig) => lines.note(`${sig}: stopping the cards not registered yet and giving their devices back (${sig === "SIGINT" ? "Ctrl-C" : sig} again stops at once)`));
   const outcomes: CardOutcome[] = [];
   const bugs: unknown[] = [];
   try {
