@@ -44,7 +44,7 @@ function bash(line: string): string[] {
 describe("bash", () => {
   it("commands at the first word, including help", () => {
     const c = bash("mkoverlay ");
-    for (const w of ["build", "batch", "init", "verify", "registry", "completion", "help", "status"]) expect(c).toContain(w);
+    for (const w of ["build", "batch", "flash", "init", "verify", "registry", "completion", "help", "status"]) expect(c).toContain(w);
     expect(c).not.toContain("__complete");
     expect(bash("mkoverlay ver")).toEqual(["verify"]);
   });
@@ -96,6 +96,10 @@ describe("bash", () => {
   it("files where a file goes", () => {
     expect(bash("mkoverlay batch --board rpi4 --hosts ho")).toEqual(["hosts.csv"]);
     expect(bash("mkoverlay verify oth")).toEqual(["other"]);
+    // flash: its base image, its CSV and its cards (paths such as /dev/sdb) are files.
+    expect(bash("mkoverlay flash --base oth")).toEqual(["other"]);
+    expect(bash("mkoverlay flash --board rpi4 --hosts ho")).toEqual(["hosts.csv"]);
+    expect(bash("mkoverlay flash --base other --board rpi4 oth")).toEqual(["other"]);
   });
 
   it("a broken config still completes nothing, quietly", () => {

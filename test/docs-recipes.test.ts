@@ -66,6 +66,7 @@ const RECIPES: Record<string, { file: string } & ({ here: string } | { by: strin
   "image and flash": { file: "README.md", here: "README: an image from a Raspberry Pi OS base, flashed with bmaptool onto /dev/sdX, as written" },
   "lay over a mounted card": { file: "README.md", here: "README: the archive laid over a card's root mounted from /dev/sdX2, as written" },
   "batch and write": { file: "README.md", here: "README: 50 images from BASE.img, then the archive written onto /dev/sdX and into card.img, as written" },
+  "factory shift": { file: "README.md", here: "README: a factory shift of five rows flashed onto /dev/sdb … /dev/sde, then found complete by batch, as written" },
   "file export": { file: "docs/bastion.md", here: "§8: the recipe, as root on a fresh bastion, lets a device's tunnel in" },
   "bastion operator account": { file: "docs/bastion.md", here: "the bastion's administrator creates the operator's account, as written" },
   "operator ssh config": { file: "docs/bastion.md", here: "the operator reaches gw-0001 through the bastion with strict host key checking, as written" },
@@ -542,6 +543,28 @@ cd "$FLEET"; bash -e "$T/recipe.sh"
       const v = runCli(["verify", written], { cwd: fleet });
       expect(v.code, `${written}: ${v.stdout}${v.stderr}`).toBe(0);
       expect(v.stdout).toMatch(/the key is registered to gw-0051/);
+    }
+  }, 240_000);
+
+  it("README: a factory shift of five rows flashed onto /dev/sdb … /dev/sde, then found complete by batch, as written", () => {
+    const fleet = newFleet("fleet-shift");
+    const tree = join(t, "rootfs4");
+    makeRootTree(tree);
+    const base = makeDisk(join(fleet, "BASE.img"), tree);
+    const cards = ["sdb", "sdc", "sdd", "sde"].map((n) => {
+      const f = join(t, `shift-${n}.raw`);
+      run("truncate", ["-s", String(statSync(base.path).size + (1 << 20)), f]);
+      return [n, f] as const;
+    });
+    recipe("factory shift", fleet, Object.fromEntries(cards.map(([n, f]) => [n, loop(f)])));
+    const list = runCli(["registry", "list", "--json"], { cwd: fleet });
+    const devices = JSON.parse(list.stdout) as { hostname: string; status: string; attributes: Record<string, string> }[];
+    expect(devices.map((d) => [d.hostname, d.status, d.attributes.serial])).toEqual(["1", "2", "3", "4", "5"].map((k) => [`pj-000${k}`, "active", `SN000${k}`]));
+    // Each card holds its device: sdb the last one written (pj-0005), sdc … sde pj-0002 … pj-0004.
+    for (const [k, [, f]] of cards.entries()) {
+      const v = runCli(["verify", f], { cwd: fleet });
+      expect(v.code, `${f}: ${v.stdout}${v.stderr}`).toBe(0);
+      expect(v.stdout).toMatch(new RegExp(`the key is registered to pj-000${k === 0 ? 5 : k + 1}`));
     }
   }, 240_000);
 

@@ -271,6 +271,7 @@ describe("--json: the fields docs/json.md documents, camelCase", () => {
   it("every command docs/json.md documents was run above", () => {
     expect(DOC.size).toBeGreaterThanOrEqual(17);
     const skipped = [...(isRoot ? [] : ["mkoverlay bastion install --bastion NAME --json"]), ...(haveDiskTools() ? [] : ["mkoverlay image --base BASE --json", "mkoverlay write OVERLAY --image IMG --json"])];
-    expect([...DOC.keys()].filter((h) => !tested.has(h) && h !== "mkoverlay batch --json" && !skipped.includes(h))).toEqual([]);
+    // flash needs cards (loop devices, as root): test/flash.test.ts checks its objects against this page.
+    expect([...DOC.keys()].filter((h) => !tested.has(h) && h !== "mkoverlay batch --json" && h !== "mkoverlay flash --json" && !skipped.includes(h))).toEqual([]);
   });
 });

@@ -122,7 +122,7 @@ function findOption(cmd: Command, name: string): Option | undefined {
  * What a value placeholder in the command definitions (`--config <file>`, `<overlay...>`) is
  * completed with: the shell's file or folder completion.
  */
-const PLACEHOLDER: Record<string, string> = { file: FILES, "[name=]file": FILES, path: FILES, registry: FILES, overlay: FILES, db: FILES, dir: DIRS, root: DIRS };
+const PLACEHOLDER: Record<string, string> = { file: FILES, "[name=]file": FILES, path: FILES, registry: FILES, overlay: FILES, db: FILES, image: FILES, cards: FILES, dir: DIRS, root: DIRS };
 
 /** The placeholder of an option's value: `dir` of `--out <dir>`, `[name=]file` of `--host-key-file <[name=]file>`. */
 const placeholder = (flags: string): string => flags.slice(flags.lastIndexOf(" ") + 1).replace(/^[<[]/, "").replace(/(\.\.\.)?[>\]]$/, "");

@@ -72,6 +72,15 @@ export const HELP: Record<string, HelpSpec> = {
     env: ["SOURCE_DATE_EPOCH"],
     exit: "0 written and read back; 1 the write or its read-back failed, or debugfs wrote outside the root partition (rolled back); 2 refused (mounted, not ext, no room, a file system larger than its partition, a damaged partition table, another device's identity; --device: a partition instead of the whole disk, the station's own disk) or a usage error; 70 a bug",
   },
+  flash: {
+    examples: [
+      ["mkoverlay flash --base base.img --board rpi4 --bastion eu --hosts shift.csv /dev/sdb /dev/sdc /dev/sdd /dev/sde", "four cards: the next four rows of the shift not built yet"],
+      ["mkoverlay flash --base base.img --board rpi4 --bastion eu --hosts shift.csv serial=SN0042@/dev/sdb pj-0007@/dev/sdc", "the rows with that serial and that hostname"],
+      ["mkoverlay flash --base base.img --board rpi4 --bastion eu --json /dev/disk/by-id/usb-Card_Reader_1-0:0 /dev/disk/by-id/usb-Card_Reader_2-0:0", "new devices named by the template; one JSON object per card"],
+    ],
+    env: [...BUILD, "NO_COLOR"],
+    exit: `0 every card verified and its device registered; 1 some cards failed (their devices given back, the others registered); 2 nothing done (a usage or input error, a card refused: mounted, a partition, the station's own disk, given twice; nothing reserved); ${INTERRUPTED}; 70 a bug`,
+  },
   init: {
     examples: [
       ["ssh-keyscan -t ed25519 bastion.example.com | mkoverlay init --bastion eu=bastion.example.com --host-keys - --operator-key ~/.ssh/id_ed25519.pub", "pin what ssh-keyscan saw (check its fingerprint first)"],

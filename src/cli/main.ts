@@ -221,6 +221,28 @@ export function program(only?: string, help?: typeof CliHelp): Command {
     c.action(lazy(() => import("./commands/write.js"), (m, overlay, opts) => m.writeCommand(overlay, opts)));
   });
 
+  def("flash", () => {
+    const c = p
+      .command("flash")
+      .description("flash many cards at once, each a different device of the shift: base, overlay, read back, then registered")
+      .argument("<cards...>", "each card as /dev/sdX, or WHO@/dev/sdX for the device WHO (a hostname, or serial=… of its factory data)")
+      .addOption(mandatory(new Option("--base <image>", "the OS image whose used blocks (its bmap) go on every card")));
+    deviceOptions(c);
+    add(
+      c,
+      new Option("--hosts <file>", "the shift's CSV: a card takes the row its WHO@ names, else the next row not built"),
+      OPTIONS.attr("factory data recorded with every device (repeatable)"),
+      OPTIONS.out("output directory (created 0700): each device's overlay archive"),
+      OPTIONS.rootPartition(),
+      OPTIONS.forceConfigChange(),
+      OPTIONS.config(),
+      OPTIONS.json("one JSON object per card on stdout"),
+      new Option("--no-progress", "no redrawn lines on a terminal: a plain line per card instead"),
+      OPTIONS.quiet(),
+    );
+    c.action(lazy(() => import("./commands/flash.js"), (m, cards, opts) => m.flashCommand(cards, opts)));
+  });
+
   def("init", () => {
     const c = p
       .command("init")
@@ -452,7 +474,7 @@ export function program(only?: string, help?: typeof CliHelp): Command {
 }
 
 /** The top-level commands, as program() defines them (a test keeps the two equal). */
-export const COMMANDS: readonly string[] = ["build", "batch", "image", "write", "init", "bastion", "ssh-config", "known-hosts", "revoke", "rotate", "verify", "boards", "status", "registry", "provisioner-hook", "schema", "completion"];
+export const COMMANDS: readonly string[] = ["build", "batch", "image", "write", "flash", "init", "bastion", "ssh-config", "known-hosts", "revoke", "rotate", "verify", "boards", "status", "registry", "provisioner-hook", "schema", "completion"];
 
 /**
  * The one command this command line runs, when that is plain from its words: a known command

@@ -190,17 +190,26 @@ export async function commitPlaced(claim: Claim, r: Rendered, output: DeviceOutp
 }
 
 /**
+ * `beforePlace` runs once the device is rendered, before its output takes its name (`flash`
+ * writes and verifies the card there): if it throws, the claim is given back and nothing is placed.
+ */
+export interface BuildHooks {
+  beforePlace?: (r: Rendered, device: DeviceRecord) => Promise<void>;
+}
+
+/**
  * Render → place → commit for one claimed device. The point of no return is just before the
  * output takes its final name: a stop asked for until then (staging an image takes seconds)
  * leaves nothing, and a leased claim must still be this station's.
  */
-export async function completeClaim(st: Station, claim: Claim, req: Omit<DeviceRequest, "hostname">): Promise<Rendered> {
+export async function completeClaim(st: Station, claim: Claim, req: Omit<DeviceRequest, "hostname">, hooks: BuildHooks = {}): Promise<Rendered> {
   const hostname = claim.device.hostname;
   const output = outputOf(st.emit);
   if (claim.leased) st.leases.add(hostname);
   let placed = false;
   try {
     const r = await renderDevice(contextOf(st, claim.device, req));
+    await hooks.beforePlace?.(r, claim.device);
     await output.place(r, async () => {
       const why = st.stopRequested();
       if (why) throw claim.notDone(why);
@@ -220,10 +229,10 @@ export async function completeClaim(st: Station, claim: Claim, req: Omit<DeviceR
  * A build (build, image, a batch's image and folder forms, the API): a registered key is a
  * re-flash (same device, name and ports, a fresh overlay); anything else reserves a new device.
  */
-export async function buildDevice(st: Station, req: DeviceRequest): Promise<BuildResult> {
+export async function buildDevice(st: Station, req: DeviceRequest, hooks: BuildHooks = {}): Promise<BuildResult> {
   const found = req.dk.imported ? await st.registry.getByFingerprint(req.dk.fingerprint) : undefined;
   const claim = found ? reflashClaim(st, found, req) : await reserveClaim(st, req);
-  const r = await completeClaim(st, claim, req);
+  const r = await completeClaim(st, claim, req, hooks);
   st.log.info(`wrote ${r.overlay}`);
   return buildResult(claim.device, req.dk, r, found !== undefined);
 }
