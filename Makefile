@@ -76,9 +76,9 @@ test: test-deps boot-deps build typecheck lint schema-check unit
 boot-deps:
 	@MKOVERLAY_BOOT_ARCH=$(ARCH) bash test/boot/ensure-deps.sh
 
-# A quick loop while working: every tier but the slow ones (vitest.config.ts lists them).
+# A quick loop while working: the unit and cli tiers (vitest.config.ts lists the tiers).
 test-fast: build typecheck lint
-	MKOVERLAY_SKIP_SLOW=1 $(NODE_BIN)/vitest run
+	$(NODE_BIN)/vitest run --project unit --project cli
 
 test-boot: build boot-deps
 	MKOVERLAY_BOOT_ARCH=$(ARCH) $(NODE_BIN)/vitest run test/boot

@@ -11,7 +11,7 @@ import { spawnSync, type ChildProcess } from "node:child_process";
 import { existsSync } from "node:fs";
 import { connect } from "node:net";
 import { join } from "node:path";
-import { ciMode } from "./postgres.js";
+import { inCI } from "./capability.js";
 import { runSshd, SSHD } from "./sshd.js";
 import { REPO } from "./workspace.js";
 
@@ -62,7 +62,7 @@ export function openssh10(): SshdBinary | undefined {
     }
   }
   if (cached.bin) return cached.bin;
-  if (ciMode()) throw new Error(`OpenSSH 10.x is required in CI (CI=${process.env.CI}) but is not available: ${cached.reason}`);
+  if (inCI) throw new Error(`OpenSSH 10.x is required in CI (CI=${process.env.CI}) but is not available: ${cached.reason}`);
   process.stderr.write(`\n${"!".repeat(78)}\n!! OpenSSH 10.x tests CANNOT RUN: ${cached.reason}\n!! Not in CI, so they are SKIPPED here. Run: bash scripts/ensure-openssh10.sh (as root: make test-deps)\n${"!".repeat(78)}\n`);
   return undefined;
 }
