@@ -56,7 +56,7 @@ export function overlayPath(e: Emit, hostname: string): string {
       return join(e.outDir, `${hostname}.overlay.tar.gz`);
   }
 }
-export const authorizedKeysPath = (outDir: string, hostname: string): string => join(outDir, `${hostname}.authorized_keys`);
+const authorizedKeysPath = (outDir: string, hostname: string): string => join(outDir, `${hostname}.authorized_keys`);
 
 /** Everything one device's outputs are made from. */
 export interface DeviceContext {
@@ -90,7 +90,7 @@ export function deviceProfiles(p: Profiles, d: DeviceRecord): { board: Board; os
   return { board, os };
 }
 
-export function tunnelsOf(c: Pick<DeviceContext, "fleet" | "device" | "bastions">): TunnelPlan[] {
+function tunnelsOf(c: Pick<DeviceContext, "fleet" | "device" | "bastions">): TunnelPlan[] {
   return planTunnels(c.fleet, c.bastions, c.device.port, c.device.services);
 }
 

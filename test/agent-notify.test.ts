@@ -27,7 +27,7 @@ const sleep = (ms: number) => new Promise((r) => setTimeout(r, ms));
 requires(need(pgServer, "PostgreSQL (scripts/ensure-postgres.sh)"))("bastion agent: a NOTIFY flood", () => {
   it("keeps at most one re-read pending: the flood costs back-to-back reads, and nothing once it stops", async () => {
     const url = await pgServer!.createDatabase();
-    (await openRegistry(url)).close();
+    await (await openRegistry(url)).close();
     const cfg = writeFleet(dir, { lo: { host: "127.0.0.1", user: "nobody", hostKeys: [readPub(sshKeygen(dir, "hk"))] } }, { registry: url });
     const fleet = await loadFleet(cfg);
     let reads = 0;

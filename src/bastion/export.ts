@@ -52,7 +52,7 @@ export function ed25519Key(line: string): Buffer | string {
   }
 }
 
-export function devicesOf(devices: DeviceRecord[], bastion: string): DeviceRecord[] {
+function devicesOf(devices: DeviceRecord[], bastion: string): DeviceRecord[] {
   return devices.filter((d) => d.status === "active" && d.bastions.includes(bastion)).sort((a, b) => a.port - b.port);
 }
 

@@ -128,7 +128,7 @@ function bastionsRule(raw: FleetRaw, now: Date): Problem[] {
 }
 
 /** `host:port` as permitopen takes it: a literal host (no lookup happens) and a port or `*`. */
-export function destinationProblem(v: string): string | undefined {
+function destinationProblem(v: string): string | undefined {
   const m = /^(\[[0-9a-fA-F:.]+\]|[^:\s]+):(\d{1,5}|\*)$/.exec(v);
   if (!m) return "is not host:port (e.g. localhost:4505)";
   const host = m[1]!.replace(/^\[|\]$/g, "");

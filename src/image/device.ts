@@ -46,7 +46,7 @@ function lstatOk(p: string): boolean {
 }
 
 /** O_EXCL on a block device: EBUSY when mounted, or opened exclusively by someone else. */
-export function openExclusive(device: string): number {
+function openExclusive(device: string): number {
   try {
     const fd = openSync(device, constants.O_RDWR | constants.O_EXCL);
     if (!fstatSync(fd).isBlockDevice()) {
@@ -65,7 +65,7 @@ export function openExclusive(device: string): number {
 }
 
 /** Copies the data ranges of `base` to the device at the same offsets; returns bytes written. */
-export async function writeBase(base: string, fd: number, device: string): Promise<number> {
+async function writeBase(base: string, fd: number, device: string): Promise<number> {
   const src = openSync(base, "r");
   try {
     const size = fstatSync(src).size;

@@ -811,6 +811,6 @@ export class RegistryCore implements Registry {
 }
 
 /** The grace a rotation finished by the doctor gives the old key (the rotate command's default). */
-export function defaultGrace(now: Date = new Date()): Date {
+function defaultGrace(now: Date = new Date()): Date {
   return new Date(now.getTime() + 7 * 86400_000);
 }

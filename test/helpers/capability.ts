@@ -34,7 +34,7 @@ export const SBIN_PATH = `${process.env.PATH ?? ""}:/usr/sbin:/sbin`;
 
 const found = new Map<string, boolean>();
 /** Is `cmd` on PATH (or in /usr/sbin, /sbin)? */
-export function has(cmd: string): boolean {
+function has(cmd: string): boolean {
   let ok = found.get(cmd);
   if (ok === undefined) {
     ok = spawnSync("sh", ["-c", 'command -v "$1"', "sh", cmd], { env: { ...process.env, PATH: SBIN_PATH } }).status === 0;

@@ -61,7 +61,7 @@ function exited(child: ChildProcess): Promise<void> {
   });
 }
 
-export async function startPostgres(): Promise<PgServer> {
+async function startPostgres(): Promise<PgServer> {
   const bin = binDir();
   const as = runAs();
   const dir = tempDir("mko-pg-");

@@ -26,7 +26,7 @@ export interface SshdBinary {
 }
 
 /** "OpenSSH_10.0p2 Debian-7~bpo12+1, OpenSSL ..." → [10, 0]. */
-export function sshdVersionOf(sshd: string): { version: string; major: number; minor: number } {
+function sshdVersionOf(sshd: string): { version: string; major: number; minor: number } {
   const r = spawnSync(sshd, ["-V"], { encoding: "utf8" });
   const m = /OpenSSH_(\d+)\.(\d+)/.exec(`${r.stdout ?? ""}${r.stderr ?? ""}`);
   if (!m) throw new Error(`${sshd} -V did not name an OpenSSH version: ${r.stderr || r.error?.message}`);
@@ -89,7 +89,7 @@ export function runSshdVersion(bin: SshdBinary, config: string, logFile: string,
 }
 
 /** The identification line the sshd on 127.0.0.1:`port` sends ("SSH-2.0-OpenSSH_10.0p2 …"): which sshd really answers. */
-export function sshdBanner(port: number): Promise<string> {
+function sshdBanner(port: number): Promise<string> {
   return new Promise((resolve, reject) => {
     let got = "";
     const sock = connect(port, "127.0.0.1");
