@@ -12,7 +12,8 @@ import { defineConfig } from "vitest/config";
  *   capability gate (test/helpers/capability.ts) like any other.
  * - system: real sshds, bastion installs, disk images, terminals (tmux), shells, root.
  * - slow: the booted system, the SIGKILL loops and concurrency runs, the registry on a real
- *   PostgreSQL, the live bastion, the packed install.
+ *   PostgreSQL, the live bastion, the packed install, the fuzz tier, verify's size limits
+ *   (CPU-bound: they alone would take a third of test-fast's minute).
  *
  * Whatever a file needs and the machine lacks is decided by the capability gate: a skip on a
  * laptop, a failure in CI (CI=true).
@@ -37,7 +38,6 @@ const CLI = [
   "test/expiry-alarms.test.ts",
   "test/expiry-spread.test.ts",
   "test/factory-data.test.ts",
-  "test/fuzz.test.ts",
   "test/golden.test.ts",
   "test/help.test.ts",
   "test/hostile.test.ts",
@@ -52,7 +52,6 @@ const CLI = [
   "test/stack.test.ts",
   "test/status.test.ts",
   "test/verify-differences.test.ts",
-  "test/verify-limits.test.ts",
   "test/verify-offline.test.ts",
 ];
 
@@ -66,6 +65,8 @@ const SLOW = [
   "test/fleet-status.test.ts",
   "test/packed.test.ts",
   "test/recipes-live.test.ts",
+  "test/fuzz.test.ts",
+  "test/verify-limits.test.ts",
 ];
 
 /** The tiers that run dist/ build it first when the sources are newer (test/helpers/build-first.ts). */

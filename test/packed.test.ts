@@ -166,5 +166,5 @@ console.log(JSON.stringify({ hostname: one.hostname, port, attributes: one.attri
       mode: "registry",
       error: { name: "UserError", message: '--board "toaster": unknown board', hint: expect.stringMatching(/^known boards: .*rpi4/), exitCode: 2 },
     });
-  });
+  }, 180_000); // npm install and two tsc runs: 30 s idle, past 60 s on two busy cores
 });
