@@ -16,6 +16,7 @@ import { HOST_KEY_PUB } from "../../src/overlay/paths.js";
 import { openRegistry } from "../../src/registry/open.js";
 import { SCHEMA_VERSION } from "../../src/registry/schema.js";
 import type { DeviceRecord, Registry } from "../../src/registry/types.js";
+import { need, requires } from "./capability.js";
 import { closedPort, postgresForTests, PW_ROLE, type PgServer } from "./postgres.js";
 import { CLI, readPub, removeDir, runCli, sshKeygen, tempDir, writeFleet, type Run } from "./workspace.js";
 
@@ -429,7 +430,7 @@ export async function registryTests(which: "sqlite" | "postgres"): Promise<void>
   });
 
 
-  if (which === "postgres") describe.runIf(pgServer)("registry migrate (sqlite ↔ postgres)", () => {
+  if (which === "postgres") requires(need(pgServer, "PostgreSQL (scripts/ensure-postgres.sh)"))("registry migrate (sqlite ↔ postgres)", () => {
     const pg = pgServer!;
 
     /** A SQLite registry with every kind of row: active (with service ports), revoked, pending, a gap. */
@@ -558,7 +559,7 @@ export async function registryTests(which: "sqlite" | "postgres"): Promise<void>
     });
   });
 
-  if (which === "postgres") describe.runIf(pgServer)("postgres registry errors: one line, no stack", () => {
+  if (which === "postgres") requires(need(pgServer, "PostgreSQL (scripts/ensure-postgres.sh)"))("postgres registry errors: one line, no stack", () => {
     const pg = pgServer!;
 
     async function buildWith(registry: string): Promise<Run & { ws: Workspace }> {
