@@ -21,6 +21,7 @@ import { defineConfig } from "vitest/config";
 const UNIT = [
   "test/api.test.ts",
   "test/bastion-units.test.ts",
+  "test/build-first.test.ts",
   "test/capability.test.ts",
   "test/core.test.ts",
   "test/keys.test.ts",

@@ -11,14 +11,14 @@ import { join } from "node:path";
 const REPO = join(import.meta.dirname, "../..");
 const STAMP = join(REPO, "dist/.build-stamp");
 
-function newestInput(): { file: string; mtime: number } {
-  const files = readdirSync(join(REPO, "src"), { recursive: true })
+function newestInput(root: string): { file: string; mtime: number } {
+  const files = readdirSync(join(root, "src"), { recursive: true })
     .map((f) => join("src", String(f)))
     .filter((f) => f.endsWith(".ts"))
     .concat(["scripts/bundle.mjs", "package.json", "package-lock.json"]);
   let newest = { file: "", mtime: 0 };
   for (const f of files) {
-    const p = join(REPO, f);
+    const p = join(root, f);
     if (!existsSync(p)) continue;
     const m = statSync(p).mtimeMs;
     if (m > newest.mtime) newest = { file: f, mtime: m };
@@ -26,11 +26,12 @@ function newestInput(): { file: string; mtime: number } {
   return newest;
 }
 
-/** Why dist/ is stale, or undefined when it is up to date. */
-export function staleBecause(): string | undefined {
-  if (!existsSync(STAMP) || !existsSync(join(REPO, "dist/cli.js"))) return "dist/ is not built";
-  const n = newestInput();
-  return n.mtime > statSync(STAMP).mtimeMs ? `${n.file} is newer than dist/` : undefined;
+/** Why `root`'s dist/ is stale, or undefined when it is up to date. */
+export function staleBecause(root = REPO): string | undefined {
+  const stamp = join(root, "dist/.build-stamp");
+  if (!existsSync(stamp) || !existsSync(join(root, "dist/cli.js"))) return "dist/ is not built";
+  const n = newestInput(root);
+  return n.mtime > statSync(stamp).mtimeMs ? `${n.file} is newer than dist/` : undefined;
 }
 
 export default function setup(): void {
