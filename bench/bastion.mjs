@@ -564,3 +564,8 @@ const header = `Measured ${new Date().toISOString().slice(0, 16)}Z on ${cpus().l
 writeFileSync(join(ROOT, "bench/bastion-results.md"), `# Bastion benchmarks\n\n${header}\n\n${table}\n`);
 console.log(table);
 rmSync(SECURE, { recursive: true, force: true });
+const missed = rows.filter((r) => r[3] === "**no**").map((r) => `${r[0]}: ${r[1]} (target ${r[2]})`);
+if (missed.length > 0) {
+  process.stderr.write(`bench/bastion.mjs: ${missed.length} target(s) missed:\n${missed.map((m) => `- ${m}`).join("\n")}\n`);
+  process.exitCode = 1;
+}

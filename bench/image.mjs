@@ -245,3 +245,8 @@ const lines = [
 ];
 process.stdout.write(lines.join("\n") + "\n");
 if (!process.env.BENCH_KEEP) rmSync(WORK, { recursive: true, force: true });
+const missed = rows.filter((r) => target(r).ok === false).map((r) => `${r.label}: ${s(r.cli)} s (target ${target(r).text})`);
+if (missed.length > 0) {
+  process.stderr.write(`bench/image.mjs: ${missed.length} target(s) missed:\n${missed.map((m) => `- ${m}`).join("\n")}\n`);
+  process.exit(1);
+}

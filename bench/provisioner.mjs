@@ -147,3 +147,12 @@ console.log(`Measured ${when} on ${cpus().length} × ${cpu}, Node ${process.vers
 | hook, a re-provisioned device (rotate; median of ${REPEAT}) | **${ms(mAgain)}** | ${pct(mAgain)} | < 1 s, < 1 % | ${yes(mAgain)} |
 | unmount after the hook (median; the provisioner unmounts anyway) | ${ms(mUm)} | | (information) | |`);
 if (!process.env.BENCH_KEEP) rmSync(WORK, { recursive: true, force: true });
+const missed = [
+  [`hook, a new device (median of ${RUNS})`, mNew],
+  [`hook, a new device (slowest of ${RUNS})`, maxNew],
+  [`hook, a re-provisioned device (median of ${REPEAT})`, mAgain],
+].filter(([, x]) => x >= 1000);
+if (missed.length > 0) {
+  process.stderr.write(`bench/provisioner.mjs: target < 1 s missed:\n${missed.map(([m, x]) => `- ${m}: ${ms(x)}`).join("\n")}\n`);
+  process.exit(1);
+}

@@ -6,11 +6,12 @@
  */
 import { join } from "node:path";
 import pg from "pg";
-import { afterAll, describe, expect, it } from "vitest";
+import { afterAll, expect, it } from "vitest";
 import { Agent } from "../src/bastion/agent.js";
 import { loadFleet } from "../src/config/load.js";
 import { openRegistry } from "../src/registry/open.js";
 import type { Registry } from "../src/registry/types.js";
+import { need, requires } from "./helpers/capability.js";
 import { postgresForTests } from "./helpers/postgres.js";
 import { readPub, removeDir, sshKeygen, tempDir, writeFleet } from "./helpers/workspace.js";
 
@@ -23,10 +24,10 @@ afterAll(async () => {
 
 const sleep = (ms: number) => new Promise((r) => setTimeout(r, ms));
 
-describe.runIf(pgServer)("bastion agent: a NOTIFY flood", () => {
+requires(need(pgServer, "PostgreSQL (scripts/ensure-postgres.sh)"))("bastion agent: a NOTIFY flood", () => {
   it("keeps at most one re-read pending: the flood costs back-to-back reads, and nothing once it stops", async () => {
     const url = await pgServer!.createDatabase();
-    (await openRegistry(url)).close();
+    await (await openRegistry(url)).close();
     const cfg = writeFleet(dir, { lo: { host: "127.0.0.1", user: "nobody", hostKeys: [readPub(sshKeygen(dir, "hk"))] } }, { registry: url });
     const fleet = await loadFleet(cfg);
     let reads = 0;

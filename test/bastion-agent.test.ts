@@ -10,8 +10,9 @@ import { connect } from "node:net";
 import { spawn } from "node:child_process";
 import { join } from "node:path";
 import pg from "pg";
-import { afterAll, beforeAll, describe, expect, it } from "vitest";
+import { afterAll, beforeAll, expect, it } from "vitest";
 import { fileNameFor } from "../src/bastion/keystore.js";
+import { need, requires, root } from "./helpers/capability.js";
 import { buildDevice, cleanup, isRoot, openTunnel, prepareRoot, secureRoot, startAgent, startBastion, tryLogin, tunnelUp, type AgentProc, type Bastion, type Device, type Tunnel } from "./helpers/bastion.js";
 import { agentRole } from "./helpers/agent-role.js";
 import { tunnelArgv } from "./helpers/device.js";
@@ -158,7 +159,7 @@ async function staleSessionGivesWay(s: Setup): Promise<void> {
   }
 }
 
-describe.runIf(isRoot && pgServer)("bastion agent on PostgreSQL (read-only role, LISTEN/NOTIFY)", () => {
+requires(root, need(pgServer, "PostgreSQL (scripts/ensure-postgres.sh)"))("bastion agent on PostgreSQL (read-only role, LISTEN/NOTIFY)", () => {
   let s: Setup;
   let url: string;
   beforeAll(async () => {
@@ -445,7 +446,7 @@ describe.runIf(isRoot && pgServer)("bastion agent on PostgreSQL (read-only role,
   });
 });
 
-describe.runIf(isRoot)("bastion agent on a SQLite registry on the same host (file watch)", () => {
+requires(root)("bastion agent on a SQLite registry on the same host (file watch)", () => {
   let s: Setup;
   let reg: string;
   beforeAll(async () => {
@@ -487,7 +488,7 @@ describe.runIf(isRoot)("bastion agent on a SQLite registry on the same host (fil
 });
 
 const ten = isRoot ? openssh10() : undefined;
-describe.runIf(isRoot && ten)(`bastion agent with the bastion on OpenSSH ${ten?.version ?? "10.x"} (SQLite registry)`, () => {
+requires(root, need(ten, "OpenSSH 10.x (scripts/ensure-openssh10.sh)"))(`bastion agent with the bastion on OpenSSH ${ten?.version ?? "10.x"} (SQLite registry)`, () => {
   let s: Setup;
   beforeAll(async () => {
     const ws = tempDir("mko-bastion-10-");

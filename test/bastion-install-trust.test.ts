@@ -11,7 +11,8 @@ import { accessProblems, accountGroups, loginReasons, readAccount } from "../src
 import { RootFs } from "../src/bastion/rootfs.js";
 import { parseEffective } from "../src/bastion/sshd-check.js";
 import { runningSshdLog } from "../src/bastion/sshd-log.js";
-import { cleanup, isRoot, startBastion, tryLogin } from "./helpers/bastion.js";
+import { isRoot, need, requires, root } from "./helpers/capability.js";
+import { cleanup, startBastion, tryLogin } from "./helpers/bastion.js";
 import { changed, expectOneError, installInto, installWorkspace, snapshot, type Ws } from "./helpers/install.js";
 import { postgresForTests, PW_ROLE } from "./helpers/postgres.js";
 import { ensureUser, startSshd } from "./helpers/sshd.js";
@@ -40,7 +41,7 @@ function imageAccount(root: string, name: string, o: { uid: number; shell: strin
   appendFileSync(join(root, "etc/shadow"), `${name}:${o.password}:19000:0:99999:7:::\n`);
 }
 
-describe.runIf(isRoot)("item 2: an existing login account is never taken over silently", () => {
+requires(root)("item 2: an existing login account is never taken over silently", () => {
   const cases: [string, string, (root: string) => void, RegExp][] = [
     ["user: root", "root", () => undefined, /the tunnel user 'root' of bastion 'lo' is an existing login account \(uid 0, login shell \/bin\/bash\)/],
     ["an account with a login shell", "mko-sh", (r) => imageAccount(r, "mko-sh", { uid: 990, shell: "/bin/bash", password: "*" }), /'mko-sh' of bastion 'lo' is an existing login account \(login shell \/bin\/bash\)/],
@@ -108,7 +109,7 @@ describe.runIf(isRoot)("item 2: an existing login account is never taken over si
   });
 });
 
-describe.runIf(isRoot)("item 2 on this host (getent, real accounts, sshd -T)", () => {
+requires(root)("item 2 on this host (getent, real accounts, sshd -T)", () => {
   it("host accounts: a login shell, a password, keys, root are logins; a tunnel account is not", () => {
     const home = tempDir("mko-home-");
     dirs.push(home);
@@ -170,7 +171,7 @@ describe("item 6: RootFs resolves a target path inside the root", () => {
   });
 });
 
-describe.runIf(isRoot)("item 6: every path written under --root stays inside it", () => {
+requires(root)("item 6: every path written under --root stays inside it", () => {
   /** A folder on the host, outside the root, that must stay as it is. */
   function hostDir(): { dir: string; state: () => string } {
     const dir = tempDir("mko-host-");
@@ -246,7 +247,7 @@ describe.runIf(isRoot)("item 6: every path written under --root stays inside it"
   }
 });
 
-describe.runIf(isRoot)("item 7: sshd's AllowUsers/DenyUsers/AllowGroups/DenyGroups, as the real sshd decides", () => {
+requires(root)("item 7: sshd's AllowUsers/DenyUsers/AllowGroups/DenyGroups, as the real sshd decides", () => {
   it("each rule that shuts the tunnel user out is refused by name, and the real sshd does refuse the device", async () => {
     hostUser(T);
     // Shared with the other bastion test files (which may run at the same time): left in place, as they leave it.
@@ -287,7 +288,7 @@ describe.runIf(isRoot)("item 7: sshd's AllowUsers/DenyUsers/AllowGroups/DenyGrou
   });
 });
 
-describe.runIf(isRoot)("item 10: no station path in an image; per-bastion settings per instance; --dry-run", () => {
+requires(root)("item 10: no station path in an image; per-bastion settings per instance; --dry-run", () => {
   it("--root without --mkoverlay or --registry is refused, naming the flag", async () => {
     const w = await ws();
     const before = snapshot(w.root);
@@ -367,7 +368,7 @@ describe.runIf(isRoot)("item 10: no station path in an image; per-bastion settin
 const { server: pg } = isRoot ? await postgresForTests() : { server: undefined };
 afterAll(async () => pg?.stop());
 
-describe.runIf(isRoot && pg)("--dry-run never prints a registry password", () => {
+requires(root, need(pg, "PostgreSQL (scripts/ensure-postgres.sh)"))("--dry-run never prints a registry password", () => {
   it("agent.env's diff shows the URL with *** for the password, in text and JSON", async () => {
     const url = await pg!.createDatabase();
     const db = new URL(url).pathname.slice(1);
@@ -383,7 +384,7 @@ describe.runIf(isRoot && pg)("--dry-run never prints a registry password", () =>
   });
 });
 
-describe.runIf(isRoot)("item 12: without systemd, the exact agent command", () => {
+requires(root)("item 12: without systemd, the exact agent command", () => {
   const expected = (authLog: string) =>
     `sh -c 'set -a; . /etc/mkoverlay/bastion/lo/agent.env; if [ -f /etc/mkoverlay/bastion/lo/local.env ]; then . /etc/mkoverlay/bastion/lo/local.env; fi; set +a; exec /usr/local/bin/mkoverlay bastion agent --bastion lo --config /etc/mkoverlay/bastion/lo/fleet.yaml --auth-log ${authLog}'`;
 

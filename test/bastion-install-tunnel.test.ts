@@ -9,8 +9,9 @@
  */
 import { chmodSync, copyFileSync, readFileSync, writeFileSync } from "node:fs";
 import { join } from "node:path";
-import { afterAll, describe, expect, it } from "vitest";
-import { bastionConfig, cleanup, isRoot, tunnelUp } from "./helpers/bastion.js";
+import { afterAll, expect, it } from "vitest";
+import { itRequires, need, requires, root } from "./helpers/capability.js";
+import { bastionConfig, cleanup, tunnelUp } from "./helpers/bastion.js";
 import { changed, expectOneError, installInto, installWorkspace, snapshot, type Ws } from "./helpers/install.js";
 import { ensureUser, freePort, runSshd, SSHD } from "./helpers/sshd.js";
 import { openssh10 } from "./helpers/sshd10.js";
@@ -44,7 +45,7 @@ function tunnelConfig(w: Ws): string {
   return file;
 }
 
-describe.runIf(isRoot)("bastion install with a tunnel port: a dedicated tunnel sshd", () => {
+requires(root)("bastion install with a tunnel port: a dedicated tunnel sshd", () => {
   it("writes its config, unit and enablement; sshd -t and systemd-analyze verify pass; a re-install changes nothing; the admin sshd is as it was", async () => {
     const tunnelPort = await freePort();
     const w = await installWorkspace(dirs, TUNNEL_USER, { tunnelPort });
@@ -117,7 +118,7 @@ describe.runIf(isRoot)("bastion install with a tunnel port: a dedicated tunnel s
   }, 120_000);
 });
 
-describe.runIf(isRoot)("bastion install on the admin sshd's own port: the drop-in alone", () => {
+requires(root)("bastion install on the admin sshd's own port: the drop-in alone", () => {
   it("installs no tunnel sshd; on OpenSSH 9.2 no warning", async () => {
     const w = await installWorkspace(dirs, TUNNEL_USER);
     const r = installInto(w, ["--json"]);
@@ -129,7 +130,7 @@ describe.runIf(isRoot)("bastion install on the admin sshd's own port: the drop-i
   });
 
   const ten = openssh10();
-  it.runIf(ten)("on OpenSSH >= 9.8, warns that penalties hit the tunnels and the admins alike, and names the way out", async () => {
+  itRequires(need(ten, "OpenSSH 10.x (scripts/ensure-openssh10.sh)"))("on OpenSSH >= 9.8, warns that penalties hit the tunnels and the admins alike, and names the way out", async () => {
     const w = await installWorkspace(dirs, TUNNEL_USER);
     copyFileSync(ten!.sshd, join(w.root, "usr/sbin/sshd"));
     const r = installInto(w);

@@ -5,7 +5,8 @@
 import { readdirSync, readFileSync, rmSync, writeFileSync } from "node:fs";
 import { join } from "node:path";
 import { afterAll, describe, expect, it } from "vitest";
-import { bastionConfig, cleanup, isRoot } from "./helpers/bastion.js";
+import { requires, root } from "./helpers/capability.js";
+import { bastionConfig, cleanup } from "./helpers/bastion.js";
 import { changed, expectOneError, installInto, installWorkspace, snapshot, type Ws } from "./helpers/install.js";
 import { closedPort } from "./helpers/postgres.js";
 import { ensureUser, SSHD } from "./helpers/sshd.js";
@@ -26,7 +27,7 @@ function content(snap: Map<string, string>): Map<string, string> {
   return new Map([...snap].map(([k, v]) => [k, /^etc\/(passwd|group|shadow|gshadow)-?$/.test(k) ? v.replace(/ [\d.]+$/, "") : v]));
 }
 
-describe.runIf(isRoot)("bastion install --root", () => {
+requires(root)("bastion install --root", () => {
   it("installs, and a second run changes nothing; sshd -t passes and the drop-in wins for the tunnel user only", async () => {
     const w = await workspace();
     const before = snapshot(w.root);

@@ -6,12 +6,11 @@
 import { mkdirSync, symlinkSync, writeFileSync } from "node:fs";
 import { dirname, join } from "node:path";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
+import { requires, tools } from "./helpers/capability.js";
 import { CLI, readPub, removeDir, run, sshKeygen, tempDir, writeFleet } from "./helpers/workspace.js";
 
 const dir = tempDir("mko-compl-");
 const bin = join(dir, "bin");
-const inCI = process.env.CI === "true";
-const has = (sh: string) => run("sh", ["-c", `command -v ${sh}`]).code === 0;
 let env: Record<string, string>;
 
 beforeAll(() => {
@@ -108,7 +107,7 @@ describe("bash", () => {
   });
 });
 
-describe.runIf(has("fish") || inCI)("fish", () => {
+requires(tools("fish"))("fish", () => {
   it("the script parses (fish -n) and completes for real (complete -C)", () => {
     const script = join(dir, "mkoverlay.fish");
     writeFileSync(script, run("mkoverlay", ["completion", "fish"], { env }).stdout);
@@ -120,7 +119,7 @@ describe.runIf(has("fish") || inCI)("fish", () => {
   });
 });
 
-describe.runIf(has("zsh") || inCI)("zsh", () => {
+requires(tools("zsh"))("zsh", () => {
   it("the script parses (zsh -n)", () => {
     const script = join(dir, "_mkoverlay");
     writeFileSync(script, run("mkoverlay", ["completion", "zsh"], { env }).stdout);

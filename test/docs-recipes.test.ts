@@ -19,6 +19,7 @@ import { spawnSync } from "node:child_process";
 import { chmodSync, copyFileSync, existsSync, mkdirSync, readdirSync, readFileSync, statSync, symlinkSync, writeFileSync } from "node:fs";
 import { basename, dirname, join } from "node:path";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
+import { requires, root } from "./helpers/capability.js";
 import { tunnelArgv } from "./helpers/device.js";
 import { makeDisk, makeRootTree } from "./helpers/disk.js";
 import { postgresForTests } from "./helpers/postgres.js";
@@ -217,8 +218,6 @@ describe("README: operator certificates", () => {
   });
 });
 
-const isRoot = process.getuid?.() === 0;
-const inCI = process.env.CI === "true" || process.env.CI === "1";
 /** The operator's account on this machine (their workstation) and on the bastion, as the recipe names it. */
 const WORKSTATION_USER = "mko-recipe-op";
 const BASTION_USER = "alice";
@@ -226,7 +225,7 @@ const exists = (user: string): boolean => spawnSync("id", [user]).status === 0;
 
 // Root: the recipes create accounts (the bastion's administrator's part) and run as another
 // user (the operator's). In CI a machine without root fails here rather than skipping.
-describe.runIf(isRoot || inCI)("docs/bastion.md §9, end to end on real sshds", () => {
+requires(root)("docs/bastion.md §9, end to end on real sshds", () => {
   const dir = tempDir("mko-recipes-");
   const home = join(dir, "home");
   const fleet = join(home, "fleet");
@@ -373,7 +372,7 @@ up "$DEVPORT"
 echo TUNNEL-UP
 `;
 
-describe.runIf(isRoot || inCI)("docs/bastion.md §8 in a private copy of /etc, on the machine's own sshd_config", () => {
+requires(root)("docs/bastion.md §8 in a private copy of /etc, on the machine's own sshd_config", () => {
   it("§8: the recipe, as root on a fresh bastion, lets a device's tunnel in", async () => {
     const t = tempDir("mko-recipe-export-");
     try {
@@ -413,7 +412,7 @@ describe.runIf(isRoot || inCI)("docs/bastion.md §8 in a private copy of /etc, o
 
 // The recipe names db.factory.lan on PostgreSQL's port: a private /etc/hosts (mount namespace)
 // points the name at 127.0.0.1 and PGPORT at the test server's port (the URL names none).
-describe.runIf(isRoot || inCI)("README: registry migrate to PostgreSQL", () => {
+requires(root)("README: registry migrate to PostgreSQL", () => {
   it("README: the registry moves to PostgreSQL at db.factory.lan, as written", async () => {
     const { server } = await postgresForTests();
     if (!server) throw new Error("PostgreSQL could not be started (see above)");
@@ -453,7 +452,7 @@ describe.runIf(isRoot || inCI)("README: registry migrate to PostgreSQL", () => {
  * /dev/sdX2 are real block devices that exist only for the recipe. `sudo` is the identity (the
  * test runs as root); nothing else is stood in for.
  */
-describe.runIf(isRoot || inCI)("README: images and cards, on loop devices behind a private /dev", () => {
+requires(root)("README: images and cards, on loop devices behind a private /dev", () => {
   let t = "";
   const loops: string[] = [];
   beforeAll(() => {

@@ -13,6 +13,7 @@ import { join } from "node:path";
 import { afterAll, describe, expect, it } from "vitest";
 import { bootId, stationIsDead } from "../src/registry/core.js";
 import { openRegistry } from "../src/registry/open.js";
+import { requires, root } from "./helpers/capability.js";
 import { readPub, removeDir, runCli, sshKeygen, tempDir, writeFleet } from "./helpers/workspace.js";
 
 const dir = tempDir("mko-doctor-");
@@ -143,7 +144,7 @@ describe("registry doctor and leases", () => {
   });
 });
 
-describe.runIf(process.getuid?.() === 0)("registry doctor on --apply (root)", () => {
+requires(root)("registry doctor on --apply (root)", () => {
   const { ws, cli, build, sql } = setup("apply");
 
   function applied(name: string): { root: string; d: Built } {

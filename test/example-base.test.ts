@@ -6,12 +6,11 @@
  */
 import { chmodSync, readFileSync } from "node:fs";
 import { join } from "node:path";
-import { afterAll, beforeAll, describe, expect, it } from "vitest";
+import { afterAll, beforeAll, expect, it } from "vitest";
+import { requires, root } from "./helpers/capability.js";
 import { readPub, removeDir, REPO, run, runCli, sshKeygen, tempDir, writeFleet } from "./helpers/workspace.js";
 
 const DOC = readFileSync(join(REPO, "docs/image-builders.md"), "utf8");
-const isRoot = process.getuid?.() === 0;
-const inCI = process.env.CI === "true" || process.env.CI === "1";
 
 function block(name: string): string {
   const at = DOC.indexOf(`<!-- tested: ${name} -->`);
@@ -24,7 +23,7 @@ function block(name: string): string {
 const dir = tempDir("mko-example-base-");
 afterAll(() => removeDir(dir));
 
-describe.runIf(isRoot || inCI)("docs/image-builders.md: the small base image", () => {
+requires(root)("docs/image-builders.md: the small base image", () => {
   const ws = join(dir, "ws");
   beforeAll(() => {
     // nobody makes it in a folder of its own (the test's tempdir is root's 0700).
@@ -33,7 +32,6 @@ describe.runIf(isRoot || inCI)("docs/image-builders.md: the small base image", (
   });
 
   it("runs as written, as an ordinary user, and makes a Raspberry Pi OS-shaped disk", () => {
-    if (!isRoot) throw new Error("needs root to run the recipe as nobody");
     const r = run("setpriv", ["--reuid=65534", "--regid=65534", "--clear-groups", "--", "sh", "-eu", "-c", block("example base.img")], { cwd: ws, env: { PATH: "/usr/local/bin:/usr/bin:/bin", HOME: ws } });
     expect(r.code, r.stderr).toBe(0);
     const img = join(ws, "base.img");

@@ -11,9 +11,10 @@
 import { readFileSync } from "node:fs";
 import { join } from "node:path";
 import Database from "better-sqlite3";
-import { afterAll, beforeAll, describe, expect, it } from "vitest";
+import { afterAll, beforeAll, expect, it } from "vitest";
 import { fileNameFor } from "../src/bastion/keystore.js";
 import { openRegistry } from "../src/registry/open.js";
+import { requires, root } from "./helpers/capability.js";
 import { buildDevice, cleanup, isRoot, prepareRoot, secureRoot, startAgent, startBastion, tryLogin, tunnelUp, type AgentProc, type Bastion, type Device } from "./helpers/bastion.js";
 import { portBlock } from "./helpers/net.js";
 import { ensureUser, freePort, waitFor } from "./helpers/sshd.js";
@@ -36,7 +37,7 @@ function expiryOf(line: string): number {
 }
 
 const versions = isRoot ? sshdVersions() : [systemSshd()];
-describe.runIf(isRoot).each(versions.map((b) => [b.version, b] as const))("expiry renewal served by the agent to a real sshd (OpenSSH %s)", (version, bin) => {
+requires(root).each(versions.map((b) => [b.version, b] as const))("expiry renewal served by the agent to a real sshd (OpenSSH %s)", (version, bin) => {
   let ws: string;
   let root: string;
   let cfg: string;

@@ -7,7 +7,8 @@
 import { spawn, spawnSync } from "node:child_process";
 import { createServer, type Server } from "node:net";
 import { join } from "node:path";
-import { afterAll, beforeAll, describe, expect, it } from "vitest";
+import { afterAll, beforeAll, expect, it } from "vitest";
+import { need, type Need, requires, root } from "./helpers/capability.js";
 import { agentRole } from "./helpers/agent-role.js";
 import { buildDevice, cleanup, isRoot, prepareRoot, secureRoot, startAgent, startBastion, tunnelUp, type AgentProc, type Bastion, type Device, type Tunnel } from "./helpers/bastion.js";
 import { portBlock } from "./helpers/net.js";
@@ -85,8 +86,8 @@ interface Registries {
   revokeQuietly?: (hostname: string) => Promise<void>;
 }
 
-function scenario(name: string, registry: (ws: string) => Promise<Registries>) {
-  describe.runIf(isRoot)(name, () => {
+function scenario(name: string, registry: (ws: string) => Promise<Registries>, ...needs: Need[]) {
+  requires(root, ...needs)(name, () => {
     let s: Setup;
     let a: Device, b: Device, c: Device;
     beforeAll(async () => {
@@ -192,7 +193,7 @@ scenario("fleet status on PostgreSQL (the agent's role writes only its observati
     agent: await agentRole(server, url, "mkoverlay_status_agent"),
     revokeQuietly: async (hostname) => void (await server.sql(url, "UPDATE mkoverlay.devices SET status = 'revoked' WHERE hostname = $1", [hostname])),
   };
-});
+}, need(pgServer, "PostgreSQL (scripts/ensure-postgres.sh)"));
 
 // SQLite on the bastion itself: the agent watches the file, so a revocation ends the session at
 // once and the revoked-but-connected moment cannot be caught; the rest is the same.

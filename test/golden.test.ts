@@ -8,6 +8,7 @@ import { createHash } from "node:crypto";
 import { copyFileSync, existsSync, mkdirSync, readFileSync, writeFileSync } from "node:fs";
 import { join } from "node:path";
 import { afterAll, describe, expect, it } from "vitest";
+import { inCI } from "./helpers/capability.js";
 import { extract, removeDir, run, runCli, tempDir } from "./helpers/workspace.js";
 
 const FIX = join(import.meta.dirname, "fixtures");
@@ -18,7 +19,7 @@ afterAll(() => removeDir(dir));
 function golden(name: string, actual: string): void {
   const file = join(GOLD, name);
   if (process.env.UPDATE_GOLDEN || !existsSync(file)) {
-    if (!process.env.UPDATE_GOLDEN && process.env.CI) throw new Error(`golden file ${name} is missing (run UPDATE_GOLDEN=1)`);
+    if (!process.env.UPDATE_GOLDEN && inCI) throw new Error(`golden file ${name} is missing (run UPDATE_GOLDEN=1)`);
     writeFileSync(file, actual);
   }
   expect(actual, `golden ${name} (UPDATE_GOLDEN=1 to accept)`).toBe(readFileSync(file, "utf8"));

@@ -5,13 +5,13 @@
  * refusals leave nothing behind; run as `nobody` on files it owns; `write --device` on a real
  * loop device, refused while mounted.
  *
- * The loop-device and unprivileged parts need root to set up (losetup, setpriv): they are
- * tagged [slow] and skipped with MKOVERLAY_SKIP_SLOW=1, and skipped when not root.
+ * The loop-device and unprivileged parts need root to set up (losetup, setpriv): the capability
+ * gate (helpers/capability.ts) skips them when not root, or fails them in CI.
  */
 import { createHash } from "node:crypto";
 import { chmodSync, chownSync, copyFileSync, existsSync, mkdirSync, readdirSync, readFileSync, statSync, writeFileSync } from "node:fs";
 import { join } from "node:path";
-import { afterAll, beforeAll, describe, expect, it } from "vitest";
+import { afterAll, beforeAll, expect, it } from "vitest";
 import { UserError } from "../src/util/errors.js";
 import { parseBmap, renderBmap, scanBmap, updateBmap } from "../src/image/bmap.js";
 import { checkNotInUse, parseMountinfo } from "../src/image/busy.js";
@@ -23,13 +23,10 @@ import { ImageTreeView } from "../src/image/reader.js";
 import { findRoot } from "../src/image/root.js";
 import { readUndoSpans } from "../src/image/undo.js";
 import type { Entry } from "../src/overlay/tree.js";
-import { baseDisks, cliOverlay, fsck, haveDiskTools, SBIN_PATH, sh, type Fixture } from "./helpers/disk.js";
+import { requires, root } from "./helpers/capability.js";
+import { baseDisks, cliOverlay, fsck, diskTools, SBIN_PATH, sh, type Fixture } from "./helpers/disk.js";
 import { REPO, removeDir, run, tempDir } from "./helpers/workspace.js";
 
-const inCI = process.env.CI === "true" || process.env.CI === "1";
-const tools = haveDiskTools();
-const isRoot = process.getuid?.() === 0;
-const slow = process.env.MKOVERLAY_SKIP_SLOW !== "1";
 
 const EPOCH = 1700000000;
 const dir = tempDir("mko-imgbuild-");
@@ -57,16 +54,13 @@ function bmaptoolCopy(img: string, bmap: string, out: string): void {
 }
 
 beforeAll(async () => {
-  if (!tools) {
-    if (inCI) throw new Error("disk tools missing: run `make test-deps`");
-    return;
-  }
+  if (!diskTools.ok) return; // the gate skips (laptop) or fails (CI) every block
   ({ mbr, gpt } = baseDisks(dir));
   ({ entries: overlay, archive } = await cliOverlay(dir, EPOCH));
 }, 120_000);
 afterAll(() => removeDir(dir));
 
-describe.runIf(tools || inCI)("buildImage: one device's image", () => {
+requires(diskTools)("buildImage: one device's image", () => {
   it.each(["mbr", "gpt"] as const)("%s: 0600 image + bmap, e2fsck clean, bmaptool copy reproduces it, no temp files left", async (scheme) => {
     const fx = scheme === "mbr" ? mbr : gpt;
     const out = join(dir, `out-${scheme}`);
@@ -164,7 +158,7 @@ describe.runIf(tools || inCI)("buildImage: one device's image", () => {
   });
 });
 
-describe.runIf(tools || inCI)("the read-back after laying (verifyLaid, one debugfs run)", () => {
+requires(diskTools)("the read-back after laying (verifyLaid, one debugfs run)", () => {
   it("passes what was laid, long link targets included, and names every entry that differs", async () => {
     const img = join(dir, "readback.img");
     copyFileSync(mbr.path, img);
@@ -201,7 +195,7 @@ describe.runIf(tools || inCI)("the read-back after laying (verifyLaid, one debug
   });
 });
 
-describe.runIf(tools || inCI)("refusals: one clear message, nothing written", () => {
+requires(diskTools)("refusals: one clear message, nothing written", () => {
   const cases: [string, () => { base: string; entries?: Entry[]; rootPartition?: number }, RegExp][] = [
     [
       "not a disk image",
@@ -275,7 +269,7 @@ describe.runIf(tools || inCI)("refusals: one clear message, nothing written", ()
   });
 });
 
-describe.runIf((tools || inCI) && isRoot && slow)("[slow] loop devices (root only for the setup) and an unprivileged user", () => {
+requires(diskTools, root)("loop devices (root only for the setup) and an unprivileged user", () => {
   it("write --image refuses an image attached to a loop device and one mounted through it", () => {
     const img = join(dir, "attached.img");
     copyFileSync(mbr.path, img);

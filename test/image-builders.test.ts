@@ -8,13 +8,11 @@
  */
 import { chmodSync, chownSync, lstatSync, mkdirSync, readFileSync, readlinkSync, writeFileSync } from "node:fs";
 import { join } from "node:path";
-import { afterAll, beforeAll, describe, expect, it } from "vitest";
+import { afterAll, beforeAll, expect, it } from "vitest";
+import { requires, root, tools } from "./helpers/capability.js";
 import { makeRootTree, SBIN_PATH } from "./helpers/disk.js";
 import { readPub, removeDir, REPO, run, runCli, runCliAsNobody, sshKeygen, tempDir, writeFleet } from "./helpers/workspace.js";
 
-const isRoot = process.getuid?.() === 0;
-const haveFakeroot = run("sh", ["-c", "command -v fakeroot"]).code === 0;
-const inCI = process.env.CI === "true" || process.env.CI === "1";
 const DOC = readFileSync(join(REPO, "docs/image-builders.md"), "utf8");
 
 /** The fenced block right after `<!-- tested: NAME -->` in the document. */
@@ -53,7 +51,7 @@ function expectLinksKept(root: string): void {
   expect(readlinkSync(join(root, "lib"))).toBe("usr/lib");
 }
 
-describe.runIf(isRoot)("pi-gen and rpi-image-gen recipes (run as root, as those builders do)", () => {
+requires(root)("pi-gen and rpi-image-gen recipes (run as root, as those builders do)", () => {
   it("pi-gen: the stage's 00-run.sh lays the archive over ROOTFS_DIR; verify passes", () => {
     const stage = join(dir, "stage-mkoverlay", "00-mkoverlay");
     mkdirSync(join(stage, "files"), { recursive: true });
@@ -80,7 +78,7 @@ describe.runIf(isRoot)("pi-gen and rpi-image-gen recipes (run as root, as those 
   });
 });
 
-describe.runIf(isRoot && (haveFakeroot || inCI))("Buildroot recipe (an ordinary user under fakeroot)", () => {
+requires(root, tools("fakeroot"))("Buildroot recipe (an ordinary user under fakeroot)", () => {
   it("the post-fakeroot script, then mke2fs -d in the same session: the image's root holds the overlay as root:root; verify passes", () => {
     const work = join(dir, "buildroot");
     mkdirSync(work);
@@ -107,7 +105,7 @@ describe.runIf(isRoot && (haveFakeroot || inCI))("Buildroot recipe (an ordinary 
   });
 });
 
-describe.runIf(isRoot)("--format dir as an ordinary user", () => {
+requires(root)("--format dir as an ordinary user", () => {
   it("is refused (exit 2) with a pointer to the archive; nothing written, nothing reserved", () => {
     const w = join(dir, "dir-user");
     mkdirSync(w);

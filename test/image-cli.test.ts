@@ -6,7 +6,7 @@
  * the boot partition byte for byte, `bmaptool copy` with our bmap, a second run byte-identical,
  * `verify` of the image (and of the .zst), refusals that change nothing and reserve nothing,
  * `registry doctor` on killed image builds, `write --image` (identity rule, bmap refreshed).
- * Root-only parts (a loop device, a mount, setpriv to `nobody`) are in the [slow] block.
+ * Root-only parts (a loop device, a mount, setpriv to `nobody`) are in the block gated on root.
  */
 import Database from "better-sqlite3";
 import { spawn } from "node:child_process";
@@ -16,20 +16,17 @@ import { hostname } from "node:os";
 import { join } from "node:path";
 import { gunzipSync, gzipSync } from "node:zlib";
 import { extract, pack } from "tar-stream";
-import { afterAll, beforeAll, describe, expect, it } from "vitest";
+import { afterAll, beforeAll, expect, it } from "vitest";
 import { entriesOf } from "../src/image/lay.js";
 import { ImageTreeView } from "../src/image/reader.js";
 import { findRoot } from "../src/image/root.js";
 import { openOverlay } from "../src/image/open.js";
 import type { Entry } from "../src/overlay/tree.js";
-import { baseDisks, fsck, haveDiskTools, makeDisk, SBIN_PATH, sh, type Fixture } from "./helpers/disk.js";
+import { requires, root } from "./helpers/capability.js";
+import { baseDisks, fsck, diskTools, makeDisk, SBIN_PATH, sh, type Fixture } from "./helpers/disk.js";
 import { CLI, readPub, removeDir, type Run, run, runCli, runCliAsNobody, sshKeygen, tempDir, writeFleet } from "./helpers/workspace.js";
 import { bootId } from "../src/registry/core.js";
 
-const inCI = process.env.CI === "true" || process.env.CI === "1";
-const tools = haveDiskTools();
-const isRoot = process.getuid?.() === 0;
-const slow = process.env.MKOVERLAY_SKIP_SLOW !== "1";
 const EPOCH = "1700000000";
 const DEAD_STATION = `${hostname()}:4194305:1:${bootId()}`;
 
@@ -118,17 +115,14 @@ async function withLongSymlink(src: string, dst: string): Promise<void> {
 }
 
 beforeAll(() => {
-  if (!tools) {
-    if (inCI) throw new Error("disk tools missing: run `make test-deps`");
-    return;
-  }
+  if (!diskTools.ok) return; // the gate skips (laptop) or fails (CI) every block
   ({ rootTree, mbr, gpt } = baseDisks(dir));
   bastionPub = readPub(sshKeygen(dir, "bastion"));
   hostKey = sshKeygen(dir, "device_key");
 }, 120_000);
 afterAll(() => removeDir(dir));
 
-describe.runIf(tools || inCI)("mkoverlay image", () => {
+requires(diskTools)("mkoverlay image", () => {
   it("MBR: a registered device, a 0600 image + bmap in a 0700 folder, e2fsck clean, entries as in its archive, boot partition untouched, bmaptool flashes it", async () => {
     const w = workspace("mbr");
     const out = join(w.ws, "out");
@@ -212,7 +206,7 @@ describe.runIf(tools || inCI)("mkoverlay image", () => {
   });
 });
 
-describe.runIf(tools || inCI)("image refusals: one message, nothing written, no port reserved", () => {
+requires(diskTools)("image refusals: one message, nothing written, no port reserved", () => {
   const cases: [string, () => { base: string; extra?: string[] }, RegExp][] = [
     [
       "not a disk image",
@@ -312,7 +306,7 @@ describe.runIf(tools || inCI)("image refusals: one message, nothing written, no 
   });
 });
 
-describe.runIf(tools || inCI)("registry doctor on killed image builds", () => {
+requires(diskTools)("registry doctor on killed image builds", () => {
   it("pending device, image complete → activated; image truncated or missing → reclaimed", () => {
     const w = workspace("doctor");
     const build = (): { hostname: string; port: number; overlay: string } =>
@@ -333,7 +327,7 @@ describe.runIf(tools || inCI)("registry doctor on killed image builds", () => {
   });
 });
 
-describe.runIf(tools || inCI)("interrupted", () => {
+requires(diskTools)("interrupted", () => {
   // A base with enough data that copying it takes a moment.
   let base = "";
   beforeAll(() => {
@@ -387,7 +381,7 @@ describe.runIf(tools || inCI)("interrupted", () => {
   }, 60_000);
 });
 
-describe.runIf(tools || inCI)("batch --image", () => {
+requires(diskTools)("batch --image", () => {
   it("one image per device from one base bmap; each e2fsck clean, verified, with its own key", () => {
     const w = workspace("batch");
     const cache = join(w.ws, "cache");
@@ -411,7 +405,7 @@ describe.runIf(tools || inCI)("batch --image", () => {
   });
 });
 
-describe.runIf(tools || inCI)("mkoverlay write --image", () => {
+requires(diskTools)("mkoverlay write --image", () => {
   it("lays an archive into an image in place, refreshes its bmap; refuses another device's identity without --force; a failed write exits 1, rolled back", async () => {
     const w = workspace("write");
     const a = JSON.parse(ok(w.cli(["--board", "rpi4", "--bastion", "eu", "--out", join(w.ws, "out"), "--json"]))) as { overlay: string };
@@ -456,7 +450,7 @@ describe.runIf(tools || inCI)("mkoverlay write --image", () => {
   });
 });
 
-describe.runIf(tools || inCI)("mkoverlay write --image makes the bmap an image has not got", () => {
+requires(diskTools)("mkoverlay write --image makes the bmap an image has not got", () => {
   it("no IMG.bmap: one is made, bmaptool copy writes the image from it; a second write updates it", () => {
     const w = workspace("write-no-bmap");
     const a = JSON.parse(ok(w.cli(["--board", "rpi4", "--bastion", "eu", "--out", join(w.ws, "out"), "--json"]))) as { overlay: string };
@@ -492,7 +486,7 @@ describe.runIf(tools || inCI)("mkoverlay write --image makes the bmap an image h
   });
 });
 
-describe.runIf((tools || inCI) && isRoot && slow)("[slow] root for the setup: a loop device, a mount, an unprivileged station user", () => {
+requires(diskTools, root)("root for the setup: a loop device, a mount, an unprivileged station user", () => {
   it("write --device --base on a loop device: base + overlay, verify reads the card; refused while mounted (exit 2, card untouched)", () => {
     const w = workspace("device");
     const a = JSON.parse(ok(w.cli(["--board", "rpi4", "--bastion", "eu", "--out", join(w.ws, "out"), "--json"]))) as { overlay: string };

@@ -7,7 +7,7 @@
 import { createHash } from "node:crypto";
 import { copyFileSync, readFileSync, writeFileSync } from "node:fs";
 import { join } from "node:path";
-import { afterAll, beforeAll, describe, expect, it } from "vitest";
+import { afterAll, beforeAll, expect, it } from "vitest";
 import { UserError } from "../src/util/errors.js";
 import { layTree } from "../src/image/lay.js";
 import { GPT_TYPES, parseDiskLayout, readDiskLayout, type DiskLayout } from "../src/image/partitions.js";
@@ -17,12 +17,10 @@ import { checkWritable, INCOMPAT, parseSuperblock, RO_COMPAT, roomFor } from "..
 import { openOverlay } from "../src/image/open.js";
 import { Tree, type Entry } from "../src/overlay/tree.js";
 import { getMany, treeView, type TreeView, type ViewEntry } from "../src/overlay/view.js";
-import { baseDisks, cliOverlay, fsck, haveDiskTools, sh, type Fixture } from "./helpers/disk.js";
+import { requires } from "./helpers/capability.js";
+import { baseDisks, cliOverlay, fsck, diskTools, sh, type Fixture } from "./helpers/disk.js";
 import { removeDir, tempDir } from "./helpers/workspace.js";
 
-const inCI = process.env.CI === "true" || process.env.CI === "1";
-const tools = haveDiskTools();
-if (!tools && !inCI) process.stdout.write("[image] disk tools missing: run `make test-deps`\n");
 
 const EPOCH = 1700000000;
 const dir = tempDir("mko-image-");
@@ -46,16 +44,13 @@ async function refusal(p: Promise<unknown>): Promise<UserError> {
 }
 
 beforeAll(async () => {
-  if (!tools) {
-    if (inCI) throw new Error("disk tools missing: run `make test-deps`");
-    return;
-  }
+  if (!diskTools.ok) return; // the gate skips (laptop) or fails (CI) every block
   ({ rootTree, mbr, gpt } = baseDisks(dir));
   ({ entries: overlay, archive } = await cliOverlay(dir, EPOCH));
 }, 120_000);
 afterAll(() => removeDir(dir));
 
-describe.runIf(tools || inCI)("partition tables", () => {
+requires(diskTools)("partition tables", () => {
   it("reads the MBR the way sfdisk wrote it: offsets, types, PARTUUIDs", () => {
     const { layout } = readDiskLayout(mbr.path);
     const l = layout as DiskLayout;
@@ -124,7 +119,7 @@ describe.runIf(tools || inCI)("partition tables", () => {
   });
 });
 
-describe.runIf(tools || inCI)("laying an overlay into the root partition", () => {
+requires(diskTools)("laying an overlay into the root partition", () => {
   it.each(["mbr", "gpt"] as const)("%s: e2fsck clean, every entry reads back exactly, boot partition untouched", async (scheme) => {
     const fx = scheme === "mbr" ? mbr : gpt;
     const img = join(dir, `laid-${scheme}.img`);
@@ -203,7 +198,7 @@ describe.runIf(tools || inCI)("laying an overlay into the root partition", () =>
   });
 });
 
-describe.runIf(tools || inCI)("superblock checks (table-driven on the fixture's real superblock)", () => {
+requires(diskTools)("superblock checks (table-driven on the fixture's real superblock)", () => {
   const sbOf = (mutate: (b: Buffer) => void) => {
     const b = Buffer.from(readFileSync(mbr.path).subarray(mbr.rootOffset + 1024, mbr.rootOffset + 2048));
     mutate(b);
@@ -237,7 +232,7 @@ describe.runIf(tools || inCI)("superblock checks (table-driven on the fixture's 
   });
 });
 
-describe.runIf(tools || inCI)("one read-only view: built tree, archive and image agree", () => {
+requires(diskTools)("one read-only view: built tree, archive and image agree", () => {
   it("treeView, openOverlay (archive) and ImageTreeView answer the same for every overlay path", async () => {
     const tree = new Tree();
     for (const e of overlay) {
@@ -266,7 +261,7 @@ describe.runIf(tools || inCI)("one read-only view: built tree, archive and image
   });
 });
 
-describe.runIf(tools || inCI)("MBR logical partitions", () => {
+requires(diskTools)("MBR logical partitions", () => {
   it("follows the EBR chain: logical partitions numbered from 5, offsets as sfdisk reports them", () => {
     const p = join(dir, "logical.img");
     sh("truncate", ["-s", String(96 << 20), p]);

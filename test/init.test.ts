@@ -7,11 +7,11 @@ import { spawnSync } from "node:child_process";
 import { existsSync, readdirSync, readFileSync, statSync, writeFileSync } from "node:fs";
 import { join } from "node:path";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
+import { requires, tools } from "./helpers/capability.js";
 import { startSshd, type Sshd } from "./helpers/sshd.js";
 import { CLI, REPO, removeDir, run, runCli, sshKeygen, TEST_CACHE, tempDir } from "./helpers/workspace.js";
 
 const dir = tempDir("mko-init-");
-const inCI = process.env.CI === "true";
 let sshd: Sshd;
 let scan: string;
 let operatorPub: string;
@@ -179,7 +179,7 @@ describe("init from flags", () => {
   });
 });
 
-describe.runIf(run("sh", ["-c", "command -v tmux"]).code === 0 || inCI)("init on a terminal (tmux)", () => {
+requires(tools("tmux"))("init on a terminal (tmux)", () => {
   it("asks, checks each answer, pins a pasted key and writes a config that builds", async () => {
     const d = ws("tty");
     const sock = `mko-init-${process.pid}`;

@@ -13,9 +13,9 @@ import { chmodSync, existsSync, mkdirSync, readdirSync, symlinkSync, writeFileSy
 import { join, relative } from "node:path";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
 import { ioUserError } from "../src/util/errors.js";
+import { requires, root } from "./helpers/capability.js";
 import { readPub, removeDir, run, runCli, runCliAsNobody, sshKeygen, tempDir, writeFleet } from "./helpers/workspace.js";
 
-const isRoot = process.getuid?.() === 0;
 const dir = tempDir("mko-io-");
 const mounts: string[] = [];
 const cli = (args: string[]) => runCli(args, { cwd: dir });
@@ -75,7 +75,7 @@ afterAll(() => {
   removeDir(dir);
 });
 
-describe.runIf(isRoot)("I/O failures are user errors (exit 2), with nothing left behind", () => {
+requires(root)("I/O failures are user errors (exit 2), with nothing left behind", () => {
   let before: string;
   beforeAll(() => {
     before = devices();
@@ -163,10 +163,6 @@ describe.runIf(isRoot)("I/O failures are user errors (exit 2), with nothing left
     expect(r.code, r.stderr).toBe(0);
     expect(JSON.parse(r.stdout).port).toBe(21000);
   });
-});
-
-describe.skipIf(isRoot)("I/O failures (needs root)", () => {
-  it.skip("mounting tmpfs and bind mounts needs root: run as root to test the I/O error cases", () => {});
 });
 
 describe("ioUserError: which errors are the station's to fix", () => {

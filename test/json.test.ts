@@ -7,8 +7,9 @@ import { readFileSync, writeFileSync } from "node:fs";
 import { join } from "node:path";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
 import { openRegistry } from "../src/registry/open.js";
+import { isRoot, itRequires, root } from "./helpers/capability.js";
 import { prepareRoot, secureRoot } from "./helpers/bastion.js";
-import { haveDiskTools, makeDisk, makeRootTree } from "./helpers/disk.js";
+import { diskTools, makeDisk, makeRootTree } from "./helpers/disk.js";
 import { ensureUser } from "./helpers/sshd.js";
 import { readPub, REPO, removeDir, runCli, sshKeygen, tempDir, writeFleet } from "./helpers/workspace.js";
 
@@ -91,7 +92,6 @@ function ndjson(args: string[], code = 0): unknown[] {
 }
 
 let overlay: string;
-const isRoot = process.getuid?.() === 0;
 
 beforeAll(() => {
   const key = readPub(sshKeygen(dir, "bastion"));
@@ -195,21 +195,22 @@ describe("--json: the fields docs/json.md documents, camelCase", () => {
     expectDocumented("mkoverlay boards --json", json(["boards", "--json"]));
   });
 
-  it("bastion authorized-keys (printed, and --write as root), sshd-config", () => {
+  it("bastion authorized-keys (printed), sshd-config", () => {
     const printed = json(["bastion", "authorized-keys", "--bastion", "eu", "--json"]) as { keys: number; text: string };
     expectDocumented("mkoverlay bastion authorized-keys --bastion NAME --json", printed);
     expect(printed.keys).toBe(printed.text.split("\n").filter((l) => l && !l.startsWith("#")).length);
-    if (isRoot) {
-      const file = join(dir, "ak");
-      const w = json(["bastion", "authorized-keys", "--bastion", "eu", "--write", file, "--json"]) as { file: string; text?: string };
-      expect(w.file).toBe(file);
-      expect(w.text).toBeUndefined();
-      expectDocumented("mkoverlay bastion authorized-keys --bastion NAME --json", { ...w, text: "" });
-    }
     expectDocumented("mkoverlay bastion sshd-config --bastion NAME --json", json(["bastion", "sshd-config", "--bastion", "eu", "--json"]));
   });
 
-  it.runIf(isRoot)("bastion install (into an image folder)", () => {
+  itRequires(root)("bastion authorized-keys --write (root)", () => {
+    const file = join(dir, "ak");
+    const w = json(["bastion", "authorized-keys", "--bastion", "eu", "--write", file, "--json"]) as { file: string; text?: string };
+    expect(w.file).toBe(file);
+    expect(w.text).toBeUndefined();
+    expectDocumented("mkoverlay bastion authorized-keys --bastion NAME --json", { ...w, text: "" });
+  });
+
+  itRequires(root)("bastion install (into an image folder)", () => {
     const root = secureRoot();
     try {
       prepareRoot(root, 2222);
@@ -233,7 +234,7 @@ describe("--json: the fields docs/json.md documents, camelCase", () => {
     expectDocumented("mkoverlay registry remove-bastion NAME --json", r);
   });
 
-  it.runIf(haveDiskTools())("image and write (a Raspberry Pi OS-shaped disk made without root)", async () => {
+  itRequires(diskTools)("image and write (a Raspberry Pi OS-shaped disk made without root)", async () => {
     const root = join(dir, "disk-root");
     makeRootTree(root);
     const base = makeDisk(join(dir, "base.img"), root).path;
@@ -270,7 +271,7 @@ describe("--json: the fields docs/json.md documents, camelCase", () => {
 
   it("every command docs/json.md documents was run above", () => {
     expect(DOC.size).toBeGreaterThanOrEqual(17);
-    const skipped = [...(isRoot ? [] : ["mkoverlay bastion install --bastion NAME --json"]), ...(haveDiskTools() ? [] : ["mkoverlay image --base BASE --json", "mkoverlay write OVERLAY --image IMG --json"])];
+    const skipped = [...(root.ok ? [] : ["mkoverlay bastion install --bastion NAME --json"]), ...(diskTools.ok ? [] : ["mkoverlay image --base BASE --json", "mkoverlay write OVERLAY --image IMG --json"])];
     // flash needs cards (loop devices, as root): test/flash.test.ts checks its objects against this page.
     expect([...DOC.keys()].filter((h) => !tested.has(h) && h !== "mkoverlay batch --json" && h !== "mkoverlay flash --json" && !skipped.includes(h))).toEqual([]);
   });

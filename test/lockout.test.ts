@@ -11,7 +11,8 @@ import { lstatSync, mkdirSync, readdirSync, readFileSync, writeFileSync } from "
 import { join, relative } from "node:path";
 import Database from "better-sqlite3";
 import { afterAll, describe, expect, it } from "vitest";
-import { buildDevice, cleanup, isRoot, prepareRoot, secureRoot, startBastion, tunnelUp, type Bastion as SshBastion, type Tunnel } from "./helpers/bastion.js";
+import { requires, root } from "./helpers/capability.js";
+import { buildDevice, cleanup, prepareRoot, secureRoot, startBastion, tunnelUp, type Bastion as SshBastion, type Tunnel } from "./helpers/bastion.js";
 import { postgresForTests, type PgServer } from "./helpers/postgres.js";
 import { ensureUser, freePort } from "./helpers/sshd.js";
 import { CLI, readPub, REPO, removeDir, run, runCli, sshKeygen, tempDir, writeFleet, type BastionDef, type Run } from "./helpers/workspace.js";
@@ -249,7 +250,7 @@ function snapshot(root: string): Map<string, string> {
   return out;
 }
 
-describe.runIf(isRoot)("bastion install after a tunnel user rename (real sshd)", () => {
+requires(root)("bastion install after a tunnel user rename (real sshd)", () => {
   const created: string[] = [];
   const dirs: string[] = [];
   const tunnels: Tunnel[] = [];

@@ -1,5 +1,5 @@
 /**
- * [slow] The installed shape, as a user gets it: `npm pack`, `npm install -g --prefix DIR` of the
+ * The installed shape, as a user gets it: `npm pack`, `npm install -g --prefix DIR` of the
  * tarball, and from an empty folder outside the checkout `mkoverlay init`, a build and
  * `verify`; then a separate package that depends on the tarball and uses the programmatic API
  * (`import { build, batch, verify, UserError } from "mkoverlay"`), type-checked by tsc against
@@ -9,7 +9,7 @@
  * serves the locked versions from npm's cache. Install scripts are skipped: better-sqlite3's
  * would download a prebuilt addon or compile one (a minute); this station compiled it for
  * `npm ci` with the same Node, and that build is put in place instead. Everything else is what
- * npm installed from the tarball. MKOVERLAY_SKIP_SLOW=1 skips this file.
+ * npm installed from the tarball. In the slow tier (vitest.config.ts).
  */
 import { spawn } from "node:child_process";
 import { copyFileSync, existsSync, mkdirSync, readFileSync, writeFileSync } from "node:fs";
@@ -18,7 +18,6 @@ import { afterAll, beforeAll, describe, expect, it } from "vitest";
 import { localRegistry } from "./helpers/npm-registry.js";
 import { readPub, REPO, removeDir, run, sshKeygen, tempDir } from "./helpers/workspace.js";
 
-const slow = process.env.MKOVERLAY_SKIP_SLOW !== "1";
 const dir = tempDir("mko-packed-");
 const pkg = JSON.parse(readFileSync(join(REPO, "package.json"), "utf8")) as { name: string; version: string };
 const tarball = join(dir, `${pkg.name}-${pkg.version}.tgz`);
@@ -54,7 +53,6 @@ function placeAddon(root: string): void {
 }
 
 beforeAll(async () => {
-  if (!slow) return;
   expect(existsSync(join(REPO, "dist/api.d.ts")), "run 'make build' first").toBe(true);
   registry = await localRegistry(join(REPO, "package-lock.json"));
   // --ignore-scripts: the tarball of the dist/ that `make build` made (prepare would rebuild it
@@ -70,7 +68,7 @@ afterAll(async () => {
   removeDir(dir);
 });
 
-describe.runIf(slow)("[slow] the packed tarball", () => {
+describe("the packed tarball", () => {
   it("holds the CLI, the API and its types, data, docs, examples and the licence; no sources or tests", () => {
     const files = run("tar", ["-tzf", tarball]).stdout.split("\n");
     for (const f of ["LICENSE", "README.md", "package.json", "bin/mkoverlay", "dist/cli.js", "dist/api.js", "dist/api.d.ts", "dist/util/errors.d.ts", "boards/rpi4.yaml", "boards/os/raspios.yaml", "overlays/common/etc/systemd/system/reverse-ssh@.service", "schema/mkoverlay.schema.json", "docs/json.md", "docs/ARCHITECTURE.md", "examples/fleet.yaml"]) {
@@ -168,6 +166,5 @@ console.log(JSON.stringify({ hostname: one.hostname, port, attributes: one.attri
       mode: "registry",
       error: { name: "UserError", message: '--board "toaster": unknown board', hint: expect.stringMatching(/^known boards: .*rpi4/), exitCode: 2 },
     });
-    // Two tsc runs and a batch in a fresh package: 62 s once at load 15 (60 s was the bound).
-  }, 240_000);
+  }, 240_000); // npm install and two tsc runs: 30 s idle, 62-89 s on two busy cores
 });

@@ -10,11 +10,10 @@ import { join } from "node:path";
 import Database from "better-sqlite3";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
 import { Progress, type Terminal } from "../src/util/log.js";
+import { requires, tools } from "./helpers/capability.js";
 import { CLI, readPub, removeDir, run, sshKeygen, TEST_CACHE, tempDir, writeFleet } from "./helpers/workspace.js";
 
 const dir = tempDir("mko-progress-");
-const inCI = process.env.CI === "true";
-const hasTmux = run("sh", ["-c", "command -v tmux"]).code === 0;
 let fleet: string;
 
 beforeAll(() => {
@@ -144,7 +143,7 @@ async function until<T>(what: string, f: () => T | undefined, ms = 60_000): Prom
   }
 }
 
-describe.runIf(hasTmux || inCI)("the bar in a terminal (tmux)", () => {
+requires(tools("tmux"))("the bar in a terminal (tmux)", () => {
   it.each([50, 120])("at %i columns: one line that never wraps, moving, with rate, elapsed and ETA", async (width) => {
     const out = join(dir, `tmux-${width}`);
     const pane = tmux(width, envPrefix(`${process.execPath} ${CLI} batch --board rpi4 --bastion eu --count 800 --out ${out} > /dev/null`));

@@ -16,11 +16,10 @@ import { createHash } from "node:crypto";
 import { chmodSync, mkdirSync, readFileSync, symlinkSync, writeFileSync } from "node:fs";
 import { join } from "node:path";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
-import { fsck, haveDiskTools, makeDisk, makeRootTree, SBIN_PATH, type Fixture } from "./helpers/disk.js";
+import { requires, root } from "./helpers/capability.js";
+import { diskTools, fsck, makeDisk, makeRootTree, SBIN_PATH, type Fixture } from "./helpers/disk.js";
 import { CLI, readPub, removeDir, REPO, run, runCli, sshKeygen, tempDir, writeFleet } from "./helpers/workspace.js";
 
-const isRoot = process.getuid?.() === 0;
-const inCI = process.env.CI === "true" || process.env.CI === "1";
 const haveVfat = /\svfat$/m.test(readFileSync("/proc/filesystems", "utf8"));
 const README = readFileSync(join(REPO, "README.md"), "utf8");
 
@@ -46,7 +45,7 @@ beforeAll(() => {
 });
 afterAll(() => removeDir(dir));
 
-describe.runIf((isRoot && haveDiskTools()) || inCI)("the rootfs-mounted hook, run as rpi-sb-provisioner runs it", () => {
+requires(root, diskTools)("the rootfs-mounted hook, run as rpi-sb-provisioner runs it", () => {
   let base: Fixture;
   let hook = "";
   const bin = join(dir, "bin");

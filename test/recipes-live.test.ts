@@ -16,14 +16,13 @@ import { spawnSync } from "node:child_process";
 import { copyFileSync, existsSync, mkdirSync, readdirSync, readFileSync, symlinkSync, writeFileSync } from "node:fs";
 import { createServer } from "node:net";
 import { dirname, join } from "node:path";
-import { afterAll, beforeAll, describe, expect, it } from "vitest";
+import { afterAll, beforeAll, expect, it } from "vitest";
+import { requires, root } from "./helpers/capability.js";
 import { agentRole } from "./helpers/agent-role.js";
 import { tunnelArgv } from "./helpers/device.js";
 import { postgresForTests, type PgServer } from "./helpers/postgres.js";
 import { CLI, extract, readPub, REPO, removeDir, run, runCli, sshKeygen, tempDir, writeFleet } from "./helpers/workspace.js";
 
-const isRoot = process.getuid?.() === 0;
-const inCI = process.env.CI === "true" || process.env.CI === "1";
 
 /** The block after `<!-- tested: NAME -->` in `file`. */
 export function recipe(file: string, name: string): string {
@@ -109,7 +108,7 @@ function workspace(prefix: string): string {
 
 const log = (t: string, f: string) => (existsSync(join(t, f)) ? readFileSync(join(t, f), "utf8") : "");
 
-describe.runIf(isRoot || inCI)("docs/bastion.md: the textfile collector's recipe, as written", () => {
+requires(root)("docs/bastion.md: the textfile collector's recipe, as written", () => {
   let t = "";
   beforeAll(() => {
     t = workspace("mko-recipe-prom-");
@@ -181,7 +180,7 @@ echo TUNNEL-UP
 if [ -s "$T/troubleshooting.sh" ]; then (cd "$T/fleet" && bash -e "$T/troubleshooting.sh") > "$T/troubleshooting.out" 2> "$T/troubleshooting.err"; fi
 `;
 
-describe.runIf(isRoot || inCI)("README.md and docs/bastion.md: bastion install with PostgreSQL, then troubleshooting, on this machine's sshd", () => {
+requires(root)("README.md and docs/bastion.md: bastion install with PostgreSQL, then troubleshooting, on this machine's sshd", () => {
   let server: PgServer | undefined;
   let t = "";
   let dev = { hostname: "", port: 0, publicKey: "" };
@@ -293,7 +292,7 @@ describe.runIf(isRoot || inCI)("README.md and docs/bastion.md: bastion install w
  * into a prefix of the sandbox whose bin is on the PATH (no mkoverlay on it before). The reader's
  * ~/.ssh/id_ed25519.pub is the sandbox's.
  */
-describe.runIf(isRoot || inCI)("README.md quick start: clone, make run, npm link, init against a real bastion, build, verify", () => {
+requires(root)("README.md quick start: clone, make run, npm link, init against a real bastion, build, verify", () => {
   let t = "";
   let hostKey = "";
   beforeAll(() => {

@@ -8,6 +8,7 @@ import pg from "pg";
 import { SCHEMA_VERSION } from "../src/registry/schema.js";
 import { afterAll, describe, expect, it } from "vitest";
 import { join } from "node:path";
+import { need, requires } from "./helpers/capability.js";
 import { postgresForTests } from "./helpers/postgres.js";
 import { readPub, removeDir, runCli, sshKeygen, tempDir, writeFleet } from "./helpers/workspace.js";
 
@@ -146,7 +147,7 @@ describe.each(cases.map((c) => [c.name, c] as const))("registry v2 on %s", (_n, 
   });
 });
 
-describe.runIf(pgServer)("postgres NOTIFY", () => {
+requires(need(pgServer, "PostgreSQL (scripts/ensure-postgres.sh)"))("postgres NOTIFY", () => {
   it("every change notifies mkoverlay_changes with the hostname; a refused change does not", async () => {
     const server = pgServer!;
     const dir = tempDir("mko-notify-");

@@ -20,7 +20,8 @@ import { KEYS_COMMAND } from "../src/bastion/keys-command.js";
 import { fileNameFor } from "../src/bastion/keystore.js";
 import { parseSshdVersion, renderTunnelSshdConfig, renderTunnelSshdUnit, type TunnelSshdInput } from "../src/bastion/tunnel-sshd.js";
 import type { Bastion, Fleet } from "../src/config/fleet.js";
-import { isRoot, secureRoot } from "./helpers/bastion.js";
+import { itRequires, need, requires, root } from "./helpers/capability.js";
+import { secureRoot } from "./helpers/bastion.js";
 import { sharedAddress } from "./helpers/shared-address.js";
 import { ensureUser, freePort } from "./helpers/sshd.js";
 import { runSshdVersion, sshdTest, sshdVersions, systemSshd, type SshdBinary } from "./helpers/sshd10.js";
@@ -97,7 +98,7 @@ describe("the tunnel sshd's config", () => {
     }
   });
 
-  it.runIf(ten !== undefined)("the config written for 10.x is refused by 9.2 (the version decides what is written)", () => {
+  itRequires(need(ten, "OpenSSH 10.x (scripts/ensure-openssh10.sh)"))("the config written for 10.x is refused by 9.2 (the version decides what is written)", () => {
     const file = join(dir, "ten-on-nine.conf");
     writeFileSync(file, renderTunnelSshdConfig(input(ten!, dir, { sizing: { penaltyExempt: ["198.51.100.0/24"] } })));
     expect(sshdTest(ten!, file).ok).toBe(true);
@@ -195,7 +196,7 @@ function adminConfig(lab: Lab, port: number, name: string, dropin: boolean): str
   return file;
 }
 
-describe.runIf(isRoot)("a shared source address: revoked devices retrying, a healthy device and an admin", () => {
+requires(root)("a shared source address: revoked devices retrying, a healthy device and an admin", () => {
   let lab: Lab;
   beforeAll(async () => {
     lab = makeLab();

@@ -77,7 +77,7 @@ const isNologin = (shell: string): boolean => ["nologin", "false"].includes(posi
 const hasPassword = (pw: string): boolean => pw.startsWith("$") || /^[./0-9A-Za-z]{13}$/.test(pw);
 
 /** `AuthorizedKeysFile` values of sshd -T for this user, as target paths. */
-export function keyFiles(a: Account, authorizedKeysFile: string | undefined): string[] {
+function keyFiles(a: Account, authorizedKeysFile: string | undefined): string[] {
   if (!authorizedKeysFile || authorizedKeysFile === "none") return [];
   return authorizedKeysFile
     .split(/\s+/)
@@ -106,7 +106,7 @@ export function loginReasons(fs: RootFs, a: Account, authorizedKeysFile: string 
 }
 
 /** sshd's match_pattern: `*` and `?`, the whole string, case-sensitive. */
-export function matchPattern(s: string, pattern: string): boolean {
+function matchPattern(s: string, pattern: string): boolean {
   const re = pattern.replace(/[.+^${}()|[\]\\]/g, "\\$&").replace(/\*/g, ".*").replace(/\?/g, ".");
   return new RegExp(`^${re}$`, "s").test(s);
 }

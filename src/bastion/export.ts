@@ -38,7 +38,7 @@ export interface Skipped {
 }
 
 
-export function devicesOf(devices: DeviceRecord[], bastion: string): DeviceRecord[] {
+function devicesOf(devices: DeviceRecord[], bastion: string): DeviceRecord[] {
   return devices.filter((d) => d.status === "active" && d.bastions.includes(bastion)).sort((a, b) => a.port - b.port);
 }
 

@@ -41,7 +41,7 @@ import { RootFs } from "./rootfs.js";
 import { renderTunnelSshdConfig, renderTunnelSshdUnit, TUNNEL_SSHD_TEMPLATE, tunnelSshdConfigPath, tunnelSshdUnit } from "./tunnel-sshd.js";
 import { renderAgentUnit, renderExecDropin, renderRegistryDropin } from "./unit.js";
 
-export { SSHD, type InstallInput } from "./install-checks.js";
+export type { InstallInput } from "./install-checks.js";
 
 export interface InstallResult {
   written: string[];

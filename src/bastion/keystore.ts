@@ -14,7 +14,7 @@ import { randomBytes } from "node:crypto";
 import { closeSync, fchmodSync, mkdirSync, openSync, readdirSync, readFileSync, renameSync, unlinkSync, writeSync } from "node:fs";
 import { join } from "node:path";
 
-export const FINGERPRINT = /^SHA256:[A-Za-z0-9+/]{43}$/;
+const FINGERPRINT = /^SHA256:[A-Za-z0-9+/]{43}$/;
 
 /** `SHA256:ab+c/…` → `ab-c_…`: base64 made safe for a file name ('/' cannot be in one). */
 export function fileNameFor(fingerprint: string): string {

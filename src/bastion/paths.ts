@@ -22,7 +22,7 @@ export const keysDir = (bastion: string): string => `${stateDir(bastion)}/keys`;
  * block in an included file ends with that file (OpenSSH ≥ 8.2 restores the Match state after
  * each Include), so it never swallows what follows.
  */
-export const SSHD_DROPIN_DIR = "/etc/ssh/sshd_config.d";
+const SSHD_DROPIN_DIR = "/etc/ssh/sshd_config.d";
 export const sshdDropin = (bastion: string): string => `${SSHD_DROPIN_DIR}/60-mkoverlay-bastion-${bastion}.conf`;
 export const AGENT_TEMPLATE = "/etc/systemd/system/mkoverlay-bastion@.service";
 export const agentUnit = (bastion: string): string => `mkoverlay-bastion@${bastion}.service`;

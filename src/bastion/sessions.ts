@@ -103,7 +103,7 @@ export function loopbackListeners(ranges: PortRange[], opts: ProcOptions & { uid
  * uid is `uid` (all processes without it) and stops once every inode is found. `denied`
  * counts processes whose fds could not be read (missing CAP_SYS_PTRACE).
  */
-export function socketOwners(inodes: Set<number>, opts: ProcOptions & { uid?: number } = {}): { pids: Map<number, number>; denied: number } {
+function socketOwners(inodes: Set<number>, opts: ProcOptions & { uid?: number } = {}): { pids: Map<number, number>; denied: number } {
   const proc = opts.proc ?? "/proc";
   const pids = new Map<number, number>();
   let denied = 0;
@@ -407,7 +407,7 @@ function bootTimeMs(procDir: string): number | undefined {
 }
 
 /** When `pid` started (ms since the epoch): its starttime in /proc/PID/stat after the boot time. */
-export function processStartMs(pid: number, opts: ProcOptions = {}): number | undefined {
+function processStartMs(pid: number, opts: ProcOptions = {}): number | undefined {
   const boot = bootTimeMs(procRoot(opts));
   if (boot === undefined) return undefined;
   try {

@@ -40,7 +40,7 @@ export function globComponent(pattern: string): RegExp {
 }
 
 /** The files an Include argument names inside `root` (paths as sshd on the target sees them), sorted like glob(3). */
-export function expandInclude(fs: RootFs, arg: string): string[] {
+function expandInclude(fs: RootFs, arg: string): string[] {
   const abs = arg.startsWith("/") ? arg : posix.join(SSH_DIR, arg);
   if (!/[*?[]/.test(abs)) return existsSync(fs.resolve(abs)) ? [abs] : [];
   const dir = dirname(abs);
@@ -58,7 +58,7 @@ export function expandInclude(fs: RootFs, arg: string): string[] {
 }
 
 /** Would an Include argument pick `path` up (if it existed)? */
-export function includeCovers(arg: string, path: string): boolean {
+function includeCovers(arg: string, path: string): boolean {
   const abs = arg.startsWith("/") ? arg : posix.join(SSH_DIR, arg);
   if (!/[*?[]/.test(abs)) return abs === path;
   return dirname(abs) === dirname(path) && globComponent(posix.basename(abs)).test(posix.basename(path));

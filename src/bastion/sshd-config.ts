@@ -8,7 +8,7 @@
 import type { Bastion, Fleet } from "../config/fleet.js";
 
 /** Destinations any device of this bastion may -L/-D to (the union of the fleet's forwards). */
-export function bastionPermitOpen(fleet: Fleet, bastion: string): string[] {
+function bastionPermitOpen(fleet: Fleet, bastion: string): string[] {
   const out = new Set<string>();
   for (const f of fleet.forwards) {
     if (f.type === "local" && f.bastion === bastion) out.add(f.to);

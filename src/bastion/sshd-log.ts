@@ -13,7 +13,7 @@ import type { RootFs } from "./rootfs.js";
 const OPTSTRING = "C:E:b:c:f:g:h:k:o:p:u:46DGQRTdeiqrtV";
 
 /** sshd's options from its argv (getopt rules: bundled letters, an argument attached or next). */
-export function sshdOptions(argv: string[]): Map<string, string[]> {
+function sshdOptions(argv: string[]): Map<string, string[]> {
   const out = new Map<string, string[]>();
   const add = (k: string, v: string) => out.set(k, [...(out.get(k) ?? []), v]);
   for (let i = 0; i < argv.length; i++) {
@@ -43,7 +43,7 @@ const logOf = (o: Map<string, string[]>): string | undefined => {
  * "sshd: /usr/sbin/sshd -f … -E … [listener] 0 of 10-100 startups" (one string: the words are
  * split at spaces); session processes ("sshd: user@notty") are not listeners.
  */
-export function listenerArgv(cmdline: string): string[] | undefined {
+function listenerArgv(cmdline: string): string[] | undefined {
   const title = /^sshd: (.*?) \[listener\]/.exec(cmdline.replace(/\0+$/, ""));
   if (title) return title[1]!.split(" ").filter(Boolean);
   if (cmdline.startsWith("sshd: ")) return undefined;

@@ -64,7 +64,7 @@ export const DEFAULT_TUNNEL_SIZING: TunnelSshdSizing = {
 
 /** Where the tunnel sshd's own files live on the bastion (one set per bastion name). */
 export const tunnelSshdConfigPath = (bastion: string): string => `${configDir(bastion)}/sshd_config`;
-export const tunnelSshdPidFile = (bastion: string): string => `/run/mkoverlay-tunnel-sshd-${bastion}.pid`;
+const tunnelSshdPidFile = (bastion: string): string => `/run/mkoverlay-tunnel-sshd-${bastion}.pid`;
 export const TUNNEL_SSHD_TEMPLATE = "/etc/systemd/system/mkoverlay-tunnel-sshd@.service";
 export const tunnelSshdUnit = (bastion: string): string => `mkoverlay-tunnel-sshd@${bastion}.service`;
 /** The administrators' sshd port, which the tunnel sshd must never take. */
@@ -87,7 +87,7 @@ export interface TunnelSshdInput {
   sizing?: Partial<TunnelSshdSizing>;
 }
 
-export const DEFAULT_HOST_KEYS = ["/etc/ssh/ssh_host_ed25519_key", "/etc/ssh/ssh_host_ecdsa_key", "/etc/ssh/ssh_host_rsa_key"];
+const DEFAULT_HOST_KEYS = ["/etc/ssh/ssh_host_ed25519_key", "/etc/ssh/ssh_host_ecdsa_key", "/etc/ssh/ssh_host_rsa_key"];
 
 const TOKEN = /^[A-Za-z0-9._/:+@*,-]+$/;
 

@@ -42,7 +42,7 @@ function checkExec(exec: string[]): void {
 }
 
 /** The agent's arguments after mkoverlay's executable (`name`: the bastion, or %i in a unit). */
-export const agentArgs = (name: string): string[] => ["bastion", "agent", "--bastion", name, "--config", fleetCopy(name)];
+const agentArgs = (name: string): string[] => ["bastion", "agent", "--bastion", name, "--config", fleetCopy(name)];
 
 /** The instance's own settings: what it runs. */
 export function renderExecDropin(u: UnitInput): string {

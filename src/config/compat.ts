@@ -17,7 +17,7 @@ import { UserError } from "../util/errors.js";
 import { lineFingerprint } from "../keys/fingerprint.js";
 import type { Bastion, Fleet, PortRange } from "./fleet.js";
 
-export interface BastionDial {
+interface BastionDial {
   user: string;
   host: string;
   port: number;
@@ -35,19 +35,19 @@ export interface Dials {
   bastions: Record<string, BastionDial>;
 }
 
-export const rangeText = (r: PortRange): string => `${r.lo}-${r.hi}`;
+const rangeText = (r: PortRange): string => `${r.lo}-${r.hi}`;
 
 /** `SHA256:…` of a canonical host key entry (`[@cert-authority ]TYPE BASE64`). */
 export function hostKeyFingerprint(entry: string): string {
   return lineFingerprint(entry, { keepCA: true });
 }
 
-export function bastionDial(b: Bastion): BastionDial {
+function bastionDial(b: Bastion): BastionDial {
   return { user: b.user, host: b.host, port: b.port, hostKeys: b.hostKeys.map(hostKeyFingerprint), from: b.from ?? null };
 }
 
 /** What an overlay built now for these bastions dials. */
-export function dialsOf(fleet: Fleet, bastions: readonly Bastion[]): Dials {
+function dialsOf(fleet: Fleet, bastions: readonly Bastion[]): Dials {
   return { ssh: rangeText(fleet.ports.ssh), services: rangeText(fleet.ports.services), bastions: Object.fromEntries(bastions.map((b) => [b.name, bastionDial(b)])) };
 }
 
@@ -209,7 +209,7 @@ export function lockouts(fleet: Fleet, groups: readonly DialGroup[], only?: stri
 }
 
 /** The tunnel users of `bastion` that registered devices still dial besides the config's own. */
-export function oldTunnelUsers(fleet: Fleet, groups: readonly DialGroup[], bastion: string): string[] {
+function oldTunnelUsers(fleet: Fleet, groups: readonly DialGroup[], bastion: string): string[] {
   const now = fleet.bastions.get(bastion)?.user;
   const users = new Set<string>();
   for (const g of groups) {
@@ -241,7 +241,7 @@ export function groupsOf(fleet: Fleet, devices: readonly { hostname: string; sta
   return [...groups.values()];
 }
 
-export const FORCE_FLAG = "--force-config-change";
+const FORCE_FLAG = "--force-config-change";
 
 /** One line per lockout, `file:line: field changed from A to B: N registered devices dial A`. */
 export function lockoutLines(fleet: Fleet, found: readonly Lockout[], where: (path: (string | number)[]) => string): string[] {

@@ -36,7 +36,7 @@ export function isDurationExpiry(value: string): boolean {
 }
 
 /** The fraction of the spread this device gets, in [0, 1): the same key always gets the same. */
-export function spreadFraction(pub: Buffer): number {
+function spreadFraction(pub: Buffer): number {
   const h = createHash("sha256").update("mkoverlay expiry spread\0").update(pub).digest();
   return h.readUIntBE(0, 6) / 2 ** 48;
 }

@@ -25,7 +25,7 @@ export interface Bastion {
   jumpUser: string | undefined;
 }
 
-export type Forward =
+type Forward =
   | { type: "remote"; name: string; local: number }
   | { type: "local"; name: string; bastion: string; listen: number; to: string }
   | { type: "socks"; name: string; bastion: string; listen: number; allow: string[] };

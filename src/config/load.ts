@@ -19,7 +19,7 @@ export function configPath(flag: string | undefined): string {
   return resolve(flag || process.env.MKOVERLAY_CONFIG || DEFAULT_CONFIG);
 }
 
-export function readConfigText(file: string): string {
+function readConfigText(file: string): string {
   try {
     if (statSync(file).isDirectory()) throw new UserError(`${file}: is a directory, not a config file`);
     return readFileSync(file, "utf8");

@@ -75,9 +75,9 @@ function hostnameTemplateRule(raw: FleetRaw): Problem[] {
 }
 
 /** The first port an unprivileged user may bind (Linux's net.ipv4.ip_unprivileged_port_start default). */
-export const FIRST_UNPRIVILEGED_PORT = 1024;
+const FIRST_UNPRIVILEGED_PORT = 1024;
 /** Linux's default ephemeral port range (net.ipv4.ip_local_port_range). */
-export const EPHEMERAL = { lo: 32768, hi: 60999 };
+const EPHEMERAL = { lo: 32768, hi: 60999 };
 
 function portRangesRule(raw: FleetRaw): Problem[] {
   const out: Problem[] = [];
@@ -166,7 +166,7 @@ function bastionsRule(raw: FleetRaw, now: Date): Problem[] {
 }
 
 /** `host:port` as permitopen takes it: a literal host (no lookup happens) and a port or `*`. */
-export function destinationProblem(v: string): string | undefined {
+function destinationProblem(v: string): string | undefined {
   const m = /^(\[[0-9a-fA-F:.]+\]|[^:\s]+):(\d{1,5}|\*)$/.exec(v);
   if (!m) return "is not host:port (e.g. localhost:4505)";
   const host = m[1]!.replace(/^\[|\]$/g, "");

@@ -51,7 +51,7 @@ const hostCA = z
   })
   .transform(canonicalKeyLine);
 
-export const BastionSchema = z
+const BastionSchema = z
   .strictObject({
     host: z.string().describe("Public DNS name or IP address the gateway connects to").superRefine(check(hostProblem)),
     port: z.number().int().min(1).max(65535).default(22).describe("The bastion's sshd port"),
@@ -96,7 +96,7 @@ export const BastionSchema = z
 
 const port = z.number().int().min(1).max(65535);
 
-export const ForwardSchema = z
+const ForwardSchema = z
   .strictObject({
     name: z.string().describe("Names the forward (and its reserved port in the registry)").superRefine(check(nameProblem)),
     type: z
@@ -119,7 +119,7 @@ const publicKeyLine = z
   })
   .transform(canonicalKeyLine);
 
-export const OperatorsSchema = z
+const OperatorsSchema = z
   .union([
     z.literal("none").describe("The image brings its own login access; mkoverlay adds none"),
     z
@@ -169,11 +169,7 @@ export const FleetSchema = z
   })
   .describe("mkoverlay fleet configuration");
 
-export type FleetInput = z.input<typeof FleetSchema>;
 export type FleetRaw = z.output<typeof FleetSchema>;
-export type BastionRaw = z.output<typeof BastionSchema>;
-export type ForwardRaw = z.output<typeof ForwardSchema>;
-export type OperatorsRaw = z.output<typeof OperatorsSchema>;
 
 /** The JSON Schema for editors, derived from the same schema (tested against the committed file). */
 export function fleetJsonSchema(): unknown {

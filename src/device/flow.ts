@@ -181,7 +181,7 @@ export function lostAfterPlacing(output: DeviceOutput, r: Rendered, e: Reservati
 }
 
 /** Commits a placed device (`lostAfterPlacing` if the reservation was lost meanwhile). */
-export async function commitPlaced(claim: Claim, r: Rendered, output: DeviceOutput): Promise<void> {
+async function commitPlaced(claim: Claim, r: Rendered, output: DeviceOutput): Promise<void> {
   try {
     await claim.commit(r);
   } catch (e) {
@@ -202,7 +202,7 @@ export interface BuildHooks {
  * output takes its final name: a stop asked for until then (staging an image takes seconds)
  * leaves nothing, and a leased claim must still be this station's.
  */
-export async function completeClaim(st: Station, claim: Claim, req: Omit<DeviceRequest, "hostname">, hooks: BuildHooks = {}): Promise<Rendered> {
+async function completeClaim(st: Station, claim: Claim, req: Omit<DeviceRequest, "hostname">, hooks: BuildHooks = {}): Promise<Rendered> {
   const hostname = claim.device.hostname;
   const output = outputOf(st.emit);
   if (claim.leased) st.leases.add(hostname);

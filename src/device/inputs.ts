@@ -49,7 +49,7 @@ export function bastionNames(given: string | string[] | undefined): string[] {
 }
 
 /** Why a bastion's `expiry:` is over at `at` (a date that has passed), or undefined. */
-export function expiryPassed(b: Bastion, at: Date): string | undefined {
+function expiryPassed(b: Bastion, at: Date): string | undefined {
   if (b.expiry === undefined) return undefined;
   const t = parseExpiry(b.expiry, at);
   // A malformed value is the config rules' to report (with its position); it has not "passed".

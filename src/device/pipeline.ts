@@ -17,7 +17,7 @@ import type { Emit, Rendered } from "./outputs/form.js";
 import type { Board, OsProfile, Profiles } from "../config/profiles.js";
 import type { DeviceRecord } from "../registry/types.js";
 
-export type { Emit, Emitted, ImageForm, OutputForm, Rendered } from "./outputs/form.js";
+export type { Emit, Emitted, OutputForm, Rendered } from "./outputs/form.js";
 
 /** The overlay's final name for a device in this output form (its output module's). */
 export const overlayPath = (e: Emit, hostname: string): string => outputOf(e).path(hostname);
@@ -54,7 +54,7 @@ export function deviceProfiles(p: Profiles, d: DeviceRecord): { board: Board; os
   return { board, os };
 }
 
-export function tunnelsOf(c: Pick<DeviceContext, "fleet" | "device" | "bastions">): TunnelPlan[] {
+function tunnelsOf(c: Pick<DeviceContext, "fleet" | "device" | "bastions">): TunnelPlan[] {
   return planTunnels(c.fleet, c.bastions, c.device.port, c.device.services);
 }
 

@@ -6,7 +6,7 @@
 import type { OutputOptions } from "./station.js";
 
 /** What every device-building request has: the config, where the output goes, the override. */
-export interface StationRequest {
+interface StationRequest {
   /** The fleet config: this file, else $MKOVERLAY_CONFIG, else ./mkoverlay.yaml. */
   config?: string | undefined;
   output: OutputOptions;

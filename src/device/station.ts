@@ -43,7 +43,7 @@ function imageForm(o: OutputOptions, flag: string): OutputForm {
 }
 
 /** --format tar|dir, --apply ROOT or a base image → where and how the overlay is written. */
-export function outputForm(o: OutputOptions, imageFlag = "--image"): OutputForm {
+function outputForm(o: OutputOptions, imageFlag = "--image"): OutputForm {
   if (o.image !== undefined) return imageForm(o, imageFlag);
   if (o.compress !== undefined || o.rootPartition !== undefined) throw new UserError(`--compress and --root-partition only apply to images (${imageFlag} BASE.img)`);
   if (o.apply !== undefined) {
@@ -81,7 +81,7 @@ export async function withOutDir<T>(o: OutputOptions, fn: (outDir: string, form:
  * Keeps this station's unfinished work its own: renews the leases of the devices in flight
  * while the station works (a timer that never holds the process open).
  */
-export class Leases {
+class Leases {
   private readonly held = new Set<string>();
   private timer: NodeJS.Timeout | undefined;
 
@@ -177,7 +177,7 @@ async function checkConfigChange(fleet: Fleet, registry: Registry, log: Log, now
 }
 
 /** The exit code of a run stopped by `reason`: 128 + the signal's number, as shells report it. */
-export function stopExitCode(reason: string): number {
+function stopExitCode(reason: string): number {
   return reason === "SIGTERM" ? 143 : reason === "SIGHUP" ? 129 : 130;
 }
 

@@ -41,7 +41,7 @@ export type AlarmKind = "revoked-connected" | "unknown-listener" | "port-squatte
 
 export const ALARM_KINDS: readonly AlarmKind[] = ["revoked-connected", "unknown-listener", "port-squatted", "key-mismatch", "bastion-silent", "never-seen", "expiring", "expired"];
 
-export interface Alarm {
+interface Alarm {
   kind: AlarmKind;
   bastion?: string;
   hostname?: string;
@@ -51,7 +51,7 @@ export interface Alarm {
   message: string;
 }
 
-export interface BastionView {
+interface BastionView {
   name: string;
   heartbeat: string | null;
   /** True when its agent reported within three intervals. */
@@ -85,7 +85,7 @@ export interface StatusOptions {
   expiringWithinMs?: number;
 }
 
-export const DEFAULT_EXPIRING_WITHIN_MS = 30 * 86400_000;
+const DEFAULT_EXPIRING_WITHIN_MS = 30 * 86400_000;
 
 /**
  * When a bastion last saw each device connected: a tunnel listening now counts at its bastion's

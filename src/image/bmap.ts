@@ -14,9 +14,9 @@ import { createHash } from "node:crypto";
 import { closeSync, fstatSync, openSync, readSync } from "node:fs";
 import { BLOCK, dataRanges, normalize, type BlockRange } from "./extents.js";
 
-export const CHUNK_BLOCKS = 256;
+const CHUNK_BLOCKS = 256;
 
-export interface BmapRange {
+interface BmapRange {
   first: number;
   last: number;
   sha256: string;
@@ -28,7 +28,7 @@ export interface Bmap {
 }
 
 /** Splits block ranges at chunk boundaries. */
-export function chunked(ranges: readonly BlockRange[]): BlockRange[] {
+function chunked(ranges: readonly BlockRange[]): BlockRange[] {
   const out: BlockRange[] = [];
   for (const [a, b] of ranges) {
     for (let s = a; s <= b; ) {

@@ -66,7 +66,7 @@ export function parseMountinfo(text: string): Mount[] {
 }
 
 /** Loop devices backed by `file` (its real path), by name ("loop3"). */
-export function loopDevicesOf(file: string): string[] {
+function loopDevicesOf(file: string): string[] {
   const real = realpathSync(file);
   return safeList("/sys/block")
     .filter((n) => n.startsWith("loop"))

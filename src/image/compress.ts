@@ -44,15 +44,15 @@ export async function compressZstd(src: string, dst: string, opts: { level?: num
 }
 
 /** No disk image mkoverlay reads is larger: a .zst that says or turns out otherwise is refused. */
-export const MAX_IMAGE_BYTES = 64 * 2 ** 30;
+const MAX_IMAGE_BYTES = 64 * 2 ** 30;
 /** Kept free in $TMPDIR while decompressing (other programs need it too). */
-export const TMP_RESERVE_BYTES = 512 * 2 ** 20;
+const TMP_RESERVE_BYTES = 512 * 2 ** 20;
 
 /**
  * The content size a zstd frame header declares (Frame_Content_Size), or undefined when the
  * frame does not carry one (zstd writes it when it compresses a file; a stream has none).
  */
-export function zstdDeclaredSize(head: Buffer): number | undefined {
+function zstdDeclaredSize(head: Buffer): number | undefined {
   if (head.length < 6 || head.readUInt32LE(0) !== 0xfd2fb528) return undefined;
   const fhd = head[4]!;
   const fcsFlag = fhd >> 6;

@@ -56,7 +56,7 @@ export function runTool(cmd: string, args: string[], opts: { env?: Record<string
 }
 
 /** Lines of debugfs's stderr that report a problem (everything but the banner). */
-export function debugfsErrors(stderr: string): string[] {
+function debugfsErrors(stderr: string): string[] {
   return stderr.split("\n").filter((l) => l.trim() !== "" && !/^debugfs \d+\.\d+/.test(l));
 }
 
@@ -67,7 +67,7 @@ export interface DebugfsRun {
 }
 
 /** Splits -f output into one block of lines per command echoed as "debugfs: CMD". */
-export function splitSections(stdout: string): string[][] {
+function splitSections(stdout: string): string[][] {
   const sections: string[][] = [];
   for (const line of stdout.split("\n")) {
     if (line.startsWith("debugfs: ")) sections.push([]);

@@ -65,7 +65,7 @@ export function openExclusive(device: string): number {
 }
 
 /** Copies the data ranges of `base` to the device at the same offsets; returns bytes written. */
-export async function writeBase(base: string, fd: number, device: string): Promise<number> {
+async function writeBase(base: string, fd: number, device: string): Promise<number> {
   const src = openSync(base, "r");
   try {
     const size = fstatSync(src).size;

@@ -15,7 +15,7 @@ export const BLOCK = 4096;
 /** Inclusive block ranges [first, last], sorted, adjacent ones merged. */
 export type BlockRange = [number, number];
 
-export function parseFilefrag(out: string): BlockRange[] {
+function parseFilefrag(out: string): BlockRange[] {
   const ranges: BlockRange[] = [];
   for (const line of out.split("\n")) {
     const m = /^\s*\d+:\s+(\d+)\.\.\s*(\d+):/.exec(line);

@@ -78,7 +78,7 @@ export class CardFailed extends UserError {
 const GONE = new Set(["EIO", "ENODEV", "ENXIO", "ENOSPC", "EROFS"]);
 
 /** The byte ranges of a bmap (its last block may be partial). */
-export function byteRanges(map: Bmap): [number, number][] {
+function byteRanges(map: Bmap): [number, number][] {
   return map.ranges.map((r) => [r.first * BLOCK, Math.min((r.last + 1) * BLOCK, map.imageSize)]);
 }
 

@@ -10,7 +10,7 @@ import type { TreeView } from "../overlay/view.js";
 import { ImageTreeView } from "./reader.js";
 
 /** "type base64" of an OpenSSH public key line (the comment is the hostname and may differ). */
-export function keyPart(line: string): string {
+function keyPart(line: string): string {
   return line.trim().split(/\s+/).slice(0, 2).join(" ");
 }
 

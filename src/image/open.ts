@@ -12,7 +12,7 @@ import { errnoCode, UserError } from "../util/errors.js";
 import { MAX_ENTRY_BYTES, type TreeView, type ViewEntry } from "../overlay/view.js";
 
 /** An overlay archive is a few KB; this bounds what verify and the doctor will read. */
-export const MAX_ARCHIVE_BYTES = 32 << 20;
+const MAX_ARCHIVE_BYTES = 32 << 20;
 /** An overlay has tens of entries. */
 const MAX_ENTRIES = 10_000;
 

@@ -9,7 +9,7 @@ import { closeSync, fstatSync, openSync, readFileSync, readSync, realpathSync } 
 import { crc32 } from "node:zlib";
 import { UserError } from "../util/errors.js";
 
-export const SECTOR = 512;
+const SECTOR = 512;
 
 export interface Partition {
   /** 1-based, as the kernel numbers them (MBR logical partitions start at 5). */
@@ -64,7 +64,7 @@ export class NotADiskImage extends Error {}
 const EXTENDED = new Set([0x05, 0x0f, 0x85]);
 
 /** GUIDs are stored with their first three fields little-endian. */
-export function guidString(b: Buffer, at: number): string {
+function guidString(b: Buffer, at: number): string {
   const hex = (from: number, to: number, rev: boolean): string => {
     const s = b.subarray(at + from, at + to);
     return Buffer.from(rev ? [...s].reverse() : s).toString("hex");
@@ -102,7 +102,7 @@ function mbrEntries(sector: Buffer): MbrEntry[] {
   return out;
 }
 
-export function hasMbrSignature(sector0: Buffer): boolean {
+function hasMbrSignature(sector0: Buffer): boolean {
   return sector0.length >= 512 && sector0[510] === 0x55 && sector0[511] === 0xaa;
 }
 

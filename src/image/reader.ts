@@ -44,7 +44,7 @@ export function kindOf(mode: number): ViewEntry["type"] {
 const ABSENT = /File not found by ext2_lookup|Ext2 inode is not a directory|Ext2 file too big|Too many symbolic links/;
 
 /** `/ino/mode/uid/gid/name/size/` lines of `ls -p`; names cannot hold "/". */
-export function parseLsP(lines: readonly string[]): Map<string, Listed> {
+function parseLsP(lines: readonly string[]): Map<string, Listed> {
   const out = new Map<string, Listed>();
   for (const line of lines) {
     const f = line.split("/");

@@ -6,10 +6,10 @@
  */
 import { UserError } from "../util/errors.js";
 
-export const EXT_MAGIC = 0xef53;
+const EXT_MAGIC = 0xef53;
 export const SUPERBLOCK_OFFSET = 1024;
 
-export const COMPAT = { hasJournal: 0x4, extAttr: 0x8, resizeInode: 0x10, dirIndex: 0x20, orphanFile: 0x1000 } as const;
+const COMPAT = { hasJournal: 0x4, extAttr: 0x8, resizeInode: 0x10, dirIndex: 0x20, orphanFile: 0x1000 } as const;
 export const INCOMPAT = {
   compression: 0x1,
   filetype: 0x2,
@@ -117,7 +117,7 @@ export function roomFor(entries: readonly { type: string; size: number }[], bloc
 }
 
 /** Kept free on top of the estimate: debugfs may split a directory or grow the htree. */
-export const MARGIN = { blocks: 256, inodes: 16 };
+const MARGIN = { blocks: 256, inodes: 16 };
 
 /**
  * Refuses what debugfs must not write. `where` names the partition for the message

@@ -30,13 +30,13 @@ export function generateEd25519(): Ed25519Key {
 }
 
 /** Derives the public key from a seed (used to check imported keys are consistent). */
-export function publicFromSeed(seed: Buffer): Buffer {
+function publicFromSeed(seed: Buffer): Buffer {
   const priv = createPrivateKey({ key: Buffer.concat([PKCS8_PREFIX, seed]), format: "der", type: "pkcs8" });
   const spki = createPublicKey(priv).export({ format: "der", type: "spki" });
   return Buffer.from(spki.subarray(spki.length - 32));
 }
 
-export function publicBlob(pub: Buffer): Buffer {
+function publicBlob(pub: Buffer): Buffer {
   return Buffer.concat([sshString(KEY_TYPE), sshString(pub)]);
 }
 

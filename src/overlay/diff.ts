@@ -28,7 +28,7 @@ export interface Difference {
 }
 
 /** At most this many differences are named per file; the rest are counted. */
-export const MAX_PER_FILE = 5;
+const MAX_PER_FILE = 5;
 const SHOWN = 120;
 
 /**

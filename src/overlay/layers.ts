@@ -11,7 +11,7 @@ import { readdirSync, readFileSync, statSync } from "node:fs";
 import { join } from "node:path";
 import { resourceDir } from "../util/resources.js";
 
-export interface LayerFile {
+interface LayerFile {
   /** Relative to the target root, e.g. `etc/ssh/sshd_config.d/50-mkoverlay.conf`. */
   path: string;
   mode: number;

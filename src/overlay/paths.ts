@@ -8,7 +8,6 @@ export const KEY_DIR = "/etc/ssh/mkoverlay";
 export const HOST_KEY = `${KEY_DIR}/ssh_host_ed25519_key`;
 export const HOST_KEY_PUB = `${HOST_KEY}.pub`;
 export const KNOWN_HOSTS = `${KEY_DIR}/known_hosts`;
-export const SSHD_DROPIN = "/etc/ssh/sshd_config.d/50-mkoverlay.conf";
 /** Operator access, next to the HostKey drop-in. sshd reads the files below as the target user. */
 export const OPERATORS_DROPIN = "/etc/ssh/sshd_config.d/51-mkoverlay-operators.conf";
 export const OPERATOR_KEYS_DIR = `${KEY_DIR}/authorized_keys`;
@@ -16,9 +15,7 @@ export const USER_CA = `${KEY_DIR}/user_ca.pub`;
 export const PRINCIPALS_DIR = `${KEY_DIR}/principals`;
 export const TUNNEL_ENV_DIR = "/etc/mkoverlay/tunnels";
 export const TUNNEL_TEMPLATE = "/etc/systemd/system/reverse-ssh@.service";
-export const MONITOR_SERVICE = "/etc/systemd/system/reverse-ssh-monitor.service";
 export const MONITOR_TIMER = "/etc/systemd/system/reverse-ssh-monitor.timer";
-export const MONITOR_SCRIPT = "/usr/local/sbin/reverse-ssh-monitor";
 
 export const tunnelUnit = (bastion: string): string => `reverse-ssh@${bastion}.service`;
 export const tunnelEnv = (bastion: string): string => `${TUNNEL_ENV_DIR}/${bastion}.env`;

@@ -41,7 +41,7 @@ function layLayer(tree: Tree, d: DeviceSpec, name: string): void {
 }
 
 /** The device's ed25519 key: sshd's host key and the tunnel's identity. */
-export function hostKeyStep(tree: Tree, d: DeviceSpec): void {
+function hostKeyStep(tree: Tree, d: DeviceSpec): void {
   // 0755 like /etc/ssh: sshd reads the operator files in here as the login user; the private
   // key itself is 0600.
   tree.dir(P.KEY_DIR, 0o755);
@@ -51,18 +51,18 @@ export function hostKeyStep(tree: Tree, d: DeviceSpec): void {
 }
 
 /** overlays/common, wholesale: the HostKey drop-in, the tunnel template, the monitor. */
-export function commonFilesStep(tree: Tree, d: DeviceSpec): void {
+function commonFilesStep(tree: Tree, d: DeviceSpec): void {
   layLayer(tree, d, COMMON);
 }
 
 /** sshd starts at boot (the HostKey drop-in came with the common files). */
-export function sshServerStep(tree: Tree, d: DeviceSpec): void {
+function sshServerStep(tree: Tree, d: DeviceSpec): void {
   const target = `${d.os.unitDir}/${d.os.ssh.unit}`;
   enableUnit(tree, d.os.ssh.unit, target, { wantedBy: d.os.ssh.wantedBy, alias: d.os.ssh.aliases });
 }
 
 /** What keeps this OS's first boot from replacing the identity (docs/facts.md, first boot). */
-export function firstBootGuardsStep(tree: Tree, d: DeviceSpec): void {
+function firstBootGuardsStep(tree: Tree, d: DeviceSpec): void {
   for (const unit of d.os.firstBoot.mask) maskUnit(tree, unit);
   for (const layer of d.os.firstBoot.layers) layLayer(tree, d, layer);
 }
@@ -81,7 +81,7 @@ function firstBootCheck(built: Tree, d: DeviceSpec): string[] {
 }
 
 /** Values in the env file were validated (host, user, ports are plain tokens), never escaped. */
-export function tunnelEnvFile(t: TunnelPlan): string {
+function tunnelEnvFile(t: TunnelPlan): string {
   const b = t.bastion;
   return [
     `# Reverse tunnel to bastion '${b.name}' (written by mkoverlay; read by reverse-ssh@${b.name}.service)`,
@@ -95,7 +95,7 @@ export function tunnelEnvFile(t: TunnelPlan): string {
 }
 
 /** One template unit; one enabled instance and env file per bastion. */
-export function tunnelStep(tree: Tree, d: DeviceSpec): void {
+function tunnelStep(tree: Tree, d: DeviceSpec): void {
   const install = installSection(layerText(d.layers, COMMON, P.TUNNEL_TEMPLATE));
   tree.dir(P.TUNNEL_ENV_DIR, 0o755);
   for (const t of d.tunnels) {
@@ -105,7 +105,7 @@ export function tunnelStep(tree: Tree, d: DeviceSpec): void {
 }
 
 /** The monitor (from the common files) restarts instances that gave up; its timer is enabled. */
-export function monitorStep(tree: Tree, d: DeviceSpec): void {
+function monitorStep(tree: Tree, d: DeviceSpec): void {
   enableUnit(tree, "reverse-ssh-monitor.timer", P.MONITOR_TIMER, installSection(layerText(d.layers, COMMON, P.MONITOR_TIMER)));
 }
 
@@ -124,7 +124,7 @@ export function bastionKnownHosts(b: Bastion): string[] {
 }
 
 /** Pins every bastion's host key: the tunnel runs with StrictHostKeyChecking=yes against this. */
-export function knownHostsStep(tree: Tree, d: DeviceSpec): void {
+function knownHostsStep(tree: Tree, d: DeviceSpec): void {
   const lines = ["# Pinned bastion host keys (written by mkoverlay)"];
   for (const { bastion: b } of d.tunnels) lines.push(...bastionKnownHosts(b));
   tree.file(P.KNOWN_HOSTS, lines.join("\n") + "\n", 0o644);
@@ -135,7 +135,7 @@ export function knownHostsStep(tree: Tree, d: DeviceSpec): void {
  * authorized_keys file to the default list and, with a CA, trusts certificates for the listed
  * principals. Password logins are off; root may log in with keys only.
  */
-export function operatorsStep(tree: Tree, d: DeviceSpec): void {
+function operatorsStep(tree: Tree, d: DeviceSpec): void {
   const o = d.operators;
   if (!o) return;
   const lines = [
@@ -157,7 +157,7 @@ export function operatorsStep(tree: Tree, d: DeviceSpec): void {
   }
 }
 
-export function hostnameStep(tree: Tree, d: DeviceSpec): void {
+function hostnameStep(tree: Tree, d: DeviceSpec): void {
   tree.file("/etc/hostname", `${d.hostname}\n`, 0o644);
   // Debian's stock /etc/hosts with the new name, so sudo and friends resolve it.
   tree.file(

@@ -5,7 +5,7 @@
  */
 import type { Tree } from "./tree.js";
 
-export const SYSTEM_DIR = "/etc/systemd/system";
+const SYSTEM_DIR = "/etc/systemd/system";
 
 /** Reads WantedBy=/RequiredBy=/Alias= from a unit's [Install] section. */
 export function installSection(unitText: string): { wantedBy: string[]; requiredBy: string[]; alias: string[] } {

@@ -25,6 +25,7 @@ import { UserError } from "../util/errors.js";
 import { DEVICE_COLUMNS, DEVICE_KEYS, hostnameTaken, keyTaken, noFreePort, normalizeRow, ReservationLost, toRecord } from "./rows.js";
 import { MIGRATIONS, SCHEMA_VERSION } from "./schema.js";
 import { savepoint, type Queryable, type SqlDriver } from "./sql.js";
+import { testOnlyPause } from "./test-pause.js";
 import { OBSERVATION_COLUMNS, type AttributeRow, type DeviceRecord, type DeviceRow, type DeviceState, type Observation, type ObservationRow, type Observations, type PortRow, type Registry, type ReserveRequest, type Snapshot, type Unfinished } from "./types.js";
 
 /** How long unfinished work stays a station's own without a renewal. */
@@ -198,11 +199,14 @@ export class RegistryCore implements Registry {
     }
     const attributes = req.attributes ?? {};
     for (const [k, v] of Object.entries(attributes)) await q.run("INSERT INTO attributes (hostname, key, value) VALUES (?, ?, ?)", [name, k, v]);
+    await testOnlyPause("in-reserve", name); // inert unless a test sets its variable
     return toRecord(row, services, attributes);
   }
 
-  reserve(req: ReserveRequest): Promise<DeviceRecord> {
-    return this.db.transaction("write", (q) => this.reserveOne(q, req));
+  async reserve(req: ReserveRequest): Promise<DeviceRecord> {
+    const d = await this.db.transaction("write", (q) => this.reserveOne(q, req));
+    await testOnlyPause("reserved", d.hostname); // inert unless a test sets its variable
+    return d;
   }
 
   reserveMany(reqs: ReserveRequest[]): Promise<(DeviceRecord | UserError)[]> {
@@ -807,6 +811,6 @@ export class RegistryCore implements Registry {
 }
 
 /** The grace a rotation finished by the doctor gives the old key (the rotate command's default). */
-export function defaultGrace(now: Date = new Date()): Date {
+function defaultGrace(now: Date = new Date()): Date {
   return new Date(now.getTime() + 7 * 86400_000);
 }

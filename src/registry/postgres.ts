@@ -21,8 +21,8 @@ import { UserError } from "../util/errors.js";
 import { displayLocation } from "../config/registry-location.js";
 import { QueuedDriver, type Queryable, type SqlDriver, type TxMode, type TxOptions } from "./sql.js";
 
-export const PG_NAMESPACE = "mkoverlay";
-export const CHANGES_CHANNEL = "mkoverlay_changes";
+const PG_NAMESPACE = "mkoverlay";
+const CHANGES_CHANNEL = "mkoverlay_changes";
 
 /** Advisory lock keys: (namespace, purpose). Advisory locks are per database. */
 const LOCK_NS = 0x6d6b6f76; // "mkov"
@@ -47,7 +47,7 @@ function oneLine(s: string): string {
  * login, missing database, lost connection, lock timeout. Anything else (an SQL bug) is
  * returned unchanged and reported as a bug.
  */
-export function pgUserError(location: string, e: unknown): unknown {
+function pgUserError(location: string, e: unknown): unknown {
   if (e instanceof UserError || !(e instanceof Error)) return e;
   const err = e as PgError;
   const where = `registry ${displayLocation(location)}`;
@@ -116,7 +116,7 @@ function numbered(sql: string): string {
 }
 
 /** A client for a registry URL, its tables first on the search path. */
-export function pgClient(location: string): pg.Client {
+function pgClient(location: string): pg.Client {
   return new pg.Client({
     connectionString: location,
     connectionTimeoutMillis: CONNECT_TIMEOUT_MS,

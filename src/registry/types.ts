@@ -189,7 +189,7 @@ export interface Observation {
   listeners: Listener[];
 }
 
-export interface Sighting {
+interface Sighting {
   bastion: string;
   port: number;
   /** The device holding the port when it was first seen listening; null: nobody registered. */
@@ -206,14 +206,14 @@ export interface Sighting {
   connected: boolean;
 }
 
-export interface HistoryRow {
+interface HistoryRow {
   hostname: string;
   bastion: string;
   firstSeen: string;
   lastSeen: string;
 }
 
-export interface Heartbeat {
+interface Heartbeat {
   bastion: string;
   at: string;
   intervalS: number;

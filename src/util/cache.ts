@@ -20,7 +20,7 @@ declare const __MKOVERLAY_BUILD_ID__: string | undefined;
  * made, which costs nothing at start-up (hashing the bundle on every run would). Unbundled
  * runs (tests importing src/ directly) have no id and do not cache.
  */
-export const BUILD_ID: string | undefined = typeof __MKOVERLAY_BUILD_ID__ === "string" ? __MKOVERLAY_BUILD_ID__ : undefined;
+const BUILD_ID: string | undefined = typeof __MKOVERLAY_BUILD_ID__ === "string" ? __MKOVERLAY_BUILD_ID__ : undefined;
 
 /** Entries not rewritten for this long are pruned (a hot one is simply validated again). */
 const MAX_AGE_MS = 30 * 24 * 3600 * 1000;

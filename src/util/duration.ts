@@ -19,7 +19,7 @@
  */
 import { UserError } from "./errors.js";
 
-export type Unit = "s" | "min" | "h" | "d" | "w" | "month" | "y";
+type Unit = "s" | "min" | "h" | "d" | "w" | "month" | "y";
 
 export interface Duration {
   n: number;
@@ -37,13 +37,13 @@ const FIXED: Record<Exclude<Unit, "month" | "y">, number> = { s: SECOND, min: MI
 const WORDS: Record<string, Unit> = { s: "s", m: "min", min: "min", h: "h", d: "d", w: "w", month: "month", months: "month", y: "y" };
 
 /** The grammar in one line, for messages and help. */
-export const DURATION_GRAMMAR = "an integer and a unit: s, min (or m), h, d or w, e.g. 90s, 30min, 12h, 7d, 2w";
+const DURATION_GRAMMAR = "an integer and a unit: s, min (or m), h, d or w, e.g. 90s, 30min, 12h, 7d, 2w";
 
 /** Where the grammar is written down, for hints. */
-export const DURATION_DOCS = "README.md, Durations";
+const DURATION_DOCS = "README.md, Durations";
 
 /** The longest duration any setting takes (Date arithmetic stays exact, far past any use). */
-export const MAX_DURATION_MS = 100 * 365 * DAY;
+const MAX_DURATION_MS = 100 * 365 * DAY;
 
 export interface DurationRules {
   /** `0` (or `0d`…) is a valid value. */

@@ -24,6 +24,7 @@ import { chmod, copyFile, cp, mkdir, mkdtemp, readFile, rm, symlink, writeFile }
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
+import { inCI } from "../helpers/capability.js";
 import { freePort } from "../helpers/net.js";
 import { REPO, runCli, writeFleet } from "../helpers/workspace.js";
 import {
@@ -44,7 +45,6 @@ import {
 } from "./boot.js";
 
 const ARCH = requestedBootArch();
-const inCI = process.env.CI === "true" || process.env.CI === "1";
 const mustRun = inCI || bootArchExplicit();
 const optedOut = !mustRun && process.env.MKOVERLAY_BOOT_TEST === "0";
 const prereq = optedOut ? { ok: false, problems: ["MKOVERLAY_BOOT_TEST=0"] } : checkBootPrerequisites();

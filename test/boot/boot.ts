@@ -8,6 +8,7 @@
  *
  * The base image comes from ./build-base.sh (cache outside the repo, see that script).
  */
+import { isRoot } from "../helpers/capability.js";
 import { canConnect, freePort } from "../helpers/net.js";
 import { spawn, spawnSync, type ChildProcess } from "node:child_process";
 import { createReadStream, existsSync, readFileSync, readSync, readdirSync, openSync, closeSync } from "node:fs";
@@ -107,7 +108,6 @@ export function checkBootPrerequisites(opts: { install?: boolean } = {}): BootPr
   if (!profile) {
     problems.push(`MKOVERLAY_BOOT_ARCH=${arch} is not supported by the boot harness (supported: ${SUPPORTED_BOOT_ARCHES.join(", ")})`);
   }
-  const isRoot = typeof process.getuid === "function" && process.getuid() === 0;
   if (!isRoot) problems.push("needs root (debootstrap for the base image; bastion sshd switching to the tunnel user)");
   if (opts.install !== false && isRoot && profile) {
     // arm64 also needs qemu-user-static and an enabled binfmt_misc handler (ensure-deps.sh).
@@ -725,7 +725,6 @@ export async function startBastion(opts: BastionOptions): Promise<Bastion> {
   const ak = join(dir, "authorized_keys");
   await writeFile(ak, opts.authorizedKeys.endsWith("\n") ? opts.authorizedKeys : opts.authorizedKeys + "\n", { mode: 0o644 });
   await chmod(ak, 0o644);
-  const isRoot = process.getuid?.() === 0;
   if (isRoot && !existsSync("/run/sshd")) await mkdir("/run/sshd", { recursive: true, mode: 0o755 });
 
   const port = await freePort();

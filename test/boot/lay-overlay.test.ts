@@ -9,14 +9,11 @@ import { spawnSync } from "node:child_process";
 import { chmod, link, mkdir, mkdtemp, rm, symlink, writeFile } from "node:fs/promises";
 import { tmpdir } from "node:os";
 import { dirname, join } from "node:path";
-import { afterAll, beforeAll, describe, expect, it } from "vitest";
+import { afterAll, beforeAll, expect, it } from "vitest";
+import { requires, tools } from "../helpers/capability.js";
 import { imageReadFile, imageReadlink, imageStat, layOverlay } from "./boot.js";
 
-const inCI = process.env.CI === "true" || process.env.CI === "1";
-const haveTools = ["mke2fs", "debugfs", "e2fsck", "tar"].every(
-  (c) => spawnSync("sh", ["-c", `command -v ${c} || test -x /sbin/${c} || test -x /usr/sbin/${c}`]).status === 0,
-);
-if (!haveTools) process.stdout.write("[lay-overlay] e2fsprogs or tar missing (run test/boot/ensure-deps.sh)\n");
+const e2fs = tools("mke2fs", "debugfs", "e2fsck", "tar");
 
 function sh(cmd: string, args: string[]): void {
   const r = spawnSync(cmd, args, { encoding: "utf8", env: { ...process.env, PATH: `${process.env.PATH ?? ""}:/usr/sbin:/sbin` } });
@@ -30,12 +27,11 @@ async function put(root: string, rel: string, content: string, mode: number): Pr
   await chmod(p, mode);
 }
 
-describe.runIf(haveTools || inCI)("layOverlay (debugfs into ext4, no mount)", () => {
+requires(e2fs)("layOverlay (debugfs into ext4, no mount)", () => {
   let work = "";
   let image = "";
 
   beforeAll(async () => {
-    if (!haveTools) throw new Error("e2fsprogs/tar missing: run test/boot/ensure-deps.sh");
     work = await mkdtemp(join(tmpdir(), "mkoverlay-lay-"));
     // A tiny "base image": merged-/usr style /lib symlink, an sshd_config, a stale symlink.
     const base = join(work, "base");

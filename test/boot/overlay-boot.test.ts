@@ -36,6 +36,7 @@ import { copyFile, mkdir, mkdtemp, readFile, rm, writeFile } from "node:fs/promi
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
+import { inCI } from "../helpers/capability.js";
 import { portBlock, type PortBlock } from "../helpers/net.js";
 import { REPO, runCli, writeFleet, type Run } from "../helpers/workspace.js";
 import {
@@ -67,7 +68,6 @@ const BASTION = "lab";
 /** Tunnel ports: a block of loopback ports this run owns (portBlock), not a fixed range that another run on the machine could be using. */
 const PORT_BLOCK = 200;
 
-const inCI = process.env.CI === "true" || process.env.CI === "1";
 const ARCH = requestedBootArch();
 const mustRun = inCI || bootArchExplicit();
 const optedOut = !mustRun && process.env.MKOVERLAY_BOOT_TEST === "0";

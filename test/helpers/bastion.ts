@@ -16,7 +16,7 @@ import { canConnect, runSshd, SSHD, waitFor } from "./sshd.js";
 import type { SshdBinary } from "./sshd10.js";
 import { CLI, extract, removeDir, run, runCli, sshKeygen, tempDir } from "./workspace.js";
 
-export const isRoot = process.getuid?.() === 0;
+export { isRoot } from "./capability.js";
 
 /** A new root directory sshd will trust for its keys command. */
 export function secureRoot(): string {

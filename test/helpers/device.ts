@@ -7,7 +7,7 @@
 import { readFileSync } from "node:fs";
 import { join } from "node:path";
 
-export function readEnvFile(file: string): Record<string, string> {
+function readEnvFile(file: string): Record<string, string> {
   const env: Record<string, string> = {};
   for (const line of readFileSync(file, "utf8").split("\n")) {
     if (!line.trim() || line.startsWith("#")) continue;
@@ -17,7 +17,7 @@ export function readEnvFile(file: string): Record<string, string> {
   return env;
 }
 
-export function execStart(unitText: string): string {
+function execStart(unitText: string): string {
   const joined = unitText.replace(/\\\n/g, " ");
   const m = /^ExecStart=(.*)$/m.exec(joined);
   if (!m?.[1]) throw new Error("no ExecStart");

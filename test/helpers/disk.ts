@@ -9,9 +9,10 @@ import { dirname, join } from "node:path";
 import { entriesOf } from "../../src/image/lay.js";
 import { openOverlay } from "../../src/image/open.js";
 import type { Entry } from "../../src/overlay/tree.js";
+import { type Need, SBIN_PATH, tools } from "./capability.js";
 import { readPub, run, runCli, sshKeygen, writeFleet } from "./workspace.js";
 
-export const SBIN_PATH = `${process.env.PATH ?? ""}:/usr/sbin:/sbin`;
+export { SBIN_PATH };
 
 export function sh(cmd: string, args: string[], input?: string): string {
   const r = run(cmd, args, { env: { PATH: SBIN_PATH }, ...(input === undefined ? {} : { input }) });
@@ -19,10 +20,8 @@ export function sh(cmd: string, args: string[], input?: string): string {
   return r.stdout;
 }
 
-/** Are the tools to make and check fixtures installed? (`make test` installs them.) */
-export function haveDiskTools(): boolean {
-  return ["sfdisk", "mkfs.vfat", "mke2fs", "debugfs", "e2fsck", "mcopy", "bmaptool"].every((c) => run("sh", ["-c", `PATH=${SBIN_PATH} command -v ${c}`]).code === 0);
-}
+/** The tools to make and check fixtures, for the capability gate (`make test` installs them). */
+export const diskTools: Need = tools("sfdisk", "mkfs.vfat", "mke2fs", "debugfs", "e2fsck", "mcopy", "bmaptool");
 
 function put(root: string, rel: string, content: string, mode = 0o644): void {
   const p = join(root, rel);

@@ -27,7 +27,7 @@ const CHARS = [
 ];
 
 /** Values that break things when they land in the place of a scalar. */
-export const VALUES = [
+const VALUES = [
   "", "''", '""', "~", "null", "true", "no", "0", "-1", "1.5", "65535", "65536", "99999999999999999999", "1e309", ".inf", ".nan", "0x16", "0o17",
   "[]", "{}", "[a, b]", "{a: 1}", "&x 1", "*x", "*nope", "!!binary aGVsbG8=", "!!str 5", "!!int x", "!!float y", "!custom z", "|\n  block", ">-\n  folded",
   "2020-01-01", "2099-12-31", "9999-12-31T23:59", "10000-01-01", "0099-01-01", "2027-02-30", "0d", "365d", "8000y", "99999999999999y", "1y", "-5d",

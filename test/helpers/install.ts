@@ -53,7 +53,7 @@ export interface Ws {
 }
 
 /** The agent's executable and registry as the bastion sees them (--root requires both). */
-export const TARGET = ["--mkoverlay", "/usr/local/bin/mkoverlay", "--registry", "/var/lib/mkoverlay/registry.db"];
+const TARGET = ["--mkoverlay", "/usr/local/bin/mkoverlay", "--registry", "/var/lib/mkoverlay/registry.db"];
 
 /** `user`: the tunnel user of bastion "lo"; `more`: other bastions (name → tunnel user) on the same sshd. */
 /** `tunnelPort`: devices dial this port, not the admin sshd's (`port`): the install runs a tunnel sshd there. */

@@ -71,7 +71,7 @@ export interface PortBlock {
 }
 
 /** Below Linux's default ephemeral range (32768-60999) and clear of the fixed test ranges (21000-27199). */
-export const BLOCK_AREA = { lo: 28_000, hi: 32_767 };
+const BLOCK_AREA = { lo: 28_000, hi: 32_767 };
 const GRANULE = 16;
 const LOCK_DIR = join(tmpdir(), "mkoverlay-test-ports");
 

@@ -20,7 +20,7 @@ interface LockEntry {
 }
 
 /** npm's cache folder (`npm config get cache`), where `npm ci` left the tarballs. */
-export function npmCache(): string {
+function npmCache(): string {
   return spawnSync("npm", ["config", "get", "cache"], { encoding: "utf8" }).stdout.trim();
 }
 

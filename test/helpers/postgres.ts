@@ -9,6 +9,7 @@
  * When PostgreSQL cannot be installed or started, `postgresForTests` says so loudly; with
  * $CI set that is an error (the test file fails), never a silent skip.
  */
+import { inCI, isRoot } from "./capability.js";
 import { freePort } from "./net.js";
 import { spawn, spawnSync, type ChildProcess } from "node:child_process";
 import { chownSync, closeSync, existsSync, openSync, readFileSync, writeFileSync } from "node:fs";
@@ -33,11 +34,6 @@ export interface PgServer {
   stop(): Promise<void>;
 }
 
-export function ciMode(): boolean {
-  const v = (process.env.CI ?? "").toLowerCase();
-  return v !== "" && v !== "0" && v !== "false";
-}
-
 /** A 127.0.0.1 port nothing listens on (for the "unreachable server" case). */
 export const closedPort = freePort;
 
@@ -51,7 +47,7 @@ function binDir(): string {
 
 /** As root: the postgres system user (created by the Debian package). */
 function runAs(): { uid: number; gid: number } | undefined {
-  if (process.getuid?.() !== 0) return undefined;
+  if (!isRoot) return undefined;
   const r = spawnSync("id", ["-u", "postgres"], { encoding: "utf8" });
   const g = spawnSync("id", ["-g", "postgres"], { encoding: "utf8" });
   if (r.status !== 0 || g.status !== 0) throw new Error("running as root, but there is no 'postgres' system user to run initdb/postgres as");
@@ -65,7 +61,7 @@ function exited(child: ChildProcess): Promise<void> {
   });
 }
 
-export async function startPostgres(): Promise<PgServer> {
+async function startPostgres(): Promise<PgServer> {
   const bin = binDir();
   const as = runAs();
   const dir = tempDir("mko-pg-");
@@ -230,7 +226,7 @@ export async function postgresForTests(): Promise<{ server: PgServer | undefined
   } catch (e) {
     const reason = (e as Error).message;
     const banner = `\n${"!".repeat(78)}\n!! PostgreSQL registry tests CANNOT RUN: ${reason}\n${"!".repeat(78)}\n`;
-    if (ciMode()) throw new Error(`PostgreSQL is required in CI (CI=${process.env.CI}) but could not be started: ${reason}`);
+    if (inCI) throw new Error(`PostgreSQL is required in CI (CI=${process.env.CI}) but could not be started: ${reason}`);
     process.stderr.write(`${banner}!! Not in CI, so they are SKIPPED here. Install PostgreSQL (bash scripts/ensure-postgres.sh as root).\n`);
     return { server: undefined, reason };
   }

@@ -16,6 +16,7 @@ import { HOST_KEY_PUB } from "../../src/overlay/paths.js";
 import { openRegistry } from "../../src/registry/open.js";
 import { SCHEMA_VERSION } from "../../src/registry/schema.js";
 import type { DeviceRecord, Registry } from "../../src/registry/types.js";
+import { need, requires } from "./capability.js";
 import { closedPort, postgresForTests, PW_ROLE, type PgServer } from "./postgres.js";
 import { CLI, readPub, removeDir, runCli, sshKeygen, tempDir, writeFleet, type Run } from "./workspace.js";
 
@@ -97,6 +98,7 @@ export async function registryTests(which: "sqlite" | "postgres"): Promise<void>
   const BUILD = ["--board", "rpi4", "--bastion", "eu", "--quiet", "--json"];
 
   interface Spawned {
+    pid: number;
     kill(): void;
     done: Promise<Run & { signal: NodeJS.Signals | null }>;
   }
@@ -113,6 +115,7 @@ export async function registryTests(which: "sqlite" | "postgres"): Promise<void>
     child.stdout.setEncoding("utf8").on("data", (d: string) => (stdout += d));
     child.stderr.setEncoding("utf8").on("data", (d: string) => (stderr += d));
     return {
+      pid: child.pid ?? -1,
       kill: () => void child.kill("SIGKILL"),
       done: new Promise((res, rej) => {
         child.once("error", rej);
@@ -237,42 +240,61 @@ export async function registryTests(which: "sqlite" | "postgres"): Promise<void>
     });
 
     const SEED = 20251124;
-    it(`SIGKILLed builds (30+ rounds, seed ${SEED}) leave no duplicate port, no truncated archive, nothing the doctor cannot fix`, async () => {
+    it(`SIGKILLed builds (30 rounds, seed ${SEED}) leave no duplicate port, no truncated archive, nothing the doctor cannot fix`, async () => {
       const ws = await freshWorkspace(backend);
       const rand = prng(SEED);
-      const build = () => spawnCli(["--config", ws.cfg, ...BUILD, "--out", ws.out], ws.dir);
-      try {
-        // A build spends most of its time starting node; it reserves at ~85-90% of its run and
-        // writes right after. Time two unkilled builds so kills land in those windows on this
-        // machine too, whatever its speed.
-        const t0 = performance.now();
-        for (const r of await Promise.all([build().done, build().done])) expect(r.code, r.stderr).toBe(0);
-        const T = performance.now() - t0;
-        let finished = 2;
-        let killed = 0;
-        let pendingSeen = 0;
-        const schedule: number[] = [];
-        for (let round = 0; round < 120 && (round < 30 || pendingSeen < 3); round++) {
-          // Two stations at a time; a quarter of the kills anywhere in 0-300 ms, the rest around the reservation.
-          const runs = [0, 1].map(() => {
-            const delay = Math.floor(rand() < 0.25 ? rand() * 300 : T * (0.7 + 0.4 * rand()));
-            schedule.push(delay);
-            const s = build();
-            const t = setTimeout(s.kill, delay);
-            return s.done.finally(() => clearTimeout(t));
-          });
-          for (const r of await Promise.all(runs)) {
-            if (r.signal === "SIGKILL") killed++;
-            else {
-              expect(r.code, r.stderr).toBe(0);
-              finished++;
-            }
-          }
-          pendingSeen = (await withRegistry(ws.registry, (r) => r.unfinished())).length;
+      const pauses = tempDir("mko-pause-");
+      const count = async (): Promise<number> => (await list(ws.registry)).length;
+      /**
+       * Where each build is killed, aimed by the registry's test-only pause
+       * (MKOVERLAY_TEST_ONLY_PAUSE, src/registry/test-pause.ts), not by timing:
+       * - early: at 0-400 ms, or inside the reservation's transaction if it gets there first;
+       * - inside: as soon as the reservation's rows are written, before its commit;
+       * - window: as soon as the reservation has committed, before the output is written;
+       * - finish: not killed (let go on from the same pause).
+       * Nothing killed early or inside may leave a row (the reservation is one transaction);
+       * each kill in the window leaves exactly one pending device.
+       */
+      type Kind = "early" | "inside" | "window" | "finish";
+      const KINDS: Kind[] = ["early", "inside", "window", "window", "finish"];
+      const tally: Record<Kind, number> = { early: 0, inside: 0, window: 0, finish: 0 };
+      const schedule: string[] = [];
+      async function one(kind: Kind): Promise<void> {
+        const phase = kind === "window" || kind === "finish" ? "reserved" : "in-reserve";
+        const s = spawnCli(["--config", ws.cfg, ...BUILD, "--out", ws.out], ws.dir, { MKOVERLAY_TEST_ONLY_PAUSE: `${phase}:${pauses}` });
+        const marker = join(pauses, `${s.pid}.${phase}`);
+        let exited = false;
+        const done = s.done.finally(() => (exited = true));
+        if (kind === "early") {
+          const delay = Math.floor(rand() * 400);
+          schedule.push(`early@${delay}`);
+          setTimeout(s.kill, delay);
+        } else {
+          schedule.push(kind);
+          while (!exited && !existsSync(marker)) await new Promise((r) => setTimeout(r, 5));
+          if (kind === "finish") writeFileSync(join(pauses, `${s.pid}.go`), "");
+          else s.kill();
         }
-        const stats = `build ${Math.round(T)} ms; ${killed} killed, ${finished} finished, ${pendingSeen} left pending; delays ${schedule.join(",")}`;
-        expect(killed, stats).toBeGreaterThan(10);
-        expect(pendingSeen, `no kill landed between reserve and activate: the test did not test it (${stats})`).toBeGreaterThan(0);
+        const r = await done;
+        if (kind === "finish") expect(r.code, r.stderr).toBe(0);
+        else expect(r.signal, `${kind}: ${r.stderr}`).toBe("SIGKILL");
+        tally[kind]++;
+      }
+      try {
+        for (let round = 0; round < 30; round++) {
+          // Two stations at a time, as on a factory floor.
+          const kinds = [0, 1].map(() => KINDS[Math.floor(rand() * KINDS.length)]!);
+          if (round === 0) kinds.splice(0, 2, "inside", "window"); // each kind at least once, whatever the seed
+          if (round === 1) kinds.splice(0, 2, "early", "finish");
+          const rows = await count();
+          await Promise.all(kinds.map(one));
+          const committed = kinds.filter((k) => k === "window" || k === "finish").length;
+          expect(await count(), `round ${round} (${kinds.join(", ")}): a killed reservation left a row, or a committed one is missing`).toBe(rows + committed);
+        }
+        const finished = tally.finish;
+        const stats = `${JSON.stringify(tally)}; schedule ${schedule.join(",")}`;
+        const pendingSeen = (await withRegistry(ws.registry, (r) => r.unfinished())).length;
+        expect(pendingSeen, `every kill between reserve and activate leaves one pending device (${stats})`).toBe(tally.window);
 
         // The registry opens and no port is held twice.
         const before = await list(ws.registry);
@@ -309,6 +331,7 @@ export async function registryTests(which: "sqlite" | "postgres"): Promise<void>
         expect((JSON.parse(next.stdout) as { port: number }).port).toBe(expected);
       } finally {
         removeDir(ws.dir);
+        removeDir(pauses);
       }
     }, 180_000);
 
@@ -407,7 +430,7 @@ export async function registryTests(which: "sqlite" | "postgres"): Promise<void>
   });
 
 
-  if (which === "postgres") describe.runIf(pgServer)("registry migrate (sqlite ↔ postgres)", () => {
+  if (which === "postgres") requires(need(pgServer, "PostgreSQL (scripts/ensure-postgres.sh)"))("registry migrate (sqlite ↔ postgres)", () => {
     const pg = pgServer!;
 
     /** A SQLite registry with every kind of row: active (with service ports), revoked, pending, a gap. */
@@ -536,7 +559,7 @@ export async function registryTests(which: "sqlite" | "postgres"): Promise<void>
     });
   });
 
-  if (which === "postgres") describe.runIf(pgServer)("postgres registry errors: one line, no stack", () => {
+  if (which === "postgres") requires(need(pgServer, "PostgreSQL (scripts/ensure-postgres.sh)"))("postgres registry errors: one line, no stack", () => {
     const pg = pgServer!;
 
     async function buildWith(registry: string): Promise<Run & { ws: Workspace }> {

@@ -12,7 +12,7 @@ const SSH_OPTS = ["-F", "/dev/null", "-o", "BatchMode=yes", "-o", "IdentitiesOnl
 const sleep = (ms: number): Promise<void> => new Promise((r) => setTimeout(r, ms));
 
 /** One `ssh ... true`: exit code and stderr. */
-export function sshOnce(port: number, user: string, key: string, timeoutMs = 15_000): Promise<{ ok: boolean; code: number | null; stderr: string }> {
+function sshOnce(port: number, user: string, key: string, timeoutMs = 15_000): Promise<{ ok: boolean; code: number | null; stderr: string }> {
   return new Promise((resolve) => {
     const p = spawn("ssh", [...SSH_OPTS, "-i", key, "-p", String(port), `${user}@127.0.0.1`, "true"], { stdio: ["ignore", "ignore", "pipe"] });
     let err = "";
@@ -29,7 +29,7 @@ export function sshOnce(port: number, user: string, key: string, timeoutMs = 15_
  * One tunnel attempt as the device unit makes it (ssh -N -R with ExitOnForwardFailure): ok once
  * the forwarded port listens on the bastion (the session is then closed), else ssh's stderr.
  */
-export function tunnelOnce(port: number, user: string, key: string, listen: number, timeoutMs = 8000): Promise<{ ok: boolean; ms: number; stderr: string }> {
+function tunnelOnce(port: number, user: string, key: string, listen: number, timeoutMs = 8000): Promise<{ ok: boolean; ms: number; stderr: string }> {
   const t0 = Date.now();
   const p = spawn("ssh", [...SSH_OPTS, "-N", "-o", "ExitOnForwardFailure=yes", "-i", key, "-p", String(port), "-R", `localhost:${listen}:localhost:9`, `${user}@127.0.0.1`], {
     stdio: ["ignore", "ignore", "pipe"],

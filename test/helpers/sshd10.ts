@@ -11,7 +11,7 @@ import { spawnSync, type ChildProcess } from "node:child_process";
 import { existsSync } from "node:fs";
 import { connect } from "node:net";
 import { join } from "node:path";
-import { ciMode } from "./postgres.js";
+import { inCI } from "./capability.js";
 import { runSshd, SSHD } from "./sshd.js";
 import { REPO } from "./workspace.js";
 
@@ -26,7 +26,7 @@ export interface SshdBinary {
 }
 
 /** "OpenSSH_10.0p2 Debian-7~bpo12+1, OpenSSL ..." → [10, 0]. */
-export function sshdVersionOf(sshd: string): { version: string; major: number; minor: number } {
+function sshdVersionOf(sshd: string): { version: string; major: number; minor: number } {
   const r = spawnSync(sshd, ["-V"], { encoding: "utf8" });
   const m = /OpenSSH_(\d+)\.(\d+)/.exec(`${r.stdout ?? ""}${r.stderr ?? ""}`);
   if (!m) throw new Error(`${sshd} -V did not name an OpenSSH version: ${r.stderr || r.error?.message}`);
@@ -62,7 +62,7 @@ export function openssh10(): SshdBinary | undefined {
     }
   }
   if (cached.bin) return cached.bin;
-  if (ciMode()) throw new Error(`OpenSSH 10.x is required in CI (CI=${process.env.CI}) but is not available: ${cached.reason}`);
+  if (inCI) throw new Error(`OpenSSH 10.x is required in CI (CI=${process.env.CI}) but is not available: ${cached.reason}`);
   process.stderr.write(`\n${"!".repeat(78)}\n!! OpenSSH 10.x tests CANNOT RUN: ${cached.reason}\n!! Not in CI, so they are SKIPPED here. Run: bash scripts/ensure-openssh10.sh (as root: make test-deps)\n${"!".repeat(78)}\n`);
   return undefined;
 }
@@ -89,7 +89,7 @@ export function runSshdVersion(bin: SshdBinary, config: string, logFile: string,
 }
 
 /** The identification line the sshd on 127.0.0.1:`port` sends ("SSH-2.0-OpenSSH_10.0p2 …"): which sshd really answers. */
-export function sshdBanner(port: number): Promise<string> {
+function sshdBanner(port: number): Promise<string> {
   return new Promise((resolve, reject) => {
     let got = "";
     const sock = connect(port, "127.0.0.1");

@@ -10,7 +10,7 @@ import { imageFiles, imageFilesOf, type ImageFiles } from "../../image/names.js"
 import type { DeviceOutput, ImageForm } from "./form.js";
 
 /** The files of a device's image in `outDir`. */
-export const deviceImageFiles = (outDir: string, hostname: string, form: Pick<ImageForm, "compress">): ImageFiles => imageFiles(join(outDir, `${hostname}.img`), form.compress);
+const deviceImageFiles = (outDir: string, hostname: string, form: Pick<ImageForm, "compress">): ImageFiles => imageFiles(join(outDir, `${hostname}.img`), form.compress);
 
 /** The bmap beside an image written as `file` (what `mkoverlay image --json` reports). */
 export const bmapOf = (file: string): string => imageFilesOf(file).bmap;
