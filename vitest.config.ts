@@ -20,10 +20,13 @@ import { defineConfig } from "vitest/config";
  */
 const UNIT = [
   "test/api.test.ts",
+  "test/architecture.test.ts",
+  "test/bastion-sizing.test.ts",
   "test/bastion-units.test.ts",
   "test/build-first.test.ts",
   "test/capability.test.ts",
   "test/core.test.ts",
+  "test/hostport-fingerprint.test.ts",
   "test/keys.test.ts",
   "test/monitor.test.ts",
   "test/net.test.ts",
@@ -33,12 +36,16 @@ const UNIT = [
 
 const CLI = [
   "test/cache.test.ts",
+  "test/cli-definitions.test.ts",
   "test/cli.test.ts",
+  "test/config-ports.test.ts",
   "test/conventions.test.ts",
   "test/doctor.test.ts",
+  "test/duration.test.ts",
   "test/expiry-alarms.test.ts",
   "test/expiry-spread.test.ts",
   "test/factory-data.test.ts",
+  "test/flow.test.ts",
   "test/golden.test.ts",
   "test/help.test.ts",
   "test/hostile.test.ts",
