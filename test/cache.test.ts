@@ -57,8 +57,9 @@ describe("the cache is keyed on the build", () => {
     expect(build()).toContain('from="198.51.100.0/24"');
     // What an older, laxer build might have stored for the same text (today's rules refuse it).
     const [entry] = entries(cache).filter((n) => n.startsWith("fleet-"));
-    const data = JSON.parse(readFileSync(join(cache, entry!), "utf8")) as { bastions: { eu: { from: string[] } } };
-    data.bastions.eu.from = ["127.0.0.1/8"];
+    // The entry is the validated config and its warnings.
+    const data = JSON.parse(readFileSync(join(cache, entry!), "utf8")) as { raw: { bastions: { eu: { from: string[] } } }; warnings: string[] };
+    data.raw.bastions.eu.from = ["127.0.0.1/8"];
     writeFileSync(join(cache, entry!), JSON.stringify(data));
     expect(build()).toContain('from="127.0.0.1/8"'); // the same build trusts its own entry
     // "Build B": the validators' source changed.

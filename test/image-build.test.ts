@@ -279,6 +279,9 @@ requires(diskTools, root)("loop devices (root only for the setup) and an unprivi
     } finally {
       run("losetup", ["-d", loop]);
     }
+    // losetup -d only marks the device for detaching while something (udev's probe, another
+    // test's tools) still has it open: wait for the kernel to let go.
+    untilFree(img);
     expect(() => checkNotInUse(img)).not.toThrow();
     // Mounted the way a user would without partition devices: a loop at the root's offset.
     const mnt = join(dir, "mnt");
@@ -289,6 +292,7 @@ requires(diskTools, root)("loop devices (root only for the setup) and an unprivi
     } finally {
       run("umount", [mnt]);
     }
+    untilFree(img);
     expect(() => checkNotInUse(img)).not.toThrow();
   });
 
@@ -383,3 +387,15 @@ console.log(JSON.stringify({ uid: process.getuid(), image: r.image }));
     }
   });
 });
+
+/** Waits (up to 10 s) until no loop device holds `img` any more: a detach is done when its last user closes it. */
+function untilFree(img: string): void {
+  for (let i = 0; i < 100; i++) {
+    try {
+      checkNotInUse(img);
+      return;
+    } catch {
+      Atomics.wait(new Int32Array(new SharedArrayBuffer(4)), 0, 0, 100);
+    }
+  }
+}

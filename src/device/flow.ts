@@ -166,7 +166,9 @@ export async function settle(st: Station, claim: Claim, err: unknown, placed: bo
     return err;
   }
   await claim.giveBack().catch(() => undefined);
-  const why = st.stopRequested();
+  // A Ctrl-C in a terminal reaches the tools an image is made with (cp, debugfs) too, and their
+  // exit can be seen before our own SIGINT handler has run: one turn of the event loop lets it.
+  const why = st.stopRequested() ?? (await new Promise<void>((r) => setImmediate(r)), st.stopRequested());
   if (why && !(err instanceof Interrupted) && !(err instanceof ReservationLost)) return claim.notDone(why);
   return err;
 }

@@ -47,7 +47,7 @@ export async function copyImage(src: string, dst: string): Promise<CopyMethod> {
   const r = await running;
   if (r.code !== 0) {
     rmSync(dst, { force: true });
-    const msg = r.stderr.trim().split("\n")[0] ?? `exit ${r.code}`;
+    const msg = r.signal ? `cp was stopped by ${r.signal}` : r.stderr.trim().split("\n")[0] || `cp exited ${r.code}`;
     throw new UserError(`copying ${src} to ${dst} failed: ${msg}`, { hint: /No space/.test(msg) ? "the output directory needs room for the base image's data" : undefined });
   }
   chmodSync(dst, 0o600);

@@ -34,6 +34,8 @@ export function findTool(name: string, pkg = "e2fsprogs"): string {
 
 export interface ToolResult {
   code: number;
+  /** The signal that ended the tool, if one did (a Ctrl-C reaches the whole process group). */
+  signal?: NodeJS.Signals | undefined;
   stdout: Buffer;
   stderr: string;
 }
@@ -46,7 +48,7 @@ export function runTool(cmd: string, args: string[], opts: { env?: Record<string
     child.stdout!.on("data", (c: Buffer) => out.push(c));
     child.stderr!.on("data", (c: Buffer) => err.push(c));
     child.on("error", reject);
-    child.on("close", (code, signal) => resolve({ code: code ?? (signal ? 128 : -1), stdout: Buffer.concat(out), stderr: Buffer.concat(err).toString("utf8") }));
+    child.on("close", (code, signal) => resolve({ code: code ?? (signal ? 128 : -1), ...(signal ? { signal } : {}), stdout: Buffer.concat(out), stderr: Buffer.concat(err).toString("utf8") }));
     if (child.stdin) {
       // A tool that exits without reading its input must not crash us with EPIPE.
       child.stdin.on("error", () => undefined);
