@@ -162,6 +162,44 @@ export function program(only?: string, help?: typeof CliHelp): Command {
     if (only === undefined || only === name) define();
   };
 
+  const defs: Defs = { p, def, device };
+  defineBuildCommands(defs);
+  defineCardCommands(defs);
+  defineBastionCommands(defs);
+  defineFleetCommands(defs);
+  defineRegistryCommands(defs);
+  defineToolCommands(defs);
+
+  for (const c of [p, ...allCommands(p)]) {
+    c.exitOverride((e) => {
+      throw usageError(e, c);
+    });
+    for (const o of c.options) {
+      if (!o.mandatory) continue;
+      REQUIRED.add(o);
+      o.mandatory = false;
+    }
+  }
+  for (const c of help ? allCommands(p) : []) {
+    const spec = help!.HELP[commandPath(c)];
+    // Rendered only when help is shown.
+    if (spec) c.addHelpText("after", () => help!.helpAfter(commandPath(c), spec));
+  }
+  return p;
+}
+
+/** Defines one top-level command unless main() knows another one runs (`program`'s `only`). */
+type Def = (name: string, define: () => void) => void;
+
+/** What each group of command definitions works with: the program, `def`, and the device argument's description. */
+interface Defs {
+  p: Command;
+  def: Def;
+  device: string;
+}
+
+/** Building devices: build, batch, image. */
+function defineBuildCommands({ p, def }: Defs): void {
   def("build", () => {
     const c = p.command("build", { isDefault: true }).description("build one device's overlay, reserve its port, print its bastion authorized_keys line(s)");
     deviceOptions(c);
@@ -210,6 +248,10 @@ export function program(only?: string, help?: typeof CliHelp): Command {
     stationOptions(c).action(lazy(() => import("./commands/image.js"), (m, opts) => m.imageCommand(opts)));
   });
 
+}
+
+/** Cards and the config: write, flash, init. */
+function defineCardCommands({ p, def }: Defs): void {
   def("write", () => {
     const c = p
       .command("write <overlay>")
@@ -274,6 +316,10 @@ export function program(only?: string, help?: typeof CliHelp): Command {
     ).action(lazy(() => import("./commands/init.js"), (m, opts) => m.initCommand(opts)));
   });
 
+}
+
+/** The bastion's side and the operators': bastion, ssh-config, known-hosts. */
+function defineBastionCommands({ p, def }: Defs): void {
   def("bastion", () => {
     const bastion = p.command("bastion").description("the bastion's side: authorized-keys, sshd-config, install (as root), agent (the live key follower)");
     const keys = bastion.command("authorized-keys").description("the tunnel user's complete authorized_keys file, from the registry");
@@ -327,6 +373,10 @@ export function program(only?: string, help?: typeof CliHelp): Command {
     reportOptions(c).action(lazy(() => import("./commands/operator.js"), (m, opts) => m.knownHostsCommand(opts)));
   });
 
+}
+
+/** A device's life and the fleet: revoke, rotate, verify, boards, status. */
+function defineFleetCommands({ p, def, device }: Defs): void {
   def("revoke", () => {
     const c = p.command("revoke").description("take a device out of every export; its ports stay quarantined").argument("<device>", device);
     reportOptions(c).action(lazy(() => import("./commands/lifecycle.js"), (m, host, opts) => m.revokeCommand(host, opts)));
@@ -387,6 +437,10 @@ export function program(only?: string, help?: typeof CliHelp): Command {
     c.action(lazy(() => import("./commands/status.js"), (m, dev, opts) => m.statusCommand(dev, opts)));
   });
 
+}
+
+/** The registry and the provisioner's hook: registry, provisioner-hook. */
+function defineRegistryCommands({ p, def, device }: Defs): void {
   def("registry", () => {
     const registry = p.command("registry").description("the port registry: list, release, remove-bastion, doctor, migrate, import-manufacturing");
     const list = registry.command("list").description("the port allocation table, with each device's factory data");
@@ -440,6 +494,10 @@ export function program(only?: string, help?: typeof CliHelp): Command {
     c.action(lazy(() => import("./commands/provisioner-hook.js"), (m, boot, root, opts) => m.provisionerHookCommand(boot, root, opts)));
   });
 
+}
+
+/** The tool's own: schema, completion. */
+function defineToolCommands({ p, def }: Defs): void {
   def("schema", () => {
     p.command("schema")
       .description("print a JSON Schema for editors: fleet (default), board or os")
@@ -455,22 +513,6 @@ export function program(only?: string, help?: typeof CliHelp): Command {
       .action(lazy(() => import("./completion.js"), (m, shell) => m.completionCommand(shell)));
   });
 
-  for (const c of [p, ...allCommands(p)]) {
-    c.exitOverride((e) => {
-      throw usageError(e, c);
-    });
-    for (const o of c.options) {
-      if (!o.mandatory) continue;
-      REQUIRED.add(o);
-      o.mandatory = false;
-    }
-  }
-  for (const c of help ? allCommands(p) : []) {
-    const spec = help!.HELP[commandPath(c)];
-    // Rendered only when help is shown.
-    if (spec) c.addHelpText("after", () => help!.helpAfter(commandPath(c), spec));
-  }
-  return p;
 }
 
 /** The top-level commands, as program() defines them (a test keeps the two equal). */

@@ -54,6 +54,8 @@ function parseCsv(file: string, text: string): Parsed[] {
 }
 
 /** The rows of a hosts file; every bad row is reported (UserErrors) before any is returned. */
+// Long on purpose (~80 lines): one pass over the rows that collects every problem with its
+// line number before any row is returned (a factory fixes its CSV once, not row by row).
 export function readHostRows(file: string): HostRow[] {
   let text: string;
   try {

@@ -97,6 +97,8 @@ export async function checkConflicts(root: RootFs, entries: readonly Entry[]): P
  * bytes. Throws UserError before writing when the image cannot take the tree. `undo` asks
  * debugfs for an undo log of what it overwrote (undo.ts: the bmap re-hashes only those blocks).
  */
+// Long on purpose (~80 lines): one debugfs session's script — directories, files, links, modes —
+// built in the order debugfs must run it, then read back; its parts share that order.
 export async function layTree(root: RootFs, entries: readonly Entry[], epoch: number, opts: { undo?: string; listFrom?: RootFs; listed?: Listing; readBack?: (keptDirs: ReadonlySet<string>) => Promise<void> } = {}): Promise<LayResult> {
   preflight(root, entries);
   const sb = root.sb!;

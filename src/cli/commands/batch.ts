@@ -112,6 +112,8 @@ const turn = (): Promise<void> => new Promise((resolve) => setImmediate(resolve)
  * the pending devices are finished or reclaimed by `registry doctor`. Returns why the run
  * stops: asked to, or a port range is full (every later device would fail the same way).
  */
+// Long on purpose (~100 lines): its steps share the chunk's outcomes, the claims in flight and
+// the one point of no return (the first rename); split, each part would pass most of them on.
 async function chunked(st: Station, chunk: ChunkItem[], common: Omit<DeviceRequest, "hostname" | "dk">, report: Outcomes): Promise<"stopped" | PortsExhausted | undefined> {
   const { registry } = st;
   const output = outputOf(st.emit);

@@ -198,6 +198,8 @@ export interface CardOutcome {
   error?: string;
 }
 
+// Long on purpose (~95 lines): the checks of every card before anything is reserved, then one
+// station run whose per-card closure (flashOne) shares the plan, the progress lines and the outcomes.
 export async function flashCommand(cards: string[], opts: FlashOptions): Promise<void> {
   const log = stderrLog(Boolean(opts.quiet));
   const now = new Date();
