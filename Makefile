@@ -8,7 +8,7 @@ BOARD ?= rpi4
 BASTION ?= eu
 ARCH ?= amd64
 
-.PHONY: help install build run pack test test-fast test-deps typecheck lint schema-check unit test-boot boot-deps bench bench-bastion bench-image bench-provisioner bench-shift bench-flash clean
+.PHONY: help install build run pack test test-fast test-deps typecheck lint schema-check unit test-boot boot-deps bench bench-bastion bench-image bench-provisioner bench-shift bench-flash bench-pg clean
 
 help:
 	@echo "make run    - install, build, and build one overlay from $(EXAMPLE) into ./$(OUT)"
@@ -93,7 +93,12 @@ bench: build
 	$(MAKE) --no-print-directory bench-image || s=1; \
 	$(MAKE) --no-print-directory bench-provisioner || s=1; \
 	$(MAKE) --no-print-directory bench-shift || s=1; \
-	$(MAKE) --no-print-directory bench-flash || s=1; exit $$s
+	$(MAKE) --no-print-directory bench-flash || s=1; \
+	$(MAKE) --no-print-directory bench-pg || s=1; exit $$s
+
+# One build on a PostgreSQL registry of 10,000 devices against an empty one (issue 23: <= 1.25x).
+bench-pg: build
+	node bench/pg-growth.mjs
 
 # A resumed shift (issue 22): 1,000 rows left of 10,000 against a fresh 1,000 (target ≤ 1.2×).
 bench-shift: build
