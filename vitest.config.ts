@@ -77,8 +77,10 @@ const SLOW = [
   "test/verify-limits.test.ts",
 ];
 
+/** Every tier: one temp folder for the run, removed at its end (test/helpers/run-dir.ts). */
+const RUN_DIR = "test/helpers/run-dir.ts";
 /** The tiers that run dist/ build it first when the sources are newer (test/helpers/build-first.ts). */
-const BUILD_FIRST = ["test/helpers/build-first.ts"];
+const BUILD_FIRST = [RUN_DIR, "test/helpers/build-first.ts"];
 
 export default defineConfig({
   test: {
@@ -87,7 +89,7 @@ export default defineConfig({
     // The real-tool tests start sshd and spawn the CLI; two cores, so keep parallelism modest.
     maxWorkers: 2,
     projects: [
-      { extends: true, test: { name: "unit", include: UNIT } },
+      { extends: true, test: { name: "unit", include: UNIT, globalSetup: [RUN_DIR] } },
       { extends: true, test: { name: "cli", include: CLI, globalSetup: BUILD_FIRST } },
       { extends: true, test: { name: "system", include: ["test/**/*.test.ts"], exclude: [...UNIT, ...CLI, ...SLOW], globalSetup: BUILD_FIRST } },
       { extends: true, test: { name: "slow", include: SLOW.map((g) => (g.endsWith("/**") ? `${g}/*.test.ts` : g)), globalSetup: BUILD_FIRST } },

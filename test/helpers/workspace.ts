@@ -15,7 +15,7 @@ export const CLI = join(REPO, "bin/mkoverlay");
  * or write the developer's ~/.cache/mkoverlay, and never see entries another checkout wrote.
  * Set in process.env too, so tests that spawn the CLI themselves inherit it.
  */
-export const TEST_CACHE = process.env.MKOVERLAY_CACHE === "off" ? "off" : mkdtempSync(join(tmpdir(), "mko-cache-"));
+export const TEST_CACHE = process.env.MKOVERLAY_CACHE === "off" ? "off" : mkdtempSync(join(process.env.MKOVERLAY_TEST_RUN_DIR ?? tmpdir(), "mko-cache-"));
 process.env.MKOVERLAY_CACHE = TEST_CACHE;
 if (TEST_CACHE !== "off") process.on("exit", () => rmSync(TEST_CACHE, { recursive: true, force: true }));
 
