@@ -20,7 +20,7 @@ function file(rel: string, at: number): void {
 
 describe("build-first: is dist/ stale?", () => {
   it("not built: stale; built after every input: fresh; any input newer (a nested source, the bundler, the lock file): stale, naming it", () => {
-    file("src/cli.ts", 1000);
+    file("src/cli/main.ts", 1000);
     file("src/registry/core.ts", 1000);
     file("scripts/bundle.mjs", 1000);
     file("package.json", 1000);
