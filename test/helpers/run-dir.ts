@@ -1,16 +1,38 @@
 /**
- * vitest globalSetup: one temp folder for the whole run, removed at its end. Per-process temp
- * folders (the CLI's config cache of each test worker, helpers/workspace.ts) go inside it, so
- * a worker that the pool ends with a signal — and so never runs its exit handlers — still
- * leaves nothing behind in /tmp. Workers are started after the global setups and inherit the
- * variable.
+ * vitest globalSetup: what a test run leaves behind is removed at its end.
+ *
+ * - One temp folder for the whole run. Per-process temp folders (the CLI's config cache of each
+ *   test worker, helpers/workspace.ts) go inside it, so a worker that the pool ends with a
+ *   signal — and so never runs its exit handlers — still leaves nothing in /tmp. Workers are
+ *   started after the global setups and inherit the variable.
+ * - The system users the run made: the helpers (sshd.ts, boot.ts) and `bastion install` itself
+ *   create tunnel users (`mko-…`) and `mkoverlay-keys` as root, shared by test files running at
+ *   once, so none of them can remove its own. Those that did not exist when the run began are
+ *   removed when it ends (as root; a second run started meanwhile on the same machine would lose
+ *   them too: one run at a time, as for the VM lock).
  */
-import { mkdtempSync, rmSync } from "node:fs";
+import { spawnSync } from "node:child_process";
+import { mkdtempSync, readFileSync, rmSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
+
+const TEST_USER = /^(mko-[a-z0-9-]+|mkoverlay-keys)$/;
+
+function testUsers(): Set<string> {
+  try {
+    return new Set(readFileSync("/etc/passwd", "utf8").split("\n").map((l) => l.split(":")[0]!).filter((u) => TEST_USER.test(u)));
+  } catch {
+    return new Set();
+  }
+}
 
 export default function setup(): () => void {
   const dir = mkdtempSync(join(tmpdir(), "mko-run-"));
   process.env.MKOVERLAY_TEST_RUN_DIR = dir;
-  return () => rmSync(dir, { recursive: true, force: true });
+  const before = testUsers();
+  return () => {
+    rmSync(dir, { recursive: true, force: true });
+    if (process.getuid?.() !== 0) return;
+    for (const u of testUsers()) if (!before.has(u)) spawnSync("userdel", [u], { env: { ...process.env, PATH: `${process.env.PATH ?? ""}:/usr/sbin:/sbin` } });
+  };
 }
