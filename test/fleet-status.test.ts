@@ -14,7 +14,7 @@ import { buildDevice, cleanup, isRoot, prepareRoot, secureRoot, startAgent, star
 import { portBlock } from "./helpers/net.js";
 import { postgresForTests } from "./helpers/postgres.js";
 import { ensureUser, freePort, waitFor } from "./helpers/sshd.js";
-import { readPub, runCli, tempDir, writeFleet } from "./helpers/workspace.js";
+import { readPub, removeDir, runCli, tempDir, writeFleet } from "./helpers/workspace.js";
 
 const TUNNEL_USER = "mko-status-t";
 const { server: pgServer } = isRoot ? await postgresForTests() : { server: undefined };
@@ -187,7 +187,11 @@ scenario("fleet status on PostgreSQL (the agent's role writes only its observati
   const url = await server.createDatabase();
   const boot = tempDir("mko-status-boot-");
   const k = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIEC06vAZeDFFKzcpTx7u6nyv/CTDxHp9/HINRB55mZJB b";
-  expect(runCli(["registry", "list", "--config", writeFleet(boot, { x: { hostKeys: [k] } }, { registry: url })], { cwd: boot }).code).toBe(0);
+  try {
+    expect(runCli(["registry", "list", "--config", writeFleet(boot, { x: { hostKeys: [k] } }, { registry: url })], { cwd: boot }).code).toBe(0);
+  } finally {
+    removeDir(boot);
+  }
   return {
     station: url,
     agent: await agentRole(server, url, "mkoverlay_status_agent"),
