@@ -10,9 +10,11 @@
  *   once, so none of them can remove its own. Those that did not exist when the run began are
  *   removed when it ends (as root; a second run started meanwhile on the same machine would lose
  *   them too: one run at a time, as for the VM lock).
+ * - The port-lock folder (helpers/net.ts): locks whose process is gone (a worker the pool ended
+ *   never released its own), then the folder itself once no run holds a lock in it.
  */
 import { spawnSync } from "node:child_process";
-import { mkdtempSync, readFileSync, rmSync } from "node:fs";
+import { mkdtempSync, readdirSync, readFileSync, rmdirSync, rmSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 
@@ -26,12 +28,29 @@ function testUsers(): Set<string> {
   }
 }
 
+function alive(pid: number): boolean {
+  if (!Number.isInteger(pid) || pid <= 0) return false;
+  try {
+    process.kill(pid, 0);
+    return true;
+  } catch (e) {
+    return (e as NodeJS.ErrnoException).code === "EPERM";
+  }
+}
+
 export default function setup(): () => void {
   const dir = mkdtempSync(join(tmpdir(), "mko-run-"));
   process.env.MKOVERLAY_TEST_RUN_DIR = dir;
   const before = testUsers();
   return () => {
     rmSync(dir, { recursive: true, force: true });
+    const locks = join(tmpdir(), "mkoverlay-test-ports");
+    try {
+      for (const f of readdirSync(locks)) if (!alive(Number(readFileSync(join(locks, f), "utf8")))) rmSync(join(locks, f), { force: true });
+      rmdirSync(locks); // only when empty: a live run's locks stay
+    } catch {
+      // not there, or another run holds ports
+    }
     if (process.getuid?.() !== 0) return;
     for (const u of testUsers()) if (!before.has(u)) spawnSync("userdel", [u], { env: { ...process.env, PATH: `${process.env.PATH ?? ""}:/usr/sbin:/sbin` } });
   };
