@@ -12,7 +12,6 @@ import Database from "better-sqlite3";
 import { afterAll, describe, expect, it } from "vitest";
 import { authorizedKeysLine } from "../src/bastion/line.js";
 import { deviceExpiry, keyExpiry, renewalAnchor } from "../src/config/expiry.js";
-import type { Bastion, Fleet } from "../src/config/fleet.js";
 import { planTunnel } from "../src/config/forwards.js";
 import { fingerprint, generateEd25519, publicKeyLine } from "../src/keys/ed25519.js";
 import { prometheusText } from "../src/fleet/metrics.js";
@@ -20,29 +19,14 @@ import { openRegistry } from "../src/registry/open.js";
 import type { DeviceRecord, Observations } from "../src/registry/types.js";
 import { fleetStatus, lastSightings } from "../src/fleet/status.js";
 import { expiryTimeOption, parseExpiry } from "../src/util/validate.js";
+import type { Bastion } from "../src/config/fleet.js";
+import { bastionRecord as bastion, fleetRecord as fleetOf, PIN } from "./helpers/records.js";
 import { readPub, removeDir, runCli, sshKeygen, tempDir, writeFleet } from "./helpers/workspace.js";
 
 const DAY = 86_400_000;
 const NOW = new Date("2027-12-07T12:00:00.000Z");
 const ago = (days: number) => new Date(NOW.getTime() - days * DAY);
-const PIN = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIEC06vAZeDFFKzcpTx7u6nyv/CTDxHp9/HINRB55mZJB bastion";
 const keys = Array.from({ length: 40 }, () => generateEd25519());
-
-function bastion(over: Partial<Bastion>): Bastion {
-  return { name: "eu", host: "bastion-eu.example.com", port: 22, user: "reverse-ssh", hostKeys: [PIN], from: undefined, expiry: undefined, jumpUser: undefined, ...over };
-}
-
-function fleetOf(b: Bastion): Fleet {
-  return {
-    file: "fleet.yaml",
-    registry: "/dev/null",
-    hostnameTemplate: "gw-{seq:04}",
-    ports: { ssh: { lo: 21000, hi: 21999 }, services: { lo: 22000, hi: 22999 } },
-    bastions: new Map([["eu", b]]),
-    forwards: [],
-    operators: undefined,
-  };
-}
 
 function device(i: number, created: Date, over: Partial<DeviceRecord> = {}): DeviceRecord {
   return {

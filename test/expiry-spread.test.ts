@@ -7,32 +7,16 @@
 import { describe, expect, it } from "vitest";
 import { deviceLines } from "../src/bastion/line.js";
 import { deviceExpiry, parseSpread } from "../src/config/expiry.js";
-import type { Bastion, Fleet } from "../src/config/fleet.js";
 import { planTunnels } from "../src/config/forwards.js";
 import { generateEd25519 } from "../src/keys/ed25519.js";
 import { expiryTimeOption, LATEST_EXPIRY, parseExpiry } from "../src/util/validate.js";
+import type { Bastion } from "../src/config/fleet.js";
+import { bastionRecord as bastion, fleetRecord as fleet, PIN } from "./helpers/records.js";
 import { removeDir, runCli, tempDir, writeFleet } from "./helpers/workspace.js";
 
-const PIN = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIEC06vAZeDFFKzcpTx7u6nyv/CTDxHp9/HINRB55mZJB bastion";
 const DAY = 86_400_000;
 const BUILT = new Date("2026-12-07T09:30:00Z");
 const keys = Array.from({ length: 40 }, () => generateEd25519());
-
-function bastion(over: Partial<Bastion>): Bastion {
-  return { name: "eu", host: "bastion-eu.example.com", port: 22, user: "reverse-ssh", hostKeys: [PIN], from: undefined, expiry: undefined, jumpUser: undefined, ...over };
-}
-
-function fleet(b: Bastion): Fleet {
-  return {
-    file: "fleet.yaml",
-    registry: "/dev/null",
-    hostnameTemplate: "gw-{seq:04}",
-    ports: { ssh: { lo: 21000, hi: 21999 }, services: { lo: 22000, hi: 22999 } },
-    bastions: new Map([["eu", b]]),
-    forwards: [],
-    operators: undefined,
-  };
-}
 
 /** The expiry-time= of each key's line, all built at BUILT (one shift, one minute). */
 function expiryTimes(b: Bastion): string[] {
