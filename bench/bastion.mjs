@@ -21,7 +21,7 @@ import { connect } from "node:net";
 import { cpus } from "node:os";
 import { dirname, join } from "node:path";
 import { fileURLToPath } from "node:url";
-import { build } from "esbuild";
+import { listening, postgresHelper } from "./lib.mjs";
 
 const ROOT = join(dirname(fileURLToPath(import.meta.url)), "..");
 const CLI = join(ROOT, "bin/mkoverlay");
@@ -78,15 +78,6 @@ function canConnect(port, timeoutMs = 300) {
   });
 }
 
-/** Loopback LISTEN ports from /proc/net/tcp (one read for hundreds of ports). */
-function listening() {
-  const out = new Set();
-  for (const line of readFileSync("/proc/net/tcp", "utf8").split("\n").slice(1)) {
-    const f = line.trim().split(/\s+/);
-    if (f[3] === "0A" && f[1]?.startsWith("0100007F:")) out.add(Number.parseInt(f[1].split(":")[1], 16));
-  }
-  return out;
-}
 
 async function waitFor(what, check, timeoutMs = 30_000, step = 50) {
   const end = Date.now() + timeoutMs;
@@ -499,10 +490,7 @@ rows.push([`sshd memory per tunnel (PSS of all session processes / tunnels, ${TU
 
 if (PARTS.has("revoke")) {
 log("revocation latency (PostgreSQL, agent)…");
-const helper = join(WORK, "pg-helper.mjs");
-// The test helper (a throwaway server on 127.0.0.1), bundled here; it finds the repository from its own folder.
-await build({ entryPoints: [join(ROOT, "test/helpers/postgres.ts")], outfile: helper, bundle: true, platform: "node", format: "esm", external: ["pg"], logLevel: "warning", define: { "import.meta.dirname": JSON.stringify(join(ROOT, "test/helpers")) } });
-const { startPostgres } = await import(helper);
+const { startPostgres } = await postgresHelper(ROOT);
 const pgs = await startPostgres();
 try {
   const url = await pgs.createDatabase();

@@ -11,8 +11,8 @@ import { execFileSync, spawnSync } from "node:child_process";
 import { mkdirSync, mkdtempSync, readFileSync, rmSync, writeFileSync } from "node:fs";
 import { cpus, loadavg, tmpdir } from "node:os";
 import { dirname, join } from "node:path";
-import { fileURLToPath, pathToFileURL } from "node:url";
-import { build } from "esbuild";
+import { fileURLToPath } from "node:url";
+import { postgresHelper } from "./lib.mjs";
 
 const ROOT = join(dirname(fileURLToPath(import.meta.url)), "..");
 const CLI = join(ROOT, "bin/mkoverlay");
@@ -24,25 +24,12 @@ const now = () => Number(process.hrtime.bigint()) / 1e6;
 const median = (xs) => [...xs].sort((a, b) => a - b)[Math.floor(xs.length / 2)];
 
 const work = mkdtempSync(join(tmpdir(), "mko-bench-pg-"));
-// Inside the checkout, so the bundle's `import "pg"` finds node_modules.
-mkdirSync(join(ROOT, "bench/work"), { recursive: true });
-const bundle = join(ROOT, "bench/work", `postgres-${process.pid}.mjs`);
-// The helper's capability gate imports vitest's describe/it, which only a test run has: stubbed.
-const noVitest = {
-  name: "no-vitest",
-  setup(b) {
-    b.onResolve({ filter: /^vitest$/ }, () => ({ path: "vitest", namespace: "stub" }));
-    b.onLoad({ filter: /.*/, namespace: "stub" }, () => ({ contents: "export const describe = () => undefined; export const it = () => undefined;", loader: "js" }));
-  },
-};
-await build({ entryPoints: [join(ROOT, "test/helpers/postgres.ts")], bundle: true, platform: "node", format: "esm", outfile: bundle, external: ["pg"], plugins: [noVitest], logLevel: "error" });
-const { postgresForTests } = await import(pathToFileURL(bundle).href);
+const { postgresForTests } = await postgresHelper(ROOT);
 
 const { server, reason } = await postgresForTests();
 if (!server) {
   log(`PostgreSQL is not available here: ${reason}`);
   rmSync(work, { recursive: true, force: true });
-  rmSync(bundle, { force: true });
   process.exit(1);
 }
 let code = 1;
@@ -94,6 +81,5 @@ try {
 } finally {
   await server.stop();
   rmSync(work, { recursive: true, force: true });
-  rmSync(bundle, { force: true });
 }
 process.exit(code);

@@ -37,6 +37,7 @@ import { dirname, join } from "node:path";
 import { fileURLToPath, pathToFileURL } from "node:url";
 import { clearInterval, setInterval } from "node:timers";
 import { build } from "esbuild";
+import { listening } from "./lib.mjs";
 
 const ROOT = join(dirname(fileURLToPath(import.meta.url)), "..");
 const env = process.env;
@@ -279,14 +280,6 @@ async function stopSshd(proc) {
   await gone;
 }
 
-function listening() {
-  const out = new Set();
-  for (const line of readFileSync("/proc/net/tcp", "utf8").split("\n").slice(1)) {
-    const f = line.trim().split(/\s+/);
-    if (f[3] === "0A" && f[1]?.startsWith("0100007F:")) out.add(Number.parseInt(f[1].split(":")[1], 16));
-  }
-  return out;
-}
 
 const ADMIN_OPTS = ["-F", "none", "-o", "BatchMode=yes", "-o", "IdentitiesOnly=yes", "-o", "StrictHostKeyChecking=yes", `-o`, `UserKnownHostsFile=${knownHosts}`, "-o", "LogLevel=ERROR", "-o", "ConnectTimeout=30"];
 function adminLogin(port) {

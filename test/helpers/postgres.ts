@@ -61,7 +61,8 @@ function exited(child: ChildProcess): Promise<void> {
   });
 }
 
-async function startPostgres(): Promise<PgServer> {
+/** Used by bench/bastion.mjs through a bundle (bench/lib.mjs), which knip cannot follow. @public */
+export async function startPostgres(): Promise<PgServer> {
   const bin = binDir();
   const as = runAs();
   const dir = tempDir("mko-pg-");
